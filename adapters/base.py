@@ -1,0 +1,143 @@
+"""The one interface every tool adapter implements.
+
+An adapter validates its parameters (a pydantic model whose JSON Schema is the schema of
+the step's ``with:`` block), estimates a duration, executes with a timeout, classifies its
+library's errors into planrun's categories and reports its health. ``Adapter.run`` is the
+public entry: it enforces validation, the timeout and error translation, so that an
+adapter only implements ``execute`` (the core) and ``classify`` (the edge).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from planrun.errors import ConfigurationError, StepError, TransientError
+
+if TYPE_CHECKING:
+    from adapters.workspace import Workspace
+
+
+class Params(BaseModel):
+    """Base of every adapter's parameter model: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+P = TypeVar("P", bound=Params)
+
+
+@dataclass
+class StepContext:
+    """What an adapter may know about the attempt it runs in.
+
+    ``reduce_usage`` is set when the previous attempt failed with a ``resource`` error:
+    the adapter should ask for less (smaller pages, fewer results). ``memory_mb`` is the
+    plan's per-step memory limit, if any.
+    """
+
+    run_id: str
+    step_id: str
+    workspace: Workspace
+    attempt: int = 1
+    previous_error: StepError | None = None
+    memory_mb: int | None = None
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("planrun.step"))
+
+    @property
+    def reduce_usage(self) -> bool:
+        return self.previous_error is not None and self.previous_error.category == "resource"
+
+
+@dataclass(frozen=True)
+class Health:
+    """An adapter's own view of whether it can work now."""
+
+    ok: bool
+    detail: str = ""
+
+
+class Adapter(ABC, Generic[P]):
+    """A tool: ``name`` is what plans write in ``tool:``; ``Params`` its ``with:`` model."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[Params]]
+    summary: ClassVar[str] = ""
+    default_estimate_s: ClassVar[float] = 1.0
+
+    @classmethod
+    def parameter_schema(cls) -> dict[str, Any]:
+        """The JSON Schema of this tool's ``with:`` block, generated from ``Params``."""
+        schema = cls.Params.model_json_schema()
+        schema.setdefault("additionalProperties", False)
+        return schema
+
+    def validate(self, params: dict[str, Any]) -> P:
+        """Parse ``params`` into the model, or raise ConfigurationError naming each problem."""
+        try:
+            return self.Params.model_validate(params)  # type: ignore[return-value]
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'with'}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise ConfigurationError(
+                f"invalid parameters for {self.name}: {problems}",
+                hint=f"fix the step's 'with:' block; `planrun tools` shows {self.name}'s schema",
+            ) from None
+
+    def estimate(self, params: P) -> float:
+        """Expected duration in seconds, before any history exists."""
+        return self.default_estimate_s
+
+    @abstractmethod
+    async def execute(self, params: P, ctx: StepContext) -> Any:
+        """Do the work of one attempt and return a JSON-able output."""
+
+    def classify(self, exc: Exception) -> StepError:
+        """Translate a library exception that ``execute`` let escape into a StepError."""
+        if isinstance(exc, PermissionError):
+            from planrun.errors import AccessError
+
+            return AccessError(str(exc))
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return TransientError(f"{type(exc).__name__}: {exc}")
+        return TransientError(
+            f"{self.name} failed unexpectedly: {type(exc).__name__}: {exc}",
+            hint="an unexpected error in the tool; it was retried - report it if it persists",
+        )
+
+    async def refresh_credentials(self) -> None:
+        """Called before retrying a ``permission`` error; adapters with tokens renew them."""
+
+    async def health(self) -> Health:
+        """Whether the tool can work now (binary present, service reachable...)."""
+        return Health(ok=True)
+
+    async def run(self, raw: dict[str, Any], ctx: StepContext, timeout: float | None) -> Any:
+        """Validate ``raw``, execute within ``timeout`` seconds and translate errors.
+
+        Cancellation (a critical failure elsewhere, a person cancelling) propagates as
+        ``asyncio.CancelledError``; ``execute`` must release what it holds on it.
+        """
+        params = self.validate(raw)
+        try:
+            async with asyncio.timeout(timeout) as scope:
+                return await self.execute(params, ctx)
+        except StepError:
+            raise
+        except TimeoutError as exc:
+            if scope.expired():
+                raise TransientError(
+                    f"{self.name} did not finish within its timeout of {timeout:g}s",
+                    hint="the step was stopped; raise its 'timeout:' if the work needs longer",
+                ) from exc
+            raise self.classify(exc) from exc
+        except Exception as exc:  # noqa: BLE001 - the edge: every library error is translated
+            raise self.classify(exc) from exc

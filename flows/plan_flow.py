@@ -1,0 +1,158 @@
+"""The compiler: a validated plan becomes one Prefect flow run, each step one task run.
+
+This is the only module that builds Prefect flows. ``plan_flow`` is the flow; the
+scheduler drives the DAG inside it and ``flows.step`` runs each step as a Prefect task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from prefect import flow
+from prefect.context import FlowRunContext
+from prefect.states import Cancelled, Completed, Failed, State
+from prefect.utilities.annotations import quote
+
+from adapters.registry import Registry, default_registry
+from adapters.workspace import Workspace, default_workspace_root
+from flows.policy import RetryPolicy
+from flows.scheduler import Scheduler
+from flows.step import StepJob, skipped_step
+from plan_schemas.model import Plan, Step
+from planrun.durations import parse_duration
+from planrun.report import RunObserver, RunRecord, RunStatus, StepRecord, StepStatus
+
+#: Runs in this process, by run id, so a signal handler can cancel them.
+ACTIVE: dict[str, Scheduler] = {}
+#: Told about every change of every run in this process.
+OBSERVERS: list[RunObserver] = []
+
+
+def new_record(plan: Plan, run_id: str, registry: Registry) -> RunRecord:
+    """A run record with every step pending and its first estimate."""
+    steps = {}
+    for step in plan.steps:
+        adapter = registry.get(step.tool)
+        estimate = parse_duration(step.estimate) if step.estimate is not None else None
+        if estimate is None:
+            try:
+                estimate = adapter.estimate(adapter.validate(step.with_))
+            except Exception:  # noqa: BLE001 - templated parameters: use the tool's default
+                estimate = adapter.default_estimate_s
+        critical = step.critical if step.critical is not None else plan.defaults.critical
+        steps[step.id] = StepRecord(
+            id=step.id, tool=step.tool, name=step.name, needs=list(step.needs),
+            critical=True if critical is None else critical, estimate_s=estimate,
+        )
+    return RunRecord(run_id=run_id, plan=plan.name, steps=steps)
+
+
+def _notify(run: RunRecord, step: StepRecord | None) -> None:
+    for observer in list(OBSERVERS):
+        observer.changed(run, step)
+
+
+def cancel_all(reason: str = "cancelled by a person") -> None:
+    """Cancel every run of this process (Ctrl-C, SIGTERM)."""
+    for scheduler in list(ACTIVE.values()):
+        scheduler.stop(reason, cancelled=True)
+
+
+@flow(name="planrun", persist_result=False, validate_parameters=False, log_prints=False)
+async def plan_flow(plan: dict[str, Any], inputs: dict[str, Any]) -> State[Any]:
+    """Run one plan: schedule its steps as task runs and end in a state that matches the
+    run's status (Completed, Failed, Cancelled) carrying the run report as data."""
+    context = FlowRunContext.get()
+    run_id = str(context.flow_run.id) if context and context.flow_run else "local"
+    report = await execute_plan(Plan.model_validate(plan), inputs, run_id)
+    status, message = report["status"], report.get("reason") or report["status"]
+    if status == RunStatus.FAILED:
+        return Failed(message=message, data=report)
+    if status == RunStatus.CANCELLED:
+        return Cancelled(message=message, data=report)
+    return Completed(message=message, data=report)
+
+
+async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
+                       registry: Registry | None = None,
+                       workspace: Workspace | None = None) -> dict[str, Any]:
+    """Run ``plan`` inside the current flow run and return its report."""
+    from planrun.server import data_dir
+
+    registry = registry or default_registry()
+    run = new_record(plan, run_id, registry)
+    run.flow_run_url = _ui_url(run_id)
+    workspace = workspace or Workspace(default_workspace_root(),
+                                       backup_dir=data_dir() / "runs" / run_id / "backup")
+
+    def context() -> dict[str, Any]:
+        return {"inputs": inputs, "run": {"id": run_id, "plan": plan.name},
+                "steps": {sid: s.template_view() for sid, s in run.steps.items()}}
+
+    def notify(step: StepRecord | None) -> None:
+        _notify(run, step)
+
+    jobs = {step.id: _job(plan, step, run, registry, workspace, context, notify)
+            for step in plan.steps}
+
+    async def execute(step: Step) -> None:
+        job = jobs[step.id]
+        try:
+            job.record.output = await job.prefect_task()(quote(job))
+            job.record.status, job.record.error = StepStatus.COMPLETED, None
+        except Exception:  # noqa: BLE001 - the StepError is already on the record
+            job.record.status = StepStatus.FAILED
+        job.record.ended_at = time.time()
+        notify(job.record)
+
+    async def skip(step: Step) -> None:
+        record = run.steps[step.id]
+        await skipped_step.with_options(name=step.id, task_run_name=step.id,
+                                        tags=["planrun", f"tool:{step.tool}", "skipped"]
+                                        )(step.id, record.reason or "")
+
+    scheduler = Scheduler(run, plan.steps, max_parallel=plan.limits.max_parallel,
+                          execute=execute, skip=skip, notify=notify, context=context)
+    ACTIVE[run_id] = scheduler
+    run.status, run.started_at = RunStatus.RUNNING, time.time()
+    notify(None)
+    deadline = parse_duration(plan.limits.deadline) if plan.limits.deadline is not None else None
+    try:
+        await scheduler.run_all(deadline)
+    except asyncio.CancelledError:
+        scheduler.stop("cancelled", cancelled=True)
+        raise
+    finally:
+        ACTIVE.pop(run_id, None)
+        run.status = run.final_status(cancelled=scheduler.cancelled,
+                                      deadline_passed=scheduler.deadline_passed)
+        run.reason = scheduler.stop_reason
+        if run.status in (RunStatus.FAILED, RunStatus.CANCELLED):
+            run.rolled_back = workspace.rollback()
+        else:
+            workspace.commit()
+        run.ended_at = time.time()
+        notify(None)
+    return run.to_report()
+
+
+def _ui_url(run_id: str) -> str | None:
+    from prefect.settings import get_current_settings
+
+    ui = get_current_settings().ui_url
+    return f"{ui}/runs/flow-run/{run_id}" if ui and run_id != "local" else None
+
+
+def _job(plan: Plan, step: Step, run: RunRecord, registry: Registry, workspace: Workspace,
+         context: Any, notify: Any) -> StepJob:
+    timeout = step.timeout if step.timeout is not None else plan.defaults.timeout
+    return StepJob(
+        step=step, record=run.steps[step.id], adapter=registry.get(step.tool),
+        policy=RetryPolicy.from_plan(plan.defaults.retry, step.retry),
+        timeout_s=parse_duration(timeout) if timeout is not None else None,
+        run_id=run.run_id, workspace=workspace, memory_mb=plan.limits.memory_mb,
+        context=context, notify=notify,
+        fallback_adapter=registry.get(step.fallback.tool) if step.fallback else None,
+    )

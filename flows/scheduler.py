@@ -1,0 +1,142 @@
+"""Scheduling one plan run's DAG in asyncio.
+
+Every step waits for exactly its own ``needs`` (no polling, no level-by-level waves) and
+starts the moment the last of them finishes, within ``max_parallel``. A critical failure,
+the run deadline or a person's cancel stops the run: nothing new starts, running steps
+are cancelled, the rest are skipped. The scheduler knows nothing of Prefect: it calls
+``execute`` to run a step and ``skip`` to record one that will not run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from plan_schemas.model import Step
+from planrun import templates
+from planrun.errors import ConfigurationError
+from planrun.report import RunRecord, StepRecord, StepStatus
+
+Execute = Callable[[Step], Awaitable[None]]
+Skip = Callable[[Step], Awaitable[None]]
+Notify = Callable[[StepRecord | None], None]
+
+
+class Scheduler:
+    """Runs the steps of ``run`` in dependency order; see the module docstring."""
+
+    def __init__(self, run: RunRecord, steps: list[Step], *, max_parallel: int,
+                 execute: Execute, skip: Skip, notify: Notify,
+                 context: Callable[[], dict[str, Any]]) -> None:
+        self.run = run
+        self.steps = {s.id: s for s in steps}
+        self.execute = execute
+        self.skip_step = skip
+        self.notify = notify
+        self.context = context
+        self.slots = asyncio.Semaphore(max_parallel)
+        self.done = {sid: asyncio.Event() for sid in self.steps}
+        self.running: dict[str, asyncio.Task[None]] = {}
+        self.stop_reason: str | None = None
+        self.cancelled = False
+        self.deadline_passed = False
+
+    async def run_all(self, deadline_s: float | None = None) -> None:
+        """Run every step; returns when each one is finished."""
+        loop = asyncio.get_running_loop()
+        timer = None
+        if deadline_s is not None:
+            timer = loop.call_later(deadline_s, self._deadline, deadline_s)
+        try:
+            await asyncio.gather(*(self._drive(step) for step in self.steps.values()))
+        finally:
+            if timer:
+                timer.cancel()
+
+    def stop(self, reason: str, *, cancelled: bool = False) -> None:
+        """Start nothing new and cancel what runs; the first reason given is kept."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            self.cancelled = cancelled
+        for task in list(self.running.values()):
+            task.cancel()
+
+    def _deadline(self, seconds: float) -> None:
+        if self.stop_reason is None:
+            self.deadline_passed = True
+            self.stop(f"the run deadline of {seconds:g}s passed")
+
+    async def _drive(self, step: Step) -> None:
+        record = self.run.steps[step.id]
+        try:
+            for need in step.needs:
+                await self.done[need].wait()
+            reason = self._why_not(step)
+            if reason is None:
+                async with self.slots:
+                    reason = self._why_not(step)
+                    if reason is None:
+                        await self._execute(step)
+            if reason is not None:
+                record.reason, record.error_caused_skip = reason
+                record.status = StepStatus.FAILED if record.error else StepStatus.SKIPPED
+                await self.skip_step(step)
+                self.notify(record)
+            if record.status == StepStatus.FAILED and record.critical:
+                self.stop(f"critical step {step.id} failed")
+        finally:
+            self.done[step.id].set()
+
+    async def _execute(self, step: Step) -> None:
+        task = asyncio.ensure_future(self.execute(step))
+        self.running[step.id] = task
+        try:
+            await task
+        except asyncio.CancelledError:
+            record = self.run.steps[step.id]
+            if not record.status.finished:
+                record.status = StepStatus.CANCELLED
+                record.ended_at = time.time()
+                record.reason = self.stop_reason or "cancelled"
+                self.notify(record)
+            if self.stop_reason is None:  # cancelled from outside, not by us: pass it on
+                raise
+        finally:
+            self.running.pop(step.id, None)
+
+    def _why_not(self, step: Step) -> tuple[str, bool] | None:
+        """Why ``step`` will not run (reason, counts as an error), or None to run it.
+
+        A condition that cannot be evaluated also sets the record's error: the step then
+        counts as failed, not skipped.
+        """
+        if self.stop_reason is not None:
+            return f"not started: {self.stop_reason}", False
+        if step.when is None:
+            for need in step.needs:
+                upstream = self.run.steps[need]
+                if upstream.status != StepStatus.COMPLETED:
+                    verb = {StepStatus.FAILED: "failed", StepStatus.CANCELLED: "was cancelled"
+                            }.get(upstream.status, "was skipped")
+                    caused = upstream.status != StepStatus.SKIPPED or upstream.error_caused_skip
+                    return f"upstream {need} {verb}", caused
+            return None
+        try:
+            if self._condition(step):
+                return None
+        except templates.TemplateError as exc:
+            record = self.run.steps[step.id]
+            record.error = ConfigurationError(f"cannot evaluate 'when': {exc}",
+                                              hint="fix the step's 'when:' condition",
+                                              step_id=step.id, tool=step.tool)
+            return "its condition could not be evaluated", True
+        return f"condition is false: {step.when}", False
+
+    def _condition(self, step: Step) -> bool:
+        if isinstance(step.when, bool):
+            return step.when
+        assert step.when is not None
+        value = templates.render(step.when, self.context())
+        return templates.truthy(value)

@@ -1,0 +1,158 @@
+"""One step as one Prefect task run: render its parameters, call its tool, decide retries.
+
+Retries are Prefect retries, so every attempt is visible in the Prefect UI. Prefect's own
+retry settings cannot express planrun's policies (the limit depends on the error's
+category, the delay on ``Retry-After``, and ``retry_jitter_factor`` does nothing for
+tasks), so the decision is made here and handed to Prefect through
+``retry_condition_fn``, which also sets the delay of the coming ``AwaitingRetry`` state.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect import Task, task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import TaskRun
+from prefect.context import TaskRunContext
+from prefect.states import State
+
+from adapters.base import Adapter, StepContext
+from adapters.workspace import Workspace
+from flows.policy import RetryPolicy
+from plan_schemas.model import Fallback, Step
+from planrun import templates
+from planrun.durations import parse_duration
+from planrun.errors import ConfigurationError, StepError
+from planrun.report import StepRecord, StepStatus
+
+_SECRET_KEY = re.compile(r"authorization|cookie|token|secret|password|passwd|api[_-]?key",
+                         re.IGNORECASE)
+
+
+def redact(value: Any) -> Any:
+    """``value`` with the values of secret-looking keys replaced by ``***``."""
+    if isinstance(value, dict):
+        return {k: "***" if isinstance(k, str) and _SECRET_KEY.search(k) else redact(v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+@dataclass
+class StepJob:
+    """Everything one step needs to run, shared by its attempts."""
+
+    step: Step
+    record: StepRecord
+    adapter: Adapter
+    policy: RetryPolicy
+    timeout_s: float | None
+    run_id: str
+    workspace: Workspace
+    memory_mb: int | None
+    context: Callable[[], dict[str, Any]]
+    notify: Callable[[StepRecord], None]
+    fallback_adapter: Adapter | None = None
+    last_error: StepError | None = None
+    next_delay: float | None = field(default=None, repr=False)
+
+    def prefect_task(self) -> Task[..., Any]:
+        """The Prefect task of this step: named by its id, tagged, with its retries."""
+        job = self
+
+        def retry_condition(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+            # A plain function, as Prefect requires; the decision was made by attempt().
+            if job.next_delay is None:
+                return False
+            task.retry_delay_seconds = job.next_delay
+            return True
+
+        return run_step.with_options(
+            name=self.step.id,
+            task_run_name=self.step.id,
+            tags=["planrun", f"tool:{self.step.tool}"],
+            retries=self.policy.most_attempts - 1,
+            retry_delay_seconds=0,
+            retry_jitter_factor=None,
+            retry_condition_fn=retry_condition,
+        )
+
+    async def attempt(self, number: int) -> Any:
+        """Run attempt ``number`` (1-based); raise a StepError on failure."""
+        record = self.record
+        self.next_delay = None
+        if self.last_error is not None and self.last_error.category == "permission":
+            await self.adapter.refresh_credentials()
+        record.attempts = number
+        record.status = StepStatus.RUNNING
+        record.retry_delay_s = None
+        if record.started_at is None:
+            record.started_at = time.time()
+        self.notify(record)
+        try:
+            params = self._render(self.step.with_)
+            record.input = redact(params)
+            return await self.adapter.run(params, self._context(number), self.timeout_s)
+        except StepError as error:
+            error.step_id, error.tool = self.step.id, self.step.tool
+            self.last_error = error
+            record.error = error
+            if self.policy.should_retry(error, number):
+                self.next_delay = self.policy.delay(error, number)
+                record.status = StepStatus.RETRYING
+                record.retry_delay_s = self.next_delay
+                self.notify(record)
+                raise
+            if self.fallback_adapter is not None and self.step.fallback is not None:
+                return await self._fallback(self.step.fallback, self.fallback_adapter, error)
+            raise
+
+    async def _fallback(self, fallback: Fallback, adapter: Adapter, error: StepError) -> Any:
+        timeout = parse_duration(fallback.timeout) if fallback.timeout is not None else self.timeout_s
+        try:
+            params = self._render(fallback.with_)
+            output = await adapter.run(params, self._context(self.record.attempts), timeout)
+        except StepError as fallback_error:
+            error.message = f"{error.message}; fallback {fallback.tool} also failed: " \
+                            f"{fallback_error.message}"
+            error.args = (error.message,)
+            raise error from fallback_error
+        self.record.fallback_used = True
+        self.record.error = None
+        return output
+
+    def _render(self, params: dict[str, Any]) -> Any:
+        try:
+            return templates.render(params, self.context())
+        except templates.TemplateError as exc:
+            raise ConfigurationError(str(exc), hint="fix the template in the step's 'with:'",
+                                     step_id=self.step.id, tool=self.step.tool) from None
+
+    def _context(self, number: int) -> StepContext:
+        return StepContext(run_id=self.run_id, step_id=self.step.id, workspace=self.workspace,
+                           attempt=number, previous_error=self.last_error,
+                           memory_mb=self.memory_mb)
+
+
+@task(name="step", cache_policy=NO_CACHE, persist_result=False)
+async def run_step(job: StepJob) -> Any:
+    """The body of every step's task run: one attempt of ``job``."""
+    context = TaskRunContext.get()
+    number = context.task_run.run_count if context and context.task_run else 1
+    return await job.attempt(number)
+
+
+@task(name="skipped", cache_policy=NO_CACHE, persist_result=False)
+async def skipped_step(step_id: str, reason: str) -> State[Any]:
+    """A task run that records, in the Prefect UI, a step that did not run and why."""
+    from prefect.states import Completed, Failed
+
+    if reason == "its condition could not be evaluated":
+        return Failed(message=reason)
+    return Completed(name="Skipped", message=reason)

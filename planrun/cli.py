@@ -1,0 +1,173 @@
+"""The ``planrun`` command line (SPEC §4).
+
+Exit codes: 0 completed (or valid), 3 completed_with_errors, 1 failed, 4 cancelled,
+2 invalid plan or usage. Prefect is imported only by the commands that run plans.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from planrun.errors import PlanInvalid, PlanrunError, UsageError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse exits 2 on usage errors; keep it
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"planrun: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="planrun", description="Run agent plans on Prefect.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("validate", help="check plans; print file:line:col: path: message per error")
+    p.add_argument("plans", nargs="+", metavar="PLAN")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("run", help="run a plan and wait for it")
+    p.add_argument("plan", metavar="PLAN")
+    p.add_argument("--input", "-i", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--json", action="store_true", help="print the run report on stdout")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("schema", help="print the plan JSON Schema")
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("tools", help="list tools, their parameter schemas and health")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_tools)
+
+    p = sub.add_parser("server", help="the local Prefect server planrun starts and reuses")
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.set_defaults(func=cmd_server)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``planrun`` console script."""
+    args = _parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except PlanInvalid as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as exc:
+        print(f"planrun: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except PlanrunError as exc:
+        print(f"planrun: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("planrun: interrupted", file=sys.stderr)
+        return 4
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from planrun.validate import validate_file
+
+    problems = []
+    for path in args.plans:
+        try:
+            validate_file(path)
+        except PlanInvalid as exc:
+            problems.extend(exc.problems)
+    for problem in problems:
+        print(problem)
+    if not problems:
+        print(f"{len(args.plans)} plan{'s' if len(args.plans) > 1 else ''} valid", file=sys.stderr)
+    return EXIT_USAGE if problems else EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from planrun.console import LineDisplay, LiveDisplay
+    from planrun.inputs import parse_pairs, resolve_inputs
+    from planrun.report import RunStatus
+    from planrun.runner import prepare_prefect, run_plan
+    from planrun.validate import validate_file
+
+    valid = validate_file(args.plan)
+    inputs = resolve_inputs(valid.plan, parse_pairs(args.input), from_text=True)
+    prepare_prefect()
+    plan_data = valid.plan.model_dump(mode="json", by_alias=True, exclude_none=True)
+    display: Any
+    if sys.stderr.isatty():
+        display = LiveDisplay()
+    elif not args.json:
+        display = LineDisplay()
+    else:
+        display = None
+    if display is not None:
+        with display:
+            report = asyncio.run(run_plan(plan_data, inputs, display))
+    else:
+        report = asyncio.run(run_plan(plan_data, inputs))
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    elif report.get("prefect_url"):
+        print(f"run {report['run_id']} {report['status']}: {report['prefect_url']}")
+    else:
+        print(f"run {report['run_id']} {report['status']}")
+    return RunStatus(report["status"]).exit_code
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from plan_schemas import plan_schema
+
+    print(json.dumps(plan_schema(), indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+def cmd_tools(args: argparse.Namespace) -> int:
+    from adapters.registry import default_registry
+
+    async def health() -> list[dict[str, Any]]:
+        rows = []
+        for adapter in default_registry().adapters():
+            try:
+                status = await asyncio.wait_for(adapter.health(), timeout=5)
+                ok, detail = status.ok, status.detail
+            except Exception as exc:  # noqa: BLE001 - a broken health check is reported
+                ok, detail = False, f"health check failed: {exc}"
+            rows.append({"tool": adapter.name, "summary": adapter.summary, "healthy": ok,
+                         "detail": detail, "parameters": adapter.parameter_schema()})
+        return rows
+
+    rows = asyncio.run(health())
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    for row in rows:
+        mark = "ok" if row["healthy"] else f"UNHEALTHY {row['detail']}"
+        params = ", ".join(
+            f"{k}{'' if k in row['parameters'].get('required', []) else '?'}"
+            for k in row["parameters"].get("properties", {}))
+        print(f"{row['tool']:<14} {mark:<4} {row['summary']}\n{'':<19}with: {params}")
+    return EXIT_OK
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from planrun import server
+
+    if args.action == "start":
+        url = server.ensure_server()
+        print(f"Prefect API {url}  UI {url.removesuffix('/api')}")
+    elif args.action == "stop":
+        print("stopped" if server.stop() else "no local server was running")
+    else:
+        info = server.running()
+        print(f"running: {info.url} (pid {info.pid})" if info else "not running")
+        return EXIT_OK if info else EXIT_FAILED
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Run inputs: ``--input k=v`` strings typed by the plan's ``inputs`` definitions."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from jsonschema import Draft202012Validator
+
+from plan_schemas.model import Plan
+from planrun.errors import UsageError
+
+
+def _typed(name: str, text: str, spec: dict[str, Any]) -> Any:
+    kind = spec.get("type", "string")
+    kinds = kind if isinstance(kind, list) else [kind]
+    if "string" in kinds:
+        return text
+    try:
+        if "integer" in kinds and text.strip().lstrip("+-").isdigit():
+            return int(text)
+        if "number" in kinds:
+            return float(text)
+        if "boolean" in kinds:
+            lowered = text.strip().lower()
+            if lowered in ("true", "yes", "1", "on"):
+                return True
+            if lowered in ("false", "no", "0", "off"):
+                return False
+            raise ValueError(text)
+        return json.loads(text)
+    except ValueError:
+        raise UsageError(f"input '{name}': {text!r} is not {' or '.join(kinds)}") from None
+
+
+def parse_pairs(pairs: list[str]) -> dict[str, str]:
+    """``["k=v", ...]`` → ``{"k": "v"}``; a pair without ``=`` is a usage error."""
+    result: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"--input {pair!r}: write NAME=VALUE")
+        result[name.strip()] = value
+    return result
+
+
+def resolve_inputs(plan: Plan, given: dict[str, Any], *, from_text: bool) -> dict[str, Any]:
+    """Every input of ``plan``: given values (typed when ``from_text``) or defaults.
+
+    Unknown names, missing required inputs and values that do not fit their definition
+    are usage errors that name the input.
+    """
+    unknown = sorted(set(given) - set(plan.inputs))
+    if unknown:
+        known = ", ".join(plan.inputs) or "none"
+        raise UsageError(f"unknown input {', '.join(unknown)} (this plan's inputs: {known})")
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, spec in plan.inputs.items():
+        if name in given:
+            raw = given[name]
+            value = _typed(name, raw, spec) if from_text and isinstance(raw, str) else raw
+        elif "default" in spec:
+            value = spec["default"]
+        else:
+            problems.append(f"input '{name}' is required: pass --input {name}=VALUE")
+            continue
+        for err in Draft202012Validator(spec).iter_errors(value):
+            problems.append(f"input '{name}': {err.message}")
+        values[name] = value
+    if problems:
+        raise UsageError("; ".join(problems))
+    return values

@@ -1,0 +1,152 @@
+"""Reading a plan file: bytes → YAML nodes → plain data, remembering where every value
+and key stands in the file so that each problem can be reported as ``file:line:col``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from planrun.errors import Problem
+
+MAX_PLAN_BYTES = 5 * 1024 * 1024
+MAX_NODES = 200_000
+
+Path_ = tuple[str | int, ...]
+
+
+def format_path(path: Path_) -> str:
+    """``('steps', 2, 'with', 'url')`` → ``steps[2].with.url``; the root is ``plan``."""
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "plan"
+
+
+@dataclass
+class Source:
+    """A loaded plan document and the positions of its values and mapping keys."""
+
+    file: str
+    data: Any = None
+    values: dict[Path_, tuple[int, int]] = field(default_factory=dict)
+    keys: dict[Path_, tuple[int, int]] = field(default_factory=dict)
+
+    def locate(self, path: Path_, *, key: bool = False) -> tuple[int, int]:
+        """The (line, column) of ``path``'s value (or key), else of its nearest parent."""
+        table = self.keys if key else self.values
+        for cut in range(len(path), -1, -1):
+            where = table.get(path[:cut]) or self.values.get(path[:cut])
+            if where:
+                return where
+        return (1, 1)
+
+    def problem(self, path: Path_, message: str, *, key: bool = False) -> Problem:
+        line, column = self.locate(path, key=key)
+        return Problem(self.file, line, column, format_path(path), message)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _decode(raw: bytes, file: str) -> tuple[str | None, list[Problem]]:
+    if len(raw) > MAX_PLAN_BYTES:
+        return None, [Problem(file, 1, 1, "plan", f"the file is {len(raw)} bytes; "
+                              f"a plan may be at most {MAX_PLAN_BYTES} bytes")]
+    if b"\x00" in raw:
+        return None, [Problem(file, 1, 1, "plan", "the file is binary, not YAML text")]
+    try:
+        return raw.decode("utf-8-sig"), []
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        return None, [Problem(file, line, column, "plan",
+                              f"the file is not UTF-8 text (byte 0x{raw[exc.start]:02x})")]
+
+
+def load(raw: bytes | str, file: str = "<plan>") -> tuple[Source, list[Problem]]:
+    """Parse one YAML document; problems are returned, never raised."""
+    source = Source(file)
+    if isinstance(raw, bytes):
+        text, problems = _decode(raw, file)
+        if text is None:
+            return source, problems
+    else:
+        text = raw
+    try:
+        documents = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        what = " ".join(p for p in (exc.context, exc.problem) if p)
+        return source, [Problem(file, line, column, "plan", f"YAML syntax error: {what}")]
+    except yaml.YAMLError as exc:
+        return source, [Problem(file, 1, 1, "plan", f"YAML error: {exc}")]
+    documents = [d for d in documents if d is not None]
+    if len(documents) != 1:
+        count = "no" if not documents else f"{len(documents)}"
+        return source, [Problem(file, 1, 1, "plan",
+                                f"the file holds {count} YAML documents; a plan is exactly one")]
+    node = documents[0]
+    if not isinstance(node, yaml.MappingNode):
+        return source, [Problem(file, node.start_mark.line + 1, node.start_mark.column + 1,
+                                "plan", "a plan must be a mapping with version, name and steps")]
+    walker = _Walker(source)
+    try:
+        source.data = walker.build(node, ())
+    except _TooLarge:
+        return source, [Problem(file, 1, 1, "plan", f"the plan has more than {MAX_NODES} "
+                                "YAML nodes (or expands aliases that far); make it smaller")]
+    return source, walker.problems
+
+
+class _Walker:
+    """Builds plain data from YAML nodes, recording positions and duplicate keys."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self.problems: list[Problem] = []
+        self.count = 0
+        self.constructor = yaml.SafeLoader("")
+
+    def build(self, node: yaml.Node, path: Path_) -> Any:
+        self.count += 1
+        if self.count > MAX_NODES:
+            raise _TooLarge
+        self.source.values.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
+        if isinstance(node, yaml.MappingNode):
+            return self._mapping(node, path)
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
+        try:
+            return self.constructor.construct_object(node, deep=True)
+        except yaml.YAMLError as exc:
+            self.problems.append(self.source.problem(path, f"bad YAML value: {exc}"))
+            return None
+
+    def _mapping(self, node: yaml.MappingNode, path: Path_) -> dict[Any, Any]:
+        self.constructor.flatten_mapping(node)
+        result: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                where = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+                self.problems.append(Problem(self.source.file, *where, _fmt(path),
+                                             "mapping keys must be plain strings"))
+                continue
+            key = self.constructor.construct_object(key_node)
+            if not isinstance(key, str):
+                key = str(key)
+            child = (*path, key)
+            where = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            if key in result:
+                self.problems.append(Problem(self.source.file, *where, _fmt(child),
+                                             f"duplicate key '{key}'"))
+            self.source.keys[child] = where
+            result[key] = self.build(value_node, child)
+        return result
+
+
+def _fmt(path: Path_) -> str:
+    return format_path(path)

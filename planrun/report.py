@@ -1,0 +1,160 @@
+"""Run and step records, their statuses, and the run report of SPEC §4."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Protocol
+
+from planrun.errors import StepError
+
+
+class StepStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    AWAITING_APPROVAL = "awaiting_approval"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in FINISHED_STEP
+
+
+FINISHED_STEP = frozenset({StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.SKIPPED,
+                           StepStatus.CANCELLED})
+
+
+class RunStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    PAUSED = "paused"
+    AWAITING_APPROVAL = "awaiting_approval"
+    COMPLETED = "completed"
+    COMPLETED_WITH_ERRORS = "completed_with_errors"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def exit_code(self) -> int:
+        """The exit code of ``planrun run`` for a run that ended in this status."""
+        return EXIT_CODES.get(self, 1)
+
+
+EXIT_CODES = {RunStatus.COMPLETED: 0, RunStatus.COMPLETED_WITH_ERRORS: 3,
+              RunStatus.FAILED: 1, RunStatus.CANCELLED: 4}
+
+
+def iso(ts: float | None) -> str | None:
+    """ISO 8601 in UTC with milliseconds, or None."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class StepRecord:
+    """What is known about one step of one run; ``to_report`` is its report entry.
+
+    ``error_caused_skip`` is true for a skip that counts as an error of the run (an
+    upstream failure or a rejected approval), false for a skip by a step's own ``when``.
+    """
+
+    id: str
+    tool: str
+    name: str | None = None
+    needs: list[str] = field(default_factory=list)
+    critical: bool = True
+    estimate_s: float = 0.0
+    status: StepStatus = StepStatus.PENDING
+    attempts: int = 0
+    started_at: float | None = None
+    ended_at: float | None = None
+    input: Any = None
+    output: Any = None
+    error: StepError | None = None
+    reason: str | None = None
+    fallback_used: bool = False
+    error_caused_skip: bool = False
+    retry_delay_s: float | None = None
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.started_at is None:
+            return None
+        return round((self.ended_at or time.time()) - self.started_at, 3)
+
+    def template_view(self) -> dict[str, Any]:
+        """What templates see as ``steps.<id>``."""
+        return {"status": str(self.status), "output": self.output, "attempts": self.attempts,
+                "error": self.error.to_report() if self.error else None,
+                "reason": self.reason, "fallback_used": self.fallback_used}
+
+    def to_report(self) -> dict[str, Any]:
+        return {
+            "status": str(self.status), "tool": self.tool, "attempts": self.attempts,
+            "started_at": iso(self.started_at), "ended_at": iso(self.ended_at),
+            "duration_s": self.duration_s, "input": self.input, "output": self.output,
+            "fallback_used": self.fallback_used,
+            "error": self.error.to_report() if self.error else None, "reason": self.reason,
+        }
+
+
+@dataclass
+class RunRecord:
+    """One plan run: its steps in plan order and its overall status."""
+
+    run_id: str
+    plan: str
+    steps: dict[str, StepRecord]
+    status: RunStatus = RunStatus.PENDING
+    started_at: float | None = None
+    ended_at: float | None = None
+    reason: str | None = None
+    flow_run_url: str | None = None
+    rolled_back: list[str] = field(default_factory=list)
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.started_at is None:
+            return None
+        return round((self.ended_at or time.time()) - self.started_at, 3)
+
+    def progress(self) -> dict[str, Any]:
+        done = sum(1 for s in self.steps.values() if s.status.finished)
+        total = len(self.steps)
+        return {"done": done, "total": total,
+                "percent": round(100.0 * done / total, 1) if total else 100.0}
+
+    def final_status(self, *, cancelled: bool = False, deadline_passed: bool = False) -> RunStatus:
+        """The end status of SPEC §3 from the steps' outcomes."""
+        steps = self.steps.values()
+        if cancelled:
+            return RunStatus.CANCELLED
+        if deadline_passed or any(s.critical and s.status == StepStatus.FAILED for s in steps):
+            return RunStatus.FAILED
+        if any(s.status in (StepStatus.FAILED, StepStatus.CANCELLED) or s.error_caused_skip
+               for s in steps):
+            return RunStatus.COMPLETED_WITH_ERRORS
+        return RunStatus.COMPLETED
+
+    def to_report(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id, "plan": self.plan, "status": str(self.status),
+            "reason": self.reason, "started_at": iso(self.started_at),
+            "ended_at": iso(self.ended_at), "duration_s": self.duration_s,
+            "progress": self.progress(), "prefect_url": self.flow_run_url,
+            "rolled_back": self.rolled_back,
+            "steps": {sid: s.to_report() for sid, s in self.steps.items()},
+        }
+
+
+class RunObserver(Protocol):
+    """Told about every change of a run: the terminal display, tests, later the bridge."""
+
+    def changed(self, run: RunRecord, step: StepRecord | None) -> None: ...

@@ -1,0 +1,59 @@
+"""Running a validated plan from this process against the Prefect server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Any
+
+from planrun.report import RunObserver
+from planrun.server import ensure_server
+
+
+def prepare_prefect(quiet_console: bool = True) -> str:
+    """Point Prefect at the server (starting the local one if needed) before importing it.
+
+    Prefect's console log is quieted: the run's logs still reach the Prefect UI, and the
+    terminal shows planrun's own display instead of tracebacks of failed attempts.
+    """
+    url = ensure_server()
+    if quiet_console:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    return url
+
+
+async def run_plan(plan: dict[str, Any], inputs: dict[str, Any],
+                   observer: RunObserver | None = None) -> dict[str, Any]:
+    """Run ``plan`` (validated plan data) as one Prefect flow run; return its report.
+
+    SIGINT and SIGTERM cancel the run (running commands are killed, files rolled back)
+    instead of tearing the process down.
+    """
+    from flows import plan_flow as compiled
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, compiled.cancel_all)
+    if observer is not None:
+        compiled.OBSERVERS.append(observer)
+    try:
+        state = await compiled.plan_flow.with_options(
+            flow_run_name=f"{plan['name']}",
+        )(plan, inputs, return_state=True)
+        return await _report(state)
+    finally:
+        if observer is not None:
+            compiled.OBSERVERS.remove(observer)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def _report(state: Any) -> dict[str, Any]:
+    data = state.data
+    if isinstance(data, dict) and "run_id" in data:
+        return data
+    result = await state.result(raise_on_failure=False)
+    if isinstance(result, dict) and "run_id" in result:
+        return result
+    raise RuntimeError(f"the flow run ended {state.type.value} without a report: {state.message}")

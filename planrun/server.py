@@ -1,0 +1,192 @@
+"""The embedded default: one local Prefect server (SQLite, under planrun's data directory),
+started on first use and reused by every later invocation.
+
+Prefect's own temporary per-process server costs ≈ 8 s a run and no other process sees
+its events, so planrun never relies on it. With ``PREFECT_API_URL`` set, that server is
+used instead and nothing is started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from planrun.errors import PlanrunError
+
+DEFAULT_PORT = 4200
+START_TIMEOUT_S = 90.0
+
+#: Environment every Prefect process of planrun gets: no telemetry on a closed network.
+QUIET_ENV = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY": "false",
+}
+
+
+class ServerError(PlanrunError):
+    """The local Prefect server could not be started or reached."""
+
+
+def data_dir() -> Path:
+    """planrun's data directory: ``PLANRUN_HOME``, else ``$XDG_DATA_HOME/planrun``."""
+    if os.environ.get("PLANRUN_HOME"):
+        root = Path(os.environ["PLANRUN_HOME"])
+    else:
+        base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+        root = Path(base) / "planrun"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """A running local server: its API URL and process id."""
+
+    url: str
+    pid: int
+
+    @property
+    def ui_url(self) -> str:
+        return self.url.removesuffix("/api")
+
+
+def healthy(api_url: str, timeout: float = 2.0) -> bool:
+    """Whether the Prefect API at ``api_url`` answers its health check."""
+    try:
+        return httpx.get(f"{api_url}/health", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _state_file() -> Path:
+    return data_dir() / "server.json"
+
+
+def _read_state() -> ServerInfo | None:
+    try:
+        raw = json.loads(_state_file().read_text())
+        return ServerInfo(url=str(raw["url"]), pid=int(raw["pid"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _free_port(preferred: int) -> int:
+    for port in (preferred, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise ServerError("no free TCP port on 127.0.0.1")
+
+
+@contextlib.contextmanager
+def _locked() -> Iterator[None]:
+    with open(data_dir() / "server.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def running() -> ServerInfo | None:
+    """The local server recorded in the data directory, if it is alive and healthy."""
+    info = _read_state()
+    if info and _alive(info.pid) and healthy(info.url):
+        return info
+    return None
+
+
+def ensure_server() -> str:
+    """The Prefect API URL to use, starting the local server if needed; sets the env var."""
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        with _locked():
+            info = running() or start()
+        url = info.url
+    os.environ["PREFECT_API_URL"] = url
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    return url
+
+
+def start(port: int | None = None) -> ServerInfo:
+    """Start a detached Prefect server on SQLite under the data directory and wait for it."""
+    home = data_dir()
+    port = _free_port(port or int(os.environ.get("PLANRUN_SERVER_PORT", DEFAULT_PORT)))
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, **QUIET_ENV, "PREFECT_HOME": str(home / "prefect"),
+           "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port),
+           "PREFECT_API_URL": url}
+    log = open(home / "server.log", "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+         "--port", str(port)],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+        start_new_session=True, cwd=home,
+    )
+    log.close()
+    deadline = time.monotonic() + START_TIMEOUT_S
+    delay = 0.1
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServerError(f"the Prefect server exited with code {proc.returncode}; "
+                              f"see {home / 'server.log'}")
+        if healthy(url, timeout=1.0):
+            info = ServerInfo(url=url, pid=proc.pid)
+            _state_file().write_text(json.dumps({"url": url, "pid": proc.pid}))
+            return info
+        time.sleep(delay)
+        delay = min(delay * 1.5, 1.0)
+    stop_pid(proc.pid)
+    raise ServerError(f"the Prefect server did not become healthy within {START_TIMEOUT_S:.0f}s; "
+                      f"see {home / 'server.log'}")
+
+
+def stop_pid(pid: int, grace_s: float = 10.0) -> None:
+    """Stop a server's process group: SIGTERM, then SIGKILL after ``grace_s``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and _alive(pid):
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def stop() -> bool:
+    """Stop the recorded local server; False if none was running."""
+    with _locked():
+        info = _read_state()
+        if not info or not _alive(info.pid):
+            return False
+        stop_pid(info.pid)
+        _state_file().unlink(missing_ok=True)
+        return True

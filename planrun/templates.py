@@ -1,0 +1,141 @@
+"""Templates in plans: ``{{ inputs.NAME }}``, ``{{ steps.ID.output... }}``, ``{{ steps.ID.status }}``.
+
+Rendered by Jinja2's sandbox (never ``eval``). A string that is exactly one ``{{ ... }}``
+keeps the type of its value (a list stays a list); any other string renders to text.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateSyntaxError, Undefined, nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+#: What a template may read of a step: ``steps.ID.<field>``.
+STEP_FIELDS = ("output", "status", "error", "attempts", "reason", "fallback_used")
+NAMES = ("inputs", "steps", "run")
+
+_WHOLE = re.compile(r"^\s*\{\{(?P<expr>(?:(?!\}\}).)*)\}\}\s*$", re.DOTALL)
+_ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+
+
+class TemplateError(Exception):
+    """A template could not be parsed or rendered; the message says why."""
+
+
+def has_template(value: str) -> bool:
+    return "{{" in value or "{%" in value
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One ``steps.ID[.field]`` or ``inputs.NAME`` a template reads."""
+
+    root: str
+    name: str
+    field: str | None = None
+
+
+@lru_cache(maxsize=4096)
+def _parse(text: str) -> nodes.Template:
+    try:
+        return _ENV.parse(text)
+    except TemplateSyntaxError as exc:
+        raise TemplateError(f"template syntax error: {exc.message}") from None
+
+
+def references(text: str) -> tuple[list[Reference], set[str]]:
+    """The steps and inputs ``text`` reads, and any unknown top-level names."""
+    from jinja2 import meta
+
+    tree = _parse(text)
+    unknown = set(meta.find_undeclared_variables(tree)) - set(NAMES)
+    found: list[Reference] = []
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
+        base = node.node
+        if not (isinstance(base, nodes.Name) and base.name in ("inputs", "steps")):
+            continue
+        name = _key(node)
+        if name is None:
+            continue
+        field = None
+        if base.name == "steps":
+            field = _parent_field(tree, node)
+        found.append(Reference(base.name, name, field))
+    return found, unknown
+
+
+def _key(node: nodes.Getattr | nodes.Getitem) -> str | None:
+    if isinstance(node, nodes.Getattr):
+        return node.attr
+    if isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+        return node.arg.value
+    return None
+
+
+def _parent_field(tree: nodes.Template, inner: nodes.Node) -> str | None:
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
+        if node.node is inner:
+            return _key(node)
+    return None
+
+
+def strings(value: Any, path: tuple[str | int, ...] = ()) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    """Every string inside ``value`` that holds a template, with its path."""
+    if isinstance(value, str):
+        if has_template(value):
+            yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from strings(item, (*path, key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from strings(item, (*path, i))
+
+
+def render(value: Any, context: dict[str, Any]) -> Any:
+    """``value`` with every template in it rendered against ``context``."""
+    if isinstance(value, str):
+        return render_string(value, context) if has_template(value) else value
+    if isinstance(value, dict):
+        return {key: render(item, context) for key, item in value.items()}
+    if isinstance(value, list):
+        return [render(item, context) for item in value]
+    return value
+
+
+def render_string(text: str, context: dict[str, Any]) -> Any:
+    """Render one string; exactly one ``{{ expr }}`` keeps the expression's type."""
+    try:
+        whole = _WHOLE.match(text)
+        if whole:
+            result = _expression(whole.group("expr").strip())(**context)
+            if isinstance(result, Undefined):
+                result._fail_with_undefined_error()
+            return result
+        return _ENV.from_string(text).render(**context)
+    except TemplateError:
+        raise
+    except TemplateSyntaxError as exc:
+        raise TemplateError(f"template syntax error in {text!r}: {exc.message}") from None
+    except Exception as exc:  # noqa: BLE001 - Jinja raises many kinds; all mean "cannot render"
+        raise TemplateError(f"cannot render {text!r}: {exc}") from None
+
+
+@lru_cache(maxsize=4096)
+def _expression(expr: str) -> Any:
+    try:
+        return _ENV.compile_expression(expr, undefined_to_none=False)
+    except TemplateSyntaxError as exc:
+        raise TemplateError(f"template syntax error: {exc.message}") from None
+
+
+def truthy(value: Any) -> bool:
+    """How a rendered ``when`` is read: booleans as is, 'false'/'0'/'' and empties false."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("", "false", "0", "no", "none", "null")
+    return bool(value)

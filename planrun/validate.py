@@ -1,0 +1,361 @@
+"""Checking a plan, in passes, reporting every problem at once (SPEC §2).
+
+    load (YAML, encoding) → schema (plan.schema.json's rules) → ids and tools →
+    tool parameters → needs and cycles → templates → inputs
+
+Each pass works on whatever the earlier ones could read, so one bad step does not hide
+the problems of another. Problems carry file, line, column and the path in the plan.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError as SchemaError
+
+from adapters.registry import Registry, default_registry
+from plan_schemas import model_schema
+from plan_schemas.model import Plan
+from planrun import templates
+from planrun.durations import parse_duration
+from planrun.errors import PlanInvalid, Problem
+from planrun.loader import Path_, Source, load
+
+_JSON_TYPES = {"string": "a string", "integer": "an integer", "number": "a number",
+               "boolean": "true or false", "array": "a list", "object": "a mapping",
+               "null": "null"}
+
+
+@dataclass(frozen=True)
+class ValidPlan:
+    """A plan that passed every check: the parsed model and where it came from."""
+
+    plan: Plan
+    source: Source
+
+
+def validate_file(path: str | Path, registry: Registry | None = None) -> ValidPlan:
+    """Read and check the plan file at ``path``; PlanInvalid lists every problem."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PlanInvalid([Problem(str(path), 0, 0, "plan",
+                                   f"cannot read the file: {exc.strerror or exc}")]) from None
+    return validate_text(raw, str(path), registry)
+
+
+def validate_text(raw: bytes | str, file: str = "<plan>",
+                  registry: Registry | None = None) -> ValidPlan:
+    """Check a plan given as YAML text; PlanInvalid lists every problem."""
+    source, problems = load(raw, file)
+    if source.data is None:
+        raise PlanInvalid(problems)
+    return validate_data(source, registry, problems)
+
+
+def validate_data(source: Source, registry: Registry | None = None,
+                  problems: list[Problem] | None = None) -> ValidPlan:
+    """Check already-loaded plan data (``source.data``), adding to ``problems``."""
+    registry = registry or default_registry()
+    problems = list(problems or [])
+    problems += _schema_problems(source)
+    steps = _steps(source.data)
+    problems += _id_and_tool_problems(source, steps, registry)
+    problems += _parameter_problems(source, steps, registry)
+    problems += _needs_problems(source, steps)
+    problems += _template_problems(source, steps)
+    problems += _input_problems(source)
+    if problems:
+        raise PlanInvalid(list(dict.fromkeys(problems)))
+    return ValidPlan(Plan.model_validate(source.data), source)
+
+
+# -- schema -----------------------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def _plan_validator() -> Draft202012Validator:
+    return Draft202012Validator(model_schema(Plan))
+
+
+@lru_cache(maxsize=256)
+def _tool_validator(tool: str, registry_id: int, registry: Registry) -> Draft202012Validator:
+    return Draft202012Validator(registry.get(tool).parameter_schema())
+
+
+def _schema_problems(source: Source) -> list[Problem]:
+    return [_describe(source, (), err) for err in _plan_validator().iter_errors(source.data)]
+
+
+def _describe(source: Source, base: Path_, err: SchemaError) -> Problem:
+    """A schema error in plain words, located at the offending value or key."""
+    path: Path_ = (*base, *err.absolute_path)
+    validator, value = err.validator, err.instance
+    field = path[-1] if path else None
+    if validator == "additionalProperties" and isinstance(value, dict):
+        allowed = list(err.schema.get("properties", {}))
+        extra = [k for k in value if k not in allowed]
+        if extra:
+            guess = difflib.get_close_matches(str(extra[0]), allowed, n=1)
+            tip = f"; did you mean '{guess[0]}'?" if guess else f"; allowed: {', '.join(allowed)}"
+            return source.problem((*path, extra[0]), f"unknown key '{extra[0]}'{tip}", key=True)
+    if validator == "required":
+        missing = str(err.message).split("'")[1] if "'" in err.message else err.message
+        return source.problem(path, f"missing required key '{missing}'")
+    if validator == "type":
+        return source.problem(path, f"expected {_type_words(err.validator_value)}, "
+                                    f"got {_show(value)}")
+    if validator == "anyOf" and _is_duration(err.schema):
+        try:
+            parse_duration(value)
+            message = f"{_show(value)} is not a valid duration"
+        except ValueError as exc:
+            message = str(exc)
+        return source.problem(path, message)
+    if validator == "pattern":
+        return source.problem(path, _pattern_words(field, value))
+    if validator == "const" and field == "version":
+        return source.problem(path, f"version must be 1, got {_show(value)}")
+    if validator == "minItems" and field == "steps":
+        return source.problem(path, "a plan needs at least one step")
+    if validator == "maxItems":
+        return source.problem(path, f"{len(value)} items; at most {err.validator_value} allowed")
+    if validator == "enum":
+        options = ", ".join(str(v) for v in err.validator_value)
+        return source.problem(path, f"{_show(value)} is not one of: {options}")
+    return source.problem(path, err.message)
+
+
+def _is_duration(schema: dict[str, Any]) -> bool:
+    return any("pattern" in b and "ms|s|m|h" in b["pattern"] for b in schema.get("anyOf", []))
+
+
+def _type_words(expected: str | list[str]) -> str:
+    names = [expected] if isinstance(expected, str) else expected
+    return " or ".join(_JSON_TYPES.get(n, n) for n in names)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _pattern_words(field: Any, value: Any) -> str:
+    if field == "id" or isinstance(field, int):
+        return (f"{_show(value)} is not a valid step id: use lowercase letters, digits and _, "
+                "starting with a letter")
+    if field == "name":
+        return (f"{_show(value)} is not a valid plan name: use lowercase letters, digits, "
+                "_ and -, starting with a letter or digit")
+    if field == "tool":
+        return f"{_show(value)} is not a tool name like 'core.echo'"
+    return f"{_show(value)} does not have the expected form"
+
+
+# -- ids, tools, parameters -------------------------------------------------------------
+
+def _steps(data: Any) -> list[tuple[int, dict[str, Any]]]:
+    steps = data.get("steps") if isinstance(data, dict) else None
+    if not isinstance(steps, list):
+        return []
+    return [(i, s) for i, s in enumerate(steps) if isinstance(s, dict)]
+
+
+def _id_and_tool_problems(source: Source, steps: list[tuple[int, dict[str, Any]]],
+                          registry: Registry) -> Iterator[Problem]:
+    seen: dict[str, int] = {}
+    known = registry.names()
+    for i, step in steps:
+        sid = step.get("id")
+        if isinstance(sid, str):
+            if sid in seen:
+                yield source.problem(("steps", i, "id"),
+                                     f"duplicate step id '{sid}' (also steps[{seen[sid]}])")
+            else:
+                seen[sid] = i
+        for path, tool in _tools(i, step):
+            if isinstance(tool, str) and tool not in registry:
+                guess = difflib.get_close_matches(tool, known, n=1)
+                tip = f"did you mean '{guess[0]}'? " if guess else ""
+                yield source.problem(path, f"unknown tool '{tool}'; {tip}known tools: "
+                                           f"{', '.join(known)}")
+
+
+def _tools(i: int, step: dict[str, Any]) -> Iterator[tuple[Path_, Any]]:
+    yield ("steps", i, "tool"), step.get("tool")
+    fallback = step.get("fallback")
+    if isinstance(fallback, dict):
+        yield ("steps", i, "fallback", "tool"), fallback.get("tool")
+
+
+def _parameter_problems(source: Source, steps: list[tuple[int, dict[str, Any]]],
+                        registry: Registry) -> Iterator[Problem]:
+    for i, step in steps:
+        calls = [(("steps", i), step)]
+        if isinstance(step.get("fallback"), dict):
+            calls.append((("steps", i, "fallback"), step["fallback"]))
+        for base, call in calls:
+            tool, params = call.get("tool"), call.get("with", {})
+            if not (isinstance(tool, str) and tool in registry and isinstance(params, dict)):
+                continue
+            validator = _tool_validator(tool, id(registry), registry)
+            for err in validator.iter_errors(params):
+                if _templated(err.instance):
+                    continue  # checked after rendering, when its value is known
+                yield _describe(source, (*base, "with"), err)
+
+
+def _templated(value: Any) -> bool:
+    return isinstance(value, str) and templates.has_template(value)
+
+
+# -- needs and cycles -------------------------------------------------------------------
+
+def _needs_of(step: dict[str, Any]) -> list[str]:
+    needs = step.get("needs", [])
+    return [n for n in needs if isinstance(n, str)] if isinstance(needs, list) else []
+
+
+def _needs_problems(source: Source, steps: list[tuple[int, dict[str, Any]]]) -> Iterator[Problem]:
+    index = _first_index(steps)
+    for i, step in steps:
+        for j, need in enumerate(_needs_of(step)):
+            if need == step.get("id"):
+                yield source.problem(("steps", i, "needs", j), f"step '{need}' needs itself")
+            elif need not in index:
+                guess = difflib.get_close_matches(need, list(index), n=1)
+                tip = f"; did you mean '{guess[0]}'?" if guess else ""
+                yield source.problem(("steps", i, "needs", j), f"unknown step '{need}'{tip}")
+    by_index = dict(steps)
+    graph = {sid: [n for n in _needs_of(by_index[i]) if n in index and n != sid]
+             for sid, i in index.items()}
+    for cycle in find_cycles(graph):
+        yield source.problem(("steps", index[cycle[0]], "needs"),
+                             f"cycle in needs: {' -> '.join([*cycle, cycle[0]])}")
+
+
+def _first_index(steps: list[tuple[int, dict[str, Any]]]) -> dict[str, int]:
+    index: dict[str, int] = {}
+    for i, step in steps:
+        if isinstance(step.get("id"), str):
+            index.setdefault(step["id"], i)
+    return index
+
+
+def find_cycles(graph: dict[str, list[str]]) -> list[list[str]]:
+    """Each cycle of ``graph`` (node → nodes it needs) once, by iterative depth-first search."""
+    state: dict[str, int] = {}  # 1 on the stack, 2 done
+    cycles: list[list[str]] = []
+    for root in graph:
+        if state.get(root):
+            continue
+        stack: list[tuple[str, Iterator[str]]] = [(root, iter(graph[root]))]
+        path = [root]
+        state[root] = 1
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                state[node] = 2
+                stack.pop()
+                path.pop()
+            elif state.get(child) == 1:
+                cycles.append(path[path.index(child):])
+            elif not state.get(child):
+                state[child] = 1
+                path.append(child)
+                stack.append((child, iter(graph[child])))
+    return cycles
+
+
+# -- templates --------------------------------------------------------------------------
+
+def _template_problems(source: Source, steps: list[tuple[int, dict[str, Any]]]) -> Iterator[Problem]:
+    data = source.data if isinstance(source.data, dict) else {}
+    inputs = data.get("inputs") if isinstance(data.get("inputs"), dict) else {}
+    by_index = dict(steps)
+    ids = {sid: by_index[i] for sid, i in _first_index(steps).items()}
+    for i, step in steps:
+        upstream = _upstream(step, ids)
+        for path, text in _step_templates(i, step):
+            try:
+                refs, unknown = templates.references(text)
+            except templates.TemplateError as exc:
+                yield source.problem(path, str(exc))
+                continue
+            for name in sorted(unknown):
+                yield source.problem(path, f"unknown name '{name}' in template; "
+                                           "templates can use inputs, steps and run")
+            for ref in refs:
+                message = _reference_problem(ref, inputs, ids, upstream, step.get("id"))
+                if message:
+                    yield source.problem(path, message)
+
+
+def _step_templates(i: int, step: dict[str, Any]) -> Iterator[tuple[Path_, str]]:
+    for key in ("with", "when"):
+        for sub, text in templates.strings(step.get(key)):
+            yield ("steps", i, key, *sub), text
+    fallback = step.get("fallback")
+    if isinstance(fallback, dict):
+        for sub, text in templates.strings(fallback.get("with")):
+            yield ("steps", i, "fallback", "with", *sub), text
+
+
+def _upstream(step: dict[str, Any], ids: dict[str, dict[str, Any]]) -> set[str]:
+    seen: set[str] = set()
+    todo = list(_needs_of(step))
+    while todo:
+        sid = todo.pop()
+        if sid in seen or sid not in ids:
+            continue
+        seen.add(sid)
+        todo.extend(_needs_of(ids[sid]))
+    return seen
+
+
+def _reference_problem(ref: templates.Reference, inputs: dict[str, Any],
+                       ids: dict[str, Any], upstream: set[str], own: Any) -> str | None:
+    if ref.root == "inputs":
+        if ref.name not in inputs:
+            known = ", ".join(inputs) or "none are declared"
+            return f"unknown input '{ref.name}' (inputs: {known})"
+        return None
+    if ref.name not in ids:
+        return f"unknown step '{ref.name}' in template"
+    if ref.name == own:
+        return f"step '{own}' cannot use its own result"
+    if ref.name not in upstream:
+        return (f"uses steps.{ref.name} but '{ref.name}' is not in this step's needs "
+                "(directly or through other steps); add it to needs")
+    if ref.field is not None and ref.field not in templates.STEP_FIELDS:
+        return (f"steps.{ref.name}.{ref.field} does not exist; a step has "
+                f"{', '.join(templates.STEP_FIELDS)}")
+    return None
+
+
+# -- inputs -----------------------------------------------------------------------------
+
+def _input_problems(source: Source) -> Iterator[Problem]:
+    data = source.data if isinstance(source.data, dict) else {}
+    inputs = data.get("inputs")
+    if not isinstance(inputs, dict):
+        return
+    for name, spec in inputs.items():
+        if not isinstance(spec, dict):
+            continue
+        try:
+            Draft202012Validator.check_schema(spec)
+        except SchemaError as exc:
+            yield source.problem(("inputs", name), f"not a valid input definition: {exc.message}")
+            continue
+        if "default" in spec:
+            for err in Draft202012Validator(spec).iter_errors(spec["default"]):
+                yield source.problem(("inputs", name, "default"),
+                                     f"default does not fit the input's definition: {err.message}")
