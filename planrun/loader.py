@@ -3,6 +3,7 @@ and key stands in the file so that each problem can be reported as ``file:line:c
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +13,7 @@ from planrun.errors import Problem
 
 MAX_PLAN_BYTES = 5 * 1024 * 1024
 MAX_NODES = 200_000
+MAX_DEPTH = 100
 
 Path_ = tuple[str | int, ...]
 
@@ -47,8 +49,16 @@ class Source:
         return Problem(self.file, line, column, format_path(path), message)
 
 
+_BAD = object()  # a scalar that could not be constructed (already reported)
+
+
 class _TooLarge(Exception):
     pass
+
+
+class _TooDeep(Exception):
+    def __init__(self, where: tuple[int, int]) -> None:
+        self.where = where
 
 
 def _decode(raw: bytes, file: str) -> tuple[str | None, list[Problem]]:
@@ -84,6 +94,8 @@ def load(raw: bytes | str, file: str = "<plan>") -> tuple[Source, list[Problem]]
         return source, [Problem(file, line, column, "plan", f"YAML syntax error: {what}")]
     except yaml.YAMLError as exc:
         return source, [Problem(file, 1, 1, "plan", f"YAML error: {exc}")]
+    except RecursionError:
+        return source, [Problem(file, 1, 1, "plan", _too_deep())]
     documents = [d for d in documents if d is not None]
     if len(documents) != 1:
         count = "no" if not documents else f"{len(documents)}"
@@ -99,7 +111,13 @@ def load(raw: bytes | str, file: str = "<plan>") -> tuple[Source, list[Problem]]
     except _TooLarge:
         return source, [Problem(file, 1, 1, "plan", f"the plan has more than {MAX_NODES} "
                                 "YAML nodes (or expands aliases that far); make it smaller")]
+    except _TooDeep as exc:
+        return source, [Problem(file, *exc.where, "plan", _too_deep())]
     return source, walker.problems
+
+
+def _too_deep() -> str:
+    return f"the plan nests lists and mappings more than {MAX_DEPTH} levels deep"
 
 
 class _Walker:
@@ -115,19 +133,41 @@ class _Walker:
         self.count += 1
         if self.count > MAX_NODES:
             raise _TooLarge
-        self.source.values.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
+        where = (node.start_mark.line + 1, node.start_mark.column + 1)
+        if len(path) > MAX_DEPTH:
+            raise _TooDeep(where)
+        self.source.values.setdefault(path, where)
         if isinstance(node, yaml.MappingNode):
             return self._mapping(node, path)
         if isinstance(node, yaml.SequenceNode):
             return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
+        value = self._scalar(node, path)
+        if value is _BAD:
+            return node.value  # its text, so that later passes do not report it again
+        if isinstance(value, float) and not math.isfinite(value):
+            self._report(node, path, f"{value} is not a finite number")
+        return value
+
+    def _scalar(self, node: yaml.Node, path: Path_) -> Any:
         try:
             return self.constructor.construct_object(node, deep=True)
-        except yaml.YAMLError as exc:
-            self.problems.append(self.source.problem(path, f"bad YAML value: {exc}"))
-            return None
+        # A tagged scalar (!!int abc, !!python/name:x) fails in more ways than YAMLError.
+        except Exception as exc:  # noqa: BLE001 - every failure is a problem, not a traceback
+            problem = isinstance(exc, yaml.MarkedYAMLError) and exc.problem
+            message = problem or str(exc).replace("\n", " ")
+            self._report(node, path, f"bad YAML value: {message}")
+            return _BAD
+
+    def _report(self, node: yaml.Node, path: Path_, message: str) -> None:
+        where = (node.start_mark.line + 1, node.start_mark.column + 1)
+        self.problems.append(Problem(self.source.file, *where, _fmt(path), message))
 
     def _mapping(self, node: yaml.MappingNode, path: Path_) -> dict[Any, Any]:
-        self.constructor.flatten_mapping(node)
+        try:
+            self.constructor.flatten_mapping(node)
+        except yaml.MarkedYAMLError as exc:  # a merge key (<<) of something not a mapping
+            self._report(node, path, f"bad merge key: {exc.problem}")
+            return {}
         result: dict[Any, Any] = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
@@ -135,7 +175,9 @@ class _Walker:
                 self.problems.append(Problem(self.source.file, *where, _fmt(path),
                                              "mapping keys must be plain strings"))
                 continue
-            key = self.constructor.construct_object(key_node)
+            key = self._scalar(key_node, path)
+            if key is _BAD:
+                continue
             if not isinstance(key, str):
                 key = str(key)
             child = (*path, key)

@@ -30,6 +30,8 @@ async def run_plan(plan: dict[str, Any], inputs: dict[str, Any],
     SIGINT and SIGTERM cancel the run (running commands are killed, files rolled back)
     instead of tearing the process down.
     """
+    from prefect import tags
+
     from flows import plan_flow as compiled
 
     loop = asyncio.get_running_loop()
@@ -38,9 +40,9 @@ async def run_plan(plan: dict[str, Any], inputs: dict[str, Any],
     if observer is not None:
         compiled.OBSERVERS.append(observer)
     try:
-        state = await compiled.plan_flow.with_options(
-            flow_run_name=f"{plan['name']}",
-        )(plan, inputs, return_state=True)
+        with tags("planrun", f"plan:{plan['name']}"):
+            state = await compiled.plan_flow.with_options(flow_run_name=plan["name"])(
+                plan, inputs, return_state=True)
         return await _report(state)
     finally:
         if observer is not None:

@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -138,34 +137,52 @@ def ensure_server() -> str:
 def start(port: int | None = None) -> ServerInfo:
     """Start a detached Prefect server on SQLite under the data directory and wait for it."""
     home = data_dir()
-    port = _free_port(port or int(os.environ.get("PLANRUN_SERVER_PORT", DEFAULT_PORT)))
+    if port is None:
+        port = int(os.environ.get("PLANRUN_SERVER_PORT", DEFAULT_PORT))
+    port = _free_port(port)
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, **QUIET_ENV, "PREFECT_HOME": str(home / "prefect"),
            "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port),
            "PREFECT_API_URL": url}
-    log = open(home / "server.log", "ab")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-         "--port", str(port)],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-        start_new_session=True, cwd=home,
-    )
-    log.close()
+    pid = _spawn([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                  "--port", str(port)], env, home / "server.log")
     deadline = time.monotonic() + START_TIMEOUT_S
     delay = 0.1
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise ServerError(f"the Prefect server exited with code {proc.returncode}; "
+        exited = _reap(pid)
+        if exited is not None:
+            raise ServerError(f"the Prefect server exited with status {exited}; "
                               f"see {home / 'server.log'}")
         if healthy(url, timeout=1.0):
-            info = ServerInfo(url=url, pid=proc.pid)
-            _state_file().write_text(json.dumps({"url": url, "pid": proc.pid}))
+            info = ServerInfo(url=url, pid=pid)
+            _state_file().write_text(json.dumps({"url": url, "pid": pid}))
             return info
         time.sleep(delay)
         delay = min(delay * 1.5, 1.0)
-    stop_pid(proc.pid)
+    stop_pid(pid)
     raise ServerError(f"the Prefect server did not become healthy within {START_TIMEOUT_S:.0f}s; "
                       f"see {home / 'server.log'}")
+
+
+def _spawn(argv: list[str], env: dict[str, str], log: Path) -> int:
+    """Start ``argv`` detached in its own session, output appended to ``log``."""
+    return os.posix_spawn(
+        argv[0], argv, env, setsid=True,
+        file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 1, str(log), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644),
+            (os.POSIX_SPAWN_DUP2, 1, 2),
+        ],
+    )
+
+
+def _reap(pid: int) -> int | None:
+    """The exit status of our child ``pid`` if it has exited, else None."""
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return None if _alive(pid) else -1
+    return os.waitstatus_to_exitcode(status) if done else None
 
 
 def stop_pid(pid: int, grace_s: float = 10.0) -> None:

@@ -16,10 +16,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import referencing
+import referencing.exceptions
 from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError as BadSchema
 from jsonschema.exceptions import ValidationError as SchemaError
+from jsonschema.exceptions import best_match
 
 from adapters.registry import Registry, default_registry
+from adapters.workspace import SAFE_PATH_PATTERN, path_problem
 from plan_schemas import model_schema
 from plan_schemas.model import Plan
 from planrun import templates
@@ -118,8 +123,20 @@ def _describe(source: Source, base: Path_, err: SchemaError) -> Problem:
         except ValueError as exc:
             message = str(exc)
         return source.problem(path, message)
+    if validator == "pattern" and "propertyNames" in err.schema_path and path == ("inputs",):
+        return source.problem((*path, str(value)), f"{_show(value)} is not a valid input name: use "
+                              "lowercase letters, digits and _, starting with a letter", key=True)
+    if validator == "pattern" and err.validator_value == SAFE_PATH_PATTERN:
+        why = path_problem(str(value)) or "not a path inside the workspace"
+        return source.problem(path, f"{why}: paths are relative to the workspace root, "
+                                    "like 'notes/today.md'")
     if validator == "pattern":
-        return source.problem(path, _pattern_words(field, value))
+        described = isinstance(err.schema, dict) and err.schema.get("description")
+        if not isinstance(field, str) or field in ("id", "name", "tool") or not described:
+            return source.problem(path, _pattern_words(field, value))
+        return source.problem(path, f"{_show(value)} is not valid here: {described}")
+    if validator == "anyOf" and err.context:  # e.g. Optional[X]: say what was wrong with X
+        return _describe_any_of(source, base, path, err)
     if validator == "const" and field == "version":
         return source.problem(path, f"version must be 1, got {_show(value)}")
     if validator == "minItems" and field == "steps":
@@ -130,6 +147,18 @@ def _describe(source: Source, base: Path_, err: SchemaError) -> Problem:
         options = ", ".join(str(v) for v in err.validator_value)
         return source.problem(path, f"{_show(value)} is not one of: {options}")
     return source.problem(path, err.message)
+
+
+def _describe_any_of(source: Source, base: Path_, path: Path_, err: SchemaError) -> Problem:
+    specific = [e for e in err.context if e.validator != "type" or e.relative_path]
+    if specific:
+        return _describe(source, base, best_match(specific))
+    names = [n for e in err.context for n in _listed(e.validator_value)]
+    return source.problem(path, f"expected {_type_words(names)}, got {_show(err.instance)}")
+
+
+def _listed(value: Any) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _is_duration(schema: dict[str, Any]) -> bool:
@@ -350,12 +379,41 @@ def _input_problems(source: Source) -> Iterator[Problem]:
     for name, spec in inputs.items():
         if not isinstance(spec, dict):
             continue
-        try:
-            Draft202012Validator.check_schema(spec)
-        except SchemaError as exc:
-            yield source.problem(("inputs", name), f"not a valid input definition: {exc.message}")
-            continue
-        if "default" in spec:
-            for err in Draft202012Validator(spec).iter_errors(spec["default"]):
+        message = _input_definition_problem(spec)
+        if message:
+            yield source.problem(("inputs", name), f"not a valid input definition: {message}")
+        elif "default" in spec:
+            for err in Draft202012Validator(spec, registry=_NO_RETRIEVAL).iter_errors(
+                    spec["default"]):
                 yield source.problem(("inputs", name, "default"),
                                      f"default does not fit the input's definition: {err.message}")
+
+
+#: Input definitions come from an untrusted plan: a ``$ref`` must never fetch a URL.
+_NO_RETRIEVAL: referencing.Registry[Any] = referencing.Registry()
+
+
+def _input_definition_problem(spec: dict[str, Any]) -> str | None:
+    outside = next(_outside_refs(spec), None)
+    if outside is not None:
+        return f"$ref {outside!r} points outside the definition; only '#...' refs are allowed"
+    try:
+        Draft202012Validator.check_schema(spec)
+        # Resolves the local refs the default would need, without retrieving anything.
+        list(Draft202012Validator(spec, registry=_NO_RETRIEVAL).iter_errors(spec.get("default")))
+    except BadSchema as exc:
+        return exc.message
+    except referencing.exceptions.Unresolvable as exc:
+        return f"cannot resolve {exc}"
+    return None
+
+
+def _outside_refs(value: Any) -> Iterator[Any]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key in ("$ref", "$dynamicRef") and not str(item).startswith("#"):
+                yield item
+            yield from _outside_refs(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _outside_refs(item)

@@ -1,0 +1,54 @@
+"""Test session set-up: a real Prefect server on SQLite in a temporary planrun home.
+
+The server is started once per session, before anything imports Prefect, and every
+test process and CLI subprocess points at it through PREFECT_API_URL. Set
+PREFECT_API_URL yourself to run the suite against another server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PLANS = Path(__file__).resolve().parent / "plans"
+_STARTED: dict[str, object] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    home = Path(tempfile.mkdtemp(prefix="planrun-test-home-"))
+    os.environ["PLANRUN_HOME"] = str(home)
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    _STARTED["home"] = home
+    if not os.environ.get("PREFECT_API_URL"):
+        from planrun import server
+
+        info = server.start(port=0)
+        _STARTED["pid"] = info.pid
+        os.environ["PREFECT_API_URL"] = info.url
+    from planrun.server import QUIET_ENV
+
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    from planrun import server
+
+    if "prefect" in sys.modules:  # send buffered logs and events before the server goes
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)
+        EventsWorker.drain_all(timeout=5)
+    pid = _STARTED.get("pid")
+    if isinstance(pid, int):
+        server.stop_pid(pid)
+    home = _STARTED.get("home")
+    if isinstance(home, Path):
+        shutil.rmtree(home, ignore_errors=True)

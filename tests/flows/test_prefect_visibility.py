@@ -1,0 +1,88 @@
+"""Prefect is the system of record: one flow run per plan run, one task run per step,
+named by the step id and tagged, with retries visible as Prefect retries."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+from uuid import UUID
+
+from tests.helpers import run_yaml, wait_for
+
+
+def _task_runs(flow_run_id: str) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read() -> list[Any]:
+        async with get_client() as client:
+            return await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)])))
+
+    return asyncio.run(read())
+
+
+def _flow_run(flow_run_id: str) -> Any:
+    from prefect.client.orchestration import get_client
+
+    async def read() -> Any:
+        async with get_client() as client:
+            return await client.read_flow_run(UUID(flow_run_id))
+
+    return asyncio.run(read())
+
+
+def _states(task_run_id: Any) -> list[str]:
+    from prefect.client.orchestration import get_client
+
+    async def read() -> list[str]:
+        async with get_client() as client:
+            return [s.name for s in await client.read_task_run_states(task_run_id)]
+
+    return asyncio.run(read())
+
+
+def test_a_run_is_one_flow_run_with_one_named_tagged_task_run_per_step() -> None:
+    report = run_yaml("""
+        version: 1
+        name: visible
+        steps:
+          - {id: first, tool: core.echo, with: {value: 1}}
+          - {id: second, tool: core.fail, needs: [first], critical: false, with: {category: logic}}
+          - {id: third, tool: core.echo, needs: [second], with: {value: 3}}
+    """)
+    flow_run = _flow_run(report["run_id"])
+    assert flow_run.name == "visible"
+    assert {"planrun", "plan:visible"} <= set(flow_run.tags)
+    assert report["prefect_url"].endswith(f"/runs/flow-run/{report['run_id']}")
+
+    def settled() -> list[Any] | None:
+        runs = _task_runs(report["run_id"])
+        done = [r for r in runs if r.state and r.state.is_final()]
+        return runs if len(done) == 3 else None
+
+    runs = {r.name: r for r in wait_for(settled, what="three final task runs")}
+    assert set(runs) == {"first", "second", "third"}
+    assert {"planrun", "plan:visible", "tool:core.echo"} <= set(runs["first"].tags)
+    assert runs["first"].state.is_completed()
+    assert runs["second"].state.is_failed()
+    assert runs["third"].state.name == "Skipped"
+    assert runs["third"].state.message == "upstream second failed"
+
+
+def test_each_attempt_is_a_prefect_retry() -> None:
+    report = run_yaml("""
+        version: 1
+        name: retried
+        steps:
+          - {id: flaky, tool: core.fail, retry: {initial_delay: 50ms}, with: {category: transient, times: 2}}
+    """)
+    assert report["steps"]["flaky"]["attempts"] == 3
+
+    def finished() -> Any:
+        runs = _task_runs(report["run_id"])
+        return runs[0] if runs and runs[0].state and runs[0].state.is_completed() else None
+
+    run = wait_for(finished, what="the task run to complete")
+    assert run.run_count == 3
+    assert _states(run.id).count("AwaitingRetry") == 2

@@ -1,0 +1,64 @@
+"""Factories shared by the tests: run plan text in-process, run the CLI, wait on conditions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PLANRUN = [sys.executable, "-m", "planrun.cli"]
+
+
+def plan_data(text: str) -> dict[str, Any]:
+    """Validate YAML plan text (dedented) and return its plan data for the flow."""
+    from planrun.validate import validate_text
+
+    valid = validate_text(textwrap.dedent(text), "test.yaml")
+    return valid.plan.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def run_yaml(text: str, inputs: dict[str, Any] | None = None,
+             observer: Any = None) -> dict[str, Any]:
+    """Run a plan given as YAML text in this process, against the test server."""
+    from planrun.inputs import resolve_inputs
+    from planrun.runner import run_plan
+    from planrun.validate import validate_text
+
+    valid = validate_text(textwrap.dedent(text), "test.yaml")
+    values = resolve_inputs(valid.plan, inputs or {}, from_text=False)
+    data = valid.plan.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return asyncio.run(run_plan(data, values, observer))
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: float = 120,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``planrun ARGS`` as a subprocess with the test session's environment."""
+    return subprocess.run([*PLANRUN, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd or ROOT, env={**os.environ, **(env or {})})
+
+
+def cli_json(*args: str, **kwargs: Any) -> tuple[int, dict[str, Any]]:
+    """``planrun run ... --json``: exit code and parsed report."""
+    proc = cli(*args, "--json", **kwargs)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    """Poll ``condition`` until it returns something truthy, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
