@@ -16,6 +16,7 @@ from prefect.states import Cancelled, Completed, Failed, State
 from prefect.utilities.annotations import quote
 
 from adapters.registry import Registry, default_registry
+from flows import prefect_compat
 from adapters.workspace import Workspace, default_workspace_root
 from flows.policy import RetryPolicy
 from flows.scheduler import Scheduler
@@ -23,6 +24,8 @@ from flows.step import StepJob, skipped_step
 from plan_schemas.model import Plan, Step
 from planrun.durations import parse_duration
 from planrun.report import RunObserver, RunRecord, RunStatus, StepRecord, StepStatus
+
+prefect_compat.install()
 
 #: Runs in this process, by run id, so a signal handler can cancel them.
 ACTIVE: dict[str, Scheduler] = {}

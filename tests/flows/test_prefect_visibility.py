@@ -86,3 +86,14 @@ def test_each_attempt_is_a_prefect_retry() -> None:
     run = wait_for(finished, what="the task run to complete")
     assert run.run_count == 3
     assert _states(run.id).count("AwaitingRetry") == 2
+
+
+def test_planrun_tags_skip_prefects_slot_request_but_other_tags_do_not() -> None:
+    from flows import plan_flow, prefect_compat  # noqa: F401 - importing installs the shim
+
+    assert prefect_compat.installed()
+    assert prefect_compat.own_tag("tag:planrun")
+    assert prefect_compat.own_tag("tag:plan:market-brief")
+    assert prefect_compat.own_tag("tag:tool:shell.run")
+    assert not prefect_compat.own_tag("tag:browser")
+    assert not prefect_compat.own_tag("tag:planrunner")
