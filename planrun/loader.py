@@ -3,7 +3,9 @@ and key stands in the file so that each problem can be reported as ``file:line:c
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,12 +19,23 @@ MAX_DEPTH = 100
 
 Path_ = tuple[str | int, ...]
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_$-]+")
+
 
 def format_path(path: Path_) -> str:
-    """``('steps', 2, 'with', 'url')`` → ``steps[2].with.url``; the root is ``plan``."""
+    """``('steps', 2, 'with', 'url')`` → ``steps[2].with.url``; the root is ``plan``.
+
+    A key that is not a plain word is quoted (``with["a b"]``), with spaces escaped, so
+    that a path never holds a space and ``file:line:col: path: message`` stays parseable.
+    """
     text = ""
     for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif _PLAIN_KEY.fullmatch(part):
+            text += f".{part}" if text else part
+        else:
+            text += "[" + json.dumps(part).replace(" ", "\\u0020") + "]"
     return text or "plan"
 
 
@@ -86,16 +99,23 @@ def load(raw: bytes | str, file: str = "<plan>") -> tuple[Source, list[Problem]]
     else:
         text = raw
     try:
-        documents = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+        documents = list(yaml.compose_all(text, Loader=_Loader))  # type: ignore[arg-type]
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         what = " ".join(p for p in (exc.context, exc.problem) if p)
         return source, [Problem(file, line, column, "plan", f"YAML syntax error: {what}")]
+    except yaml.reader.ReaderError as exc:  # a control character: locate it in the text
+        at = exc.position
+        line, column = text.count("\n", 0, at) + 1, at - (text.rfind("\n", 0, at) + 1) + 1
+        return source, [Problem(file, line, column, "plan", f"the character "
+                                f"#x{exc.character:04x} is not allowed in YAML: {exc.reason}")]
     except yaml.YAMLError as exc:
-        return source, [Problem(file, 1, 1, "plan", f"YAML error: {exc}")]
-    except RecursionError:
-        return source, [Problem(file, 1, 1, "plan", _too_deep())]
+        return source, [Problem(file, 1, 1, "plan", f"YAML error: {' '.join(str(exc).split())}")]
+    except _TooLarge:
+        return source, [Problem(file, 1, 1, "plan", _too_large())]
+    except _TooDeep as exc:
+        return source, [Problem(file, *exc.where, "plan", _too_deep())]
     documents = [d for d in documents if d is not None]
     if len(documents) != 1:
         count = "no" if not documents else f"{len(documents)}"
@@ -109,15 +129,55 @@ def load(raw: bytes | str, file: str = "<plan>") -> tuple[Source, list[Problem]]
     try:
         source.data = walker.build(node, ())
     except _TooLarge:
-        return source, [Problem(file, 1, 1, "plan", f"the plan has more than {MAX_NODES} "
-                                "YAML nodes (or expands aliases that far); make it smaller")]
+        return source, [Problem(file, 1, 1, "plan", _too_large())]
     except _TooDeep as exc:
         return source, [Problem(file, *exc.where, "plan", _too_deep())]
     return source, walker.problems
 
 
+def _too_large() -> str:
+    return (f"the plan has more than {MAX_NODES} YAML nodes (or expands aliases that far); "
+            "make it smaller")
+
+
 def _too_deep() -> str:
     return f"the plan nests lists and mappings more than {MAX_DEPTH} levels deep"
+
+
+class _BoundedComposer(yaml.composer.Composer):
+    """PyYAML's composer, stopped at MAX_NODES nodes and MAX_DEPTH levels while it reads:
+    a huge or deeply nested file costs no more than a plan at those limits."""
+
+    nodes = depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise _TooLarge
+        if self.depth > MAX_DEPTH:
+            mark = self.peek_event().start_mark  # type: ignore[attr-defined]
+            raise _TooDeep((mark.line + 1, mark.column + 1))
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+if yaml.__with_libyaml__:  # libyaml's parser with the Python composer: ~5x faster
+
+    from yaml._yaml import CParser
+
+    class _Loader(_BoundedComposer, CParser, yaml.resolver.Resolver):  # type: ignore[misc]
+        def __init__(self, stream: str) -> None:
+            CParser.__init__(self, stream)
+            yaml.composer.Composer.__init__(self)
+            yaml.resolver.Resolver.__init__(self)
+
+else:
+
+    class _Loader(_BoundedComposer, yaml.SafeLoader):  # type: ignore[no-redef]
+        pass
 
 
 class _Walker:
@@ -146,6 +206,9 @@ class _Walker:
             return node.value  # its text, so that later passes do not report it again
         if isinstance(value, float) and not math.isfinite(value):
             self._report(node, path, f"{value} is not a finite number")
+        if isinstance(value, bytes):  # a plan must turn into JSON for the run
+            self._report(node, path, "binary values (!!binary) cannot be used in a plan")
+            return node.value
         return value
 
     def _scalar(self, node: yaml.Node, path: Path_) -> Any:
