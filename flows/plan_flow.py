@@ -16,8 +16,8 @@ from prefect.states import Cancelled, Completed, Failed, State
 from prefect.utilities.annotations import quote
 
 from adapters.registry import Registry, default_registry
-from flows import prefect_compat
 from adapters.workspace import Workspace, default_workspace_root
+from flows import prefect_compat
 from flows.policy import RetryPolicy
 from flows.scheduler import Scheduler
 from flows.step import StepJob, skipped_step

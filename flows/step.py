@@ -70,7 +70,7 @@ class StepJob:
             # A plain function, as Prefect requires; the decision was made by attempt().
             if job.next_delay is None:
                 return False
-            task.retry_delay_seconds = job.next_delay
+            task.retry_delay_seconds = job.next_delay  # type: ignore[assignment]
             return True
 
         return run_step.with_options(
@@ -79,7 +79,6 @@ class StepJob:
             tags=["planrun", f"tool:{self.step.tool}"],
             retries=self.policy.most_attempts - 1,
             retry_delay_seconds=0,
-            retry_jitter_factor=None,
             retry_condition_fn=retry_condition,
         )
 
@@ -114,7 +113,9 @@ class StepJob:
             raise
 
     async def _fallback(self, fallback: Fallback, adapter: Adapter, error: StepError) -> Any:
-        timeout = parse_duration(fallback.timeout) if fallback.timeout is not None else self.timeout_s
+        timeout = self.timeout_s
+        if fallback.timeout is not None:
+            timeout = parse_duration(fallback.timeout)
         try:
             params = self._render(fallback.with_)
             output = await adapter.run(params, self._context(self.record.attempts), timeout)

@@ -45,8 +45,10 @@ class Retry(_Strict):
     backoff: Literal["exponential", "fixed"] | None = Field(
         default=None, description="Delay growth between attempts (default exponential)."
     )
-    initial_delay: Duration | None = Field(default=None, description="Delay before the 2nd attempt (default 1s).")
-    max_delay: Duration | None = Field(default=None, description="Upper bound of one delay (default 30s).")
+    initial_delay: Duration | None = Field(
+        default=None, description="Delay before the 2nd attempt (default 1s).")
+    max_delay: Duration | None = Field(
+        default=None, description="Upper bound of one delay (default 30s).")
     jitter: float | None = Field(
         default=None, ge=0, le=1,
         description="Random spread of each delay, as a fraction (default 0.2).",
@@ -75,7 +77,8 @@ class Limits(_Strict):
                               description="Steps of this run executing at once (1 = sequential).")
     deadline: Duration | None = Field(default=None, description="Time allowed for the whole run.")
     memory_mb: int | None = Field(default=None, ge=16, description="Memory limit per step process.")
-    pause_timeout: Duration | None = Field(default=None, description="How long a pause or approval may wait.")
+    pause_timeout: Duration | None = Field(
+        default=None, description="How long a pause or approval may wait.")
     on_pause_timeout: Literal["cancel", "resume"] = Field(
         default="cancel", description="What a timed-out pause does.")
 
@@ -103,7 +106,8 @@ class Step(_Strict):
         description="Condition, e.g. \"{{ steps.search.status == 'failed' }}\"; "
         "the step then runs once its needs finished in any state.",
     )
-    critical: bool | None = Field(default=None, description="A failure ends the run (default true).")
+    critical: bool | None = Field(default=None,
+                                  description="A failure ends the run (default true).")
     timeout: Duration | None = Field(default=None, description="Per-attempt timeout.")
     retry: Retry | None = None
     fallback: Fallback | None = None
@@ -120,6 +124,8 @@ class Plan(_Strict):
     inputs: dict[Annotated[str, Field(pattern=STEP_ID_PATTERN)], dict[str, Any]] = Field(
         default_factory=dict,
         description="Inputs as JSON-Schema property definitions (type, default, enum...).",
+        # pydantic states the key pattern only as patternProperties, which lets other keys by
+        json_schema_extra={"propertyNames": {"pattern": STEP_ID_PATTERN}},
     )
     defaults: Defaults = Field(default_factory=Defaults)
     limits: Limits = Field(default_factory=Limits)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -106,13 +107,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         display = None
     if display is not None:
+        display.waiting = f"starting {valid.plan.name} on {os.environ['PREFECT_API_URL']}…"
         with display:
             report = asyncio.run(run_plan(plan_data, inputs, display))
     else:
         report = asyncio.run(run_plan(plan_data, inputs))
     if args.json:
         print(json.dumps(report, indent=2, default=str))
-    elif report.get("prefect_url"):
+    elif report.get("prefect_url") and not isinstance(display, LiveDisplay):
         print(f"run {report['run_id']} {report['status']}: {report['prefect_url']}")
     else:
         print(f"run {report['run_id']} {report['status']}")

@@ -8,7 +8,6 @@ from typing import IO, Any
 
 from rich.console import Console, Group
 from rich.live import Live
-from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
@@ -43,6 +42,7 @@ class LiveDisplay:
         self.console = Console(file=stream or sys.stderr)
         self.live: Live | None = None
         self.run: RunRecord | None = None
+        self.waiting = "starting…"
 
     def __enter__(self) -> LiveDisplay:
         self.live = Live(console=self.console, refresh_per_second=8,
@@ -61,7 +61,7 @@ class LiveDisplay:
     def _render(self) -> Any:
         run = self.run
         if run is None:
-            return Text("starting…", style="dim")
+            return Text(self.waiting, style="dim")
         table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
         for name in ("", "step", "tool", "status", "tries", "time", ""):
             table.add_column(name, no_wrap=name != "")
@@ -72,20 +72,27 @@ class LiveDisplay:
                           Text(str(step.status), style=style),
                           str(step.attempts or ""),
                           format_duration(time_s) if time_s is not None else "",
-                          Text(_note(step), style="dim" if step.status != "failed" else "red",
+                          Text(_note(step) or step.name or "",
+                               style="red" if step.status == StepStatus.FAILED else "dim",
                                overflow="fold"))
         progress = run.progress()
         status = str(run.status)
         elapsed = format_duration(run.duration_s or 0.0)
         head = Text.assemble((f"{run.plan} ", "bold"), (status, RUN_STYLES.get(status, "")),
                              f"  {progress['done']}/{progress['total']} steps  {elapsed}")
-        parts: list[Any] = [head, ProgressBar(total=progress["total"],
-                                              completed=progress["done"], width=40), table]
+        parts: list[Any] = [head, _bar(progress["done"], progress["total"]), table]
         if run.reason and run.status.value not in ("running", "pending"):
             parts.append(Text(run.reason, style=RUN_STYLES.get(status, "")))
         if run.flow_run_url:
             parts.append(Text(f"Prefect UI: {run.flow_run_url}", style="dim"))
         return Group(*parts)
+
+
+def _bar(done: int, total: int, width: int = 40) -> Text:
+    filled = round(width * done / total) if total else width
+    percent = 100 * done / total if total else 100.0
+    return Text.assemble(("━" * filled, "green"), ("━" * (width - filled), "grey30"),
+                         f" {percent:3.0f}%")
 
 
 class LineDisplay:
@@ -94,6 +101,7 @@ class LineDisplay:
     def __init__(self, stream: IO[str] | None = None) -> None:
         self.stream = stream or sys.stderr
         self.started = time.monotonic()
+        self.waiting = ""
 
     def __enter__(self) -> LineDisplay:
         return self

@@ -3,14 +3,14 @@
     PlanrunError                  base of everything planrun raises on purpose
      ├── PlanInvalid              a plan (or its inputs) failed validation; carries every Problem
      ├── UsageError               the command line or API was used wrongly
-     ├── UnknownTool              a tool name no adapter is registered for (lists the known ones)
+     ├── UnknownTool              no adapter has this tool name (lists the known ones)
      ├── DuplicateTool            two adapters claim the same tool name
      └── StepError                one attempt of a step failed; carries category, hint,
           │                       step_id, tool and retry_after as fields
           ├── TransientError      timeout, connection reset, HTTP 5xx       → retried with backoff
           ├── ConfigurationError  bad parameter, missing binary, HTTP 400   → not retried
           ├── AccessError         HTTP 401/403, EACCES                       → one retry
-          ├── ResourceError       HTTP 429, out of memory, disk full        → retried, told to use less
+          ├── ResourceError       HTTP 429, out of memory, disk full        → retried, use less
           └── LogicError          contradictory request, non-zero exit      → not retried
 
 Adapters translate their libraries' exceptions into a StepError subclass at the edge,

@@ -1,4 +1,5 @@
-"""Templates in plans: ``{{ inputs.NAME }}``, ``{{ steps.ID.output... }}``, ``{{ steps.ID.status }}``.
+"""Templates in plans: ``{{ inputs.NAME }}``, ``{{ steps.ID.output... }}``,
+``{{ steps.ID.status }}`` and ``{{ run.id }}``.
 
 Rendered by Jinja2's sandbox (never ``eval``). A string that is exactly one ``{{ ... }}``
 keeps the type of its value (a list stays a list); any other string renders to text.
@@ -55,36 +56,41 @@ def references(text: str) -> tuple[list[Reference], set[str]]:
     tree = _parse(text)
     unknown = set(meta.find_undeclared_variables(tree)) - set(NAMES)
     found: list[Reference] = []
-    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
-        base = node.node
+    lookup: Any
+    for lookup in tree.find_all((nodes.Getattr, nodes.Getitem)):
+        base = lookup.node
         if not (isinstance(base, nodes.Name) and base.name in ("inputs", "steps")):
             continue
-        name = _key(node)
+        name = _key(lookup)
         if name is None:
             continue
         field = None
         if base.name == "steps":
-            field = _parent_field(tree, node)
+            field = _parent_field(tree, lookup)
         found.append(Reference(base.name, name, field))
     return found, unknown
 
 
-def _key(node: nodes.Getattr | nodes.Getitem) -> str | None:
-    if isinstance(node, nodes.Getattr):
-        return node.attr
-    if isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
-        return node.arg.value
+def _key(lookup: Any) -> str | None:
+    if isinstance(lookup, nodes.Getattr):
+        return str(lookup.attr)
+    if isinstance(lookup.arg, nodes.Const) and isinstance(lookup.arg.value, str):
+        return lookup.arg.value
     return None
 
 
 def _parent_field(tree: nodes.Template, inner: nodes.Node) -> str | None:
-    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
-        if node.node is inner:
-            return _key(node)
+    outer: Any
+    for outer in tree.find_all((nodes.Getattr, nodes.Getitem)):
+        if outer.node is inner:
+            return _key(outer)
     return None
 
 
-def strings(value: Any, path: tuple[str | int, ...] = ()) -> Iterator[tuple[tuple[str | int, ...], str]]:
+TemplatePath = tuple[str | int, ...]
+
+
+def strings(value: Any, path: TemplatePath = ()) -> Iterator[tuple[TemplatePath, str]]:
     """Every string inside ``value`` that holds a template, with its path."""
     if isinstance(value, str):
         if has_template(value):

@@ -1,0 +1,352 @@
+"""The workspace: the one directory tree file tools may touch, and its rollback journal.
+
+A plan is not trusted, so every path a step names goes through ``Workspace.resolve``:
+relative, no ``..``, and no symbolic link that leads out of the root. Before a step
+changes or deletes a file it calls ``Workspace.record``; the first original of each path
+is copied into the backup directory (with a journal beside it, so a rollback also works
+from a new process), and ``rollback`` puts every recorded path back as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import stat
+import tempfile
+import threading
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+from typing import IO, Annotated, Literal
+
+from pydantic import AfterValidator, Field
+
+from planrun.errors import ConfigurationError, PlanrunError
+
+WORKSPACE_ENV = "PLANRUN_WORKSPACE"
+JOURNAL = "journal.json"
+
+#: JSON Schema form of ``path_problem``: not empty, not absolute, no ``..``, no NUL byte.
+SAFE_PATH_PATTERN = r"^(?!/)(?!(?:.*/)?\.\.(?:/|$))[^\x00]+$"
+
+log = logging.getLogger("planrun.workspace")
+
+
+def default_workspace_root() -> Path:
+    """``$PLANRUN_WORKSPACE`` if set, else ``./workspace`` of the current directory."""
+    configured = os.environ.get(WORKSPACE_ENV, "").strip()
+    return Path(configured) if configured else Path.cwd() / "workspace"
+
+
+def path_problem(rel: str) -> str | None:
+    """Why ``rel`` is not a workspace-relative path, judged by its text alone; None if it is."""
+    if not rel:
+        return "the path is empty"
+    if "\x00" in rel:
+        return "the path contains a NUL byte"
+    if rel.startswith("/"):
+        return "the path is absolute"
+    if ".." in PurePosixPath(rel).parts:
+        return "the path contains '..'"
+    return None
+
+
+def _is_template(value: str) -> bool:
+    return "{{" in value or "{%" in value
+
+
+def _check_relative(value: str) -> str:
+    # A template is checked by Workspace.resolve once it is rendered.
+    problem = None if _is_template(value) else path_problem(value)
+    if problem:
+        raise ValueError(f"{problem}: paths are relative to the workspace root, "
+                         "like 'notes/today.md'")
+    return value
+
+
+#: A parameter naming a path inside the workspace; checked statically (JSON Schema
+#: ``pattern`` for ``planrun validate``, a validator at run time).
+RelativePath = Annotated[
+    str,
+    AfterValidator(_check_relative),
+    Field(json_schema_extra={"pattern": SAFE_PATH_PATTERN}),
+]
+
+
+@dataclass(frozen=True)
+class _Original:
+    """What a recorded path was before the run changed it."""
+
+    kind: Literal["absent", "file", "dir"]
+    backup: str | None = None  # file name inside the backup directory
+    mode: int | None = None
+
+
+class Workspace:
+    """A root directory that confines file tools, with a journal to roll a run back.
+
+    ``backup_dir`` holds the originals of changed files; a temporary directory is made
+    when it is None. A journal there lets a Workspace built later (after a restart) roll
+    back what an earlier one recorded.
+    """
+
+    def __init__(self, root: Path, backup_dir: Path | None = None) -> None:
+        self.root = Path(root).absolute()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.real_root = Path(os.path.realpath(self.root))
+        self._backup_dir = Path(backup_dir).absolute() if backup_dir is not None else None
+        self._own_backup_dir = backup_dir is None
+        self._lock = threading.Lock()
+        self._originals: dict[str, _Original] = self._load_journal()
+
+    # -- confinement ----------------------------------------------------------------------
+
+    def resolve(self, rel: str) -> Path:
+        """The real path ``rel`` names inside the root, or ConfigurationError saying why not.
+
+        Symbolic links are followed (for a file that does not exist yet, its parent's);
+        the result must stay inside the root's real path.
+        """
+        problem = path_problem(rel)
+        if problem:
+            raise self._refusal(rel, problem)
+        real = Path(os.path.realpath(self.real_root / rel))
+        if not real.is_relative_to(self.real_root):
+            raise self._refusal(rel, "it leads outside the workspace through a symbolic link")
+        return real
+
+    def relative(self, path: Path) -> str:
+        """``path`` (inside the root) as a root-relative POSIX path; ``.`` for the root."""
+        real = Path(os.path.realpath(path))
+        if not real.is_relative_to(self.real_root):
+            raise self._refusal(str(path), "it is outside the workspace")
+        return real.relative_to(self.real_root).as_posix()
+
+    def _refusal(self, rel: str, why: str) -> ConfigurationError:
+        return ConfigurationError(
+            f"refused path {rel!r}: {why}",
+            hint=f"paths are relative to the workspace root {self.root}: write them like "
+                 "'notes/today.md', without a leading '/', without '..', and not through "
+                 "a symbolic link that leads out of the root",
+            details={"path": rel, "workspace_root": str(self.root)},
+        )
+
+    # -- journal ----------------------------------------------------------------------------
+
+    def record(self, path: Path) -> None:
+        """Remember ``path``'s original before it is changed or deleted; once per path.
+
+        The original (its bytes and mode, or that it did not exist) is copied into the
+        backup directory and the journal is written before this returns.
+        """
+        rel = self.relative(path)
+        with self._lock:
+            if rel in self._originals:
+                return
+            self._originals[rel] = self._snapshot(self.real_root / rel)
+            self._save_journal()
+
+    def recorded(self) -> list[str]:
+        """The root-relative paths recorded so far, sorted."""
+        with self._lock:
+            return sorted(self._originals)
+
+    def rollback(self) -> list[str]:
+        """Put every recorded path back as it was; return those that changed, sorted.
+
+        Files are restored atomically, files and directories that did not exist are
+        removed (a directory only if empty). Backups are discarded when all succeeded.
+        """
+        with self._lock:
+            restored, failed = [], []
+            # Deepest first: files a run created go before the directories it created.
+            for rel in sorted(self._originals, key=lambda r: (-r.count("/"), r)):
+                try:
+                    if self._restore(rel, self._originals[rel]):
+                        restored.append(rel)
+                except OSError as exc:
+                    log.warning("rollback of %s failed: %s", rel, exc)
+                    failed.append(f"{rel} ({exc.strerror or exc})")
+            if failed:
+                raise PlanrunError(f"rollback could not restore: {', '.join(failed)}; "
+                                   f"the originals are kept in {self._backup_dir}")
+            self._discard()
+        return sorted(restored)
+
+    def commit(self) -> None:
+        """Keep the changes: forget every recorded original and delete the backups."""
+        with self._lock:
+            self._discard()
+
+    def _snapshot(self, path: Path) -> _Original:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return _Original("absent")
+        if stat.S_ISDIR(st.st_mode):
+            return _Original("dir")
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigurationError(
+                f"refused to change {self.relative(path)!r}: it is not a regular file",
+                hint="file tools change regular files only",
+            )
+        name = f"{secrets.token_hex(8)}.orig"
+        shutil.copyfile(path, self._backups() / name, follow_symlinks=False)
+        _fsync_file(self._backups() / name)
+        return _Original("file", name, stat.S_IMODE(st.st_mode))
+
+    def _restore(self, rel: str, original: _Original) -> bool:
+        target = self.real_root / rel
+        if not Path(os.path.realpath(target.parent)).is_relative_to(self.real_root):
+            raise OSError(0, "its directory now leads outside the workspace", str(target))
+        if original.kind == "absent":
+            return _remove(target)
+        if original.kind == "dir":
+            if os.path.lexists(target):
+                return False
+            target.mkdir(parents=True)
+            return True
+        assert original.backup is not None
+        backup = self._backups() / original.backup
+        if _same_file(target, backup, original.mode):
+            return False
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_dir() and not target.is_symlink():
+            target.rmdir()  # fails (and is reported) if the run filled it
+        atomic_copy(backup, target, mode=original.mode)
+        return True
+
+    def _backups(self) -> Path:
+        if self._backup_dir is None:
+            self._backup_dir = Path(tempfile.mkdtemp(prefix="planrun-backup-"))
+        self._backup_dir.mkdir(parents=True, exist_ok=True)
+        return self._backup_dir
+
+    def _save_journal(self) -> None:
+        entries = {rel: asdict(o) for rel, o in self._originals.items()}
+        data = {"root": str(self.real_root), "entries": entries}
+        atomic_write(self._backups() / JOURNAL, json.dumps(data, indent=1).encode())
+
+    def _load_journal(self) -> dict[str, _Original]:
+        if self._backup_dir is None:
+            return {}
+        try:
+            data = json.loads((self._backup_dir / JOURNAL).read_bytes())
+        except FileNotFoundError:
+            return {}
+        if data.get("root") != str(self.real_root):
+            raise PlanrunError(f"the backup directory {self._backup_dir} belongs to the "
+                               f"workspace {data.get('root')}, not {self.real_root}")
+        return {rel: _Original(**o) for rel, o in data["entries"].items()}
+
+    def _discard(self) -> None:
+        if self._backup_dir is not None and self._backup_dir.exists():
+            if self._own_backup_dir:
+                shutil.rmtree(self._backup_dir, ignore_errors=True)
+                self._backup_dir = None
+            else:
+                for original in self._originals.values():
+                    if original.backup:
+                        with suppress(FileNotFoundError):
+                            (self._backup_dir / original.backup).unlink()
+                with suppress(FileNotFoundError):
+                    (self._backup_dir / JOURNAL).unlink()
+                with suppress(OSError):
+                    self._backup_dir.rmdir()
+        self._originals = {}
+
+
+# -- atomic writes ----------------------------------------------------------------------------
+
+def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Replace ``path`` with ``data`` at once: a reader sees the old file or the new one.
+
+    A temporary file in the same directory is written, fsynced and renamed over ``path``;
+    ``mode`` sets its permissions (None: a new file's default, after the umask).
+    """
+    _atomic_replace(path, lambda out: out.write(data), mode)
+
+
+def atomic_copy(source: Path, path: Path, mode: int | None = None) -> None:
+    """Replace ``path`` with a copy of ``source``, atomically as ``atomic_write``."""
+    def fill(out: IO[bytes]) -> None:
+        with open(source, "rb") as src:
+            shutil.copyfileobj(src, out)
+
+    _atomic_replace(path, fill, mode)
+
+
+def _atomic_replace(path: Path, fill: Callable[[IO[bytes]], object], mode: int | None) -> None:
+    tmp = path.parent / f".{path.name[:64]}.{secrets.token_hex(4)}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            fill(out)
+            out.flush()
+            if mode is not None:
+                os.fchmod(out.fileno(), mode)
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename durable; some file systems refuse fsync on a directory.
+    with suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _remove(path: Path) -> bool:
+    """Remove what a run created at ``path``: a file or link, or an empty directory."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISDIR(st.st_mode):
+        try:
+            path.rmdir()
+        except OSError:
+            log.warning("rollback kept %s: the directory is not empty", path)
+            return False
+        return True
+    path.unlink()
+    return True
+
+
+def _same_file(target: Path, backup: Path, mode: int | None) -> bool:
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or (mode is not None and stat.S_IMODE(st.st_mode) != mode):
+        return False
+    if st.st_size != os.path.getsize(backup):
+        return False
+    with open(target, "rb") as a, open(backup, "rb") as b:
+        while True:
+            chunk = a.read(1 << 16)
+            if chunk != b.read(1 << 16):
+                return False
+            if not chunk:
+                return True

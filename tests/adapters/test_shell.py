@@ -1,0 +1,281 @@
+"""shell.run with real processes: output, environment, limits, and killing the whole group."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from adapters.base import StepContext
+from adapters.shell import ShellRun
+from adapters.workspace import Workspace
+from planrun.errors import (
+    AccessError,
+    ConfigurationError,
+    LogicError,
+    ResourceError,
+    TransientError,
+)
+
+PY = sys.executable
+
+
+def run(ctx: StepContext, timeout: float = 20, **params: Any) -> Any:
+    return asyncio.run(ShellRun().run(params, ctx, timeout=timeout))
+
+
+def _gone(pid: int) -> bool:
+    """Dead, or a zombie (an orphan's zombie waits for init; it holds no resources)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _sleepers() -> list[int]:
+    """Live ``sleep`` processes started below this test process."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.name() == "sleep" and child.status() != psutil.STATUS_ZOMBIE:
+                found.append(child.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+# -- output, input, environment -------------------------------------------------------------
+
+def test_captures_stdout_stderr_and_exit_code(ctx: StepContext) -> None:
+    out = run(ctx, argv=["sh", "-c", "echo out; echo err >&2"])
+    assert out["exit_code"] == 0
+    assert out["stdout"] == "out\n"
+    assert out["stderr"] == "err\n"
+    assert out["truncated"] is False
+    assert 0 <= out["duration_s"] < 10
+
+
+def test_arguments_are_never_interpreted_by_a_shell(ctx: StepContext, ws: Workspace) -> None:
+    out = run(ctx, argv=["echo", "$HOME; touch pwned", "`id`", "*"])
+    assert out["stdout"] == "$HOME; touch pwned `id` *\n"
+    assert not (ws.root / "pwned").exists()
+
+
+def test_stdin_is_fed_to_the_program(ctx: StepContext) -> None:
+    out = run(ctx, argv=["cat"], stdin="line one\nline two\n")
+    assert out["stdout"] == "line one\nline two\n"
+
+
+def test_stdin_a_program_does_not_read_is_no_error(ctx: StepContext) -> None:
+    out = run(ctx, argv=["true"], stdin="x" * 1_000_000)
+    assert out["exit_code"] == 0
+
+
+def test_the_environment_is_minimal_plus_the_step_env(ctx: StepContext,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PLANRUN_TEST_SECRET", "do-not-leak")
+    out = run(ctx, argv=["env"], env={"GREETING": "hi"})
+    names = {line.split("=", 1)[0] for line in out["stdout"].splitlines()}
+    assert "PLANRUN_TEST_SECRET" not in names
+    assert "do-not-leak" not in out["stdout"]
+    assert {"PATH", "GREETING"} <= names
+    assert names - {"PATH", "HOME", "LANG", "GREETING", "PWD"} == set()
+    assert "GREETING=hi" in out["stdout"].splitlines()
+
+
+def test_runs_in_the_workspace_root_by_default_and_in_cwd_when_given(
+        ctx: StepContext, ws: Workspace) -> None:
+    (ws.root / "sub").mkdir()
+    assert run(ctx, argv=["pwd", "-P"])["stdout"].strip() == str(ws.real_root)
+    assert run(ctx, argv=["pwd", "-P"], cwd="sub")["stdout"].strip() == str(ws.real_root / "sub")
+
+
+def test_cwd_is_confined_to_the_workspace(ctx: StepContext, ws: Workspace,
+                                          tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match=r"'\.\.'"):
+        run(ctx, argv=["pwd"], cwd="..")
+    with pytest.raises(ConfigurationError, match="absolute"):
+        run(ctx, argv=["pwd"], cwd="/tmp")
+    (ws.root / "out").symlink_to(tmp_path)
+    with pytest.raises(ConfigurationError, match="outside the workspace"):
+        run(ctx, argv=["pwd"], cwd="out")
+    with pytest.raises(ConfigurationError, match="not a directory"):
+        run(ctx, argv=["pwd"], cwd="missing")
+
+
+@pytest.mark.parametrize("params", [
+    {"argv": []}, {"argv": [""]}, {"argv": ["echo", "a\x00b"]},
+    {"argv": ["env"], "env": {"BAD-NAME": "x"}}, {"argv": ["env"], "cpu_seconds": 0},
+])
+def test_bad_parameters_are_configuration_errors(params: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError, match="invalid parameters for shell.run"):
+        ShellRun().validate(params)
+
+
+# -- output caps ----------------------------------------------------------------------------
+
+def test_output_beyond_the_cap_is_read_and_dropped(ctx: StepContext) -> None:
+    script = ("import sys; sys.stdout.write('a' * 3_000_000); sys.stdout.flush(); "
+              "sys.stderr.write('b' * 3_000_000)")
+    out = run(ctx, argv=[PY, "-c", script], max_output_bytes=1000)
+    assert out["exit_code"] == 0  # the program was never blocked on a full pipe
+    assert out["stdout"] == "a" * 1000
+    assert out["stderr"] == "b" * 1000
+    assert out["truncated"] is True
+
+
+# -- failures -------------------------------------------------------------------------------
+
+def test_a_non_zero_exit_is_a_logic_error_with_the_code_and_stderr(ctx: StepContext) -> None:
+    with pytest.raises(LogicError) as caught:
+        run(ctx, argv=["sh", "-c", "echo progress; echo 'disk is not ready' >&2; exit 3"])
+    error = caught.value
+    assert "exited with code 3" in error.message
+    assert "disk is not ready" in error.message
+    assert error.details["exit_code"] == 3
+    assert "disk is not ready" in error.details["stderr_tail"]
+    assert error.details["stdout_tail"] == "progress\n"
+
+
+def test_only_the_tail_of_a_long_stderr_is_in_the_message(ctx: StepContext) -> None:
+    script = "import sys; sys.stderr.write('x' * 20000 + 'THE END'); sys.exit(1)"
+    with pytest.raises(LogicError) as caught:
+        run(ctx, argv=[PY, "-c", script])
+    assert caught.value.message.endswith("THE END")
+    assert len(caught.value.message) < 1000
+
+
+@pytest.mark.parametrize("memory_mb", [None, 256])
+def test_a_missing_program_is_a_configuration_error_naming_it(
+        make_ctx: Callable[..., StepContext], memory_mb: int | None) -> None:
+    with pytest.raises(ConfigurationError, match="no-such-program-xyz") as caught:
+        run(make_ctx(memory_mb=memory_mb), argv=["no-such-program-xyz", "--help"])
+    assert "PATH" in caught.value.hint
+
+
+@pytest.mark.parametrize("memory_mb", [None, 256])
+def test_a_program_without_execute_permission_is_an_access_error(
+        make_ctx: Callable[..., StepContext], ws: Workspace, memory_mb: int | None) -> None:
+    (ws.root / "tool.sh").write_text("#!/bin/sh\necho hi\n")
+    (ws.root / "tool.sh").chmod(0o644)
+    with pytest.raises(AccessError, match="permission denied"):
+        run(make_ctx(memory_mb=memory_mb), argv=["./tool.sh"])
+
+
+def test_the_memory_limit_applies_and_is_a_resource_error(
+        make_ctx: Callable[..., StepContext]) -> None:
+    ctx = make_ctx(memory_mb=200)
+    with pytest.raises(ResourceError, match="200 MiB"):
+        run(ctx, argv=[PY, "-c", "block = bytearray(1024 * 1024 * 1024)"])
+    assert run(ctx, argv=[PY, "-c", "block = bytearray(10 * 1024 * 1024)"])["exit_code"] == 0
+
+
+def test_the_cpu_limit_applies_and_is_a_resource_error(ctx: StepContext) -> None:
+    started = time.monotonic()
+    with pytest.raises(ResourceError, match="CPU limit of 1s"):
+        run(ctx, argv=[PY, "-c", "while True: pass"], cpu_seconds=1)
+    assert time.monotonic() - started < 10
+
+
+def test_a_program_killed_by_sigkill_is_a_resource_error(ctx: StepContext) -> None:
+    with pytest.raises(ResourceError, match="SIGKILL"):
+        run(ctx, argv=["sh", "-c", "kill -9 $$"])
+
+
+def test_health_is_ok() -> None:
+    assert asyncio.run(ShellRun().health()).ok
+
+
+# -- the process group ----------------------------------------------------------------------
+
+def test_a_timeout_kills_the_whole_process_group(ctx: StepContext,
+                                                 wait_until: Callable[..., None]) -> None:
+    seen: list[int] = []
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(
+            ShellRun().run({"argv": ["sh", "-c", "sleep 30 & sleep 30"]}, ctx, timeout=1.5))
+        deadline = time.monotonic() + 5
+        while len(seen) < 2 and time.monotonic() < deadline:
+            seen[:] = _sleepers()
+            await asyncio.sleep(0.02)
+        with pytest.raises(TransientError, match="timeout"):
+            await task
+
+    started = time.monotonic()
+    asyncio.run(scenario())
+    assert len(seen) == 2, "both sleeps should have been running"
+    assert time.monotonic() - started < 10
+    wait_until(lambda: all(_gone(pid) for pid in seen), within=5,
+               what="every process of the group is gone")
+
+
+def test_a_cancel_kills_the_whole_process_group(ctx: StepContext,
+                                                wait_until: Callable[..., None]) -> None:
+    seen: list[int] = []
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(
+            ShellRun().run({"argv": ["sh", "-c", "sleep 30 & sleep 30"]}, ctx, timeout=None))
+        deadline = time.monotonic() + 5
+        while len(seen) < 2 and time.monotonic() < deadline:
+            seen[:] = _sleepers()
+            await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert len(seen) == 2, "both sleeps should have been running"
+    # Gone when the cancel returns, not merely eventually: the adapter waits for them.
+    assert [pid for pid in seen if not _gone(pid)] == []
+    wait_until(lambda: _sleepers() == [], within=5, what="no sleep is left")
+
+
+def test_a_group_that_ignores_sigterm_is_killed(make_ctx: Callable[..., StepContext],
+                                                wait_until: Callable[..., None]) -> None:
+    ctx = make_ctx()
+    script = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(30)"
+    started = time.monotonic()
+    with pytest.raises(TransientError, match="timeout"):
+        run(ctx, timeout=0.5, argv=[PY, "-c", script])
+    assert time.monotonic() - started < 5
+    wait_until(lambda: not any(p.info["cmdline"] and script in p.info["cmdline"]
+                               and p.info["status"] != psutil.STATUS_ZOMBIE
+                               for p in psutil.process_iter(["cmdline", "status"])),
+               within=5, what="the SIGTERM-ignoring process is gone")
+
+
+def test_background_processes_left_behind_are_stopped(ctx: StepContext,
+                                                      wait_until: Callable[..., None]) -> None:
+    started = time.monotonic()
+    out = run(ctx, argv=["sh", "-c", "sleep 30 & echo $!"])
+    assert time.monotonic() - started < 10
+    leftover = int(out["stdout"])
+    assert os.getpgid(os.getpid()) != leftover
+    wait_until(lambda: _gone(leftover), within=5, what="the background sleep is gone")
+
+
+def test_a_process_that_leaves_the_group_cannot_hold_the_step_open(
+        ctx: StepContext, ws: Workspace, wait_until: Callable[..., None]) -> None:
+    # setsid puts the sleep in a session of its own, out of reach of the group kill; it
+    # keeps stdout open. The step must still end at its timeout and release the pipes.
+    script = 'setsid sh -c "echo \\$\\$ > escapee.pid; exec sleep 30" & echo started'
+    started = time.monotonic()
+    try:
+        with pytest.raises(TransientError, match="timeout"):
+            run(ctx, timeout=1, argv=["sh", "-c", script])
+        assert time.monotonic() - started < 5
+        gc.collect()  # an unclosed pipe transport would warn (an error here) when collected
+    finally:
+        wait_until(lambda: (ws.root / "escapee.pid").exists(), what="the escapee started")
+        os.kill(int((ws.root / "escapee.pid").read_text()), signal.SIGKILL)
