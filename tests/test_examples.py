@@ -1,0 +1,33 @@
+"""The examples run offline on a fresh machine and end as their comments promise."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, cli_json
+
+
+@pytest.mark.parametrize(
+    ("example", "code", "status"),
+    [("research-brief", 0, "completed"), ("flaky-api", 0, "completed"),
+     ("shell-pipeline", 3, "completed_with_errors")],
+)
+def test_example_runs(tmp_path: Path, example: str, code: int, status: str) -> None:
+    args = ["run", str(ROOT / "examples" / f"{example}.yaml")]
+    if example == "research-brief":
+        args += ["--input", f"api={os.environ['PREFECT_API_URL']}"]
+    exit_code, report = cli_json(*args, env={"PLANRUN_WORKSPACE": str(tmp_path / "ws")})
+    assert (exit_code, report["status"]) == (code, status), report
+    if example == "research-brief":
+        assert "Prefect REST API" in (tmp_path / "ws" / "brief.md").read_text()
+    if example == "flaky-api":
+        assert report["steps"]["prices"]["fallback_used"] is True
+        assert report["steps"]["warm_up"]["attempts"] == 3
+    if example == "shell-pipeline":
+        assert report["steps"]["lint"]["error"]["category"] == "configuration"
+        assert report["steps"]["note_lint"]["status"] == "completed"
+        numbers = (tmp_path / "ws" / "numbers.txt").read_text().split()
+        assert numbers == sorted(numbers, key=int) and len(numbers) == 20
