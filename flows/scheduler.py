@@ -138,5 +138,5 @@ class Scheduler:
         if isinstance(step.when, bool):
             return step.when
         assert step.when is not None
-        value = templates.render(step.when, self.context())
+        value = templates.render(templates.condition(step.when), self.context())
         return templates.truthy(value)

@@ -60,7 +60,7 @@ def plan_schema(registry: Registry | None = None) -> dict[str, Any]:
     step["allOf"] = [
         {
             "if": {"properties": {"tool": {"const": name}}, "required": ["tool"]},
-            "then": {"properties": {"with": tidy(s, s.get("$defs", {}))}},
+            "then": {"properties": {"with": allow_templates(tidy(s, s.get("$defs", {})))}},
         }
         for name, s in sorted(tools.items())
     ]
@@ -69,7 +69,48 @@ def plan_schema(registry: Registry | None = None) -> dict[str, Any]:
         "$id": SCHEMA_ID,
         "title": "planrun plan, version 1",
         **schema,
+        "$defs": {"template": TEMPLATE_SCHEMA},
     }
+
+
+#: A string holding a template; the validator checks a templated parameter once rendered.
+TEMPLATE_SCHEMA = {
+    "type": "string",
+    "pattern": r"\{\{|\{%",
+    "description": "A template such as {{ inputs.NAME }} or {{ steps.ID.output }}; exactly "
+    "one {{ ... }} keeps the type of its value.",
+}
+_NESTED = ("properties", "patternProperties")
+_PLAIN_STRING_KEYS = {"type", "description", "default", "examples"}
+
+
+def allow_templates(schema: Any) -> Any:
+    """``schema`` with a template string accepted in place of any parameter value.
+
+    A plan may write ``seconds: "{{ inputs.delay }}"`` where a number is expected: the
+    value is only known once rendered, and ``planrun validate`` skips it the same way.
+    """
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _NESTED:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: _or_template(sub) for name, sub in out[key].items()}
+    for key in ("items", "additionalProperties"):
+        if isinstance(out.get(key), dict):
+            out[key] = _or_template(out[key])
+    return out
+
+
+def _or_template(schema: Any) -> Any:
+    inner = allow_templates(schema)
+    if not isinstance(inner, dict):
+        return inner
+    plain_string = inner.get("type") == "string" and set(inner) <= _PLAIN_STRING_KEYS
+    if plain_string:
+        return inner  # any string already passes, template or not
+    described = {"description": inner["description"]} if "description" in inner else {}
+    return {**described, "anyOf": [{"$ref": "#/$defs/template"}, inner]}
 
 
 def write_schema(path: Path = SCHEMA_PATH) -> None:

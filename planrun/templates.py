@@ -32,6 +32,11 @@ def has_template(value: str) -> bool:
     return "{{" in value or "{%" in value
 
 
+def condition(when: str) -> str:
+    """A ``when`` as a template: ``steps.a.status == 'failed'`` means ``{{ ... }}``."""
+    return when if has_template(when) else "{{ " + when + " }}"
+
+
 @dataclass(frozen=True)
 class Reference:
     """One ``steps.ID[.field]`` or ``inputs.NAME`` a template reads."""
@@ -51,10 +56,8 @@ def _parse(text: str) -> nodes.Template:
 
 def references(text: str) -> tuple[list[Reference], set[str]]:
     """The steps and inputs ``text`` reads, and any unknown top-level names."""
-    from jinja2 import meta
-
     tree = _parse(text)
-    unknown = set(meta.find_undeclared_variables(tree)) - set(NAMES)
+    unknown = _undeclared(tree, text) - set(NAMES)
     found: list[Reference] = []
     lookup: Any
     for lookup in tree.find_all((nodes.Getattr, nodes.Getitem)):
@@ -69,6 +72,39 @@ def references(text: str) -> tuple[list[Reference], set[str]]:
             field = _parent_field(tree, lookup)
         found.append(Reference(base.name, name, field))
     return found, unknown
+
+
+#: Statements that bind no names: in a template of only these, every name is read from
+#: the context, which is much quicker to find than by Jinja's code generator.
+_PLAIN_STATEMENTS = (nodes.Output, nodes.If)
+_BUILTIN_NAMES = {*_ENV.globals, "self"}
+_OTHER_TEMPLATES = (nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)
+
+
+def _undeclared(tree: nodes.Template, text: str) -> set[str]:
+    """The names template ``text`` (parsed: ``tree``) reads from the context, as
+    ``meta.find_undeclared_variables``, after checking that its filters and tests exist."""
+    check: Any
+    for check in tree.find_all((nodes.Filter, nodes.Test)):
+        kind, known = ("filter", _ENV.filters) if isinstance(check, nodes.Filter) else (
+            "test", _ENV.tests)
+        if check.name not in known:
+            raise TemplateError(f"template error: no {kind} named '{check.name}'")
+    if any(True for _ in tree.find_all(_OTHER_TEMPLATES)):
+        raise TemplateError("template error: a plan's templates cannot extend, include or "
+                            "import other templates")
+    if all(isinstance(node, _PLAIN_STATEMENTS) for node in tree.find_all(nodes.Stmt)):
+        loaded = {n.name for n in tree.find_all(nodes.Name) if n.ctx == "load"}
+        return loaded - _BUILTIN_NAMES
+    from jinja2 import meta
+
+    try:
+        # On a tree of its own: Jinja's optimizer rewrites the tree it compiles.
+        return set(meta.find_undeclared_variables(_ENV.parse(text)))
+    except TemplateSyntaxError as exc:  # TemplateAssertionError: a block used wrongly
+        raise TemplateError(f"template error: {exc.message}") from None
+    except Exception as exc:  # noqa: BLE001 - Jinja folds constants while it analyses
+        raise TemplateError(f"template error: {exc}") from None
 
 
 def _key(lookup: Any) -> str | None:

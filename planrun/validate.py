@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,7 @@ def validate_text(raw: bytes | str, file: str = "<plan>",
     """Check a plan given as YAML text; PlanInvalid lists every problem."""
     source, problems = load(raw, file)
     if source.data is None:
-        raise PlanInvalid(problems)
+        raise PlanInvalid(_one_line(problems))
     return validate_data(source, registry, problems)
 
 
@@ -78,8 +78,19 @@ def validate_data(source: Source, registry: Registry | None = None,
     problems += _template_problems(source, steps)
     problems += _input_problems(source)
     if problems:
-        raise PlanInvalid(list(dict.fromkeys(problems)))
+        raise PlanInvalid(_one_line(list(dict.fromkeys(problems))))
     return ValidPlan(Plan.model_validate(source.data), source)
+
+
+def _one_line(problems: list[Problem]) -> list[Problem]:
+    """Problems whose path and message print on one line, whatever keys a plan holds."""
+    return [replace(p, path=_escape(p.path), message=_escape(p.message)) for p in problems]
+
+
+def _escape(text: str) -> str:
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 # -- schema -----------------------------------------------------------------------------
@@ -101,10 +112,13 @@ def _schema_problems(source: Source) -> list[Problem]:
 def _describe(source: Source, base: Path_, err: SchemaError) -> Problem:
     """A schema error in plain words, located at the offending value or key."""
     path: Path_ = (*base, *err.absolute_path)
-    validator, value = err.validator, err.instance
+    validator = err.validator
+    value: Any = err.instance
+    expected: Any = err.validator_value
+    schema: dict[str, Any] = err.schema if isinstance(err.schema, dict) else {}
     field = path[-1] if path else None
     if validator == "additionalProperties" and isinstance(value, dict):
-        allowed = list(err.schema.get("properties", {}))
+        allowed = list(schema.get("properties", {}))
         extra = [k for k in value if k not in allowed]
         if extra:
             guess = difflib.get_close_matches(str(extra[0]), allowed, n=1)
@@ -114,9 +128,9 @@ def _describe(source: Source, base: Path_, err: SchemaError) -> Problem:
         missing = str(err.message).split("'")[1] if "'" in err.message else err.message
         return source.problem(path, f"missing required key '{missing}'")
     if validator == "type":
-        return source.problem(path, f"expected {_type_words(err.validator_value)}, "
+        return source.problem(path, f"expected {_type_words(expected)}, "
                                     f"got {_show(value)}")
-    if validator == "anyOf" and _is_duration(err.schema):
+    if validator == "anyOf" and _is_duration(schema):
         try:
             parse_duration(value)
             message = f"{_show(value)} is not a valid duration"
@@ -126,12 +140,12 @@ def _describe(source: Source, base: Path_, err: SchemaError) -> Problem:
     if validator == "pattern" and "propertyNames" in err.schema_path and path == ("inputs",):
         return source.problem((*path, str(value)), f"{_show(value)} is not a valid input name: use "
                               "lowercase letters, digits and _, starting with a letter", key=True)
-    if validator == "pattern" and err.validator_value == SAFE_PATH_PATTERN:
+    if validator == "pattern" and expected == SAFE_PATH_PATTERN:
         why = path_problem(str(value)) or "not a path inside the workspace"
         return source.problem(path, f"{why}: paths are relative to the workspace root, "
                                     "like 'notes/today.md'")
     if validator == "pattern":
-        described = isinstance(err.schema, dict) and err.schema.get("description")
+        described = schema.get("description")
         if not isinstance(field, str) or field in ("id", "name", "tool") or not described:
             return source.problem(path, _pattern_words(field, value))
         return source.problem(path, f"{_show(value)} is not valid here: {described}")
@@ -142,9 +156,9 @@ def _describe(source: Source, base: Path_, err: SchemaError) -> Problem:
     if validator == "minItems" and field == "steps":
         return source.problem(path, "a plan needs at least one step")
     if validator == "maxItems":
-        return source.problem(path, f"{len(value)} items; at most {err.validator_value} allowed")
+        return source.problem(path, f"{len(value)} items; at most {expected} allowed")
     if validator == "enum":
-        options = ", ".join(str(v) for v in err.validator_value)
+        options = ", ".join(str(v) for v in expected)
         return source.problem(path, f"{_show(value)} is not one of: {options}")
     return source.problem(path, err.message)
 
@@ -226,7 +240,7 @@ def _tools(i: int, step: dict[str, Any]) -> Iterator[tuple[Path_, Any]]:
 def _parameter_problems(source: Source, steps: list[tuple[int, dict[str, Any]]],
                         registry: Registry) -> Iterator[Problem]:
     for i, step in steps:
-        calls = [(("steps", i), step)]
+        calls: list[tuple[Path_, dict[str, Any]]] = [(("steps", i), step)]
         if isinstance(step.get("fallback"), dict):
             calls.append((("steps", i, "fallback"), step["fallback"]))
         for base, call in calls:
@@ -305,13 +319,15 @@ def find_cycles(graph: dict[str, list[str]]) -> list[list[str]]:
 
 # -- templates --------------------------------------------------------------------------
 
-def _template_problems(source: Source, steps: list[tuple[int, dict[str, Any]]]) -> Iterator[Problem]:
+def _template_problems(source: Source,
+                       steps: list[tuple[int, dict[str, Any]]]) -> Iterator[Problem]:
     data = source.data if isinstance(source.data, dict) else {}
-    inputs = data.get("inputs") if isinstance(data.get("inputs"), dict) else {}
+    inputs: dict[str, Any] = data["inputs"] if isinstance(data.get("inputs"), dict) else {}
     by_index = dict(steps)
     ids = {sid: by_index[i] for sid, i in _first_index(steps).items()}
+    bit, before = _ancestor_bits(ids)
     for i, step in steps:
-        upstream = _upstream(step, ids)
+        upstream = _Upstream(_union(_needs_of(step), bit, before), bit)
         for path, text in _step_templates(i, step):
             try:
                 refs, unknown = templates.references(text)
@@ -328,29 +344,64 @@ def _template_problems(source: Source, steps: list[tuple[int, dict[str, Any]]]) 
 
 
 def _step_templates(i: int, step: dict[str, Any]) -> Iterator[tuple[Path_, str]]:
-    for key in ("with", "when"):
-        for sub, text in templates.strings(step.get(key)):
-            yield ("steps", i, key, *sub), text
+    for sub, text in templates.strings(step.get("with")):
+        yield ("steps", i, "with", *sub), text
+    when = step.get("when")
+    if isinstance(when, str):
+        yield ("steps", i, "when"), templates.condition(when)
     fallback = step.get("fallback")
     if isinstance(fallback, dict):
         for sub, text in templates.strings(fallback.get("with")):
             yield ("steps", i, "fallback", "with", *sub), text
 
 
-def _upstream(step: dict[str, Any], ids: dict[str, dict[str, Any]]) -> set[str]:
-    seen: set[str] = set()
-    todo = list(_needs_of(step))
-    while todo:
-        sid = todo.pop()
-        if sid in seen or sid not in ids:
+class _Upstream:
+    """The steps a step runs after (its needs, their needs...), as a bit set over ids."""
+
+    def __init__(self, bits: int, bit: dict[str, int]) -> None:
+        self.bits, self.bit = bits, bit
+
+    def __contains__(self, sid: object) -> bool:
+        return isinstance(sid, str) and bool(self.bits & self.bit.get(sid, 0))
+
+
+def _ancestor_bits(ids: dict[str, dict[str, Any]]) -> tuple[dict[str, int], dict[str, int]]:
+    """Each step id's bit, and for each id the bits of every step it runs after.
+
+    One depth-first pass; integers as bit sets keep a chain of thousands of steps fast
+    (one OR per need, not a set per step). Inside a cycle (reported elsewhere) the sets
+    may be incomplete.
+    """
+    bit = {sid: 1 << k for k, sid in enumerate(ids)}
+    before: dict[str, int] = {}
+    for root in ids:
+        if root in before:
             continue
-        seen.add(sid)
-        todo.extend(_needs_of(ids[sid]))
-    return seen
+        stack = [(root, iter(_needs_of(ids[root])))]
+        active = {root}
+        while stack:
+            sid, needs = stack[-1]
+            need = next(needs, None)
+            if need is None:
+                stack.pop()
+                active.discard(sid)
+                before[sid] = _union(_needs_of(ids[sid]), bit, before)
+            elif need in ids and need not in before and need not in active:
+                active.add(need)
+                stack.append((need, iter(_needs_of(ids[need]))))
+    return bit, before
+
+
+def _union(needs: list[str], bit: dict[str, int], before: dict[str, int]) -> int:
+    bits = 0
+    for need in needs:
+        if need in bit:
+            bits |= bit[need] | before.get(need, 0)
+    return bits
 
 
 def _reference_problem(ref: templates.Reference, inputs: dict[str, Any],
-                       ids: dict[str, Any], upstream: set[str], own: Any) -> str | None:
+                       ids: dict[str, Any], upstream: _Upstream, own: Any) -> str | None:
     if ref.root == "inputs":
         if ref.name not in inputs:
             known = ", ".join(inputs) or "none are declared"
@@ -394,6 +445,9 @@ _NO_RETRIEVAL: referencing.Registry[Any] = referencing.Registry()
 
 
 def _input_definition_problem(spec: dict[str, Any]) -> str | None:
+    if _has_key(spec, ("pattern", "patternProperties")):
+        return ("'pattern' is not allowed in input definitions (a planner's regular expression "
+                "could make validation hang); use enum, minLength or maxLength")
     outside = next(_outside_refs(spec), None)
     if outside is not None:
         return f"$ref {outside!r} points outside the definition; only '#...' refs are allowed"
@@ -406,6 +460,14 @@ def _input_definition_problem(spec: dict[str, Any]) -> str | None:
     except referencing.exceptions.Unresolvable as exc:
         return f"cannot resolve {exc}"
     return None
+
+
+def _has_key(value: Any, keys: tuple[str, ...]) -> bool:
+    if isinstance(value, dict):
+        return any(k in keys or _has_key(v, keys) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_key(v, keys) for v in value)
+    return False
 
 
 def _outside_refs(value: Any) -> Iterator[Any]:

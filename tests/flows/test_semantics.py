@@ -357,3 +357,17 @@ def test_every_step_in_the_report_carries_the_spec_fields() -> None:
         assert {"status", "attempts", "started_at", "ended_at", "duration_s", "input", "output",
                 "error", "reason", "fallback_used"} <= set(step)
     assert steps(report)["c"]["started_at"] is None and steps(report)["c"]["ended_at"] is None
+
+
+def test_a_when_without_braces_is_read_as_an_expression() -> None:
+    report = run_yaml("""
+        version: 1
+        name: bare-when
+        steps:
+          - {id: a, tool: core.echo, with: {value: 1}}
+          - {id: yes_branch, tool: core.echo, needs: [a], when: "steps.a.output.value == 1", with: {value: y}}
+          - {id: no_branch, tool: core.echo, needs: [a], when: "steps.a.output.value == 2", with: {value: n}}
+    """)
+    s = steps(report)
+    assert s["yes_branch"]["status"] == "completed"
+    assert s["no_branch"]["status"] == "skipped"
