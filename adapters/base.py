@@ -47,7 +47,8 @@ class StepContext:
     attempt: int = 1
     previous_error: StepError | None = None
     memory_mb: int | None = None
-    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("planrun.step"))
+    logger: logging.Logger | logging.LoggerAdapter[Any] = field(
+        default_factory=lambda: logging.getLogger("planrun.step"))
 
     @property
     def reduce_usage(self) -> bool:

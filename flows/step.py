@@ -9,16 +9,18 @@ tasks), so the decision is made here and handed to Prefect through
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefect import Task, task
+from prefect import Task, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
+from prefect.exceptions import MissingContextError
 from prefect.states import State
 
 from adapters.base import Adapter, StepContext
@@ -94,14 +96,18 @@ class StepJob:
         if record.started_at is None:
             record.started_at = time.time()
         self.notify(record)
+        log = _logger()
         try:
             params = self._render(self.step.with_)
             record.input = redact(params)
-            return await self.adapter.run(params, self._context(number), self.timeout_s)
+            log.info("%s: attempt %d with %s", self.step.tool, number, record.input)
+            output = await self.adapter.run(params, self._context(number, log), self.timeout_s)
         except StepError as error:
             error.step_id, error.tool = self.step.id, self.step.tool
             self.last_error = error
             record.error = error
+            log.warning("attempt %d failed (%s): %s. %s", number, error.category, error.message,
+                        error.hint)
             if self.policy.should_retry(error, number):
                 self.next_delay = self.policy.delay(error, number)
                 record.status = StepStatus.RETRYING
@@ -109,21 +115,27 @@ class StepJob:
                 self.notify(record)
                 raise
             if self.fallback_adapter is not None and self.step.fallback is not None:
-                return await self._fallback(self.step.fallback, self.fallback_adapter, error)
+                return await self._fallback(self.step.fallback, self.fallback_adapter, error, log)
             raise
+        log.info("completed on attempt %d", number)
+        return output
 
-    async def _fallback(self, fallback: Fallback, adapter: Adapter, error: StepError) -> Any:
+    async def _fallback(self, fallback: Fallback, adapter: Adapter, error: StepError,
+                        log: logging.Logger | logging.LoggerAdapter[Any]) -> Any:
         timeout = self.timeout_s
         if fallback.timeout is not None:
             timeout = parse_duration(fallback.timeout)
         try:
             params = self._render(fallback.with_)
-            output = await adapter.run(params, self._context(self.record.attempts), timeout)
+            log.info("attempts exhausted; trying the fallback %s", fallback.tool)
+            output = await adapter.run(params, self._context(self.record.attempts, log), timeout)
         except StepError as fallback_error:
+            log.warning("the fallback failed too: %s", fallback_error.message)
             error.message = f"{error.message}; fallback {fallback.tool} also failed: " \
                             f"{fallback_error.message}"
             error.args = (error.message,)
             raise error from fallback_error
+        log.info("completed by the fallback %s", fallback.tool)
         self.record.fallback_used = True
         self.record.error = None
         return output
@@ -135,10 +147,18 @@ class StepJob:
             raise ConfigurationError(str(exc), hint="fix the template in the step's 'with:'",
                                      step_id=self.step.id, tool=self.step.tool) from None
 
-    def _context(self, number: int) -> StepContext:
+    def _context(self, number: int, log: Any) -> StepContext:
         return StepContext(run_id=self.run_id, step_id=self.step.id, workspace=self.workspace,
                            attempt=number, previous_error=self.last_error,
-                           memory_mb=self.memory_mb)
+                           memory_mb=self.memory_mb, logger=log)
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter[Any]:
+    """The task run's logger (its lines reach the Prefect UI), or a plain one outside Prefect."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("planrun.step")
 
 
 @task(name="step", cache_policy=NO_CACHE, persist_result=False)

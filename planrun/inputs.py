@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import referencing
 from jsonschema import Draft202012Validator
 
 from plan_schemas.model import Plan
 from planrun.errors import UsageError
+
+#: Input definitions come from an untrusted plan: never fetch a schema they point to.
+_NO_RETRIEVAL: referencing.Registry[Any] = referencing.Registry()
 
 
 def _typed(name: str, text: str, spec: dict[str, Any]) -> Any:
@@ -65,7 +69,7 @@ def resolve_inputs(plan: Plan, given: dict[str, Any], *, from_text: bool) -> dic
         else:
             problems.append(f"input '{name}' is required: pass --input {name}=VALUE")
             continue
-        for err in Draft202012Validator(spec).iter_errors(value):
+        for err in Draft202012Validator(spec, registry=_NO_RETRIEVAL).iter_errors(value):
             problems.append(f"input '{name}': {err.message}")
         values[name] = value
     if problems:

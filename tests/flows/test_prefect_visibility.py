@@ -97,3 +97,33 @@ def test_planrun_tags_skip_prefects_slot_request_but_other_tags_do_not() -> None
     assert prefect_compat.own_tag("tag:tool:shell.run")
     assert not prefect_compat.own_tag("tag:browser")
     assert not prefect_compat.own_tag("tag:planrunner")
+
+
+def test_each_attempt_logs_to_the_prefect_run() -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    report = run_yaml("""
+        version: 1
+        name: logged
+        steps:
+          - id: flaky
+            tool: core.fail
+            retry: {initial_delay: 10ms}
+            with: {category: transient, message: connection reset, times: 1}
+    """)
+
+    async def read() -> list[str]:
+        async with get_client() as client:
+            logs = await client.read_logs(log_filter=LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=[UUID(report["run_id"])])))
+            return [log.message for log in logs]
+
+    def both() -> list[str] | None:
+        messages = asyncio.run(read())
+        text = "\n".join(messages)
+        return messages if "attempt 1 failed (transient)" in text and \
+            "completed on attempt 2" in text else None
+
+    messages = wait_for(both, what="the step's attempt logs in Prefect")
+    assert any("core.fail: attempt 1 with" in m for m in messages)
