@@ -103,7 +103,10 @@ async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
     async def execute(step: Step) -> None:
         job = jobs[step.id]
         try:
-            job.record.output = await job.prefect_task()(quote(job))
+            output = await job.prefect_task()(quote(job))
+            if isinstance(output, State) and output.is_cancelled():
+                raise asyncio.CancelledError  # the step's task run ended Cancelled
+            job.record.output = output
             job.record.status, job.record.error = StepStatus.COMPLETED, None
         except Exception:  # noqa: BLE001 - the StepError is already on the record
             job.record.status = StepStatus.FAILED

@@ -9,6 +9,7 @@ tasks), so the decision is made here and handed to Prefect through
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -21,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
 from prefect.exceptions import MissingContextError
-from prefect.states import State
+from prefect.states import Cancelled, State
 
 from adapters.base import Adapter, StepContext
 from adapters.workspace import Workspace
@@ -166,7 +167,12 @@ async def run_step(job: StepJob) -> Any:
     """The body of every step's task run: one attempt of ``job``."""
     context = TaskRunContext.get()
     number = context.task_run.run_count if context and context.task_run else 1
-    return await job.attempt(number)
+    try:
+        return await job.attempt(number)
+    except asyncio.CancelledError:
+        # Stopped on purpose (a critical failure elsewhere, the deadline, a person): end
+        # the task run Cancelled rather than Crashed; the caller passes the cancel on.
+        return Cancelled(message="cancelled while running")
 
 
 @task(name="skipped", cache_policy=NO_CACHE, persist_result=False)

@@ -127,3 +127,24 @@ def test_each_attempt_logs_to_the_prefect_run() -> None:
 
     messages = wait_for(both, what="the step's attempt logs in Prefect")
     assert any("core.fail: attempt 1 with" in m for m in messages)
+
+
+def test_a_step_stopped_by_a_critical_failure_shows_cancelled_in_prefect() -> None:
+    report = run_yaml("""
+        version: 1
+        name: stopped
+        steps:
+          - {id: long, tool: core.sleep, with: {seconds: 30}}
+          - {id: boom, tool: core.fail, with: {category: logic}}
+    """)
+    assert report["steps"]["long"]["status"] == "cancelled"
+
+    def final() -> dict[str, Any] | None:
+        runs = {r.name: r for r in _task_runs(report["run_id"])}
+        done = all(r.state and r.state.is_final() for r in runs.values())
+        return runs if len(runs) == 2 and done else None
+
+    runs = wait_for(final, what="both task runs to be final")
+    assert runs["long"].state.is_cancelled()
+    assert runs["boom"].state.is_failed()
+    assert _flow_run(report["run_id"]).state.is_failed()
