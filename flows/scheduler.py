@@ -24,6 +24,28 @@ Skip = Callable[[Step], Awaitable[None]]
 Notify = Callable[[StepRecord | None], None]
 
 
+def longest_path_first(steps: list[Step], run: RunRecord) -> list[Step]:
+    """``steps`` ordered by the estimated time from their start to the end of the run,
+    longest first: when many steps are ready at once, the critical path starts first."""
+    dependents: dict[str, list[str]] = {s.id: [] for s in steps}
+    waiting = {s.id: len(s.needs) for s in steps}
+    for step in steps:
+        for need in step.needs:
+            dependents[need].append(step.id)
+    topological = [s.id for s in steps if not s.needs]
+    for step_id in topological:  # grows while it is walked (Kahn's algorithm)
+        for dependent in dependents[step_id]:
+            waiting[dependent] -= 1
+            if waiting[dependent] == 0:
+                topological.append(dependent)
+    remaining: dict[str, float] = {}
+    for step_id in reversed(topological):
+        after = max((remaining[d] for d in dependents[step_id]), default=0.0)
+        remaining[step_id] = run.steps[step_id].estimate_s + after
+    order = {s.id: i for i, s in enumerate(steps)}
+    return sorted(steps, key=lambda s: (-remaining.get(s.id, 0.0), order[s.id]))
+
+
 class Scheduler:
     """Runs the steps of ``run`` in dependency order; see the module docstring."""
 
@@ -31,7 +53,7 @@ class Scheduler:
                  execute: Execute, skip: Skip, notify: Notify,
                  context: Callable[[], dict[str, Any]]) -> None:
         self.run = run
-        self.steps = {s.id: s for s in steps}
+        self.steps = {s.id: s for s in longest_path_first(steps, run)}
         self.execute = execute
         self.skip_step = skip
         self.notify = notify

@@ -27,6 +27,7 @@ from prefect.states import Cancelled, State
 from adapters.base import Adapter, StepContext
 from adapters.workspace import Workspace
 from flows.policy import RetryPolicy
+from flows.prefect_compat import task_with
 from plan_schemas.model import Fallback, Step
 from planrun import templates
 from planrun.durations import parse_duration
@@ -76,7 +77,8 @@ class StepJob:
             task.retry_delay_seconds = job.next_delay  # type: ignore[assignment]
             return True
 
-        return run_step.with_options(
+        return task_with(
+            run_step,
             name=self.step.id,
             task_run_name=self.step.id,
             tags=["planrun", f"tool:{self.step.tool}"],
@@ -118,7 +120,6 @@ class StepJob:
             if self.fallback_adapter is not None and self.step.fallback is not None:
                 return await self._fallback(self.step.fallback, self.fallback_adapter, error, log)
             raise
-        log.info("completed on attempt %d", number)
         return output
 
     async def _fallback(self, fallback: Fallback, adapter: Adapter, error: StepError,

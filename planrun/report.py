@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -152,6 +153,22 @@ class RunRecord:
             "rolled_back": self.rolled_back,
             "steps": {sid: s.to_report() for sid, s in self.steps.items()},
         }
+
+
+class StepsView(Mapping[str, dict[str, Any]]):
+    """``steps`` as templates see it: each step's view is built only when a template reads it."""
+
+    def __init__(self, steps: dict[str, StepRecord]) -> None:
+        self._steps = steps
+
+    def __getitem__(self, step_id: str) -> dict[str, Any]:
+        return self._steps[step_id].template_view()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._steps)
+
+    def __len__(self) -> int:
+        return len(self._steps)
 
 
 class RunObserver(Protocol):

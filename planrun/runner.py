@@ -7,6 +7,7 @@ import os
 import signal
 from typing import Any
 
+from planrun.errors import PlanrunError
 from planrun.report import RunObserver
 from planrun.server import ensure_server
 
@@ -43,19 +44,13 @@ async def run_plan(plan: dict[str, Any], inputs: dict[str, Any],
         with tags("planrun", f"plan:{plan['name']}"):
             state = await compiled.plan_flow.with_options(flow_run_name=plan["name"])(
                 plan, inputs, return_state=True)
-        return await _report(state)
+        report = compiled.REPORTS.pop(str(state.state_details.flow_run_id), None)
+        if report is None:
+            raise PlanrunError(f"the flow run ended {state.type.value} without a report: "
+                               f"{state.message}")
+        return report
     finally:
         if observer is not None:
             compiled.OBSERVERS.remove(observer)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-
-
-async def _report(state: Any) -> dict[str, Any]:
-    data = state.data
-    if isinstance(data, dict) and "run_id" in data:
-        return data
-    result = await state.result(raise_on_failure=False)
-    if isinstance(result, dict) and "run_id" in result:
-        return result
-    raise RuntimeError(f"the flow run ended {state.type.value} without a report: {state.message}")

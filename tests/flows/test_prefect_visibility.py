@@ -88,6 +88,22 @@ def test_each_attempt_is_a_prefect_retry() -> None:
     assert _states(run.id).count("AwaitingRetry") == 2
 
 
+def test_task_with_sets_the_same_options_as_with_options() -> None:
+    from flows.prefect_compat import task_with
+    from flows.step import run_step
+
+    def never(task: Any, task_run: Any, state: Any) -> bool:
+        return False
+
+    options = {"name": "s", "task_run_name": "s", "tags": ["planrun", "tool:x"], "retries": 3,
+               "retry_delay_seconds": 0, "retry_condition_fn": never}
+    fast, slow = task_with(run_step, **options), run_step.with_options(**options)
+    for key in options:
+        assert getattr(fast, key) == getattr(slow, key), key
+    assert fast.task_key == slow.task_key and fast.fn is slow.fn
+    assert run_step.name == "step" and run_step.tags == set(), "the template task is unchanged"
+
+
 def test_planrun_tags_skip_prefects_slot_request_but_other_tags_do_not() -> None:
     from flows import plan_flow, prefect_compat  # noqa: F401 - importing installs the shim
 
@@ -123,7 +139,7 @@ def test_each_attempt_logs_to_the_prefect_run() -> None:
         messages = asyncio.run(read())
         text = "\n".join(messages)
         return messages if "attempt 1 failed (transient)" in text and \
-            "completed on attempt 2" in text else None
+            "core.fail: attempt 2 with" in text else None
 
     messages = wait_for(both, what="the step's attempt logs in Prefect")
     assert any("core.fail: attempt 1 with" in m for m in messages)
