@@ -103,7 +103,8 @@ class StepJob:
         try:
             params = self._render(self.step.with_)
             record.input = redact(params)
-            log.info("%s: attempt %d with %s", self.step.tool, number, record.input)
+            if number > 1:  # a first attempt that succeeds logs nothing, like any task
+                log.info("%s: attempt %d with %s", self.step.tool, number, record.input)
             output = await self.adapter.run(params, self._context(number, log), self.timeout_s)
         except StepError as error:
             error.step_id, error.tool = self.step.id, self.step.tool
