@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 from planrun.errors import PlanrunError
 
@@ -135,11 +136,25 @@ def ensure_server() -> str:
 
 
 def start(port: int | None = None) -> ServerInfo:
-    """Start a detached Prefect server on SQLite under the data directory and wait for it."""
-    home = data_dir()
+    """Start a detached Prefect server on SQLite under the data directory and wait for it.
+
+    The port is free when chosen but another process may take it before the server binds
+    it; then the server exits and another free port is tried (three times in all).
+    """
     if port is None:
         port = int(os.environ.get("PLANRUN_SERVER_PORT", DEFAULT_PORT))
-    port = _free_port(port)
+    for _ in range(3):
+        info = _start_on(_free_port(port))
+        if info is not None:
+            _state_file().write_text(json.dumps({"url": info.url, "pid": info.pid}))
+            return info
+        port = 0
+    raise ServerError(f"the Prefect server could not bind a port; see {data_dir() / 'server.log'}")
+
+
+def _start_on(port: int) -> ServerInfo | None:
+    """Our server on ``port``, or None if it exited because the port was taken."""
+    home = data_dir()
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, **QUIET_ENV, "PREFECT_HOME": str(home / "prefect"),
            "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port),
@@ -151,17 +166,38 @@ def start(port: int | None = None) -> ServerInfo:
     while time.monotonic() < deadline:
         exited = _reap(pid)
         if exited is not None:
+            if _port_taken(port):
+                return None
             raise ServerError(f"the Prefect server exited with status {exited}; "
                               f"see {home / 'server.log'}")
-        if healthy(url, timeout=1.0):
-            info = ServerInfo(url=url, pid=pid)
-            _state_file().write_text(json.dumps({"url": url, "pid": pid}))
-            return info
+        # A healthy answer counts only from our own process: another server may hold the port.
+        if _listens(pid, port) and healthy(url, timeout=1.0):
+            return ServerInfo(url=url, pid=pid)
         time.sleep(delay)
         delay = min(delay * 1.5, 1.0)
     stop_pid(pid)
     raise ServerError(f"the Prefect server did not become healthy within {START_TIMEOUT_S:.0f}s; "
                       f"see {home / 'server.log'}")
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether ``pid`` or one of its children listens on ``port``."""
+    try:
+        process = psutil.Process(pid)
+        family = [process, *process.children(recursive=True)]
+        return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                   for p in family for c in p.net_connections(kind="inet"))
+    except psutil.Error:
+        return False
+
+
+def _port_taken(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
 
 
 def _spawn(argv: list[str], env: dict[str, str], log: Path) -> int:
