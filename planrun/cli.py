@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("plan", metavar="PLAN")
     p.add_argument("--input", "-i", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--json", action="store_true", help="print the run report on stdout")
+    p.add_argument("--workspace", metavar="DIR",
+                   help="root the file and shell tools are confined to (default ./workspace, "
+                        "or $PLANRUN_WORKSPACE)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("schema", help="print the plan JSON Schema")
@@ -95,6 +98,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from planrun.runner import prepare_prefect, run_plan
     from planrun.validate import validate_file
 
+    if args.workspace:
+        os.environ["PLANRUN_WORKSPACE"] = os.path.abspath(args.workspace)
     valid = validate_file(args.plan)
     inputs = resolve_inputs(valid.plan, parse_pairs(args.input), from_text=True)
     prepare_prefect()

@@ -215,3 +215,15 @@ def test_a_critical_failure_kills_a_running_command(tmp_path: Path) -> None:
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     orphans = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", "60"]]
     assert orphans == []
+
+
+def test_the_workspace_flag_confines_file_tools_to_that_directory(tmp_path: Path) -> None:
+    plan = write(tmp_path, """
+        version: 1
+        name: workspace-flag
+        steps:
+          - {id: w, tool: file.write, with: {path: out/note.txt, content: hello}}
+    """)
+    code, _ = cli_json("run", plan, "--workspace", str(tmp_path / "chosen"))
+    assert code == 0
+    assert (tmp_path / "chosen" / "out" / "note.txt").read_text() == "hello"
