@@ -18,7 +18,9 @@ from prefect.utilities.annotations import quote
 from adapters.registry import Registry, default_registry
 from adapters.workspace import Workspace, default_workspace_root
 from flows import prefect_compat
+from flows.artifacts import RunArtifacts
 from flows.policy import RetryPolicy
+from flows.prefect_compat import task_with
 from flows.scheduler import Scheduler
 from flows.step import StepJob, skipped_step
 from plan_schemas.model import Plan, Step
@@ -107,8 +109,11 @@ async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
         return {"inputs": inputs, "run": {"id": run_id, "plan": plan.name},
                 "steps": steps_view}
 
+    artifacts = RunArtifacts(run)
+
     def notify(step: StepRecord | None) -> None:
         _notify(run, step)
+        artifacts.changed()
 
     jobs = {step.id: _job(plan, step, run, registry, workspace, context, notify)
             for step in plan.steps}
@@ -128,14 +133,14 @@ async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
 
     async def skip(step: Step) -> None:
         record = run.steps[step.id]
-        await skipped_step.with_options(name=step.id, task_run_name=step.id,
-                                        tags=["planrun", f"tool:{step.tool}", "skipped"]
-                                        )(step.id, record.reason or "")
+        await task_with(skipped_step, name=step.id, task_run_name=step.id,
+                        tags=["planrun", f"tool:{step.tool}"])(step.id, record.reason or "")
 
     scheduler = Scheduler(run, plan.steps, max_parallel=plan.limits.max_parallel,
                           execute=execute, skip=skip, notify=notify, context=context)
     ACTIVE[run_id] = scheduler
     run.status, run.started_at = RunStatus.RUNNING, time.time()
+    artifacts.start()
     notify(None)
     deadline = parse_duration(plan.limits.deadline) if plan.limits.deadline is not None else None
     try:
@@ -154,6 +159,7 @@ async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
             workspace.commit()
         run.ended_at = time.time()
         notify(None)
+        await artifacts.finish()
     return run.to_report()
 
 

@@ -4,6 +4,7 @@ named by the step id and tagged, with retries visible as Prefect retries."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 from uuid import UUID
 
@@ -164,3 +165,31 @@ def test_a_step_stopped_by_a_critical_failure_shows_cancelled_in_prefect() -> No
     assert runs["long"].state.is_cancelled()
     assert runs["boom"].state.is_failed()
     assert _flow_run(report["run_id"]).state.is_failed()
+
+
+def test_a_run_leaves_a_progress_artifact_and_a_table_of_its_steps() -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    report = run_yaml("""
+        version: 1
+        name: with_artifacts
+        steps:
+          - {id: fetch, tool: core.echo, with: {value: 1}}
+          - {id: broken, tool: core.fail, critical: false, with: {category: logic, message: bad input}}
+          - {id: after, tool: core.echo, needs: [broken], with: {value: 2}}
+    """)
+
+    async def read() -> list[Any]:
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(report["run_id"])])))
+
+    artifacts = {a.type: a for a in asyncio.run(read())}
+    assert artifacts["progress"].data == 100.0
+    table = artifacts["table"]
+    assert table.key == "planrun-with-artifacts"
+    rows = {row["step"]: row for row in json.loads(table.data)}
+    assert rows["fetch"]["status"] == "completed"
+    assert rows["broken"]["error"] == "logic: bad input" and rows["broken"]["hint"]
+    assert rows["after"]["note"] == "upstream broken failed"
