@@ -88,6 +88,8 @@ async def plan_flow(plan: dict[str, Any], inputs: dict[str, Any]) -> State[Any]:
         return Failed(message=message)
     if status == RunStatus.CANCELLED:
         return Cancelled(message=message)
+    if status == RunStatus.COMPLETED_WITH_ERRORS:  # the state's name is the UI's badge
+        return Completed(name="Completed with errors", message=message)
     return Completed(message=message)
 
 

@@ -193,3 +193,14 @@ def test_a_run_leaves_a_progress_artifact_and_a_table_of_its_steps() -> None:
     assert rows["fetch"]["status"] == "completed"
     assert rows["broken"]["error"] == "logic: bad input" and rows["broken"]["hint"]
     assert rows["after"]["note"] == "upstream broken failed"
+
+
+def test_a_run_with_errors_is_named_so_in_prefect() -> None:
+    report = run_yaml("""
+        version: 1
+        name: with-errors
+        steps: [{id: a, tool: core.fail, critical: false, with: {category: logic}}]
+    """)
+    state = _flow_run(report["run_id"]).state
+    assert report["status"] == "completed_with_errors"
+    assert state.is_completed() and state.name == "Completed with errors"
