@@ -124,7 +124,7 @@ class ShellRun(Adapter[ShellParams]):
                 "in the workspace", hint="create it first (file.write) or fix 'cwd'")
         memory = (ctx.memory_mb or 0) * MIB
         started = time.monotonic()
-        proc, status = await _spawn(params, cwd, _child_env(params.env), memory)
+        proc, status = await _spawn_shielded(params, cwd, _child_env(params.env), memory)
         try:
             (out, out_cut), (err, err_cut), code = await _communicate(proc, params)
             _raise_exec_error(status, params.argv[0])
@@ -174,6 +174,22 @@ def _child_env(extra: dict[str, str]) -> dict[str, str]:
     env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
     env.setdefault("PATH", DEFAULT_PATH)
     return env | extra
+
+
+async def _spawn_shielded(params: ShellParams, cwd: os.PathLike[str], env: dict[str, str],
+                          memory: int) -> tuple[asyncio.subprocess.Process, int | None]:
+    """``_spawn``, finished even when cancelled: asyncio's own cancel of a starting
+    process kills only the direct child; here the whole new group is stopped instead."""
+    spawning = asyncio.ensure_future(_spawn(params, cwd, env, memory))
+    try:
+        return await asyncio.shield(spawning)
+    except asyncio.CancelledError:
+        with suppress(Exception):
+            proc, status = await spawning
+            if status is not None:
+                os.close(status)
+            await _stop(proc, [])
+        raise
 
 
 async def _spawn(params: ShellParams, cwd: os.PathLike[str], env: dict[str, str],

@@ -279,3 +279,29 @@ def test_a_process_that_leaves_the_group_cannot_hold_the_step_open(
     finally:
         wait_until(lambda: (ws.root / "escapee.pid").exists(), what="the escapee started")
         os.kill(int((ws.root / "escapee.pid").read_text()), signal.SIGKILL)
+
+
+def test_a_cancel_while_the_program_is_starting_stops_its_whole_group(
+        ctx: StepContext, wait_until: Callable[..., None]) -> None:
+    marker = f"sleep {31 + os.getpid() % 50}"
+
+    async def cancel_after(turns: int) -> float:
+        task = asyncio.ensure_future(
+            ShellRun().run({"argv": ["sh", "-c", f"{marker} & {marker}"]}, ctx, None))
+        for _ in range(turns):  # land the cancel at each point of the start-up in turn
+            await asyncio.sleep(0)
+        task.cancel()
+        started = time.monotonic()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return time.monotonic() - started
+
+    for turns in range(12):
+        assert asyncio.run(cancel_after(turns)) < 5
+
+    def none_left() -> bool:
+        return not [p for p in psutil.process_iter(["cmdline", "status"])
+                    if p.info["cmdline"] == marker.split()
+                    and p.info["status"] != psutil.STATUS_ZOMBIE]
+
+    wait_until(none_left, within=5, what="the started group to be gone")
