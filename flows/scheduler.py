@@ -136,6 +136,10 @@ class Scheduler:
         """
         if self.stop_reason is not None:
             return f"not started: {self.stop_reason}", False
+        if step.approval is not None:
+            # No one can approve yet (approvals come with `planrun up`): a gated step must
+            # never run unasked, so it is treated as rejected.
+            return "rejected: approval gates are not available in this version yet", True
         if step.when is None:
             for need in step.needs:
                 upstream = self.run.steps[need]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -118,12 +119,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         report = asyncio.run(run_plan(plan_data, inputs))
     if args.json:
-        print(json.dumps(report, indent=2, default=str))
+        print(json.dumps(strict_json(report), indent=2, default=str, allow_nan=False))
     elif report.get("prefect_url") and not isinstance(display, LiveDisplay):
         print(f"run {report['run_id']} {report['status']}: {report['prefect_url']}")
     else:
         print(f"run {report['run_id']} {report['status']}")
     return RunStatus(report["status"]).exit_code
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with NaN and infinities (which a tool may return) as null: RFC 8259 JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [strict_json(v) for v in value]
+    return value
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

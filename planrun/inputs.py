@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import referencing
@@ -24,7 +25,10 @@ def _typed(name: str, text: str, spec: dict[str, Any]) -> Any:
         if "integer" in kinds and text.strip().lstrip("+-").isdigit():
             return int(text)
         if "number" in kinds:
-            return float(text)
+            number = float(text)
+            if not math.isfinite(number):
+                raise ValueError(text)
+            return number
         if "boolean" in kinds:
             lowered = text.strip().lower()
             if lowered in ("true", "yes", "1", "on"):

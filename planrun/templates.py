@@ -21,7 +21,35 @@ STEP_FIELDS = ("output", "status", "error", "attempts", "reason", "fallback_used
 NAMES = ("inputs", "steps", "run")
 
 _WHOLE = re.compile(r"^\s*\{\{(?P<expr>(?:(?!\}\}).)*)\}\}\s*$", re.DOTALL)
-_ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+#: The most items (characters, list entries) one ``*`` may produce, and the largest
+#: exponent of ``**``: a plan's template must not be able to exhaust memory or the CPU.
+MAX_REPEAT = 100_000
+MAX_EXPONENT = 256
+MAX_BITS = 100_000
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox, with ``*`` and ``**`` bounded in what they produce."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > MAX_EXPONENT \
+                and not (isinstance(left, (int, float)) and abs(left) <= 1):
+            raise TemplateError(f"exponent {right} is too large (at most {MAX_EXPONENT})")
+        if operator == "**" and isinstance(left, int) and isinstance(right, int) \
+                and abs(left).bit_length() * abs(right) > MAX_BITS:
+            raise TemplateError(f"the power {left}**{right} is too large")
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(times, int) \
+                        and len(seq) * times > MAX_REPEAT:
+                    raise TemplateError(f"repeating {len(seq)} items {times} times is too "
+                                        f"much (at most {MAX_REPEAT} items)")
+        return super().call_binop(context, operator, left, right)
+
+
+_ENV = _BoundedSandbox(undefined=StrictUndefined, autoescape=False)
 
 
 class TemplateError(Exception):
@@ -52,10 +80,19 @@ def _parse(text: str) -> nodes.Template:
         return _ENV.parse(text)
     except TemplateSyntaxError as exc:
         raise TemplateError(f"template syntax error: {exc.message}") from None
+    except RecursionError:
+        raise TemplateError("the template is nested too deeply") from None
 
 
 def references(text: str) -> tuple[list[Reference], set[str]]:
     """The steps and inputs ``text`` reads, and any unknown top-level names."""
+    try:
+        return _references(text)
+    except RecursionError:
+        raise TemplateError("the template is nested too deeply") from None
+
+
+def _references(text: str) -> tuple[list[Reference], set[str]]:
     tree = _parse(text)
     unknown = _undeclared(tree, text) - set(NAMES)
     found: list[Reference] = []
@@ -174,6 +211,8 @@ def _expression(expr: str) -> Any:
         return _ENV.compile_expression(expr, undefined_to_none=False)
     except TemplateSyntaxError as exc:
         raise TemplateError(f"template syntax error: {exc.message}") from None
+    except RecursionError:
+        raise TemplateError("the template is nested too deeply") from None
 
 
 def truthy(value: Any) -> bool:

@@ -227,3 +227,20 @@ def test_the_workspace_flag_confines_file_tools_to_that_directory(tmp_path: Path
     code, _ = cli_json("run", plan, "--workspace", str(tmp_path / "chosen"))
     assert code == 0
     assert (tmp_path / "chosen" / "out" / "note.txt").read_text() == "hello"
+
+
+def test_the_json_report_is_strict_json_even_when_a_step_returns_nan(tmp_path: Path) -> None:
+    plan = write(tmp_path, """
+        version: 1
+        name: nan-output
+        inputs: {x: {type: string, default: nan}}
+        steps:
+          - {id: a, tool: core.echo, with: {value: "{{ inputs.x | float }}"}}
+    """)
+    proc = cli("run", plan, "--json")
+    assert "NaN" not in proc.stdout
+    assert json.loads(proc.stdout)["steps"]["a"]["output"] == {"value": None}
+    bad = cli("run", write(tmp_path, "version: 1\nname: n\ninputs: {x: {type: number}}\n"
+                          "steps: [{id: a, tool: core.echo, with: {value: '{{ inputs.x }}'}}]\n",
+                          "n.yaml"), "--input", "x=nan")
+    assert bad.returncode == 2 and "'nan' is not number" in bad.stderr

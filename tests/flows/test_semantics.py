@@ -371,3 +371,17 @@ def test_a_when_without_braces_is_read_as_an_expression() -> None:
     s = steps(report)
     assert s["yes_branch"]["status"] == "completed"
     assert s["no_branch"]["status"] == "skipped"
+
+
+def test_a_step_behind_an_approval_gate_never_runs_unasked() -> None:
+    report = run_yaml("""
+        version: 1
+        name: gated
+        steps:
+          - {id: draft, tool: core.echo, with: {value: text}}
+          - {id: send, tool: core.echo, needs: [draft], approval: {prompt: "Send it?"}, with: {value: sent}}
+    """)
+    s = steps(report)
+    assert s["send"]["status"] == "skipped" and s["send"]["started_at"] is None
+    assert s["send"]["reason"].startswith("rejected")
+    assert report["status"] == "completed_with_errors"
