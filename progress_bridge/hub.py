@@ -1,0 +1,143 @@
+"""Fan-out: each published message goes to every subscriber of its run through one
+bounded queue per client.
+
+``publish`` never waits: a subscriber whose queue is full is cut off (its reader gets
+:class:`Disconnected` after what is queued, and its ``closed`` event is set at once) so
+one slow client never slows the others; it can come back with ``after=<last seq it saw>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from typing import Final
+
+from progress_bridge.messages import Message
+
+TOO_SLOW: Final = "too slow: resume with ?after=<last seq>"
+# WebSocket close codes that go with a cut-off; SSE streams just end.
+TOO_SLOW_CODE: Final = 4408
+GOING_AWAY_CODE: Final = 1001
+
+
+class Disconnected(Exception):
+    """The hub cut this subscriber off; ``reason`` says why, ``code`` is the close code."""
+
+    def __init__(self, reason: str, code: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+class Subscription:
+    """One client's place in the hub: its bounded queue and whether it was cut off."""
+
+    def __init__(self, run_id: str, size: int) -> None:
+        self.run_id = run_id
+        self.size = size
+        self._items: deque[Message] = deque()
+        self._ready = asyncio.Event()  # set while there is something to take (or closed)
+        self.closed = asyncio.Event()
+        self.reason: str | None = None
+        self.code = GOING_AWAY_CODE
+
+    def offer(self, message: Message) -> bool:
+        """Queue ``message``; False (and nothing queued) when the queue is full."""
+        if self.closed.is_set() or len(self._items) >= self.size:
+            return False
+        self._items.append(message)
+        self._ready.set()
+        return True
+
+    def close(self, reason: str, code: int = GOING_AWAY_CODE) -> None:
+        """Cut this subscriber off; its reader gets :class:`Disconnected` after what's queued."""
+        if self.closed.is_set():
+            return
+        self.reason, self.code = reason, code
+        self.closed.set()
+        self._ready.set()
+
+    def get_nowait(self) -> Message | None:
+        """The next queued message, None when there is none; :class:`Disconnected` once
+        cut off and drained."""
+        if self._items:
+            return self._items.popleft()
+        if self.closed.is_set():
+            raise Disconnected(self.reason or "closed", self.code)
+        self._ready.clear()
+        return None
+
+    async def get(self, timeout: float | None = None) -> Message | None:
+        """The next message, waiting at most ``timeout`` seconds (then None)."""
+        while (message := self.get_nowait()) is None:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._ready.wait()
+            except TimeoutError:
+                return None
+        return message
+
+
+class Hub:
+    """Subscribers per run; ``queue_size`` bounds each client's queue.
+
+    Listeners added with :meth:`on_slow` hear of every client cut off for being slow.
+    """
+
+    def __init__(self, queue_size: int = 1000) -> None:
+        if queue_size < 1:
+            raise ValueError("queue_size must be at least 1")
+        self.queue_size = queue_size
+        self._slow_listeners: list[Callable[[Subscription], None]] = []
+        self._subs: dict[str, set[Subscription]] = {}
+
+    def on_slow(self, listener: Callable[[Subscription], None]) -> None:
+        """Call ``listener`` with each subscription cut off for being slow."""
+        self._slow_listeners.append(listener)
+
+    def subscribe(self, run_id: str) -> Subscription:
+        """A new subscription to the run's live messages, from now on."""
+        sub = Subscription(run_id, self.queue_size)
+        self._subs.setdefault(run_id, set()).add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        """Forget ``sub``; safe to call more than once."""
+        subs = self._subs.get(sub.run_id)
+        if subs is None:
+            return
+        subs.discard(sub)
+        if not subs:
+            del self._subs[sub.run_id]
+
+    def subscribers(self, run_id: str | None = None) -> int:
+        """How many clients follow ``run_id`` (every run when None)."""
+        if run_id is not None:
+            return len(self._subs.get(run_id, ()))
+        return sum(len(s) for s in self._subs.values())
+
+    def publish(self, message: Message) -> int:
+        """Offer ``message`` to every subscriber of its run without waiting; returns how
+        many took it. Subscribers whose queue is full are cut off."""
+        delivered = 0
+        for sub in list(self._subs.get(message.run_id, ())):
+            if sub.offer(message):
+                delivered += 1
+            else:
+                self._cut_off(sub)
+        return delivered
+
+    def close_all(self, reason: str = "the bridge is stopping") -> None:
+        """Cut every subscriber off. Call it before stopping the server: WebSockets close
+        with 1001 and SSE streams end at once instead of holding up the shutdown."""
+        for subs in list(self._subs.values()):
+            for sub in list(subs):
+                sub.close(reason)
+                self.unsubscribe(sub)
+
+    def _cut_off(self, sub: Subscription) -> None:
+        sub.close(TOO_SLOW, TOO_SLOW_CODE)
+        self.unsubscribe(sub)
+        for listener in self._slow_listeners:
+            listener(sub)

@@ -1,0 +1,74 @@
+"""Health, Prometheus metrics and the OpenAPI page of a real bridge."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+
+import httpx
+from websockets.asyncio.client import connect
+
+from progress_bridge.messages import Draft
+from progress_bridge.publisher import Publisher
+
+from .clients import draft, receive_until
+from .conftest import BridgeFactory, ServedBridge, wait_for
+
+
+def test_healthz_and_docs(bridge: ServedBridge) -> None:
+    with httpx.Client(base_url=bridge.http, timeout=10) as http:
+        assert http.get("/healthz").json() == {"status": "ok", "clients": 0, "runs": 0}
+        assert http.get("/docs").status_code == 200
+        paths = http.get("/openapi.json").json()["paths"]
+        assert {"/healthz", "/metrics", "/v1/runs/{run_id}/events"} <= set(paths)
+
+
+def test_metrics_count_clients_and_messages(bridge: ServedBridge) -> None:
+    async def main() -> str:
+        async with connect(bridge.ws_url("r"), proxy=None) as ws:
+            wait_for(lambda: bridge.hub.subscribers("r") == 1, 5, "the client")
+            for i in range(1, 4):
+                await bridge.emit("r", draft(i))
+            await bridge.emit("r", draft(4).__class__(type="run.completed", status="completed"))
+            await receive_until(ws, 4)
+            async with httpx.AsyncClient(base_url=bridge.http) as http:
+                return (await http.get("/metrics")).text
+
+    text = asyncio.run(main())
+    assert 'planrun_bridge_clients{transport="ws"} 1.0' in text
+    assert 'planrun_bridge_messages_sent_total{transport="ws"} 4.0' in text
+    assert "planrun_bridge_messages_published_total 4.0" in text
+    assert 'planrun_steps_total{status="completed"} 3.0' in text
+    assert 'planrun_runs_total{status="completed"} 1.0' in text
+    assert "planrun_bridge_slow_disconnects_total 0.0" in text
+
+
+def test_gc_is_frozen_after_start_up(bridge_factory: BridgeFactory) -> None:
+    before = gc.get_freeze_count()
+    try:
+        bridge_factory(freeze_gc=True)
+        assert gc.get_freeze_count() > before
+    finally:
+        gc.unfreeze()
+
+
+def test_the_upstream_runs_with_the_publisher_for_the_apps_lifetime(
+        bridge_factory: BridgeFactory) -> None:
+    stopped = asyncio.Event()
+
+    async def upstream(publisher: Publisher) -> None:
+        await publisher.emit("r", Draft(type="run.started", status="running"))
+        try:
+            await asyncio.Event().wait()
+        finally:
+            stopped.set()
+
+    bridge = bridge_factory(upstream=upstream)
+
+    async def main() -> None:
+        async with connect(bridge.ws_url("r", after=0), proxy=None) as ws:
+            assert (await receive_until(ws, 1))[0]["type"] == "run.started"
+
+    asyncio.run(main())
+    bridge.stop()
+    assert stopped.is_set()

@@ -1,0 +1,97 @@
+"""The message log: gap-free numbering per run, replay, persistence, and the cost of a write."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+
+from progress_bridge.store import MessageStore, StoreError
+
+from .clients import draft
+
+
+def test_seq_starts_at_one_per_run_and_has_no_gaps(tmp_path: Path) -> None:
+    store = MessageStore(tmp_path)
+    try:
+        a = [store.append("a", draft(i)) for i in range(1, 101)]
+        b = [store.append("b", draft(i)) for i in range(1, 4)]
+        assert [m.seq for m in a] == list(range(1, 101))
+        assert [m.seq for m in b] == [1, 2, 3]
+        assert store.last_seq("a") == 100 and store.last_seq("nobody") == 0
+        replay = asyncio.run(store.after("a", 97))
+        assert [m.seq for m in replay] == [98, 99, 100]
+        assert replay[0].json == a[97].json
+        assert store.runs() == ["a", "b"]
+    finally:
+        store.close()
+
+
+def test_numbering_and_replay_survive_reopening(tmp_path: Path) -> None:
+    def write(n: int) -> list[int]:
+        store = MessageStore(tmp_path)
+        try:
+            return [store.append("r", draft(i)).seq for i in range(n)]
+        finally:
+            store.close()
+
+    assert write(5) == [1, 2, 3, 4, 5]
+    assert write(2) == [6, 7]
+    store = MessageStore(tmp_path)
+    try:
+        assert store.path == tmp_path / "bridge.sqlite3"
+        assert [m.seq for m in asyncio.run(store.after("r", 0))] == [1, 2, 3, 4, 5, 6, 7]
+        assert store._writer.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    finally:
+        store.close()
+
+
+def test_an_append_costs_a_fraction_of_a_millisecond(tmp_path: Path) -> None:
+    """Appends run on the event loop, so their cost is the loop's stall.
+
+    Measured on the 2-core machine: p50 ≈ 0.02-0.04 ms, p99 ≈ 0.1-0.3 ms, worst ≈ 5-20 ms
+    (a WAL checkpoint every ≈ 1,000 pages).
+    """
+    store = MessageStore(tmp_path)
+    took = []
+    try:
+        for i in range(5000):
+            message = draft(i, summary_bytes=300)
+            before = time.perf_counter()
+            store.append(f"run-{i % 5}", message)
+            took.append(time.perf_counter() - before)
+    finally:
+        store.close()
+    took.sort()
+    p50, p99 = statistics.median(took), took[int(len(took) * 0.99)]
+    print(f"append p50 {p50 * 1e3:.3f} ms, p99 {p99 * 1e3:.3f} ms, max {took[-1] * 1e3:.1f} ms")
+    assert p50 < 0.001 and p99 < 0.01, (p50, p99)
+
+
+def test_a_failed_write_uses_no_seq(tmp_path: Path) -> None:
+    store = MessageStore(tmp_path)
+    try:
+        store.append("r", draft(1))
+        blocker = sqlite3.connect(store.path, timeout=0)
+        blocker.execute("BEGIN IMMEDIATE")  # holds the write lock
+        store._writer.execute("PRAGMA busy_timeout=0")
+        with pytest.raises(StoreError, match="message 2 of run r"):
+            store.append("r", draft(2))
+        blocker.rollback()
+        blocker.close()
+        assert store.append("r", draft(2)).seq == 2
+    finally:
+        store.close()
+
+
+def test_a_closed_store_refuses_appends(tmp_path: Path) -> None:
+    store = MessageStore(tmp_path)
+    store.append("r", draft(1))
+    store.close()
+    store.close()  # twice is harmless
+    with pytest.raises(StoreError, match="closed"):
+        store.append("r", draft(2))
