@@ -7,6 +7,8 @@ scheduler drives the DAG inside it and ``flows.step`` runs each step as a Prefec
 from __future__ import annotations
 
 import asyncio
+import signal
+import threading
 import time
 from typing import Any
 
@@ -38,6 +40,9 @@ prefect_compat.install()
 
 #: Runs in this process, by run id, so a signal handler can cancel them.
 ACTIVE: dict[str, Scheduler] = {}
+#: Set by a process that runs plans itself (``planrun run``): SIGTERM then cancels its runs
+#: cleanly. Under a Prefect runner or worker, Prefect's own SIGTERM handling stays.
+CANCEL_ON_SIGTERM = False
 #: Reports of the runs this process finished, by run id, for the caller to take.
 REPORTS: dict[str, dict[str, Any]] = {}
 #: Told about every change of every run in this process.
@@ -141,6 +146,7 @@ async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
     scheduler = Scheduler(run, plan.steps, max_parallel=plan.limits.max_parallel,
                           execute=execute, skip=skip, notify=notify, context=context)
     ACTIVE[run_id] = scheduler
+    sigterm = _take_sigterm()
     run.status, run.started_at = RunStatus.RUNNING, time.time()
     artifacts.start()
     notify(None)
@@ -152,6 +158,8 @@ async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
         raise
     finally:
         ACTIVE.pop(run_id, None)
+        if sigterm:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
         run.status = run.final_status(cancelled=scheduler.cancelled,
                                       deadline_passed=scheduler.deadline_passed)
         run.reason = scheduler.stop_reason
@@ -163,6 +171,15 @@ async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
         notify(None)
         await artifacts.finish()
     return run.to_report()
+
+
+def _take_sigterm() -> bool:
+    """Route SIGTERM to ``cancel_all`` for this run (Prefect's flow engine has just put its
+    own handler in place, which would abort the run without a report)."""
+    if not CANCEL_ON_SIGTERM or threading.current_thread() is not threading.main_thread():
+        return False
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, cancel_all)
+    return True
 
 
 def _ui_url(run_id: str) -> str | None:

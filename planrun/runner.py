@@ -35,6 +35,7 @@ async def run_plan(plan: dict[str, Any], inputs: dict[str, Any],
 
     from flows import plan_flow as compiled
 
+    compiled.CANCEL_ON_SIGTERM = True
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, compiled.cancel_all)

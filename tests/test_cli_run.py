@@ -129,7 +129,9 @@ def test_unknown_arguments_are_exit_2() -> None:
     assert "usage:" in proc.stderr
 
 
-def test_ctrl_c_cancels_the_run_kills_its_command_and_exits_4(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_cancels_the_run_kills_its_command_and_exits_4(
+        tmp_path: Path, sig: signal.Signals) -> None:
     marker = tmp_path / "started"
     plan = write(tmp_path, f"""
         version: 1
@@ -148,7 +150,7 @@ def test_ctrl_c_cancels_the_run_kills_its_command_and_exits_4(tmp_path: Path) ->
     sleepers = [p for p in psutil.process_iter(["cmdline"])
                 if p.info["cmdline"] == ["sleep", "60"]]
     assert sleepers
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 4, err
     report = json.loads(out)
