@@ -7,12 +7,18 @@ import os
 import signal
 import subprocess
 import textwrap
+import time
 from pathlib import Path
 
 import psutil
 import pytest
 
 from tests.helpers import PLANRUN, cli, cli_json, wait_for
+
+
+def unique_seconds() -> str:
+    """A sleep length no other test run on this machine uses, to find its processes by."""
+    return f"60.{os.getpid()}{time.monotonic_ns() % 10_000:04d}"
 
 
 def write(tmp_path: Path, text: str, name: str = "plan.yaml") -> str:
@@ -133,13 +139,14 @@ def test_unknown_arguments_are_exit_2() -> None:
 def test_ctrl_c_or_sigterm_cancels_the_run_kills_its_command_and_exits_4(
         tmp_path: Path, sig: signal.Signals) -> None:
     marker = tmp_path / "started"
+    seconds = unique_seconds()
     plan = write(tmp_path, f"""
         version: 1
         name: interrupted
         steps:
           - id: long
             tool: shell.run
-            with: {{argv: [sh, -c, "touch {marker}; exec sleep 60"]}}
+            with: {{argv: [sh, -c, "touch {marker}; exec sleep {seconds}"]}}
           - {{id: after, tool: core.echo, needs: [long], with: {{value: 1}}}}
     """)
     workspace = tmp_path / "ws"
@@ -148,7 +155,7 @@ def test_ctrl_c_or_sigterm_cancels_the_run_kills_its_command_and_exits_4(
                             env={**os.environ, "PLANRUN_WORKSPACE": str(workspace)})
     wait_for(marker.exists, timeout=60, what="the command to start")
     sleepers = [p for p in psutil.process_iter(["cmdline"])
-                if p.info["cmdline"] == ["sleep", "60"]]
+                if p.info["cmdline"] == ["sleep", seconds]]
     assert sleepers
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
@@ -200,13 +207,14 @@ def test_a_completed_run_keeps_its_files(tmp_path: Path) -> None:
 
 def test_a_critical_failure_kills_a_running_command(tmp_path: Path) -> None:
     pid_file = tmp_path / "pid"
+    seconds = unique_seconds()
     plan = write(tmp_path, f"""
         version: 1
         name: kill-on-failure
         steps:
           - id: long
             tool: shell.run
-            with: {{argv: [sh, -c, "echo $$ > {pid_file}; sleep 60 & wait"]}}
+            with: {{argv: [sh, -c, "echo $$ > {pid_file}; sleep {seconds} & wait"]}}
           - {{id: wait, tool: core.sleep, with: {{seconds: 0.5}}}}
           - {{id: boom, tool: core.fail, needs: [wait], with: {{category: logic}}}}
     """)
@@ -215,7 +223,7 @@ def test_a_critical_failure_kills_a_running_command(tmp_path: Path) -> None:
     assert report["steps"]["long"]["status"] == "cancelled"
     pid = int(pid_file.read_text())
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    orphans = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", "60"]]
+    orphans = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", seconds]]
     assert orphans == []
 
 
