@@ -17,6 +17,7 @@ from typing import Any
 from plan_schemas.model import Step
 from planrun import templates
 from planrun.errors import ConfigurationError
+from planrun.graph import remaining_paths
 from planrun.report import RunRecord, StepRecord, StepStatus
 
 Execute = Callable[[Step], Awaitable[None]]
@@ -27,21 +28,8 @@ Notify = Callable[[StepRecord | None], None]
 def longest_path_first(steps: list[Step], run: RunRecord) -> list[Step]:
     """``steps`` ordered by the estimated time from their start to the end of the run,
     longest first: when many steps are ready at once, the critical path starts first."""
-    dependents: dict[str, list[str]] = {s.id: [] for s in steps}
-    waiting = {s.id: len(s.needs) for s in steps}
-    for step in steps:
-        for need in step.needs:
-            dependents[need].append(step.id)
-    topological = [s.id for s in steps if not s.needs]
-    for step_id in topological:  # grows while it is walked (Kahn's algorithm)
-        for dependent in dependents[step_id]:
-            waiting[dependent] -= 1
-            if waiting[dependent] == 0:
-                topological.append(dependent)
-    remaining: dict[str, float] = {}
-    for step_id in reversed(topological):
-        after = max((remaining[d] for d in dependents[step_id]), default=0.0)
-        remaining[step_id] = run.steps[step_id].estimate_s + after
+    remaining = remaining_paths({s.id: s.needs for s in steps},
+                                {s.id: run.steps[s.id].estimate_s for s in steps})
     order = {s.id: i for i, s in enumerate(steps)}
     return sorted(steps, key=lambda s: (-remaining.get(s.id, 0.0), order[s.id]))
 

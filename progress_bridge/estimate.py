@@ -31,6 +31,7 @@ from heapq import heappop, heappush, heapreplace
 from statistics import NormalDist
 from typing import Any
 
+from planrun.graph import remaining_paths
 from planrun.report import RunRecord, RunStatus, StepRecord, StepStatus, iso
 
 #: Monte-Carlo draws per estimate ...
@@ -193,21 +194,8 @@ def _schedule(run: RunRecord, dists: Mapping[str, tuple[float, float]], max_para
 def _scheduler_rank(run: RunRecord) -> dict[str, int]:
     """The order in which ``flows.scheduler`` starts steps that are ready at the same time:
     the longest path by first estimates from the step to the end first, then plan order."""
-    dependents: dict[str, list[str]] = {sid: [] for sid in run.steps}
-    waiting = {sid: len(s.needs) for sid, s in run.steps.items()}
-    for sid, step in run.steps.items():
-        for need in step.needs:
-            dependents[need].append(sid)
-    topological = [sid for sid, n in waiting.items() if n == 0]
-    for sid in topological:  # grows while it is walked (Kahn's algorithm)
-        for dependent in dependents[sid]:
-            waiting[dependent] -= 1
-            if waiting[dependent] == 0:
-                topological.append(dependent)
-    path: dict[str, float] = {}
-    for sid in reversed(topological):
-        after = max((path[d] for d in dependents[sid]), default=0.0)
-        path[sid] = run.steps[sid].estimate_s + after
+    path = remaining_paths({sid: s.needs for sid, s in run.steps.items()},
+                           {sid: s.estimate_s for sid, s in run.steps.items()})
     order = sorted(enumerate(run.steps), key=lambda item: (-path.get(item[1], 0.0), item[0]))
     return {sid: position for position, (_, sid) in enumerate(order)}
 
