@@ -25,6 +25,7 @@ from prefect.exceptions import MissingContextError
 from prefect.states import Cancelled, State
 
 from adapters.base import Adapter, StepContext
+from adapters.http import redact_url
 from adapters.workspace import Workspace
 from flows.policy import RetryPolicy
 from flows.prefect_compat import task_with
@@ -39,12 +40,15 @@ _SECRET_KEY = re.compile(r"authorization|cookie|token|secret|password|passwd|api
 
 
 def redact(value: Any) -> Any:
-    """``value`` with the values of secret-looking keys replaced by ``***``."""
+    """``value`` with the values of secret-looking keys replaced by ``***`` and the
+    secrets inside URLs (passwords, token-like query parameters) replaced too."""
     if isinstance(value, dict):
         return {k: "***" if isinstance(k, str) and _SECRET_KEY.search(k) else redact(v)
                 for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v) for v in value]
+    if isinstance(value, str) and value.startswith(("http://", "https://")):
+        return redact_url(value)  # a password or a token-like query parameter in a URL
     return value
 
 

@@ -342,6 +342,19 @@ def test_secrets_are_redacted_from_the_reported_input() -> None:
     assert shown == {"api_key": "***", "headers": {"Authorization": "***"}, "q": "ok"}
 
 
+def test_secrets_inside_urls_are_redacted_from_the_reported_input() -> None:
+    report = run_yaml("""
+        version: 1
+        name: redact-url
+        inputs: {key: {type: string, default: hunter2}}
+        steps:
+          - {id: a, tool: core.echo, with: {value: "https://u:pw@example.org/x?api_key={{ inputs.key }}&q=1"}}
+    """)
+    shown = steps(report)["a"]["input"]["value"]
+    assert "hunter2" not in shown and "pw" not in shown
+    assert "q=1" in shown
+
+
 def test_every_step_in_the_report_carries_the_spec_fields() -> None:
     report = run_yaml("""
         version: 1
