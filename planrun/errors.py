@@ -124,8 +124,12 @@ class StepError(PlanrunError):
         self.details = details or {}
 
     def to_report(self) -> dict[str, Any]:
-        """The ``error`` object of the run report."""
-        return {"category": str(self.category), "message": self.message, "hint": self.hint}
+        """The ``error`` object of the run report; ``details`` only when the tool gave some."""
+        report: dict[str, Any] = {"category": str(self.category), "message": self.message,
+                                  "hint": self.hint}
+        if self.details:
+            report["details"] = self.details
+        return report
 
     def __reduce__(self) -> Any:
         # Prefect may pickle exceptions with task states; keep the fields across it.

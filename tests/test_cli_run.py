@@ -254,3 +254,18 @@ def test_the_json_report_is_strict_json_even_when_a_step_returns_nan(tmp_path: P
                           "steps: [{id: a, tool: core.echo, with: {value: '{{ inputs.x }}'}}]\n",
                           "n.yaml"), "--input", "x=nan")
     assert bad.returncode == 2 and "'nan' is not number" in bad.stderr
+
+
+def test_a_failed_command_reports_its_exit_code_and_stderr_in_the_error_details(
+        tmp_path: Path) -> None:
+    plan = write(tmp_path, """
+        version: 1
+        name: details
+        steps:
+          - {id: a, tool: shell.run, with: {argv: [sh, -c, "echo broken input >&2; exit 3"]}}
+    """)
+    code, report = cli_json("run", plan, env={"PLANRUN_WORKSPACE": str(tmp_path / "ws")})
+    error = report["steps"]["a"]["error"]
+    assert code == 1 and error["category"] == "logic"
+    assert error["details"]["exit_code"] == 3
+    assert "broken input" in error["details"]["stderr_tail"]
