@@ -70,6 +70,8 @@ class Adapter(ABC, Generic[P]):
     Params: ClassVar[type[Params]]
     summary: ClassVar[str] = ""
     default_estimate_s: ClassVar[float] = 1.0
+    #: The timeout when the plan sets none: tools that wait on others should not wait forever.
+    default_timeout_s: ClassVar[float | None] = None
 
     @classmethod
     def parameter_schema(cls) -> dict[str, Any]:
@@ -127,6 +129,7 @@ class Adapter(ABC, Generic[P]):
         ``asyncio.CancelledError``; ``execute`` must release what it holds on it.
         """
         params = self.validate(raw)
+        timeout = timeout if timeout is not None else self.default_timeout_s
         try:
             async with asyncio.timeout(timeout) as scope:
                 return await self.execute(params, ctx)

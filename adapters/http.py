@@ -89,6 +89,7 @@ class HttpRequest(Adapter[HttpParams]):
     name = "http.request"
     Params = HttpParams
     summary = "send an HTTP request"
+    default_timeout_s = 120.0  # a server that never answers must not hold the run forever
 
     def __init__(self, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self._transport = transport

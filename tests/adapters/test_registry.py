@@ -48,3 +48,20 @@ def test_each_adapter_publishes_a_closed_parameter_schema() -> None:
         schema = adapter.parameter_schema()
         assert schema["type"] == "object", adapter.name
         assert schema["additionalProperties"] is False, adapter.name
+
+
+def test_a_tool_with_a_default_timeout_applies_it_when_the_plan_sets_none() -> None:
+    import asyncio
+    from pathlib import Path
+    from tempfile import TemporaryDirectory
+
+    from adapters.base import StepContext
+    from adapters.workspace import Workspace
+    from planrun.errors import TransientError
+
+    slow, _ = fake_tool("fake.slow", 5.0)
+    slow.default_timeout_s = 0.2
+    with TemporaryDirectory() as tmp:
+        ctx = StepContext(run_id="r", step_id="s", workspace=Workspace(Path(tmp)))
+        with pytest.raises(TransientError, match="timeout of 0.2s"):
+            asyncio.run(slow().run({}, ctx, None))
