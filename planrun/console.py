@@ -24,7 +24,19 @@ RUN_STYLES = {"completed": "green", "completed_with_errors": "yellow", "failed":
               "cancelled": "red", "running": "cyan"}
 
 
+_CONTROL = dict.fromkeys(c for c in range(32) if c not in (9, 10)) | {127: None}
+
+
+def _printable(text: str) -> str:
+    """Tool output shown to a person: no escape sequences that could rewrite the terminal."""
+    return text.translate(_CONTROL)
+
+
 def _note(step: StepRecord) -> str:
+    return _printable(_raw_note(step))
+
+
+def _raw_note(step: StepRecord) -> str:
     if step.status == StepStatus.RETRYING and step.error:
         wait = f", next try in {step.retry_delay_s:.1f}s" if step.retry_delay_s else ""
         return f"{step.error.category}: {step.error.message}{wait}"

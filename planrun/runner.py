@@ -9,7 +9,7 @@ from typing import Any
 
 from planrun.errors import PlanrunError
 from planrun.report import RunObserver
-from planrun.server import ensure_server
+from planrun.server import ensure_server, healthy
 
 
 def prepare_prefect(quiet_console: bool = True) -> str:
@@ -18,7 +18,11 @@ def prepare_prefect(quiet_console: bool = True) -> str:
     Prefect's console log is quieted: the run's logs still reach the Prefect UI, and the
     terminal shows planrun's own display instead of tracebacks of failed attempts.
     """
-    url = ensure_server()
+    given = bool(os.environ.get("PREFECT_API_URL"))
+    url = ensure_server()  # the local server it starts or reuses has just answered
+    if given and not healthy(url):
+        raise PlanrunError(f"cannot reach the Prefect API at {url}: start that server, "
+                           "or unset PREFECT_API_URL to use planrun's local one")
     if quiet_console:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     return url

@@ -269,3 +269,11 @@ def test_a_failed_command_reports_its_exit_code_and_stderr_in_the_error_details(
     assert code == 1 and error["category"] == "logic"
     assert error["details"]["exit_code"] == 3
     assert "broken input" in error["details"]["stderr_tail"]
+
+
+def test_an_unreachable_prefect_api_is_a_clear_error(tmp_path: Path) -> None:
+    plan = write(tmp_path, "version: 1\nname: x\nsteps: [{id: a, tool: core.echo}]\n")
+    proc = cli("run", plan, env={"PREFECT_API_URL": "http://127.0.0.1:9/api"})
+    assert proc.returncode == 1
+    assert "cannot reach the Prefect API at http://127.0.0.1:9/api" in proc.stderr
+    assert "Traceback" not in proc.stderr
