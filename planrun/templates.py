@@ -65,6 +65,10 @@ def condition(when: str) -> str:
     return when if has_template(when) else "{{ " + when + " }}"
 
 
+#: The name of a reference to ``steps`` that is not a fixed ``steps.ID``.
+DYNAMIC = "*"
+
+
 @dataclass(frozen=True)
 class Reference:
     """One ``steps.ID[.field]`` or ``inputs.NAME`` a template reads."""
@@ -96,6 +100,7 @@ def _references(text: str) -> tuple[list[Reference], set[str]]:
     tree = _parse(text)
     unknown = _undeclared(tree, text) - set(NAMES)
     found: list[Reference] = []
+    named: set[int] = set()  # the ``steps`` Name nodes that are looked up by a fixed name
     lookup: Any
     for lookup in tree.find_all((nodes.Getattr, nodes.Getitem)):
         base = lookup.node
@@ -104,10 +109,14 @@ def _references(text: str) -> tuple[list[Reference], set[str]]:
         name = _key(lookup)
         if name is None:
             continue
+        named.add(id(base))
         field = None
         if base.name == "steps":
             field = _parent_field(tree, lookup)
         found.append(Reference(base.name, name, field))
+    for node in tree.find_all(nodes.Name):
+        if node.name == "steps" and node.ctx == "load" and id(node) not in named:
+            found.append(Reference("steps", DYNAMIC))  # steps[expr], for s in steps, ...
     return found, unknown
 
 

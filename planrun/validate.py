@@ -407,6 +407,9 @@ def _reference_problem(ref: templates.Reference, inputs: dict[str, Any],
             known = ", ".join(inputs) or "none are declared"
             return f"unknown input '{ref.name}' (inputs: {known})"
         return None
+    if ref.name == templates.DYNAMIC:
+        return ("name each step a template reads, as steps.ID: a computed or whole 'steps' "
+                "could read a step that has not finished")
     if ref.name not in ids:
         return f"unknown step '{ref.name}' in template"
     if ref.name == own:
