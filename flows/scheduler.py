@@ -100,10 +100,12 @@ class Scheduler:
             self.done[step.id].set()
 
     async def _execute(self, step: Step) -> None:
-        task = asyncio.ensure_future(self.execute(step))
-        self.running[step.id] = task
+        # The step runs in its own driving task (no task more per step); stop() cancels it.
+        driver = asyncio.current_task()
+        assert driver is not None
+        self.running[step.id] = driver
         try:
-            await task
+            await self.execute(step)
         except asyncio.CancelledError:
             record = self.run.steps[step.id]
             if not record.status.finished:
@@ -113,6 +115,7 @@ class Scheduler:
                 self.notify(record)
             if self.stop_reason is None:  # cancelled from outside, not by us: pass it on
                 raise
+            driver.uncancel()  # our own cancel, handled: the driver goes on to finish
         finally:
             self.running.pop(step.id, None)
 
