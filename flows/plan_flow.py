@@ -24,7 +24,7 @@ from flows.artifacts import RunArtifacts
 from flows.policy import RetryPolicy
 from flows.prefect_compat import task_with
 from flows.scheduler import Scheduler
-from flows.step import StepJob, skipped_step
+from flows.step import StepJob, not_run_step
 from plan_schemas.model import Plan, Step
 from planrun.durations import parse_duration
 from planrun.report import (
@@ -140,8 +140,9 @@ async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
 
     async def skip(step: Step) -> None:
         record = run.steps[step.id]
-        await task_with(skipped_step, name=step.id, task_run_name=step.id,
-                        tags=["planrun", f"tool:{step.tool}"])(step.id, record.reason or "")
+        await task_with(not_run_step, name=step.id, task_run_name=step.id,
+                        tags=["planrun", f"tool:{step.tool}"])(
+            step.id, record.reason or "", record.status == StepStatus.FAILED)
 
     scheduler = Scheduler(run, plan.steps, max_parallel=plan.limits.max_parallel,
                           execute=execute, skip=skip, notify=notify, context=context)

@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
 from prefect.exceptions import MissingContextError
-from prefect.states import Cancelled, State
+from prefect.states import Cancelled, Completed, Failed, State
 
 from adapters.base import Adapter, StepContext
 from adapters.http import redact_url
@@ -181,11 +181,10 @@ async def run_step(job: StepJob) -> Any:
         return Cancelled(message="cancelled while running")
 
 
-@task(name="skipped", cache_policy=NO_CACHE, persist_result=False)
-async def skipped_step(step_id: str, reason: str) -> State[Any]:
-    """A task run that records, in the Prefect UI, a step that did not run and why."""
-    from prefect.states import Completed, Failed
-
-    if reason == "its condition could not be evaluated":
+@task(name="not-run", cache_policy=NO_CACHE, persist_result=False)
+async def not_run_step(step_id: str, reason: str, failed: bool) -> State[Any]:
+    """A task run that records, in the Prefect UI, a step that did not run and why: Skipped,
+    or Failed when it could not even be decided (a ``when`` that cannot be evaluated)."""
+    if failed:
         return Failed(message=reason)
     return Completed(name="Skipped", message=reason)

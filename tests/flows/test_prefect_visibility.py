@@ -5,42 +5,39 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 from uuid import UUID
 
 from tests.helpers import run_yaml, wait_for
 
 
-def _task_runs(flow_run_id: str) -> list[Any]:
+def ask(call: Callable[[Any], Awaitable[Any]]) -> Any:
+    """``call(client)`` with a Prefect client of the test server, from synchronous code."""
     from prefect.client.orchestration import get_client
+
+    async def run() -> Any:
+        async with get_client() as client:
+            return await call(client)
+
+    return asyncio.run(run())
+
+
+def _task_runs(flow_run_id: str) -> list[Any]:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    async def read() -> list[Any]:
-        async with get_client() as client:
-            return await client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)])))
-
-    return asyncio.run(read())
+    only = FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)]))
+    runs: list[Any] = ask(lambda client: client.read_task_runs(flow_run_filter=only))
+    return runs
 
 
 def _flow_run(flow_run_id: str) -> Any:
-    from prefect.client.orchestration import get_client
-
-    async def read() -> Any:
-        async with get_client() as client:
-            return await client.read_flow_run(UUID(flow_run_id))
-
-    return asyncio.run(read())
+    return ask(lambda client: client.read_flow_run(UUID(flow_run_id)))
 
 
 def _states(task_run_id: Any) -> list[str]:
-    from prefect.client.orchestration import get_client
-
-    async def read() -> list[str]:
-        async with get_client() as client:
-            return [s.name for s in await client.read_task_run_states(task_run_id)]
-
-    return asyncio.run(read())
+    states = ask(lambda client: client.read_task_run_states(task_run_id))
+    return [s.name for s in states]
 
 
 def test_a_run_is_one_flow_run_with_one_named_tagged_task_run_per_step() -> None:
@@ -117,7 +114,6 @@ def test_planrun_tags_skip_prefects_slot_request_but_other_tags_do_not() -> None
 
 
 def test_each_attempt_logs_to_the_prefect_run() -> None:
-    from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
     report = run_yaml("""
@@ -130,14 +126,10 @@ def test_each_attempt_logs_to_the_prefect_run() -> None:
             with: {category: transient, message: connection reset, times: 1}
     """)
 
-    async def read() -> list[str]:
-        async with get_client() as client:
-            logs = await client.read_logs(log_filter=LogFilter(
-                flow_run_id=LogFilterFlowRunId(any_=[UUID(report["run_id"])])))
-            return [log.message for log in logs]
+    only = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(report["run_id"])]))
 
     def both() -> list[str] | None:
-        messages = asyncio.run(read())
+        messages = [log.message for log in ask(lambda c: c.read_logs(log_filter=only))]
         text = "\n".join(messages)
         return messages if "attempt 1 failed (transient)" in text and \
             "core.fail: attempt 2 with" in text else None
@@ -168,7 +160,6 @@ def test_a_step_stopped_by_a_critical_failure_shows_cancelled_in_prefect() -> No
 
 
 def test_a_run_leaves_a_progress_artifact_and_a_table_of_its_steps() -> None:
-    from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     report = run_yaml("""
@@ -180,12 +171,8 @@ def test_a_run_leaves_a_progress_artifact_and_a_table_of_its_steps() -> None:
           - {id: after, tool: core.echo, needs: [broken], with: {value: 2}}
     """)
 
-    async def read() -> list[Any]:
-        async with get_client() as client:
-            return await client.read_artifacts(artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(report["run_id"])])))
-
-    artifacts = {a.type: a for a in asyncio.run(read())}
+    only = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(report["run_id"])]))
+    artifacts = {a.type: a for a in ask(lambda c: c.read_artifacts(artifact_filter=only))}
     assert artifacts["progress"].data == 100.0
     table = artifacts["table"]
     assert table.key == "planrun-with-artifacts"
