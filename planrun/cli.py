@@ -43,6 +43,26 @@ def _parser() -> argparse.ArgumentParser:
                         "or $PLANRUN_WORKSPACE)")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("up", help="start the local stack: Prefect server, runner, bridge")
+    p.add_argument("--host", default="127.0.0.1", help="the bridge's address (127.0.0.1)")
+    p.add_argument("--port", type=int, default=None,
+                   help="the bridge's port (8765, or $PLANRUN_BRIDGE_PORT)")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("submit", help="submit a plan to the running stack; print the run id")
+    p.add_argument("plan", metavar="PLAN")
+    p.add_argument("--input", "-i", action="append", default=[], metavar="NAME=VALUE")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="a run's status, steps and estimate")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--json", action="store_true", help="print the run report")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("watch", help="follow a run live until it ends (exit code as `run`)")
+    p.add_argument("run", metavar="RUN")
+    p.set_defaults(func=cmd_watch)
+
     p = sub.add_parser("schema", help="print the plan JSON Schema")
     p.set_defaults(func=cmd_schema)
 
@@ -125,6 +145,75 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         print(f"run {report['run_id']} {report['status']}")
     return RunStatus(report["status"]).exit_code
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from planrun.stack import up
+
+    port = args.port or int(os.environ.get("PLANRUN_BRIDGE_PORT", "8765"))
+    return up(args.host, port)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from planrun import client
+    from planrun.inputs import parse_pairs, resolve_inputs
+    from planrun.validate import validate_text
+
+    try:
+        text = open(args.plan, "rb").read()  # noqa: SIM115 - read whole, closed at once
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.plan}: {exc.strerror or exc}") from None
+    valid = validate_text(text, args.plan)
+    inputs = resolve_inputs(valid.plan, parse_pairs(args.input), from_text=True)
+    answer = client.submit(text.decode("utf-8"), inputs)
+    print(answer["run_id"])
+    print(f"watch it: planrun watch {answer['run_id']}  or  "
+          f"{client.bridge_url()}{answer['view_url']}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from planrun import client
+
+    report = client.status(args.run)
+    if args.json:
+        print(json.dumps(strict_json(report), indent=2, default=str, allow_nan=False))
+        return EXIT_OK
+    ended = report["status"] in client.RUN_ENDS.values()
+    progress = report.get("progress") or {}
+    print(f"run {report['run_id']} ({report['plan']}): {report['status']}, "
+          f"{progress.get('done', 0)}/{progress.get('total', 0)} steps")
+    estimate = client.estimate_text(report.get("estimate"), ended)
+    if estimate:
+        print(estimate)
+    for step_id, step in report["steps"].items():
+        error = step.get("error")
+        note = (f"{error['category']}: {error['message']}" if error
+                else step.get("reason") or step.get("summary") or "")
+        took = f"{step['duration_s']:.2f}s" if step.get("duration_s") is not None else ""
+        print(f"  {step_id:<20} {step['status']:<12} {step['attempts'] or '':>2} {took:>8}  "
+              f"{note}".rstrip())
+    if report.get("prefect_url"):
+        print(f"Prefect UI: {report['prefect_url']}")
+    return EXIT_OK
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from planrun import client
+    from planrun.console import LineDisplay, LiveDisplay
+
+    report = client.status(args.run)  # an unknown run is an error, not an endless wait
+    display: Any = LiveDisplay() if sys.stderr.isatty() else LineDisplay()
+    display.waiting = f"waiting for run {args.run} to start…"
+    remote: list[client.RemoteRun] = []
+    if isinstance(display, LiveDisplay):
+        display.footer = lambda: client.estimate_text(
+            remote[0].estimate if remote else None, bool(remote and remote[0].ended))
+    with display:
+        record = asyncio.run(client.watch(args.run, display, plan=report["plan"],
+                                          on_start=remote.append))
+    print(f"run {record.run_id} {record.status}")
+    return record.status.exit_code
 
 
 def strict_json(value: Any) -> Any:

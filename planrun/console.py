@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import IO, Any
 
 from rich.console import Console, Group
@@ -55,6 +56,8 @@ class LiveDisplay:
         self.live: Live | None = None
         self.run: RunRecord | None = None
         self.waiting = "starting…"
+        #: A line under the progress bar (``planrun watch``: the estimate), if it says anything.
+        self.footer: Callable[[], str] | None = None
 
     def __enter__(self) -> LiveDisplay:
         self.live = Live(console=self.console, refresh_per_second=8,
@@ -92,7 +95,11 @@ class LiveDisplay:
         elapsed = format_duration(run.duration_s or 0.0)
         head = Text.assemble((f"{run.plan} ", "bold"), (status, RUN_STYLES.get(status, "")),
                              f"  {progress['done']}/{progress['total']} steps  {elapsed}")
-        parts: list[Any] = [head, _bar(progress["done"], progress["total"]), table]
+        parts: list[Any] = [head, _bar(progress["done"], progress["total"])]
+        footer = self.footer() if self.footer else ""
+        if footer:
+            parts.append(Text(footer, style="cyan"))
+        parts.append(table)
         if run.reason and run.status.value not in ("running", "pending"):
             parts.append(Text(run.reason, style=RUN_STYLES.get(status, "")))
         if run.flow_run_url:

@@ -14,26 +14,28 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 from fastapi import APIRouter, FastAPI
 
-from progress_bridge import ops, sse, ws
+from progress_bridge import control, ops, sse, ws
 from progress_bridge.hub import Hub, Subscription
 from progress_bridge.metrics import Metrics
 from progress_bridge.publisher import Publisher
-from progress_bridge.state import BridgeState, Settings
+from progress_bridge.state import BridgeState, Settings, Submit
 from progress_bridge.store import MessageStore
 
-ROUTERS: tuple[APIRouter, ...] = (ws.router, sse.router, ops.router)
-Upstream = Callable[[Publisher], Awaitable[None]]
+ROUTERS: tuple[APIRouter, ...] = (ws.router, sse.router, ops.router, control.router)
+Upstream = Callable[[BridgeState], Awaitable[None]]
 
 
 def create_app(store: MessageStore, hub: Hub, token: str | None = None, *,
                allowed_origins: Iterable[str] = (), heartbeat_s: float = 15.0,
                max_frame_bytes: int = 4096, close_timeout_s: float = 30.0,
-               upstream: Upstream | None = None, freeze_gc: bool = True) -> FastAPI:
+               upstream: Upstream | None = None, submit: Submit | None = None,
+               freeze_gc: bool = True) -> FastAPI:
     """A bridge app serving ``store`` and ``hub``; the caller owns and closes the store.
 
     ``token`` defaults to ``$PLANRUN_TOKEN``; empty or unset means no authentication.
-    ``upstream``, if given, runs for the app's lifetime with the app's :class:`Publisher`
-    and is cancelled at shutdown. ``freeze_gc`` moves start-up objects out of the
+    ``upstream``, if given, runs for the app's lifetime with the app's
+    :class:`BridgeState` and is cancelled at shutdown; ``submit`` starts the runs
+    ``POST /v1/runs`` asks for. ``freeze_gc`` moves start-up objects out of the
     collector's reach, which took the worst fan-out latency from ≈ 200 ms to ≈ 50 ms
     (MEASURED.md).
     """
@@ -43,11 +45,12 @@ def create_app(store: MessageStore, hub: Hub, token: str | None = None, *,
     settings = Settings(token=token or None,
                         allowed_origins=frozenset(allowed_origins), heartbeat_s=heartbeat_s,
                         max_frame_bytes=max_frame_bytes, close_timeout_s=close_timeout_s)
-    state = BridgeState(store, hub, metrics, Publisher(store, hub, metrics), settings)
+    state = BridgeState(store, hub, metrics, Publisher(store, hub, metrics), settings,
+                        submit=submit)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.ensure_future(upstream(state.publisher)) if upstream else None
+        task = asyncio.ensure_future(upstream(state)) if upstream else None
         if freeze_gc:
             gc.collect()
             gc.freeze()

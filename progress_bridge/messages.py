@@ -68,12 +68,15 @@ class Progress:
 
 @dataclass(frozen=True)
 class Estimate:
-    """Time left: ``low_s``..``high_s`` is an 80 % interval; ``finish_at`` is ISO-8601."""
+    """Time left: ``low_s``..``high_s`` is an 80 % interval; ``finish_at`` is ISO-8601;
+    ``early_by_s`` how much earlier than first estimated the run ends, if it does."""
 
     remaining_s: float
     low_s: float
     high_s: float
     finish_at: str | None = None
+    #: How much earlier than first estimated the run is heading to end (or ended).
+    early_by_s: float | None = None
 
 
 @dataclass(frozen=True)

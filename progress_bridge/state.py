@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import HTTPConnection
 
@@ -10,6 +12,12 @@ from progress_bridge.hub import Hub
 from progress_bridge.metrics import Metrics
 from progress_bridge.publisher import Publisher
 from progress_bridge.store import MessageStore
+
+if TYPE_CHECKING:
+    from progress_bridge.runs import RunView
+
+#: Starts a run of a validated plan (data) with its inputs; returns the run id.
+Submit = Callable[[dict[str, Any], dict[str, Any]], Awaitable[str]]
 
 
 @dataclass(frozen=True)
@@ -33,13 +41,16 @@ class Settings:
 
 @dataclass(frozen=True)
 class BridgeState:
-    """The store, hub, metrics and settings of one bridge app."""
+    """The store, hub, metrics and settings of one bridge app; ``views`` are the runs the
+    upstream follows, by run id; ``submit`` starts runs (None: this bridge cannot)."""
 
     store: MessageStore
     hub: Hub
     metrics: Metrics
     publisher: Publisher
     settings: Settings
+    views: dict[str, RunView] = field(default_factory=dict)
+    submit: Submit | None = None
 
 
 def state_of(conn: HTTPConnection) -> BridgeState:

@@ -17,6 +17,7 @@ could reorder or lose it. Replay reads run in a thread, on a connection of their
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
 from pathlib import Path
@@ -24,14 +25,20 @@ from pathlib import Path
 from progress_bridge.messages import Draft, Message
 
 FILENAME = "bridge.sqlite3"
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS messages (
-    run_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    body TEXT NOT NULL,
-    PRIMARY KEY (run_id, seq)
-) WITHOUT ROWID
-"""
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS messages (
+        run_id TEXT NOT NULL, seq INTEGER NOT NULL, body TEXT NOT NULL,
+        PRIMARY KEY (run_id, seq)) WITHOUT ROWID""",
+    # The upstream's view of each run, so a restarted bridge goes on where it stopped.
+    """CREATE TABLE IF NOT EXISTS runs (
+        run_id TEXT PRIMARY KEY, state TEXT NOT NULL) WITHOUT ROWID""",
+    # Prefect events already turned into messages, so none is applied twice.
+    """CREATE TABLE IF NOT EXISTS seen (
+        event_id TEXT PRIMARY KEY, occurred REAL NOT NULL) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)""",
+)
+#: How long a seen event id is kept: far longer than any reconciliation looks back.
+SEEN_KEEP_S = 24 * 3600.0
 
 
 class StoreError(RuntimeError):
@@ -54,13 +61,20 @@ class MessageStore:
         self.path = Path(directory) / filename
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = _connect(self.path)
-        self._writer.execute(_SCHEMA)
+        for statement in _SCHEMA:
+            self._writer.execute(statement)
         self._reader = _connect(self.path)
         # Separate locks: a long replay read must not hold up appends on the event loop.
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
         self._last: dict[str, int] = dict(
             self._writer.execute("SELECT run_id, MAX(seq) FROM messages GROUP BY run_id"))
+        cursor = self._writer.execute("SELECT value FROM meta WHERE key = 'cursor'").fetchone()
+        self.cursor: float | None = float(cursor[0]) if cursor else None
+        if self.cursor is not None:
+            self._writer.execute("DELETE FROM seen WHERE occurred < ?",
+                                 (self.cursor - SEEN_KEEP_S,))
+        self._seen: set[str] = {row[0] for row in self._writer.execute("SELECT event_id FROM seen")}
         self._closed = False
 
     def last_seq(self, run_id: str) -> int:
@@ -85,6 +99,61 @@ class MessageStore:
                 raise StoreError(f"writing message {seq} of run {run_id} failed: {exc}") from exc
         self._last[run_id] = seq
         return message
+
+    def commit(self, run_id: str, drafts: list[Draft], state: str | None = None, *,
+               event_id: str | None = None, occurred: float | None = None) -> list[Message]:
+        """Number ``drafts`` as the run's next messages and commit them in one transaction
+        with the run's new ``state`` and, for a Prefect event, its id (as seen) and time
+        (the reconciliation cursor): a crash leaves all of it or none.
+
+        Raises :class:`StoreError` like :meth:`append`; nothing is then numbered.
+        """
+        first = self._last.get(run_id, 0) + 1
+        messages = [draft.numbered(run_id, seq) for seq, draft in enumerate(drafts, first)]
+        with self._write_lock:
+            if self._closed:
+                raise StoreError("the message store is closed")
+            db = self._writer
+            try:
+                db.execute("BEGIN")
+                db.executemany("INSERT INTO messages (run_id, seq, body) VALUES (?, ?, ?)",
+                               [(run_id, m.seq, m.json) for m in messages])
+                if state is not None:
+                    db.execute("INSERT OR REPLACE INTO runs (run_id, state) VALUES (?, ?)",
+                               (run_id, state))
+                if event_id is not None and occurred is not None:
+                    db.execute("INSERT OR IGNORE INTO seen (event_id, occurred) VALUES (?, ?)",
+                               (event_id, occurred))
+                    if self.cursor is None or occurred > self.cursor:
+                        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES "
+                                   "('cursor', ?)", (repr(occurred),))
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise StoreError(f"writing messages of run {run_id} failed: {exc}") from exc
+        if messages:
+            self._last[run_id] = messages[-1].seq
+        if event_id is not None and occurred is not None:
+            self._seen.add(event_id)
+            self.cursor = max(occurred, self.cursor or occurred)
+        return messages
+
+    def seen(self, event_id: str) -> bool:
+        """Whether the Prefect event ``event_id`` was already committed."""
+        return event_id in self._seen
+
+    def run_state(self, run_id: str) -> str | None:
+        """The run's stored state, or None."""
+        with self._write_lock:
+            row = self._writer.execute("SELECT state FROM runs WHERE run_id = ?",
+                                       (run_id,)).fetchone()
+        return row[0] if row else None
+
+    def run_states(self) -> dict[str, str]:
+        """Every run's stored state, by run id."""
+        with self._write_lock:
+            return dict(self._writer.execute("SELECT run_id, state FROM runs"))
 
     async def after(self, run_id: str, seq: int) -> list[Message]:
         """Every message of the run with a seq above ``seq``, in order."""

@@ -9,7 +9,7 @@ import httpx
 from websockets.asyncio.client import connect
 
 from progress_bridge.messages import Draft
-from progress_bridge.publisher import Publisher
+from progress_bridge.state import BridgeState
 
 from .clients import draft, receive_until
 from .conftest import BridgeFactory, ServedBridge, wait_for
@@ -52,12 +52,12 @@ def test_gc_is_frozen_after_start_up(bridge_factory: BridgeFactory) -> None:
         gc.unfreeze()
 
 
-def test_the_upstream_runs_with_the_publisher_for_the_apps_lifetime(
+def test_the_upstream_runs_with_the_bridge_state_for_the_apps_lifetime(
         bridge_factory: BridgeFactory) -> None:
     stopped = asyncio.Event()
 
-    async def upstream(publisher: Publisher) -> None:
-        await publisher.emit("r", Draft(type="run.started", status="running"))
+    async def upstream(state: BridgeState) -> None:
+        await state.publisher.emit("r", Draft(type="run.started", status="running"))
         try:
             await asyncio.Event().wait()
         finally:

@@ -1,0 +1,132 @@
+"""planrun's own Prefect events: what Prefect's state events do not say about a run.
+
+Prefect emits a state event per task run, but not a step's summary, its error category and
+hint, its attempt number, why it was skipped, or what a failure will skip. The engine
+emits one ``planrun.*`` event per change of a run instead, with all of that in the payload,
+through Prefect's ``emit_event``, so the progress bridge (and anything else subscribed to
+Prefect's events: automations, the Prefect UI's event feed) sees the run as planrun does:
+
+- ``planrun.run.started``: the plan's steps, their needs and first estimates;
+- ``planrun.step.<status>``: a step began an attempt (``running``), will try again
+  (``retrying``), or finished (``completed``, ``failed``, ``skipped``, ``cancelled``);
+- ``planrun.run.<status>``: the run ended (``completed``, ``completed_with_errors``,
+  ``failed``, ``cancelled``).
+
+Every event's resource is ``planrun.run.<run id>``; Prefect adds the flow run as a related
+resource. ``payload.n`` counts the run's events from 1, so a reader can tell an old event
+it sees late (after a reconnect) from a new one.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from plan_schemas.model import Plan
+from planrun.report import RunRecord, StepRecord, StepStatus, iso
+from planrun.summary import summarize
+
+#: Input and output larger than this (as JSON) are replaced by a note in the event: Prefect
+#: refuses events over 1.5 MB, and a live view needs a summary, not the payload.
+MAX_VALUE_BYTES = 32_000
+RESOURCE_PREFIX = "planrun.run."
+
+
+def resource(run_id: str, plan: str) -> dict[str, str]:
+    """The resource every event of a run is about."""
+    return {"prefect.resource.id": f"{RESOURCE_PREFIX}{run_id}",
+            "prefect.resource.name": plan, "planrun.plan": plan}
+
+
+class RunEvents:
+    """Emits the events of one run; its ``changed`` is called on every change."""
+
+    def __init__(self, plan: Plan, run: RunRecord) -> None:
+        self.plan = plan
+        self.run = run
+        self.resource = resource(run.run_id, plan.name)
+        self.count = 0
+        self.last: dict[str, tuple[StepStatus, int]] = {}
+        self.conditional = {s.id for s in plan.steps if s.when is not None}
+
+    def started(self) -> None:
+        run = self.run
+        self._emit("planrun.run.started", {
+            "plan": run.plan, "max_parallel": self.plan.limits.max_parallel,
+            "started_at": iso(run.started_at), "prefect_url": run.flow_run_url,
+            "steps": [{"id": s.id, "name": s.name, "tool": s.tool, "needs": s.needs,
+                       "critical": s.critical, "estimate_s": s.estimate_s}
+                      for s in run.steps.values()],
+        })
+
+    def changed(self, step: StepRecord) -> None:
+        """Emit the step's event if its status or attempt changed since the last one."""
+        key = (step.status, step.attempts)
+        if step.status == StepStatus.PENDING or self.last.get(step.id) == key:
+            return
+        self.last[step.id] = key
+        payload = {"step_id": step.id, "status": str(step.status), "attempt": step.attempts,
+                   "started_at": iso(step.started_at), "ended_at": iso(step.ended_at),
+                   "duration_s": step.duration_s, "summary": _summary(step),
+                   "error": step.error.to_report() if step.error else None,
+                   "reason": step.reason, "fallback_used": step.fallback_used,
+                   "retry_delay_s": step.retry_delay_s, "input": _bounded(step.input, "input")}
+        if step.status.finished:
+            payload["output"] = _bounded(step.output, "output")
+        if step.status == StepStatus.FAILED:
+            payload["impact"] = self.impact(step)
+        self._emit(f"planrun.step.{step.status}", payload)
+
+    def ended(self) -> None:
+        run = self.run
+        self._emit(f"planrun.run.{run.status}", {
+            "status": str(run.status), "reason": run.reason, "started_at": iso(run.started_at),
+            "ended_at": iso(run.ended_at), "duration_s": run.duration_s,
+            "rolled_back": run.rolled_back, "progress": run.progress(),
+        })
+
+    def impact(self, failed: StepRecord) -> dict[str, Any]:
+        """What ``failed`` failing means: the steps that will now be skipped (everything
+        not started when it is critical; else what needs it, unless a ``when`` decides),
+        and whether the run fails."""
+        steps = self.run.steps
+        if failed.critical:
+            skipped = [s.id for s in steps.values() if s.status == StepStatus.PENDING]
+        else:
+            lost, grew = {failed.id}, True
+            while grew:  # plans need not list a step after its needs
+                grew = False
+                for step in steps.values():
+                    if (step.id not in lost and step.id not in self.conditional
+                            and step.status == StepStatus.PENDING
+                            and any(n in lost for n in step.needs)):
+                        lost.add(step.id)
+                        grew = True
+            skipped = [sid for sid in steps if sid in lost and sid != failed.id]
+        return {"skipped": skipped, "run_fails": failed.critical}
+
+    def _emit(self, event: str, payload: dict[str, Any]) -> None:
+        from prefect.events import emit_event
+
+        self.count += 1
+        emit_event(event, resource=self.resource,
+                   payload={"run_id": self.run.run_id, "n": self.count, **payload})
+
+
+def _summary(step: StepRecord) -> str | None:
+    if step.status == StepStatus.COMPLETED:
+        text = summarize(step.output)
+        return f"{text} (by its fallback)" if step.fallback_used else text
+    if step.status in (StepStatus.FAILED, StepStatus.RETRYING) and step.error is not None:
+        return step.error.message
+    return step.reason
+
+
+def _bounded(value: Any, what: str) -> Any:
+    try:
+        size = len(json.dumps(value, default=str))
+    except (TypeError, ValueError):
+        return f"<{what} that is not JSON>"
+    if size <= MAX_VALUE_BYTES:
+        return value
+    return f"<{what} of {size} bytes: too large for the event stream; see the run report>"

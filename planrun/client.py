@@ -1,0 +1,177 @@
+"""Talking to a running stack (``planrun up``): ``submit``, ``status`` and ``watch``.
+
+The bridge is at ``PLANRUN_BRIDGE_URL`` (default ``http://127.0.0.1:8765``); a bearer
+token, if the bridge wants one, comes from ``PLANRUN_TOKEN``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import httpx
+
+from planrun.durations import format_duration
+from planrun.errors import PlanrunError, step_error
+from planrun.report import RunObserver, RunRecord, RunStatus, StepRecord, StepStatus
+
+DEFAULT_URL = "http://127.0.0.1:8765"
+RUN_ENDS = {f"run.{s}": s for s in ("completed", "completed_with_errors", "failed",
+                                    "cancelled")}
+
+
+def bridge_url() -> str:
+    return os.environ.get("PLANRUN_BRIDGE_URL", DEFAULT_URL).rstrip("/")
+
+
+def _headers() -> dict[str, str]:
+    token = os.environ.get("PLANRUN_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _request(method: str, path: str, **kwargs: Any) -> httpx.Response:
+    url = bridge_url()
+    try:
+        return httpx.request(method, f"{url}{path}", headers=_headers(), timeout=30.0,
+                             **kwargs)
+    except httpx.HTTPError as exc:
+        raise PlanrunError(f"no planrun stack answers at {url} ({exc}): start one with "
+                           "`planrun up`, or set PLANRUN_BRIDGE_URL") from None
+
+
+def _refused(response: httpx.Response) -> PlanrunError:
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"detail": response.text}
+    detail = body.get("detail") if isinstance(body, dict) else body
+    lines = [str(e.get("text") or e.get("message")) for e in body.get("errors", [])] \
+        if isinstance(body, dict) else []
+    return PlanrunError("\n".join([f"the bridge answered {response.status_code}: {detail}",
+                                   *lines]))
+
+
+def submit(plan_text: str, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Submit a plan (YAML text) with typed inputs; the bridge's answer (``run_id``...)."""
+    response = _request("POST", "/v1/runs", json={"plan": plan_text, "inputs": inputs})
+    if response.status_code != 201:
+        raise _refused(response)
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+def status(run_id: str) -> dict[str, Any]:
+    """The run's report with progress and estimate."""
+    response = _request("GET", f"/v1/runs/{run_id}")
+    if response.status_code != 200:
+        raise _refused(response)
+    report: dict[str, Any] = response.json()
+    return report
+
+
+def estimate_text(estimate: dict[str, Any] | None, ended: bool) -> str:
+    """"about 12s left (9s–18s)", or how much earlier than first estimated a run ended."""
+    if not estimate:
+        return ""
+    early = estimate.get("early_by_s")
+    if ended:
+        return f"finished {format_duration(early)} earlier than first estimated" if early else ""
+    text = (f"about {format_duration(estimate['remaining_s'])} left "
+            f"({format_duration(estimate['low_s'])}–{format_duration(estimate['high_s'])})")
+    return text + (f", {format_duration(early)} ahead of the first estimate" if early else "")
+
+
+class RemoteRun:
+    """A run record rebuilt from the bridge's messages, for the terminal displays."""
+
+    def __init__(self, run_id: str, plan: str = "") -> None:
+        self.record = RunRecord(run_id=run_id, plan=plan, steps={})
+        self.last_seq = 0
+        self.estimate: dict[str, Any] | None = None
+
+    def apply(self, message: dict[str, Any]) -> StepRecord | None:
+        """Apply one message; the step it changed, if any."""
+        kind, run = message["type"], self.record
+        if kind == "heartbeat" or message["seq"] <= self.last_seq:
+            return None
+        self.last_seq = message["seq"]
+        self.estimate = message.get("estimate") or self.estimate
+        when = _epoch(message.get("ts"))
+        if kind == "run.started":
+            run.status, run.started_at = RunStatus.RUNNING, when
+            run.steps = {s["id"]: StepRecord(id=s["id"], tool=s["tool"], name=s.get("name"),
+                                             needs=list(s.get("needs", [])),
+                                             critical=s.get("critical", True))
+                         for s in message.get("plan") or []}
+        elif kind in RUN_ENDS:
+            run.status, run.ended_at = RunStatus(RUN_ENDS[kind]), when
+            run.reason = message.get("summary")
+        step = run.steps.get(message.get("step_id") or "")
+        if step is None:
+            return None
+        step.status = StepStatus(message["status"])
+        step.attempts = message.get("attempt") or step.attempts
+        if step.status in (StepStatus.RUNNING, StepStatus.RETRYING) and step.started_at is None:
+            step.started_at = when
+        if step.status.finished:
+            step.ended_at = when
+            duration = message.get("duration_s")
+            if duration is not None and when is not None:
+                step.started_at = when - duration
+        error = message.get("error")
+        step.error = step_error(error["category"], error["message"], hint=error.get("hint")) \
+            if error else None
+        step.reason = message.get("summary") if step.status in (
+            StepStatus.SKIPPED, StepStatus.CANCELLED) else None
+        return step
+
+    @property
+    def ended(self) -> bool:
+        return self.record.status.value in RUN_ENDS.values()
+
+
+async def watch(run_id: str, observer: RunObserver, *, plan: str = "",
+                give_up_s: float = 30.0,
+                on_start: Callable[[RemoteRun], object] | None = None) -> RunRecord:
+    """Follow the run over the bridge's WebSocket until it ends, telling ``observer`` of
+    every change; reconnects with ``after`` (nothing missed, nothing twice)."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus, WebSocketException
+
+    remote = RemoteRun(run_id, plan)
+    if on_start is not None:
+        on_start(remote)
+    base = bridge_url().replace("http", "ws", 1)
+    delay, down_since = 0.2, None
+    while not remote.ended:
+        url = f"{base}/v1/runs/{run_id}/ws?after={remote.last_seq}"
+        try:
+            async with connect(url, additional_headers=_headers(), proxy=None) as socket:
+                down_since, delay = None, 0.2
+                async for frame in socket:
+                    step = remote.apply(json.loads(frame))
+                    observer.changed(remote.record, step)
+                    if remote.ended:
+                        break
+        except InvalidStatus as exc:
+            raise PlanrunError(f"the bridge refused to stream run {run_id}: "
+                               f"{exc.response.status_code}") from None
+        except (OSError, WebSocketException) as exc:
+            down_since = down_since or asyncio.get_running_loop().time()
+            if asyncio.get_running_loop().time() - down_since > give_up_s:
+                raise PlanrunError(f"lost the bridge at {bridge_url()} for {give_up_s:.0f}s: "
+                                   f"{exc}") from None
+        if not remote.ended:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    return remote.record
+
+
+def _epoch(stamp: Any) -> float | None:
+    if not stamp:
+        return None
+    return datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()

@@ -1,0 +1,150 @@
+"""``planrun up``: the local stack in one command.
+
+A Prefect server (planrun's local one on SQLite, unless ``PREFECT_API_URL`` names one), a
+runner serving the ``planrun/plan-runner`` deployment (each run in a process of its own)
+and the progress bridge. The runner and the bridge are child processes; Ctrl-C or SIGTERM
+stops them, and the local server too when this command started it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+from planrun import server
+from planrun.errors import PlanrunError
+
+START_TIMEOUT_S = 60.0
+STOP_GRACE_S = 10.0
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def up(host: str, port: int, out: IO[str] = sys.stdout) -> int:
+    """Start the stack, print where it is, and keep it up until a signal; the exit code."""
+    from planrun.runner import prepare_prefect
+
+    own_server = not os.environ.get("PREFECT_API_URL") and server.running() is None
+    api = prepare_prefect()
+    home = server.data_dir()
+    logs = home / "logs"
+    logs.mkdir(exist_ok=True)
+    env = {**os.environ, **server.QUIET_ENV, "PREFECT_API_URL": api,
+           "PREFECT_RUNNER_POLL_FREQUENCY": os.environ.get("PREFECT_RUNNER_POLL_FREQUENCY", "1"),
+           "PLANRUN_WORKSPACE": os.path.abspath(os.environ.get("PLANRUN_WORKSPACE",
+                                                               "workspace"))}
+    children = [
+        _spawn("runner", [sys.executable, "-m", "flows.serve"], env, logs),
+        _spawn("bridge", [sys.executable, "-m", "progress_bridge", "--host", host,
+                          "--port", str(port), "--data", str(home / "bridge")], env, logs),
+    ]
+    stop = _on_signals()
+    bridge = f"http://{host}:{port}"
+    try:
+        _wait_ready(children, bridge, api, stop)
+        if stop:
+            return 0
+        ui = api.removesuffix("/api")
+        print(f"planrun is up\n"
+              f"  bridge      {bridge}\n"
+              f"  API docs    {bridge}/docs\n"
+              f"  Prefect UI  {ui}\n"
+              f"  runner      serving planrun/plan-runner (logs in {logs})\n"
+              f"submit a plan with `planrun submit PLAN`, follow it with `planrun watch RUN` "
+              f"or {bridge}/v1/runs/RUN/view; Ctrl-C stops", file=out, flush=True)
+        while not stop:
+            for child in children:
+                if child.process.poll() is not None:
+                    raise PlanrunError(f"the {child.name} exited with status "
+                                       f"{child.process.returncode}:\n{child.tail()}")
+            time.sleep(0.2)
+        print("stopping…", file=out, flush=True)
+        return 0
+    finally:
+        for child in children:
+            _stop(child)
+        if own_server:
+            server.stop()
+
+
+def _spawn(name: str, argv: list[str], env: dict[str, str], logs: Path) -> Child:
+    log = logs / f"{name}.log"
+    with log.open("ab") as sink:
+        process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=sink,
+                                   stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=_die_with_parent)
+    return Child(name, process, log)
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when ``planrun up`` dies, even by SIGKILL (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _wait_ready(children: list[Child], bridge: str, api: str, stop: list[int]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    waiting = {"bridge": f"{bridge}/healthz",
+               "runner": f"{api}/deployments/name/planrun/plan-runner"}
+    while waiting and not stop:
+        for child in children:
+            if child.process.poll() is not None:
+                raise PlanrunError(f"the {child.name} exited with status "
+                                   f"{child.process.returncode} while starting:\n{child.tail()}")
+        for name, url in list(waiting.items()):
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url, timeout=1.0).status_code == 200:
+                    del waiting[name]
+        if time.monotonic() > deadline:
+            raise PlanrunError(f"the {' and the '.join(waiting)} did not start within "
+                               f"{START_TIMEOUT_S:.0f}s; see the logs in {children[0].log.parent}")
+        time.sleep(0.2)
+
+
+def _on_signals() -> list[int]:
+    """A list that gets the signal number when SIGINT or SIGTERM arrives."""
+    received: list[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        received.append(signum)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return received
+
+
+def _stop(child: Child) -> None:
+    """SIGTERM to the child's process group (a runner's runs included), SIGKILL if needed."""
+    if child.process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.process.pid, signal.SIGTERM)
+    try:
+        child.process.wait(STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.process.pid, signal.SIGKILL)
+        child.process.wait()

@@ -1,0 +1,63 @@
+"""``python -m progress_bridge``: serve the bridge under uvicorn (``planrun up`` runs this).
+
+It follows the Prefect server at ``PREFECT_API_URL``, keeps its message log under
+``--data`` and starts submitted runs as runs of the ``planrun/plan-runner`` deployment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from progress_bridge.app import create_app
+from progress_bridge.hub import Hub
+from progress_bridge.store import MessageStore
+from progress_bridge.upstream import PrefectUpstream
+
+DEFAULT_PORT = 8765
+
+
+async def submit_deployment(plan: dict[str, Any], inputs: dict[str, Any]) -> str:
+    """Start ``plan`` as a run of the plan-runner deployment; its flow run id."""
+    from prefect.deployments import run_deployment
+
+    from flows.serve import DEPLOYMENT_PATH
+
+    name = str(plan.get("name", "plan"))
+    started = run_deployment(DEPLOYMENT_PATH, parameters={"plan": plan, "inputs": inputs},
+                             timeout=0, as_subflow=False, flow_run_name=name,
+                             tags=["planrun", f"plan:{name}"])
+    flow_run = await started if inspect.isawaitable(started) else started
+    return str(flow_run.id)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m progress_bridge")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int,
+                        default=int(os.environ.get("PLANRUN_BRIDGE_PORT", DEFAULT_PORT)))
+    parser.add_argument("--data", type=Path, required=True, help="the message log's directory")
+    parser.add_argument("--allow-origin", action="append", default=[],
+                        help="a browser origin allowed besides the bridge's own")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    store = MessageStore(args.data)
+    try:
+        app = create_app(store, Hub(), allowed_origins=args.allow_origin,
+                         upstream=PrefectUpstream(), submit=submit_deployment)
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                timeout_graceful_shutdown=5, ws_max_size=1 << 16)
+        asyncio.run(uvicorn.Server(config).serve())
+    finally:
+        store.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""``planrun up`` end to end: the real runner and bridge as processes against the test's
+Prefect server; ``submit``, ``watch`` and ``status`` as a person would type them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.helpers import PLANRUN, ROOT, cli, wait_for
+
+SLOW_SHELL = """
+version: 1
+name: slow-shell
+steps:
+  - id: wait
+    tool: shell.run
+    with: {argv: [sleep, "60"]}
+    timeout: 90s
+  - id: after
+    tool: core.echo
+    needs: [wait]
+    with: {value: done}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Stack:
+    def __init__(self, tmp: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "PLANRUN_BRIDGE_URL": self.url,
+                    "PLANRUN_WORKSPACE": str(tmp / "workspace")}
+        self.out = tmp / "up.out"
+        with self.out.open("wb") as sink:
+            self.process = subprocess.Popen([*PLANRUN, "up", "--port", str(self.port)],
+                                            cwd=tmp, env=self.env, stdout=sink,
+                                            stderr=subprocess.STDOUT)
+        wait_for(lambda: "planrun is up" in self.output() or self.process.poll() is not None,
+                 90, "planrun up to print its URLs")
+        assert self.process.poll() is None, self.output()
+
+    def output(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return cli(*args, env={"PLANRUN_BRIDGE_URL": self.url}, timeout=timeout)
+
+    def children(self) -> list[psutil.Process]:
+        return psutil.Process(self.process.pid).children(recursive=True)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        return self.process.wait(30)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    running = Stack(tmp_path_factory.mktemp("stack"))
+    yield running
+    if running.process.poll() is None:  # a test failed before Ctrl-C: stop it the same way
+        running.stop()
+
+
+def test_up_prints_where_the_bridge_the_docs_and_the_prefect_ui_are(stack: Stack) -> None:
+    text = stack.output()
+    assert f"bridge      {stack.url}" in text
+    assert f"API docs    {stack.url}/docs" in text
+    assert f"Prefect UI  {os.environ['PREFECT_API_URL'].removesuffix('/api')}" in text
+    assert httpx.get(f"{stack.url}/docs").status_code == 200
+    assert httpx.get(f"{stack.url}/healthz").json()["status"] == "ok"
+
+
+def test_submit_watch_and_status_follow_a_run_of_the_stack(stack: Stack) -> None:
+    submitted = stack.cli("submit", str(ROOT / "examples" / "shell-pipeline.yaml"))
+    assert submitted.returncode == 0, submitted.stderr
+    run_id = submitted.stdout.strip()
+    assert f"planrun watch {run_id}" in submitted.stderr
+
+    watched = stack.cli("watch", run_id)
+    assert watched.returncode == 3, watched.stderr  # completed_with_errors, as `run` says
+    lines = watched.stderr
+    assert "lint failed attempt 1" in lines and "save completed attempt 1" in lines
+    assert watched.stdout.strip() == f"run {run_id} completed_with_errors"
+
+    shown = stack.cli("status", run_id, "--json")
+    assert shown.returncode == 0, shown.stderr
+    report = json.loads(shown.stdout)
+    assert report["run_id"] == run_id and report["plan"] == "shell-pipeline"
+    assert report["status"] == "completed_with_errors"
+    assert report["steps"]["lint"]["error"]["category"] == "configuration"
+    assert report["steps"]["save"]["output"]["bytes"] > 0
+    assert report["progress"]["percent"] == 100.0
+    assert (Path(stack.env["PLANRUN_WORKSPACE"]) / "numbers.txt").exists()
+
+    human = stack.cli("status", run_id)
+    assert "completed_with_errors, 6/6 steps" in human.stdout
+    assert httpx.get(f"{stack.url}/v1/runs/{run_id}/view").status_code == 200
+
+
+def test_submit_refuses_an_invalid_plan_before_it_reaches_the_stack(
+        stack: Stack, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nname: bad\nsteps:\n  - {id: a, tool: no.such}\n")
+    refused = stack.cli("submit", str(bad))
+    assert refused.returncode == 2
+    assert "bad.yaml:4" in refused.stderr and "no.such" in refused.stderr
+    assert stack.cli("watch", "no-such-run").returncode == 1
+
+
+def test_a_run_whose_process_is_killed_ends_failed_on_the_stream(stack: Stack,
+                                                                  tmp_path: Path) -> None:
+    plan = tmp_path / "slow.yaml"
+    plan.write_text(SLOW_SHELL)
+    run_id = stack.cli("submit", str(plan)).stdout.strip()
+
+    def running() -> bool:
+        report = json.loads(stack.cli("status", run_id, "--json").stdout)
+        return bool(report["steps"].get("wait", {}).get("status") == "running")
+
+    wait_for(running, 60, "the slow step to run")
+    # The runner starts each run in a process of its own (multiprocessing's spawn).
+    engine = wait_for(lambda: [p for p in stack.children() if "spawn_main" in _cmdline(p)],
+                      10, "the run's process")
+    assert len(engine) == 1
+    orphans = engine[0].children(recursive=True)  # the step's `sleep`, in its own group
+    engine[0].kill()
+    for process in orphans:
+        process.kill()
+    watched = stack.cli("watch", run_id, timeout=90)
+    assert watched.returncode == 1, watched.stderr
+    report = json.loads(stack.cli("status", run_id, "--json").stdout)
+    assert report["status"] == "failed"
+    assert "crashed" in report["reason"]
+    assert report["steps"]["wait"]["status"] == "cancelled"
+    assert report["steps"]["after"]["status"] == "skipped"
+
+
+def test_ctrl_c_stops_the_runner_and_the_bridge(stack: Stack) -> None:
+    children = stack.children()
+    assert children
+    assert stack.stop() == 0
+    gone = wait_for(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE
+                                    for c in children), 20, "the stack's processes to exit")
+    assert gone
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{stack.url}/healthz")
+    assert "stopping" in stack.output()
+
+
+def _cmdline(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
+
