@@ -103,6 +103,7 @@ class RemoteRun:
         when = _epoch(message.get("ts"))
         if kind == "run.started":
             run.status, run.started_at = RunStatus.RUNNING, when
+            run.plan = message.get("summary") or run.plan  # run.started names the plan
             run.steps = {s["id"]: StepRecord(id=s["id"], tool=s["tool"], name=s.get("name"),
                                              needs=list(s.get("needs", [])),
                                              critical=s.get("critical", True))

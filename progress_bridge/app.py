@@ -14,14 +14,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 from fastapi import APIRouter, FastAPI
 
-from progress_bridge import control, ops, sse, ws
+from progress_bridge import control, ops, sse, view, ws
 from progress_bridge.hub import Hub, Subscription
 from progress_bridge.metrics import Metrics
 from progress_bridge.publisher import Publisher
 from progress_bridge.state import BridgeState, Settings, Submit
 from progress_bridge.store import MessageStore
 
-ROUTERS: tuple[APIRouter, ...] = (ws.router, sse.router, ops.router, control.router)
+ROUTERS: tuple[APIRouter, ...] = (ws.router, sse.router, ops.router, control.router,
+                                  view.router)
 Upstream = Callable[[BridgeState], Awaitable[None]]
 
 

@@ -44,7 +44,9 @@ class Invalid(BaseModel):
              responses={422: {"model": Invalid, "description": "the plan or inputs are not "
                               "valid; every error is listed"},
                         413: {"description": "the plan is too large"},
-                        503: {"description": "this bridge cannot start runs"}})
+                        503: {"description": "this bridge cannot start runs"}},
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": Submission.model_json_schema()}}}})
 async def submit(request: Request) -> Any:
     """Validate a plan as ``planrun validate`` does and start it as a Prefect deployment
     run; ``run_id`` is the flow run's id."""

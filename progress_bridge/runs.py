@@ -82,7 +82,7 @@ class RunView:
                                 critical=s.critical, estimate_s=s.estimate_s)
                      for s in steps.values())
         return view, [view._draft(m.MessageType.RUN_STARTED, status=str(record.status),
-                                  plan=plan)]
+                                  summary=record.plan, plan=plan)]
 
     @classmethod
     def unstarted(cls, run_id: str, plan: str = "") -> RunView:

@@ -1,0 +1,374 @@
+"""The live page ``GET /v1/runs/{id}/view``: served over HTTP, and driven in headless
+Chromium against a real bridge under uvicorn while messages are published to it.
+
+The browser is Debian's ``/usr/bin/chromium`` (``scripts/install --test`` installs it);
+without it the browser tests are skipped. ``scripts/screenshot-live-page`` runs
+:func:`test_a_mid_run_page_for_a_person` to refresh ``docs/live-page.png``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, BrowserContext, Locator, Page, expect, sync_playwright
+
+from planrun.report import iso
+from progress_bridge.messages import (
+    Draft,
+    ErrorInfo,
+    Estimate,
+    Impact,
+    Message,
+    PlanStep,
+    Progress,
+)
+from progress_bridge.view import render
+
+from .conftest import BridgeFactory, ServedBridge
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOT_ENV = "PLANRUN_LIVE_PAGE_PNG"  # where test_a_mid_run_page_for_a_person saves one
+HOSTILE = '<img src=x onerror="window.pwned=1">'
+
+expect.set_options(timeout=10_000)
+
+
+DIAMOND = (
+    PlanStep("fetch", "http.request", name="Fetch prices", estimate_s=2.0),
+    PlanStep("parse", "core.echo", needs=("fetch",)),
+    PlanStep("notify", "shell.run", needs=("fetch",), critical=False),
+    PlanStep("report", "file.write", needs=("parse", "notify")),
+)
+
+
+def emit(bridge: ServedBridge, run_id: str, draft: Draft) -> Message:
+    """Publish ``draft`` on the bridge's loop; returns once it is stored and fanned out."""
+    future = asyncio.run_coroutine_threadsafe(bridge.publisher.emit(run_id, draft), bridge.loop)
+    return future.result(10)
+
+
+def step(type_: str, step_id: str, attempt: int = 1, **fields: Any) -> Draft:
+    """A step message whose status is the type's last word."""
+    return Draft(type=type_, step_id=step_id, status=type_.removeprefix("step."),
+                 attempt=attempt, **fields)
+
+
+def box(page: Page, step_id: str) -> Locator:
+    return page.locator(f'[data-step="{step_id}"]')
+
+
+def field(page: Page, step_id: str, name: str) -> Locator:
+    return page.locator(f'[data-step="{step_id}"] [data-field="{name}"]')
+
+
+def open_view(page: Page, bridge: ServedBridge, run_id: str, token: str | None = None) -> None:
+    """Load the run's page and wait until its WebSocket is live."""
+    query = f"?token={quote(token)}" if token else ""
+    response = page.goto(f"{bridge.http}/v1/runs/{quote(run_id, safe='')}/view{query}")
+    assert response is not None and response.status == 200
+    expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not CHROMIUM.exists():
+        pytest.skip(f"no {CHROMIUM}: `scripts/install --test` installs Debian's chromium")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM))
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def context(browser: Browser) -> Iterator[BrowserContext]:
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    yield context
+    context.close()
+
+
+@pytest.fixture
+def page(context: BrowserContext) -> Iterator[Page]:
+    """A fresh page; a JavaScript error on it fails the test."""
+    page = context.new_page()
+    errors: list[Exception] = []
+    page.on("pageerror", lambda error: errors.append(error))
+    yield page
+    assert errors == [], f"JavaScript errors on the page: {errors}"
+
+
+# ---- served over HTTP ---------------------------------------------------------------------
+
+def test_the_page_is_html_with_the_run_id_escaped_and_a_nonce_policy(bridge: ServedBridge) -> None:
+    run_id = '"><script>alert(1)'
+    response = httpx.get(f"{bridge.http}/v1/runs/{quote(run_id, safe='')}/view", timeout=10)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    assert '"><script>alert' not in response.text
+    assert 'data-run-id="&quot;\\&quot;&gt;&lt;script&gt;alert(1)&quot;"' in response.text
+    nonce = re.search(r"script-src 'nonce-([^']+)'", response.headers["content-security-policy"])
+    assert nonce is not None
+    assert response.text.count(f'nonce="{nonce[1]}"') == 2  # the page's <style> and <script>
+    assert response.headers["referrer-policy"] == "no-referrer"
+
+
+def test_a_run_id_that_looks_like_a_slot_is_not_filled() -> None:
+    page = render("__NONCE__", "n0nce")
+    assert 'data-run-id="&quot;__NONCE__&quot;"' in page
+    assert "__RUN_ID__" not in page
+
+
+def test_with_a_token_the_page_needs_it(bridge_factory: BridgeFactory) -> None:
+    bridge = bridge_factory(token="s3cret")
+    url = f"{bridge.http}/v1/runs/r/view"
+    assert httpx.get(url, timeout=10).status_code == 401
+    assert httpx.get(url, params={"token": "wrong"}, timeout=10).status_code == 401
+    assert httpx.get(url, params={"token": "s3cret"}, timeout=10).status_code == 200
+    bearer = {"Authorization": "Bearer s3cret"}
+    assert httpx.get(url, headers=bearer, timeout=10).status_code == 200
+
+
+# ---- in a browser -------------------------------------------------------------------------
+
+def test_the_page_follows_a_run_step_by_step(bridge: ServedBridge, page: Page) -> None:
+    open_view(page, bridge, "r1")
+    expect(page.locator("#run-status")).to_have_text("waiting for the run to start")
+
+    emit(bridge, "r1", Draft(type="run.started", plan=DIAMOND, progress=Progress.of(0, 4),
+                             estimate=Estimate(12.0, 9.0, 18.0)))
+    expect(page.locator("[data-step]")).to_have_count(4)
+    for step_id, depth in (("fetch", "1"), ("parse", "2"), ("notify", "2"), ("report", "3")):
+        expect(box(page, step_id)).to_have_attribute("data-status", "pending")
+        expect(box(page, step_id)).to_have_attribute("data-depth", depth)
+    expect(page.locator("#edges path")).to_have_count(4)
+    expect(page.locator("#run-status")).to_have_attribute("data-status", "running")
+    expect(page.locator("#progress")).to_have_text("0 of 4 steps · 0 %")
+    expect(page.locator("#estimate")).to_contain_text("about 12 s left (9–18 s)")
+    expect(box(page, "fetch")).to_contain_text("Fetch prices")
+    expect(field(page, "fetch", "time")).to_have_text("est. 2 s")
+
+    emit(bridge, "r1", step("step.running", "fetch"))
+    expect(box(page, "fetch")).to_have_attribute("data-status", "running")
+    expect(field(page, "fetch", "status")).to_have_text("running")
+
+    emit(bridge, "r1", step("step.completed", "fetch", duration_s=1.23, summary="5 prices",
+                            progress=Progress.of(1, 4), estimate=Estimate(8.0, 6.0, 11.0)))
+    expect(box(page, "fetch")).to_have_attribute("data-status", "completed")
+    expect(field(page, "fetch", "summary")).to_have_text("5 prices")
+    expect(field(page, "fetch", "time")).to_have_text("took 1.2 s")
+    expect(page.locator("#progress")).to_have_text("1 of 4 steps · 25 %")
+    expect(page.locator("#estimate")).to_contain_text("about 8 s left (6–11 s)")
+    expect(page.locator('#edges path[data-from="fetch"][data-status="completed"]')).to_have_count(2)
+
+    emit(bridge, "r1", step("step.running", "parse"))
+    emit(bridge, "r1", step("step.running", "notify"))
+    emit(bridge, "r1", Draft(type="progress", progress=Progress.of(1, 4),
+                             estimate=Estimate(75.0, 50.0, 130.0)))
+    expect(page.locator("#estimate")).to_contain_text("about 1 min 15 s left (50 s – 2 min 10 s)")
+    emit(bridge, "r1", step("step.retrying", "notify", duration_s=0.4,
+                            error=ErrorInfo("transient", "exit status 75", None)))
+    expect(box(page, "notify")).to_have_attribute("data-status", "retrying")
+    expect(field(page, "notify", "note")).to_have_text("will try again")
+    emit(bridge, "r1", step("step.running", "notify", attempt=2))
+    expect(box(page, "notify")).to_have_attribute("data-attempt", "2")
+    expect(field(page, "notify", "error")).to_be_hidden()
+
+    emit(bridge, "r1", step(
+        "step.failed", "notify", attempt=2, duration_s=0.5, progress=Progress.of(2, 4),
+        error=ErrorInfo("configuration", "mail: command not found", "Install mailutils."),
+        impact=Impact(skipped=("report",), run_fails=False)))
+    expect(box(page, "notify")).to_have_attribute("data-status", "failed")
+    expect(field(page, "notify", "category")).to_have_text("configuration")
+    expect(field(page, "notify", "message")).to_have_text("mail: command not found")
+    expect(field(page, "notify", "hint")).to_be_visible()
+    expect(field(page, "notify", "hint")).to_have_text("Install mailutils.")
+    expect(field(page, "notify", "attempt")).to_have_text("attempt 2")
+    expect(field(page, "notify", "note")).to_have_text("skips report · the run goes on")
+    expect(field(page, "report", "note")).to_have_text("will be skipped: notify failed")
+
+    emit(bridge, "r1", step("step.completed", "parse", progress=Progress.of(3, 4)))
+    emit(bridge, "r1", step("step.skipped", "report", attempt=0, progress=Progress.of(4, 4)))
+    expect(box(page, "report")).to_have_attribute("data-status", "skipped")
+    expect(field(page, "report", "note")).to_have_text("skipped: notify failed")
+    expect(page.locator("#progress")).to_have_text("4 of 4 steps · 100 %")
+
+    last = emit(bridge, "r1", Draft(type="run.completed_with_errors", status="completed_with_errors",
+                                    progress=Progress.of(4, 4),
+                                    estimate=Estimate(0.0, 0.0, 0.0, early_by_s=3.0)))
+    expect(page.locator("#run-status")).to_have_text("completed with errors")
+    expect(page.locator("#estimate")).to_contain_text("finished in")
+    expect(page.locator("#estimate")).to_contain_text("3 s earlier than first estimated")
+    expect(page.locator("body")).to_have_attribute("data-applied", str(last.seq))
+    expect(page.locator("body")).to_have_attribute("data-ignored", "0")
+
+
+def test_skipped_and_cancelled_steps_show_why(bridge: ServedBridge, page: Page) -> None:
+    open_view(page, bridge, "r2")
+    emit(bridge, "r2", Draft(type="run.started", plan=DIAMOND))
+    emit(bridge, "r2", step("step.skipped", "parse", attempt=0,
+                            summary="when: inputs.parse was false"))
+    expect(field(page, "parse", "note")).to_have_text("skipped: when: inputs.parse was false")
+    expect(field(page, "parse", "summary")).to_be_hidden()
+    # SPEC §6 has no step.cancelled: the status field says it.
+    emit(bridge, "r2", Draft(type="step.failed", step_id="fetch", status="cancelled",
+                             summary="the run was cancelled"))
+    expect(box(page, "fetch")).to_have_attribute("data-status", "cancelled")
+    expect(field(page, "fetch", "note")).to_have_text("cancelled: the run was cancelled")
+    emit(bridge, "r2", Draft(type="run.cancelled", status="cancelled",
+                             summary="cancelled by the user"))
+    expect(page.locator("#run-status")).to_have_text("cancelled")
+    expect(page.locator("#run-note")).to_have_text("cancelled by the user")
+    expect(page.locator("#estimate")).to_contain_text("cancelled after")
+
+
+def test_a_page_opened_late_replays_the_run(bridge: ServedBridge, page: Page) -> None:
+    emit(bridge, "r4", Draft(type="run.started", plan=DIAMOND[:2], progress=Progress.of(0, 2)))
+    emit(bridge, "r4", step("step.completed", "fetch", progress=Progress.of(1, 2)))
+    emit(bridge, "r4", step("step.completed", "parse", progress=Progress.of(2, 2)))
+    last = emit(bridge, "r4", Draft(type="run.completed", status="completed",
+                                    progress=Progress.of(2, 2)))
+    open_view(page, bridge, "r4")
+    expect(page.locator("#run-status")).to_have_text("completed")
+    expect(page.locator('[data-step][data-status="completed"]')).to_have_count(2)
+    expect(page.locator("#progress")).to_have_text("2 of 2 steps · 100 %")
+    expect(page.locator("body")).to_have_attribute("data-applied", str(last.seq))
+
+
+def test_the_page_reconnects_and_catches_up_without_duplicates(
+        bridge: ServedBridge, context: BrowserContext, page: Page) -> None:
+    open_view(page, bridge, "r3")
+    emit(bridge, "r3", Draft(type="run.started", plan=DIAMOND, progress=Progress.of(0, 4)))
+    emit(bridge, "r3", step("step.running", "fetch"))
+    expect(box(page, "fetch")).to_have_attribute("data-status", "running")
+
+    # Offline, the page's reconnects fail, so what follows is surely sent while it is away.
+    context.set_offline(True)
+    bridge.loop.call_soon_threadsafe(bridge.hub.close_all, "cut off by the test")
+    expect(page.locator("#connection")).to_have_attribute("data-state", "reconnecting")
+    expect(page.locator("#connection")).to_have_text("reconnecting…")
+    emit(bridge, "r3", step("step.completed", "fetch", progress=Progress.of(1, 4)))
+    emit(bridge, "r3", step("step.running", "parse"))
+    emit(bridge, "r3", step("step.retrying", "parse", error=ErrorInfo("transient", "503")))
+    emit(bridge, "r3", step("step.running", "parse", attempt=2))
+
+    context.set_offline(False)
+    expect(page.locator("#connection")).to_have_attribute("data-state", "live", timeout=15_000)
+    expect(page.locator("#connection")).to_have_text("live")
+    expect(box(page, "fetch")).to_have_attribute("data-status", "completed")
+    expect(box(page, "parse")).to_have_attribute("data-attempt", "2")
+    expect(box(page, "parse")).to_have_attribute("data-status", "running")
+    expect(page.locator("#progress")).to_have_text("1 of 4 steps · 25 %")
+    body = page.locator("body")
+    expect(body).to_have_attribute("data-connections", "2")
+    expect(body).to_have_attribute("data-seq", "6")
+    expect(body).to_have_attribute("data-applied", "6")
+    expect(body).to_have_attribute("data-ignored", "0")
+
+    emit(bridge, "r3", step("step.completed", "parse", attempt=2))
+    expect(box(page, "parse")).to_have_attribute("data-status", "completed")
+    expect(body).to_have_attribute("data-applied", "7")
+
+
+def test_hostile_run_id_and_plan_text_are_shown_as_text(bridge: ServedBridge, page: Page) -> None:
+    run_id = '"><img src=x onerror=window.pwned=1>'
+    open_view(page, bridge, run_id)
+    expect(page.locator("#run-id")).to_have_text(run_id)
+    plan = (PlanStep("x", "core.echo", name=HOSTILE),
+            PlanStep("<b>y</b>", "<i>tool</i>", needs=("x",)))
+    emit(bridge, run_id, Draft(type="run.started", plan=plan))
+    emit(bridge, run_id, step("step.failed", "x", summary="<script>window.pwned=2</script>",
+                              error=ErrorInfo("logic", HOSTILE, HOSTILE),
+                              impact=Impact(skipped=("<b>y</b>",), run_fails=True)))
+    expect(box(page, "x")).to_have_attribute("data-status", "failed")
+    expect(box(page, "x").locator(".step-title")).to_have_text(HOSTILE)
+    expect(field(page, "x", "summary")).to_have_text("<script>window.pwned=2</script>")
+    expect(field(page, "x", "hint")).to_have_text(HOSTILE)
+    expect(page.locator("[data-step]").nth(1)).to_contain_text("<b>y</b>")
+    expect(page.locator("[data-step]").nth(1)).to_contain_text("<i>tool</i>")
+    assert page.locator("img, b, i, [data-step] script").count() == 0
+    assert page.evaluate("window.pwned") is None
+
+
+def test_with_a_token_the_page_passes_it_to_the_socket(bridge_factory: BridgeFactory,
+                                                       page: Page) -> None:
+    bridge = bridge_factory(token="s3 cret&x")
+    response = page.goto(f"{bridge.http}/v1/runs/r/view")
+    assert response is not None and response.status == 401
+    open_view(page, bridge, "r", token="s3 cret&x")
+    emit(bridge, "r", Draft(type="run.started", plan=DIAMOND[:1]))
+    expect(box(page, "fetch")).to_have_attribute("data-status", "pending")
+
+
+def test_a_mid_run_page_for_a_person(bridge: ServedBridge, page: Page, tmp_path: Path) -> None:
+    """A realistic run, half done; saved where $PLANRUN_LIVE_PAGE_PNG says, if set."""
+    now = time.time()
+    plan = (
+        PlanStep("sources", "http.request", name="Fetch the source list", estimate_s=1.5),
+        PlanStep("notes", "file.read", name="Read local notes", estimate_s=0.3),
+        PlanStep("search", "http.request", name="Search each source", needs=("sources",),
+                 estimate_s=4.0),
+        PlanStep("summarize", "core.echo", name="Summarize findings",
+                 needs=("search", "notes"), estimate_s=9.0),
+        PlanStep("translate", "http.request", name="Translate the summary",
+                 needs=("search",), critical=False, estimate_s=3.0),
+        PlanStep("publish-fr", "file.write", name="Publish the French brief",
+                 needs=("translate",), critical=False, estimate_s=0.2),
+        PlanStep("report", "file.write", name="Write the brief", needs=("summarize",),
+                 estimate_s=0.5),
+        PlanStep("notify", "shell.run", name="Notify the team", needs=("report",),
+                 critical=False, estimate_s=1.0),
+    )
+    messages = [
+        Draft(type="run.started", plan=plan, progress=Progress.of(0, 8),
+              estimate=Estimate(16.0, 11.0, 27.0), ts=_ago(now, 21)),
+        step("step.completed", "sources", duration_s=1.4, summary="HTTP 200 · 12 sources",
+             progress=Progress.of(1, 8)),
+        step("step.completed", "notes", duration_s=0.2, summary="3 files, 14 KB",
+             progress=Progress.of(2, 8)),
+        step("step.completed", "search", duration_s=6.1, summary="12 responses, 41 results",
+             progress=Progress.of(3, 8)),
+        step("step.running", "summarize", ts=_ago(now, 7)),
+        step("step.failed", "translate", attempt=3, duration_s=2.8,
+             error=ErrorInfo("transient", "HTTP 503 from translate.example.org, 3 attempts",
+                             "The service is down; the run goes on without a translation "
+                             "(this step is not critical)."),
+             impact=Impact(skipped=("publish-fr",), run_fails=False),
+             progress=Progress.of(4, 8)),
+        step("step.skipped", "publish-fr", attempt=0, summary="needs translate, which failed",
+             progress=Progress.of(5, 8)),
+        Draft(type="progress", progress=Progress.of(5, 8),
+              estimate=Estimate(9.0, 6.5, 15.0, finish_at=iso(now + 9))),
+    ]
+    open_view(page, bridge, "7f3a9c2e")
+    for message in messages:
+        emit(bridge, "7f3a9c2e", message)
+    expect(page.locator("body")).to_have_attribute("data-applied", str(len(messages)))
+    expect(box(page, "summarize")).to_have_attribute("data-status", "running")
+    expect(field(page, "translate", "hint")).to_be_visible()
+    expect(box(page, "notify")).to_have_attribute("data-status", "pending")
+    expect(page.locator("#progress")).to_have_text("5 of 8 steps · 62.5 %")
+    expect(page.locator("#estimate")).to_contain_text("about 9 s left (6.5–15 s)")
+    expect(page.locator("#edges path")).to_have_count(7)
+    for path in [tmp_path / "live-page.png", *_wanted_screenshot()]:
+        page.screenshot(path=path, animations="disabled")
+    graph = page.locator("#graph .columns").bounding_box()
+    assert graph is not None and graph["x"] + graph["width"] <= 1280, "the graph overflows"
+
+
+def _ago(now: float, seconds: float) -> str:
+    stamp = iso(now - seconds)
+    assert stamp is not None
+    return stamp
+
+
+def _wanted_screenshot() -> list[Path]:
+    wanted = os.environ.get(SCREENSHOT_ENV)
+    return [Path(wanted)] if wanted else []
