@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from playwright.sync_api import Page, expect
 
 from tests.helpers import PLANRUN, ROOT, cli, wait_for
 
@@ -29,6 +30,14 @@ steps:
     tool: core.echo
     needs: [wait]
     with: {value: done}
+"""
+THREE_STEPS = """
+version: 1
+name: three-steps
+steps:
+  - {id: first, tool: core.sleep, with: {seconds: 1}}
+  - {id: second, tool: core.sleep, needs: [first], with: {seconds: 2}}
+  - {id: third, tool: core.echo, needs: [second], with: {value: done}}
 """
 
 
@@ -148,6 +157,37 @@ def test_a_run_whose_process_is_killed_ends_failed_on_the_stream(stack: Stack,
     assert "crashed" in report["reason"]
     assert report["steps"]["wait"]["status"] == "cancelled"
     assert report["steps"]["after"]["status"] == "skipped"
+
+
+def test_a_submitted_run_shows_on_the_live_page_in_the_terminal_and_in_prefect(
+        stack: Stack, page: Page, tmp_path: Path) -> None:
+    plan = tmp_path / "steps.yaml"
+    plan.write_text(THREE_STEPS)
+    run_id = stack.cli("submit", str(plan)).stdout.strip()
+    watcher = subprocess.Popen([*PLANRUN, "watch", run_id], env={**os.environ,
+                               "PLANRUN_BRIDGE_URL": stack.url}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    page.goto(f"{stack.url}/v1/runs/{run_id}/view")
+    expect(page.locator("#title")).to_have_text("three-steps", timeout=30_000)
+    expect(page.locator("[data-step]")).to_have_count(3)
+    expect(page.locator('[data-step="second"]')).to_have_attribute("data-status", "running",
+                                                                     timeout=20_000)
+    expect(page.locator('[data-step="first"]')).to_have_attribute("data-status", "completed")
+    expect(page.locator('[data-step="third"]')).to_have_attribute("data-status", "pending")
+    expect(page.locator("#estimate")).to_contain_text("left")
+    expect(page.locator("#run-status")).to_have_attribute("data-status", "completed",
+                                                          timeout=20_000)
+    expect(page.locator("#progress")).to_have_text("3 of 3 steps · 100 %")
+
+    out, err = watcher.communicate(timeout=60)
+    assert watcher.returncode == 0, err
+    assert "second completed attempt 1" in err and out.strip().endswith("completed")
+    flow_run = httpx.get(f"{os.environ['PREFECT_API_URL']}/flow_runs/{run_id}").json()
+    assert flow_run["state"]["type"] == "COMPLETED"
+    assert {"planrun", "plan:three-steps"} <= set(flow_run["tags"])
+    artifacts = httpx.post(f"{os.environ['PREFECT_API_URL']}/artifacts/filter", json={
+        "artifacts": {"flow_run_id": {"any_": [run_id]}}}).json()
+    assert {a["type"] for a in artifacts} >= {"progress", "table"}
 
 
 def test_ctrl_c_stops_the_runner_and_the_bridge(stack: Stack) -> None:

@@ -12,14 +12,12 @@ import asyncio
 import os
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
-import pytest
-from playwright.sync_api import Browser, BrowserContext, Locator, Page, expect, sync_playwright
+from playwright.sync_api import BrowserContext, Locator, Page, expect
 
 from planrun.report import iso
 from progress_bridge.messages import (
@@ -35,7 +33,6 @@ from progress_bridge.view import render
 
 from .conftest import BridgeFactory, ServedBridge
 
-CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT_ENV = "PLANRUN_LIVE_PAGE_PNG"  # where test_a_mid_run_page_for_a_person saves one
 HOSTILE = '<img src=x onerror="window.pwned=1">'
 
@@ -76,33 +73,6 @@ def open_view(page: Page, bridge: ServedBridge, run_id: str, token: str | None =
     response = page.goto(f"{bridge.http}/v1/runs/{quote(run_id, safe='')}/view{query}")
     assert response is not None and response.status == 200
     expect(page.locator("#connection")).to_have_attribute("data-state", "live")
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        pytest.skip(f"no {CHROMIUM}: `scripts/install --test` installs Debian's chromium")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM))
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def context(browser: Browser) -> Iterator[BrowserContext]:
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
-    yield context
-    context.close()
-
-
-@pytest.fixture
-def page(context: BrowserContext) -> Iterator[Page]:
-    """A fresh page; a JavaScript error on it fails the test."""
-    page = context.new_page()
-    errors: list[Exception] = []
-    page.on("pageerror", lambda error: errors.append(error))
-    yield page
-    assert errors == [], f"JavaScript errors on the page: {errors}"
 
 
 # ---- served over HTTP ---------------------------------------------------------------------
@@ -327,7 +297,7 @@ def test_a_mid_run_page_for_a_person(bridge: ServedBridge, page: Page, tmp_path:
                  critical=False, estimate_s=1.0),
     )
     messages = [
-        Draft(type="run.started", plan=plan, progress=Progress.of(0, 8),
+        Draft(type="run.started", plan=plan, progress=Progress.of(0, 8), summary="market-brief",
               estimate=Estimate(16.0, 11.0, 27.0), ts=_ago(now, 21)),
         step("step.completed", "sources", duration_s=1.4, summary="HTTP 200 · 12 sources",
              progress=Progress.of(1, 8)),
