@@ -139,3 +139,258 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(cells[0]), sep, *(line(r) for r in cells[1:])])
+
+
+# The progress bridge (bench_latency.py, bench_fanout.py) ---------------------------------
+
+#: Message types that end a run's stream (SPEC §6).
+RUN_END_TYPES = frozenset({"run.completed", "run.completed_with_errors", "run.failed",
+                           "run.cancelled"})
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) with linear interpolation, as numpy's default."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q / 100.0
+    lo = int(k)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def ts_epoch(stamp: str) -> float:
+    """A SPEC §6 ``ts`` (ISO-8601, UTC, ``Z``) as seconds since the epoch."""
+    from datetime import datetime
+
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _raise_nofile() -> None:
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+@dataclass
+class Bridge:
+    """A progress bridge (``python -m progress_bridge``) in a subprocess of its own."""
+
+    port: int
+    proc: Any  # subprocess.Popen
+    data: Path
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return int(self.proc.pid)
+
+    def ws_url(self, run_id: str, after: int = 0) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/runs/{run_id}/ws?after={after}"
+
+    def rss(self) -> int:
+        """The bridge process's resident memory in bytes."""
+        import psutil
+
+        return int(psutil.Process(self.pid).memory_info().rss)
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the bridge process has used."""
+        import psutil
+
+        times = psutil.Process(self.pid).cpu_times()
+        return float(times.user + times.system)
+
+    def metrics(self) -> dict[str, float]:
+        """``GET /metrics`` as {"name{labels}": value} (samples only, no comments)."""
+        import httpx
+
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
+    def healthz(self) -> dict[str, Any]:
+        import httpx
+
+        data: dict[str, Any] = httpx.get(f"{self.url}/healthz", timeout=10).json()
+        return data
+
+    def stop(self) -> None:
+        """SIGTERM the bridge (ours only), SIGKILL after 10 s; remove its data directory."""
+        import shutil
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.data, ignore_errors=True)
+
+
+def start_bridge(srv: Server, *, port: int | None = None, settle_s: float = 7.0) -> Bridge:
+    """Start ``python -m progress_bridge`` against ``srv`` with a new, empty message log;
+    return once ``/healthz`` answers, the upstream's first reconciliations are done
+    (``settle_s``: its second one comes 6 s after it connects) and its CPU has gone quiet.
+    The bridge's log goes to ``/tmp/bench-bridge-<port>.log``."""
+    import subprocess
+    import sys
+    import tempfile
+
+    import httpx
+
+    port = port or free_port()
+    data = Path(tempfile.mkdtemp(prefix="bench-bridge-"))
+    log = Path(f"/tmp/bench-bridge-{port}.log")
+    env = {**os.environ, "PREFECT_API_URL": srv.url}
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "progress_bridge", "--host", "127.0.0.1", "--port",
+             str(port), "--data", str(data)],
+            cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, preexec_fn=_raise_nofile)
+    bridge = Bridge(port=port, proc=proc, data=data, log=log)
+    started = time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the bridge exited {proc.returncode}; see {log}")
+        try:
+            if httpx.get(f"{bridge.url}/healthz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() - started > 60:
+            bridge.stop()
+            raise RuntimeError(f"the bridge did not answer /healthz within 60 s; see {log}")
+        time.sleep(0.2)
+    time.sleep(max(0.0, settle_s - (time.monotonic() - started)))
+    wait_idle(Server(url=bridge.url, pid=bridge.pid), min_s=0.5, max_s=30.0, threshold=3.0)
+    return bridge
+
+
+def serve_runs() -> None:
+    """A plan-running process for the bridge benchmarks; the parent (``PlanRunner``) talks
+    to it with one JSON object per line, and it answers on stdout with lines starting ``@@ ``.
+
+    ``{"plan": <plan data>, "hold": true}`` runs the plan through ``planrun.runner.run_plan``.
+    As soon as the run's id is known (the observer's first call, after the engine has
+    emitted ``planrun.run.started`` and before any step starts) it says ``{"run_id": ...}``
+    and, with ``hold``, waits for a line (``go``) on stdin: the engine's event loop is
+    blocked meanwhile, so the parent can connect its clients before the first step. Then
+    ``{"done": status, ...}``. ``{"quit": true}`` ends the process.
+    """
+    import sys
+
+    setup()
+    from planrun.runner import run_plan
+
+    def say(**fields: Any) -> None:
+        sys.stdout.write("@@ " + json.dumps(fields) + "\n")
+        sys.stdout.flush()
+
+    class Hold:
+        def __init__(self, hold: bool) -> None:
+            self.hold = hold
+            self.announced = False
+
+        def changed(self, run: Any, step: Any) -> None:
+            if self.announced:
+                return
+            self.announced = True
+            say(run_id=run.run_id, t=time.time())
+            if self.hold:
+                sys.stdin.readline()
+
+    say(ready=True)
+    while True:
+        line = sys.stdin.readline()
+        if not line:
+            return
+        request = json.loads(line)
+        if request.get("quit"):
+            return
+        t0 = time.time()
+        try:
+            report = asyncio.run(run_plan(request["plan"], {}, Hold(request.get("hold", True))))
+        except Exception as exc:  # noqa: BLE001 - reported to the parent
+            say(error=f"{type(exc).__name__}: {exc}")
+            continue
+        say(done=report["status"], reason=report.get("reason"), steps=len(report["steps"]),
+            t0=t0, t1=time.time())
+
+
+class PlanRunner:
+    """The parent's side of :func:`serve_runs`: one warm plan-running subprocess."""
+
+    def __init__(self) -> None:
+        self.proc: Any = None  # asyncio.subprocess.Process
+
+    async def start(self) -> None:
+        import sys
+
+        code = (f"import sys; sys.path.insert(0, {str(BENCH)!r}); "
+                "import _common; _common.serve_runs()")
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", code, cwd=ROOT, stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, limit=1 << 24)
+        await self._answer("ready")
+
+    async def _send(self, obj: Any) -> None:
+        self.proc.stdin.write((obj if isinstance(obj, str) else json.dumps(obj)).encode()
+                              + b"\n")
+        await self.proc.stdin.drain()
+
+    async def _answer(self, key: str) -> dict[str, Any]:
+        while True:
+            line = await self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError("the plan runner exited")
+            if line.startswith(b"@@ "):
+                answer: dict[str, Any] = json.loads(line[3:])
+                if "error" in answer:
+                    raise RuntimeError(f"the plan runner failed: {answer['error']}")
+                if key in answer:
+                    return answer
+
+    async def start_run(self, data: dict[str, Any], hold: bool = True) -> str:
+        """Start a run of ``data``; its run id (the run then waits for :meth:`go`)."""
+        await self._send({"plan": data, "hold": hold})
+        return str((await self._answer("run_id"))["run_id"])
+
+    async def go(self) -> None:
+        await self._send("go")
+
+    async def finished(self) -> dict[str, Any]:
+        return await self._answer("done")
+
+    async def close(self) -> None:
+        import contextlib
+
+        if self.proc is None:
+            return
+        if self.proc.returncode is None:
+            with contextlib.suppress(Exception):
+                await self._send({"quit": True})
+            try:
+                await asyncio.wait_for(self.proc.wait(), 15)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
