@@ -92,9 +92,11 @@ class PrefectUpstream:
         try:
             await self._follow()
         finally:
-            ticker.cancel()
-            for task in [*self._later, *self._history.values()]:
+            # Wait for the background jobs to end: none may outlive the bridge's loop.
+            jobs = [ticker, *self._later, *self._history.values()]
+            for task in jobs:
                 task.cancel()
+            await asyncio.gather(*jobs, return_exceptions=True)
 
     # The stream --------------------------------------------------------------------------
 
@@ -228,7 +230,11 @@ class PrefectUpstream:
     async def _read_history(self, view: RunView) -> None:
         from prefect.client.orchestration import get_client
 
+        await asyncio.sleep(0)  # after the event (or reconciled page) that started the run
         plan = view.record.plan
+        if view.ended:  # a run seen only in hindsight needs no estimate
+            self._history.pop(plan, None)
+            return
         tools = {sid: s.tool for sid, s in view.record.steps.items()}
         try:
             async with get_client() as client:
@@ -293,7 +299,7 @@ class PrefectUpstream:
             await asyncio.sleep(delay)
             await job()
 
-        task = asyncio.ensure_future(later())
+        task = asyncio.get_running_loop().create_task(later())
         self._later.add(task)
         task.add_done_callback(self._later.discard)
         task.add_done_callback(_log_failure)

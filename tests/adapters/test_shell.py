@@ -269,7 +269,10 @@ def test_a_process_that_leaves_the_group_cannot_hold_the_step_open(
         ctx: StepContext, ws: Workspace, wait_until: Callable[..., None]) -> None:
     # setsid puts the sleep in a session of its own, out of reach of the group kill; it
     # keeps stdout open. The step must still end at its timeout and release the pipes.
-    script = 'setsid sh -c "echo \\$\\$ > escapee.pid; exec sleep 30" & echo started'
+    # sh waits for the escapee to have left the group: before that, the group kill at sh's
+    # exit would still reach it (a race that made this test flaky on a loaded machine).
+    script = ('setsid sh -c "echo \\$\\$ > escapee.pid; exec sleep 30" & '
+              'while [ ! -s escapee.pid ]; do sleep 0.01; done; echo started')
     started = time.monotonic()
     try:
         with pytest.raises(TransientError, match="timeout"):
