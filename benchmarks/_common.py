@@ -189,6 +189,7 @@ class Bridge:
     proc: Any  # subprocess.Popen
     data: Path
     log: Path
+    trace_path: Path | None = None
 
     @property
     def url(self) -> str:
@@ -246,12 +247,79 @@ class Bridge:
                 self.proc.wait()
         shutil.rmtree(self.data, ignore_errors=True)
 
+    def trace(self) -> list[dict[str, Any]]:
+        """What :func:`traced_bridge` recorded (after :meth:`stop`); [] without a trace."""
+        if self.trace_path is None or not self.trace_path.exists():
+            return []
+        with open(self.trace_path) as fh:
+            return [json.loads(line) for line in fh]
 
-def start_bridge(srv: Server, *, port: int | None = None, settle_s: float = 7.0) -> Bridge:
+
+def traced_bridge(path: str) -> None:
+    """``python -m progress_bridge`` with its upstream timed, for the ``--trace`` option of
+    the bridge benchmarks: for each Prefect event ``PrefectUpstream.handle`` takes, one
+    record (event, run, step, status, ``occurred``, wall-clock ``enter`` and ``exit``, CPU,
+    and the milliseconds spent in ``RunView.estimate``, ``RunView.to_json`` and
+    ``MessageStore.commit`` within it), written to ``path`` as JSON lines when the bridge
+    gets SIGTERM. The wrappers cost a few microseconds a call; the bridge is not changed."""
+    import signal
+    import sys
+
+    from progress_bridge import __main__ as bridge_main
+    from progress_bridge import runs, store, upstream
+
+    records: list[dict[str, Any]] = []
+    parts: dict[str, float] = {}
+
+    def timed(cls: Any, name: str) -> None:
+        original = getattr(cls, name)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                parts[name] = parts.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
+
+        setattr(cls, name, wrapper)
+
+    timed(runs.RunView, "estimate")
+    timed(runs.RunView, "to_json")
+    timed(store.MessageStore, "commit")
+    handle = upstream.PrefectUpstream.handle
+
+    def traced_handle(self: Any, event: Any) -> bool:
+        parts.clear()
+        enter, cpu = time.time(), time.thread_time()
+        new = handle(self, event)
+        payload = event.payload if isinstance(event.payload, dict) else {}
+        records.append({"event": event.event, "run_id": payload.get("run_id"),
+                        "step_id": payload.get("step_id"), "status": payload.get("status"),
+                        "occurred": event.occurred.timestamp(), "enter": enter,
+                        "exit": time.time(), "cpu_ms": (time.thread_time() - cpu) * 1e3,
+                        "new": new, **{f"{k}_ms": v for k, v in parts.items()}})
+        return new
+
+    upstream.PrefectUpstream.handle = traced_handle  # type: ignore[method-assign]
+
+    def dump(*_: Any) -> None:
+        with open(path, "w") as fh:
+            for record in records:
+                fh.write(json.dumps(record) + "\n")
+        os._exit(0)
+
+    # uvicorn restores this handler after its own shutdown and raises SIGTERM again.
+    signal.signal(signal.SIGTERM, dump)
+    bridge_main.main(sys.argv[1:])
+
+
+def start_bridge(srv: Server, *, port: int | None = None, settle_s: float = 7.0,
+                 trace: bool = False) -> Bridge:
     """Start ``python -m progress_bridge`` against ``srv`` with a new, empty message log;
-    return once ``/healthz`` answers, the upstream's first reconciliations are done
-    (``settle_s``: its second one comes 6 s after it connects) and its CPU has gone quiet.
-    The bridge's log goes to ``/tmp/bench-bridge-<port>.log``."""
+    return once ``/healthz`` answers and the upstream's first two reconciliations are done
+    (the second comes 6 s after the first: ``settle_s``), its CPU quiet after each.
+    The bridge's log goes to ``/tmp/bench-bridge-<port>.log``. ``trace``: run it through
+    :func:`traced_bridge` (read the trace with :meth:`Bridge.trace` after :meth:`Bridge.stop`)."""
     import subprocess
     import sys
     import tempfile
@@ -261,13 +329,20 @@ def start_bridge(srv: Server, *, port: int | None = None, settle_s: float = 7.0)
     port = port or free_port()
     data = Path(tempfile.mkdtemp(prefix="bench-bridge-"))
     log = Path(f"/tmp/bench-bridge-{port}.log")
+    trace_path = Path(f"/tmp/bench-bridge-{port}.trace.jsonl")
+    trace_path.unlink(missing_ok=True)
+    command = ["-m", "progress_bridge"]
+    if trace:
+        command = ["-c", f"import sys; sys.path.insert(0, {str(BENCH)!r}); import _common; "
+                         f"_common.traced_bridge({str(trace_path)!r})"]
     env = {**os.environ, "PREFECT_API_URL": srv.url}
     with open(log, "w") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "progress_bridge", "--host", "127.0.0.1", "--port",
+            [sys.executable, *command, "--host", "127.0.0.1", "--port",
              str(port), "--data", str(data)],
             cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, preexec_fn=_raise_nofile)
-    bridge = Bridge(port=port, proc=proc, data=data, log=log)
+    bridge = Bridge(port=port, proc=proc, data=data, log=log,
+                    trace_path=trace_path if trace else None)
     started = time.monotonic()
     while True:
         if proc.poll() is not None:
@@ -281,8 +356,12 @@ def start_bridge(srv: Server, *, port: int | None = None, settle_s: float = 7.0)
             bridge.stop()
             raise RuntimeError(f"the bridge did not answer /healthz within 60 s; see {log}")
         time.sleep(0.2)
-    time.sleep(max(0.0, settle_s - (time.monotonic() - started)))
-    wait_idle(Server(url=bridge.url, pid=bridge.pid), min_s=0.5, max_s=30.0, threshold=3.0)
+    # The upstream reads the last hour's events once connected, and again settle_s after
+    # that read ends: wait for both to be over.
+    watch = Server(url=bridge.url, pid=bridge.pid)
+    wait_idle(watch, min_s=1.0, max_s=60.0, threshold=3.0)
+    time.sleep(settle_s)
+    wait_idle(watch, min_s=0.5, max_s=60.0, threshold=3.0)
     return bridge
 
 
