@@ -9,12 +9,15 @@ Prefect's events: automations, the Prefect UI's event feed) sees the run as plan
 - ``planrun.run.started``: the plan's steps, their needs and first estimates;
 - ``planrun.step.<status>``: a step began an attempt (``running``), will try again
   (``retrying``), or finished (``completed``, ``failed``, ``skipped``, ``cancelled``);
+- ``planrun.run.paused`` / ``planrun.run.resumed``: the run was suspended, and goes on in
+  a new process (after a pause or a crash);
 - ``planrun.run.<status>``: the run ended (``completed``, ``completed_with_errors``,
   ``failed``, ``cancelled``).
 
 Every event's resource is ``planrun.run.<run id>``; Prefect adds the flow run as a related
-resource. ``payload.n`` counts the run's events from 1, so a reader can tell an old event
-it sees late (after a reconnect) from a new one.
+resource. ``payload.n`` counts the run's events (from ``k * SEGMENT + 1`` in the k-th
+process of the run), so a reader can tell an old event it sees late (after a reconnect)
+from a new one.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from planrun.summary import summarize
 #: refuses events over 1.5 MB, and a live view needs a summary, not the payload.
 MAX_VALUE_BYTES = 32_000
 RESOURCE_PREFIX = "planrun.run."
+SEGMENT = 1_000_000
 
 
 def resource(run_id: str, plan: str) -> dict[str, str]:
@@ -41,11 +45,13 @@ def resource(run_id: str, plan: str) -> dict[str, str]:
 class RunEvents:
     """Emits the events of one run; its ``changed`` is called on every change."""
 
-    def __init__(self, plan: Plan, run: RunRecord) -> None:
+    def __init__(self, plan: Plan, run: RunRecord, segment: int = 1) -> None:
         self.plan = plan
         self.run = run
         self.resource = resource(run.run_id, plan.name)
-        self.count = 0
+        # n goes on across the processes of one run (a resume, a recovery): segment k
+        # numbers its events from k * SEGMENT + 1.
+        self.count = segment * SEGMENT
         self.last: dict[str, tuple[StepStatus, int]] = {}
         self.conditional = {s.id for s in plan.steps if s.when is not None}
 
@@ -58,6 +64,16 @@ class RunEvents:
                        "critical": s.critical, "estimate_s": s.estimate_s}
                       for s in run.steps.values()],
         })
+
+    def resumed(self, restored: list[str]) -> None:
+        """The run goes on in a new process (after a pause or a crash); ``restored`` are
+        the steps that had finished and will not run again."""
+        self._emit("planrun.run.resumed", {"restored": restored,
+                                           "progress": self.run.progress()})
+
+    def paused(self, reason: str) -> None:
+        """The run is suspended: what ran has finished; the rest waits for a resume."""
+        self._emit("planrun.run.paused", {"reason": reason, "progress": self.run.progress()})
 
     def changed(self, step: StepRecord) -> None:
         """Emit the step's event if its status or attempt changed since the last one."""

@@ -14,6 +14,7 @@ from typing import Any
 
 from prefect import flow
 from prefect.context import FlowRunContext
+from prefect.exceptions import Pause
 from prefect.states import Cancelled, Completed, Failed, State
 from prefect.utilities.annotations import quote
 
@@ -21,6 +22,8 @@ from adapters.registry import Registry, default_registry
 from adapters.workspace import Workspace, default_workspace_root
 from flows import prefect_compat
 from flows.artifacts import RunArtifacts
+from flows.checkpoints import Checkpoints
+from flows.control import RunControl
 from flows.events import RunEvents
 from flows.policy import RetryPolicy
 from flows.prefect_compat import task_with
@@ -45,9 +48,10 @@ prefect_compat.install()
 
 #: Runs in this process, by run id, so a signal handler can cancel them.
 ACTIVE: dict[str, Scheduler] = {}
-#: Set by a process that runs plans itself (``planrun run``): SIGTERM then cancels its runs
-#: cleanly. Under a Prefect runner or worker, Prefect's own SIGTERM handling stays.
-CANCEL_ON_SIGTERM = False
+#: SIGTERM cancels this process's runs cleanly (commands killed, files rolled back, a
+#: Cancelled state): from a person's Ctrl-C or kill under ``planrun run``, and from a Prefect
+#: runner or worker, which passes a cancel (the API's, the Prefect UI's) on as SIGTERM.
+CANCEL_ON_SIGTERM = True
 #: Reports of the runs this process finished, by run id, for the caller to take.
 REPORTS: dict[str, dict[str, Any]] = {}
 #: Told about every change of every run in this process.
@@ -113,12 +117,21 @@ async def plan_flow(plan: dict[str, Any], inputs: dict[str, Any]) -> State[Any]:
 async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
                        registry: Registry | None = None,
                        workspace: Workspace | None = None) -> dict[str, Any]:
-    """Run ``plan`` inside the current flow run and return its report."""
+    """Run ``plan`` inside the current flow run and return its report.
+
+    When this flow run starts again (a resumed pause, a recovered crash), the steps that
+    had finished are restored from their checkpoints. A pause that takes effect raises
+    Prefect's ``Pause``: the flow run is then suspended and this process should end.
+    """
     from planrun.server import data_dir
 
     registry = registry or default_registry()
     run = new_record(plan, run_id, registry)
     run.flow_run_url = _ui_url(run_id)
+    durable = _is_this_flow_run(run_id)  # checkpoints, control and events need one
+    checkpoints = Checkpoints(run_id) if durable else None
+    segment = await checkpoints.begin() if checkpoints else 1
+    restored = await checkpoints.load(run.steps) if checkpoints and segment > 1 else []
     workspace = workspace or Workspace(default_workspace_root(),
                                        backup_dir=data_dir() / "runs" / run_id / "backup")
 
@@ -129,7 +142,7 @@ async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
                 "steps": steps_view}
 
     artifacts = RunArtifacts(run)
-    events = RunEvents(plan, run) if run_id != "local" else None
+    events = RunEvents(plan, run, segment) if durable else None
 
     def notify(step: StepRecord | None) -> None:
         _notify(run, step)
@@ -151,6 +164,8 @@ async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
         except Exception:  # noqa: BLE001 - the StepError is already on the record
             job.record.status = StepStatus.FAILED
         job.record.ended_at = time.time()
+        if checkpoints is not None:
+            await checkpoints.save(job.record)
         notify(job.record)
 
     async def skip(step: Step) -> None:
@@ -158,26 +173,25 @@ async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
         await task_with(not_run_step, name=step.id, task_run_name=step.id,
                         tags=["planrun", f"tool:{step.tool}"])(
             step.id, record.reason or "", record.status == StepStatus.FAILED)
+        if checkpoints is not None and not scheduler.stop_reason:
+            await checkpoints.save(record)  # a skip for a run that stops is not kept
 
     scheduler = Scheduler(run, plan.steps, max_parallel=plan.limits.max_parallel,
                           execute=execute, skip=skip, notify=notify, context=context)
     ACTIVE[run_id] = scheduler
     sigterm = _take_sigterm()
-    run.status, run.started_at = RunStatus.RUNNING, time.time()
+    run.status, run.started_at = RunStatus.RUNNING, _started_at()
+    control = RunControl(run_id, scheduler) if durable else None
+    if control is not None and segment > 1 and await control.cancel_requested():
+        scheduler.stop("cancelled while paused", cancelled=True)
     artifacts.start()
     if events is not None:
-        events.started()
+        events.resumed(restored) if segment > 1 else events.started()
     notify(None)
     deadline = parse_duration(plan.limits.deadline) if plan.limits.deadline is not None else None
-    try:
-        await scheduler.run_all(deadline)
-    except asyncio.CancelledError:
-        scheduler.stop("cancelled", cancelled=True)
-        raise
-    finally:
-        ACTIVE.pop(run_id, None)
-        if sigterm:
-            asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
+    watching = asyncio.ensure_future(control.watch()) if control is not None else None
+
+    async def finish() -> None:
         run.status = run.final_status(cancelled=scheduler.cancelled,
                                       deadline_passed=scheduler.deadline_passed)
         run.reason = scheduler.stop_reason
@@ -190,7 +204,42 @@ async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
         if events is not None:
             events.ended()
         await artifacts.finish()
+
+    try:
+        await scheduler.run_all(deadline)
+    except asyncio.CancelledError:
+        scheduler.stop("cancelled", cancelled=True)
+        raise
+    finally:
+        ACTIVE.pop(run_id, None)
+        if watching is not None:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
+        if sigterm:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
+        if not scheduler.suspended:
+            await finish()
+    if scheduler.suspended and control is not None and events is not None:
+        # Paused: what ran has finished and is checkpointed; the files stay as they are.
+        reason = scheduler.pause_reason or "paused"
+        run.status, run.reason = RunStatus.PAUSED, reason
+        notify(None)
+        events.paused(reason)
+        await artifacts.finish()
+        raise Pause(state=await control.suspend(f"pause-{segment}", reason))
     return run.to_report()
+
+
+def _is_this_flow_run(run_id: str) -> bool:
+    context = FlowRunContext.get()
+    return bool(context and context.flow_run and str(context.flow_run.id) == run_id)
+
+
+def _started_at() -> float:
+    """When the run first started: the flow run's start, which a resume keeps."""
+    context = FlowRunContext.get()
+    start = context.flow_run.start_time if context and context.flow_run else None
+    return start.timestamp() if start is not None else time.time()
 
 
 def _take_sigterm() -> bool:

@@ -52,24 +52,63 @@ class Scheduler:
         self.stop_reason: str | None = None
         self.cancelled = False
         self.deadline_passed = False
+        # Pausing: nothing new starts while _go is clear; once what runs has finished,
+        # ``drained`` is set and run_all returns with ``suspended`` true.
+        self._go = asyncio.Event()
+        self._go.set()
+        self.drained = asyncio.Event()
+        self.suspended = False
+        self.pause_reason: str | None = None
 
     async def run_all(self, deadline_s: float | None = None) -> None:
-        """Run every step; returns when each one is finished."""
+        """Run every step; returns when each one is finished, or when the run was paused
+        and what ran has finished (``suspended`` is then true and the rest waits)."""
         loop = asyncio.get_running_loop()
         timer = None
         if deadline_s is not None:
             timer = loop.call_later(deadline_s, self._deadline, deadline_s)
+        everything: asyncio.Future[Any] = asyncio.gather(
+            *(self._drive(step) for step in self.steps.values()))
+        drained: asyncio.Future[Any] = asyncio.ensure_future(self.drained.wait())
         try:
-            await asyncio.gather(*(self._drive(step) for step in self.steps.values()))
+            await asyncio.wait({everything, drained}, return_when=asyncio.FIRST_COMPLETED)
+            if everything.done():
+                everything.result()
+            else:  # paused: every driver still waiting is blocked at the gate, or on needs
+                self.suspended = True
+                everything.cancel()
+                await asyncio.gather(everything, return_exceptions=True)
         finally:
+            drained.cancel()
+            if not everything.done():
+                everything.cancel()
             if timer:
                 timer.cancel()
+
+    def pause(self, reason: str) -> None:
+        """Start nothing new; once what runs has finished, ``run_all`` returns suspended."""
+        if self.stop_reason is not None:
+            return
+        self.pause_reason = reason
+        self._go.clear()
+        self._check_drained()
+
+    def unpause(self) -> None:
+        """Take back a pause that has not taken effect yet."""
+        if not self.drained.is_set():
+            self.pause_reason = None
+            self._go.set()
+
+    def _check_drained(self) -> None:
+        if not self._go.is_set() and not self.running:
+            self.drained.set()
 
     def stop(self, reason: str, *, cancelled: bool = False) -> None:
         """Start nothing new and cancel what runs; the first reason given is kept."""
         if self.stop_reason is None:
             self.stop_reason = reason
             self.cancelled = cancelled
+        self._go.set()  # a stop overrides a pause: the steps waiting at the gate are skipped
         for task in list(self.running.values()):
             task.cancel()
 
@@ -81,14 +120,11 @@ class Scheduler:
     async def _drive(self, step: Step) -> None:
         record = self.run.steps[step.id]
         try:
+            if record.status.finished:
+                return  # restored from its checkpoint: it ran before a pause or a crash
             for need in step.needs:
                 await self.done[need].wait()
-            reason = self._why_not(step)
-            if reason is None:
-                async with self.slots:
-                    reason = self._why_not(step)
-                    if reason is None:
-                        await self._execute(step)
+            reason = await self._run_when_allowed(step)
             if reason is not None:
                 record.reason, record.error_caused_skip = reason
                 record.status = StepStatus.FAILED if record.error else StepStatus.SKIPPED
@@ -98,6 +134,21 @@ class Scheduler:
                 self.stop(f"critical step {step.id} failed")
         finally:
             self.done[step.id].set()
+
+    async def _run_when_allowed(self, step: Step) -> tuple[str, bool] | None:
+        """Run ``step`` once the run is not paused and a slot is free; or why not."""
+        while True:
+            await self._go.wait()  # nothing starts, or is skipped, while the run pauses
+            reason = self._why_not(step)
+            if reason is not None:
+                return reason
+            async with self.slots:
+                if not self._go.is_set():
+                    continue  # paused while waiting for a slot
+                reason = self._why_not(step)
+                if reason is None:
+                    await self._execute(step)
+                return reason
 
     async def _execute(self, step: Step) -> None:
         # The step runs in its own driving task (no task more per step); stop() cancels it.
@@ -118,6 +169,7 @@ class Scheduler:
             driver.uncancel()  # our own cancel, handled: the driver goes on to finish
         finally:
             self.running.pop(step.id, None)
+            self._check_drained()
 
     def _why_not(self, step: Step) -> tuple[str, bool] | None:
         """Why ``step`` will not run (reason, counts as an error), or None to run it.

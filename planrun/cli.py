@@ -63,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN")
     p.set_defaults(func=cmd_watch)
 
+    for action, what in (("pause", "pause at the next step boundary (no process held)"),
+                         ("resume", "resume a paused run from where it stopped"),
+                         ("cancel", "cancel a run: commands killed, files rolled back")):
+        p = sub.add_parser(action, help=what)
+        p.add_argument("run", metavar="RUN")
+        p.set_defaults(func=cmd_control, action=action)
+
     p = sub.add_parser("schema", help="print the plan JSON Schema")
     p.set_defaults(func=cmd_schema)
 
@@ -214,6 +221,14 @@ def cmd_watch(args: argparse.Namespace) -> int:
                                           on_start=remote.append))
     print(f"run {record.run_id} {record.status}")
     return record.status.exit_code
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    from planrun import client
+
+    answer = client.control(args.run, args.action)
+    print(f"run {args.run}: {answer['status']}")
+    return EXIT_OK
 
 
 def strict_json(value: Any) -> Any:

@@ -73,6 +73,15 @@ def status(run_id: str) -> dict[str, Any]:
     return report
 
 
+def control(run_id: str, action: str) -> dict[str, Any]:
+    """Ask the bridge to pause, resume or cancel a run; its answer."""
+    response = _request("POST", f"/v1/runs/{run_id}/{action}")
+    if response.status_code != 202:
+        raise _refused(response)
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
 def estimate_text(estimate: dict[str, Any] | None, ended: bool) -> str:
     """"about 12s left (9s–18s)", or how much earlier than first estimated a run ended."""
     if not estimate:
@@ -110,6 +119,9 @@ class RemoteRun:
                          for s in message.get("plan") or []}
         elif kind in RUN_ENDS:
             run.status, run.ended_at = RunStatus(RUN_ENDS[kind]), when
+            run.reason = message.get("summary")
+        elif kind in ("run.paused", "run.resumed", "run.awaiting_approval"):
+            run.status = RunStatus(message.get("status") or "running")
             run.reason = message.get("summary")
         step = run.steps.get(message.get("step_id") or "")
         if step is None:
@@ -154,8 +166,10 @@ async def watch(run_id: str, observer: RunObserver, *, plan: str = "",
             async with connect(url, additional_headers=_headers(), proxy=None) as socket:
                 down_since, delay = None, 0.2
                 async for frame in socket:
+                    before = (remote.record.status, remote.last_seq)
                     step = remote.apply(json.loads(frame))
-                    observer.changed(remote.record, step)
+                    if step is not None or remote.record.status != before[0]:
+                        observer.changed(remote.record, step)  # not for progress ticks
                     if remote.ended:
                         break
         except InvalidStatus as exc:

@@ -1,9 +1,17 @@
-"""``POST /v1/runs`` (submit a plan) and ``GET /v1/runs/{id}`` (its report, progress and
-estimate). Pause, resume, cancel, retry and approvals come with durable control."""
+"""``POST /v1/runs`` (submit a plan), ``GET /v1/runs/{id}`` (its report, progress and
+estimate), and ``POST /v1/runs/{id}/pause|resume|cancel``.
+
+Control requests become states of the run's Prefect flow run (see ``flows.control``), so
+they work the same from here, from the CLI and from the Prefect UI; a request the run's
+state does not allow answers 409 with the reason.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
+from uuid import UUID
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
@@ -103,6 +111,102 @@ async def report(run_id: str, request: Request) -> dict[str, Any]:
     result = view.report()
     result["last_seq"] = state.store.last_seq(run_id)
     return result
+
+
+class Accepted(BaseModel):
+    run_id: str
+    status: str = Field(description="what happens now: pausing, resuming, cancelling")
+
+
+CONFLICTS: dict[int | str, dict[str, Any]] = {
+    409: {"description": "the run's state does not allow this; the reason is in `detail`"},
+    404: {"description": "no such planrun run"}}
+
+
+@router.post("/{run_id}/pause", status_code=202, response_model=Accepted, responses=CONFLICTS)
+async def pause(run_id: str) -> Accepted:
+    """Pause at the next step boundary: steps already running finish, nothing new starts,
+    then the run is suspended and holds no process until it is resumed."""
+    from prefect.states import Paused
+
+    async with _flow_run(run_id) as (client, flow_run):
+        kind = flow_run.state.type.value
+        if kind == "PAUSED":
+            raise HTTPException(409, f"run {run_id} is already paused")
+        if kind != "RUNNING":
+            raise HTTPException(409, f"run {run_id} is {_state(flow_run)}: only a running "
+                                "run can be paused")
+        await client.set_flow_run_state(flow_run.id, Paused(message="paused by a person"),
+                                        force=True)
+    return Accepted(run_id=run_id, status="pausing")
+
+
+@router.post("/{run_id}/resume", status_code=202, response_model=Accepted, responses=CONFLICTS)
+async def resume(run_id: str) -> Accepted:
+    """Resume a paused run: it goes on from where it stopped, in a new process; finished
+    steps are not run again. A pause that has not taken effect yet is taken back."""
+    from prefect.flow_runs import aresume_flow_run
+
+    async with _flow_run(run_id) as (_client, flow_run):
+        state = flow_run.state
+        if state.type.value != "PAUSED":
+            raise HTTPException(409, f"run {run_id} is {_state(flow_run)}: only a paused run "
+                                "can be resumed")
+        if state.state_details.run_input_keyset:
+            raise HTTPException(409, f"run {run_id} is waiting for an approval: approve or "
+                                "reject the step")
+        await aresume_flow_run(flow_run.id)
+    return Accepted(run_id=run_id, status="resuming")
+
+
+@router.post("/{run_id}/cancel", status_code=202, response_model=Accepted, responses=CONFLICTS)
+async def cancel(run_id: str) -> Accepted:
+    """Cancel the run: running commands are killed, nothing new starts, the files it
+    changed are rolled back. A paused run is resumed to do so, and ends cancelled."""
+    from prefect.flow_runs import aresume_flow_run
+    from prefect.states import Cancelled, Cancelling
+
+    from flows.control import CONTROL_LABEL
+
+    async with _flow_run(run_id) as (client, flow_run):
+        kind = flow_run.state.type.value
+        if flow_run.state.is_final():
+            raise HTTPException(409, f"run {run_id} has already ended ({_state(flow_run)})")
+        if kind == "PAUSED":
+            await client.update_flow_run_labels(flow_run.id, {CONTROL_LABEL: "cancel"})
+            await aresume_flow_run(flow_run.id)
+        elif kind in ("SCHEDULED", "PENDING"):  # no process yet: nothing to undo
+            await client.set_flow_run_state(
+                flow_run.id, Cancelled(message="cancelled by a person before it started"),
+                force=True)
+        else:
+            await client.set_flow_run_state(
+                flow_run.id, Cancelling(message="cancelled by a person"), force=True)
+    return Accepted(run_id=run_id, status="cancelling")
+
+
+@contextlib.asynccontextmanager
+async def _flow_run(run_id: str) -> AsyncIterator[tuple[Any, Any]]:
+    """A Prefect client and the run's flow run; 404 when it is not a planrun run."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        flow_run_id = UUID(run_id)
+    except ValueError:
+        raise HTTPException(404, f"no run {run_id}: run ids are UUIDs") from None
+    async with get_client() as client:
+        try:
+            flow_run = await client.read_flow_run(flow_run_id)
+        except ObjectNotFound:
+            raise HTTPException(404, f"no run {run_id}") from None
+        if "planrun" not in (flow_run.tags or []):
+            raise HTTPException(404, f"flow run {run_id} is not a planrun run")
+        yield client, flow_run
+
+
+def _state(flow_run: Any) -> str:
+    return str(flow_run.state.name or flow_run.state.type.value).lower()
 
 
 def _invalid(detail: str, errors: list[dict[str, Any]]) -> JSONResponse:

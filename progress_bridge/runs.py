@@ -126,6 +126,24 @@ class RunView:
         return [self._draft(m.MessageType(f"run.{record.status}"), status=str(record.status),
                             summary=record.reason)]
 
+    def paused(self, payload: Mapping[str, Any]) -> list[m.Draft]:
+        """Apply ``planrun.run.paused``: what ran has finished; the rest waits."""
+        if self.ended:
+            return []
+        self.record.status = RunStatus.PAUSED
+        self.record.reason = payload.get("reason")
+        return [self._draft(m.MessageType.RUN_PAUSED, status=str(RunStatus.PAUSED),
+                            summary=self.record.reason)]
+
+    def resumed(self, payload: Mapping[str, Any]) -> list[m.Draft]:
+        """Apply ``planrun.run.resumed``: the run goes on in a new process."""
+        if self.ended:
+            return []
+        self.record.status, self.record.reason = RunStatus.RUNNING, None
+        restored = payload.get("restored") or []
+        return [self._draft(m.MessageType.RUN_RESUMED, status=str(RunStatus.RUNNING),
+                            summary=f"{len(restored)} finished step(s) kept")]
+
     def flow_run_ended(self, state_type: str, message: str | None) -> list[m.Draft]:
         """End a run whose flow run ended without planrun's own end event (its process
         crashed or was killed, or Prefect cancelled it): what still runs is cancelled,

@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from flows.events import SEGMENT
 from planrun.report import iso
 from progress_bridge import messages as m
 from progress_bridge.estimate import durations_from
@@ -175,6 +176,10 @@ class PrefectUpstream:
         elif name.startswith(STEP_PREFIX):
             drafts = view.step_event(payload)
             self._observe_step(view, payload)
+        elif name == "planrun.run.paused":
+            drafts = view.paused(payload)
+        elif name == "planrun.run.resumed":
+            drafts = view.resumed(payload)
         elif name.startswith(RUN_PREFIX):
             drafts = view.run_ended(payload)
         occurred = event.occurred.timestamp()
@@ -283,7 +288,8 @@ class PrefectUpstream:
         last = self._last_n.get(run_id)
         if last is None or n > last:
             self._last_n[run_id] = n
-        if last is not None and n > last + 1 and self._recheck is None:
+        same_process = last is not None and n // SEGMENT == last // SEGMENT
+        if same_process and last is not None and n > last + 1 and self._recheck is None:
             log.warning("events %d..%d of run %s are missing; reconciling", last + 1, n - 1,
                         run_id)
             self._recheck = self._soon(self.settings.settle_s, self._gap_reconcile)

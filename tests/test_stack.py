@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +14,8 @@ import psutil
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.helpers import PLANRUN, ROOT, cli, wait_for
+from tests.helpers import PLANRUN, ROOT, wait_for
+from tests.stack import Stack, running_stack
 
 SLOW_SHELL = """
 version: 1
@@ -41,48 +40,9 @@ steps:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Stack:
-    def __init__(self, tmp: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "PLANRUN_BRIDGE_URL": self.url,
-                    "PLANRUN_WORKSPACE": str(tmp / "workspace")}
-        self.out = tmp / "up.out"
-        with self.out.open("wb") as sink:
-            self.process = subprocess.Popen([*PLANRUN, "up", "--port", str(self.port)],
-                                            cwd=tmp, env=self.env, stdout=sink,
-                                            stderr=subprocess.STDOUT)
-        wait_for(lambda: "planrun is up" in self.output() or self.process.poll() is not None,
-                 90, "planrun up to print its URLs")
-        assert self.process.poll() is None, self.output()
-
-    def output(self) -> str:
-        return self.out.read_text(errors="replace")
-
-    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return cli(*args, env={"PLANRUN_BRIDGE_URL": self.url}, timeout=timeout)
-
-    def children(self) -> list[psutil.Process]:
-        return psutil.Process(self.process.pid).children(recursive=True)
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-        return self.process.wait(30)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    running = Stack(tmp_path_factory.mktemp("stack"))
-    yield running
-    if running.process.poll() is None:  # a test failed before Ctrl-C: stop it the same way
-        running.stop()
+    yield from running_stack(tmp_path_factory)
 
 
 def test_up_prints_where_the_bridge_the_docs_and_the_prefect_ui_are(stack: Stack) -> None:

@@ -1,0 +1,126 @@
+"""Each finished step of a run, kept where a later process of the same run finds it.
+
+A run's flow body starts again from the top when a paused run is resumed, when a run
+waits for an approval, and when a crashed run is recovered: each time in a new process.
+Steps that had finished (completed, failed, skipped) are restored from their checkpoint
+and not executed again; only a step that was in flight runs a second time.
+
+A checkpoint is the step's record (status, attempts, times, input, output, error, reason)
+as JSON in Prefect's default result storage (local files under
+``~/.prefect/storage`` by default; shared storage when Prefect is configured with it) under the key
+``planrun-<run id>-<step id>``. The key is the plan run's and the step's, not Prefect's
+default cache key, which includes the flow run id and the task's inputs. It is written
+before the step's finish is announced, so nothing announced as finished is run again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+from datetime import datetime
+from typing import Any
+
+from planrun.errors import step_error
+from planrun.report import StepRecord, StepStatus, iso
+
+log = logging.getLogger("planrun.checkpoints")
+
+#: Finished states that are kept: a cancelled step ran only partly and must run again.
+KEPT = frozenset({StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.SKIPPED})
+
+
+def key(run_id: str, step_id: str) -> str:
+    return f"planrun-{run_id}-{step_id}"
+
+
+def to_data(record: StepRecord) -> dict[str, Any]:
+    return {"status": str(record.status), "attempts": record.attempts,
+            "started_at": iso(record.started_at), "ended_at": iso(record.ended_at),
+            "input": record.input, "output": record.output,
+            "error": record.error.to_report() if record.error else None,
+            "reason": record.reason, "fallback_used": record.fallback_used,
+            "error_caused_skip": record.error_caused_skip}
+
+
+def restore(record: StepRecord, data: dict[str, Any]) -> None:
+    """Put a checkpoint back on ``record``."""
+    record.status = StepStatus(data["status"])
+    record.attempts = int(data.get("attempts") or 0)
+    record.started_at = _epoch(data.get("started_at"))
+    record.ended_at = _epoch(data.get("ended_at"))
+    record.input, record.output = data.get("input"), data.get("output")
+    error = data.get("error")
+    record.error = step_error(error["category"], error["message"], hint=error.get("hint"),
+                              details=error.get("details"), step_id=record.id,
+                              tool=record.tool) if error else None
+    record.reason = data.get("reason")
+    record.fallback_used = bool(data.get("fallback_used"))
+    record.error_caused_skip = bool(data.get("error_caused_skip"))
+
+
+class Checkpoints:
+    """The checkpoints of one run, as JSON files in Prefect's default result storage."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self._storage: Any = None
+
+    async def begin(self) -> int:
+        """Count this start of the run's flow body (1 on the first): the run's own
+        checkpoint keeps the count, as Prefect's ``run_count`` stays 1 across a resume."""
+        name = f"planrun-{self.run_id}"
+        found = await self._read(name)
+        segment = int(found.get("segment", 0)) + 1 if found else 1
+        await self._write(name, {"segment": segment})
+        return segment
+
+    async def save(self, record: StepRecord) -> None:
+        """Keep ``record`` if it is a finished state worth keeping."""
+        if record.status in KEPT:
+            await self._write(key(self.run_id, record.id), to_data(record))
+
+    async def load(self, records: dict[str, StepRecord]) -> list[str]:
+        """Restore every step of ``records`` that has a checkpoint; the ids restored."""
+        async def one(step_id: str) -> str | None:
+            found = await self._read(key(self.run_id, step_id))
+            if found is None:
+                return None
+            restore(records[step_id], found)
+            return step_id
+
+        restored = await asyncio.gather(*(one(sid) for sid in records))
+        return [sid for sid in restored if sid is not None]
+
+    async def _storage_block(self) -> Any:
+        if self._storage is None:
+            from prefect.results import aget_default_result_storage
+
+            self._storage = await aget_default_result_storage()
+        return self._storage
+
+    async def _write(self, name: str, data: dict[str, Any]) -> None:
+        content = json.dumps(data, default=str).encode()
+        await _call(await self._storage_block(), "write_path", name, content)
+
+    async def _read(self, name: str) -> dict[str, Any] | None:
+        try:
+            content = await _call(await self._storage_block(), "read_path", name)
+        except Exception:  # noqa: BLE001 - missing (each storage says so its own way)
+            return None
+        data = json.loads(content)
+        return data if isinstance(data, dict) else None
+
+
+async def _call(block: Any, method: str, *args: Any) -> Any:
+    """A storage block's method: its explicit async form (``awrite_path``) when it has one."""
+    found = getattr(block, f"a{method}", None) or getattr(block, method)
+    result = found(*args)
+    return await result if inspect.isawaitable(result) else result
+
+
+def _epoch(stamp: Any) -> float | None:
+    if not stamp:
+        return None
+    return datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()

@@ -1,0 +1,86 @@
+"""What people ask of a running run from outside: pause, resume, cancel.
+
+Every request is a state of the run's Prefect flow run, so planrun's API, the CLI and the
+Prefect UI's own buttons all work the same way:
+
+- **pause**: a ``Paused`` state (``POST /v1/runs/{id}/pause`` sets one; so does the
+  Prefect UI's "change state"). Prefect itself ignores a Paused state set from outside; the
+  engine watches for it, starts nothing new, lets running steps finish, then suspends the
+  flow run (``Suspended``: a pause that holds no process) and its process exits.
+- **resume**: Prefect's resume of the suspended run (``POST .../resume``, the UI's Resume
+  button) schedules it; a runner starts the flow again in a new process, which restores
+  the finished steps from their checkpoints (``flows.checkpoints``) and goes on. A resume
+  that arrives before the pause took effect takes the pause back.
+- **cancel**: a ``Cancelling`` state; a runner passes it on as SIGTERM, which the engine
+  turns into a clean cancel (commands killed, files rolled back), and the engine also
+  notices the state itself. A paused run is cancelled by resuming it with the label
+  ``planrun.control=cancel``: its new process rolls the files back and ends Cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+from uuid import UUID
+
+from flows.scheduler import Scheduler
+
+log = logging.getLogger("planrun.control")
+
+POLL_S = 0.5
+CONTROL_LABEL = "planrun.control"
+
+
+class RunControl:
+    """Watches one run's flow-run state and tells its scheduler."""
+
+    def __init__(self, run_id: str, scheduler: Scheduler, poll_s: float = POLL_S) -> None:
+        self.run_id = UUID(run_id)
+        self.scheduler = scheduler
+        self.poll_s = poll_s
+
+    async def cancel_requested(self) -> bool:
+        """Whether the run was asked to end cancelled while it was paused."""
+        from prefect.client.orchestration import get_client
+
+        async with get_client() as client:
+            flow_run = await client.read_flow_run(self.run_id)
+        return dict(flow_run.labels or {}).get(CONTROL_LABEL) == "cancel"
+
+    async def watch(self) -> None:
+        """Poll the flow run's state until cancelled (by the engine, when the run ends)."""
+        from prefect.client.orchestration import get_client
+
+        async with get_client() as client:
+            while True:
+                try:
+                    state = (await client.read_flow_run(self.run_id)).state
+                except Exception as exc:  # noqa: BLE001 - the API may blink: ask again
+                    log.warning("cannot read the state of run %s: %s", self.run_id, exc)
+                    state = None
+                if state is not None:
+                    self._react(state)
+                await asyncio.sleep(self.poll_s)
+
+    def _react(self, state: Any) -> None:
+        kind = state.type.value
+        scheduler = self.scheduler
+        if kind == "PAUSED":
+            scheduler.pause(state.message or "paused by a person")
+        elif kind == "RUNNING" and scheduler.pause_reason is not None:
+            scheduler.unpause()
+        elif kind in ("CANCELLING", "CANCELLED"):
+            scheduler.stop("cancelled by a person", cancelled=True)
+
+    async def suspend(self, key: str, message: str, timeout_s: float | None = None) -> Any:
+        """Make the paused flow run a suspended one (no process; a resume reschedules it)
+        and return the state, for the flow to raise ``Pause`` with."""
+        from prefect.client.orchestration import get_client
+        from prefect.states import Suspended
+
+        state: Any = Suspended(timeout_seconds=None if timeout_s is None else round(timeout_s),
+                               pause_key=key, message=message)
+        async with get_client() as client:
+            result = await client.set_flow_run_state(self.run_id, state, force=True)
+        return result.state

@@ -1,0 +1,212 @@
+"""Pause, resume and cancel on the real stack (``planrun up``: Prefect server, runner,
+bridge), from the CLI, the API and Prefect's own API (what the Prefect UI's buttons call).
+Steps append a line to a file, so a step that runs twice is seen."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from tests.helpers import wait_for
+from tests.stack import Stack, running_stack
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    yield from running_stack(tmp_path_factory)
+
+
+def counting(name: str, steps: int, seconds: float) -> str:
+    """A chain of steps that each append their id to ``<name>.txt``, then sleep."""
+    lines = [f"version: 1\nname: {name}\nsteps:"]
+    for i in range(1, steps + 1):
+        needs = f", needs: [s{i - 1}]" if i > 1 else ""
+        lines.append(f'  - {{id: s{i}, tool: shell.run{needs}, with: {{argv: [sh, -c, '
+                     f'"echo s{i} >> {name}.txt; sleep {seconds}"]}}}}')
+    return "\n".join(lines) + "\n"
+
+
+def submit(stack: Stack, tmp_path: Path, text: str) -> str:
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(text)
+    submitted = stack.cli("submit", str(plan))
+    assert submitted.returncode == 0, submitted.stderr
+    return submitted.stdout.strip()
+
+
+def report(stack: Stack, run_id: str) -> dict[str, Any]:
+    shown = stack.cli("status", run_id, "--json")
+    assert shown.returncode == 0, shown.stderr
+    data: dict[str, Any] = json.loads(shown.stdout)
+    return data
+
+
+def wait_status(stack: Stack, run_id: str, status: str, timeout: float = 60) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+
+    def reached() -> bool:
+        found.update(report(stack, run_id))
+        return bool(found["status"] == status)
+
+    wait_for(reached, timeout, f"run {run_id} to be {status}")
+    return found
+
+
+def step_started(stack: Stack, run_id: str, step_id: str) -> bool:
+    step = report(stack, run_id)["steps"].get(step_id)  # none before the run starts
+    return step is not None and step["status"] != "pending"
+
+
+def lines(stack: Stack, name: str) -> list[str]:
+    path = Path(stack.env["PLANRUN_WORKSPACE"]) / f"{name}.txt"
+    return path.read_text().split() if path.exists() else []
+
+
+def run_processes(stack: Stack) -> list[psutil.Process]:
+    """The processes the runner started for flow runs (one per run in flight)."""
+    found = []
+    for process in stack.children():
+        try:
+            if "spawn_main" in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_a_paused_run_holds_no_process_and_resumes_without_running_a_step_twice(
+        stack: Stack, tmp_path: Path) -> None:
+    run_id = submit(stack, tmp_path, counting("twice", 4, 0.8))
+    wait_for(lambda: step_started(stack, run_id, "s2"), 60, "s2 to start")
+
+    paused = stack.cli("pause", run_id)
+    assert paused.returncode == 0 and "pausing" in paused.stdout
+    first = wait_status(stack, run_id, "paused")
+    assert first["steps"]["s2"]["status"] == "completed"  # the running step finished
+    assert first["steps"]["s4"]["status"] == "pending"
+    wait_for(lambda: not run_processes(stack), 20, "the paused run's process to exit")
+    done_before = lines(stack, "twice")
+
+    assert stack.cli("resume", run_id).returncode == 0
+    wait_for(lambda: report(stack, run_id)["status"] == "running", 30, "the run to go on")
+    assert stack.cli("pause", run_id).returncode == 0  # a second cycle
+    wait_status(stack, run_id, "paused")
+    assert stack.cli("resume", run_id).returncode == 0
+    final = wait_status(stack, run_id, "completed")
+
+    assert lines(stack, "twice") == ["s1", "s2", "s3", "s4"]  # each step exactly once
+    assert done_before == lines(stack, "twice")[:len(done_before)]
+    assert all(step["attempts"] == 1 for step in final["steps"].values())
+    watched = stack.cli("watch", run_id)  # the whole stream replays, pauses included
+    assert watched.returncode == 0
+    assert watched.stderr.count("run twice paused") == 2, watched.stderr
+    assert watched.stderr.count("s3 completed attempt 1") == 1
+
+
+def test_control_requests_the_state_does_not_allow_answer_409_with_the_reason(
+        stack: Stack, tmp_path: Path) -> None:
+    run_id = submit(stack, tmp_path, counting("conflicts", 1, 0.1))
+    wait_status(stack, run_id, "completed")
+    for action, words in (("pause", "only a running run can be paused"),
+                          ("resume", "only a paused run can be resumed"),
+                          ("cancel", "has already ended")):
+        answer = httpx.post(f"{stack.url}/v1/runs/{run_id}/{action}")
+        assert answer.status_code == 409
+        assert words in answer.json()["detail"]
+    assert httpx.post(f"{stack.url}/v1/runs/not-a-uuid/pause").status_code == 404
+    refused = stack.cli("resume", run_id)
+    assert refused.returncode == 1 and "409" in refused.stderr
+
+
+def test_prefects_own_pause_and_resume_work_the_same(stack: Stack, tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.flow_runs import aresume_flow_run
+    from prefect.states import Paused
+
+    run_id = submit(stack, tmp_path, counting("ui", 3, 0.8))
+    wait_for(lambda: step_started(stack, run_id, "s1"), 60, "s1 to start")
+
+    async def pause_like_the_ui() -> None:  # the UI's "change state" forces a Paused state
+        async with get_client() as client:
+            await client.set_flow_run_state(run_id, Paused(), force=True)
+
+    import asyncio
+    asyncio.run(pause_like_the_ui())
+    wait_status(stack, run_id, "paused")
+    asyncio.run(aresume_flow_run(run_id))  # the UI's Resume button
+    wait_status(stack, run_id, "completed")
+    assert lines(stack, "ui") == ["s1", "s2", "s3"]
+
+
+def test_pauses_racing_with_step_ends_lose_and_repeat_nothing(stack: Stack,
+                                                            tmp_path: Path) -> None:
+    run_id = submit(stack, tmp_path, counting("race", 12, 0.05))
+    wait_for(lambda: step_started(stack, run_id, "s1"), 60, "s1 to start")
+    for _ in range(3):
+        if report(stack, run_id)["status"] != "running":
+            break
+        httpx.post(f"{stack.url}/v1/runs/{run_id}/pause")  # 409 if it just ended: fine
+        status = wait_for(lambda: report(stack, run_id)["status"] in ("paused", "completed")
+                          and report(stack, run_id)["status"], 30, "the pause or the end")
+        if status == "paused":
+            assert httpx.post(f"{stack.url}/v1/runs/{run_id}/resume").status_code == 202
+            wait_for(lambda: report(stack, run_id)["status"] != "paused", 30, "the resume")
+    wait_status(stack, run_id, "completed")
+    assert lines(stack, "race") == [f"s{i}" for i in range(1, 13)]
+
+
+def test_cancel_kills_the_running_command_and_rolls_the_files_back(
+        stack: Stack, tmp_path: Path) -> None:
+    text = """version: 1
+name: cancel-me
+steps:
+  - {id: write, tool: file.write, with: {path: cancel-me.out, content: written}}
+  - id: long
+    tool: shell.run
+    needs: [write]
+    with: {argv: [sh, -c, "echo $$ > cancel-me.pid; exec sleep 60"]}
+"""
+    run_id = submit(stack, tmp_path, text)
+    workspace = Path(stack.env["PLANRUN_WORKSPACE"])
+    pid_file = workspace / "cancel-me.pid"
+    wait_for(pid_file.exists, 60, "the long command to start")
+    wait_for(lambda: pid_file.read_text().strip(), 5, "its pid")
+    pid = int(pid_file.read_text())
+    assert (workspace / "cancel-me.out").read_text() == "written"
+
+    cancelled = stack.cli("cancel", run_id)
+    assert cancelled.returncode == 0 and "cancelling" in cancelled.stdout
+    final = wait_status(stack, run_id, "cancelled", timeout=20)
+    assert final["steps"]["long"]["status"] == "cancelled"
+    wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status()
+             == psutil.STATUS_ZOMBIE, 10, "the command to be killed")
+    assert not (workspace / "cancel-me.out").exists()  # rolled back
+    pid_file.unlink()
+
+
+def test_cancelling_a_paused_run_rolls_its_files_back(stack: Stack, tmp_path: Path) -> None:
+    text = """version: 1
+name: paused-cancel
+steps:
+  - {id: write, tool: file.write, with: {path: paused-cancel.out, content: written}}
+  - {id: wait, tool: core.sleep, needs: [write], with: {seconds: 1}}
+  - {id: after, tool: core.echo, needs: [wait], with: {value: never}}
+"""
+    run_id = submit(stack, tmp_path, text)
+    wait_for(lambda: step_started(stack, run_id, "wait"), 60, "the sleep to start")
+    assert stack.cli("pause", run_id).returncode == 0
+    wait_status(stack, run_id, "paused")
+    assert (Path(stack.env["PLANRUN_WORKSPACE"]) / "paused-cancel.out").exists()
+
+    assert stack.cli("cancel", run_id).returncode == 0
+    final = wait_status(stack, run_id, "cancelled", timeout=40)
+    assert final["steps"]["after"]["status"] == "skipped"
+    assert not (Path(stack.env["PLANRUN_WORKSPACE"]) / "paused-cancel.out").exists()
+    assert os.path.exists(stack.env["PLANRUN_WORKSPACE"])
