@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator
 
 from progress_bridge.hub import Subscription
 from progress_bridge.messages import Message, heartbeat
 from progress_bridge.store import MessageStore
+
+#: Messages sent to one client before it lets the other clients and the upstream have a turn
+#: (sending does not wait when the socket's buffer has room).
+TURN = 16
 
 
 async def follow(sub: Subscription, store: MessageStore, after: int,
@@ -19,9 +24,12 @@ async def follow(sub: Subscription, store: MessageStore, after: int,
     Raises :class:`~progress_bridge.hub.Disconnected` when the hub cuts the client off.
     """
     last = after
-    for message in await store.after(sub.run_id, after):
+    for count, message in enumerate(await store.after(sub.run_id, after), 1):
         last = message.seq
         yield message
+        if count % TURN == 0:
+            await asyncio.sleep(0)
+    in_a_row = 0
     while True:
         live = await sub.get(timeout=heartbeat_s)
         if live is None:
@@ -29,3 +37,6 @@ async def follow(sub: Subscription, store: MessageStore, after: int,
         elif live.seq > last:
             last = live.seq
             yield live
+        in_a_row += 1
+        if in_a_row % TURN == 0:  # a queue that is never empty would never let others run
+            await asyncio.sleep(0)

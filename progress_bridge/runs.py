@@ -36,6 +36,8 @@ STEP_TYPES = {
 ENDED = frozenset({RunStatus.COMPLETED, RunStatus.COMPLETED_WITH_ERRORS, RunStatus.FAILED,
                    RunStatus.CANCELLED})
 #: How Prefect's terminal flow-run states end a run whose engine could not say so itself.
+#: The shortest time between two computed estimates of one run.
+ESTIMATE_EVERY_S = 0.25
 FLOW_RUN_ENDS = {"CRASHED": RunStatus.FAILED, "FAILED": RunStatus.FAILED,
                  "CANCELLED": RunStatus.CANCELLED, "COMPLETED": RunStatus.COMPLETED}
 
@@ -49,6 +51,9 @@ class RunView:
     step_n: dict[str, int] = field(default_factory=dict)
     summaries: dict[str, str | None] = field(default_factory=dict)
     durations: Mapping[str, StepDurations] = field(default_factory=dict)
+    _estimate: tuple[float, m.Estimate] | None = field(default=None, repr=False)
+    #: A message went out with an estimate reused from before its change.
+    estimate_stale: bool = False
 
     @property
     def ended(self) -> bool:
@@ -183,11 +188,27 @@ class RunView:
         return report
 
     def estimate(self) -> m.Estimate | None:
+        """The estimate now. It is computed at most every ``ESTIMATE_EVERY_S`` while the run
+        goes (≈ 4 ms for 200 steps, on the loop that also sends); in between, the last one
+        is reused with the time since taken off."""
         if not self.record.steps:
             return None
-        e = estimate(self.record, self.max_parallel, self.durations, time.time())
-        return m.Estimate(remaining_s=e.remaining_s, low_s=e.low_s, high_s=e.high_s,
-                          finish_at=e.finish_at, early_by_s=e.early_by_s)
+        now = time.time()
+        last = self._estimate
+        if last is not None and not self.ended and now - last[0] < ESTIMATE_EVERY_S:
+            self.estimate_stale = True
+            gone = now - last[0]
+            e = last[1]
+            return m.Estimate(remaining_s=round(max(0.0, e.remaining_s - gone), 3),
+                              low_s=round(max(0.0, e.low_s - gone), 3),
+                              high_s=round(max(0.0, e.high_s - gone), 3),
+                              finish_at=e.finish_at, early_by_s=e.early_by_s)
+        found = estimate(self.record, self.max_parallel, self.durations, now)
+        fresh = m.Estimate(remaining_s=found.remaining_s, low_s=found.low_s,
+                           high_s=found.high_s, finish_at=found.finish_at,
+                           early_by_s=found.early_by_s)
+        self._estimate, self.estimate_stale = (now, fresh), False
+        return fresh
 
     def _step_draft(self, step: StepRecord, impact: m.Impact | None = None) -> m.Draft:
         error = step.error

@@ -37,7 +37,7 @@ from planrun.report import iso
 from progress_bridge import messages as m
 from progress_bridge.estimate import durations_from
 from progress_bridge.history import step_history
-from progress_bridge.runs import RunView
+from progress_bridge.runs import ESTIMATE_EVERY_S, RunView
 from progress_bridge.state import BridgeState
 from progress_bridge.store import StoreError
 
@@ -83,6 +83,7 @@ class PrefectUpstream:
         self._history: dict[str, asyncio.Task[None]] = {}
         self._later: set[asyncio.Task[Any]] = set()
         self._last_n: dict[str, int] = {}
+        self._last_sent: dict[str, float] = {}
         self._recheck: asyncio.Task[Any] | None = None
 
     async def __call__(self, state: BridgeState) -> None:
@@ -117,6 +118,9 @@ class PrefectUpstream:
                     delay = self.settings.retry_s
                     async for event in events:
                         self.handle(event)
+                        # Reading a buffered event does not wait: give the senders a turn,
+                        # and never stop reading for long (Prefect drops what overflows).
+                        await asyncio.sleep(0)
                     log.warning("Prefect closed the event stream; reconnecting")
             except asyncio.CancelledError:
                 raise
@@ -221,10 +225,18 @@ class PrefectUpstream:
     # Estimates -----------------------------------------------------------------------
 
     async def _tick(self) -> None:
+        """A ``progress`` message for a run that has had none for ``tick_s`` while a step
+        runs, or whose last message reused an earlier estimate (estimates are computed at
+        most every ``ESTIMATE_EVERY_S``, so a burst of changes gets a fresh one after it)."""
+        step = min(self.settings.tick_s, ESTIMATE_EVERY_S)
         while True:
-            await asyncio.sleep(self.settings.tick_s)
+            await asyncio.sleep(step)
+            now = time.monotonic()
             for run_id, view in list(self.state.views.items()):
-                if not view.ended and view.running:
+                if view.ended:
+                    continue
+                quiet = now - self._last_sent.get(run_id, now) >= self.settings.tick_s
+                if view.estimate_stale or (view.running and quiet):
                     self._commit(run_id, view, view.tick(), save=False)
 
     def _fetch_history(self, view: RunView) -> None:
@@ -269,6 +281,8 @@ class PrefectUpstream:
             log.error("cannot store the messages of run %s: %s", run_id, exc)
             return
         state.views[run_id] = view
+        if sent:
+            self._last_sent[run_id] = time.monotonic()
         for message in sent:
             state.hub.publish(message)
             state.metrics.observe(message)
