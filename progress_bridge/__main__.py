@@ -19,7 +19,7 @@ import uvicorn
 from progress_bridge.app import create_app
 from progress_bridge.hub import Hub
 from progress_bridge.store import MessageStore
-from progress_bridge.upstream import PrefectUpstream
+from progress_bridge.upstream import PrefectUpstream, UpstreamSettings
 
 DEFAULT_PORT = 8765
 
@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     store = MessageStore(args.data)
     try:
         app = create_app(store, Hub(), allowed_origins=args.allow_origin,
-                         upstream=PrefectUpstream(), submit=submit_deployment)
+                         upstream=PrefectUpstream(UpstreamSettings(recover_attempts=int(
+                             os.environ.get("PLANRUN_RECOVER_ATTEMPTS", "2")))),
+                         submit=submit_deployment)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                 timeout_graceful_shutdown=5, ws_max_size=1 << 16)
         asyncio.run(uvicorn.Server(config).serve())

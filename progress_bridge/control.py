@@ -144,14 +144,20 @@ async def pause(run_id: str) -> Accepted:
 @router.post("/{run_id}/resume", status_code=202, response_model=Accepted, responses=CONFLICTS)
 async def resume(run_id: str) -> Accepted:
     """Resume a paused run: it goes on from where it stopped, in a new process; finished
-    steps are not run again. A pause that has not taken effect yet is taken back."""
+    steps are not run again. A pause that has not taken effect yet is taken back. A run
+    whose process crashed is started again the same way."""
     from prefect.flow_runs import aresume_flow_run
+    from prefect.states import Scheduled
 
-    async with _flow_run(run_id) as (_client, flow_run):
+    async with _flow_run(run_id) as (client, flow_run):
         state = flow_run.state
+        if state.type.value == "CRASHED":
+            await client.set_flow_run_state(
+                flow_run.id, Scheduled(message="resumed by a person after a crash"), force=True)
+            return Accepted(run_id=run_id, status="resuming")
         if state.type.value != "PAUSED":
-            raise HTTPException(409, f"run {run_id} is {_state(flow_run)}: only a paused run "
-                                "can be resumed")
+            raise HTTPException(409, f"run {run_id} is {_state(flow_run)}: only a paused or "
+                                "crashed run can be resumed")
         if state.state_details.run_input_keyset:
             raise HTTPException(409, f"run {run_id} is waiting for an approval: approve or "
                                 "reject the step")

@@ -54,6 +54,8 @@ class RunView:
     _estimate: tuple[float, m.Estimate] | None = field(default=None, repr=False)
     #: A message went out with an estimate reused from before its change.
     estimate_stale: bool = False
+    #: How many times the bridge has scheduled this run again after a crash.
+    recoveries: int = 0
 
     @property
     def ended(self) -> bool:
@@ -236,6 +238,7 @@ class RunView:
             "run_id": r.run_id, "plan": r.plan, "status": str(r.status), "reason": r.reason,
             "started_at": r.started_at, "ended_at": r.ended_at, "prefect_url": r.flow_run_url,
             "rolled_back": r.rolled_back, "max_parallel": self.max_parallel,
+            "recoveries": self.recoveries,
             "step_n": self.step_n, "summaries": self.summaries,
             "steps": [{"id": s.id, "tool": s.tool, "name": s.name, "needs": s.needs,
                        "critical": s.critical, "estimate_s": s.estimate_s,
@@ -263,7 +266,7 @@ class RunView:
                            ended_at=data["ended_at"], reason=data["reason"],
                            flow_run_url=data["prefect_url"], rolled_back=data["rolled_back"])
         return cls(record, max_parallel=data["max_parallel"], step_n=data["step_n"],
-                   summaries=data["summaries"])
+                   summaries=data["summaries"], recoveries=data.get("recoveries", 0))
 
 
 def _estimate_dict(value: m.Estimate | None) -> dict[str, Any] | None:

@@ -16,7 +16,8 @@ flushed. Events already seen are skipped; an event older than what a step alread
 is dropped by the view.
 
 A run whose process dies cannot announce its end: when its flow run ends (Crashed,
-Cancelled...) without planrun's end event, the view ends it after a short grace.
+Cancelled...) without planrun's end event, the view ends it after a short grace; a crashed
+run is first scheduled again (``recover_attempts`` times), and goes on from its checkpoints.
 While a step runs, a ``progress`` message with a fresh estimate goes out every
 ``tick_s``.
 """
@@ -62,6 +63,8 @@ class UpstreamSettings:
     tick_s: the longest gap between messages while a step runs.
     grace_s: how long a run's end from Prefect waits for planrun's own end event.
     history: read past step durations from Prefect for the estimates.
+    recover_attempts: how many times a run whose process crashed is started again
+        (``PLANRUN_RECOVER_ATTEMPTS``); after that, a crash ends it failed.
     """
 
     lookback_s: float = 3600.0
@@ -71,6 +74,7 @@ class UpstreamSettings:
     grace_s: float = 2.0
     retry_s: float = 0.5
     history: bool = True
+    recover_attempts: int = 2
 
 
 class PrefectUpstream:
@@ -206,6 +210,9 @@ class PrefectUpstream:
         if view is not None and view.ended:
             return
         message = state.get("message")
+        # Seen from now on: a reconciliation must not act on it a second time.
+        self.state.store.commit(run_id, [], None, event_id=str(event.id),
+                                occurred=event.occurred.timestamp())
         self._soon(self.settings.grace_s, lambda: self._flow_run_ended(run_id, kind, message))
 
     async def _flow_run_ended(self, run_id: str, kind: str, message: str | None) -> None:
@@ -220,7 +227,26 @@ class PrefectUpstream:
                 return
         if view is None:  # it ended before its engine announced it (an invalid plan...)
             view = RunView.unstarted(run_id)
+        if kind == "CRASHED" and view.recoveries < self.settings.recover_attempts:
+            await self._recover(run_id, view, message)
+            return
         self._commit(run_id, view, view.flow_run_ended(kind, message))
+
+    async def _recover(self, run_id: str, view: RunView, message: str | None) -> None:
+        """Schedule a crashed run again: a runner starts it in a new process, which keeps
+        the steps that had finished (their checkpoints) and runs again only the steps that
+        were in flight. It announces itself with ``run.resumed``."""
+        from prefect.client.orchestration import get_client
+        from prefect.states import Scheduled
+
+        view.recoveries += 1
+        self._commit(run_id, view, [])
+        log.warning("run %s crashed (%s); recovering it (%d of %d)", run_id, message,
+                    view.recoveries, self.settings.recover_attempts)
+        async with get_client() as client:
+            await client.set_flow_run_state(
+                run_id, Scheduled(message=f"recovering after a crash: {message or 'no reason'}"),
+                force=True)
 
     # Estimates -----------------------------------------------------------------------
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -57,3 +60,22 @@ def running_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     yield running
     if running.process.poll() is None:
         running.stop()
+
+
+def messages(stack: Stack, run_id: str, timeout: float = 30) -> list[dict[str, Any]]:
+    """Every message of a finished run, replayed over the bridge's WebSocket."""
+    from websockets.asyncio.client import connect
+
+    ends = {"run.completed", "run.completed_with_errors", "run.failed", "run.cancelled"}
+
+    async def read() -> list[dict[str, Any]]:
+        got: list[dict[str, Any]] = []
+        url = f"{stack.url.replace('http', 'ws', 1)}/v1/runs/{run_id}/ws?after=0"
+        async with connect(url, proxy=None) as ws, asyncio.timeout(timeout):
+            while not got or got[-1]["type"] not in ends:
+                message = json.loads(await ws.recv())
+                if message["type"] != "heartbeat":
+                    got.append(message)
+        return got
+
+    return asyncio.run(read())

@@ -15,20 +15,18 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tests.helpers import PLANRUN, ROOT, wait_for
-from tests.stack import Stack, running_stack
+from tests.stack import Stack, messages, running_stack
 
-SLOW_SHELL = """
+CRASHING = """
 version: 1
-name: slow-shell
+name: crashing
 steps:
-  - id: wait
+  - {id: first, tool: shell.run, with: {argv: [sh, -c, "echo first >> crash.txt"]}}
+  - id: second
     tool: shell.run
-    with: {argv: [sleep, "60"]}
-    timeout: 90s
-  - id: after
-    tool: core.echo
-    needs: [wait]
-    with: {value: done}
+    needs: [first]
+    with: {argv: [sh, -c, "echo second >> crash.txt; sleep 2"]}
+  - {id: third, tool: shell.run, needs: [second], with: {argv: [sh, -c, "echo third >> crash.txt"]}}
 """
 THREE_STEPS = """
 version: 1
@@ -91,17 +89,15 @@ def test_submit_refuses_an_invalid_plan_before_it_reaches_the_stack(
     assert stack.cli("watch", "no-such-run").returncode == 1
 
 
-def test_a_run_whose_process_is_killed_ends_failed_on_the_stream(stack: Stack,
-                                                                  tmp_path: Path) -> None:
-    plan = tmp_path / "slow.yaml"
-    plan.write_text(SLOW_SHELL)
+def test_a_run_whose_process_is_killed_is_recovered_and_only_the_step_in_flight_runs_again(
+        stack: Stack, tmp_path: Path) -> None:
+    plan = tmp_path / "crash.yaml"
+    plan.write_text(CRASHING)
     run_id = stack.cli("submit", str(plan)).stdout.strip()
+    marks = Path(stack.env["PLANRUN_WORKSPACE"]) / "crash.txt"
 
-    def running() -> bool:
-        report = json.loads(stack.cli("status", run_id, "--json").stdout)
-        return bool(report["steps"].get("wait", {}).get("status") == "running")
-
-    wait_for(running, 60, "the slow step to run")
+    wait_for(lambda: marks.exists() and marks.read_text().split() == ["first", "second"], 60,
+             "the second step to be in flight")
     # The runner starts each run in a process of its own (multiprocessing's spawn).
     engine = wait_for(lambda: [p for p in stack.children() if "spawn_main" in _cmdline(p)],
                       10, "the run's process")
@@ -110,13 +106,17 @@ def test_a_run_whose_process_is_killed_ends_failed_on_the_stream(stack: Stack,
     engine[0].kill()
     for process in orphans:
         process.kill()
-    watched = stack.cli("watch", run_id, timeout=90)
-    assert watched.returncode == 1, watched.stderr
+
+    watched = stack.cli("watch", run_id, timeout=120)
+    assert watched.returncode == 0, watched.stderr
+    kinds = [m["type"] for m in messages(stack, run_id)]
+    assert "run.resumed" in kinds and "run.failed" not in kinds
+    assert [m["seq"] for m in messages(stack, run_id)] == list(range(1, len(kinds) + 1))
     report = json.loads(stack.cli("status", run_id, "--json").stdout)
-    assert report["status"] == "failed"
-    assert "crashed" in report["reason"]
-    assert report["steps"]["wait"]["status"] == "cancelled"
-    assert report["steps"]["after"]["status"] == "skipped"
+    assert report["status"] == "completed"
+    # The step that had finished ran once; the one in flight ran again; the rest once.
+    assert marks.read_text().split() == ["first", "second", "second", "third"]
+    marks.unlink()
 
 
 def test_a_submitted_run_shows_on_the_live_page_in_the_terminal_and_in_prefect(
