@@ -115,7 +115,7 @@ def test_control_requests_the_state_does_not_allow_answer_409_with_the_reason(
     run_id = submit(stack, tmp_path, counting("conflicts", 1, 0.1))
     wait_status(stack, run_id, "completed")
     for action, words in (("pause", "only a running run can be paused"),
-                          ("resume", "only a paused run can be resumed"),
+                          ("resume", "only a paused or crashed run can be resumed"),
                           ("cancel", "has already ended")):
         answer = httpx.post(f"{stack.url}/v1/runs/{run_id}/{action}")
         assert answer.status_code == 409
