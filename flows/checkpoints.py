@@ -107,9 +107,9 @@ class Checkpoints:
     async def _read(self, name: str) -> dict[str, Any] | None:
         try:
             content = await _call(await self._storage_block(), "read_path", name)
-        except Exception:  # noqa: BLE001 - missing (each storage says so its own way)
-            return None
-        data = json.loads(content)
+            data = json.loads(content)
+        except Exception:  # noqa: BLE001 - missing (each storage says so its own way), or
+            return None  # cut short by a crash: the step then runs again
         return data if isinstance(data, dict) else None
 
 

@@ -20,7 +20,10 @@ Prefect UI's own buttons all work the same way:
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
+import re
 from typing import Any
 from uuid import UUID
 
@@ -30,6 +33,29 @@ log = logging.getLogger("planrun.control")
 
 POLL_S = 0.5
 CONTROL_LABEL = "planrun.control"
+#: The comment of a decision made because no one answered in time.
+TIMED_OUT = "approval timed out"
+
+
+def approval_key(step_id: str) -> str:
+    """The pause key of a step's approval gate: one per step, so a gate asked once is not
+    asked again when the run's flow body starts over (and gates in skipped branches never
+    take another gate's key)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", step_id.lower()).strip("-")[:40]
+    digest = hashlib.sha1(step_id.encode()).hexdigest()[:8]  # ids differing only in case
+    return f"approval-{slug}-{digest}"  # Prefect's input keys: lowercase, digits, dashes
+
+
+def approval_input() -> Any:
+    """The form a person answers (the Prefect UI renders it from this model)."""
+    from prefect.input import RunInput
+    from pydantic import Field
+
+    class Approval(RunInput):
+        approved: bool = Field(description="true: run the step; false: skip it")
+        comment: str = Field(default="", description="why, for the run's report")
+
+    return Approval
 
 
 class RunControl:
@@ -68,8 +94,8 @@ class RunControl:
         scheduler = self.scheduler
         if kind == "PAUSED":
             scheduler.pause(state.message or "paused by a person")
-        elif kind == "RUNNING" and scheduler.pause_reason is not None:
-            scheduler.unpause()
+        elif kind == "RUNNING" and scheduler.pause_reason is not None and scheduler.gate is None:
+            scheduler.unpause()  # a person's pause taken back (a gate waits for its answer)
         elif kind in ("CANCELLING", "CANCELLED"):
             scheduler.stop("cancelled by a person", cancelled=True)
 
@@ -84,3 +110,32 @@ class RunControl:
         async with get_client() as client:
             result = await client.set_flow_run_state(self.run_id, state, force=True)
         return result.state
+
+    async def decision(self, step_id: str) -> tuple[bool, str] | None:
+        """The answer given at the step's gate, or None while there is none."""
+        from prefect.client.orchestration import get_client
+        from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+        from prefect.input.run_input import keyset_from_base_key
+
+        keys = keyset_from_base_key(f"suspended-{approval_key(step_id)}")
+        async with get_client() as client:
+            try:
+                raw = await client.read_flow_run_input(self.run_id, keys["response"])
+            except ObjectNotFound:
+                return None
+            except PrefectHTTPStatusError as exc:
+                if exc.response.status_code == 404:  # not answered (not asked) yet
+                    return None
+                raise
+        data = json.loads(raw)
+        return bool(data.get("approved")), str(data.get("comment") or "")
+
+    async def ask(self, step_id: str, prompt: str) -> None:
+        """Suspend the run at the step's gate, with a form for the answer; raises
+        ``Pause`` (the process ends; an answer resumes the run in a new one)."""
+        from prefect.flow_runs import asuspend_flow_run
+
+        form = approval_input().with_initial_data(description=prompt, approved=False)
+        await asuspend_flow_run(wait_for_input=form, key=approval_key(step_id))
+        raise RuntimeError(f"the gate of {step_id} was answered while it was being asked")
+

@@ -54,6 +54,7 @@ class RunEvents:
         self.count = segment * SEGMENT
         self.last: dict[str, tuple[StepStatus, int]] = {}
         self.conditional = {s.id for s in plan.steps if s.when is not None}
+        self.prompts = {s.id: s.approval.prompt for s in plan.steps if s.approval is not None}
 
     def started(self) -> None:
         run = self.run
@@ -75,6 +76,12 @@ class RunEvents:
         """The run is suspended: what ran has finished; the rest waits for a resume."""
         self._emit("planrun.run.paused", {"reason": reason, "progress": self.run.progress()})
 
+    def awaiting_approval(self, step_id: str, prompt: str, timeout_s: float | None) -> None:
+        """The run is suspended at ``step_id``'s gate until a person answers."""
+        self._emit("planrun.run.awaiting_approval", {
+            "step_id": step_id, "prompt": prompt, "timeout_s": timeout_s,
+            "progress": self.run.progress()})
+
     def changed(self, step: StepRecord) -> None:
         """Emit the step's event if its status or attempt changed since the last one."""
         key = (step.status, step.attempts)
@@ -91,6 +98,8 @@ class RunEvents:
             payload["output"] = _bounded(step.output, "output")
         if step.status == StepStatus.FAILED:
             payload["impact"] = self.impact(step)
+        if step.status == StepStatus.AWAITING_APPROVAL and step.id in self.prompts:
+            payload["summary"] = self.prompts[step.id]
         self._emit(f"planrun.step.{step.status}", payload)
 
     def ended(self) -> None:

@@ -23,7 +23,7 @@ from adapters.workspace import Workspace, default_workspace_root
 from flows import prefect_compat
 from flows.artifacts import RunArtifacts
 from flows.checkpoints import Checkpoints
-from flows.control import RunControl
+from flows.control import TIMED_OUT, RunControl
 from flows.events import RunEvents
 from flows.policy import RetryPolicy
 from flows.prefect_compat import task_with
@@ -176,8 +176,30 @@ async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
         if checkpoints is not None and not scheduler.stop_reason:
             await checkpoints.save(record)  # a skip for a run that stops is not kept
 
+    gates = {step.id: step.approval for step in plan.steps if step.approval is not None}
+
+    async def decide(step: Step) -> tuple[str, bool] | None:
+        assert control is not None
+        answer = await control.decision(step.id)
+        if answer is None:
+            record = run.steps[step.id]
+            record.status = StepStatus.AWAITING_APPROVAL
+            notify(record)
+            scheduler.pause(f"awaiting approval of {step.id}", gate=step.id)
+            await asyncio.Event().wait()  # the run suspends at the gate: this is cancelled
+        assert answer is not None
+        approved, comment = answer
+        run.steps[step.id].status = StepStatus.PENDING
+        if approved:
+            return None
+        if comment == TIMED_OUT:
+            return TIMED_OUT, True
+        return "rejected" + (f": {comment}" if comment else ""), True
+
+    asks = durable and gates and _deployed()
     scheduler = Scheduler(run, plan.steps, max_parallel=plan.limits.max_parallel,
-                          execute=execute, skip=skip, notify=notify, context=context)
+                          execute=execute, skip=skip, notify=notify, context=context,
+                          decide=decide if asks else None)
     ACTIVE[run_id] = scheduler
     sigterm = _take_sigterm()
     run.status, run.started_at = RunStatus.RUNNING, _started_at()
@@ -220,14 +242,31 @@ async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
         if not scheduler.suspended:
             await finish()
     if scheduler.suspended and control is not None and events is not None:
-        # Paused: what ran has finished and is checkpointed; the files stay as they are.
+        # What ran has finished and is checkpointed; the files stay as they are.
         reason = scheduler.pause_reason or "paused"
+        gate = scheduler.gate
+        if gate is not None:
+            approval = gates[gate]
+            run.steps[gate].status = StepStatus.AWAITING_APPROVAL
+            run.status, run.reason = RunStatus.AWAITING_APPROVAL, reason
+            notify(None)
+            events.awaiting_approval(gate, approval.prompt, parse_duration(approval.timeout)
+                                     if approval.timeout is not None else None)
+            await artifacts.finish()
+            await control.ask(gate, approval.prompt)  # raises Pause
         run.status, run.reason = RunStatus.PAUSED, reason
         notify(None)
         events.paused(reason)
         await artifacts.finish()
         raise Pause(state=await control.suspend(f"pause-{segment}", reason))
     return run.to_report()
+
+
+def _deployed() -> bool:
+    """Whether this flow run belongs to a deployment: only then can it be suspended at a
+    gate and started again by a runner once answered."""
+    context = FlowRunContext.get()
+    return bool(context and context.flow_run and context.flow_run.deployment_id)
 
 
 def _is_this_flow_run(run_id: str) -> bool:

@@ -21,6 +21,9 @@ from planrun.graph import remaining_paths
 from planrun.report import RunRecord, StepRecord, StepStatus
 
 Execute = Callable[[Step], Awaitable[None]]
+#: Asks for the step's approval: None to run it, else why it is skipped (and that it counts
+#: as an error). It may never return: the run then suspends at the gate.
+Decide = Callable[[Step], Awaitable[tuple[str, bool] | None]]
 Skip = Callable[[Step], Awaitable[None]]
 Notify = Callable[[StepRecord | None], None]
 
@@ -39,16 +42,21 @@ class Scheduler:
 
     def __init__(self, run: RunRecord, steps: list[Step], *, max_parallel: int,
                  execute: Execute, skip: Skip, notify: Notify,
-                 context: Callable[[], dict[str, Any]]) -> None:
+                 context: Callable[[], dict[str, Any]], decide: Decide | None = None) -> None:
         self.run = run
         self.steps = {s.id: s for s in longest_path_first(steps, run)}
         self.execute = execute
         self.skip_step = skip
         self.notify = notify
         self.context = context
+        self.decide = decide or _no_one_to_ask
+        self.approved: set[str] = set()
+        #: The step whose approval gate paused the run, if one did.
+        self.gate: str | None = None
         self.slots = asyncio.Semaphore(max_parallel)
         self.done = {sid: asyncio.Event() for sid in self.steps}
         self.running: dict[str, asyncio.Task[None]] = {}
+        self.skipping: set[str] = set()
         self.stop_reason: str | None = None
         self.cancelled = False
         self.deadline_passed = False
@@ -85,11 +93,14 @@ class Scheduler:
             if timer:
                 timer.cancel()
 
-    def pause(self, reason: str) -> None:
-        """Start nothing new; once what runs has finished, ``run_all`` returns suspended."""
+    def pause(self, reason: str, gate: str | None = None) -> None:
+        """Start nothing new; once what runs has finished, ``run_all`` returns suspended.
+        ``gate``: the step whose approval is asked for (the first one asked, if several)."""
         if self.stop_reason is not None:
             return
-        self.pause_reason = reason
+        if gate is not None and self.gate is None:
+            self.gate = gate
+        self.pause_reason = self.pause_reason or reason
         self._go.clear()
         self._check_drained()
 
@@ -100,7 +111,7 @@ class Scheduler:
             self._go.set()
 
     def _check_drained(self) -> None:
-        if not self._go.is_set() and not self.running:
+        if not self._go.is_set() and not self.running and not self.skipping:
             self.drained.set()
 
     def stop(self, reason: str, *, cancelled: bool = False) -> None:
@@ -128,7 +139,12 @@ class Scheduler:
             if reason is not None:
                 record.reason, record.error_caused_skip = reason
                 record.status = StepStatus.FAILED if record.error else StepStatus.SKIPPED
-                await self.skip_step(step)
+                self.skipping.add(step.id)  # a pause waits for the skip to be recorded
+                try:
+                    await self.skip_step(step)
+                finally:
+                    self.skipping.discard(step.id)
+                    self._check_drained()
                 self.notify(record)
             if record.status == StepStatus.FAILED and record.critical:
                 self.stop(f"critical step {step.id} failed")
@@ -142,6 +158,12 @@ class Scheduler:
             reason = self._why_not(step)
             if reason is not None:
                 return reason
+            if step.approval is not None and step.id not in self.approved:
+                reason = await self.decide(step)  # returns only once there is an answer
+                if reason is not None:
+                    return reason
+                self.approved.add(step.id)
+                continue  # the run may have been paused or stopped meanwhile
             async with self.slots:
                 if not self._go.is_set():
                     continue  # paused while waiting for a slot
@@ -179,10 +201,6 @@ class Scheduler:
         """
         if self.stop_reason is not None:
             return f"not started: {self.stop_reason}", False
-        if step.approval is not None:
-            # No one can approve yet (approvals come with `planrun up`): a gated step must
-            # never run unasked, so it is treated as rejected.
-            return "rejected: approval gates are not available in this version yet", True
         if step.when is None:
             for need in step.needs:
                 upstream = self.run.steps[need]
@@ -209,3 +227,8 @@ class Scheduler:
         assert step.when is not None
         value = templates.render(templates.condition(step.when), self.context())
         return templates.truthy(value)
+
+
+async def _no_one_to_ask(step: Step) -> tuple[str, bool]:
+    """Outside a Prefect flow run no one can answer a gate: the step never runs unasked."""
+    return "rejected: approvals need a Prefect flow run to ask in", True

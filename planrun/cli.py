@@ -70,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("run", metavar="RUN")
         p.set_defaults(func=cmd_control, action=action)
 
+    p = sub.add_parser("approve", help="answer a step's approval gate (--reject: skip it)")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("step", metavar="STEP")
+    p.add_argument("--reject", action="store_true", help="skip the step instead")
+    p.add_argument("--comment", default="", help="why, for the run's report")
+    p.set_defaults(func=cmd_approve)
+
     p = sub.add_parser("schema", help="print the plan JSON Schema")
     p.set_defaults(func=cmd_schema)
 
@@ -228,6 +235,16 @@ def cmd_control(args: argparse.Namespace) -> int:
 
     answer = client.control(args.run, args.action)
     print(f"run {args.run}: {answer['status']}")
+    return EXIT_OK
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    from planrun import client
+
+    verb = "reject" if args.reject else "approve"
+    answer = client.control(f"{args.run}/steps/{args.step}", verb,
+                            body={"comment": args.comment})
+    print(f"run {args.run}: step {args.step} {verb}d; {answer['status']}")
     return EXIT_OK
 
 

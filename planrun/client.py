@@ -73,9 +73,10 @@ def status(run_id: str) -> dict[str, Any]:
     return report
 
 
-def control(run_id: str, action: str) -> dict[str, Any]:
-    """Ask the bridge to pause, resume or cancel a run; its answer."""
-    response = _request("POST", f"/v1/runs/{run_id}/{action}")
+def control(run_id: str, action: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Ask the bridge to pause, resume or cancel a run (or answer a gate: ``run_id`` is
+    then ``RUN/steps/STEP``); its answer."""
+    response = _request("POST", f"/v1/runs/{run_id}/{action}", json=body)
     if response.status_code != 202:
         raise _refused(response)
     answer: dict[str, Any] = response.json()

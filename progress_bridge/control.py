@@ -191,6 +191,46 @@ async def cancel(run_id: str) -> Accepted:
     return Accepted(run_id=run_id, status="cancelling")
 
 
+class Decision(BaseModel):
+    comment: str = Field(default="", max_length=2000, description="why, for the report")
+
+
+@router.post("/{run_id}/steps/{step_id}/approve", status_code=202, response_model=Accepted,
+             responses=CONFLICTS)
+async def approve(run_id: str, step_id: str, decision: Decision | None = None) -> Accepted:
+    """Answer the step's approval gate: the step runs."""
+    await answer_gate(run_id, step_id, approved=True,
+                      comment=decision.comment if decision else "")
+    return Accepted(run_id=run_id, status="resuming")
+
+
+@router.post("/{run_id}/steps/{step_id}/reject", status_code=202, response_model=Accepted,
+             responses=CONFLICTS)
+async def reject(run_id: str, step_id: str, decision: Decision | None = None) -> Accepted:
+    """Answer the step's approval gate: the step is skipped (reason ``rejected``)."""
+    await answer_gate(run_id, step_id, approved=False,
+                      comment=decision.comment if decision else "")
+    return Accepted(run_id=run_id, status="resuming")
+
+
+async def answer_gate(run_id: str, step_id: str, *, approved: bool, comment: str) -> None:
+    """Resume a run suspended at ``step_id``'s gate with the answer; 409 unless it waits
+    there."""
+    from prefect.flow_runs import aresume_flow_run
+
+    from flows.control import approval_key
+
+    async with _flow_run(run_id) as (_client, flow_run):
+        state = flow_run.state
+        waiting = (state.type.value == "PAUSED" and state.state_details.run_input_keyset
+                   and state.state_details.pause_key == approval_key(step_id))
+        if not waiting:
+            raise HTTPException(409, f"run {run_id} is not waiting for an approval of "
+                                f"{step_id} (it is {_state(flow_run)})")
+        await aresume_flow_run(flow_run.id, run_input={"approved": approved,
+                                                        "comment": comment})
+
+
 @contextlib.asynccontextmanager
 async def _flow_run(run_id: str) -> AsyncIterator[tuple[Any, Any]]:
     """A Prefect client and the run's flow run; 404 when it is not a planrun run."""

@@ -56,6 +56,8 @@ class RunView:
     estimate_stale: bool = False
     #: How many times the bridge has scheduled this run again after a crash.
     recoveries: int = 0
+    #: The gate the run waits at: step_id, prompt and deadline (epoch s, or None).
+    gate: dict[str, Any] | None = None
 
     @property
     def ended(self) -> bool:
@@ -142,11 +144,24 @@ class RunView:
         return [self._draft(m.MessageType.RUN_PAUSED, status=str(RunStatus.PAUSED),
                             summary=self.record.reason)]
 
+    def awaiting_approval(self, payload: Mapping[str, Any]) -> list[m.Draft]:
+        """Apply ``planrun.run.awaiting_approval``: the run waits at a step's gate."""
+        if self.ended:
+            return []
+        timeout = payload.get("timeout_s")
+        self.gate = {"step_id": payload.get("step_id"), "prompt": payload.get("prompt"),
+                     "deadline": time.time() + float(timeout) if timeout else None}
+        self.record.status = RunStatus.AWAITING_APPROVAL
+        self.record.reason = f"awaiting approval of {payload.get('step_id')}"
+        return [self._draft(m.MessageType.RUN_AWAITING_APPROVAL,
+                            status=str(RunStatus.AWAITING_APPROVAL),
+                            step_id=payload.get("step_id"), summary=payload.get("prompt"))]
+
     def resumed(self, payload: Mapping[str, Any]) -> list[m.Draft]:
         """Apply ``planrun.run.resumed``: the run goes on in a new process."""
         if self.ended:
             return []
-        self.record.status, self.record.reason = RunStatus.RUNNING, None
+        self.record.status, self.record.reason, self.gate = RunStatus.RUNNING, None, None
         restored = payload.get("restored") or []
         return [self._draft(m.MessageType.RUN_RESUMED, status=str(RunStatus.RUNNING),
                             summary=f"{len(restored)} finished step(s) kept")]
@@ -187,6 +202,8 @@ class RunView:
         for sid, summary in self.summaries.items():
             report["steps"][sid]["summary"] = summary
         report["estimate"] = _estimate_dict(self.estimate())
+        if self.gate is not None and self.record.status == RunStatus.AWAITING_APPROVAL:
+            report["awaiting_approval"] = self.gate  # step_id, prompt, deadline
         return report
 
     def estimate(self) -> m.Estimate | None:
@@ -238,7 +255,7 @@ class RunView:
             "run_id": r.run_id, "plan": r.plan, "status": str(r.status), "reason": r.reason,
             "started_at": r.started_at, "ended_at": r.ended_at, "prefect_url": r.flow_run_url,
             "rolled_back": r.rolled_back, "max_parallel": self.max_parallel,
-            "recoveries": self.recoveries,
+            "recoveries": self.recoveries, "gate": self.gate,
             "step_n": self.step_n, "summaries": self.summaries,
             "steps": [{"id": s.id, "tool": s.tool, "name": s.name, "needs": s.needs,
                        "critical": s.critical, "estimate_s": s.estimate_s,
@@ -266,7 +283,8 @@ class RunView:
                            ended_at=data["ended_at"], reason=data["reason"],
                            flow_run_url=data["prefect_url"], rolled_back=data["rolled_back"])
         return cls(record, max_parallel=data["max_parallel"], step_n=data["step_n"],
-                   summaries=data["summaries"], recoveries=data.get("recoveries", 0))
+                   summaries=data["summaries"], recoveries=data.get("recoveries", 0),
+                   gate=data.get("gate"))
 
 
 def _estimate_dict(value: m.Estimate | None) -> dict[str, Any] | None:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from flows.control import TIMED_OUT
 from flows.events import SEGMENT
 from planrun.report import iso
 from progress_bridge import messages as m
@@ -93,7 +94,9 @@ class PrefectUpstream:
     async def __call__(self, state: BridgeState) -> None:
         self.state = state
         for run_id, text in state.store.run_states().items():
-            state.views[run_id] = RunView.from_json(text)
+            state.views[run_id] = view = RunView.from_json(text)
+            if view.gate is not None and not view.ended:
+                self._watch_gate(run_id, view)  # a deadline set before a restart
         ticker = asyncio.ensure_future(self._tick())
         try:
             await self._follow()
@@ -188,6 +191,9 @@ class PrefectUpstream:
             drafts = view.paused(payload)
         elif name == "planrun.run.resumed":
             drafts = view.resumed(payload)
+        elif name == "planrun.run.awaiting_approval":
+            drafts = view.awaiting_approval(payload)
+            self._watch_gate(run_id, view)
         elif name.startswith(RUN_PREFIX):
             drafts = view.run_ended(payload)
         occurred = event.occurred.timestamp()
@@ -247,6 +253,26 @@ class PrefectUpstream:
             await client.set_flow_run_state(
                 run_id, Scheduled(message=f"recovering after a crash: {message or 'no reason'}"),
                 force=True)
+
+    # Approval deadlines ------------------------------------------------------------
+
+    def _watch_gate(self, run_id: str, view: RunView) -> None:
+        gate = view.gate or {}
+        if gate.get("deadline") is None:
+            return
+        step_id = str(gate["step_id"])
+        wait = max(0.0, float(gate["deadline"]) - time.time())
+        self._soon(wait, lambda: self._time_out(run_id, step_id))
+
+    async def _time_out(self, run_id: str, step_id: str) -> None:
+        """No answer in time: the gate is answered "no", and the step is skipped."""
+        from progress_bridge.control import answer_gate
+
+        view = self.state.views.get(run_id)
+        if view is None or view.ended or (view.gate or {}).get("step_id") != step_id:
+            return
+        log.info("run %s: no answer at the gate of %s in time", run_id, step_id)
+        await answer_gate(run_id, step_id, approved=False, comment=TIMED_OUT)
 
     # Estimates -----------------------------------------------------------------------
 

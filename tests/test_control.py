@@ -210,3 +210,70 @@ steps:
     assert final["steps"]["after"]["status"] == "skipped"
     assert not (Path(stack.env["PLANRUN_WORKSPACE"]) / "paused-cancel.out").exists()
     assert os.path.exists(stack.env["PLANRUN_WORKSPACE"])
+
+
+GATES = """version: 1
+name: gates
+steps:
+  - {id: start, tool: shell.run, with: {argv: [sh, -c, "echo start >> gates.txt"]}}
+  - id: approve_me
+    tool: shell.run
+    needs: [start]
+    approval: {prompt: "Run approve_me?"}
+    with: {argv: [sh, -c, "echo approve_me >> gates.txt"]}
+  - id: reject_me
+    tool: shell.run
+    needs: [start]
+    approval: {prompt: "Run reject_me?"}
+    with: {argv: [sh, -c, "echo reject_me >> gates.txt"]}
+  - id: late
+    tool: shell.run
+    needs: [start]
+    approval: {prompt: "Run late?", timeout: 2s}
+    with: {argv: [sh, -c, "echo late >> gates.txt"]}
+  - {id: broken, tool: core.fail, critical: false, needs: [start], with: {category: logic}}
+  - id: never_asked
+    tool: shell.run
+    needs: [broken]
+    approval: {prompt: "Never asked"}
+    with: {argv: [sh, -c, "echo never >> gates.txt"]}
+"""
+
+
+def test_gates_are_asked_one_by_one_and_approve_reject_and_timeout_decide(
+        stack: Stack, tmp_path: Path) -> None:
+    run_id = submit(stack, tmp_path, GATES)
+    asked: list[str] = []
+    for _ in range(4):
+        seen = wait_for(lambda: (r := report(stack, run_id))["status"] in (
+            "awaiting_approval", "completed_with_errors", "failed") and r, 60, "a gate")
+        if seen["status"] != "awaiting_approval":
+            break
+        gate = seen["awaiting_approval"]["step_id"]
+        if asked and asked[-1] == gate:
+            continue  # still waiting at the same gate (the timeout's)
+        asked.append(gate)
+        assert seen["awaiting_approval"]["prompt"] == f"Run {gate}?"
+        if gate == "approve_me":
+            assert stack.cli("approve", run_id, gate).returncode == 0
+        elif gate == "reject_me":
+            rejected = stack.cli("approve", run_id, gate, "--reject", "--comment", "not now")
+            assert rejected.returncode == 0, rejected.stderr
+        def answered(gate: str = gate) -> bool:
+            now = report(stack, run_id)
+            return bool(now["status"] != "awaiting_approval"
+                        or now["awaiting_approval"]["step_id"] != gate)
+
+        wait_for(answered, 30, f"the gate of {gate} to be answered")
+    final = wait_status(stack, run_id, "completed_with_errors")
+    assert sorted(asked) == ["approve_me", "late", "reject_me"]
+    steps = final["steps"]
+    assert steps["approve_me"]["status"] == "completed"
+    assert (steps["reject_me"]["status"], steps["reject_me"]["reason"]) == (
+        "skipped", "rejected: not now")
+    assert (steps["late"]["status"], steps["late"]["reason"]) == ("skipped",
+                                                                  "approval timed out")
+    assert steps["never_asked"]["reason"] == "upstream broken failed"
+    assert sorted(lines(stack, "gates")) == ["approve_me", "start"]
+    refused = httpx.post(f"{stack.url}/v1/runs/{run_id}/steps/approve_me/approve")
+    assert refused.status_code == 409 and "not waiting for an approval" in refused.text
