@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
@@ -32,6 +33,8 @@ from flows.scheduler import Scheduler
 log = logging.getLogger("planrun.control")
 
 POLL_S = 0.5
+#: How often a running run says it is alive (``planrun.run.heartbeat``).
+HEARTBEAT_S = 5.0
 CONTROL_LABEL = "planrun.control"
 #: The comment of a decision made because no one answered in time.
 TIMED_OUT = "approval timed out"
@@ -61,10 +64,12 @@ def approval_input() -> Any:
 class RunControl:
     """Watches one run's flow-run state and tells its scheduler."""
 
-    def __init__(self, run_id: str, scheduler: Scheduler, poll_s: float = POLL_S) -> None:
+    def __init__(self, run_id: str, scheduler: Scheduler, poll_s: float = POLL_S,
+                 beat: Callable[[], None] | None = None) -> None:
         self.run_id = UUID(run_id)
         self.scheduler = scheduler
         self.poll_s = poll_s
+        self.beat = beat  # a sign of life every HEARTBEAT_S, for the bridge's crash rule
 
     async def cancel_requested(self) -> bool:
         """Whether the run was asked to end cancelled while it was paused."""
@@ -78,8 +83,13 @@ class RunControl:
         """Poll the flow run's state until cancelled (by the engine, when the run ends)."""
         from prefect.client.orchestration import get_client
 
+        loop = asyncio.get_running_loop()
+        last_beat = loop.time()
         async with get_client() as client:
             while True:
+                if self.beat is not None and loop.time() - last_beat >= HEARTBEAT_S:
+                    self.beat()
+                    last_beat = loop.time()
                 try:
                     state = (await client.read_flow_run(self.run_id)).state
                 except Exception as exc:  # noqa: BLE001 - the API may blink: ask again

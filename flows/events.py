@@ -82,6 +82,11 @@ class RunEvents:
             "step_id": step_id, "prompt": prompt, "timeout_s": timeout_s,
             "progress": self.run.progress()})
 
+    def heartbeat(self) -> None:
+        """A sign of life: the bridge takes a run whose process has stopped sending them
+        for long to have crashed with its host, and recovers it."""
+        self._emit("planrun.run.heartbeat", {})
+
     def changed(self, step: StepRecord) -> None:
         """Emit the step's event if its status or attempt changed since the last one."""
         key = (step.status, step.attempts)

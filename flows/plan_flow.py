@@ -203,7 +203,8 @@ async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
     ACTIVE[run_id] = scheduler
     sigterm = _take_sigterm()
     run.status, run.started_at = RunStatus.RUNNING, _started_at()
-    control = RunControl(run_id, scheduler) if durable else None
+    control = RunControl(run_id, scheduler, beat=events.heartbeat if events else None) \
+        if durable else None
     if control is not None and segment > 1 and await control.cancel_requested():
         scheduler.stop("cancelled while paused", cancelled=True)
     artifacts.start()

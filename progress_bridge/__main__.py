@@ -51,8 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     store = MessageStore(args.data)
     try:
         app = create_app(store, Hub(), allowed_origins=args.allow_origin,
-                         upstream=PrefectUpstream(UpstreamSettings(recover_attempts=int(
-                             os.environ.get("PLANRUN_RECOVER_ATTEMPTS", "2")))),
+                         upstream=PrefectUpstream(UpstreamSettings(
+                             recover_attempts=int(os.environ.get("PLANRUN_RECOVER_ATTEMPTS",
+                                                                 "2")),
+                             dead_after_s=float(os.environ.get("PLANRUN_DEAD_AFTER_S", "60")))),
                          submit=submit_deployment)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                 timeout_graceful_shutdown=5, ws_max_size=1 << 16)

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from flows.control import TIMED_OUT
 from flows.events import SEGMENT
-from planrun.report import iso
+from planrun.report import RunStatus, iso
 from progress_bridge import messages as m
 from progress_bridge.estimate import durations_from
 from progress_bridge.history import step_history
@@ -53,6 +53,7 @@ RUN_PREFIX = "planrun.run."
 STEP_PREFIX = "planrun.step."
 FLOW_RUN_PREFIX = "prefect.flow-run."
 PLANRUN_TAG = "prefect.tag.planrun"
+HEARTBEAT = "planrun.run.heartbeat"
 PAGE = 50  # POST /events/filter answers at most 50 events a page
 
 
@@ -66,6 +67,8 @@ class UpstreamSettings:
     history: read past step durations from Prefect for the estimates.
     recover_attempts: how many times a run whose process crashed is started again
         (``PLANRUN_RECOVER_ATTEMPTS``); after that, a crash ends it failed.
+    dead_after_s: a running run silent this long (no heartbeat, ``PLANRUN_DEAD_AFTER_S``)
+        is marked crashed; generous, as a run marked crashed while alive would run twice.
     """
 
     lookback_s: float = 3600.0
@@ -76,6 +79,7 @@ class UpstreamSettings:
     retry_s: float = 0.5
     history: bool = True
     recover_attempts: int = 2
+    dead_after_s: float = 60.0
 
 
 class PrefectUpstream:
@@ -89,6 +93,8 @@ class PrefectUpstream:
         self._later: set[asyncio.Task[Any]] = set()
         self._last_n: dict[str, int] = {}
         self._last_sent: dict[str, float] = {}
+        self._alive: dict[str, float] = {}  # the last sign of life of each run (epoch s)
+        self._started = time.time()
         self._recheck: asyncio.Task[Any] | None = None
 
     async def __call__(self, state: BridgeState) -> None:
@@ -175,6 +181,10 @@ class PrefectUpstream:
             return False
         run_id = resource_id.removeprefix(RUN_PREFIX)
         payload = event.payload
+        occurred = event.occurred.timestamp()
+        self._alive[run_id] = max(self._alive.get(run_id, 0.0), occurred)
+        if name == HEARTBEAT:
+            return False  # a sign of life only
         self._check_gap(run_id, payload)
         view = self.state.views.get(run_id)
         drafts: list[m.Draft] = []
@@ -196,7 +206,6 @@ class PrefectUpstream:
             self._watch_gate(run_id, view)
         elif name.startswith(RUN_PREFIX):
             drafts = view.run_ended(payload)
-        occurred = event.occurred.timestamp()
         stamp = iso(occurred) or m.now_iso()  # a message is dated when its change happened
         self._commit(run_id, view, [replace(d, ts=stamp) for d in drafts], event_id=event_id,
                      occurred=occurred)
@@ -254,6 +263,34 @@ class PrefectUpstream:
                 run_id, Scheduled(message=f"recovering after a crash: {message or 'no reason'}"),
                 force=True)
 
+    # Runs that stopped saying they are alive ------------------------------------------
+
+    def _check_alive(self, run_id: str, view: RunView) -> None:
+        """A running run sends a heartbeat every few seconds; one silent for
+        ``dead_after_s`` lost its process with its host (or everything was killed at once,
+        Prefect's server included): it is marked Crashed, and so recovered."""
+        if view.record.status != RunStatus.RUNNING:
+            return
+        last = max(self._alive.get(run_id, 0.0), self._started)
+        if time.time() - last < self.settings.dead_after_s:
+            return
+        self._alive[run_id] = time.time()  # once per silence
+        self._soon(0, lambda: self._declare_crashed(run_id, time.time() - last))
+
+    async def _declare_crashed(self, run_id: str, silent_s: float) -> None:
+        from prefect.client.orchestration import get_client
+        from prefect.states import Crashed
+
+        async with get_client() as client:
+            flow_run = await client.read_flow_run(run_id)  # type: ignore[arg-type]
+            if flow_run.state is None or flow_run.state.type.value != "RUNNING":
+                return  # it moved on meanwhile: not a silent run after all
+            log.warning("run %s has not been heard of for %.0fs: marking it crashed",
+                        run_id, silent_s)
+            await client.set_flow_run_state(
+                flow_run.id, Crashed(message=f"no sign of life for {silent_s:.0f}s"),
+                force=True)
+
     # Approval deadlines ------------------------------------------------------------
 
     def _watch_gate(self, run_id: str, view: RunView) -> None:
@@ -287,6 +324,7 @@ class PrefectUpstream:
             for run_id, view in list(self.state.views.items()):
                 if view.ended:
                     continue
+                self._check_alive(run_id, view)
                 quiet = now - self._last_sent.get(run_id, now) >= self.settings.tick_s
                 if view.estimate_stale or (view.running and quiet):
                     self._commit(run_id, view, view.tick(), save=False)

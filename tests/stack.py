@@ -25,13 +25,19 @@ def _free_port() -> int:
 
 
 class Stack:
-    def __init__(self, tmp: Path) -> None:
-        self.port = _free_port()
+    """``planrun up`` in ``tmp``; ``env`` adds to (and ``drop`` removes from) the test
+    session's environment; ``port`` reuses a bridge port (a restart)."""
+
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None, drop: tuple[str, ...] = (),
+                 port: int | None = None) -> None:
+        self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "PLANRUN_BRIDGE_URL": self.url,
-                    "PLANRUN_WORKSPACE": str(tmp / "workspace")}
+        self.env = {**{k: v for k, v in os.environ.items() if k not in drop},
+                    "PLANRUN_BRIDGE_URL": self.url, "PLANRUN_WORKSPACE": str(tmp / "workspace"),
+                    **(env or {})}
         self.out = tmp / "up.out"
-        with self.out.open("wb") as sink:
+        self.offset = self.out.stat().st_size if self.out.exists() else 0  # a restart appends
+        with self.out.open("ab") as sink:
             self.process = subprocess.Popen([*PLANRUN, "up", "--port", str(self.port)],
                                             cwd=tmp, env=self.env, stdout=sink,
                                             stderr=subprocess.STDOUT)
@@ -40,7 +46,7 @@ class Stack:
         assert self.process.poll() is None, self.output()
 
     def output(self) -> str:
-        return self.out.read_text(errors="replace")
+        return self.out.read_bytes()[self.offset:].decode(errors="replace")
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return cli(*args, env={"PLANRUN_BRIDGE_URL": self.url}, timeout=timeout)

@@ -1,0 +1,94 @@
+"""Restart safety: every planrun process and the Prefect server killed with SIGKILL, then
+``planrun up`` again. A paused run stays paused and resumes; a running run is noticed as
+crashed (its heartbeats stopped) and recovered from its checkpoints. This stack runs its
+own Prefect server (not the test session's), as the default ``planrun up`` does."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from tests.helpers import wait_for
+from tests.stack import Stack, messages
+from tests.test_control import counting
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def report(stack: Stack, run_id: str) -> dict[str, Any]:
+    shown = stack.cli("status", run_id, "--json")
+    assert shown.returncode == 0, shown.stderr
+    data: dict[str, Any] = json.loads(shown.stdout)
+    return data
+
+
+def status_is(stack: Stack, run_id: str, status: str) -> bool:
+    return bool(report(stack, run_id)["status"] == status)
+
+
+def kill_everything(stack: Stack, home: Path) -> None:
+    """SIGKILL planrun up, its runner, bridge and runs, and the Prefect server: no cleanup."""
+    server = json.loads((home / "server.json").read_text())["pid"]
+    victims = [psutil.Process(stack.process.pid), *stack.children(), psutil.Process(server),
+               *psutil.Process(server).children(recursive=True)]
+    for process in victims:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    stack.process.wait(10)
+    psutil.wait_procs(victims, timeout=10)
+
+
+def test_a_paused_run_stays_paused_and_a_running_one_is_recovered_after_sigkill_of_all(
+        tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    env = {"PLANRUN_HOME": str(home), "PLANRUN_SERVER_PORT": str(_free_port()),
+           "PLANRUN_DEAD_AFTER_S": "12"}
+    stack = Stack(tmp_path, env=env, drop=("PREFECT_API_URL",))
+    try:
+        (tmp_path / "paused.yaml").write_text(counting("paused", 4, 0.8))
+        (tmp_path / "running.yaml").write_text(counting("running", 3, 4))
+        paused = stack.cli("submit", str(tmp_path / "paused.yaml")).stdout.strip()
+        wait_for(lambda: report(stack, paused)["steps"].get("s2", {}).get("status")
+                 == "running", 60, "s2 of the first run to run")
+        assert stack.cli("pause", paused).returncode == 0
+        wait_for(lambda: status_is(stack, paused, "paused"), 30, "the pause")
+        running = stack.cli("submit", str(tmp_path / "running.yaml")).stdout.strip()
+        wait_for(lambda: report(stack, running)["steps"].get("s2", {}).get("status")
+                 == "running", 60, "s2 of the second run to run")
+
+        kill_everything(stack, home)
+        stack = Stack(tmp_path, env=env, drop=("PREFECT_API_URL",), port=stack.port)
+
+        assert status_is(stack, paused, "paused")  # still paused, from the bridge's records
+        wait_for(lambda: status_is(stack, running, "completed"), 120,
+                 "the running run to be recovered and to complete")
+        assert stack.cli("resume", paused).returncode == 0
+        wait_for(lambda: status_is(stack, paused, "completed"), 60, "the paused run to end")
+        stream = messages(stack, running)  # gap-free across the kill and the restart
+        assert [m["seq"] for m in stream] == list(range(1, len(stream) + 1))
+        kinds = [m["type"] for m in stream]
+        assert kinds.count("run.started") == 1 and "run.resumed" in kinds
+    finally:
+        stack.stop()
+        from planrun import server
+
+        info = json.loads((home / "server.json").read_text()) if (
+            home / "server.json").exists() else None
+        if info:
+            server.stop_pid(info["pid"])
+
+    workspace = tmp_path / "workspace"
+    assert (workspace / "paused.txt").read_text().split() == ["s1", "s2", "s3", "s4"]
+    # s1 had finished: kept; s2 was in flight when everything died: it ran again.
+    assert (workspace / "running.txt").read_text().split() == ["s1", "s2", "s2", "s3"]
