@@ -72,9 +72,12 @@ class RunEvents:
         self._emit("planrun.run.resumed", {"restored": restored,
                                            "progress": self.run.progress()})
 
-    def paused(self, reason: str) -> None:
-        """The run is suspended: what ran has finished; the rest waits for a resume."""
-        self._emit("planrun.run.paused", {"reason": reason, "progress": self.run.progress()})
+    def paused(self, reason: str, timeout_s: float | None = None,
+               on_timeout: str = "cancel") -> None:
+        """The run is suspended: what ran has finished; the rest waits for a resume, or
+        for ``timeout_s`` (``limits.pause_timeout``), after which it is ``on_timeout``."""
+        self._emit("planrun.run.paused", {"reason": reason, "progress": self.run.progress(),
+                                          "timeout_s": timeout_s, "on_timeout": on_timeout})
 
     def awaiting_approval(self, step_id: str, prompt: str, timeout_s: float | None) -> None:
         """The run is suspended at ``step_id``'s gate until a person answers."""

@@ -251,13 +251,16 @@ async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
             run.steps[gate].status = StepStatus.AWAITING_APPROVAL
             run.status, run.reason = RunStatus.AWAITING_APPROVAL, reason
             notify(None)
-            events.awaiting_approval(gate, approval.prompt, parse_duration(approval.timeout)
-                                     if approval.timeout is not None else None)
+            timeout = approval.timeout or plan.limits.pause_timeout
+            events.awaiting_approval(gate, approval.prompt,
+                                     parse_duration(timeout) if timeout is not None else None)
             await artifacts.finish()
             await control.ask(gate, approval.prompt)  # raises Pause
         run.status, run.reason = RunStatus.PAUSED, reason
         notify(None)
-        events.paused(reason)
+        limit = plan.limits.pause_timeout
+        events.paused(reason, parse_duration(limit) if limit is not None else None,
+                      plan.limits.on_pause_timeout)
         await artifacts.finish()
         raise Pause(state=await control.suspend(f"pause-{segment}", reason))
     return run.to_report()

@@ -58,6 +58,8 @@ class RunView:
     recoveries: int = 0
     #: The gate the run waits at: step_id, prompt and deadline (epoch s, or None).
     gate: dict[str, Any] | None = None
+    #: When a pause times out (epoch s) and what then happens (cancel or resume).
+    pause_deadline: dict[str, Any] | None = None
 
     @property
     def ended(self) -> bool:
@@ -141,6 +143,10 @@ class RunView:
             return []
         self.record.status = RunStatus.PAUSED
         self.record.reason = payload.get("reason")
+        timeout = payload.get("timeout_s")
+        self.pause_deadline = ({"deadline": time.time() + float(timeout),
+                                "action": payload.get("on_timeout") or "cancel"}
+                               if timeout else None)
         return [self._draft(m.MessageType.RUN_PAUSED, status=str(RunStatus.PAUSED),
                             summary=self.record.reason)]
 
@@ -162,6 +168,7 @@ class RunView:
         if self.ended:
             return []
         self.record.status, self.record.reason, self.gate = RunStatus.RUNNING, None, None
+        self.pause_deadline = None
         restored = payload.get("restored") or []
         return [self._draft(m.MessageType.RUN_RESUMED, status=str(RunStatus.RUNNING),
                             summary=f"{len(restored)} finished step(s) kept")]
@@ -256,6 +263,7 @@ class RunView:
             "started_at": r.started_at, "ended_at": r.ended_at, "prefect_url": r.flow_run_url,
             "rolled_back": r.rolled_back, "max_parallel": self.max_parallel,
             "recoveries": self.recoveries, "gate": self.gate,
+            "pause_deadline": self.pause_deadline,
             "step_n": self.step_n, "summaries": self.summaries,
             "steps": [{"id": s.id, "tool": s.tool, "name": s.name, "needs": s.needs,
                        "critical": s.critical, "estimate_s": s.estimate_s,
@@ -284,7 +292,7 @@ class RunView:
                            flow_run_url=data["prefect_url"], rolled_back=data["rolled_back"])
         return cls(record, max_parallel=data["max_parallel"], step_n=data["step_n"],
                    summaries=data["summaries"], recoveries=data.get("recoveries", 0),
-                   gate=data.get("gate"))
+                   gate=data.get("gate"), pause_deadline=data.get("pause_deadline"))
 
 
 def _estimate_dict(value: m.Estimate | None) -> dict[str, Any] | None:

@@ -103,6 +103,8 @@ class PrefectUpstream:
             state.views[run_id] = view = RunView.from_json(text)
             if view.gate is not None and not view.ended:
                 self._watch_gate(run_id, view)  # a deadline set before a restart
+            if view.pause_deadline is not None and not view.ended:
+                self._watch_pause(run_id, view)
         ticker = asyncio.ensure_future(self._tick())
         try:
             await self._follow()
@@ -199,6 +201,7 @@ class PrefectUpstream:
             self._observe_step(view, payload)
         elif name == "planrun.run.paused":
             drafts = view.paused(payload)
+            self._watch_pause(run_id, view)
         elif name == "planrun.run.resumed":
             drafts = view.resumed(payload)
         elif name == "planrun.run.awaiting_approval":
@@ -291,7 +294,33 @@ class PrefectUpstream:
                 flow_run.id, Crashed(message=f"no sign of life for {silent_s:.0f}s"),
                 force=True)
 
-    # Approval deadlines ------------------------------------------------------------
+    # Pause and approval deadlines ---------------------------------------------------
+
+    def _watch_pause(self, run_id: str, view: RunView) -> None:
+        if view.pause_deadline is None:
+            return
+        wait = max(0.0, float(view.pause_deadline["deadline"]) - time.time())
+        self._soon(wait, lambda: self._pause_timed_out(run_id))
+
+    async def _pause_timed_out(self, run_id: str) -> None:
+        """``limits.pause_timeout`` passed: the run is cancelled, or resumed
+        (``on_pause_timeout``)."""
+        from fastapi import HTTPException
+
+        from progress_bridge.control import cancel, resume
+
+        view = self.state.views.get(run_id)
+        if view is None or view.pause_deadline is None or view.record.status != RunStatus.PAUSED:
+            return
+        if time.time() < float(view.pause_deadline["deadline"]):
+            return  # paused again since, with a later deadline
+        action = view.pause_deadline["action"]
+        log.info("run %s: the pause timed out; %s", run_id, action)
+        try:
+            await (resume(run_id) if action == "resume" else cancel(run_id))
+        except HTTPException as exc:
+            log.info("run %s: no %s after the pause timed out: %s", run_id, action, exc.detail)
+
 
     def _watch_gate(self, run_id: str, view: RunView) -> None:
         gate = view.gate or {}

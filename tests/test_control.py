@@ -277,3 +277,21 @@ def test_gates_are_asked_one_by_one_and_approve_reject_and_timeout_decide(
     assert sorted(lines(stack, "gates")) == ["approve_me", "start"]
     refused = httpx.post(f"{stack.url}/v1/runs/{run_id}/steps/approve_me/approve")
     assert refused.status_code == 409 and "not waiting for an approval" in refused.text
+
+
+@pytest.mark.parametrize(("action", "ends"), [("resume", "completed"), ("cancel", "cancelled")])
+def test_a_pause_that_times_out_resumes_or_cancels_the_run(
+        stack: Stack, tmp_path: Path, action: str, ends: str) -> None:
+    name = f"timeout-{action}"
+    text = counting(name, 3, 0.8).replace(
+        "steps:", f"limits: {{pause_timeout: 2s, on_pause_timeout: {action}}}\nsteps:", 1)
+    run_id = submit(stack, tmp_path, text)
+    wait_for(lambda: step_started(stack, run_id, "s1"), 60, "s1 to start")
+    assert stack.cli("pause", run_id).returncode == 0
+    wait_status(stack, run_id, "paused")
+    final = wait_status(stack, run_id, ends, timeout=40)  # no one resumes it
+    if action == "resume":
+        assert lines(stack, name) == ["s1", "s2", "s3"]
+    else:
+        assert final["steps"]["s3"]["status"] == "skipped"
+        assert "s3" not in lines(stack, name)
