@@ -26,12 +26,16 @@ from planrun.errors import PlanrunError
 
 START_TIMEOUT_S = 60.0
 STOP_GRACE_S = 10.0
+#: A child that exits more than MAX_RESTARTS times within RESTART_WINDOW_S stops the stack.
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 60.0
 PR_SET_PDEATHSIG = 1
 
 
 @dataclass
 class Child:
     name: str
+    argv: list[str]
     process: subprocess.Popen[bytes]
     log: Path
 
@@ -74,11 +78,21 @@ def up(host: str, port: int, out: IO[str] = sys.stdout) -> int:
               f"  runner      serving planrun/plan-runner (logs in {logs})\n"
               f"submit a plan with `planrun submit PLAN`, follow it with `planrun watch RUN` "
               f"or {bridge}/v1/runs/RUN/view; Ctrl-C stops", file=out, flush=True)
+        restarts: list[float] = []
         while not stop:
-            for child in children:
-                if child.process.poll() is not None:
-                    raise PlanrunError(f"the {child.name} exited with status "
-                                       f"{child.process.returncode}:\n{child.tail()}")
+            for i, child in enumerate(children):
+                if child.process.poll() is None:
+                    continue
+                # A runner or bridge that dies is started again (its runs are recovered
+                # by the bridge); one that keeps dying is a problem a person must see.
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < RESTART_WINDOW_S] + [now]
+                if len(restarts) > MAX_RESTARTS:
+                    raise PlanrunError(f"the {child.name} keeps exiting (status "
+                                       f"{child.process.returncode}):\n{child.tail()}")
+                print(f"the {child.name} exited with status {child.process.returncode}; "
+                      "starting it again", file=out, flush=True)
+                children[i] = _spawn(child.name, child.argv, env, logs)
             time.sleep(0.2)
         print("stopping…", file=out, flush=True)
         return 0
@@ -95,7 +109,7 @@ def _spawn(name: str, argv: list[str], env: dict[str, str], logs: Path) -> Child
         process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=sink,
                                    stderr=subprocess.STDOUT, start_new_session=True,
                                    preexec_fn=_die_with_parent)
-    return Child(name, process, log)
+    return Child(name, argv, process, log)
 
 
 def _die_with_parent() -> None:

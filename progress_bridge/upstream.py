@@ -94,7 +94,6 @@ class PrefectUpstream:
         self._last_n: dict[str, int] = {}
         self._last_sent: dict[str, float] = {}
         self._alive: dict[str, float] = {}  # the last sign of life of each run (epoch s)
-        self._started = time.time()
         self._recheck: asyncio.Task[Any] | None = None
 
     async def __call__(self, state: BridgeState) -> None:
@@ -271,10 +270,11 @@ class PrefectUpstream:
     def _check_alive(self, run_id: str, view: RunView) -> None:
         """A running run sends a heartbeat every few seconds; one silent for
         ``dead_after_s`` lost its process with its host (or everything was killed at once,
-        Prefect's server included): it is marked Crashed, and so recovered."""
-        if view.record.status != RunStatus.RUNNING:
-            return
-        last = max(self._alive.get(run_id, 0.0), self._started)
+        Prefect's server included): it is marked Crashed, and so recovered. So is a run a
+        runner took (Pending) but did not start in that time."""
+        if view.record.status not in (RunStatus.RUNNING, RunStatus.PENDING):
+            return  # a paused run, or one waiting at a gate, holds no process
+        last = self._alive.setdefault(run_id, time.time())  # first seen now: give it time
         if time.time() - last < self.settings.dead_after_s:
             return
         self._alive[run_id] = time.time()  # once per silence
@@ -286,8 +286,11 @@ class PrefectUpstream:
 
         async with get_client() as client:
             flow_run = await client.read_flow_run(run_id)  # type: ignore[arg-type]
-            if flow_run.state is None or flow_run.state.type.value != "RUNNING":
-                return  # it moved on meanwhile: not a silent run after all
+            # Running without a sign of life, or Pending (a runner took it and died
+            # starting it) that long. Scheduled is fine: it waits for a runner.
+            if flow_run.state is None or flow_run.state.type.value not in ("RUNNING",
+                                                                            "PENDING"):
+                return
             log.warning("run %s has not been heard of for %.0fs: marking it crashed",
                         run_id, silent_s)
             await client.set_flow_run_state(
