@@ -35,9 +35,9 @@ STEP_TYPES = {
 }
 ENDED = frozenset({RunStatus.COMPLETED, RunStatus.COMPLETED_WITH_ERRORS, RunStatus.FAILED,
                    RunStatus.CANCELLED})
-#: How Prefect's terminal flow-run states end a run whose engine could not say so itself.
 #: The shortest time between two computed estimates of one run.
 ESTIMATE_EVERY_S = 0.25
+#: How Prefect's terminal flow-run states end a run whose engine could not say so itself.
 FLOW_RUN_ENDS = {"CRASHED": RunStatus.FAILED, "FAILED": RunStatus.FAILED,
                  "CANCELLED": RunStatus.CANCELLED, "COMPLETED": RunStatus.COMPLETED}
 

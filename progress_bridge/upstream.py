@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -55,6 +55,7 @@ FLOW_RUN_PREFIX = "prefect.flow-run."
 PLANRUN_TAG = "prefect.tag.planrun"
 HEARTBEAT = "planrun.run.heartbeat"
 PAGE = 50  # POST /events/filter answers at most 50 events a page
+TURN = 16  # events handled between two turns given to the senders
 
 
 @dataclass(frozen=True)
@@ -130,11 +131,14 @@ class PrefectUpstream:
                     self._soon(self.settings.settle_s, self.reconcile)
                     self.connected.set()
                     delay = self.settings.retry_s
-                    async for event in events:
+                    async for count, event in _numbered(events):
                         self.handle(event)
-                        # Reading a buffered event does not wait: give the senders a turn,
-                        # and never stop reading for long (Prefect drops what overflows).
-                        await asyncio.sleep(0)
+                        # Reading a buffered event does not wait: give the senders a turn
+                        # now and then, and never stop reading for long (Prefect drops what
+                        # overflows). After every event it was a lockstep with 1,000
+                        # senders: fan-out fell from ≈ 40k to ≈ 10k deliveries/s.
+                        if count % TURN == 0:
+                            await asyncio.sleep(0)
                     log.warning("Prefect closed the event stream; reconnecting")
             except asyncio.CancelledError:
                 raise
@@ -446,6 +450,13 @@ class PrefectUpstream:
         task.add_done_callback(self._later.discard)
         task.add_done_callback(_log_failure)
         return task
+
+
+async def _numbered(events: Any) -> AsyncIterator[tuple[int, Event]]:
+    count = 0
+    async for event in events:
+        count += 1
+        yield count, event
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:
