@@ -244,7 +244,8 @@ def cmd_approve(args: argparse.Namespace) -> int:
     verb = "reject" if args.reject else "approve"
     answer = client.control(f"{args.run}/steps/{args.step}", verb,
                             body={"comment": args.comment})
-    print(f"run {args.run}: step {args.step} {verb}d; {answer['status']}")
+    done = "rejected" if args.reject else "approved"
+    print(f"run {args.run}: step {args.step} {done}; {answer['status']}")
     return EXIT_OK
 
 
