@@ -230,5 +230,7 @@ class Scheduler:
 
 
 async def _no_one_to_ask(step: Step) -> tuple[str, bool]:
-    """Outside a Prefect flow run no one can answer a gate: the step never runs unasked."""
-    return "rejected: approvals need a Prefect flow run to ask in", True
+    """A run that cannot wait at a gate (not a deployment run: ``planrun run``, or outside
+    Prefect) has no one to ask: the step never runs unasked."""
+    return ("rejected: no one can be asked in this run; submit the plan to a stack "
+            "(`planrun up`, `planrun submit`) to be asked"), True

@@ -396,5 +396,6 @@ def test_a_step_behind_an_approval_gate_never_runs_unasked() -> None:
     """)
     s = steps(report)
     assert s["send"]["status"] == "skipped" and s["send"]["started_at"] is None
-    assert s["send"]["reason"].startswith("rejected")
+    assert s["send"]["reason"].startswith("rejected: no one can be asked in this run")
+    assert "planrun submit" in s["send"]["reason"]
     assert report["status"] == "completed_with_errors"
