@@ -295,3 +295,30 @@ def test_a_pause_that_times_out_resumes_or_cancels_the_run(
     else:
         assert final["steps"]["s3"]["status"] == "skipped"
         assert "s3" not in lines(stack, name)
+
+
+def test_resume_starts_a_crashed_run_again(stack: Stack) -> None:
+    import asyncio
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    @flow(name="planrun-crash-stand-in")
+    def stand_in() -> None:  # never runs: the flow run is only created
+        return None
+
+    async def crashed_run() -> str:
+        async with get_client() as client:
+            flow_run = await client.create_flow_run(stand_in, tags=["planrun"])
+            await client.set_flow_run_state(flow_run.id, Crashed(message="killed"), force=True)
+            return str(flow_run.id)
+
+    async def state_of(run_id: str) -> str:
+        async with get_client() as client:
+            return str((await client.read_flow_run(run_id)).state.type.value)  # type: ignore[arg-type,union-attr]
+
+    run_id = asyncio.run(crashed_run())
+    answer = httpx.post(f"{stack.url}/v1/runs/{run_id}/resume")
+    assert answer.status_code == 202 and answer.json()["status"] == "resuming"
+    assert asyncio.run(state_of(run_id)) == "SCHEDULED"  # a runner takes it from here
