@@ -19,11 +19,10 @@ import asyncio
 import inspect
 import json
 import logging
-from datetime import datetime
 from typing import Any
 
 from planrun.errors import step_error
-from planrun.report import StepRecord, StepStatus, iso
+from planrun.report import StepRecord, StepStatus, epoch, iso
 
 log = logging.getLogger("planrun.checkpoints")
 
@@ -48,8 +47,8 @@ def restore(record: StepRecord, data: dict[str, Any]) -> None:
     """Put a checkpoint back on ``record``."""
     record.status = StepStatus(data["status"])
     record.attempts = int(data.get("attempts") or 0)
-    record.started_at = _epoch(data.get("started_at"))
-    record.ended_at = _epoch(data.get("ended_at"))
+    record.started_at = epoch(data.get("started_at"))
+    record.ended_at = epoch(data.get("ended_at"))
     record.input, record.output = data.get("input"), data.get("output")
     error = data.get("error")
     record.error = step_error(error["category"], error["message"], hint=error.get("hint"),
@@ -119,8 +118,3 @@ async def _call(block: Any, method: str, *args: Any) -> Any:
     result = found(*args)
     return await result if inspect.isawaitable(result) else result
 
-
-def _epoch(stamp: Any) -> float | None:
-    if not stamp:
-        return None
-    return datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()

@@ -10,14 +10,13 @@ import asyncio
 import json
 import os
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
 import httpx
 
 from planrun.durations import format_duration
 from planrun.errors import PlanrunError, step_error
-from planrun.report import RunObserver, RunRecord, RunStatus, StepRecord, StepStatus
+from planrun.report import RunObserver, RunRecord, RunStatus, StepRecord, StepStatus, epoch
 
 DEFAULT_URL = "http://127.0.0.1:8765"
 RUN_ENDS = {f"run.{s}": s for s in ("completed", "completed_with_errors", "failed",
@@ -110,7 +109,7 @@ class RemoteRun:
             return None
         self.last_seq = message["seq"]
         self.estimate = message.get("estimate") or self.estimate
-        when = _epoch(message.get("ts"))
+        when = epoch(message.get("ts"))
         if kind == "run.started":
             run.status, run.started_at = RunStatus.RUNNING, when
             run.plan = message.get("summary") or run.plan  # run.started names the plan
@@ -186,8 +185,3 @@ async def watch(run_id: str, observer: RunObserver, *, plan: str = "",
             delay = min(delay * 2, 5.0)
     return remote.record
 
-
-def _epoch(stamp: Any) -> float | None:
-    if not stamp:
-        return None
-    return datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()

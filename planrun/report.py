@@ -58,6 +58,16 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def epoch(stamp: Any) -> float | None:
+    """Epoch seconds of an ISO 8601 time as ``iso`` writes it; None for none or garbage."""
+    if not stamp:
+        return None
+    try:
+        return datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
 @dataclass
 class StepRecord:
     """What is known about one step of one run; ``to_report`` is its report entry.

@@ -166,7 +166,7 @@ def _start_on(port: int) -> ServerInfo | None:
     while time.monotonic() < deadline:
         exited = _reap(pid)
         if exited is not None:
-            if _port_taken(port):
+            if port_taken(port):
                 return None
             raise ServerError(f"the Prefect server exited with status {exited}; "
                               f"see {home / 'server.log'}")
@@ -191,10 +191,11 @@ def _listens(pid: int, port: int) -> bool:
         return False
 
 
-def _port_taken(port: int) -> bool:
+def port_taken(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something already listens on (or holds) ``host:port``."""
     with socket.socket() as sock:
         try:
-            sock.bind(("127.0.0.1", port))
+            sock.bind((host, port))
         except OSError:
             return True
     return False

@@ -50,6 +50,9 @@ def up(host: str, port: int, out: IO[str] = sys.stdout) -> int:
     """Start the stack, print where it is, and keep it up until a signal; the exit code."""
     from planrun.runner import prepare_prefect
 
+    if server.port_taken(port, host):
+        raise PlanrunError(f"{host}:{port} is already in use (another planrun up?): stop that "
+                           "or pass --port")
     own_server = not os.environ.get("PREFECT_API_URL") and server.running() is None
     api = prepare_prefect()
     home = server.data_dir()

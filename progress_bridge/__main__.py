@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="a browser origin allowed besides the bridge's own")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call
     store = MessageStore(args.data)
     try:
         app = create_app(store, Hub(), allowed_origins=args.allow_origin,

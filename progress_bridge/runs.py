@@ -13,12 +13,18 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from planrun.errors import StepError, step_error
-from planrun.report import FINISHED_STEP, RunRecord, RunStatus, StepRecord, StepStatus
+from planrun.report import (
+    FINISHED_STEP,
+    RunRecord,
+    RunStatus,
+    StepRecord,
+    StepStatus,
+    epoch,
+)
 from progress_bridge import messages as m
 from progress_bridge.estimate import StepDurations, estimate
 
@@ -86,7 +92,7 @@ class RunView:
                                         estimate_s=float(s.get("estimate_s") or 0.0))
         record = RunRecord(run_id=run_id, plan=str(payload.get("plan", "")), steps=steps,
                            status=RunStatus.RUNNING,
-                           started_at=_epoch(payload.get("started_at")) or time.time(),
+                           started_at=epoch(payload.get("started_at")) or time.time(),
                            flow_run_url=payload.get("prefect_url"))
         view = cls(record, max_parallel=int(payload.get("max_parallel") or 16))
         plan = tuple(m.PlanStep(id=s.id, tool=s.tool, name=s.name, needs=tuple(s.needs),
@@ -109,8 +115,8 @@ class RunView:
         self.step_n[step.id] = n
         step.status = StepStatus(payload["status"])
         step.attempts = int(payload.get("attempt") or step.attempts)
-        step.started_at = _epoch(payload.get("started_at")) or step.started_at
-        step.ended_at = _epoch(payload.get("ended_at"))
+        step.started_at = epoch(payload.get("started_at")) or step.started_at
+        step.ended_at = epoch(payload.get("ended_at"))
         step.error = _error(payload.get("error"))
         step.reason = payload.get("reason")
         step.fallback_used = bool(payload.get("fallback_used"))
@@ -132,7 +138,7 @@ class RunView:
         record = self.record
         record.status = RunStatus(payload["status"])
         record.reason = payload.get("reason")
-        record.ended_at = _epoch(payload.get("ended_at")) or time.time()
+        record.ended_at = epoch(payload.get("ended_at")) or time.time()
         record.rolled_back = list(payload.get("rolled_back") or [])
         return [self._draft(m.MessageType(f"run.{record.status}"), status=str(record.status),
                             summary=record.reason)]
@@ -208,7 +214,8 @@ class RunView:
         report = self.record.to_report()
         for sid, summary in self.summaries.items():
             report["steps"][sid]["summary"] = summary
-        report["estimate"] = _estimate_dict(self.estimate())
+        found = self.estimate()
+        report["estimate"] = asdict(found) if found is not None else None
         if self.gate is not None and self.record.status == RunStatus.AWAITING_APPROVAL:
             report["awaiting_approval"] = self.gate  # step_id, prompt, deadline
         return report
@@ -229,10 +236,8 @@ class RunView:
                               low_s=round(max(0.0, e.low_s - gone), 3),
                               high_s=round(max(0.0, e.high_s - gone), 3),
                               finish_at=e.finish_at, early_by_s=e.early_by_s)
-        found = estimate(self.record, self.max_parallel, self.durations, now)
-        fresh = m.Estimate(remaining_s=found.remaining_s, low_s=found.low_s,
-                           high_s=found.high_s, finish_at=found.finish_at,
-                           early_by_s=found.early_by_s)
+        fresh = m.Estimate(**estimate(self.record, self.max_parallel, self.durations,
+                                      now).to_message())
         self._estimate, self.estimate_stale = (now, fresh), False
         return fresh
 
@@ -294,21 +299,6 @@ class RunView:
                    summaries=data["summaries"], recoveries=data.get("recoveries", 0),
                    gate=data.get("gate"), pause_deadline=data.get("pause_deadline"))
 
-
-def _estimate_dict(value: m.Estimate | None) -> dict[str, Any] | None:
-    if value is None:
-        return None
-    return {"remaining_s": value.remaining_s, "low_s": value.low_s, "high_s": value.high_s,
-            "finish_at": value.finish_at, "early_by_s": value.early_by_s}
-
-
-def _epoch(stamp: Any) -> float | None:
-    if not stamp:
-        return None
-    try:
-        return datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 def _error(data: Any) -> StepError | None:

@@ -18,7 +18,7 @@ import pytest
 from tests.helpers import PLANRUN, cli, wait_for
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -30,7 +30,7 @@ class Stack:
 
     def __init__(self, tmp: Path, env: dict[str, str] | None = None, drop: tuple[str, ...] = (),
                  port: int | None = None) -> None:
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**{k: v for k, v in os.environ.items() if k not in drop},
                     "PLANRUN_BRIDGE_URL": self.url, "PLANRUN_WORKSPACE": str(tmp / "workspace"),

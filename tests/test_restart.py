@@ -7,28 +7,13 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 from pathlib import Path
-from typing import Any
 
 import psutil
 
 from tests.helpers import wait_for
-from tests.stack import Stack, messages
-from tests.test_control import counting
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def report(stack: Stack, run_id: str) -> dict[str, Any]:
-    shown = stack.cli("status", run_id, "--json")
-    assert shown.returncode == 0, shown.stderr
-    data: dict[str, Any] = json.loads(shown.stdout)
-    return data
+from tests.stack import Stack, free_port, messages
+from tests.test_control import counting, report
 
 
 def status_is(stack: Stack, run_id: str, status: str) -> bool:
@@ -52,7 +37,7 @@ def kill_everything(stack: Stack, home: Path) -> None:
 def test_a_paused_run_stays_paused_and_a_running_one_is_recovered_after_sigkill_of_all(
         tmp_path: Path) -> None:
     home = tmp_path / "home"
-    env = {"PLANRUN_HOME": str(home), "PLANRUN_SERVER_PORT": str(_free_port()),
+    env = {"PLANRUN_HOME": str(home), "PLANRUN_SERVER_PORT": str(free_port()),
            "PLANRUN_DEAD_AFTER_S": "12"}
     stack = Stack(tmp_path, env=env, drop=("PREFECT_API_URL",))
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import psutil
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.helpers import PLANRUN, ROOT, wait_for
+from tests.helpers import PLANRUN, ROOT, cli, wait_for
 from tests.stack import Stack, messages, running_stack
 
 CRASHING = """
@@ -168,3 +169,14 @@ def _cmdline(process: psutil.Process) -> str:
     except psutil.Error:
         return ""
 
+
+
+def test_up_on_a_port_in_use_says_so_and_starts_nothing() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        refused = cli("up", "--port", str(port), timeout=60)
+    assert refused.returncode == 1
+    assert f"127.0.0.1:{port} is already in use" in refused.stderr
+    assert "Traceback" not in refused.stderr
