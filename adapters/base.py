@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from planrun.errors import ConfigurationError, StepError, TransientError
+from planrun.policy import LevelPolicy, Policy, Trust, current_trust
 
 if TYPE_CHECKING:
     from adapters.workspace import Workspace
@@ -38,7 +39,9 @@ class StepContext:
 
     ``reduce_usage`` is set when the previous attempt failed with a ``resource`` error:
     the adapter should ask for less (smaller pages, fewer results). ``memory_mb`` is the
-    plan's per-step memory limit, if any.
+    plan's per-step memory limit, if any. ``trust`` is who wrote the plan and ``policy``
+    the operator's rules for that trust level (docs/policy.md): adapters check what they
+    reach against it where the step executes.
     """
 
     run_id: str
@@ -47,6 +50,8 @@ class StepContext:
     attempt: int = 1
     previous_error: StepError | None = None
     memory_mb: int | None = None
+    trust: Trust = field(default_factory=current_trust)
+    policy: LevelPolicy = field(default_factory=lambda: Policy().level(current_trust()))
     logger: logging.Logger | logging.LoggerAdapter[Any] = field(
         default_factory=lambda: logging.getLogger("planrun.step"))
 
