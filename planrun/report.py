@@ -96,9 +96,7 @@ class StepRecord:
 
     @property
     def duration_s(self) -> float | None:
-        if self.started_at is None:
-            return None
-        return round((self.ended_at or time.time()) - self.started_at, 3)
+        return _duration(self.started_at, self.ended_at, time.time())
 
     def template_view(self) -> dict[str, Any]:
         """What templates see as ``steps.<id>``."""
@@ -106,11 +104,13 @@ class StepRecord:
                 "error": self.error.to_report() if self.error else None,
                 "reason": self.reason, "fallback_used": self.fallback_used}
 
-    def to_report(self) -> dict[str, Any]:
+    def to_report(self, now: float | None = None) -> dict[str, Any]:
+        """The step's part of the run report; an unfinished step's duration runs to ``now``."""
         return {
             "status": str(self.status), "tool": self.tool, "attempts": self.attempts,
             "started_at": iso(self.started_at), "ended_at": iso(self.ended_at),
-            "duration_s": self.duration_s, "input": self.input, "output": self.output,
+            "duration_s": _duration(self.started_at, self.ended_at, now or time.time()),
+            "input": self.input, "output": self.output,
             "fallback_used": self.fallback_used,
             "error": self.error.to_report() if self.error else None, "reason": self.reason,
         }
@@ -132,9 +132,7 @@ class RunRecord:
 
     @property
     def duration_s(self) -> float | None:
-        if self.started_at is None:
-            return None
-        return round((self.ended_at or time.time()) - self.started_at, 3)
+        return _duration(self.started_at, self.ended_at, time.time())
 
     def progress(self) -> dict[str, Any]:
         done = sum(1 for s in self.steps.values() if s.status.finished)
@@ -154,14 +152,18 @@ class RunRecord:
             return RunStatus.COMPLETED_WITH_ERRORS
         return RunStatus.COMPLETED
 
-    def to_report(self) -> dict[str, Any]:
+    def to_report(self, now: float | None = None) -> dict[str, Any]:
+        """The run report as of ``now`` (default: this instant), one instant for every
+        duration in it, so that a report of a running run is consistent with itself."""
+        now = now or time.time()
         return {
             "run_id": self.run_id, "plan": self.plan, "status": str(self.status),
             "reason": self.reason, "started_at": iso(self.started_at),
-            "ended_at": iso(self.ended_at), "duration_s": self.duration_s,
+            "ended_at": iso(self.ended_at),
+            "duration_s": _duration(self.started_at, self.ended_at, now),
             "progress": self.progress(), "prefect_url": self.flow_run_url,
             "rolled_back": self.rolled_back,
-            "steps": {sid: s.to_report() for sid, s in self.steps.items()},
+            "steps": {sid: s.to_report(now) for sid, s in self.steps.items()},
         }
 
 
@@ -185,3 +187,10 @@ class RunObserver(Protocol):
     """Told about every change of a run: the terminal display, tests, later the bridge."""
 
     def changed(self, run: RunRecord, step: StepRecord | None) -> None: ...
+
+
+def _duration(started_at: float | None, ended_at: float | None, now: float) -> float | None:
+    """Seconds from start to end, or to ``now`` while unfinished; None before the start."""
+    if started_at is None:
+        return None
+    return round((ended_at or now) - started_at, 3)

@@ -209,9 +209,10 @@ class RunView:
         """A ``progress`` message with a fresh estimate (sent while a step runs)."""
         return [self._draft(m.MessageType.PROGRESS, status=str(self.record.status))]
 
-    def report(self) -> dict[str, Any]:
-        """The run report of SPEC §4 with ``progress`` and ``estimate``."""
-        report = self.record.to_report()
+    def report(self, now: float | None = None) -> dict[str, Any]:
+        """The run report (docs/run-report.md) as of ``now``, with ``progress`` and
+        ``estimate``."""
+        report = self.record.to_report(now)
         for sid, summary in self.summaries.items():
             report["steps"][sid]["summary"] = summary
         found = self.estimate()
