@@ -2,8 +2,10 @@
 
 Every path goes through ``Workspace.resolve`` (relative, no ``..``, no symbolic link out of
 the root). A change is recorded in the workspace journal before it happens, so a failed
-run can be rolled back, and a write replaces the file atomically. Symbolic links inside
-the root are followed: writing or deleting through one changes the file it names.
+run can be rolled back, and a write replaces the file atomically. Each change holds the
+workspace's lock and tells the journal what it left (``Workspace.wrote``), so another
+run's rollback never undoes it. Symbolic links inside the root are followed: writing or
+deleting through one changes the file it names.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import Field
 
+from adapters.atomic import atomic_write
 from adapters.base import Adapter, Params, StepContext
-from adapters.workspace import RelativePath, Workspace, atomic_write
+from adapters.workspace import RelativePath, Workspace
 from planrun.errors import AccessError, ConfigurationError, ResourceError, StepError
 
 MAX_READ_BYTES = 10 * 1024 * 1024
@@ -176,6 +179,11 @@ class FileWrite(_FileTool[WriteParams]):
 
 
 def _write(ws: Workspace, path: Path, data: bytes, append: bool) -> None:
+    with ws.locked():
+        _write_locked(ws, path, data, append)
+
+
+def _write_locked(ws: Workspace, path: Path, data: bytes, append: bool) -> None:
     missing: list[Path] = []
     parent = path.parent
     while not parent.exists() and parent != ws.real_root:
@@ -184,6 +192,7 @@ def _write(ws: Workspace, path: Path, data: bytes, append: bool) -> None:
     for directory in reversed(missing):
         ws.record(directory)  # so a rollback removes the directories this run created
         directory.mkdir(exist_ok=True)
+        ws.wrote(directory)
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
     ws.record(path)
@@ -193,6 +202,7 @@ def _write(ws: Workspace, path: Path, data: bytes, append: bool) -> None:
     except FileNotFoundError:
         mode, old = None, b""
     atomic_write(path, old + data, mode=mode)
+    ws.wrote(path)
 
 
 # -- file.delete ----------------------------------------------------------------------------
@@ -225,8 +235,10 @@ def _delete(ws: Workspace, path: Path, missing_ok: bool) -> bool:
         raise
     if stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
-    ws.record(path)
-    path.unlink()
+    with ws.locked():
+        ws.record(path)
+        path.unlink()
+        ws.wrote(path)
     return True
 
 

@@ -5,10 +5,18 @@ relative, no ``..``, and no symbolic link that leads out of the root. Before a s
 changes or deletes a file it calls ``Workspace.record``; the first original of each path
 is copied into the backup directory (with a journal beside it, so a rollback also works
 from a new process), and ``rollback`` puts every recorded path back as it was.
+
+Runs may share a workspace, in one process or several. A change (``record``, the change,
+``wrote``) and a rollback each hold the workspace's lock (``locked``), and the journal
+keeps what this run left at each path: a rollback puts a path back only while it is still
+exactly that, and otherwise leaves it (``left``), since another run changed it since and
+undoing that run's file is worse than keeping ours (docs/approvals.md, "Workspaces").
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -17,18 +25,25 @@ import shutil
 import stat
 import tempfile
 import threading
-from collections.abc import Callable
-from contextlib import suppress
-from dataclasses import asdict, dataclass
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import IO, Annotated, Literal
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field
 
-from planrun.errors import ConfigurationError, PlanrunError
+from adapters.atomic import atomic_copy, atomic_write, fsync_file
+from planrun.errors import ConfigurationError, PlanrunError, ResourceError
+
+__all__ = ["JOURNAL", "SAFE_PATH_PATTERN", "RelativePath", "Workspace", "atomic_copy",
+           "atomic_write", "default_workspace_root", "path_problem"]
 
 WORKSPACE_ENV = "PLANRUN_WORKSPACE"
 JOURNAL = "journal.json"
+#: How long a change or a rollback waits for another run's turn with the workspace.
+LOCK_WAIT_S = 30.0
 
 #: JSON Schema form of ``path_problem``: not empty, not absolute, no ``..``, no NUL byte.
 SAFE_PATH_PATTERN = r"^(?!/)(?!(?:.*/)?\.\.(?:/|$))[^\x00]+$"
@@ -84,6 +99,9 @@ class _Original:
     kind: Literal["absent", "file", "dir"]
     backup: str | None = None  # file name inside the backup directory
     mode: int | None = None
+    #: What this run left there (``_fingerprint``); None: unknown (a change cut short),
+    #: and a rollback then puts the original back whatever is there.
+    written: str | None = None
 
 
 class Workspace:
@@ -102,6 +120,8 @@ class Workspace:
         self._own_backup_dir = backup_dir is None
         self._lock = threading.Lock()
         self._originals: dict[str, _Original] = self._load_journal()
+        #: Paths the last rollback left because another run changed them since.
+        self.left: list[str] = []
 
     # -- confinement ----------------------------------------------------------------------
 
@@ -150,6 +170,46 @@ class Workspace:
             self._originals[rel] = self._snapshot(self.real_root / rel)
             self._save_journal()
 
+    def wrote(self, path: Path) -> None:
+        """Remember what this run left at ``path`` after a change ``record`` preceded: a
+        rollback puts the original back only while the path is still exactly that."""
+        rel = self.relative(path)
+        with self._lock:
+            original = self._originals.get(rel)
+            if original is None:
+                return
+            self._originals[rel] = replace(original,
+                                           written=_fingerprint(self.real_root / rel))
+            self._save_journal()
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the workspace's lock, shared with every process: a change between its
+        ``record`` and ``wrote``, or a rollback, never interleaves with another.
+
+        The lock is ``flock`` on the root directory itself: every process agrees on it,
+        a plan cannot delete or replace it, and no file of planrun's sits in the plan's
+        tree. A plan that holds it (a command calling flock) delays others by at most
+        ``LOCK_WAIT_S``; then they fail with a resource error.
+        """
+        fd = os.open(self.real_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            deadline = time.monotonic() + LOCK_WAIT_S
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise ResourceError(
+                            f"the workspace {self.root} stayed locked for {LOCK_WAIT_S:g}s",
+                            hint="another run (or a command) holds it; try again when "
+                                 "it is done") from None
+                    time.sleep(0.01)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     def recorded(self) -> list[str]:
         """The root-relative paths recorded so far, sorted."""
         with self._lock:
@@ -159,14 +219,21 @@ class Workspace:
         """Put every recorded path back as it was; return those that changed, sorted.
 
         Files are restored atomically, files and directories that did not exist are
-        removed (a directory only if empty). Backups are discarded when all succeeded.
+        removed (a directory only if empty). A path that is no longer what this run left
+        there is not touched: it is listed in ``left``. Backups are discarded when all
+        succeeded.
         """
-        with self._lock:
-            restored, failed = [], []
+        with self.locked(), self._lock:
+            restored, failed, self.left = [], [], []
             # Deepest first: files a run created go before the directories it created.
             for rel in sorted(self._originals, key=lambda r: (-r.count("/"), r)):
+                original = self._originals[rel]
                 try:
-                    if self._restore(rel, self._originals[rel]):
+                    if original.written is not None \
+                            and _fingerprint(self.real_root / rel) != original.written:
+                        log.warning("rollback left %s: another run changed it since", rel)
+                        self.left.append(rel)
+                    elif self._restore(rel, original):
                         restored.append(rel)
                 except OSError as exc:
                     log.warning("rollback of %s failed: %s", rel, exc)
@@ -176,6 +243,13 @@ class Workspace:
                                    f"the originals are kept in {self._backup_dir}")
             self._discard()
         return sorted(restored)
+
+    def left_note(self) -> str | None:
+        """What the last rollback left, for the run's report; None if nothing."""
+        if not self.left:
+            return None
+        return (f"rollback left {', '.join(sorted(self.left))}: another run changed "
+                f"{'it' if len(self.left) == 1 else 'them'} after this run did")
 
     def commit(self) -> None:
         """Keep the changes: forget every recorded original and delete the backups."""
@@ -196,7 +270,7 @@ class Workspace:
             )
         name = f"{secrets.token_hex(8)}.orig"
         shutil.copyfile(path, self._backups() / name, follow_symlinks=False)
-        _fsync_file(self._backups() / name)
+        fsync_file(self._backups() / name)
         return _Original("file", name, stat.S_IMODE(st.st_mode))
 
     def _restore(self, rel: str, original: _Original) -> bool:
@@ -260,61 +334,23 @@ class Workspace:
         self._originals = {}
 
 
-# -- atomic writes ----------------------------------------------------------------------------
-
-def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
-    """Replace ``path`` with ``data`` at once: a reader sees the old file or the new one.
-
-    A temporary file in the same directory is written, fsynced and renamed over ``path``;
-    ``mode`` sets its permissions (None: a new file's default, after the umask).
-    """
-    _atomic_replace(path, lambda out: out.write(data), mode)
-
-
-def atomic_copy(source: Path, path: Path, mode: int | None = None) -> None:
-    """Replace ``path`` with a copy of ``source``, atomically as ``atomic_write``."""
-    def fill(out: IO[bytes]) -> None:
-        with open(source, "rb") as src:
-            shutil.copyfileobj(src, out)
-
-    _atomic_replace(path, fill, mode)
-
-
-def _atomic_replace(path: Path, fill: Callable[[IO[bytes]], object], mode: int | None) -> None:
-    tmp = path.parent / f".{path.name[:64]}.{secrets.token_hex(4)}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(tmp, flags, 0o666)
+def _fingerprint(path: Path) -> str:
+    """What is at ``path`` now, exactly enough to tell another run's change: kind, inode
+    (a write replaces the file, so even the same bytes written by another run differ),
+    size, modification time and the SHA-256 of a file's bytes."""
     try:
-        with os.fdopen(fd, "wb") as out:
-            fill(out)
-            out.flush()
-            if mode is not None:
-                os.fchmod(out.fileno(), mode)
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename durable; some file systems refuse fsync on a directory.
-    with suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "absent"
+    if stat.S_ISDIR(st.st_mode):
+        return f"dir:{st.st_ino}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"other:{st.st_ino}:{st.st_mode}"
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 16), b""):
+            digest.update(chunk)
+    return f"file:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{digest.hexdigest()}"
 
 
 def _remove(path: Path) -> bool:

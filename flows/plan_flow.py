@@ -220,6 +220,8 @@ async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
         run.reason = scheduler.stop_reason
         if run.status in (RunStatus.FAILED, RunStatus.CANCELLED):
             run.rolled_back = workspace.rollback()
+            left = workspace.left_note()  # another run's later change is not undone
+            run.reason = f"{run.reason}; {left}" if run.reason and left else run.reason or left
         else:
             workspace.commit()
         run.ended_at = time.time()

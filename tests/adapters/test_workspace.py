@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from adapters.workspace import (
     path_problem,
 )
 from planrun.errors import ConfigurationError, PlanrunError
+from tests.helpers import wait_for
 
 
 def _temp_files(directory: Path) -> list[str]:
@@ -268,3 +271,48 @@ def test_rollback_does_not_write_through_a_symlink_planted_outside(
     with pytest.raises(PlanrunError, match="rollback could not restore"):
         ws.rollback()
     assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+# -- runs sharing a workspace ---------------------------------------------------------------
+
+def test_rollback_leaves_a_path_another_run_changed_after_this_run_wrote_it(
+        ws: Workspace) -> None:
+    target = ws.root / "x.txt"
+    ws.record(target)
+    atomic_write(target, b"this run")
+    ws.wrote(target)
+    atomic_write(target, b"another run")  # a later write by someone else
+
+    assert ws.rollback() == []
+    assert target.read_text() == "another run"
+    assert ws.left == ["x.txt"]
+    assert ws.left_note() == "rollback left x.txt: another run changed it after this run did"
+
+
+def test_rollback_puts_back_a_path_still_as_this_run_left_it(ws: Workspace) -> None:
+    target = ws.root / "x.txt"
+    target.write_text("before")
+    ws.record(target)
+    atomic_write(target, b"this run")
+    ws.wrote(target)
+
+    assert ws.rollback() == ["x.txt"]
+    assert target.read_text() == "before"
+    assert ws.left == [] and ws.left_note() is None
+
+
+def test_the_lock_is_shared_with_other_processes(ws: Workspace, tmp_path: Path) -> None:
+    held, letting_go = tmp_path / "held", tmp_path / "letting-go"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, time\n"
+        f"fd = os.open({str(ws.real_root)!r}, os.O_RDONLY | os.O_DIRECTORY)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        f"open({str(held)!r}, 'w').close()\n"
+        "time.sleep(0.5)\n"
+        f"open({str(letting_go)!r}, 'w').close()\n")])  # then it exits: the lock is free
+    try:
+        wait_for(held.exists, 20, "the other process to take the lock")
+        with ws.locked():
+            assert letting_go.exists()  # our turn came only once it let go
+    finally:
+        holder.wait(20)
