@@ -1,10 +1,15 @@
 """The ``shell.run`` tool: run one program from an argv list, never through a shell.
 
-The child runs in the workspace (or a directory inside it) with a minimal environment, in
-a session and process group of its own, so that a timeout, a cancel or the end of the
-step stops everything it started. Memory (the plan's ``memory_mb``) and CPU limits are
-set with setrlimit by a tiny wrapper that then execs the program; ``preexec_fn`` is not
-used because it is unsafe in a process with threads.
+Where the policy asks for it (always for submitted plans) the program runs inside the
+bubblewrap sandbox of ``adapters/sandbox.py``, with limits on processes, file size,
+memory and CPU time (docs/sandbox.md); where bubblewrap cannot start, a submitted plan
+may not use ``shell.run`` and a local run goes on unconfined, saying so once.
+
+Unconfined, the child runs in the workspace (or a directory inside it) with a minimal
+environment, in a session and process group of its own, so that a timeout, a cancel or
+the end of the step stops everything it started. Limits are set with setrlimit by a tiny
+wrapper that then execs the program (or bubblewrap); ``preexec_fn`` is not used because
+it is unsafe in a process with threads.
 """
 
 from __future__ import annotations
@@ -14,15 +19,19 @@ import errno
 import os
 import re
 import signal
-import sys
 import time
 from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
-import psutil
 from pydantic import AfterValidator, Field
 
+from adapters import sandbox
 from adapters.base import Adapter, Health, Params, StepContext
+from adapters.executables import allowed_argv
+from adapters.process import communicate, stop
+from adapters.sandbox import Limits
 from adapters.workspace import RelativePath
 from planrun.errors import (
     AccessError,
@@ -33,34 +42,20 @@ from planrun.errors import (
 )
 
 MIB = 1024 * 1024
-KILL_GRACE_S = 1.0
 PASSED_ENV = ("PATH", "HOME", "LANG")
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 TAIL_CHARS = 4000
 MESSAGE_TAIL_CHARS = 500
 
-#: Run by ``python -I -S -c``: set the limits, then exec the program. The status pipe is
-#: close-on-exec: EOF tells the parent the exec worked, otherwise it reads "errno:message".
-_LIMITS_WRAPPER = r"""
-import os, resource, sys
-status = int(sys.argv[1])
-try:
-    for which, value, extra in ((resource.RLIMIT_AS, int(sys.argv[2]), 0),
-                                (resource.RLIMIT_CPU, int(sys.argv[3]), 1)):
-        if value > 0:
-            hard = resource.getrlimit(which)[1]
-            top = value + extra if hard == resource.RLIM_INFINITY else min(value + extra, hard)
-            resource.setrlimit(which, (min(value, top), top))
-    os.set_inheritable(status, False)
-    os.execvp(sys.argv[4], sys.argv[4:])
-except BaseException as exc:
-    os.write(status, f"{getattr(exc, 'errno', 0) or 0}:{getattr(exc, 'strerror', 0) or exc}"
-             .encode())
-    os._exit(127)
-"""
-
 _MEMORY_WORDS = re.compile(r"MemoryError|Cannot allocate memory|out of memory|bad_alloc", re.I)
-_BACKGROUND: set[asyncio.Task[None]] = set()
+_FORK_WORDS = re.compile(r"fork|Resource temporarily unavailable", re.I)
+_FILE_WORDS = re.compile(r"File too large|File size limit exceeded", re.I)
+#: What bubblewrap says when the program cannot be started: "bwrap: execvp PROG: REASON".
+_BWRAP_EXEC = re.compile(r"^bwrap: execvp (?P<program>.*): (?P<reason>[^\n]*)\n?\Z", re.M)
+_ERRNO_OF = {os.strerror(code): code for code in (errno.ENOENT, errno.EACCES, errno.ENOEXEC,
+                                                  errno.E2BIG, errno.ENOTDIR, errno.ENOMEM)}
+#: Problems already reported by the once-per-process "runs unconfined" warning.
+_WARNED: set[str] = set()
 
 
 def _no_nul(value: str) -> str:
@@ -117,30 +112,26 @@ class ShellRun(Adapter[ShellParams]):
     summary = "run a program (argv, no shell) in the workspace, with limits"
 
     async def execute(self, params: ShellParams, ctx: StepContext) -> dict[str, Any]:
-        cwd = ctx.workspace.resolve(params.cwd) if params.cwd else ctx.workspace.real_root
+        root = ctx.workspace.real_root
+        cwd = ctx.workspace.resolve(params.cwd) if params.cwd else root
         if not cwd.is_dir():
             raise ConfigurationError(
                 f"shell.run: the working directory {params.cwd!r} is not a directory "
                 "in the workspace", hint="create it first (file.write) or fix 'cwd'")
-        memory = (ctx.memory_mb or 0) * MIB
-        started = time.monotonic()
-        proc, status = await _spawn_shielded(params, cwd, _child_env(params.env), memory)
+        sandboxed = await _sandboxed(ctx)
+        env = sandbox.sandbox_env(root, params.env) if sandboxed else _child_env(params.env)
+        argv = allowed_argv(params.argv, str(cwd), env.get("PATH", DEFAULT_PATH),
+                            ctx.policy.executables)
+        limits = sandbox.step_limits(ctx.memory_mb, params.cpu_seconds, ctx.policy.ceilings,
+                                     sandboxed=sandboxed)
+        options = (sandbox.bwrap_options(workspace=root, cwd=cwd, env=params.env,
+                                         policy=ctx.policy) if sandboxed else None)
+        cgroup = sandbox.make_pids_cgroup(limits.processes) if sandboxed else None
         try:
-            (out, out_cut), (err, err_cut), code = await _communicate(proc, params)
-            _raise_exec_error(status, params.argv[0])
+            return await _run(params, _Start(argv, env, cwd, limits, options, cgroup))
         finally:
-            if status is not None:
-                os.close(status)
-        result = {
-            "exit_code": code,
-            "stdout": out.decode("utf-8", "replace"),
-            "stderr": err.decode("utf-8", "replace"),
-            "truncated": out_cut or err_cut,
-            "duration_s": round(time.monotonic() - started, 3),
-        }
-        if code != 0:
-            raise _exit_error(params, result, memory_mb=ctx.memory_mb)
-        return result
+            if cgroup is not None:
+                await asyncio.to_thread(sandbox.remove_cgroup, cgroup)
 
     def classify(self, exc: Exception) -> StepError:
         what = getattr(exc, "filename", None) or "the program"
@@ -148,7 +139,8 @@ class ShellRun(Adapter[ShellParams]):
             return ConfigurationError(
                 f"shell.run: cannot run {what!r}: no such program or file",
                 hint="install the program or put it on PATH (the step's env may set PATH), "
-                     "or give its path relative to the working directory",
+                     "or give its path relative to the working directory; in the sandbox "
+                     "only /usr, the workspace and the policy's binds exist",
             )
         if isinstance(exc, PermissionError):
             return AccessError(
@@ -167,7 +159,45 @@ class ShellRun(Adapter[ShellParams]):
         return super().classify(exc)
 
     async def health(self) -> Health:
-        return Health(ok=True, detail="programs run from argv, without a shell")
+        """Whether the sandbox works: without it submitted plans cannot use shell.run."""
+        problem = await asyncio.to_thread(sandbox.sandbox_problem)
+        if problem is None:
+            return Health(ok=True, detail=f"programs run in the sandbox ({sandbox.bwrap_path()})")
+        return Health(ok=False, detail=f"no sandbox: {problem}; submitted plans cannot use "
+                                       "shell.run, local runs are unconfined")
+
+
+@dataclass(frozen=True)
+class _Start:
+    """How to start one step's program: sandboxed when ``options`` (bubblewrap's) is set."""
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+    limits: Limits
+    options: list[str] | None
+    cgroup: Path | None
+
+
+async def _sandboxed(ctx: StepContext) -> bool:
+    """Whether to run in the sandbox: as the policy says, where bubblewrap can start."""
+    if ctx.policy.sandbox == "off":
+        return False
+    probe = sandbox.sandbox_problem
+    problem = probe() if sandbox.probed() else await asyncio.to_thread(probe)
+    if problem is None:
+        return True
+    if ctx.policy.sandbox == "required":
+        raise ConfigurationError(
+            f"shell.run needs the bubblewrap sandbox for {ctx.trust} plans, and it cannot "
+            f"start here: {problem}",
+            hint="install bubblewrap (scripts/install does: apt-get install bubblewrap); "
+                 "see docs/sandbox.md")
+    if problem not in _WARNED:
+        _WARNED.add(problem)
+        ctx.logger.warning("shell.run runs programs UNCONFINED (no sandbox): %s; install "
+                           "bubblewrap to confine them (docs/sandbox.md)", problem)
+    return False
 
 
 def _child_env(extra: dict[str, str]) -> dict[str, str]:
@@ -176,11 +206,36 @@ def _child_env(extra: dict[str, str]) -> dict[str, str]:
     return env | extra
 
 
-async def _spawn_shielded(params: ShellParams, cwd: os.PathLike[str], env: dict[str, str],
-                          memory: int) -> tuple[asyncio.subprocess.Process, int | None]:
+async def _run(params: ShellParams, start: _Start) -> dict[str, Any]:
+    started = time.monotonic()
+    proc, status = await _spawn_shielded(params, start)
+    try:
+        stdin = params.stdin.encode() if params.stdin is not None else None
+        (out, out_cut), (err, err_cut), code = await communicate(
+            proc, stdin, params.max_output_bytes)
+        _raise_exec_error(status, start.argv[0])
+    finally:
+        if status is not None:
+            os.close(status)
+    if start.options is not None:
+        code = _bwrap_outcome(code, err)
+    result = {
+        "exit_code": code,
+        "stdout": out.decode("utf-8", "replace"),
+        "stderr": err.decode("utf-8", "replace"),
+        "truncated": out_cut or err_cut,
+        "duration_s": round(time.monotonic() - started, 3),
+    }
+    if code != 0:
+        raise _exit_error(params, result, start.limits)
+    return result
+
+
+async def _spawn_shielded(params: ShellParams, start: _Start
+                          ) -> tuple[asyncio.subprocess.Process, int | None]:
     """``_spawn``, finished even when cancelled: asyncio's own cancel of a starting
     process kills only the direct child; here the whole new group is stopped instead."""
-    spawning = asyncio.ensure_future(_spawn(params, cwd, env, memory))
+    spawning = asyncio.ensure_future(_spawn(params, start))
     try:
         return await asyncio.shield(spawning)
     except asyncio.CancelledError:
@@ -188,183 +243,100 @@ async def _spawn_shielded(params: ShellParams, cwd: os.PathLike[str], env: dict[
             proc, status = await spawning
             if status is not None:
                 os.close(status)
-            await _stop(proc, [])
+            await stop(proc, [])
         raise
 
 
-async def _spawn(params: ShellParams, cwd: os.PathLike[str], env: dict[str, str],
-                 memory: int) -> tuple[asyncio.subprocess.Process, int | None]:
-    """Start the program in a new session; with limits, through the wrapper and its pipe."""
+async def _spawn(params: ShellParams, start: _Start
+                 ) -> tuple[asyncio.subprocess.Process, int | None]:
+    """Start the program in a new session; with limits (and bubblewrap), through the
+    wrapper and its status pipe. bubblewrap starts with an empty environment: it is the
+    sandbox's PID 1, whose environment the program could read."""
     options: dict[str, Any] = {
         "stdin": asyncio.subprocess.PIPE if params.stdin is not None
         else asyncio.subprocess.DEVNULL,
         "stdout": asyncio.subprocess.PIPE, "stderr": asyncio.subprocess.PIPE,
-        "cwd": cwd, "env": env, "start_new_session": True,
+        "cwd": start.cwd, "env": start.env, "start_new_session": True,
     }
-    if not (memory or params.cpu_seconds):
-        return await asyncio.create_subprocess_exec(*params.argv, **options), None
+    if not start.limits.any and start.options is None:
+        return await asyncio.create_subprocess_exec(*start.argv, **options), None
+    argv, fds = start.argv, []
+    if start.options is not None:
+        fds.append(sandbox.options_fd(start.options))
+        argv = [sandbox.bwrap_path(), "--args", str(fds[0]), "--", *argv]
+        options["env"] = {}
     status_read, status_write = os.pipe()
+    fds.append(status_write)
     try:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-I", "-S", "-c", _LIMITS_WRAPPER, str(status_write),
-            str(memory), str(params.cpu_seconds or 0), *params.argv,
-            pass_fds=(status_write,), **options)
+            *sandbox.wrapped(argv, start.limits, status_write, start.cgroup,
+                             clean_env=start.options is not None),
+            pass_fds=tuple(fds), **options)
     except BaseException:
         os.close(status_read)
         raise
     finally:
-        os.close(status_write)
+        for fd in fds:
+            os.close(fd)
     return proc, status_read
 
 
-async def _communicate(proc: asyncio.subprocess.Process, params: ShellParams
-                       ) -> tuple[tuple[bytes, bool], tuple[bytes, bool], int]:
-    """Feed stdin, capture capped output and wait; stop the whole group if interrupted."""
-    assert proc.stdout is not None and proc.stderr is not None
-    cap = params.max_output_bytes
-    readers = [asyncio.ensure_future(_drain(proc.stdout, cap)),
-               asyncio.ensure_future(_drain(proc.stderr, cap))]
-    tasks: list[asyncio.Future[Any]] = list(readers)
-    if params.stdin is not None:
-        tasks.append(asyncio.ensure_future(_feed(proc, params.stdin.encode())))
-    try:
-        code = await _exit_code(proc)
-        if _live_members(proc.pid):
-            await _terminate(proc)  # what it left running would hold the pipes, or leak
-        await asyncio.wait(tasks)  # unlike gather, a cancel here leaves them to _stop
-        await proc.wait()
-        out, err = (reader.result() for reader in readers)
-        return out, err, code
-    except BaseException:
-        # Shielded, so that a second cancel cannot leave the group running.
-        stopping = asyncio.ensure_future(_stop(proc, tasks))
-        _BACKGROUND.add(stopping)
-        stopping.add_done_callback(_BACKGROUND.discard)
-        await asyncio.shield(stopping)
-        raise
-
-
-async def _exit_code(proc: asyncio.subprocess.Process) -> int:
-    """The program's exit code as soon as it exits.
-
-    ``proc.wait()`` also waits for the pipes to close, which a process left running in
-    the background keeps open; so its return code is also polled.
-    """
-    waiting = asyncio.ensure_future(proc.wait())
-    try:
-        while proc.returncode is None:
-            await asyncio.wait({waiting}, timeout=0.05)
-        return proc.returncode
-    finally:
-        waiting.cancel()
-
-
-async def _drain(stream: asyncio.StreamReader, cap: int) -> tuple[bytes, bool]:
-    kept = bytearray()
-    truncated = False
-    while chunk := await stream.read(64 * 1024):
-        room = cap - len(kept)
-        kept += chunk[:max(room, 0)]
-        truncated = truncated or len(chunk) > room
-    return bytes(kept), truncated
-
-
-async def _feed(proc: asyncio.subprocess.Process, data: bytes) -> None:
-    assert proc.stdin is not None
-    try:
-        proc.stdin.write(data)
-        await proc.stdin.drain()
-    except (BrokenPipeError, ConnectionResetError):
-        pass  # the program exited without reading all of its input
-    finally:
-        proc.stdin.close()
-
-
-async def _stop(proc: asyncio.subprocess.Process, tasks: list[asyncio.Future[Any]]) -> None:
-    """Kill the group, let the pipes drain to EOF, reap the program."""
-    await _terminate(proc)
-    _, pending = await asyncio.wait(tasks, timeout=KILL_GRACE_S)
-    for task in pending:
-        task.cancel()
-    with suppress(TimeoutError):
-        await asyncio.wait_for(_exit_code(proc), KILL_GRACE_S)
-    transport = getattr(proc, "_transport", None)
-    if pending and transport is not None:
-        # A process that left the group (setsid) still holds the pipes: stop listening.
-        transport.close()
-        await asyncio.sleep(0)  # the pipes close in a callback of the next loop pass
-
-
-async def _terminate(proc: asyncio.subprocess.Process) -> None:
-    """SIGTERM the process group, wait up to KILL_GRACE_S, then SIGKILL what is left."""
-    group = proc.pid
-    _signal_group(group, signal.SIGTERM)
-    if not await _wait_group_gone(group, KILL_GRACE_S):
-        _signal_group(group, signal.SIGKILL)
-        await _wait_group_gone(group, KILL_GRACE_S)
-
-
-async def _wait_group_gone(group: int, within: float) -> bool:
-    deadline = time.monotonic() + within
-    while _live_members(group):
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
-
-
-def _signal_group(group: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(group, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _live_members(group: int) -> list[int]:
-    """PIDs of the group's processes that are not zombies (an orphan's zombie may stay
-    until init reaps it, and cannot be killed anyway)."""
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return []
-    except PermissionError:
-        pass
-    members = []
-    for proc in psutil.process_iter(["status"]):
-        try:
-            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == group:
-                members.append(proc.pid)
-        except (OSError, psutil.Error):
-            continue
-    return members
-
-
 def _raise_exec_error(status: int | None, program: str) -> None:
-    """Raise the wrapper's exec failure as the OSError a direct exec would have raised."""
+    """Raise the wrapper's failure: an exec failure as the OSError a direct exec would
+    have raised, a failure to set the limits as a configuration error."""
     if status is None:
         return
     report = os.read(status, 4096).decode("utf-8", "replace")
     if not report:
         return
-    code, _, message = report.partition(":")
-    if not int(code or 0):
+    stage, _, rest = report.partition(":")
+    code, _, message = rest.partition(":")
+    if stage != "exec" or not int(code or 0):
         raise ConfigurationError(f"shell.run: could not set the resource limits: {message}",
                                  hint="lower the plan's memory_mb or the step's cpu_seconds")
     raise OSError(int(code), message, program)
 
 
-def _exit_error(params: ShellParams, result: dict[str, Any], *, memory_mb: int | None
-                ) -> StepError:
+def _bwrap_outcome(code: int, stderr: bytes) -> int:
+    """The program's exit code from bubblewrap's: 128+N for a signal becomes -N, as for a
+    direct child; bubblewrap's own failures are raised (an exec failure as an OSError)."""
+    said = stderr.decode("utf-8", "replace")
+    if code == 1 and (failed := _BWRAP_EXEC.search(said)):
+        reason = failed["reason"]
+        raise OSError(_ERRNO_OF.get(reason, errno.EINVAL), reason, failed["program"])
+    if code == 1 and said.startswith("bwrap: "):
+        raise ConfigurationError(
+            f"shell.run: the sandbox could not start: {said.strip()[:MESSAGE_TAIL_CHARS]}",
+            hint="check the policy's binds and the workspace (docs/sandbox.md)")
+    if 128 < code < 128 + signal.NSIG:
+        return -(code - 128)
+    return code
+
+
+def _exit_error(params: ShellParams, result: dict[str, Any], limits: Limits) -> StepError:
     code, stderr = result["exit_code"], result["stderr"]
     tail = stderr[-MESSAGE_TAIL_CHARS:].strip() or "(nothing on stderr)"
     details = {"exit_code": code, "stderr_tail": stderr[-TAIL_CHARS:],
                "stdout_tail": result["stdout"][-TAIL_CHARS:], "argv": params.argv}
     program = params.argv[0]
-    if code == -signal.SIGXCPU or (code == -signal.SIGKILL and params.cpu_seconds):
-        limit = f" of {params.cpu_seconds}s" if params.cpu_seconds else ""
+    memory_mb = limits.memory_bytes // MIB
+    if code == -signal.SIGXCPU or (code == -signal.SIGKILL and limits.cpu_seconds):
+        limit = f" of {limits.cpu_seconds}s" if limits.cpu_seconds else ""
         return ResourceError(
             f"shell.run: {program!r} used up its CPU limit{limit} (exit {code}): {tail}",
             hint="raise the step's cpu_seconds, or give the program less work", details=details)
+    if limits.file_bytes and (code == -signal.SIGXFSZ or _FILE_WORDS.search(tail)):
+        return ResourceError(
+            f"shell.run: {program!r} tried to write a file larger than its limit of "
+            f"{limits.file_bytes // MIB} MiB (exit {code}): {tail}",
+            hint="write less, or ask the operator to raise ceilings.file_mb in the policy",
+            details=details)
+    if limits.processes and _FORK_WORDS.search(tail):
+        return ResourceError(
+            f"shell.run: {program!r} could not start more processes: its limit is "
+            f"{limits.processes} (exit {code}): {tail}",
+            hint="start fewer processes at once, or ask the operator to raise "
+                 "ceilings.processes in the policy", details=details)
     memory_signal = code in (-signal.SIGKILL, -signal.SIGSEGV, -signal.SIGABRT)
     if memory_mb and (memory_signal or _MEMORY_WORDS.search(tail)):
         return ResourceError(

@@ -40,6 +40,9 @@ class Ceilings(BaseModel):
     step_timeout_s: float | None = Field(None, gt=0, description="longest step timeout")
     output_bytes: int | None = Field(None, ge=1, description="largest output of one step")
     memory_mb: int | None = Field(None, ge=1, description="memory of one step")
+    cpu_seconds: int | None = Field(None, ge=1, description="CPU time of one shell.run step")
+    processes: int | None = Field(None, ge=1, description="processes of one sandboxed step")
+    file_mb: int | None = Field(None, ge=1, description="largest file a sandboxed step writes")
 
 
 class LevelPolicy(BaseModel):

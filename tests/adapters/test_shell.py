@@ -1,12 +1,18 @@
-"""shell.run with real processes: output, environment, limits, and killing the whole group."""
+"""shell.run with real processes: output, environment, limits, and killing the whole group.
+
+The default context is a submitted plan's, so most tests run inside the real bubblewrap
+sandbox; the process-group tests run both sandboxed and unconfined (a local run's path
+where bubblewrap is missing). The attacks are in tests/security/test_shell.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
+import shutil
 import signal
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +21,7 @@ from typing import Any
 import psutil
 import pytest
 
+from adapters import sandbox
 from adapters.base import StepContext
 from adapters.shell import ShellRun
 from adapters.workspace import Workspace
@@ -25,12 +32,29 @@ from planrun.errors import (
     ResourceError,
     TransientError,
 )
+from planrun.policy import LevelPolicy, Trust
 
-PY = sys.executable
+#: A Python the sandbox can see (the test's own may live in a virtualenv outside /usr).
+PY = shutil.which("python3", path=sandbox.DEFAULT_PATH) or "python3"
+UNCONFINED = LevelPolicy(allow_private=True, sandbox="off")
 
 
 def run(ctx: StepContext, timeout: float = 20, **params: Any) -> Any:
     return asyncio.run(ShellRun().run(params, ctx, timeout=timeout))
+
+
+@pytest.fixture
+def unconfined(make_ctx: Callable[..., StepContext]) -> StepContext:
+    """A local run's context with the sandbox off."""
+    return make_ctx(trust=Trust.LOCAL, policy=UNCONFINED)
+
+
+@pytest.fixture(params=["sandboxed", "unconfined"])
+def either(request: pytest.FixtureRequest, make_ctx: Callable[..., StepContext]) -> StepContext:
+    """The process-group tests run both ways: what a step starts must end with it."""
+    if request.param == "sandboxed":
+        return make_ctx()
+    return make_ctx(trust=Trust.LOCAL, policy=UNCONFINED)
 
 
 def _gone(pid: int) -> bool:
@@ -51,6 +75,12 @@ def _sleepers() -> list[int]:
         except psutil.NoSuchProcess:
             continue
     return found
+
+
+def _running(cmdline: str) -> list[int]:
+    """Live processes (anywhere on the machine) whose command line is ``cmdline``."""
+    return [p.pid for p in psutil.process_iter(["cmdline", "status"])
+            if p.info["cmdline"] == cmdline.split() and p.info["status"] != psutil.STATUS_ZOMBIE]
 
 
 # -- output, input, environment -------------------------------------------------------------
@@ -90,6 +120,22 @@ def test_the_environment_is_minimal_plus_the_step_env(ctx: StepContext,
     assert {"PATH", "GREETING"} <= names
     assert names - {"PATH", "HOME", "LANG", "GREETING", "PWD"} == set()
     assert "GREETING=hi" in out["stdout"].splitlines()
+
+
+def test_in_the_sandbox_home_is_the_workspace_and_path_the_system_one(
+        ctx: StepContext, ws: Workspace) -> None:
+    lines = run(ctx, argv=["env"])["stdout"].splitlines()
+    assert f"HOME={ws.real_root}" in lines
+    assert f"PATH={sandbox.DEFAULT_PATH}" in lines
+
+
+def test_unconfined_the_environment_is_planruns_minimal_one(
+        unconfined: StepContext, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PLANRUN_TEST_SECRET", "do-not-leak")
+    out = run(unconfined, argv=["env"], env={"GREETING": "hi"})
+    names = {line.split("=", 1)[0] for line in out["stdout"].splitlines()}
+    assert "PLANRUN_TEST_SECRET" not in names
+    assert names - {"PATH", "HOME", "LANG", "GREETING"} == set()
 
 
 def test_runs_in_the_workspace_root_by_default_and_in_cwd_when_given(
@@ -191,19 +237,63 @@ def test_a_program_killed_by_sigkill_is_a_resource_error(ctx: StepContext) -> No
         run(ctx, argv=["sh", "-c", "kill -9 $$"])
 
 
-def test_health_is_ok() -> None:
-    assert asyncio.run(ShellRun().health()).ok
+def test_health_says_the_sandbox_works() -> None:
+    health = asyncio.run(ShellRun().health())
+    assert health.ok
+    assert "sandbox" in health.detail
+
+
+def test_health_says_when_the_sandbox_cannot_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(sandbox.BWRAP_ENV, "/nonexistent/bwrap")
+    health = asyncio.run(ShellRun().health())
+    assert not health.ok
+    assert "/nonexistent/bwrap is not installed" in health.detail
+    assert "submitted plans cannot use shell.run" in health.detail
+
+
+# -- where the sandbox cannot start ---------------------------------------------------------
+
+def test_a_submitted_plan_cannot_run_a_program_without_the_sandbox(
+        ctx: StepContext, ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(sandbox.BWRAP_ENV, "/nonexistent/bwrap")
+    with pytest.raises(ConfigurationError) as caught:
+        run(ctx, argv=["touch", "ran"])
+    assert caught.value.message.startswith(
+        "shell.run needs the bubblewrap sandbox for submitted plans")
+    assert "/nonexistent/bwrap is not installed" in caught.value.message
+    assert "scripts/install" in caught.value.hint
+    assert not (ws.root / "ran").exists()
+
+
+def test_a_local_run_without_the_sandbox_runs_unconfined_and_says_so_once(
+        make_ctx: Callable[..., StepContext], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    monkeypatch.setenv(sandbox.BWRAP_ENV, str(tmp_path / "no-bwrap-here"))
+    ctx = make_ctx(trust=Trust.LOCAL, policy=LevelPolicy(sandbox="if_available"))
+    with caplog.at_level(logging.WARNING, logger="planrun.step"):
+        first = run(ctx, argv=["sh", "-c", "cat /proc/1/comm"])
+        run(ctx, argv=["true"])
+    assert first["stdout"].strip() != "bwrap"  # not in a PID namespace of its own
+    warnings = [r.getMessage() for r in caplog.records if "UNCONFINED" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "no-bwrap-here is not installed" in warnings[0]
+
+
+def test_where_bubblewrap_works_if_available_means_sandboxed(
+        make_ctx: Callable[..., StepContext]) -> None:
+    ctx = make_ctx(trust=Trust.LOCAL, policy=LevelPolicy(sandbox="if_available"))
+    assert run(ctx, argv=["cat", "/proc/1/comm"])["stdout"].strip() == "bwrap"
 
 
 # -- the process group ----------------------------------------------------------------------
 
-def test_a_timeout_kills_the_whole_process_group(ctx: StepContext,
+def test_a_timeout_kills_the_whole_process_group(either: StepContext,
                                                  wait_until: Callable[..., None]) -> None:
     seen: list[int] = []
 
     async def scenario() -> None:
         task = asyncio.ensure_future(
-            ShellRun().run({"argv": ["sh", "-c", "sleep 30 & sleep 30"]}, ctx, timeout=1.5))
+            ShellRun().run({"argv": ["sh", "-c", "sleep 30 & sleep 30"]}, either, timeout=1.5))
         deadline = time.monotonic() + 5
         while len(seen) < 2 and time.monotonic() < deadline:
             seen[:] = _sleepers()
@@ -219,13 +309,13 @@ def test_a_timeout_kills_the_whole_process_group(ctx: StepContext,
                what="every process of the group is gone")
 
 
-def test_a_cancel_kills_the_whole_process_group(ctx: StepContext,
+def test_a_cancel_kills_the_whole_process_group(either: StepContext,
                                                 wait_until: Callable[..., None]) -> None:
     seen: list[int] = []
 
     async def scenario() -> None:
         task = asyncio.ensure_future(
-            ShellRun().run({"argv": ["sh", "-c", "sleep 30 & sleep 30"]}, ctx, timeout=None))
+            ShellRun().run({"argv": ["sh", "-c", "sleep 30 & sleep 30"]}, either, timeout=None))
         deadline = time.monotonic() + 5
         while len(seen) < 2 and time.monotonic() < deadline:
             seen[:] = _sleepers()
@@ -255,18 +345,19 @@ def test_a_group_that_ignores_sigterm_is_killed(make_ctx: Callable[..., StepCont
                within=5, what="the SIGTERM-ignoring process is gone")
 
 
-def test_background_processes_left_behind_are_stopped(ctx: StepContext,
+def test_background_processes_left_behind_are_stopped(either: StepContext,
                                                       wait_until: Callable[..., None]) -> None:
+    marker = f"sleep {131 + os.getpid() % 50}"
+    script = f'{marker} & while [ "$(cat /proc/$!/comm)" != sleep ]; do :; done; echo up'
     started = time.monotonic()
-    out = run(ctx, argv=["sh", "-c", "sleep 30 & echo $!"])
+    out = run(either, argv=["sh", "-c", script])
+    assert out["stdout"] == "up\n"  # the sleep was running when the program exited
     assert time.monotonic() - started < 10
-    leftover = int(out["stdout"])
-    assert os.getpgid(os.getpid()) != leftover
-    wait_until(lambda: _gone(leftover), within=5, what="the background sleep is gone")
+    wait_until(lambda: not _running(marker), within=5, what="the background sleep is gone")
 
 
-def test_a_process_that_leaves_the_group_cannot_hold_the_step_open(
-        ctx: StepContext, ws: Workspace, wait_until: Callable[..., None]) -> None:
+def test_a_process_that_leaves_the_group_cannot_hold_the_step_open_unconfined(
+        unconfined: StepContext, ws: Workspace, wait_until: Callable[..., None]) -> None:
     # setsid puts the sleep in a session of its own, out of reach of the group kill; it
     # keeps stdout open. The step must still end at its timeout and release the pipes.
     # sh waits for the escapee to have left the group: before that, the group kill at sh's
@@ -276,7 +367,7 @@ def test_a_process_that_leaves_the_group_cannot_hold_the_step_open(
     started = time.monotonic()
     try:
         with pytest.raises(TransientError, match="timeout"):
-            run(ctx, timeout=1, argv=["sh", "-c", script])
+            run(unconfined, timeout=1, argv=["sh", "-c", script])
         assert time.monotonic() - started < 5
         gc.collect()  # an unclosed pipe transport would warn (an error here) when collected
     finally:
@@ -285,12 +376,12 @@ def test_a_process_that_leaves_the_group_cannot_hold_the_step_open(
 
 
 def test_a_cancel_while_the_program_is_starting_stops_its_whole_group(
-        ctx: StepContext, wait_until: Callable[..., None]) -> None:
+        either: StepContext, wait_until: Callable[..., None]) -> None:
     marker = f"sleep {31 + os.getpid() % 50}"
 
     async def cancel_after(turns: int) -> float:
         task = asyncio.ensure_future(
-            ShellRun().run({"argv": ["sh", "-c", f"{marker} & {marker}"]}, ctx, None))
+            ShellRun().run({"argv": ["sh", "-c", f"{marker} & {marker}"]}, either, None))
         for _ in range(turns):  # land the cancel at each point of the start-up in turn
             await asyncio.sleep(0)
         task.cancel()
@@ -302,9 +393,4 @@ def test_a_cancel_while_the_program_is_starting_stops_its_whole_group(
     for turns in range(12):
         assert asyncio.run(cancel_after(turns)) < 5
 
-    def none_left() -> bool:
-        return not [p for p in psutil.process_iter(["cmdline", "status"])
-                    if p.info["cmdline"] == marker.split()
-                    and p.info["status"] != psutil.STATUS_ZOMBIE]
-
-    wait_until(none_left, within=5, what="the started group to be gone")
+    wait_until(lambda: not _running(marker), within=5, what="the started group to be gone")

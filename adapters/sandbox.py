@@ -1,0 +1,303 @@
+"""The sandbox of ``shell.run``: bubblewrap's command line and the limits of what runs in it.
+
+What a sandboxed program sees (docs/sandbox.md): ``/usr`` (and the ``/bin``, ``/lib*``
+links into it) read-only, a few files of ``/etc`` read-only, a fresh ``/tmp``, ``/proc``
+(of its own PID namespace) and a minimal ``/dev``, the workspace writable at the same
+path, the policy's ``binds`` and nothing else. It runs as uid 65534 in a user namespace
+(no capabilities), in new PID, network, IPC and UTS namespaces, in a session of its own,
+with an environment of PATH, HOME (the workspace), LANG and the step's ``env``. The
+namespace's PID 1 is bubblewrap itself, started with an empty environment; when the
+program exits or bubblewrap is killed, every process left in the namespace is killed.
+
+Limits are set by a tiny Python wrapper that then execs bubblewrap (or, unconfined, the
+program): setrlimit for address space, CPU time and file size, and a pids cgroup for the
+number of processes. RLIMIT_NPROC is no use here: the kernel does not enforce it for
+root, and the user namespace maps the sandbox's uid to the caller's, so the cgroup is
+used where it can be made (root, cgroup v1 or a delegated v2 tree); RLIMIT_NPROC is the
+fallback (enforced for a non-root caller, counted over all of that user's processes).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+from planrun.errors import ConfigurationError
+from planrun.policy import Ceilings, LevelPolicy
+
+BWRAP_ENV = "PLANRUN_BWRAP"
+DEFAULT_BWRAP = "/usr/bin/bwrap"
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+SANDBOX_ID = "65534"  # "nobody": no capabilities, and not root inside the namespace
+DEFAULT_PROCESSES = 256
+DEFAULT_FILE_MB = 1024
+MIB = 1024 * 1024
+PROBE_TIMEOUT_S = 10.0
+#: bubblewrap's own two processes (outside and PID 1) count in the pids cgroup.
+BWRAP_PROCESSES = 2
+#: Linked into /usr on merged-/usr systems, bound read-only otherwise.
+SYSTEM_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+#: What programs need of /etc: user and group names (id, git, ssh), the dynamic linker's
+#: cache, the time zone, and Debian's alternatives (/usr/bin/awk links through them).
+ETC_ALWAYS = ("passwd", "group", "nsswitch.conf", "ld.so.cache", "localtime", "alternatives")
+#: Only with the network: name resolution and TLS certificates.
+ETC_NETWORK = ("resolv.conf", "hosts", "host.conf", "gai.conf", "services", "protocols",
+               "ssl", "ca-certificates")
+
+#: Run by ``python -I -S -c`` with: status fd, address space, CPU s, file size, processes,
+#: cgroup.procs path ("" for none), "1" to exec with an empty environment (Python's C
+#: locale coercion adds LC_CTYPE to its own), program argv. Join the cgroup, set the
+#: limits, exec.
+#: The status pipe is close-on-exec: EOF means the exec worked, otherwise it reads
+#: "stage:errno:message" with stage "limits" or "exec".
+LIMITS_WRAPPER = r"""
+import os, resource, sys
+status, memory, cpu, fsize, nproc = (int(v) for v in sys.argv[1:6])
+stage = "limits"
+try:
+    if sys.argv[6]:
+        with open(sys.argv[6], "w") as procs:
+            procs.write(str(os.getpid()))
+    for which, value, extra in ((resource.RLIMIT_AS, memory, 0), (resource.RLIMIT_CPU, cpu, 1),
+                                (resource.RLIMIT_FSIZE, fsize, 0),
+                                (resource.RLIMIT_NPROC, nproc, 0)):
+        if value > 0:
+            hard = resource.getrlimit(which)[1]
+            top = value + extra if hard == resource.RLIM_INFINITY else min(value + extra, hard)
+            resource.setrlimit(which, (min(value, top), top))
+    os.set_inheritable(status, False)
+    stage = "exec"
+    if sys.argv[7] == "1":
+        os.execve(sys.argv[8], sys.argv[8:], {})
+    os.execvp(sys.argv[8], sys.argv[8:])
+except BaseException as exc:
+    os.write(status, f"{stage}:{getattr(exc, 'errno', 0) or 0}:"
+                     f"{getattr(exc, 'strerror', 0) or exc}".encode())
+    os._exit(127)
+"""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of one step's program; 0 means no limit."""
+
+    #: RLIMIT_AS, from the plan's ``memory_mb`` and the policy's ``memory_mb`` ceiling.
+    memory_bytes: int = 0
+    #: RLIMIT_CPU: SIGXCPU at this many seconds, SIGKILL a second later.
+    cpu_seconds: int = 0
+    #: RLIMIT_FSIZE: a write beyond it fails (EFBIG) or raises SIGXFSZ.
+    file_bytes: int = 0
+    #: Processes of the program and all its descendants together.
+    processes: int = 0
+
+    @property
+    def any(self) -> bool:
+        return bool(self.memory_bytes or self.cpu_seconds or self.file_bytes or self.processes)
+
+
+def _lowest(*values: int | None) -> int:
+    given = [value for value in values if value]
+    return min(given) if given else 0
+
+
+def step_limits(memory_mb: int | None, cpu_seconds: int | None, ceilings: Ceilings, *,
+                sandboxed: bool) -> Limits:
+    """The limits of one step: the lower of the plan's value and the policy's ceiling;
+    a sandboxed program also gets the process and file-size limits (defaults 256, 1 GiB)."""
+    memory = _lowest(memory_mb, ceilings.memory_mb) * MIB
+    cpu = _lowest(cpu_seconds, ceilings.cpu_seconds)
+    if not sandboxed:
+        return Limits(memory_bytes=memory, cpu_seconds=cpu)
+    return Limits(memory_bytes=memory, cpu_seconds=cpu,
+                  file_bytes=(ceilings.file_mb or DEFAULT_FILE_MB) * MIB,
+                  processes=ceilings.processes or DEFAULT_PROCESSES)
+
+
+def wrapped(argv: list[str], limits: Limits, status_fd: int, cgroup: Path | None, *,
+            clean_env: bool = False) -> list[str]:
+    """The command that sets ``limits`` (joining ``cgroup``), then execs ``argv`` (with
+    an empty environment if ``clean_env``: then ``argv[0]`` must be an absolute path)."""
+    nproc = 0 if cgroup is not None else limits.processes
+    return [sys.executable, "-I", "-S", "-c", LIMITS_WRAPPER, str(status_fd),
+            str(limits.memory_bytes), str(limits.cpu_seconds), str(limits.file_bytes),
+            str(nproc), str(cgroup / "cgroup.procs") if cgroup is not None else "",
+            "1" if clean_env else "0", *argv]
+
+
+# -- bubblewrap -----------------------------------------------------------------------------
+
+def bwrap_path() -> str:
+    """The bubblewrap binary: ``$PLANRUN_BWRAP`` if set (tests point it at nothing)."""
+    return os.environ.get(BWRAP_ENV, "").strip() or DEFAULT_BWRAP
+
+
+def _system_arguments() -> list[str]:
+    args = ["--ro-bind", "/usr", "/usr"]
+    for path in SYSTEM_LINKS:
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    return args + ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+
+
+def _etc_arguments(network: bool) -> list[str]:
+    names = ETC_ALWAYS + (ETC_NETWORK if network else ())
+    return [arg for name in names for arg in ("--ro-bind-try", f"/etc/{name}", f"/etc/{name}")]
+
+
+def _bind_arguments(binds: list[str]) -> list[str]:
+    args = []
+    for bind in binds:
+        path, writable = (bind[:-3], True) if bind.endswith(":rw") else (bind, False)
+        if not os.path.isabs(path) or not os.path.exists(path):
+            raise ConfigurationError(
+                f"shell.run: the policy binds {bind!r} into the sandbox, but "
+                f"{'it does not exist' if os.path.isabs(path) else 'it is not absolute'}",
+                hint="fix 'binds' in the policy file (docs/sandbox.md): absolute paths "
+                     "that exist, with ':rw' to bind one writable")
+        args += ["--bind" if writable else "--ro-bind", path, path]
+    return args
+
+
+def _core_arguments(network: bool) -> list[str]:
+    args = ["--unshare-all", "--unshare-user", "--uid", SANDBOX_ID, "--gid", SANDBOX_ID,
+            "--die-with-parent", "--new-session", "--clearenv"]
+    return args + (["--share-net"] if network else []) + _system_arguments()
+
+
+def bwrap_options(*, workspace: Path, cwd: Path, env: dict[str, str], policy: LevelPolicy
+                  ) -> list[str]:
+    """bubblewrap's options for one step (the command comes after them and ``--``).
+
+    Given to bubblewrap through a file descriptor (``--args``), not its command line, so
+    that the step's environment is not shown to every user of the machine by ``ps``.
+    """
+    network = policy.sandbox_network
+    args = _core_arguments(network) + _etc_arguments(network) + _bind_arguments(policy.binds)
+    args += ["--bind", str(workspace), str(workspace), "--remount-ro", "/", "--chdir", str(cwd)]
+    for name, value in sandbox_env(workspace, env).items():
+        args += ["--setenv", name, value]
+    return args
+
+
+def sandbox_env(workspace: Path, extra: dict[str, str]) -> dict[str, str]:
+    """PATH, HOME (the workspace), LANG of planrun if set, then the step's ``env``."""
+    env = {"PATH": DEFAULT_PATH, "HOME": str(workspace)}
+    if "LANG" in os.environ:
+        env["LANG"] = os.environ["LANG"]
+    return env | extra
+
+
+def options_fd(options: list[str]) -> int:
+    """An anonymous file holding ``options`` NUL-separated, for ``bwrap --args FD``."""
+    fd = os.memfd_create("bwrap-args", 0)
+    try:
+        os.write(fd, b"".join(option.encode() + b"\0" for option in options))
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+# -- is it there? ---------------------------------------------------------------------------
+
+_PROBED: dict[str, str | None] = {}
+_PROBE_LOCK = threading.Lock()
+
+
+def sandbox_problem() -> str | None:
+    """Why bubblewrap cannot start a sandbox here, or None if it can.
+
+    Tried once per process and bubblewrap binary (a real sandbox running ``true``).
+    """
+    path = bwrap_path()
+    with _PROBE_LOCK:
+        if path not in _PROBED:
+            _PROBED[path] = _probe(path)
+        return _PROBED[path]
+
+
+def probed() -> bool:
+    """Whether ``sandbox_problem`` would answer without starting a process."""
+    return bwrap_path() in _PROBED
+
+
+def _probe(path: str) -> str | None:
+    if not os.access(path, os.X_OK):
+        return f"{path} is not installed"
+    try:
+        done = subprocess.run([path, *_core_arguments(False), "--", "true"], env={},
+                              capture_output=True, timeout=PROBE_TIMEOUT_S, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"{path} could not run: {exc}"
+    if done.returncode != 0:
+        said = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        return f"{path} could not create a sandbox: {said[-1] if said else done.returncode}"
+    return None
+
+
+# -- the pids cgroup ------------------------------------------------------------------------
+
+def _pids_hierarchy() -> Path | None:
+    """This process's own pids cgroup directory (v1), or its v2 cgroup; None if unknown."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "pids" in controllers.split(","):
+            return Path("/sys/fs/cgroup/pids") / path.lstrip("/")
+    for line in lines:
+        if line.startswith("0::"):
+            return Path("/sys/fs/cgroup") / line[3:].lstrip("/")
+    return None
+
+
+def make_pids_cgroup(processes: int) -> Path | None:
+    """A new pids cgroup allowing ``processes`` (plus bubblewrap's own), or None where
+    cgroups cannot be made (then RLIMIT_NPROC is the fallback)."""
+    base = _pids_hierarchy()
+    if base is None or processes <= 0:
+        return None
+    group = base / "planrun" / secrets.token_hex(6)
+    try:
+        group.mkdir(parents=True)
+    except OSError:
+        return None
+    try:
+        (group / "pids.max").write_text(str(processes + BWRAP_PROCESSES))
+    except OSError:
+        remove_cgroup(group, within=0)
+        return None
+    return group
+
+
+def remove_cgroup(group: Path, within: float = 2.0) -> bool:
+    """Kill whatever is still in ``group``, then remove it; False if it stayed busy."""
+    deadline = time.monotonic() + within
+    while True:
+        with suppress(OSError, ValueError):
+            for pid in (group / "cgroup.procs").read_text().split():
+                with suppress(OSError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+        try:
+            group.rmdir()
+            return True
+        except FileNotFoundError:
+            return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+        time.sleep(0.01)
+
