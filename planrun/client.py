@@ -1,7 +1,8 @@
 """Talking to a running stack (``planrun up``): ``submit``, ``status`` and ``watch``.
 
-The bridge is at ``PLANRUN_BRIDGE_URL`` (default ``http://127.0.0.1:8765``); a bearer
-token, if the bridge wants one, comes from ``PLANRUN_TOKEN``.
+The bridge is at ``PLANRUN_BRIDGE_URL`` (default ``http://127.0.0.1:8765``); its bearer
+token comes from ``PLANRUN_TOKEN``, else from the token file ``planrun up`` made
+(:mod:`planrun.bridge_token`), so no flag is needed.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from typing import Any
 
 import httpx
 
+from planrun import bridge_token
 from planrun.durations import format_duration
 from planrun.errors import PlanrunError, step_error
 from planrun.report import RunObserver, RunRecord, RunStatus, StepRecord, StepStatus, epoch
 
 DEFAULT_URL = "http://127.0.0.1:8765"
+POLICY_VIOLATION = 1008  # the bridge's close code for a wrong token, host or origin
 RUN_ENDS = {f"run.{s}": s for s in ("completed", "completed_with_errors", "failed",
                                     "cancelled")}
 
@@ -28,7 +31,7 @@ def bridge_url() -> str:
 
 
 def _headers() -> dict[str, str]:
-    token = os.environ.get("PLANRUN_TOKEN")
+    token = bridge_token.for_client()
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
@@ -43,6 +46,8 @@ def _request(method: str, path: str, **kwargs: Any) -> httpx.Response:
 
 
 def _refused(response: httpx.Response) -> PlanrunError:
+    if response.status_code == 401:
+        return _token_refused()
     try:
         body = response.json()
     except ValueError:
@@ -52,6 +57,14 @@ def _refused(response: httpx.Response) -> PlanrunError:
         if isinstance(body, dict) else []
     return PlanrunError("\n".join([f"the bridge answered {response.status_code}: {detail}",
                                    *lines]))
+
+
+def _token_refused() -> PlanrunError:
+    given = ("PLANRUN_TOKEN is not its token" if bridge_token.explicit() else
+             f"{bridge_token.path()} does not hold its token")
+    return PlanrunError(f"the bridge at {bridge_url()} refused the token ({given}): set "
+                        "PLANRUN_TOKEN to the token `planrun up` printed, or use the "
+                        "PLANRUN_HOME of that `planrun up`")
 
 
 def submit(plan_text: str, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -176,6 +189,7 @@ async def watch(run_id: str, observer: RunObserver, *, plan: str = "",
             raise PlanrunError(f"the bridge refused to stream run {run_id}: "
                                f"{exc.response.status_code}") from None
         except (OSError, WebSocketException) as exc:
+            _raise_if_refused(exc, run_id)
             down_since = down_since or asyncio.get_running_loop().time()
             if asyncio.get_running_loop().time() - down_since > give_up_s:
                 raise PlanrunError(f"lost the bridge at {bridge_url()} for {give_up_s:.0f}s: "
@@ -185,3 +199,13 @@ async def watch(run_id: str, observer: RunObserver, *, plan: str = "",
             delay = min(delay * 2, 5.0)
     return remote.record
 
+
+def _raise_if_refused(exc: Exception, run_id: str) -> None:
+    """A socket the bridge closed for a wrong token, host or origin: trying again will
+    not help, so say why now."""
+    from websockets.exceptions import ConnectionClosed
+
+    closed = exc.rcvd if isinstance(exc, ConnectionClosed) else None
+    if closed is not None and closed.code == POLICY_VIOLATION:
+        raise (_token_refused() if "token" in closed.reason else PlanrunError(
+            f"the bridge refused to stream run {run_id}: {closed.reason}")) from None

@@ -18,10 +18,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+from urllib.parse import quote
 
 import httpx
 
-from planrun import server
+from planrun import bridge_token, server
 from planrun.errors import PlanrunError
 
 START_TIMEOUT_S = 60.0
@@ -50,6 +51,7 @@ def up(host: str, port: int, out: IO[str] = sys.stdout) -> int:
     """Start the stack, print where it is, and keep it up until a signal; the exit code."""
     from planrun.runner import prepare_prefect
 
+    token = bridge_token.for_bind(host)  # before anything starts: a refusal costs nothing
     if server.port_taken(port, host):
         raise PlanrunError(f"{host}:{port} is already in use (another planrun up?): stop that "
                            "or pass --port")
@@ -68,19 +70,23 @@ def up(host: str, port: int, out: IO[str] = sys.stdout) -> int:
                           "--port", str(port), "--data", str(home / "bridge")], env, logs),
     ]
     stop = _on_signals()
-    bridge = f"http://{host}:{port}"
+    bridge = f"http://{_reachable(host)}:{port}"
     try:
         _wait_ready(children, bridge, api, stop)
         if stop:
             return 0
         ui = api.removesuffix("/api")
+        kept = ("from PLANRUN_TOKEN" if bridge_token.explicit() else
+                f"kept in {bridge_token.path()}, which the CLI reads")
         print(f"planrun is up\n"
               f"  bridge      {bridge}\n"
-              f"  API docs    {bridge}/docs\n"
+              f"  token       {token}  ({kept})\n"
+              f"  live page   {bridge}/v1/runs/RUN/view?token={quote(token, safe='')}\n"
+              f"  API docs    {bridge}/docs?token={quote(token, safe='')}\n"
               f"  Prefect UI  {ui}\n"
               f"  runner      serving planrun/plan-runner (logs in {logs})\n"
               f"submit a plan with `planrun submit PLAN`, follow it with `planrun watch RUN` "
-              f"or {bridge}/v1/runs/RUN/view; Ctrl-C stops", file=out, flush=True)
+              f"or on its live page; Ctrl-C stops", file=out, flush=True)
         restarts: list[float] = []
         while not stop:
             for i, child in enumerate(children):
@@ -104,6 +110,15 @@ def up(host: str, port: int, out: IO[str] = sys.stdout) -> int:
             _stop(child)
         if own_server:
             server.stop()
+
+
+def _reachable(host: str) -> str:
+    """How a client on this machine names a bridge listening on ``host``."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if ":" in host:  # IPv6
+        return "[::1]" if host == "::" else f"[{host}]"
+    return host
 
 
 def _spawn(name: str, argv: list[str], env: dict[str, str], logs: Path) -> Child:

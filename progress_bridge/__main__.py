@@ -2,6 +2,8 @@
 
 It follows the Prefect server at ``PREFECT_API_URL``, keeps its message log under
 ``--data`` and starts submitted runs as runs of the ``planrun/plan-runner`` deployment.
+Clients present the token of :mod:`planrun.bridge_token` (``PLANRUN_TOKEN``, else the
+token file, made on first start); listening beyond loopback needs ``PLANRUN_TOKEN``.
 """
 
 from __future__ import annotations
@@ -16,12 +18,16 @@ from typing import Any
 
 import uvicorn
 
+from planrun import bridge_token
+from planrun.errors import PlanrunError
 from progress_bridge.app import create_app
 from progress_bridge.hub import Hub
+from progress_bridge.ratelimit import DEFAULT_BURST, DEFAULT_PER_S
 from progress_bridge.store import MessageStore
 from progress_bridge.upstream import PrefectUpstream, UpstreamSettings
 
 DEFAULT_PORT = 8765
+WILDCARDS = ("0.0.0.0", "::", "")  # every address: its clients name it as they please
 
 
 async def submit_deployment(plan: dict[str, Any], inputs: dict[str, Any]) -> str:
@@ -44,14 +50,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int,
                         default=int(os.environ.get("PLANRUN_BRIDGE_PORT", DEFAULT_PORT)))
     parser.add_argument("--data", type=Path, required=True, help="the message log's directory")
-    parser.add_argument("--allow-origin", action="append", default=[],
-                        help="a browser origin allowed besides the bridge's own")
+    parser.add_argument("--allow-host", action="append", default=_env_list("PLANRUN_ALLOWED_HOSTS"),
+                        help="a Host (name or name:port) accepted besides loopback "
+                             "(also $PLANRUN_ALLOWED_HOSTS, comma-separated)")
+    parser.add_argument("--allow-origin", action="append",
+                        default=_env_list("PLANRUN_ALLOWED_ORIGINS"),
+                        help="a browser origin allowed besides the bridge's own "
+                             "(also $PLANRUN_ALLOWED_ORIGINS, comma-separated)")
+    parser.add_argument("--rate", type=float,
+                        default=float(os.environ.get("PLANRUN_RATE_PER_S", DEFAULT_PER_S)),
+                        help="requests a second per client address; 0: no limit")
+    parser.add_argument("--burst", type=int,
+                        default=int(os.environ.get("PLANRUN_RATE_BURST", DEFAULT_BURST)))
     args = parser.parse_args(argv)
+    try:
+        token = bridge_token.for_bind(args.host)
+    except PlanrunError as exc:
+        parser.exit(2, f"planrun bridge: {exc}\n")
+    hosts = [*args.allow_host, *([args.host] if args.host not in WILDCARDS else [])]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call
     store = MessageStore(args.data)
     try:
-        app = create_app(store, Hub(), allowed_origins=args.allow_origin,
+        app = create_app(store, Hub(), token, allowed_hosts=hosts,
+                         allowed_origins=args.allow_origin, rate_per_s=args.rate,
+                         rate_burst=args.burst,
                          upstream=PrefectUpstream(UpstreamSettings(
                              recover_attempts=int(os.environ.get("PLANRUN_RECOVER_ATTEMPTS",
                                                                  "2")),
@@ -62,6 +85,10 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(uvicorn.Server(config).serve())
     finally:
         store.close()
+
+
+def _env_list(name: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The bridge's FastAPI app: streams (WebSocket, SSE), health and metrics.
+"""The bridge's FastAPI app: streams (WebSocket, SSE), health and metrics, behind the
+checks of :func:`_guard` (docs/http-api.md, "Authentication and origins").
 
 Run control (``POST /v1/runs``, ``GET /v1/runs/{id}``, pause/resume/cancel/retry,
 approvals, the live page) belongs in routers of their own, included in :data:`ROUTERS`.
@@ -9,15 +10,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 from fastapi import APIRouter, FastAPI
 
-from progress_bridge import control, ops, sse, view, ws
+from planrun.loader import MAX_PLAN_BYTES
+from progress_bridge import apidocs, control, ops, sse, view, ws
+from progress_bridge.auth import Guard, Hosts
 from progress_bridge.hub import Hub, Subscription
+from progress_bridge.intake import Intake
 from progress_bridge.metrics import Metrics
 from progress_bridge.publisher import Publisher
+from progress_bridge.ratelimit import DEFAULT_BURST, DEFAULT_PER_S, RateLimit, TokenBuckets
 from progress_bridge.state import BridgeState, Settings, Submit
 from progress_bridge.store import MessageStore
 
@@ -26,26 +30,33 @@ ROUTERS: tuple[APIRouter, ...] = (ws.router, sse.router, ops.router, control.rou
 Upstream = Callable[[BridgeState], Awaitable[None]]
 
 
-def create_app(store: MessageStore, hub: Hub, token: str | None = None, *,
-               allowed_origins: Iterable[str] = (), heartbeat_s: float = 15.0,
+def create_app(store: MessageStore, hub: Hub, token: str, *,
+               allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = (),
+               rate_per_s: float = DEFAULT_PER_S, rate_burst: int = DEFAULT_BURST,
+               max_body_bytes: int = MAX_PLAN_BYTES, heartbeat_s: float = 15.0,
                max_frame_bytes: int = 4096, close_timeout_s: float = 30.0,
                upstream: Upstream | None = None, submit: Submit | None = None,
                freeze_gc: bool = True) -> FastAPI:
     """A bridge app serving ``store`` and ``hub``; the caller owns and closes the store.
 
-    ``token`` defaults to ``$PLANRUN_TOKEN``; empty or unset means no authentication.
+    Every route but ``GET /healthz`` requires ``token`` (not empty); ``Host`` and
+    ``Origin`` are checked, bodies must be JSON and at most ``max_body_bytes``, and each
+    client address may send ``rate_per_s`` requests a second (see :class:`Settings`).
     ``upstream``, if given, runs for the app's lifetime with the app's
     :class:`BridgeState` and is cancelled at shutdown; ``submit`` starts the runs
     ``POST /v1/runs`` asks for. ``freeze_gc`` moves start-up objects out of the
     collector's reach, which took the worst fan-out latency from ≈ 200 ms to ≈ 50 ms
     (MEASURED.md).
     """
+    if not token:
+        raise ValueError("the bridge needs a token (planrun.bridge_token.ensure())")
     metrics = Metrics()
     hub.on_slow(lambda _sub: _count_slow(metrics, _sub))
-    token = token if token is not None else os.environ.get("PLANRUN_TOKEN")
-    settings = Settings(token=token or None,
-                        allowed_origins=frozenset(allowed_origins), heartbeat_s=heartbeat_s,
-                        max_frame_bytes=max_frame_bytes, close_timeout_s=close_timeout_s)
+    settings = Settings(token=token, allowed_hosts=frozenset(allowed_hosts),
+                        allowed_origins=frozenset(allowed_origins), rate_per_s=rate_per_s,
+                        rate_burst=rate_burst, max_body_bytes=max_body_bytes,
+                        heartbeat_s=heartbeat_s, max_frame_bytes=max_frame_bytes,
+                        close_timeout_s=close_timeout_s)
     state = BridgeState(store, hub, metrics, Publisher(store, hub, metrics), settings,
                         submit=submit)
 
@@ -64,11 +75,25 @@ def create_app(store: MessageStore, hub: Hub, token: str | None = None, *,
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
-    app = FastAPI(title="planrun progress bridge", version="1", lifespan=lifespan)
+    app = FastAPI(title=apidocs.TITLE, version="1", lifespan=lifespan, docs_url=None,
+                  redoc_url=None)
     app.state.bridge = state
     for router in ROUTERS:
         app.include_router(router)
+    apidocs.install(app)
+    _guard(app, settings)
     return app
+
+
+def _guard(app: FastAPI, settings: Settings) -> None:
+    """The checks every request passes before a route runs, outermost first: the rate
+    limit, then Host, Origin and the token, then the body's type and size."""
+    app.add_middleware(Intake, max_bytes=settings.max_body_bytes)  # type: ignore[arg-type]
+    app.add_middleware(Guard, token=settings.token,  # type: ignore[arg-type]
+                       hosts=Hosts.of(settings.allowed_hosts),
+                       allowed_origins=settings.allowed_origins)
+    app.add_middleware(RateLimit,  # type: ignore[arg-type]
+                       buckets=TokenBuckets(settings.rate_per_s, settings.rate_burst))
 
 
 def _count_slow(metrics: Metrics, _sub: Subscription) -> None:

@@ -13,19 +13,20 @@ from collections.abc import AsyncIterator
 from typing import Any
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+import anyio.to_thread
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
-from planrun.errors import PlanInvalid, UsageError
+from planrun.errors import PlanInvalid, PolicyInvalid, UsageError
 from planrun.inputs import resolve_inputs
-from planrun.loader import MAX_PLAN_BYTES, Source
-from planrun.validate import validate_data, validate_text
-from progress_bridge.auth import require_token
+from planrun.loader import Source
+from planrun.policy import Trust, trusted_as
+from planrun.validate import ValidPlan, validate_data, validate_text
 from progress_bridge.runs import RunView
 from progress_bridge.state import state_of
 
-router = APIRouter(prefix="/v1/runs", dependencies=[Depends(require_token)])
+router = APIRouter(prefix="/v1/runs")  # behind progress_bridge.auth.Guard, as every route
 
 
 class Submission(BaseModel):
@@ -59,30 +60,13 @@ async def submit(request: Request) -> Any:
     """Validate a plan as ``planrun validate`` does and start it as a Prefect deployment
     run; ``run_id`` is the flow run's id."""
     state = state_of(request)
-    if int(request.headers.get("content-length") or 0) > MAX_PLAN_BYTES:
-        raise HTTPException(413, f"plans are limited to {MAX_PLAN_BYTES} bytes")
-    body = await request.body()
-    if len(body) > MAX_PLAN_BYTES:
-        raise HTTPException(413, f"plans are limited to {MAX_PLAN_BYTES} bytes")
-    try:
-        submission = Submission.model_validate_json(body)
-    except ValidationError as exc:
-        return _invalid("the request body is not a submission: "
-                        '{"plan": <YAML text or object>, "inputs": {...}}', [
-            {"path": ".".join(map(str, e["loc"])) or "body", "message": e["msg"]}
-            for e in exc.errors(include_url=False, include_input=False)])
-    try:
-        if isinstance(submission.plan, str):
-            valid = validate_text(submission.plan, "<plan>")
-        else:
-            valid = validate_data(Source("<plan>", data=submission.plan))
-        inputs = resolve_inputs(valid.plan, submission.inputs, from_text=False)
-    except PlanInvalid as exc:
-        return _invalid("the plan is not valid", [
-            {"line": p.line, "column": p.column, "path": p.path, "message": p.message,
-             "text": str(p)} for p in exc.problems])
-    except UsageError as exc:
-        return _invalid("the inputs are not valid", [{"path": "inputs", "message": str(exc)}])
+    # The body's type and size were checked while it was read (progress_bridge.intake);
+    # parsing and validating a plan of megabytes takes seconds: a worker thread does it,
+    # so the loop goes on serving every other client meanwhile.
+    checked = await anyio.to_thread.run_sync(_check, await request.body())
+    if isinstance(checked, JSONResponse):
+        return checked
+    valid, inputs = checked
     if state.submit is None:
         raise HTTPException(503, "this bridge cannot start runs: start it with `planrun up`")
     run_id = await state.submit(valid.source.data, inputs)
@@ -229,6 +213,32 @@ async def answer_gate(run_id: str, step_id: str, *, approved: bool, comment: str
                                 f"{step_id} (it is {_state(flow_run)})")
         await aresume_flow_run(flow_run.id, run_input={"approved": approved,
                                                         "comment": comment})
+
+
+def _check(body: bytes) -> tuple[ValidPlan, dict[str, Any]] | JSONResponse:
+    """The valid plan and its inputs, or the 422 answer listing every problem."""
+    try:
+        submission = Submission.model_validate_json(body)
+    except ValidationError as exc:
+        return _invalid("the request body is not a submission: "
+                        '{"plan": <YAML text or object>, "inputs": {...}}', [
+            {"path": ".".join(map(str, e["loc"])) or "body", "message": e["msg"]}
+            for e in exc.errors(include_url=False, include_input=False)])
+    try:
+        with trusted_as(Trust.SUBMITTED):  # a plan that came through here is untrusted
+            if isinstance(submission.plan, str):
+                valid = validate_text(submission.plan, "<plan>")
+            else:
+                valid = validate_data(Source("<plan>", data=submission.plan))
+        return valid, resolve_inputs(valid.plan, submission.inputs, from_text=False)
+    except PolicyInvalid as exc:  # nothing runs under a policy that cannot be read
+        return JSONResponse(status_code=503, content={"detail": str(exc)})
+    except PlanInvalid as exc:
+        return _invalid("the plan is not valid", [
+            {"line": p.line, "column": p.column, "path": p.path, "message": p.message,
+             "text": str(p)} for p in exc.problems])
+    except UsageError as exc:
+        return _invalid("the inputs are not valid", [{"path": "inputs", "message": str(exc)}])
 
 
 @contextlib.asynccontextmanager

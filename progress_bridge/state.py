@@ -8,9 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.requests import HTTPConnection
 
+from planrun.loader import MAX_PLAN_BYTES
 from progress_bridge.hub import Hub
 from progress_bridge.metrics import Metrics
 from progress_bridge.publisher import Publisher
+from progress_bridge.ratelimit import DEFAULT_BURST, DEFAULT_PER_S
 from progress_bridge.store import MessageStore
 
 if TYPE_CHECKING:
@@ -22,18 +24,26 @@ Submit = Callable[[dict[str, Any], dict[str, Any]], Awaitable[str]]
 
 @dataclass(frozen=True)
 class Settings:
-    """How the bridge treats clients.
+    """How the bridge treats clients (docs/http-api.md, "Authentication and origins").
 
-    token: the bearer token clients must present; None lets everyone in.
-    allowed_origins: browser origins allowed on the WebSocket besides the bridge's own host
-        (``"*"`` allows any).
+    token: the bearer token every route but ``GET /healthz`` requires.
+    allowed_hosts: ``Host`` values accepted besides loopback at the bridge's port
+        (``name`` for the bridge's port, ``name:port`` for that port only).
+    allowed_origins: browser origins accepted besides the bridge's own.
+    rate_per_s, rate_burst: requests a second per client address, and bursts above it
+        (``rate_per_s <= 0``: no limit).
+    max_body_bytes: a request body larger than this is refused (413) while it is read.
     heartbeat_s: a heartbeat is sent after this many seconds without a message.
     max_frame_bytes: a client frame larger than this closes its connection (1009).
     close_timeout_s: how long closing a connection may wait for a client that does not read.
     """
 
-    token: str | None = None
+    token: str
+    allowed_hosts: frozenset[str] = field(default_factory=frozenset)
     allowed_origins: frozenset[str] = field(default_factory=frozenset)
+    rate_per_s: float = DEFAULT_PER_S
+    rate_burst: int = DEFAULT_BURST
+    max_body_bytes: int = MAX_PLAN_BYTES
     heartbeat_s: float = 15.0
     max_frame_bytes: int = 4096
     close_timeout_s: float = 30.0

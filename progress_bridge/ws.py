@@ -1,6 +1,7 @@
 """``WS /v1/runs/{id}/ws?after=SEQ``: replay, then live messages, to one WebSocket client.
 
-Close codes: 1008 bad token or foreign origin; 1003 a client frame that is not JSON text;
+Close codes: 1008 bad token, host or origin (from ``auth.Guard``); 1013 too many
+requests (``ratelimit``); 1003 a client frame that is not JSON text;
 1009 a client frame over ``max_frame_bytes``; 4408 the client was too slow to keep up
 (resume with ``?after=<last seq>``); 1001 the bridge is stopping; 1011 the message log
 cannot be read. Client frames that
@@ -18,7 +19,6 @@ from typing import Any
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect
 
-from progress_bridge.auth import origin_ok, token_ok
 from progress_bridge.follow import follow
 from progress_bridge.hub import Disconnected, Subscription
 from progress_bridge.state import BridgeState, state_of
@@ -37,12 +37,8 @@ router = APIRouter()
 @router.websocket("/v1/runs/{run_id}/ws")
 async def run_socket(websocket: WebSocket, run_id: str, after: int = 0) -> None:
     """Every message of the run with seq > ``after``, then live ones, with heartbeats."""
-    state = state_of(websocket)
+    state = state_of(websocket)  # the token, Host and Origin: checked by auth.Guard
     await websocket.accept()
-    refusal = _refusal(state, websocket)
-    if refusal is not None:
-        await websocket.close(POLICY_VIOLATION, refusal)
-        return
     sub = state.hub.subscribe(run_id)
     clients = state.metrics.clients.labels(transport="ws")
     clients.inc()
@@ -54,14 +50,6 @@ async def run_socket(websocket: WebSocket, run_id: str, after: int = 0) -> None:
     finally:
         state.hub.unsubscribe(sub)
         clients.dec()
-
-
-def _refusal(state: BridgeState, websocket: WebSocket) -> str | None:
-    if not token_ok(state.settings.token, websocket):
-        return "missing or wrong bearer token"
-    if not origin_ok(state.settings.allowed_origins, websocket):
-        return "origin not allowed"
-    return None
 
 
 async def _serve(websocket: WebSocket, sub: Subscription, state: BridgeState,

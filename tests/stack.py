@@ -45,11 +45,24 @@ class Stack:
                  90, "planrun up to print its URLs")
         assert self.process.poll() is None, self.output()
 
+    @property
+    def token(self) -> str:
+        """The bridge's token: ``PLANRUN_TOKEN``, else the file ``planrun up`` made."""
+        home = Path(self.env["PLANRUN_HOME"])
+        return self.env.get("PLANRUN_TOKEN") or (home / "bridge.token").read_text().strip()
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """Headers that authenticate as a client of this stack's bridge."""
+        return {"Authorization": f"Bearer {self.token}"}
+
     def output(self) -> str:
         return self.out.read_bytes()[self.offset:].decode(errors="replace")
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return cli(*args, env={"PLANRUN_BRIDGE_URL": self.url}, timeout=timeout)
+        # The CLI finds the token where this stack's planrun up keeps it: no flag.
+        return cli(*args, env={"PLANRUN_BRIDGE_URL": self.url,
+                               "PLANRUN_HOME": self.env["PLANRUN_HOME"]}, timeout=timeout)
 
     def children(self) -> list[psutil.Process]:
         return psutil.Process(self.process.pid).children(recursive=True)
@@ -77,7 +90,8 @@ def messages(stack: Stack, run_id: str, timeout: float = 30) -> list[dict[str, A
     async def read() -> list[dict[str, Any]]:
         got: list[dict[str, Any]] = []
         url = f"{stack.url.replace('http', 'ws', 1)}/v1/runs/{run_id}/ws?after=0"
-        async with connect(url, proxy=None) as ws, asyncio.timeout(timeout):
+        async with connect(url, proxy=None, additional_headers=stack.auth) as ws, \
+                asyncio.timeout(timeout):
             while not got or got[-1]["type"] not in ends:
                 message = json.loads(await ws.recv())
                 if message["type"] != "heartbeat":

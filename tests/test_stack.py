@@ -47,10 +47,26 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 def test_up_prints_where_the_bridge_the_docs_and_the_prefect_ui_are(stack: Stack) -> None:
     text = stack.output()
     assert f"bridge      {stack.url}" in text
-    assert f"API docs    {stack.url}/docs" in text
+    assert f"API docs    {stack.url}/docs?token={stack.token}" in text
     assert f"Prefect UI  {os.environ['PREFECT_API_URL'].removesuffix('/api')}" in text
-    assert httpx.get(f"{stack.url}/docs").status_code == 200
+    assert httpx.get(f"{stack.url}/docs?token={stack.token}").status_code == 200
     assert httpx.get(f"{stack.url}/healthz").json()["status"] == "ok"
+
+
+def test_up_makes_a_private_token_prints_it_and_the_cli_uses_it_without_flags(
+        stack: Stack) -> None:
+    token_file = Path(stack.env["PLANRUN_HOME"]) / "bridge.token"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    assert len(stack.token) >= 32
+    text = stack.output()
+    assert f"token       {stack.token}  (kept in {token_file}, which the CLI reads)" in text
+    assert f"live page   {stack.url}/v1/runs/RUN/view?token={stack.token}" in text
+    assert httpx.get(f"{stack.url}/v1/runs/x").status_code == 401
+    assert stack.cli("status", "no-such-run").stderr.count("404") == 1  # past the token
+    wrong = cli("status", "no-such-run", env={"PLANRUN_BRIDGE_URL": stack.url,
+                                              "PLANRUN_TOKEN": "not-the-token"})
+    assert wrong.returncode == 1
+    assert "refused the token (PLANRUN_TOKEN is not its token)" in wrong.stderr
 
 
 def test_submit_watch_and_status_follow_a_run_of_the_stack(stack: Stack) -> None:
@@ -77,7 +93,7 @@ def test_submit_watch_and_status_follow_a_run_of_the_stack(stack: Stack) -> None
 
     human = stack.cli("status", run_id)
     assert "completed_with_errors, 6/6 steps" in human.stdout
-    assert httpx.get(f"{stack.url}/v1/runs/{run_id}/view").status_code == 200
+    assert httpx.get(f"{stack.url}/v1/runs/{run_id}/view", headers=stack.auth).status_code == 200
 
 
 def test_submit_refuses_an_invalid_plan_before_it_reaches_the_stack(
@@ -128,7 +144,7 @@ def test_a_submitted_run_shows_on_the_live_page_in_the_terminal_and_in_prefect(
     watcher = subprocess.Popen([*PLANRUN, "watch", run_id], env={**os.environ,
                                "PLANRUN_BRIDGE_URL": stack.url}, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    page.goto(f"{stack.url}/v1/runs/{run_id}/view")
+    page.goto(f"{stack.url}/v1/runs/{run_id}/view?token={stack.token}")
     expect(page.locator("#title")).to_have_text("three-steps", timeout=30_000)
     expect(page.locator("[data-step]")).to_have_count(3)
     expect(page.locator('[data-step="second"]')).to_have_attribute("data-status", "running",

@@ -4,6 +4,7 @@ on a free port of 127.0.0.1, over a SQLite message log in a temporary directory.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import socket
 import threading
 import time
@@ -30,6 +31,9 @@ class ServedBridge:
         self.store = MessageStore(directory)
         self.hub = Hub(queue_size=queue_size)
         app_options.setdefault("freeze_gc", False)
+        self.token: str = app_options.setdefault("token", secrets.token_urlsafe(16))
+        #: headers that authenticate as this bridge's clients
+        self.auth = {"Authorization": f"Bearer {self.token}"}
         self.app = create_app(self.store, self.hub, **app_options)
         self.publisher: Publisher = self.app.state.bridge.publisher
         self.loop = asyncio.new_event_loop()
@@ -45,8 +49,11 @@ class ServedBridge:
         return f"http://127.0.0.1:{self.port}"
 
     def ws_url(self, run_id: str, after: int | None = None, token: str | None = None) -> str:
+        """The run's socket with ``?token=`` this bridge's token (None), ``token``, or no
+        token at all (``""``)."""
+        token = self.token if token is None else token
         query = "&".join(f"{k}={v}" for k, v in (("after", after), ("token", token))
-                         if v is not None)
+                         if v is not None and v != "")
         return f"ws://127.0.0.1:{self.port}/v1/runs/{run_id}/ws" + (f"?{query}" if query else "")
 
     def start(self) -> ServedBridge:
@@ -105,5 +112,5 @@ def bridge_factory(tmp_path: Path) -> Iterator[BridgeFactory]:
 
 @pytest.fixture
 def bridge(bridge_factory: BridgeFactory) -> ServedBridge:
-    """A bridge with default options and no token."""
+    """A bridge with default options (a random token: ``bridge.auth``)."""
     return bridge_factory()

@@ -56,7 +56,8 @@ def submitting(bridge_factory: BridgeFactory, recorder: Recorder) -> ServedBridg
 
 def test_a_valid_plan_is_submitted_with_typed_inputs_and_defaults(
         submitting: ServedBridge, recorder: Recorder) -> None:
-    answer = httpx.post(f"{submitting.http}/v1/runs", json={"plan": PLAN, "inputs": {"times": 2}})
+    answer = httpx.post(f"{submitting.http}/v1/runs", json={"plan": PLAN, "inputs": {"times": 2}},
+                        headers=submitting.auth)
     assert answer.status_code == 201, answer.text
     body = answer.json()
     assert body == {"run_id": "run-1", "status_url": "/v1/runs/run-1",
@@ -66,7 +67,7 @@ def test_a_valid_plan_is_submitted_with_typed_inputs_and_defaults(
     assert inputs == {"who": "world", "times": 2}
 
     # Known at once, pending until its engine starts it.
-    report = httpx.get(f"{submitting.http}/v1/runs/run-1").json()
+    report = httpx.get(f"{submitting.http}/v1/runs/run-1", headers=submitting.auth).json()
     assert (report["run_id"], report["plan"], report["status"]) == ("run-1", "greet", "pending")
     assert report["last_seq"] == 0
 
@@ -75,17 +76,19 @@ def test_a_plan_given_as_an_object_is_validated_the_same_way(
         submitting: ServedBridge, recorder: Recorder) -> None:
     plan = {"version": 1, "name": "obj", "steps": [
         {"id": "a", "tool": "core.sleep", "with": {"seconds": "soon"}}]}
-    refused = httpx.post(f"{submitting.http}/v1/runs", json={"plan": plan})
+    refused = httpx.post(f"{submitting.http}/v1/runs", json={"plan": plan}, headers=submitting.auth)
     assert refused.status_code == 422
     assert refused.json()["errors"][0]["path"] == "steps[0].with.seconds"
     plan["steps"][0]["with"]["seconds"] = 0.01
-    assert httpx.post(f"{submitting.http}/v1/runs", json={"plan": plan}).status_code == 201
+    assert httpx.post(f"{submitting.http}/v1/runs", json={"plan": plan},
+                      headers=submitting.auth).status_code == 201
     assert recorder.calls[0][0] == plan
 
 
 def test_an_invalid_plan_gets_422_with_every_error_and_starts_nothing(
         submitting: ServedBridge, recorder: Recorder) -> None:
-    answer = httpx.post(f"{submitting.http}/v1/runs", json={"plan": BROKEN})
+    answer = httpx.post(f"{submitting.http}/v1/runs", json={"plan": BROKEN},
+                        headers=submitting.auth)
     assert answer.status_code == 422
     body = answer.json()
     assert body["detail"] == "the plan is not valid"
@@ -103,7 +106,8 @@ def test_an_invalid_plan_gets_422_with_every_error_and_starts_nothing(
 ])
 def test_bad_inputs_get_422_naming_the_input(submitting: ServedBridge, recorder: Recorder,
                                              inputs: dict[str, Any], message: str) -> None:
-    answer = httpx.post(f"{submitting.http}/v1/runs", json={"plan": PLAN, "inputs": inputs})
+    answer = httpx.post(f"{submitting.http}/v1/runs", json={"plan": PLAN, "inputs": inputs},
+                        headers=submitting.auth)
     assert answer.status_code == 422
     assert answer.json()["errors"][0]["path"] == "inputs"
     assert message in answer.json()["errors"][0]["message"]
@@ -115,35 +119,38 @@ def test_bad_inputs_get_422_naming_the_input(submitting: ServedBridge, recorder:
 def test_a_body_that_is_not_a_submission_gets_422_with_the_expected_shape(
         submitting: ServedBridge, body: bytes) -> None:
     answer = httpx.post(f"{submitting.http}/v1/runs", content=body,
-                        headers={"content-type": "application/json"})
+                        headers={"content-type": "application/json", **submitting.auth})
     assert answer.status_code == 422
     assert answer.json()["detail"].startswith("the request body is not a submission")
 
 
 def test_yaml_that_is_not_a_plan_gets_422(submitting: ServedBridge) -> None:
-    answer = httpx.post(f"{submitting.http}/v1/runs", json={"plan": "a: [unclosed"})
+    answer = httpx.post(f"{submitting.http}/v1/runs", json={"plan": "a: [unclosed"},
+                        headers=submitting.auth)
     assert answer.status_code == 422
     assert answer.json()["errors"][0]["line"] >= 1
 
 
 def test_a_huge_plan_gets_413_without_being_read(submitting: ServedBridge) -> None:
     answer = httpx.post(f"{submitting.http}/v1/runs",
-                        json={"plan": "#" * (6 * 1024 * 1024)})
+                        json={"plan": "#" * (6 * 1024 * 1024)}, headers=submitting.auth)
     assert answer.status_code == 413
 
 
 def test_a_bridge_without_a_runner_says_it_cannot_start_runs(bridge: ServedBridge) -> None:
-    answer = httpx.post(f"{bridge.http}/v1/runs", json={"plan": PLAN, "inputs": {"times": 1}})
+    answer = httpx.post(f"{bridge.http}/v1/runs", json={"plan": PLAN, "inputs": {"times": 1}},
+                        headers=bridge.auth)
     assert answer.status_code == 503
     assert "planrun up" in answer.json()["detail"]
 
 
-def test_the_run_routes_need_the_token_when_one_is_set(bridge_factory: BridgeFactory,
-                                                      recorder: Recorder) -> None:
+def test_the_run_routes_need_the_token(bridge_factory: BridgeFactory,
+                                       recorder: Recorder) -> None:
     bridge = bridge_factory(token="s3cret", submit=recorder)
     body = {"plan": PLAN, "inputs": {"times": 1}}
     assert httpx.post(f"{bridge.http}/v1/runs", json=body).status_code == 401
     assert httpx.get(f"{bridge.http}/v1/runs/x").status_code == 401
+    assert recorder.calls == []
     auth = {"Authorization": "Bearer s3cret"}
     created = httpx.post(f"{bridge.http}/v1/runs", json=body, headers=auth)
     assert created.status_code == 201
@@ -153,6 +160,6 @@ def test_the_run_routes_need_the_token_when_one_is_set(bridge_factory: BridgeFac
 
 
 def test_the_openapi_document_describes_the_run_routes(bridge: ServedBridge) -> None:
-    spec = httpx.get(f"{bridge.http}/openapi.json").json()
+    spec = httpx.get(f"{bridge.http}/openapi.json", headers=bridge.auth).json()
     assert {"/v1/runs", "/v1/runs/{run_id}"} <= set(spec["paths"])
     assert "422" in spec["paths"]["/v1/runs"]["post"]["responses"]

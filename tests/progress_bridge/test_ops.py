@@ -18,9 +18,12 @@ from .conftest import BridgeFactory, ServedBridge, wait_for
 def test_healthz_and_docs(bridge: ServedBridge) -> None:
     with httpx.Client(base_url=bridge.http, timeout=10) as http:
         assert http.get("/healthz").json() == {"status": "ok", "clients": 0, "runs": 0}
-        assert http.get("/docs").status_code == 200
-        paths = http.get("/openapi.json").json()["paths"]
-        assert {"/healthz", "/metrics", "/v1/runs/{run_id}/events"} <= set(paths)
+        docs = http.get("/docs", params={"token": bridge.token})
+        assert docs.status_code == 200
+        assert f"/openapi.json?token={bridge.token}" in docs.text  # the page can load it
+        spec = http.get("/openapi.json", headers=bridge.auth).json()
+        assert {"/healthz", "/metrics", "/v1/runs/{run_id}/events"} <= set(spec["paths"])
+        assert spec["components"]["securitySchemes"]["token"]["scheme"] == "bearer"
 
 
 def test_metrics_count_clients_and_messages(bridge: ServedBridge) -> None:
@@ -31,7 +34,7 @@ def test_metrics_count_clients_and_messages(bridge: ServedBridge) -> None:
                 await bridge.emit("r", draft(i))
             await bridge.emit("r", draft(4).__class__(type="run.completed", status="completed"))
             await receive_until(ws, 4)
-            async with httpx.AsyncClient(base_url=bridge.http) as http:
+            async with httpx.AsyncClient(base_url=bridge.http, headers=bridge.auth) as http:
                 return (await http.get("/metrics")).text
 
     text = asyncio.run(main())

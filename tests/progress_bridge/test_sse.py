@@ -15,7 +15,8 @@ from .conftest import BridgeFactory, ServedBridge, wait_for
 
 def test_events_stream_live_with_ids_and_types(bridge: ServedBridge) -> None:
     async def main() -> None:
-        async with httpx.AsyncClient(base_url=bridge.http, timeout=10) as http, \
+        async with httpx.AsyncClient(
+                base_url=bridge.http, headers=bridge.auth, timeout=10) as http, \
                 http.stream("GET", "/v1/runs/r/events") as response:
             assert response.status_code == 200
             assert response.headers["content-type"].startswith("text/event-stream")
@@ -34,7 +35,8 @@ def test_last_event_id_and_after_resume(bridge: ServedBridge) -> None:
     async def main() -> None:
         for i in range(1, 8):
             await bridge.emit("r", draft(i))
-        async with httpx.AsyncClient(base_url=bridge.http, timeout=10) as http:
+        async with httpx.AsyncClient(
+                base_url=bridge.http, headers=bridge.auth, timeout=10) as http:
             async with http.stream("GET", "/v1/runs/r/events",
                                    headers={"Last-Event-ID": "5"}) as response:
                 assert [e["id"] for e in await read_sse_until(response, 7)] == ["6", "7"]
@@ -71,7 +73,8 @@ def test_heartbeat_events_arrive_while_nothing_happens(bridge_factory: BridgeFac
     bridge = bridge_factory(heartbeat_s=0.2)
 
     async def main() -> None:
-        async with httpx.AsyncClient(base_url=bridge.http, timeout=10) as http, \
+        async with httpx.AsyncClient(
+                base_url=bridge.http, headers=bridge.auth, timeout=10) as http, \
                 http.stream("GET", "/v1/runs/r/events") as response:
             async with asyncio.timeout(3):
                 async for event in sse_events(response):
@@ -85,7 +88,8 @@ def test_heartbeat_events_arrive_while_nothing_happens(bridge_factory: BridgeFac
 
 def test_stopping_the_bridge_ends_open_streams(bridge: ServedBridge) -> None:
     async def main() -> None:
-        async with httpx.AsyncClient(base_url=bridge.http, timeout=10) as http, \
+        async with httpx.AsyncClient(
+                base_url=bridge.http, headers=bridge.auth, timeout=10) as http, \
                 http.stream("GET", "/v1/runs/r/events") as response:
             wait_for(lambda: bridge.hub.subscribers("r") == 1, 5, "the SSE client")
             started = time.monotonic()
@@ -104,7 +108,8 @@ def test_a_slow_sse_client_is_cut_off_and_resumes_with_last_event_id(
     bridge.hub.on_slow(lambda sub: cut.append(sub.reason))
 
     async def main() -> None:
-        async with httpx.AsyncClient(base_url=bridge.http, timeout=30) as http, \
+        async with httpx.AsyncClient(
+                base_url=bridge.http, headers=bridge.auth, timeout=30) as http, \
                 http.stream("GET", "/v1/runs/r/events") as slow, \
                 connect(bridge.ws_url("r"), proxy=None) as fast:
             wait_for(lambda: bridge.hub.subscribers("r") == 2, 5, "two subscribers")
@@ -120,7 +125,8 @@ def test_a_slow_sse_client_is_cut_off_and_resumes_with_last_event_id(
         assert ids == list(range(1, len(ids) + 1)) and len(ids) < published
         assert events[-1] == {"comment": "too slow: resume with ?after=<last seq>"}
 
-        async with httpx.AsyncClient(base_url=bridge.http, timeout=10) as http, \
+        async with httpx.AsyncClient(
+                base_url=bridge.http, headers=bridge.auth, timeout=10) as http, \
                 http.stream("GET", "/v1/runs/r/events",
                             headers={"Last-Event-ID": str(ids[-1])}) as again:
             rest = [int(e["id"]) for e in await read_sse_until(again, published)]

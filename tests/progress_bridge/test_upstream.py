@@ -160,7 +160,8 @@ def test_the_report_route_serves_what_the_bridge_saw(following: Following) -> No
     report = run_yaml(MIXED)
     run_id = report["run_id"]
     asyncio.run(follow(following.bridge, run_id))
-    seen = httpx.get(f"{following.bridge.http}/v1/runs/{run_id}").json()
+    seen = httpx.get(f"{following.bridge.http}/v1/runs/{run_id}",
+                     headers=following.bridge.auth).json()
 
     assert seen["status"] == report["status"] == "completed_with_errors"
     assert seen["progress"]["percent"] == 100.0
@@ -171,11 +172,12 @@ def test_the_report_route_serves_what_the_bridge_saw(following: Following) -> No
         assert mine["output"] == step["output"]
         assert (mine["error"] or {}).get("category") == (step["error"] or {}).get("category")
     assert seen["last_seq"] >= 8
-    metrics = httpx.get(f"{following.bridge.http}/metrics").text
+    metrics = httpx.get(f"{following.bridge.http}/metrics", headers=following.bridge.auth).text
     assert 'planrun_step_duration_seconds_count{tool="core.sleep"}' in metrics
     assert 'planrun_runs_total{status="completed_with_errors"}' in metrics
 
-    missing = httpx.get(f"{following.bridge.http}/v1/runs/no-such-run")
+    missing = httpx.get(f"{following.bridge.http}/v1/runs/no-such-run",
+                        headers=following.bridge.auth)
     assert missing.status_code == 404
     assert "no run no-such-run" in missing.json()["detail"]
 

@@ -68,8 +68,9 @@ def field(page: Page, step_id: str, name: str) -> Locator:
 
 
 def open_view(page: Page, bridge: ServedBridge, run_id: str, token: str | None = None) -> None:
-    """Load the run's page and wait until its WebSocket is live."""
-    query = f"?token={quote(token)}" if token else ""
+    """Load the run's page (with the bridge's token unless ``token`` is given) and wait
+    until its WebSocket is live."""
+    query = f"?token={quote(token or bridge.token)}"
     response = page.goto(f"{bridge.http}/v1/runs/{quote(run_id, safe='')}/view{query}")
     assert response is not None and response.status == 200
     expect(page.locator("#connection")).to_have_attribute("data-state", "live")
@@ -79,7 +80,8 @@ def open_view(page: Page, bridge: ServedBridge, run_id: str, token: str | None =
 
 def test_the_page_is_html_with_the_run_id_escaped_and_a_nonce_policy(bridge: ServedBridge) -> None:
     run_id = '"><script>alert(1)'
-    response = httpx.get(f"{bridge.http}/v1/runs/{quote(run_id, safe='')}/view", timeout=10)
+    response = httpx.get(f"{bridge.http}/v1/runs/{quote(run_id, safe='')}/view", timeout=10,
+                         headers=bridge.auth)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
     assert '"><script>alert' not in response.text
@@ -96,7 +98,7 @@ def test_a_run_id_that_looks_like_a_slot_is_not_filled() -> None:
     assert "__RUN_ID__" not in page
 
 
-def test_with_a_token_the_page_needs_it(bridge_factory: BridgeFactory) -> None:
+def test_the_page_needs_the_token(bridge_factory: BridgeFactory) -> None:
     bridge = bridge_factory(token="s3cret")
     url = f"{bridge.http}/v1/runs/r/view"
     assert httpx.get(url, timeout=10).status_code == 401
@@ -267,7 +269,7 @@ def test_hostile_run_id_and_plan_text_are_shown_as_text(bridge: ServedBridge, pa
     assert page.evaluate("window.pwned") is None
 
 
-def test_with_a_token_the_page_passes_it_to_the_socket(bridge_factory: BridgeFactory,
+def test_the_page_passes_its_token_to_the_socket(bridge_factory: BridgeFactory,
                                                        page: Page) -> None:
     bridge = bridge_factory(token="s3 cret&x")
     response = page.goto(f"{bridge.http}/v1/runs/r/view")
