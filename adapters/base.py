@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from planrun.errors import ConfigurationError, StepError, TransientError
-from planrun.policy import LevelPolicy, Policy, Trust, current_trust
+from planrun.policy import LevelPolicy, Trust, current_trust, load_policy
 
 if TYPE_CHECKING:
     from adapters.workspace import Workspace
@@ -51,7 +51,7 @@ class StepContext:
     previous_error: StepError | None = None
     memory_mb: int | None = None
     trust: Trust = field(default_factory=current_trust)
-    policy: LevelPolicy = field(default_factory=lambda: Policy().level(current_trust()))
+    policy: LevelPolicy = field(default_factory=lambda: load_policy().level(current_trust()))
     logger: logging.Logger | logging.LoggerAdapter[Any] = field(
         default_factory=lambda: logging.getLogger("planrun.step"))
 

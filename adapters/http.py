@@ -19,6 +19,7 @@ import httpx
 from pydantic import AfterValidator, Field, model_validator
 
 from adapters.base import Adapter, Health, Params, StepContext
+from adapters.netguard import guarded_transport
 from planrun.errors import (
     AccessError,
     ConfigurationError,
@@ -83,7 +84,9 @@ class HttpRequest(Adapter[HttpParams]):
     """Sends one request: ``{"status", "url", "headers", "json", "text", "truncated"}``.
 
     ``json`` is the parsed body when the server says it is JSON (and it parses, whole);
-    otherwise the body is in ``text``. ``transport`` lets tests inject an httpx fake.
+    otherwise the body is in ``text``. Every connection (redirects too) goes through the
+    network guard of the step's policy (``adapters.netguard``); ``transport`` lets tests
+    inject an httpx fake instead. The policy's ``output_bytes`` ceiling caps ``max_bytes``.
     """
 
     name = "http.request"
@@ -100,15 +103,17 @@ class HttpRequest(Adapter[HttpParams]):
             body["json"] = params.json_body
         elif params.body is not None:
             body["content"] = params.body.encode("utf-8")
+        transport = self._transport or guarded_transport(ctx.policy, ctx.trust)
+        cap = min(params.max_bytes, ctx.policy.ceilings.output_bytes or params.max_bytes)
         try:
             async with httpx.AsyncClient(
-                transport=self._transport, follow_redirects=params.follow_redirects,
+                transport=transport, follow_redirects=params.follow_redirects,
                 timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S),
             ) as client, client.stream(
                 params.method, params.url, headers=params.headers,
                 params=params.params or None, **body,
             ) as response:
-                content, truncated = await _read_capped(response, params.max_bytes)
+                content, truncated = await _read_capped(response, cap)
         except Exception as exc:  # noqa: BLE001 - translated here so secrets can be scrubbed
             raise _scrubbed(self.classify(exc), _secrets(params)) from exc
         if response.status_code >= 400:
@@ -116,6 +121,8 @@ class HttpRequest(Adapter[HttpParams]):
         return _output(response, content, truncated)
 
     def classify(self, exc: Exception) -> StepError:
+        if isinstance(exc, StepError):  # the network guard's refusal
+            return exc
         where = _where(exc)
         if isinstance(exc, (httpx.InvalidURL, httpx.UnsupportedProtocol)):
             return ConfigurationError(f"http.request: invalid URL{where}: {exc}",

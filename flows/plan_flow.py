@@ -31,9 +31,11 @@ from flows.scheduler import Scheduler
 from flows.step import StepJob, not_run_step
 from plan_schemas.model import Plan, Step
 from planrun.durations import parse_duration
-from planrun.errors import PlanInvalid, UsageError
+from planrun.errors import PlanInvalid, PolicyInvalid, UsageError
 from planrun.inputs import resolve_inputs
 from planrun.loader import Source
+from planrun.policy import Ceilings, current_trust, load_policy
+from planrun.policy_check import tightest
 from planrun.report import (
     RunObserver,
     RunRecord,
@@ -100,7 +102,7 @@ async def plan_flow(plan: dict[str, Any], inputs: dict[str, Any]) -> State[Any]:
         inputs = resolve_inputs(checked, inputs, from_text=False)
     except PlanInvalid as exc:
         return Failed(message="the plan is not valid:\n" + "\n".join(map(str, exc.problems)))
-    except UsageError as exc:
+    except (UsageError, PolicyInvalid) as exc:
         return Failed(message=str(exc))
     report = await execute_plan(checked, inputs, run_id)
     REPORTS[run_id] = report
@@ -126,6 +128,7 @@ async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
     from planrun.server import data_dir
 
     registry = registry or default_registry()
+    ceilings = load_policy().level(current_trust()).ceilings  # a plan can only tighten
     run = new_record(plan, run_id, registry)
     run.flow_run_url = _ui_url(run_id)
     durable = _is_this_flow_run(run_id)  # checkpoints, control and events need one
@@ -150,7 +153,7 @@ async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
         if events is not None and step is not None:
             events.changed(step)
 
-    jobs = {step.id: _job(plan, step, run, registry, workspace, context, notify)
+    jobs = {step.id: _job(plan, step, run, registry, workspace, context, notify, ceilings)
             for step in plan.steps}
 
     async def execute(step: Step) -> None:
@@ -197,7 +200,8 @@ async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
         return "rejected" + (f": {comment}" if comment else ""), True
 
     asks = durable and gates and _deployed()
-    scheduler = Scheduler(run, plan.steps, max_parallel=plan.limits.max_parallel,
+    parallel = tightest(plan.limits.max_parallel, ceilings.max_parallel)
+    scheduler = Scheduler(run, plan.steps, max_parallel=int(parallel or 1),
                           execute=execute, skip=skip, notify=notify, context=context,
                           decide=decide if asks else None)
     ACTIVE[run_id] = scheduler
@@ -304,13 +308,16 @@ def _ui_url(run_id: str) -> str | None:
 
 
 def _job(plan: Plan, step: Step, run: RunRecord, registry: Registry, workspace: Workspace,
-         context: Any, notify: Any) -> StepJob:
+         context: Any, notify: Any, ceilings: Ceilings) -> StepJob:
     timeout = step.timeout if step.timeout is not None else plan.defaults.timeout
+    memory = tightest(plan.limits.memory_mb, ceilings.memory_mb)
     return StepJob(
         step=step, record=run.steps[step.id], adapter=registry.get(step.tool),
         policy=RetryPolicy.from_plan(plan.defaults.retry, step.retry),
-        timeout_s=parse_duration(timeout) if timeout is not None else None,
-        run_id=run.run_id, workspace=workspace, memory_mb=plan.limits.memory_mb,
+        timeout_s=tightest(parse_duration(timeout) if timeout is not None else None,
+                           ceilings.step_timeout_s),
+        run_id=run.run_id, workspace=workspace,
+        memory_mb=int(memory) if memory is not None else None,
         context=context, notify=notify,
         fallback_adapter=registry.get(step.fallback.tool) if step.fallback else None,
     )

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from planrun.errors import PlanInvalid, PlanrunError, UsageError
+from planrun.errors import PlanInvalid, PlanrunError, PolicyInvalid, UsageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check plans; print file:line:col: path: message per error")
     p.add_argument("plans", nargs="+", metavar="PLAN")
+    p.add_argument("--trust", choices=["submitted", "local"], default="submitted",
+                   help="check against the policy of plans submitted to the bridge "
+                        "(default), or of `planrun run FILE` (local); docs/policy.md")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("run", help="run a plan and wait for it")
@@ -99,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PlanInvalid as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
-    except UsageError as exc:
+    except (UsageError, PolicyInvalid) as exc:
         print(f"planrun: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except PlanrunError as exc:
@@ -111,12 +114,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from planrun.policy import Trust, trusted_as
     from planrun.validate import validate_file
 
     problems = []
     for path in args.plans:
         try:
-            validate_file(path)
+            with trusted_as(Trust(args.trust)):
+                validate_file(path)
         except PlanInvalid as exc:
             problems.extend(exc.problems)
     for problem in problems:
@@ -129,13 +134,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from planrun.console import LineDisplay, LiveDisplay
     from planrun.inputs import parse_pairs, resolve_inputs
+    from planrun.policy import Trust, trusted_as
     from planrun.report import RunStatus
     from planrun.runner import prepare_prefect, run_plan
     from planrun.validate import validate_file
 
     if args.workspace:
         os.environ["PLANRUN_WORKSPACE"] = os.path.abspath(args.workspace)
-    valid = validate_file(args.plan)
+    with trusted_as(Trust.LOCAL):  # its author runs it; run_plan runs it local too
+        valid = validate_file(args.plan)
     inputs = resolve_inputs(valid.plan, parse_pairs(args.input), from_text=True)
     prepare_prefect()
     plan_data = valid.plan.model_dump(mode="json", by_alias=True, exclude_none=True)

@@ -3,6 +3,7 @@
     PlanrunError                  base of everything planrun raises on purpose
      ├── PlanInvalid              a plan (or its inputs) failed validation; carries every Problem
      ├── UsageError               the command line or API was used wrongly
+     ├── PolicyInvalid            the operator's policy file is malformed (never "allow all")
      ├── UnknownTool              no adapter has this tool name (lists the known ones)
      ├── DuplicateTool            two adapters claim the same tool name
      └── StepError                one attempt of a step failed; carries category, hint,
@@ -76,6 +77,17 @@ class PlanInvalid(PlanrunError):
 
 class UsageError(PlanrunError):
     """The command line or the API was used wrongly (bad --input, missing file...)."""
+
+
+class PolicyInvalid(PlanrunError):
+    """The operator's policy file cannot be used; ``problems`` are ``file:line:col: path:
+    message`` lines. Nothing runs under a policy that could not be read."""
+
+    def __init__(self, file: str, problems: list[str]) -> None:
+        self.file = file
+        self.problems = problems
+        super().__init__(f"the policy {file} is not valid (docs/policy.md):\n"
+                         + "\n".join(problems))
 
 
 class UnknownTool(PlanrunError):

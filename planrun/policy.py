@@ -16,12 +16,23 @@ caller that knows better (``planrun run``) says ``local``.
 from __future__ import annotations
 
 import contextvars
+import ipaddress
+import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Literal
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from planrun.errors import PolicyInvalid
+
+#: The policy file's path; else ``policy.yaml`` under the data directory, if it exists.
+POLICY_ENV = "PLANRUN_POLICY"
 
 
 class Trust(StrEnum):
@@ -45,19 +56,107 @@ class Ceilings(BaseModel):
     file_mb: int | None = Field(None, ge=1, description="largest file a sandboxed step writes")
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_NAME = re.compile(r"(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*\.?")
+_TOOL_GLOB = re.compile(r"[a-z0-9_.*?\[\]!-]+")
+
+
+@dataclass(frozen=True)
+class HostRule:
+    """One entry of ``hosts``: a name (``*.example.org`` covers subdomains) or an address
+    range, and a port (None: any port)."""
+
+    name: str | None
+    network: IPNetwork | None
+    port: int | None
+
+    def matches(self, host: str, port: int, addresses: list[ipaddress.IPv4Address
+                                                            | ipaddress.IPv6Address]) -> bool:
+        """Whether a connection to ``host:port`` that resolved to ``addresses`` is covered."""
+        if self.port is not None and port != self.port:
+            return False
+        if self.network is not None:
+            return bool(addresses) and all(a in self.network for a in addresses)
+        name, host = (self.name or "").rstrip("."), host.lower().rstrip(".")
+        if name.startswith("*."):
+            return host.endswith(name[1:])
+        return host == name
+
+
+def parse_host_rule(text: str) -> HostRule:
+    """``host``, ``host:port``, ``*.domain``, ``10.0.0.0/8``, ``[::1]:8080`` → a HostRule;
+    ValueError says what is wrong."""
+    body, port = _split_port(text.strip().lower())
+    try:
+        return HostRule(None, ipaddress.ip_network(body, strict=False), port)
+    except ValueError:
+        pass
+    if "/" in body or ":" in body or not _NAME.fullmatch(body):
+        raise ValueError(f"{text!r} is not a host, host:port, *.domain, address or CIDR range")
+    return HostRule(body, None, port)
+
+
+def _split_port(text: str) -> tuple[str, int | None]:
+    if text.startswith("["):  # [v6]:port or [v6]
+        host, _, rest = text[1:].partition("]")
+        return host, _port(rest.removeprefix(":"), text) if rest else None
+    if text.count(":") == 1:
+        host, _, port = text.partition(":")
+        return host, _port(port, text)
+    return text, None
+
+
+def _port(text: str, whole: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"{whole!r}: the port must be a number from 1 to 65535")
+    return int(text)
+
+
+def _host_rule(value: str) -> str:
+    parse_host_rule(value)
+    return value
+
+
+def _tool_glob(value: str) -> str:
+    if not _TOOL_GLOB.fullmatch(value):
+        raise ValueError(f"{value!r} is not a tool name or glob like 'core.*'")
+    return value
+
+
+def _executable(value: str) -> str:
+    if not value.strip() or "\x00" in value or value.endswith("/"):
+        raise ValueError(f"{value!r} is not a program name or absolute path")
+    if "/" in value and not value.startswith("/"):
+        raise ValueError(f"{value!r}: a path must be absolute (or give a name on PATH)")
+    return value
+
+
+def _bind(value: str) -> str:
+    path = value.removesuffix(":rw").removesuffix(":ro")
+    if not path.startswith("/") or "\x00" in path:
+        raise ValueError(f"{value!r} is not an absolute path (add :rw to bind it writable)")
+    return value
+
+
+HostText = Annotated[str, AfterValidator(_host_rule)]
+ToolGlob = Annotated[str, AfterValidator(_tool_glob)]
+Executable = Annotated[str, AfterValidator(_executable)]
+Bind = Annotated[str, AfterValidator(_bind)]
+
+
 class LevelPolicy(BaseModel):
     """What plans of one trust level may use."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     #: Glob patterns of the tools allowed (``core.*``); None allows every registered tool.
-    tools: list[str] | None = None
+    tools: list[ToolGlob] | None = None
     #: Executables ``shell.run`` may start (names looked up on PATH, or absolute paths,
     #: glob patterns allowed); None allows any.
-    executables: list[str] | None = None
+    executables: list[Executable] | None = None
     #: Hosts network tools may reach: ``host``, ``host:port``, ``*.domain``, an address or
     #: a CIDR range; None allows every public host (see ``allow_private``).
-    hosts: list[str] | None = None
+    hosts: list[HostText] | None = None
     #: Whether loopback, link-local and private addresses (and so the Prefect API and the
     #: bridge) may be reached at all. Hosts named in ``hosts`` are still required.
     allow_private: bool = False
@@ -66,12 +165,16 @@ class LevelPolicy(BaseModel):
     #: warning; ``off``: never sandboxed.
     sandbox: Literal["required", "if_available", "off"] = "required"
     #: Extra paths the sandbox binds read-only (``/opt/tools``); ``path:rw`` binds writable.
-    binds: list[str] = Field(default_factory=list)
+    binds: list[Bind] = Field(default_factory=list)
     #: Whether a sandboxed command may use the network (then only ``hosts``).
     sandbox_network: bool = False
     #: The workspace root; None uses ``PLANRUN_WORKSPACE`` or ``./workspace``.
     workspace_root: str | None = None
-    ceilings: Ceilings = Field(default_factory=Ceilings)
+    ceilings: Ceilings = Field(default_factory=lambda: Ceilings.model_validate({}))
+
+    def host_rules(self) -> list[HostRule] | None:
+        """``hosts`` parsed (they were checked when the policy was read)."""
+        return None if self.hosts is None else [parse_host_rule(h) for h in self.hosts]
 
 
 LOCAL_DEFAULT = LevelPolicy(allow_private=True, sandbox="if_available")
@@ -89,6 +192,65 @@ class Policy(BaseModel):
     def level(self, trust: Trust) -> LevelPolicy:
         """The rules for plans of ``trust``."""
         return self.local if trust == Trust.LOCAL else self.submitted
+
+
+def policy_file() -> Path | None:
+    """The policy file in effect: ``PLANRUN_POLICY`` (which must exist), else
+    ``policy.yaml`` under the data directory if there is one, else None (the defaults)."""
+    named = os.environ.get(POLICY_ENV, "").strip()
+    if named:
+        return Path(named)
+    from planrun.server import data_dir
+
+    default = data_dir() / "policy.yaml"
+    return default if default.exists() else None
+
+
+def load_policy(path: str | Path | None = None) -> Policy:
+    """The operator's policy from ``path`` (else ``policy_file()``), or the defaults when
+    there is no file. A file that is missing (when named), unreadable or malformed raises
+    PolicyInvalid listing every problem at its ``file:line:col``. Read once per change
+    of the file (its path, modification time and size)."""
+    where = Path(path) if path is not None else policy_file()
+    if where is None:
+        return Policy()
+    try:
+        stat = where.stat()
+    except OSError as exc:
+        raise PolicyInvalid(str(where), [f"{where}: cannot read the policy file: "
+                                         f"{exc.strerror or exc} (set {POLICY_ENV} to an "
+                                         "existing file, or unset it)"]) from None
+    return _read_policy(str(where), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=8)
+def _read_policy(file: str, mtime_ns: int, size: int) -> Policy:
+    from planrun.loader import load
+
+    try:
+        raw = Path(file).read_bytes()
+    except OSError as exc:
+        raise PolicyInvalid(file, [f"{file}: cannot read the policy file: "
+                                   f"{exc.strerror or exc}"]) from None
+    source, problems = load(raw, file)
+    if source.data is None or problems:
+        raise PolicyInvalid(file, [_policy_words(str(p)) for p in problems])
+    try:
+        return Policy.model_validate(source.data)
+    except ValidationError as exc:
+        found = []
+        for err in exc.errors(include_url=False, include_input=False):
+            loc = tuple(p for p in err["loc"] if not isinstance(p, str) or "[" not in p)
+            unknown = err["type"] == "extra_forbidden"
+            message = "unknown key" if unknown else err["msg"].removeprefix("Value error, ")
+            found.append(source.problem(loc, message, key=unknown))
+        raise PolicyInvalid(file, [_policy_words(str(p)) for p in sorted(found)]) from None
+
+
+def _policy_words(text: str) -> str:
+    """The plan loader's words about a policy file."""
+    return text.replace(": plan: ", ": policy: ").replace("a plan", "a policy") \
+        .replace("the plan", "the policy")
 
 
 _TRUST: contextvars.ContextVar[Trust] = contextvars.ContextVar("planrun_trust",

@@ -8,6 +8,7 @@ import signal
 from typing import Any
 
 from planrun.errors import PlanrunError
+from planrun.policy import Trust, trusted_as
 from planrun.report import RunObserver
 from planrun.server import ensure_server, healthy
 
@@ -32,6 +33,8 @@ async def run_plan(plan: dict[str, Any], inputs: dict[str, Any],
                    observer: RunObserver | None = None) -> dict[str, Any]:
     """Run ``plan`` (validated plan data) as one Prefect flow run; return its report.
 
+    The run is ``local``: its author runs it from this process, so the local level of
+    the policy applies to it (docs/policy.md); runs of the deployment are ``submitted``.
     SIGINT and SIGTERM cancel the run (running commands are killed, files rolled back)
     instead of tearing the process down.
     """
@@ -46,7 +49,7 @@ async def run_plan(plan: dict[str, Any], inputs: dict[str, Any],
     if observer is not None:
         compiled.OBSERVERS.append(observer)
     try:
-        with tags("planrun", f"plan:{plan['name']}"):
+        with tags("planrun", f"plan:{plan['name']}"), trusted_as(Trust.LOCAL):
             state = await compiled.plan_flow.with_options(flow_run_name=plan["name"])(
                 plan, inputs, return_state=True)
         report = compiled.REPORTS.pop(str(state.state_details.flow_run_id), None)

@@ -1,7 +1,7 @@
 """Checking a plan, in passes, reporting every problem at once (SPEC §2).
 
     load (YAML, encoding) → schema (plan.schema.json's rules) → ids and tools →
-    tool parameters → needs and cycles → templates → inputs
+    tool parameters → needs and cycles → templates → inputs → the operator's policy
 
 Each pass works on whatever the earlier ones could read, so one bad step does not hide
 the problems of another. Problems carry file, line, column and the path in the plan.
@@ -31,6 +31,8 @@ from planrun import templates
 from planrun.durations import parse_duration
 from planrun.errors import PlanInvalid, Problem
 from planrun.loader import Path_, Source, load
+from planrun.policy import Trust, current_trust, load_policy
+from planrun.policy_check import policy_problems
 
 _JSON_TYPES = {"string": "a string", "integer": "an integer", "number": "a number",
                "boolean": "true or false", "array": "a list", "object": "a mapping",
@@ -66,8 +68,10 @@ def validate_text(raw: bytes | str, file: str = "<plan>",
 
 
 def validate_data(source: Source, registry: Registry | None = None,
-                  problems: list[Problem] | None = None) -> ValidPlan:
-    """Check already-loaded plan data (``source.data``), adding to ``problems``."""
+                  problems: list[Problem] | None = None, trust: Trust | None = None) -> ValidPlan:
+    """Check already-loaded plan data (``source.data``), adding to ``problems``, against
+    the policy of ``trust`` (default: the current trust level, ``submitted`` unless a
+    caller says otherwise). PolicyInvalid when the policy file cannot be used."""
     registry = registry or default_registry()
     problems = list(problems or [])
     problems += _schema_problems(source)
@@ -77,6 +81,8 @@ def validate_data(source: Source, registry: Registry | None = None,
     problems += _needs_problems(source, steps)
     problems += _template_problems(source, steps)
     problems += _input_problems(source)
+    problems += policy_problems(source, load_policy().level(trust or current_trust()),
+                                trust or current_trust())
     if problems:
         raise PlanInvalid(_one_line(list(dict.fromkeys(problems))))
     return ValidPlan(Plan.model_validate(source.data), source)

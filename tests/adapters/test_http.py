@@ -27,8 +27,17 @@ from planrun.errors import (
     StepError,
     TransientError,
 )
+from planrun.policy import LevelPolicy, Trust
 
 SECRET = "s3cr3t-token-value"
+
+
+@pytest.fixture
+def ctx(make_ctx: Any) -> StepContext:
+    """A local run whose policy grants only 127.0.0.1: every request here still goes
+    through the network guard's transport (tests/adapters/test_netguard.py tests its rules)."""
+    return make_ctx(trust=Trust.LOCAL, policy=LevelPolicy(allow_private=True,
+                                                           hosts=["127.0.0.1"]))
 
 
 class Handler(BaseHTTPRequestHandler):

@@ -1,0 +1,181 @@
+"""A plan checked against the operator's policy for its trust level (docs/policy.md).
+
+What a plan states literally is judged here, when it is validated (``planrun validate``,
+``run``, ``submit``, ``POST /v1/runs``) and again where it runs (``flows.plan_flow``): the
+tools it uses, the programs ``shell.run`` starts, the hosts ``http.request`` reaches (an
+address, ``localhost``, a host outside ``hosts``), and the limits it asks for against the
+level's ceilings. A templated value is judged where the step executes, by the tool. A
+limit the plan leaves out gets the ceiling there (``tightest``): a plan can only tighten.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+from adapters.netguard import literal_problem
+from planrun import templates
+from planrun.durations import parse_duration
+from planrun.errors import ConfigurationError, Problem
+from planrun.loader import Path_, Source
+from planrun.policy import LevelPolicy, Trust
+
+DOC = "(docs/policy.md)"
+
+#: Tool parameters capped by a ceiling: tool → parameter → the ceiling's field.
+PARAMETER_CEILINGS: dict[str, dict[str, str]] = {
+    "http.request": {"max_bytes": "output_bytes"},
+    "shell.run": {"max_output_bytes": "output_bytes", "cpu_seconds": "cpu_seconds"},
+}
+
+
+def policy_problems(source: Source, level: LevelPolicy, trust: Trust) -> Iterator[Problem]:
+    """Every place where the plan in ``source`` asks for more than ``level`` allows."""
+    data = _mapping(source.data)
+    yield from _limit_problems(source, data, level, trust)
+    steps = data.get("steps")
+    for i, step in enumerate(steps if isinstance(steps, list) else []):
+        if not isinstance(step, dict):
+            continue
+        for base, call in _calls(i, step):
+            yield from _call_problems(source, base, call, level, trust)
+
+
+def _calls(i: int, step: dict[str, Any]) -> Iterator[tuple[Path_, dict[str, Any]]]:
+    yield ("steps", i), step
+    if isinstance(step.get("fallback"), dict):
+        yield ("steps", i, "fallback"), step["fallback"]
+
+
+def _call_problems(source: Source, base: Path_, call: dict[str, Any], level: LevelPolicy,
+                   trust: Trust) -> Iterator[Problem]:
+    tool = call.get("tool")
+    if not isinstance(tool, str):
+        return
+    if not tool_allowed(tool, level):
+        yield source.problem((*base, "tool"), f"tool '{tool}' is not allowed: the '{trust}' "
+                             f"policy allows only {', '.join(level.tools or [])} {DOC}")
+        return
+    params = _mapping(call.get("with"))
+    where: Path_ = (*base, "with")
+    if tool == "shell.run":
+        argv = params.get("argv")
+        program = _literal(argv[0] if isinstance(argv, list) and argv else None)
+        message = program and executable_problem(program, level, trust)
+        if message:
+            yield source.problem((*where, "argv", 0), f"{message} {DOC}")
+    if tool == "http.request":
+        url = _literal(params.get("url"))
+        message = url and literal_problem(url, level, trust)
+        if message:
+            yield source.problem((*where, "url"), f"http.request is {message} {DOC}")
+    if "timeout" in call:
+        yield from _timeout_problems(source, (*base, "timeout"), call["timeout"], level, trust)
+    for name, ceiling in PARAMETER_CEILINGS.get(tool, {}).items():
+        yield from _over(source, (*where, name), params.get(name), _ceiling(level, ceiling),
+                         trust, f"{tool}'s {name}", ceiling)
+
+
+def _literal(value: Any) -> str | None:
+    """``value`` when it is a string without templates (known before the run), else None."""
+    return value if isinstance(value, str) and not templates.has_template(value) else None
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _limit_problems(source: Source, data: dict[str, Any], level: LevelPolicy,
+                    trust: Trust) -> Iterator[Problem]:
+    limits, defaults = _mapping(data.get("limits")), _mapping(data.get("defaults"))
+    ceilings = level.ceilings
+    yield from _over(source, ("limits", "max_parallel"), limits.get("max_parallel"),
+                     ceilings.max_parallel, trust, "max_parallel", "max_parallel")
+    yield from _over(source, ("limits", "memory_mb"), limits.get("memory_mb"),
+                     ceilings.memory_mb, trust, "memory_mb", "memory_mb")
+    if "timeout" in defaults:
+        yield from _timeout_problems(source, ("defaults", "timeout"), defaults["timeout"],
+                                     level, trust)
+
+
+def _timeout_problems(source: Source, path: Path_, value: Any, level: LevelPolicy,
+                      trust: Trust) -> Iterator[Problem]:
+    ceiling = level.ceilings.step_timeout_s
+    if ceiling is None or value is None:
+        return
+    try:
+        seconds = parse_duration(value)
+    except (TypeError, ValueError):
+        return  # not a duration: the schema pass reports it
+    if seconds is not None and seconds > ceiling:
+        yield source.problem(path, f"a timeout of {seconds:g}s is above the '{trust}' "
+                             f"policy's ceiling step_timeout_s of {ceiling:g}s {DOC}")
+
+
+def _over(source: Source, path: Path_, value: Any, ceiling: float | None, trust: Trust,
+          what: str, rule: str) -> Iterator[Problem]:
+    if ceiling is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    if value > ceiling:
+        yield source.problem(path, f"{what} {value:g} is above the '{trust}' policy's "
+                             f"ceiling {rule} of {ceiling:g} {DOC}")
+
+
+def _ceiling(level: LevelPolicy, name: str) -> float | None:
+    value = getattr(level.ceilings, name, None)
+    return value if isinstance(value, int | float) else None
+
+
+# -- rules shared with the tools -------------------------------------------------------------
+
+def tool_allowed(tool: str, level: LevelPolicy) -> bool:
+    """Whether ``level`` lets plans use ``tool``."""
+    return level.tools is None or any(fnmatch.fnmatchcase(tool, p) for p in level.tools)
+
+
+def executable_problem(program: str, level: LevelPolicy, trust: Trust) -> str | None:
+    """Why ``shell.run`` may not start ``program`` (its ``argv[0]``) under ``level``, or
+    None. A name is matched as given (it is looked up on PATH); a path must match a listed
+    path, or be where a listed name is found on PATH."""
+    allowed = level.executables
+    if allowed is None or any(_program_matches(program, p) for p in allowed):
+        return None
+    return (f"shell.run may not start {program!r}: the '{trust}' policy's executables are "
+            f"{', '.join(allowed) or 'none'}")
+
+
+def check_executable(program: str, level: LevelPolicy, trust: Trust) -> None:
+    """Raise a ConfigurationError ("blocked by policy") unless ``program`` is allowed:
+    for ``shell.run`` where the step executes."""
+    problem = executable_problem(program, level, trust)
+    if problem:
+        raise ConfigurationError(f"blocked by policy: {problem}",
+                                 hint=f"use a listed program, or ask the operator {DOC}")
+
+
+def _program_matches(program: str, pattern: str) -> bool:
+    if "/" not in program:
+        if "/" not in pattern:
+            return fnmatch.fnmatchcase(program, pattern)
+        found = shutil.which(program)
+        return found is not None and fnmatch.fnmatchcase(os.path.normpath(found), pattern)
+    program = os.path.normpath(program)
+    if "/" in pattern:
+        return fnmatch.fnmatchcase(program, pattern)
+    found = shutil.which(pattern) if not _is_glob(pattern) else None
+    return found is not None and os.path.normpath(found) == program
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def tightest(asked: float | None, ceiling: float | None) -> float | None:
+    """The limit in force: the plan's, lowered to the ceiling; the ceiling when the plan
+    sets none."""
+    if asked is None:
+        return ceiling
+    return asked if ceiling is None else min(asked, ceiling)
