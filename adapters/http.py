@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Annotated, Any, Literal
@@ -27,13 +26,12 @@ from planrun.errors import (
     StepError,
     TransientError,
 )
+from planrun.redact import Redactor, redact_headers, redact_url, request_credentials
+
+__all__ = ["HttpRequest", "parse_retry_after", "redact_url"]
 
 MIB = 1024 * 1024
 CONNECT_TIMEOUT_S = 10.0
-SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie",
-                            "x-api-key"})
-SECRET_QUERY = re.compile(r"token|key|secret|password|passwd|signature|sig|auth", re.I)
-REDACTED = "[redacted]"
 URL_PATTERN = r"^[hH][tT][tT][pP][sS]?://[^\s/?#]+"
 SNIPPET_CHARS = 500
 
@@ -241,56 +239,15 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
-# -- redaction ----------------------------------------------------------------------------------
-
-def redact_headers(headers: dict[str, str]) -> dict[str, str]:
-    """``headers`` with the values of credential headers replaced."""
-    return {k: REDACTED if k.lower() in SECRET_HEADERS else v for k, v in headers.items()}
-
-
-def redact_url(url: str) -> str:
-    """``url`` without its password and the values of token-like query parameters."""
-    try:
-        parsed = httpx.URL(url)
-    except httpx.InvalidURL:
-        return url
-    if parsed.password:
-        parsed = parsed.copy_with(userinfo=f"{parsed.username}:redacted".encode())
-    if any(SECRET_QUERY.search(k) for k in parsed.params):
-        parsed = parsed.copy_with(params=[(k, "redacted" if SECRET_QUERY.search(k) else v)
-                                          for k, v in parsed.params.multi_items()])
-    return str(parsed)
-
+# -- redaction (planrun.redact) ------------------------------------------------------------
 
 def _secrets(params: HttpParams) -> list[str]:
-    values = [v for k, v in params.headers.items() if k.lower() in SECRET_HEADERS]
-    # "Bearer <token>", and the value as it shows inside a repr (escaped newlines...)
-    values += [text for v in list(values) for text in (*v.split(), repr(v)[1:-1])]
-    try:
-        url = httpx.URL(params.url)
-        values += [url.password or ""]
-        values += [str(v) for k, v in url.params.multi_items() if SECRET_QUERY.search(k)]
-    except httpx.InvalidURL:
-        pass
-    values += [str(v) for k, v in params.params.items() if SECRET_QUERY.search(k)]
-    return sorted({v for v in values if len(v) >= 4}, key=len, reverse=True)
+    return request_credentials(params.url, params.headers, params.params)
 
 
 def _scrubbed(error: StepError, secrets: list[str]) -> StepError:
-    """``error`` rebuilt with every secret value cut out of its message and details."""
-    def scrub(value: Any) -> Any:
-        if isinstance(value, str):
-            for secret in secrets:
-                value = value.replace(secret, REDACTED)
-            return value
-        if isinstance(value, dict):
-            return {k: scrub(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [scrub(v) for v in value]
-        return value
-
-    return type(error)(scrub(error.message), hint=scrub(error.hint),
-                       retry_after=error.retry_after, details=scrub(error.details))
+    """``error`` with every secret value cut out of its message, hint and details."""
+    return Redactor(secrets).scrub_error(error)
 
 
 def _where(exc: Exception) -> str:

@@ -44,7 +44,8 @@ def step_rows(run: RunRecord) -> list[dict[str, Any]]:
             "hint": error.hint if error else "",
             "note": step.reason or ("completed by its fallback" if step.fallback_used else ""),
         })
-    return rows
+    masked: list[dict[str, Any]] = run.redactor.mask(rows)  # docs/secrets.md
+    return masked
 
 
 class RunArtifacts:
@@ -75,8 +76,9 @@ class RunArtifacts:
         with _logged("steps table"):
             await acreate_table_artifact(
                 step_rows(self.run), key=artifact_key(self.run.plan),
-                description=f"{self.run.plan}: {self.run.status}"
-                            + (f" ({self.run.reason})" if self.run.reason else ""))
+                description=self.run.redactor.text(
+                    f"{self.run.plan}: {self.run.status}"
+                    + (f" ({self.run.reason})" if self.run.reason else "")))
 
     async def _keep_up(self) -> None:
         while not self.closing.is_set():

@@ -22,6 +22,7 @@ import logging
 from typing import Any
 
 from planrun.errors import step_error
+from planrun.redact import Redactor
 from planrun.report import StepRecord, StepStatus, epoch, iso
 
 log = logging.getLogger("planrun.checkpoints")
@@ -62,8 +63,9 @@ def restore(record: StepRecord, data: dict[str, Any]) -> None:
 class Checkpoints:
     """The checkpoints of one run, as JSON files in Prefect's default result storage."""
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str, redactor: Redactor | None = None) -> None:
         self.run_id = run_id
+        self.redactor = redactor or Redactor()  # the run's secrets never reach storage
         self._storage: Any = None
 
     async def begin(self) -> int:
@@ -78,7 +80,7 @@ class Checkpoints:
     async def save(self, record: StepRecord) -> None:
         """Keep ``record`` if it is a finished state worth keeping."""
         if record.status in KEPT:
-            await self._write(key(self.run_id, record.id), to_data(record))
+            await self._write(key(self.run_id, record.id), self.redactor.mask(to_data(record)))
 
     async def load(self, records: dict[str, StepRecord]) -> list[str]:
         """Restore every step of ``records`` that has a checkpoint; the ids restored."""

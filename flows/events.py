@@ -142,6 +142,7 @@ class RunEvents:
         from prefect.events import emit_event
 
         self.count += 1
+        payload = self.run.redactor.mask(payload)  # every event goes out here (docs/secrets.md)
         emit_event(event, resource=self.resource,
                    payload={"run_id": self.run.run_id, "n": self.count, **payload})
 

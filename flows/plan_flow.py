@@ -44,6 +44,8 @@ from planrun.report import (
     StepStatus,
     StepsView,
 )
+from planrun.secrets import RunSecrets, forget, input_blocks
+from planrun.secrets import load as load_secrets
 from planrun.validate import validate_data
 
 prefect_compat.install()
@@ -97,14 +99,22 @@ async def plan_flow(plan: dict[str, Any], inputs: dict[str, Any]) -> State[Any]:
     ``REPORTS``: sending it with the final state costs up to 0.3 s on a 300-step run."""
     context = FlowRunContext.get()
     run_id = str(context.flow_run.id) if context and context.flow_run else "local"
+    blocks = input_blocks(inputs)  # the run's secret inputs, stored until it ends
+    state = await _run_flow(plan, inputs, run_id)  # a Pause passes: the run goes on later
+    await forget(blocks)
+    return state
+
+
+async def _run_flow(plan: dict[str, Any], inputs: dict[str, Any], run_id: str) -> State[Any]:
     try:  # a deployment run's parameters come from anyone who can reach Prefect's API
         checked = validate_data(Source("<plan>", data=plan)).plan
+        inputs, secrets = await load_secrets(checked, inputs)  # docs/secrets.md
         inputs = resolve_inputs(checked, inputs, from_text=False)
     except PlanInvalid as exc:
         return Failed(message="the plan is not valid:\n" + "\n".join(map(str, exc.problems)))
     except (UsageError, PolicyInvalid) as exc:
         return Failed(message=str(exc))
-    report = await execute_plan(checked, inputs, run_id)
+    report = await execute_plan(checked, inputs, run_id, secrets=secrets)
     REPORTS[run_id] = report
     status, message = report["status"], report.get("reason") or report["status"]
     if status == RunStatus.FAILED:
@@ -118,8 +128,10 @@ async def plan_flow(plan: dict[str, Any], inputs: dict[str, Any]) -> State[Any]:
 
 async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
                        registry: Registry | None = None,
-                       workspace: Workspace | None = None) -> dict[str, Any]:
-    """Run ``plan`` inside the current flow run and return its report.
+                       workspace: Workspace | None = None,
+                       secrets: RunSecrets | None = None) -> dict[str, Any]:
+    """Run ``plan`` inside the current flow run and return its report; ``secrets`` are
+    what its templates read as ``secrets``, masked everywhere the run shows anything.
 
     When this flow run starts again (a resumed pause, a recovered crash), the steps that
     had finished are restored from their checkpoints. A pause that takes effect raises
@@ -130,9 +142,11 @@ async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
     registry = registry or default_registry()
     ceilings = load_policy().level(current_trust()).ceilings  # a plan can only tighten
     run = new_record(plan, run_id, registry)
+    secrets = secrets or RunSecrets()
+    run.redactor = secrets.redactor
     run.flow_run_url = _ui_url(run_id)
     durable = _is_this_flow_run(run_id)  # checkpoints, control and events need one
-    checkpoints = Checkpoints(run_id) if durable else None
+    checkpoints = Checkpoints(run_id, run.redactor) if durable else None
     segment = await checkpoints.begin() if checkpoints else 1
     restored = await checkpoints.load(run.steps) if checkpoints and segment > 1 else []
     workspace = workspace or Workspace(default_workspace_root(),
@@ -142,7 +156,7 @@ async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
 
     def context() -> dict[str, Any]:
         return {"inputs": inputs, "run": {"id": run_id, "plan": plan.name},
-                "steps": steps_view}
+                "steps": steps_view, "secrets": secrets.view()}
 
     artifacts = RunArtifacts(run)
     events = RunEvents(plan, run, segment) if durable else None
@@ -320,4 +334,5 @@ def _job(plan: Plan, step: Step, run: RunRecord, registry: Registry, workspace: 
         memory_mb=int(memory) if memory is not None else None,
         context=context, notify=notify,
         fallback_adapter=registry.get(step.fallback.tool) if step.fallback else None,
+        redactor=run.redactor,
     )

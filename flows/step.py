@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +24,6 @@ from prefect.exceptions import MissingContextError
 from prefect.states import Cancelled, Completed, Failed, State
 
 from adapters.base import Adapter, StepContext
-from adapters.http import redact_url
 from adapters.workspace import Workspace
 from flows.policy import RetryPolicy
 from flows.prefect_compat import task_with
@@ -33,23 +31,8 @@ from plan_schemas.model import Fallback, Step
 from planrun import templates
 from planrun.durations import parse_duration
 from planrun.errors import ConfigurationError, StepError
+from planrun.redact import Redactor, redact
 from planrun.report import StepRecord, StepStatus
-
-_SECRET_KEY = re.compile(r"authorization|cookie|token|secret|password|passwd|api[_-]?key",
-                         re.IGNORECASE)
-
-
-def redact(value: Any) -> Any:
-    """``value`` with the values of secret-looking keys replaced by ``***`` and the
-    secrets inside URLs (passwords, token-like query parameters) replaced too."""
-    if isinstance(value, dict):
-        return {k: "***" if isinstance(k, str) and _SECRET_KEY.search(k) else redact(v)
-                for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    if isinstance(value, str) and value.startswith(("http://", "https://")):
-        return redact_url(value)  # a password or a token-like query parameter in a URL
-    return value
 
 
 @dataclass
@@ -67,6 +50,8 @@ class StepJob:
     context: Callable[[], dict[str, Any]]
     notify: Callable[[StepRecord], None]
     fallback_adapter: Adapter | None = None
+    #: The run's secret values: masked in the step's input, output and errors at the source.
+    redactor: Redactor = field(default_factory=Redactor)
     last_error: StepError | None = None
     next_delay: float | None = field(default=None, repr=False)
 
@@ -106,12 +91,13 @@ class StepJob:
         log = _logger()
         try:
             params = self._render(self.step.with_)
-            record.input = redact(params)
+            record.input = self.redactor.mask(redact(params))
             if number > 1:  # a first attempt that succeeds logs nothing, like any task
                 log.info("%s: attempt %d with %s", self.step.tool, number, record.input)
             output = await self.adapter.run(params, self._context(number, log), self.timeout_s)
         except StepError as error:
             error.step_id, error.tool = self.step.id, self.step.tool
+            self.redactor.scrub_error(error)  # before Prefect's task-run state gets it
             self.last_error = error
             record.error = error
             log.warning("attempt %d failed (%s): %s. %s", number, error.category, error.message,
@@ -125,7 +111,7 @@ class StepJob:
             if self.fallback_adapter is not None and self.step.fallback is not None:
                 return await self._fallback(self.step.fallback, self.fallback_adapter, error, log)
             raise
-        return output
+        return self.redactor.mask(output)
 
     async def _fallback(self, fallback: Fallback, adapter: Adapter, error: StepError,
                         log: logging.Logger | logging.LoggerAdapter[Any]) -> Any:
@@ -137,6 +123,7 @@ class StepJob:
             log.info("attempts exhausted; trying the fallback %s", fallback.tool)
             output = await adapter.run(params, self._context(self.record.attempts, log), timeout)
         except StepError as fallback_error:
+            self.redactor.scrub_error(fallback_error)
             log.warning("the fallback failed too: %s", fallback_error.message)
             error.message = f"{error.message}; fallback {fallback.tool} also failed: " \
                             f"{fallback_error.message}"
@@ -145,7 +132,7 @@ class StepJob:
         log.info("completed by the fallback %s", fallback.tool)
         self.record.fallback_used = True
         self.record.error = None
-        return output
+        return self.redactor.mask(output)
 
     def _render(self, params: dict[str, Any]) -> Any:
         try:

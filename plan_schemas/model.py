@@ -115,15 +115,24 @@ class Step(_Strict):
     estimate: Duration | None = Field(default=None, description="Hint for the first time estimate.")
 
 
+#: An input's definition: JSON Schema, plus ``secret`` (docs/secrets.md).
+InputDefinition = Annotated[dict[str, Any], Field(json_schema_extra={"properties": {
+    "secret": {"type": "boolean", "default": False,
+               "description": "A secret: its value is passed by reference, never stored in "
+                              "the flow run's parameters, and masked (***) wherever the run "
+                              "shows it. A secret input has no default."}}})]
+
+
 class Plan(_Strict):
     """An agent plan, version 1."""
 
     version: Literal[1] = Field(description="Plan format version; always 1.")
     name: str = Field(pattern=PLAN_NAME_PATTERN, max_length=100, description="The plan's name.")
     description: str | None = None
-    inputs: dict[Annotated[str, Field(pattern=STEP_ID_PATTERN)], dict[str, Any]] = Field(
+    inputs: dict[Annotated[str, Field(pattern=STEP_ID_PATTERN)], InputDefinition] = Field(
         default_factory=dict,
-        description="Inputs as JSON-Schema property definitions (type, default, enum...).",
+        description="Inputs as JSON-Schema property definitions (type, default, enum...); "
+                    "secret: true keeps a value out of everything the run stores or shows.",
         # pydantic states the key pattern only as patternProperties, which lets other keys by
         json_schema_extra={"propertyNames": {"pattern": STEP_ID_PATTERN}},
     )

@@ -1,4 +1,8 @@
-"""Run inputs: ``--input k=v`` strings typed by the plan's ``inputs`` definitions."""
+"""Run inputs: ``--input k=v`` strings typed by the plan's ``inputs`` definitions.
+
+The value of an input declared ``secret: true`` never appears in an error
+(docs/secrets.md): the error names the input and the rule it breaks.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import math
 from typing import Any
 
 import referencing
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, ValidationError
 
 from plan_schemas.model import Plan
 from planrun.errors import UsageError
@@ -38,7 +42,16 @@ def _typed(name: str, text: str, spec: dict[str, Any]) -> Any:
             raise ValueError(text)
         return json.loads(text)
     except ValueError:
-        raise UsageError(f"input '{name}': {text!r} is not {' or '.join(kinds)}") from None
+        shown = "the secret value" if spec.get("secret") is True else repr(text)
+        raise UsageError(f"input '{name}': {shown} is not {' or '.join(kinds)}") from None
+
+
+def _said(err: ValidationError, spec: dict[str, Any]) -> str:
+    """The error's message; for a secret, the rule it breaks instead (the message would
+    quote the value)."""
+    if spec.get("secret") is True:
+        return f"the secret value does not fit the input's '{err.validator}' rule"
+    return err.message
 
 
 def parse_pairs(pairs: list[str]) -> dict[str, str]:
@@ -74,7 +87,7 @@ def resolve_inputs(plan: Plan, given: dict[str, Any], *, from_text: bool) -> dic
             problems.append(f"input '{name}' is required: pass --input {name}=VALUE")
             continue
         for err in Draft202012Validator(spec, registry=_NO_RETRIEVAL).iter_errors(value):
-            problems.append(f"input '{name}': {err.message}")
+            problems.append(f"input '{name}': {_said(err, spec)}")
         values[name] = value
     if problems:
         raise UsageError("; ".join(problems))

@@ -10,6 +10,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from planrun.errors import StepError
+from planrun.redact import Redactor
 
 
 class StepStatus(StrEnum):
@@ -129,6 +130,8 @@ class RunRecord:
     reason: str | None = None
     flow_run_url: str | None = None
     rolled_back: list[str] = field(default_factory=list)
+    #: The run's secret values (docs/secrets.md): masked in everything made from the record.
+    redactor: Redactor = field(default_factory=Redactor, repr=False, compare=False)
 
     @property
     def duration_s(self) -> float | None:
@@ -154,9 +157,10 @@ class RunRecord:
 
     def to_report(self, now: float | None = None) -> dict[str, Any]:
         """The run report as of ``now`` (default: this instant), one instant for every
-        duration in it, so that a report of a running run is consistent with itself."""
+        duration in it, so that a report of a running run is consistent with itself; the
+        run's secret values are masked in it."""
         now = now or time.time()
-        return {
+        return self.redactor.mask({
             "run_id": self.run_id, "plan": self.plan, "status": str(self.status),
             "reason": self.reason, "started_at": iso(self.started_at),
             "ended_at": iso(self.ended_at),
@@ -164,7 +168,7 @@ class RunRecord:
             "progress": self.progress(), "prefect_url": self.flow_run_url,
             "rolled_back": self.rolled_back,
             "steps": {sid: s.to_report(now) for sid, s in self.steps.items()},
-        }
+        })
 
 
 class StepsView(Mapping[str, dict[str, Any]]):

@@ -10,6 +10,7 @@ from typing import Any
 from planrun.errors import PlanrunError
 from planrun.policy import Trust, trusted_as
 from planrun.report import RunObserver
+from planrun.secrets import held_inputs
 from planrun.server import ensure_server, healthy
 
 
@@ -35,6 +36,8 @@ async def run_plan(plan: dict[str, Any], inputs: dict[str, Any],
 
     The run is ``local``: its author runs it from this process, so the local level of
     the policy applies to it (docs/policy.md); runs of the deployment are ``submitted``.
+    Secret inputs stay in this process's memory: the flow run's parameters hold only
+    references to them (docs/secrets.md).
     SIGINT and SIGTERM cancel the run (running commands are killed, files rolled back)
     instead of tearing the process down.
     """
@@ -49,9 +52,10 @@ async def run_plan(plan: dict[str, Any], inputs: dict[str, Any],
     if observer is not None:
         compiled.OBSERVERS.append(observer)
     try:
-        with tags("planrun", f"plan:{plan['name']}"), trusted_as(Trust.LOCAL):
+        with tags("planrun", f"plan:{plan['name']}"), trusted_as(Trust.LOCAL), \
+                held_inputs(plan.get("inputs") or {}, inputs) as params:
             state = await compiled.plan_flow.with_options(flow_run_name=plan["name"])(
-                plan, inputs, return_state=True)
+                plan, params, return_state=True)
         report = compiled.REPORTS.pop(str(state.state_details.flow_run_id), None)
         if report is None:
             raise PlanrunError(f"the flow run ended {state.type.value} without a report: "

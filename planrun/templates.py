@@ -1,5 +1,5 @@
 """Templates in plans: ``{{ inputs.NAME }}``, ``{{ steps.ID.output... }}``,
-``{{ steps.ID.status }}`` and ``{{ run.id }}``.
+``{{ steps.ID.status }}``, ``{{ run.id }}`` and ``{{ secrets.NAME }}`` (docs/secrets.md).
 
 Rendered by Jinja2's sandbox (never ``eval``). A string that is exactly one ``{{ ... }}``
 keeps the type of its value (a list stays a list); any other string renders to text.
@@ -18,7 +18,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 #: What a template may read of a step: ``steps.ID.<field>``.
 STEP_FIELDS = ("output", "status", "error", "attempts", "reason", "fallback_used")
-NAMES = ("inputs", "steps", "run")
+NAMES = ("inputs", "steps", "run", "secrets")
 
 _WHOLE = re.compile(r"^\s*\{\{(?P<expr>(?:(?!\}\}).)*)\}\}\s*$", re.DOTALL)
 #: The most items (characters, list entries) one ``*`` may produce, and the largest
@@ -104,7 +104,7 @@ def _references(text: str) -> tuple[list[Reference], set[str]]:
     lookup: Any
     for lookup in tree.find_all((nodes.Getattr, nodes.Getitem)):
         base = lookup.node
-        if not (isinstance(base, nodes.Name) and base.name in ("inputs", "steps")):
+        if not (isinstance(base, nodes.Name) and base.name in ("inputs", "steps", "secrets")):
             continue
         name = _key(lookup)
         if name is None:
@@ -115,8 +115,8 @@ def _references(text: str) -> tuple[list[Reference], set[str]]:
             field = _parent_field(tree, lookup)
         found.append(Reference(base.name, name, field))
     for node in tree.find_all(nodes.Name):
-        if node.name == "steps" and node.ctx == "load" and id(node) not in named:
-            found.append(Reference("steps", DYNAMIC))  # steps[expr], for s in steps, ...
+        if node.name in ("steps", "secrets") and node.ctx == "load" and id(node) not in named:
+            found.append(Reference(node.name, DYNAMIC))  # steps[expr], for s in steps, ...
     return found, unknown
 
 

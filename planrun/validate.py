@@ -27,7 +27,7 @@ from adapters.registry import Registry, default_registry
 from adapters.workspace import SAFE_PATH_PATTERN, path_problem
 from plan_schemas import model_schema
 from plan_schemas.model import Plan
-from planrun import templates
+from planrun import secrets, templates
 from planrun.durations import parse_duration
 from planrun.errors import PlanInvalid, Problem
 from planrun.loader import Path_, Source, load
@@ -342,7 +342,7 @@ def _template_problems(source: Source,
                 continue
             for name in sorted(unknown):
                 yield source.problem(path, f"unknown name '{name}' in template; "
-                                           "templates can use inputs, steps and run")
+                                           "templates can use inputs, steps, run and secrets")
             for ref in refs:
                 message = _reference_problem(ref, inputs, ids, upstream, step.get("id"))
                 if message:
@@ -408,6 +408,10 @@ def _union(needs: list[str], bit: dict[str, int], before: dict[str, int]) -> int
 
 def _reference_problem(ref: templates.Reference, inputs: dict[str, Any],
                        ids: dict[str, Any], upstream: _Upstream, own: Any) -> str | None:
+    if ref.root == "secrets":  # whether it is set is known only where the run executes
+        if ref.name == templates.DYNAMIC:
+            return "name each secret a template reads, as secrets.NAME"
+        return secrets.name_problem(ref.name)
     if ref.root == "inputs":
         if ref.name not in inputs:
             known = ", ".join(inputs) or "none are declared"
@@ -454,6 +458,9 @@ _NO_RETRIEVAL: referencing.Registry[Any] = referencing.Registry()
 
 
 def _input_definition_problem(spec: dict[str, Any]) -> str | None:
+    secret = secrets.definition_problem(spec)
+    if secret is not None:
+        return secret
     if _has_key(spec, ("pattern", "patternProperties")):
         return ("'pattern' is not allowed in input definitions (a planner's regular expression "
                 "could make validation hang); use enum, minLength or maxLength")

@@ -20,6 +20,7 @@ import uvicorn
 
 from planrun import bridge_token
 from planrun.errors import PlanrunError
+from planrun.secrets import forget, stored_inputs
 from progress_bridge.app import create_app
 from progress_bridge.hub import Hub
 from progress_bridge.ratelimit import DEFAULT_BURST, DEFAULT_PER_S
@@ -31,16 +32,23 @@ WILDCARDS = ("0.0.0.0", "::", "")  # every address: its clients name it as they 
 
 
 async def submit_deployment(plan: dict[str, Any], inputs: dict[str, Any]) -> str:
-    """Start ``plan`` as a run of the plan-runner deployment; its flow run id."""
+    """Start ``plan`` as a run of the plan-runner deployment; its flow run id. Secret
+    inputs go to the run as references to Secret blocks, never as parameters
+    (docs/secrets.md)."""
     from prefect.deployments import run_deployment
 
     from flows.serve import DEPLOYMENT_PATH
 
     name = str(plan.get("name", "plan"))
-    started = run_deployment(DEPLOYMENT_PATH, parameters={"plan": plan, "inputs": inputs},
-                             timeout=0, as_subflow=False, flow_run_name=name,
-                             tags=["planrun", f"plan:{name}"])
-    flow_run = await started if inspect.isawaitable(started) else started
+    params, blocks = await stored_inputs(plan.get("inputs") or {}, inputs)
+    try:
+        started = run_deployment(DEPLOYMENT_PATH, parameters={"plan": plan, "inputs": params},
+                                 timeout=0, as_subflow=False, flow_run_name=name,
+                                 tags=["planrun", f"plan:{name}"])
+        flow_run = await started if inspect.isawaitable(started) else started
+    except BaseException:
+        await forget(blocks)  # no run will ever read them
+        raise
     return str(flow_run.id)
 
 
