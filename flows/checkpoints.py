@@ -11,6 +11,9 @@ as JSON in Prefect's default result storage (local files under
 ``planrun-<run id>-<step id>``. The key is the plan run's and the step's, not Prefect's
 default cache key, which includes the flow run id and the task's inputs. It is written
 before the step's finish is announced, so nothing announced as finished is run again.
+
+The nonce of each approval gate's latest asking is kept here too
+(``planrun-gate-<run id>-<step id>``): a place no step can write (docs/approvals.md).
 """
 
 from __future__ import annotations
@@ -33,6 +36,12 @@ KEPT = frozenset({StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.SKIPPED})
 
 def key(run_id: str, step_id: str) -> str:
     return f"planrun-{run_id}-{step_id}"
+
+
+def gate_key(run_id: str, step_id: str) -> str:
+    """Where the nonce of a step's gate is kept (``planrun-gate-``: never a step's key, as
+    run ids are UUIDs)."""
+    return f"planrun-gate-{run_id}-{step_id}"
 
 
 def to_data(record: StepRecord) -> dict[str, Any]:
@@ -93,6 +102,17 @@ class Checkpoints:
 
         restored = await asyncio.gather(*(one(sid) for sid in records))
         return [sid for sid in restored if sid is not None]
+
+    async def save_asking(self, step_id: str, nonce: str) -> None:
+        """Keep the nonce of the step's gate as it is asked now; it replaces the one of any
+        earlier asking, whose answers then no longer count (docs/approvals.md)."""
+        await self._write(gate_key(self.run_id, step_id), {"nonce": nonce})
+
+    async def asking(self, step_id: str) -> str | None:
+        """The nonce of the step's gate as last asked; None if it never was."""
+        found = await self._read(gate_key(self.run_id, step_id))
+        nonce = found.get("nonce") if found else None
+        return nonce if isinstance(nonce, str) else None
 
     async def _storage_block(self) -> Any:
         if self._storage is None:

@@ -24,10 +24,12 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Callable
+import secrets
+from collections.abc import Callable, Iterable
 from typing import Any
 from uuid import UUID
 
+from flows.checkpoints import Checkpoints
 from flows.scheduler import Scheduler
 
 log = logging.getLogger("planrun.control")
@@ -41,12 +43,51 @@ TIMED_OUT = "approval timed out"
 
 
 def approval_key(step_id: str) -> str:
-    """The pause key of a step's approval gate: one per step, so a gate asked once is not
-    asked again when the run's flow body starts over (and gates in skipped branches never
-    take another gate's key)."""
+    """The start of the pause keys of a step's approval gate: one per step (gates in
+    skipped branches never take another gate's key). Each asking adds its nonce
+    (``asking_key``): this part alone is predictable, so no answer is read under it."""
     slug = re.sub(r"[^a-z0-9]+", "-", step_id.lower()).strip("-")[:40]
     digest = hashlib.sha1(step_id.encode()).hexdigest()[:8]  # ids differing only in case
     return f"approval-{slug}-{digest}"  # Prefect's input keys: lowercase, digits, dashes
+
+
+def asking_key(step_id: str, nonce: str) -> str:
+    """The pause key of one asking of the step's gate; its answer is read under it only."""
+    return f"{approval_key(step_id)}-{nonce}"
+
+
+def is_asking_of(pause_key: str | None, step_id: str) -> bool:
+    """Whether ``pause_key`` (a suspension's) is an asking of ``step_id``'s gate."""
+    pattern = re.escape(approval_key(step_id)) + r"-[0-9a-f]{32}"
+    return pause_key is not None and re.fullmatch(pattern, pause_key) is not None
+
+
+def answer_of(inputs: Iterable[Any], base_key: str) -> tuple[bool, str] | None:
+    """The answer among a gate's flow-run inputs (``base_key``: ``suspended-`` and the
+    asking's key), or None if there is none that counts.
+
+    It counts only if it was written after the asking's form: both stamps are the Prefect
+    server's, so no clock but one is compared.
+    """
+    from prefect.input.run_input import keyset_from_base_key
+
+    keys = keyset_from_base_key(base_key)
+    found = {item.key: item for item in inputs}
+    form, response = found.get(keys["schema"]), found.get(keys["response"])
+    if response is None:
+        return None
+    if form is None or form.created is None or response.created is None \
+            or response.created < form.created:
+        log.warning("an answer under %s older than its asking is ignored", base_key)
+        return None
+    try:
+        data = json.loads(response.value)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("approved"), bool):
+        log.warning("an answer under %s is not an approval form's: ignored", base_key)
+        return None
+    return data["approved"], str(data.get("comment") or "")
 
 
 def approval_input() -> Any:
@@ -70,6 +111,11 @@ class RunControl:
         self.scheduler = scheduler
         self.poll_s = poll_s
         self.beat = beat  # a sign of life every HEARTBEAT_S, for the bridge's crash rule
+        # Each gate's nonce is kept with the run's checkpoints, in Prefect's result storage
+        # (under the data directory by default): outside the workspace, so no step can
+        # write it, and not in the flow run, whose labels and states anything that reaches
+        # the Prefect API can set. It outlives the process that suspends at the gate.
+        self.gates = Checkpoints(run_id)
 
     async def cancel_requested(self) -> bool:
         """Whether the run was asked to end cancelled while it was paused."""
@@ -122,30 +168,29 @@ class RunControl:
         return result.state
 
     async def decision(self, step_id: str) -> tuple[bool, str] | None:
-        """The answer given at the step's gate, or None while there is none."""
+        """The answer given to the latest asking of the step's gate, or None while there
+        is none: answers written before it was asked, under another key or to an earlier
+        asking do not count (``answer_of``)."""
         from prefect.client.orchestration import get_client
-        from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
-        from prefect.input.run_input import keyset_from_base_key
 
-        keys = keyset_from_base_key(f"suspended-{approval_key(step_id)}")
+        nonce = await self.gates.asking(step_id)
+        if nonce is None:
+            return None  # never asked
+        base_key = f"suspended-{asking_key(step_id, nonce)}"
         async with get_client() as client:
-            try:
-                raw = await client.read_flow_run_input(self.run_id, keys["response"])
-            except ObjectNotFound:
-                return None
-            except PrefectHTTPStatusError as exc:
-                if exc.response.status_code == 404:  # not answered (not asked) yet
-                    return None
-                raise
-        data = json.loads(raw)
-        return bool(data.get("approved")), str(data.get("comment") or "")
+            found = await client.filter_flow_run_input(self.run_id, base_key, limit=10,
+                                                       exclude_keys=set())
+        return answer_of(found, base_key)
 
     async def ask(self, step_id: str, prompt: str) -> None:
-        """Suspend the run at the step's gate, with a form for the answer; raises
-        ``Pause`` (the process ends; an answer resumes the run in a new one)."""
+        """Suspend the run at the step's gate under a new nonce, with a form for the
+        answer; raises ``Pause`` (the process ends; an answer resumes the run in a new
+        one). The nonce is kept before the run is suspended, so its answer is found."""
         from prefect.flow_runs import asuspend_flow_run
 
+        nonce = secrets.token_hex(16)
+        await self.gates.save_asking(step_id, nonce)
         form = approval_input().with_initial_data(description=prompt, approved=False)
-        await asuspend_flow_run(wait_for_input=form, key=approval_key(step_id))
+        await asuspend_flow_run(wait_for_input=form, key=asking_key(step_id, nonce))
         raise RuntimeError(f"the gate of {step_id} was answered while it was being asked")
 

@@ -199,15 +199,16 @@ async def reject(run_id: str, step_id: str, decision: Decision | None = None) ->
 
 async def answer_gate(run_id: str, step_id: str, *, approved: bool, comment: str) -> None:
     """Resume a run suspended at ``step_id``'s gate with the answer; 409 unless it waits
-    there."""
+    there. The answer goes under the key of the suspension as it is now (Prefect's resume
+    writes it there), so it answers this asking and no earlier one."""
     from prefect.flow_runs import aresume_flow_run
 
-    from flows.control import approval_key
+    from flows.control import is_asking_of
 
     async with _flow_run(run_id) as (_client, flow_run):
         state = flow_run.state
         waiting = (state.type.value == "PAUSED" and state.state_details.run_input_keyset
-                   and state.state_details.pause_key == approval_key(step_id))
+                   and is_asking_of(state.state_details.pause_key, step_id))
         if not waiting:
             raise HTTPException(409, f"run {run_id} is not waiting for an approval of "
                                 f"{step_id} (it is {_state(flow_run)})")
