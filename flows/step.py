@@ -90,11 +90,11 @@ class StepJob:
         self.notify(record)
         log = _logger()
         try:
-            params = self._render(self.step.with_)
+            params, left = await self._render(self.step.with_, self.timeout_s, ("with",))
             record.input = self.redactor.mask(redact(params))
             if number > 1:  # a first attempt that succeeds logs nothing, like any task
                 log.info("%s: attempt %d with %s", self.step.tool, number, record.input)
-            output = await self.adapter.run(params, self._context(number, log), self.timeout_s)
+            output = await self.adapter.run(params, self._context(number, log), left)
         except StepError as error:
             error.step_id, error.tool = self.step.id, self.step.tool
             self.redactor.scrub_error(error)  # before Prefect's task-run state gets it
@@ -119,9 +119,9 @@ class StepJob:
         if fallback.timeout is not None:
             timeout = parse_duration(fallback.timeout)
         try:
-            params = self._render(fallback.with_)
+            params, left = await self._render(fallback.with_, timeout, ("fallback", "with"))
             log.info("attempts exhausted; trying the fallback %s", fallback.tool)
-            output = await adapter.run(params, self._context(self.record.attempts, log), timeout)
+            output = await adapter.run(params, self._context(self.record.attempts, log), left)
         except StepError as fallback_error:
             self.redactor.scrub_error(fallback_error)
             log.warning("the fallback failed too: %s", fallback_error.message)
@@ -134,12 +134,28 @@ class StepJob:
         self.record.error = None
         return self.redactor.mask(output)
 
-    def _render(self, params: dict[str, Any]) -> Any:
+    async def _render(self, params: dict[str, Any], timeout: float | None,
+                      where: tuple[str, ...]) -> tuple[Any, float | None]:
+        """``params`` rendered off the event loop, inside the step's ``timeout`` (so a slow
+        template counts against it, and a cancel or the run deadline stops it), and the
+        seconds of the timeout left for the tool."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        path = ("steps", self.step.id, *where)
         try:
-            return templates.render(params, self.context())
+            async with asyncio.timeout(timeout):
+                rendered = await templates.render_async(params, self.context(), path,
+                                                        seconds=timeout)
+        except TimeoutError:
+            raise ConfigurationError(
+                f"rendering the templates of {'.'.join(path)} took longer than the step's "
+                f"timeout of {timeout:g}s", hint="make the template do less work",
+                step_id=self.step.id, tool=self.step.tool) from None
         except templates.TemplateError as exc:
             raise ConfigurationError(str(exc), hint="fix the template in the step's 'with:'",
                                      step_id=self.step.id, tool=self.step.tool) from None
+        left = None if timeout is None else max(timeout - (loop.time() - started), 0.001)
+        return rendered, left
 
     def _context(self, number: int, log: Any) -> StepContext:
         return StepContext(run_id=self.run_id, step_id=self.step.id, workspace=self.workspace,

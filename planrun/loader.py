@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,10 +76,59 @@ class _TooDeep(Exception):
         self.where = where
 
 
+def read_plan(path: str | os.PathLike[str]) -> tuple[bytes | None, list[Problem]]:
+    """The bytes of the plan file at ``path``, or the problems that stop it being read.
+
+    No more than MAX_PLAN_BYTES + 1 bytes are ever read: a huge file, ``/dev/zero`` or a
+    pipe that never ends is refused at that point. A named pipe nobody writes to reads
+    as empty rather than waiting forever.
+    """
+    file = str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        return None, [_unreadable(file, exc)]
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            return None, [Problem(file, 0, 0, "plan", "cannot read the file: it is a directory")]
+        if stat.S_ISREG(info.st_mode) and info.st_size > MAX_PLAN_BYTES:
+            return None, [_too_many_bytes(file, f"{info.st_size} bytes")]
+        os.set_blocking(fd, True)
+        raw = _read_at_most(fd, MAX_PLAN_BYTES + 1)
+    except OSError as exc:
+        return None, [_unreadable(file, exc)]
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_PLAN_BYTES:
+        return None, [_too_many_bytes(file, f"more than {MAX_PLAN_BYTES} bytes")]
+    return raw, []
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = os.read(fd, min(1 << 20, limit - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _unreadable(file: str, exc: OSError) -> Problem:
+    return Problem(file, 0, 0, "plan", f"cannot read the file: {exc.strerror or exc}")
+
+
+def _too_many_bytes(file: str, size: str) -> Problem:
+    return Problem(file, 1, 1, "plan", f"the file is {size}; a plan may be at most "
+                                       f"{MAX_PLAN_BYTES} bytes")
+
+
 def _decode(raw: bytes, file: str) -> tuple[str | None, list[Problem]]:
     if len(raw) > MAX_PLAN_BYTES:
-        return None, [Problem(file, 1, 1, "plan", f"the file is {len(raw)} bytes; "
-                              f"a plan may be at most {MAX_PLAN_BYTES} bytes")]
+        return None, [_too_many_bytes(file, f"{len(raw)} bytes")]
     if b"\x00" in raw:
         return None, [Problem(file, 1, 1, "plan", "the file is binary, not YAML text")]
     try:
@@ -96,6 +147,8 @@ def load(raw: bytes | str, file: str = "<plan>") -> tuple[Source, list[Problem]]
         text, problems = _decode(raw, file)
         if text is None:
             return source, problems
+    elif len(raw) > MAX_PLAN_BYTES:
+        return source, [_too_many_bytes(file, f"{len(raw)} characters")]
     else:
         text = raw
     try:

@@ -1,55 +1,42 @@
 """Templates in plans: ``{{ inputs.NAME }}``, ``{{ steps.ID.output... }}``,
 ``{{ steps.ID.status }}``, ``{{ run.id }}`` and ``{{ secrets.NAME }}`` (docs/secrets.md).
 
-Rendered by Jinja2's sandbox (never ``eval``). A string that is exactly one ``{{ ... }}``
-keeps the type of its value (a list stays a list); any other string renders to text.
+Rendered by Jinja2's sandbox (never ``eval``), within the limits of
+``planrun.template_limits``, off the event loop (``render_async``). A string that is
+exactly one ``{{ ... }}`` keeps the type of its value (a list stays a list); any other
+string renders to text. Checking a plan only parses and analyses its templates: nothing
+in them is evaluated then (docs/templates.md).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import islice
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateSyntaxError, Undefined, nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2 import StrictUndefined, Template, TemplateSyntaxError, Undefined, nodes
+from jinja2.compiler import CodeGenerator, Frame
+
+from planrun import template_limits as limits
+from planrun.loader import format_path
+from planrun.template_sandbox import BoundedSandbox
 
 #: What a template may read of a step: ``steps.ID.<field>``.
 STEP_FIELDS = ("output", "status", "error", "attempts", "reason", "fallback_used")
 NAMES = ("inputs", "steps", "run", "secrets")
 
+#: The longest template one string may hold, and the most template text of one plan:
+#: checking a plan parses every template, which takes about a second per 200,000 characters.
+MAX_TEMPLATE = 20_000
+MAX_PLAN_TEMPLATES = 250_000
+
 _WHOLE = re.compile(r"^\s*\{\{(?P<expr>(?:(?!\}\}).)*)\}\}\s*$", re.DOTALL)
-#: The most items (characters, list entries) one ``*`` may produce, and the largest
-#: exponent of ``**``: a plan's template must not be able to exhaust memory or the CPU.
-MAX_REPEAT = 100_000
-MAX_EXPONENT = 256
-MAX_BITS = 100_000
 
-
-class _BoundedSandbox(ImmutableSandboxedEnvironment):
-    """Jinja's immutable sandbox, with ``*`` and ``**`` bounded in what they produce."""
-
-    intercepted_binops = frozenset({"*", "**"})
-
-    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "**" and isinstance(right, (int, float)) and abs(right) > MAX_EXPONENT \
-                and not (isinstance(left, (int, float)) and abs(left) <= 1):
-            raise TemplateError(f"exponent {right} is too large (at most {MAX_EXPONENT})")
-        if operator == "**" and isinstance(left, int) and isinstance(right, int) \
-                and abs(left).bit_length() * abs(right) > MAX_BITS:
-            raise TemplateError(f"the power {left}**{right} is too large")
-        if operator == "*":
-            for seq, times in ((left, right), (right, left)):
-                if isinstance(seq, (str, list, tuple)) and isinstance(times, int) \
-                        and len(seq) * times > MAX_REPEAT:
-                    raise TemplateError(f"repeating {len(seq)} items {times} times is too "
-                                        f"much (at most {MAX_REPEAT} items)")
-        return super().call_binop(context, operator, left, right)
-
-
-_ENV = _BoundedSandbox(undefined=StrictUndefined, autoescape=False)
+_ENV = BoundedSandbox(undefined=StrictUndefined, autoescape=False)
 
 
 class TemplateError(Exception):
@@ -90,6 +77,9 @@ def _parse(text: str) -> nodes.Template:
 
 def references(text: str) -> tuple[list[Reference], set[str]]:
     """The steps and inputs ``text`` reads, and any unknown top-level names."""
+    if len(text) > MAX_TEMPLATE:
+        raise TemplateError(f"the template is {len(text):,} characters long; a template may "
+                            f"be at most {MAX_TEMPLATE:,}")
     try:
         return _references(text)
     except RecursionError:
@@ -142,15 +132,31 @@ def _undeclared(tree: nodes.Template, text: str) -> set[str]:
     if all(isinstance(node, _PLAIN_STATEMENTS) for node in tree.find_all(nodes.Stmt)):
         loaded = {n.name for n in tree.find_all(nodes.Name) if n.ctx == "load"}
         return loaded - _BUILTIN_NAMES
-    from jinja2 import meta
-
     try:
-        # On a tree of its own: Jinja's optimizer rewrites the tree it compiles.
-        return set(meta.find_undeclared_variables(_ENV.parse(text)))
+        names = _Names(_ENV)
+        names.visit(tree)  # reads the tree, never changes it: no optimizer
+        return names.undeclared
     except TemplateSyntaxError as exc:  # TemplateAssertionError: a block used wrongly
         raise TemplateError(f"template error: {exc.message}") from None
-    except Exception as exc:  # noqa: BLE001 - Jinja folds constants while it analyses
-        raise TemplateError(f"template error: {exc}") from None
+
+
+class _Names(CodeGenerator):
+    """Jinja's code generator used only to find the names a template reads from its
+    context (as ``jinja2.meta``), built without the optimizer: it writes nothing and
+    evaluates nothing, so checking ``{{ 'x'|center(10**9) }}`` costs nothing."""
+
+    def __init__(self, environment: BoundedSandbox) -> None:
+        super().__init__(environment, "<names>", "<names>", optimized=False)
+        self.undeclared: set[str] = set()
+
+    def write(self, x: str) -> None:
+        """Writes nothing: only the names matter."""
+
+    def enter_frame(self, frame: Frame) -> None:
+        super().enter_frame(frame)
+        for action, name in frame.symbols.loads.values():
+            if action == "resolve" and name not in self.environment.globals:
+                self.undeclared.add(name)
 
 
 def _key(lookup: Any) -> str | None:
@@ -185,33 +191,94 @@ def strings(value: Any, path: TemplatePath = ()) -> Iterator[tuple[TemplatePath,
             yield from strings(item, (*path, i))
 
 
-def render(value: Any, context: dict[str, Any]) -> Any:
-    """``value`` with every template in it rendered against ``context``."""
+async def render_async(value: Any, context: dict[str, Any], path: TemplatePath = (), *,
+                       seconds: float | None = None,
+                       stop: Callable[[], bool] | None = None) -> Any:
+    """``render`` in a worker thread, so a slow template never holds the event loop.
+
+    It ends within ``seconds`` (at most MAX_RENDER_S) or once ``stop()`` is true. A caller
+    that stops waiting (its timeout, a cancel) makes the thread stop at its next step.
+    """
+    limit = limits.MAX_RENDER_S if seconds is None else min(seconds, limits.MAX_RENDER_S)
+    spent = limits.Budget(seconds=limit, stop=stop)
+    try:
+        return await asyncio.to_thread(render, value, context, path, spent)
+    finally:
+        spent.stopped = True
+
+
+def render(value: Any, context: dict[str, Any], path: TemplatePath = (),
+           budget: limits.Budget | None = None) -> Any:
+    """``value`` with every template in it rendered against ``context``, all of it
+    within one budget; a TemplateError names the place (``path``) that failed."""
+    with limits.budget(budget or limits.Budget()):
+        return _render(value, context, path)
+
+
+def _render(value: Any, context: dict[str, Any], path: TemplatePath) -> Any:
     if isinstance(value, str):
-        return render_string(value, context) if has_template(value) else value
+        if not has_template(value):
+            return value
+        try:
+            return render_string(value, context)
+        except TemplateError as exc:
+            raise TemplateError(f"{exc} at {format_path(path)}" if path else str(exc)) from None
     if isinstance(value, dict):
-        return {key: render(item, context) for key, item in value.items()}
+        return {key: _render(item, context, (*path, key)) for key, item in value.items()}
     if isinstance(value, list):
-        return [render(item, context) for item in value]
+        return [_render(item, context, (*path, i)) for i, item in enumerate(value)]
     return value
 
 
 def render_string(text: str, context: dict[str, Any]) -> Any:
-    """Render one string; exactly one ``{{ expr }}`` keeps the expression's type."""
+    """Render one string; exactly one ``{{ expr }}`` keeps the expression's type, as
+    plain data (text, numbers, true/false, null, lists and mappings with text keys)."""
     try:
         whole = _WHOLE.match(text)
         if whole:
             result = _expression(whole.group("expr").strip())(**context)
             if isinstance(result, Undefined):
                 result._fail_with_undefined_error()
-            return result
-        return _ENV.from_string(text).render(**context)
-    except TemplateError:
-        raise
+            limits.check_size(result, "output")
+            return _data(result)
+        return _template(text).render(**context)
+    except (TemplateError, limits.OverLimit) as exc:
+        raise TemplateError(str(exc)) from None
     except TemplateSyntaxError as exc:
-        raise TemplateError(f"template syntax error in {text!r}: {exc.message}") from None
+        raise TemplateError(f"template syntax error in {_show(text)}: {exc.message}") from None
+    except RecursionError:
+        raise TemplateError(f"cannot render {_show(text)}: it recurses too deeply") from None
     except Exception as exc:  # noqa: BLE001 - Jinja raises many kinds; all mean "cannot render"
-        raise TemplateError(f"cannot render {text!r}: {exc}") from None
+        raise TemplateError(f"cannot render {_show(text)}: {exc}") from None
+
+
+def _show(text: str) -> str:
+    return repr(text) if len(text) <= 200 else repr(text[:197] + "...")
+
+
+def _data(value: Any) -> Any:
+    """``value`` as JSON's kinds of data, which every tool takes and every report holds."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, Mapping):
+        for key in value:
+            if not isinstance(key, str):
+                raise TemplateError(f"a mapping's keys must be text; {key!r} is not")
+        return {key: _data(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, range, Iterator)):
+        items = list(islice(value, limits.MAX_REPEAT + 1))
+        if len(items) > limits.MAX_REPEAT:
+            raise TemplateError(f"template value of over {limits.MAX_REPEAT:,} items")
+        return [_data(item) for item in items]
+    raise TemplateError(f"the template gives a {type(value).__name__}, not text, a number, "
+                        "true/false, a list or a mapping")
+
+
+@lru_cache(maxsize=1024)
+def _template(text: str) -> Template:
+    return _ENV.from_string(text)
 
 
 @lru_cache(maxsize=4096)

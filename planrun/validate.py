@@ -30,7 +30,7 @@ from plan_schemas.model import Plan
 from planrun import secrets, templates
 from planrun.durations import parse_duration
 from planrun.errors import PlanInvalid, Problem
-from planrun.loader import Path_, Source, load
+from planrun.loader import Path_, Source, load, read_plan
 from planrun.policy import Trust, current_trust, load_policy
 from planrun.policy_check import policy_problems
 
@@ -49,12 +49,9 @@ class ValidPlan:
 
 def validate_file(path: str | Path, registry: Registry | None = None) -> ValidPlan:
     """Read and check the plan file at ``path``; PlanInvalid lists every problem."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise PlanInvalid([Problem(str(path), 0, 0, "plan",
-                                   f"cannot read the file: {exc.strerror or exc}")]) from None
+    raw, problems = read_plan(path)  # no more than the largest plan allowed
+    if raw is None:
+        raise PlanInvalid(problems)
     return validate_text(raw, str(path), registry)
 
 
@@ -332,9 +329,16 @@ def _template_problems(source: Source,
     by_index = dict(steps)
     ids = {sid: by_index[i] for sid, i in _first_index(steps).items()}
     bit, before = _ancestor_bits(ids)
+    total = 0  # characters of template text: parsing them is what checking costs
     for i, step in steps:
         upstream = _Upstream(_union(_needs_of(step), bit, before), bit)
         for path, text in _step_templates(i, step):
+            total += len(text)
+            if total > templates.MAX_PLAN_TEMPLATES:
+                yield source.problem(path, f"the plan's templates hold over "
+                                           f"{templates.MAX_PLAN_TEMPLATES:,} characters in all; "
+                                           "make them shorter, or split the plan")
+                return
             try:
                 refs, unknown = templates.references(text)
             except templates.TemplateError as exc:
@@ -475,6 +479,9 @@ def _input_definition_problem(spec: dict[str, Any]) -> str | None:
         return exc.message
     except referencing.exceptions.Unresolvable as exc:
         return f"cannot resolve {exc}"
+    except RecursionError:  # {"$ref": "#"}: each check of a value leads back to itself
+        return ("its $ref leads back to itself without ever checking a value; a $ref may "
+                "only recurse inside properties or items")
     return None
 
 
