@@ -155,7 +155,7 @@ class Scheduler:
         """Run ``step`` once the run is not paused and a slot is free; or why not."""
         while True:
             await self._go.wait()  # nothing starts, or is skipped, while the run pauses
-            reason = self._why_not(step)
+            reason = await self._why_not(step)
             if reason is not None:
                 return reason
             if step.approval is not None and step.id not in self.approved:
@@ -167,7 +167,7 @@ class Scheduler:
             async with self.slots:
                 if not self._go.is_set():
                     continue  # paused while waiting for a slot
-                reason = self._why_not(step)
+                reason = await self._why_not(step)
                 if reason is None:
                     await self._execute(step)
                 return reason
@@ -193,7 +193,7 @@ class Scheduler:
             self.running.pop(step.id, None)
             self._check_drained()
 
-    def _why_not(self, step: Step) -> tuple[str, bool] | None:
+    async def _why_not(self, step: Step) -> tuple[str, bool] | None:
         """Why ``step`` will not run (reason, counts as an error), or None to run it.
 
         A condition that cannot be evaluated also sets the record's error: the step then
@@ -211,9 +211,11 @@ class Scheduler:
                     return f"upstream {need} {verb}", caused
             return None
         try:
-            if self._condition(step):
+            if await self._condition(step):
                 return None
         except templates.TemplateError as exc:
+            if self.stop_reason is not None:  # stopped while the condition was rendered
+                return f"not started: {self.stop_reason}", False
             record = self.run.steps[step.id]
             record.error = ConfigurationError(f"cannot evaluate 'when': {exc}",
                                               hint="fix the step's 'when:' condition",
@@ -221,11 +223,14 @@ class Scheduler:
             return "its condition could not be evaluated", True
         return f"condition is false: {step.when}", False
 
-    def _condition(self, step: Step) -> bool:
+    async def _condition(self, step: Step) -> bool:
         if isinstance(step.when, bool):
             return step.when
         assert step.when is not None
-        value = templates.render(templates.condition(step.when), self.context())
+        # Off the event loop; a stop (the deadline, a cancel) ends the render at its next step.
+        value = await templates.render_async(
+            templates.condition(step.when), self.context(), ("steps", step.id, "when"),
+            stop=lambda: self.stop_reason is not None)
         return templates.truthy(value)
 
 
