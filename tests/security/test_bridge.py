@@ -322,12 +322,12 @@ def test_a_big_plan_validating_does_not_hold_up_other_clients(start: Start) -> N
 
 def test_a_flood_from_one_client_gets_429_with_retry_after_and_others_go_on(
         start: Start) -> None:
-    bridge = start(rate_per_s=2, rate_burst=5)
+    bridge = start(rate_per_s=1, rate_burst=5)
     with httpx.Client(base_url=bridge.http, timeout=10) as http:
-        answers = [http.get("/healthz") for _ in range(12)]
+        answers = [http.get("/healthz") for _ in range(15)]
         assert [a.status_code for a in answers[:5]] == [200] * 5  # the burst
         refused = [a for a in answers if a.status_code == 429]
-        assert len(refused) >= 5
+        assert len(refused) >= 3  # however slow this machine: 15 asked, about 6 allowed
         retry_after = int(refused[0].headers["retry-after"])
         assert retry_after >= 1
         assert refused[0].json() == {"detail": f"too many requests: try again in "
