@@ -244,13 +244,18 @@ async def check_url(url: str, policy: LevelPolicy, trust: Trust,
         raise ConfigurationError(f"not a valid URL: {exc}") from None
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
-        addresses = await (resolver or resolve)(parsed.host, port)
+        addresses = await _resolved(parsed.host, port, resolver or resolve)
     except OSError as exc:
         raise TransientError(f"cannot resolve {parsed.host}: {exc}") from exc
     if not addresses:
         raise TransientError(f"{parsed.host} resolves to no address")
     check_connection(parsed.host, port, addresses, policy, trust)
     return addresses
+
+
+async def _resolved(host: str, port: int, resolver: Resolver) -> list[Address]:
+    literal = literal_address(host)
+    return [literal] if literal is not None else await resolver(host, port)
 
 
 async def resolve(host: str, port: int) -> list[Address]:
@@ -286,7 +291,7 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
                           ) -> httpcore.AsyncNetworkStream:
         try:
             async with asyncio.timeout(timeout):
-                addresses = await self._resolve(host, port)
+                addresses = await _resolved(host, port, self._resolve)
         except TimeoutError as exc:
             raise httpcore.ConnectTimeout(f"resolving {host} timed out") from exc
         except OSError as exc:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from adapters.netguard import literal_problem
+from plan_schemas.model import Limits
 from planrun import templates
 from planrun.durations import parse_duration
 from planrun.errors import ConfigurationError, Problem
@@ -92,8 +93,12 @@ def _limit_problems(source: Source, data: dict[str, Any], level: LevelPolicy,
                     trust: Trust) -> Iterator[Problem]:
     limits, defaults = _mapping(data.get("limits")), _mapping(data.get("defaults"))
     ceilings = level.ceilings
-    yield from _over(source, ("limits", "max_parallel"), limits.get("max_parallel"),
-                     ceilings.max_parallel, trust, "max_parallel", "max_parallel")
+    parallel = limits.get("max_parallel")
+    if parallel != Limits.model_fields["max_parallel"].default:
+        # Plan data dumped with its defaults (``planrun run``) did not ask for the default:
+        # where the run executes, the ceiling lowers it.
+        yield from _over(source, ("limits", "max_parallel"), parallel,
+                         ceilings.max_parallel, trust, "max_parallel", "max_parallel")
     yield from _over(source, ("limits", "memory_mb"), limits.get("memory_mb"),
                      ceilings.memory_mb, trust, "memory_mb", "memory_mb")
     if "timeout" in defaults:
