@@ -178,12 +178,12 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from planrun import client
     from planrun.inputs import parse_pairs, resolve_inputs
+    from planrun.loader import read_plan
     from planrun.validate import validate_text
 
-    try:
-        text = open(args.plan, "rb").read()  # noqa: SIM115 - read whole, closed at once
-    except OSError as exc:
-        raise UsageError(f"cannot read {args.plan}: {exc.strerror or exc}") from None
+    text, problems = read_plan(args.plan)  # no more than the largest plan allowed
+    if text is None:
+        raise PlanInvalid(problems)
     valid = validate_text(text, args.plan)
     inputs = resolve_inputs(valid.plan, parse_pairs(args.input), from_text=True)
     answer = client.submit(text.decode("utf-8"), inputs)
