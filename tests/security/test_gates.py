@@ -203,9 +203,11 @@ def form_and_answer(answered_after_s: float, value: str = '{"approved": true}') 
 
     asked = datetime(2025, 1, 1, tzinfo=UTC)
     run = UUID(int=1)
-    return [FlowRunInput(flow_run_id=run, key=f"{BASE}-schema", value="{}", created=asked),
-            FlowRunInput(flow_run_id=run, key=f"{BASE}-response", value=value,
-                         created=asked + timedelta(seconds=answered_after_s))]
+    return [FlowRunInput.model_validate({"flow_run_id": run, "key": f"{BASE}-schema",
+                                         "value": "{}", "created": asked}),
+            FlowRunInput.model_validate({"flow_run_id": run, "key": f"{BASE}-response",
+                                         "value": value, "created": asked + timedelta(
+                                             seconds=answered_after_s)})]
 
 
 def test_an_answer_written_after_the_asking_counts() -> None:
