@@ -25,6 +25,7 @@ import json
 import logging
 import re
 import secrets
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 from uuid import UUID
@@ -116,6 +117,39 @@ class RunControl:
         # write it, and not in the flow run, whose labels and states anything that reaches
         # the Prefect API can set. It outlives the process that suspends at the gate.
         self.gates = Checkpoints(run_id)
+        self._read: asyncio.Future[None] | None = None
+        self._read_started = 0.0
+
+    async def news(self) -> None:
+        """Take in the run's state as it is now, before a step starts: a pause accepted
+        before this call takes effect before that step (the poll alone would leave a
+        window of ``poll_s``). Steps asking at once share one read of the flow run."""
+        asked = time.monotonic()
+        while True:
+            reading = self._read
+            if reading is not None and self._read_started >= asked:
+                await asyncio.shield(reading)  # began after we asked: it sees what we need
+                return
+            if reading is not None and not reading.done():
+                await asyncio.shield(reading)  # began before we asked: wait, then read anew
+                continue
+            self._read_started = time.monotonic()
+            self._read = asyncio.ensure_future(self._read_state())
+
+    async def _read_state(self) -> None:
+        from prefect.client.orchestration import get_client
+
+        async with get_client() as client:
+            await self._react_to(client)
+
+    async def _react_to(self, client: Any) -> None:
+        try:
+            state = (await client.read_flow_run(self.run_id)).state
+        except Exception as exc:  # noqa: BLE001 - the API may blink: ask again
+            log.warning("cannot read the state of run %s: %s", self.run_id, exc)
+            return
+        if state is not None:
+            self._react(state)
 
     async def cancel_requested(self) -> bool:
         """Whether the run was asked to end cancelled while it was paused."""
@@ -136,13 +170,7 @@ class RunControl:
                 if self.beat is not None and loop.time() - last_beat >= HEARTBEAT_S:
                     self.beat()
                     last_beat = loop.time()
-                try:
-                    state = (await client.read_flow_run(self.run_id)).state
-                except Exception as exc:  # noqa: BLE001 - the API may blink: ask again
-                    log.warning("cannot read the state of run %s: %s", self.run_id, exc)
-                    state = None
-                if state is not None:
-                    self._react(state)
+                await self._react_to(client)
                 await asyncio.sleep(self.poll_s)
 
     def _react(self, state: Any) -> None:

@@ -223,6 +223,8 @@ async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
     run.status, run.started_at = RunStatus.RUNNING, _started_at()
     control = RunControl(run_id, scheduler, beat=events.heartbeat if events else None) \
         if durable else None
+    if control is not None:
+        scheduler.news = control.news
     if control is not None and segment > 1 and await control.cancel_requested():
         scheduler.stop("cancelled while paused", cancelled=True)
     artifacts.start()

@@ -26,6 +26,8 @@ Execute = Callable[[Step], Awaitable[None]]
 Decide = Callable[[Step], Awaitable[tuple[str, bool] | None]]
 Skip = Callable[[Step], Awaitable[None]]
 Notify = Callable[[StepRecord | None], None]
+#: Takes in what people asked of the run (a pause, a cancel) up to this moment.
+News = Callable[[], Awaitable[None]]
 
 
 def longest_path_first(steps: list[Step], run: RunRecord) -> list[Step]:
@@ -42,7 +44,8 @@ class Scheduler:
 
     def __init__(self, run: RunRecord, steps: list[Step], *, max_parallel: int,
                  execute: Execute, skip: Skip, notify: Notify,
-                 context: Callable[[], dict[str, Any]], decide: Decide | None = None) -> None:
+                 context: Callable[[], dict[str, Any]], decide: Decide | None = None,
+                 news: News | None = None) -> None:
         self.run = run
         self.steps = {s.id: s for s in longest_path_first(steps, run)}
         self.execute = execute
@@ -50,6 +53,7 @@ class Scheduler:
         self.notify = notify
         self.context = context
         self.decide = decide or _no_one_to_ask
+        self.news = news
         self.approved: set[str] = set()
         #: The step whose approval gate paused the run, if one did.
         self.gate: str | None = None
@@ -155,7 +159,11 @@ class Scheduler:
         """Run ``step`` once the run is not paused and a slot is free; or why not."""
         while True:
             await self._go.wait()  # nothing starts, or is skipped, while the run pauses
-            reason = await self._why_not(step)
+            if self.news is not None:
+                await self.news()  # a pause asked for by now holds this step back
+                if not self._go.is_set():
+                    continue
+            reason = self._why_not(step)
             if reason is not None:
                 return reason
             if step.approval is not None and step.id not in self.approved:
@@ -167,7 +175,7 @@ class Scheduler:
             async with self.slots:
                 if not self._go.is_set():
                     continue  # paused while waiting for a slot
-                reason = await self._why_not(step)
+                reason = self._why_not(step)
                 if reason is None:
                     await self._execute(step)
                 return reason
@@ -193,7 +201,7 @@ class Scheduler:
             self.running.pop(step.id, None)
             self._check_drained()
 
-    async def _why_not(self, step: Step) -> tuple[str, bool] | None:
+    def _why_not(self, step: Step) -> tuple[str, bool] | None:
         """Why ``step`` will not run (reason, counts as an error), or None to run it.
 
         A condition that cannot be evaluated also sets the record's error: the step then
@@ -211,11 +219,9 @@ class Scheduler:
                     return f"upstream {need} {verb}", caused
             return None
         try:
-            if await self._condition(step):
+            if self._condition(step):
                 return None
         except templates.TemplateError as exc:
-            if self.stop_reason is not None:  # stopped while the condition was rendered
-                return f"not started: {self.stop_reason}", False
             record = self.run.steps[step.id]
             record.error = ConfigurationError(f"cannot evaluate 'when': {exc}",
                                               hint="fix the step's 'when:' condition",
@@ -223,14 +229,11 @@ class Scheduler:
             return "its condition could not be evaluated", True
         return f"condition is false: {step.when}", False
 
-    async def _condition(self, step: Step) -> bool:
+    def _condition(self, step: Step) -> bool:
         if isinstance(step.when, bool):
             return step.when
         assert step.when is not None
-        # Off the event loop; a stop (the deadline, a cancel) ends the render at its next step.
-        value = await templates.render_async(
-            templates.condition(step.when), self.context(), ("steps", step.id, "when"),
-            stop=lambda: self.stop_reason is not None)
+        value = templates.render(templates.condition(step.when), self.context())
         return templates.truthy(value)
 
 
