@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,28 @@ def counting(name: str, steps: int, seconds: float) -> str:
         lines.append(f'  - {{id: s{i}, tool: shell.run{needs}, with: {{argv: [sh, -c, '
                      f'"echo s{i} >> {name}.txt; sleep {seconds}"]}}}}')
     return "\n".join(lines) + "\n"
+
+
+def held(name: str, steps: int, holding: Iterable[int] | None = None) -> str:
+    """A chain of steps that each append their id to ``<name>.txt``; those in ``holding``
+    (default: all) then wait for the file ``<name>.go``, so the test decides when a running
+    step ends (``release``, ``hold``) instead of racing a sleep."""
+    holds = set(range(1, steps + 1) if holding is None else holding)
+    lines = [f"version: 1\nname: {name}\nsteps:"]
+    for i in range(1, steps + 1):
+        needs = f", needs: [s{i - 1}]" if i > 1 else ""
+        wait = f"; until [ -e {name}.go ]; do sleep 0.05; done" if i in holds else ""
+        lines.append(f'  - {{id: s{i}, tool: shell.run{needs}, with: {{argv: [sh, -c, '
+                     f'"echo s{i} >> {name}.txt{wait}"]}}}}')
+    return "\n".join(lines) + "\n"
+
+
+def release(stack: Stack, name: str) -> None:
+    (Path(stack.env["PLANRUN_WORKSPACE"]) / f"{name}.go").touch()
+
+
+def hold(stack: Stack, name: str) -> None:
+    (Path(stack.env["PLANRUN_WORKSPACE"]) / f"{name}.go").unlink()
 
 
 def submit(stack: Stack, tmp_path: Path, text: str) -> str:
@@ -83,21 +105,26 @@ def run_processes(stack: Stack) -> list[psutil.Process]:
 
 def test_a_paused_run_holds_no_process_and_resumes_without_running_a_step_twice(
         stack: Stack, tmp_path: Path) -> None:
-    run_id = submit(stack, tmp_path, counting("twice", 6, 0.8))
-    wait_for(lambda: step_started(stack, run_id, "s2"), 60, "s2 to start")
+    run_id = submit(stack, tmp_path, held("twice", 6))
+    wait_for(lambda: step_started(stack, run_id, "s1"), 60, "s1 to start")
 
-    paused = stack.cli("pause", run_id)
+    paused = stack.cli("pause", run_id)  # while s1 runs: it finishes, nothing new starts
     assert paused.returncode == 0 and "pausing" in paused.stdout
+    release(stack, "twice")
     first = wait_status(stack, run_id, "paused")
-    assert first["steps"]["s2"]["status"] == "completed"  # the running step finished
-    assert first["steps"]["s6"]["status"] == "pending"
+    assert first["steps"]["s1"]["status"] == "completed"  # the running step finished
+    assert first["steps"]["s2"]["status"] == "pending"
     wait_for(lambda: not run_processes(stack), 20, "the paused run's process to exit")
     done_before = lines(stack, "twice")
+    assert done_before == ["s1"]
 
+    hold(stack, "twice")
     assert stack.cli("resume", run_id).returncode == 0
-    wait_for(lambda: report(stack, run_id)["status"] == "running", 30, "the run to go on")
+    wait_for(lambda: step_started(stack, run_id, "s2"), 60, "the run to go on with s2")
     assert stack.cli("pause", run_id).returncode == 0  # a second cycle
-    wait_status(stack, run_id, "paused")
+    release(stack, "twice")
+    second = wait_status(stack, run_id, "paused")
+    assert second["steps"]["s3"]["status"] == "pending"
     assert stack.cli("resume", run_id).returncode == 0
     final = wait_status(stack, run_id, "completed")
 
@@ -131,7 +158,7 @@ def test_prefects_own_pause_and_resume_work_the_same(stack: Stack, tmp_path: Pat
     from prefect.flow_runs import aresume_flow_run
     from prefect.states import Paused
 
-    run_id = submit(stack, tmp_path, counting("ui", 3, 0.8))
+    run_id = submit(stack, tmp_path, held("ui", 3))
     wait_for(lambda: step_started(stack, run_id, "s1"), 60, "s1 to start")
 
     async def pause_like_the_ui() -> None:  # the UI's "change state" forces a Paused state
@@ -140,6 +167,7 @@ def test_prefects_own_pause_and_resume_work_the_same(stack: Stack, tmp_path: Pat
 
     import asyncio
     asyncio.run(pause_like_the_ui())
+    release(stack, "ui")
     wait_status(stack, run_id, "paused")
     asyncio.run(aresume_flow_run(run_id))  # the UI's Resume button
     wait_status(stack, run_id, "completed")
@@ -174,14 +202,15 @@ steps:
   - id: long
     tool: shell.run
     needs: [write]
-    with: {argv: [sh, -c, "echo $$ > cancel-me.pid; exec sleep 60"]}
+    with: {argv: [sleep, "60.123"]}
 """
     run_id = submit(stack, tmp_path, text)
     workspace = Path(stack.env["PLANRUN_WORKSPACE"])
-    pid_file = workspace / "cancel-me.pid"
-    wait_for(pid_file.exists, 60, "the long command to start")
-    wait_for(lambda: pid_file.read_text().strip(), 5, "its pid")
-    pid = int(pid_file.read_text())
+    # The command may run in the sandbox's PID namespace: find it on the host by its argv.
+    found = wait_for(lambda: [p for p in psutil.process_iter(["cmdline"])
+                              if p.info["cmdline"] == ["sleep", "60.123"]], 60,
+                     "the long command to start")
+    pid = found[0].pid
     assert (workspace / "cancel-me.out").read_text() == "written"
 
     cancelled = stack.cli("cancel", run_id)
@@ -191,7 +220,6 @@ steps:
     wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status()
              == psutil.STATUS_ZOMBIE, 10, "the command to be killed")
     assert not (workspace / "cancel-me.out").exists()  # rolled back
-    pid_file.unlink()
 
 
 def test_cancelling_a_paused_run_rolls_its_files_back(stack: Stack, tmp_path: Path) -> None:
@@ -199,12 +227,16 @@ def test_cancelling_a_paused_run_rolls_its_files_back(stack: Stack, tmp_path: Pa
 name: paused-cancel
 steps:
   - {id: write, tool: file.write, with: {path: paused-cancel.out, content: written}}
-  - {id: wait, tool: core.sleep, needs: [write], with: {seconds: 1}}
+  - id: wait
+    tool: shell.run
+    needs: [write]
+    with: {argv: [sh, -c, "until [ -e paused-cancel.go ]; do sleep 0.05; done"]}
   - {id: after, tool: core.echo, needs: [wait], with: {value: never}}
 """
     run_id = submit(stack, tmp_path, text)
-    wait_for(lambda: step_started(stack, run_id, "wait"), 60, "the sleep to start")
+    wait_for(lambda: step_started(stack, run_id, "wait"), 60, "the wait to start")
     assert stack.cli("pause", run_id).returncode == 0
+    release(stack, "paused-cancel")  # the running step ends after the pause was asked
     wait_status(stack, run_id, "paused")
     assert (Path(stack.env["PLANRUN_WORKSPACE"]) / "paused-cancel.out").exists()
 
@@ -287,11 +319,12 @@ def test_gates_are_asked_one_by_one_and_approve_reject_and_timeout_decide(
 def test_a_pause_that_times_out_resumes_or_cancels_the_run(
         stack: Stack, tmp_path: Path, action: str, ends: str) -> None:
     name = f"timeout-{action}"
-    text = counting(name, 3, 0.8).replace(
+    text = held(name, 3).replace(
         "steps:", f"limits: {{pause_timeout: 2s, on_pause_timeout: {action}}}\nsteps:", 1)
     run_id = submit(stack, tmp_path, text)
     wait_for(lambda: step_started(stack, run_id, "s1"), 60, "s1 to start")
     assert stack.cli("pause", run_id).returncode == 0
+    release(stack, name)
     wait_status(stack, run_id, "paused")
     final = wait_status(stack, run_id, ends, timeout=40)  # no one resumes it
     if action == "resume":

@@ -13,7 +13,7 @@ import psutil
 
 from tests.helpers import wait_for
 from tests.stack import Stack, free_port, messages
-from tests.test_control import counting, report
+from tests.test_control import held, release, report
 
 
 def status_is(stack: Stack, run_id: str, status: str) -> bool:
@@ -41,12 +41,14 @@ def test_a_paused_run_stays_paused_and_a_running_one_is_recovered_after_sigkill_
            "PLANRUN_DEAD_AFTER_S": "12"}
     stack = Stack(tmp_path, env=env, drop=("PREFECT_API_URL",))
     try:
-        (tmp_path / "paused.yaml").write_text(counting("paused", 4, 0.8))
-        (tmp_path / "running.yaml").write_text(counting("running", 3, 4))
+        (tmp_path / "paused.yaml").write_text(held("paused", 4))
+        # s2 of this one waits for running.go: it is in flight when everything dies.
+        (tmp_path / "running.yaml").write_text(held("running", 3, holding=[2]))
         paused = stack.cli("submit", str(tmp_path / "paused.yaml")).stdout.strip()
-        wait_for(lambda: report(stack, paused)["steps"].get("s2", {}).get("status")
-                 == "running", 60, "s2 of the first run to run")
+        wait_for(lambda: report(stack, paused)["steps"].get("s1", {}).get("status")
+                 == "running", 60, "s1 of the first run to run")
         assert stack.cli("pause", paused).returncode == 0
+        release(stack, "paused")
         wait_for(lambda: status_is(stack, paused, "paused"), 30, "the pause")
         running = stack.cli("submit", str(tmp_path / "running.yaml")).stdout.strip()
         wait_for(lambda: report(stack, running)["steps"].get("s2", {}).get("status")
@@ -56,8 +58,11 @@ def test_a_paused_run_stays_paused_and_a_running_one_is_recovered_after_sigkill_
         stack = Stack(tmp_path, env=env, drop=("PREFECT_API_URL",), port=stack.port)
 
         assert status_is(stack, paused, "paused")  # still paused, from the bridge's records
-        wait_for(lambda: status_is(stack, running, "completed"), 120,
-                 "the running run to be recovered and to complete")
+        wait_for(lambda: (tmp_path / "workspace" / "running.txt").read_text().split()
+                 == ["s1", "s2", "s2"], 120, "the running run to be recovered: s2 again")
+        release(stack, "running")
+        wait_for(lambda: status_is(stack, running, "completed"), 60,
+                 "the recovered run to complete")
         assert stack.cli("resume", paused).returncode == 0
         wait_for(lambda: status_is(stack, paused, "completed"), 60, "the paused run to end")
         stream = messages(stack, running)  # gap-free across the kill and the restart
