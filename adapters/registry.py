@@ -20,7 +20,8 @@ class Registry:
     """Adapters by tool name; a duplicate name is an error, an unknown one lists the rest.
 
     ``allowed`` holds glob patterns (``core.*``) of the tools this deployment lets plans
-    use; ``None`` allows every registered tool.
+    use (``PLANRUN_ALLOWED_TOOLS``); ``None`` allows every registered tool. The operator's
+    policy narrows them per trust level (planrun/policy_check.py, docs/policy.md).
     """
 
     def __init__(self, adapters: Iterable[type[Adapter]] = (),

@@ -157,8 +157,9 @@ class LevelPolicy(BaseModel):
     #: Hosts network tools may reach: ``host``, ``host:port``, ``*.domain``, an address or
     #: a CIDR range; None allows every public host (see ``allow_private``).
     hosts: list[HostText] | None = None
-    #: Whether loopback, link-local and private addresses (and so the Prefect API and the
-    #: bridge) may be reached at all. Hosts named in ``hosts`` are still required.
+    #: Whether loopback, link-local and private addresses may be reached at all (hosts
+    #: named in ``hosts`` are still required). The Prefect API and the bridge stay out of
+    #: reach of ``submitted`` plans whatever this says (adapters/netguard.py).
     allow_private: bool = False
     #: ``required``: ``shell.run`` runs only inside the sandbox (an error where it cannot
     #: start); ``if_available``: sandboxed where bubblewrap works, else unconfined with a

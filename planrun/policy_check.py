@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
+from adapters.executables import SYSTEM_PATH, allows, resolve_program
 from adapters.netguard import literal_problem
 from plan_schemas.model import Limits
 from planrun import templates
 from planrun.durations import parse_duration
-from planrun.errors import ConfigurationError, Problem
+from planrun.errors import Problem
 from planrun.loader import Path_, Source
 from planrun.policy import LevelPolicy, Trust
 
@@ -142,40 +142,25 @@ def tool_allowed(tool: str, level: LevelPolicy) -> bool:
 
 
 def executable_problem(program: str, level: LevelPolicy, trust: Trust) -> str | None:
-    """Why ``shell.run`` may not start ``program`` (its ``argv[0]``) under ``level``, or
-    None. A name is matched as given (it is looked up on PATH); a path must match a listed
-    path, or be where a listed name is found on PATH."""
+    """Why ``shell.run`` may not start ``program`` (its literal ``argv[0]``) under
+    ``level``, or None; judged as ``adapters.executables`` judges it where the step runs
+    (a name on the system PATH, a path resolved and normalised). A program that cannot be
+    resolved here (a path relative to the step's directory) is left to the run."""
     allowed = level.executables
-    if allowed is None or any(_program_matches(program, p) for p in allowed):
+    if allowed is None:
+        return None
+    if "/" in program and not program.startswith("/"):
+        return None
+    try:
+        resolved = resolve_program(program, "/", os.pathsep.join(SYSTEM_PATH))
+    except OSError:
+        if "/" not in program:
+            return None
+        resolved = os.path.normpath(program)
+    if any(allows(rule, resolved) for rule in allowed):
         return None
     return (f"shell.run may not start {program!r}: the '{trust}' policy's executables are "
             f"{', '.join(allowed) or 'none'}")
-
-
-def check_executable(program: str, level: LevelPolicy, trust: Trust) -> None:
-    """Raise a ConfigurationError ("blocked by policy") unless ``program`` is allowed:
-    for ``shell.run`` where the step executes."""
-    problem = executable_problem(program, level, trust)
-    if problem:
-        raise ConfigurationError(f"blocked by policy: {problem}",
-                                 hint=f"use a listed program, or ask the operator {DOC}")
-
-
-def _program_matches(program: str, pattern: str) -> bool:
-    if "/" not in program:
-        if "/" not in pattern:
-            return fnmatch.fnmatchcase(program, pattern)
-        found = shutil.which(program)
-        return found is not None and fnmatch.fnmatchcase(os.path.normpath(found), pattern)
-    program = os.path.normpath(program)
-    if "/" in pattern:
-        return fnmatch.fnmatchcase(program, pattern)
-    found = shutil.which(pattern) if not _is_glob(pattern) else None
-    return found is not None and os.path.normpath(found) == program
-
-
-def _is_glob(pattern: str) -> bool:
-    return any(c in pattern for c in "*?[")
 
 
 def tightest(asked: float | None, ceiling: float | None) -> float | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import textwrap
 from collections.abc import Iterator
 from datetime import datetime
@@ -18,9 +19,9 @@ from adapters.base import StepContext
 from adapters.workspace import Workspace
 from planrun.errors import PlanInvalid, PolicyInvalid
 from planrun.policy import POLICY_ENV, Policy, Trust, current_trust, load_policy, trusted_as
-from planrun.policy_check import check_executable, tightest
+from planrun.policy_check import executable_problem, tightest
 from planrun.validate import validate_text
-from tests.helpers import cli, plan_data, run_yaml
+from tests.helpers import ROOT, cli, plan_data, run_yaml
 from tests.security.local_server import LocalServer, local_server
 
 
@@ -144,7 +145,7 @@ def test_a_plan_asking_for_more_than_its_level_allows_fails_at_each_line(
         defaults: {timeout: 2h}
         steps:
           - {id: a, tool: file.write, with: {path: x, content: y}}
-          - {id: b, tool: shell.run, with: {argv: [curl, http://x]}, timeout: 5m}
+          - {id: b, tool: shell.run, with: {argv: [sh, -c, x]}, timeout: 5m}
           - {id: c, tool: http.request, with: {url: "https://evil.example/", max_bytes: 5000}}
           - {id: d, tool: http.request, with: {url: "http://127.0.0.1:4200/api/flow_runs/filter"}}
         """)
@@ -157,9 +158,9 @@ def test_a_plan_asking_for_more_than_its_level_allows_fails_at_each_line(
         "policy's ceiling step_timeout_s of 60s (docs/policy.md)",
         "plan.yaml:6:19: steps[0].tool: tool 'file.write' is not allowed: the 'submitted' "
         "policy allows only core.*, http.request, shell.run (docs/policy.md)",
-        "plan.yaml:7:44: steps[1].with.argv[0]: shell.run may not start 'curl': the "
+        "plan.yaml:7:44: steps[1].with.argv[0]: shell.run may not start 'sh': the "
         "'submitted' policy's executables are python3, /usr/bin/env (docs/policy.md)",
-        "plan.yaml:7:71: steps[1].timeout: a timeout of 300s is above the 'submitted' "
+        "plan.yaml:7:66: steps[1].timeout: a timeout of 300s is above the 'submitted' "
         "policy's ceiling step_timeout_s of 60s (docs/policy.md)",
         "plan.yaml:8:45: steps[2].with.url: http.request is blocked by policy: "
         "evil.example:443 is not in the 'submitted' policy's hosts (api.example.org) "
@@ -175,6 +176,7 @@ def test_a_plan_asking_for_more_than_its_level_allows_fails_at_each_line(
 def test_a_plan_within_its_level_passes_and_templated_values_wait_for_the_run(
         policy_file: Path) -> None:
     write(policy_file, RESTRICTED)
+    assert load_policy(ROOT / "examples" / "policy.yaml").submitted.ceilings.file_mb == 256
     assert problems("""\
         version: 1
         name: modest
@@ -214,16 +216,16 @@ def test_the_same_plan_is_valid_for_its_author() -> None:
         """, Trust.LOCAL) == []
 
 
-def test_executables_match_names_and_absolute_paths(policy_file: Path) -> None:
+def test_executables_are_judged_as_shell_run_judges_them(policy_file: Path) -> None:
     write(policy_file, "submitted: {executables: [python3, 'py*', /usr/bin/env]}\n")
     level = load_policy().submitted
-    check_executable("python3", level, Trust.SUBMITTED)
-    check_executable("pytest", level, Trust.SUBMITTED)
-    check_executable("/usr/bin/../bin/env", level, Trust.SUBMITTED)
-    check_executable("env", level, Trust.SUBMITTED)  # found on PATH at /usr/bin/env
-    for program in ("/tmp/python3", "sh", "/usr/bin/python3.11"):
-        with pytest.raises(Exception, match="blocked by policy: shell.run may not start"):
-            check_executable(program, level, Trust.SUBMITTED)
+    for program in ("python3", "pytest" if shutil.which("pytest", path="/usr/bin") else "python3",
+                    "/usr/bin/../bin/env", "/usr/bin/python3"):
+        assert executable_problem(program, level, Trust.SUBMITTED) is None, program
+    for program in ("sh", "/tmp/python3", "/usr/bin/../../bin/sh"):
+        assert "shell.run may not start" in (
+            executable_problem(program, level, Trust.SUBMITTED) or ""), program
+    assert executable_problem("./tool", level, Trust.SUBMITTED) is None  # left to the run
 
 
 def test_a_limit_the_plan_leaves_out_gets_the_ceiling_and_a_lower_one_stays() -> None:
