@@ -5,8 +5,8 @@ waits for an approval, and when a crashed run is recovered: each time in a new p
 Steps that had finished (completed, failed, skipped) are restored from their checkpoint
 and not executed again; only a step that was in flight runs a second time.
 
-A checkpoint is the step's record (status, attempts, times, input, output, error, reason)
-as JSON in Prefect's default result storage (local files under
+A checkpoint is the step's record (status, attempts, times, input, output, error, reason,
+its Prefect task run's id) as JSON in Prefect's default result storage (local files under
 ``~/.prefect/storage`` by default; shared storage when Prefect is configured with it) under the key
 ``planrun-<run id>-<step id>``. The key is the plan run's and the step's, not Prefect's
 default cache key, which includes the flow run id and the task's inputs. It is written
@@ -23,6 +23,7 @@ import inspect
 import json
 import logging
 from typing import Any
+from uuid import UUID
 
 from planrun.errors import step_error
 from planrun.redact import Redactor
@@ -50,7 +51,8 @@ def to_data(record: StepRecord) -> dict[str, Any]:
             "input": record.input, "output": record.output,
             "error": record.error.to_report() if record.error else None,
             "reason": record.reason, "fallback_used": record.fallback_used,
-            "error_caused_skip": record.error_caused_skip}
+            "error_caused_skip": record.error_caused_skip,
+            "task_run_id": str(record.task_run_id) if record.task_run_id else None}
 
 
 def restore(record: StepRecord, data: dict[str, Any]) -> None:
@@ -67,6 +69,15 @@ def restore(record: StepRecord, data: dict[str, Any]) -> None:
     record.reason = data.get("reason")
     record.fallback_used = bool(data.get("fallback_used"))
     record.error_caused_skip = bool(data.get("error_caused_skip"))
+    record.task_run_id = _uuid(data.get("task_run_id"))
+
+
+def _uuid(text: Any) -> UUID | None:
+    """The UUID written as ``text``; None for none (a checkpoint older than the field)."""
+    try:
+        return UUID(str(text)) if text else None
+    except ValueError:
+        return None
 
 
 class Checkpoints:

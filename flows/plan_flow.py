@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 from typing import Any
+from uuid import UUID
 
 from prefect import flow
 from prefect.context import FlowRunContext
@@ -26,7 +27,7 @@ from flows.checkpoints import Checkpoints
 from flows.control import TIMED_OUT, RunControl
 from flows.events import RunEvents
 from flows.policy import RetryPolicy
-from flows.prefect_compat import task_with
+from flows.prefect_compat import call_after, new_task_run_id, task_with
 from flows.scheduler import Scheduler
 from flows.step import StepJob, not_run_step
 from plan_schemas.model import Plan, Step
@@ -172,8 +173,10 @@ async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
 
     async def execute(step: Step) -> None:
         job = jobs[step.id]
+        job.record.task_run_id = new_task_run_id()
         try:
-            output = await job.prefect_task()(quote(job))
+            output = await call_after(job.prefect_task(), _upstream(run, step),
+                                      job.record.task_run_id, quote(job))
             if isinstance(output, State) and output.is_cancelled():
                 raise asyncio.CancelledError  # the step's task run ended Cancelled
             job.record.output = output
@@ -187,9 +190,11 @@ async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
 
     async def skip(step: Step) -> None:
         record = run.steps[step.id]
-        await task_with(not_run_step, name=step.id, task_run_name=step.id,
-                        tags=["planrun", f"tool:{step.tool}"])(
-            step.id, record.reason or "", record.status == StepStatus.FAILED)
+        record.task_run_id = new_task_run_id()
+        await call_after(task_with(not_run_step, name=step.id, task_run_name=step.id,
+                                   tags=["planrun", f"tool:{step.tool}"]),
+                         _upstream(run, step), record.task_run_id,
+                         step.id, record.reason or "", record.status == StepStatus.FAILED)
         if checkpoints is not None and not scheduler.stop_reason:
             await checkpoints.save(record)  # a skip for a run that stops is not kept
 
@@ -286,6 +291,13 @@ async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
         await artifacts.finish()
         raise Pause(state=await control.suspend(f"pause-{segment}", reason))
     return run.to_report()
+
+
+def _upstream(run: RunRecord, step: Step) -> list[UUID]:
+    """The task runs of the steps ``step`` needs: its inputs in Prefect's run graph. A
+    step restored from a checkpoint older than its task run id has none to name."""
+    found = (run.steps[need].task_run_id for need in step.needs)
+    return [task_run_id for task_run_id in found if task_run_id is not None]
 
 
 def _deployed() -> bool:

@@ -10,17 +10,27 @@ client waits ≈ 2 s). planrun tags each step ``planrun``, ``plan:<name>`` and
 ``tool:<tool>`` so runs can be found in the Prefect UI, not to limit them: those tags are
 left out of the slot request. Any other tag (an operator's own limit) still goes to the
 server. Set ``PLANRUN_PREFECT_TAG_LIMITS=1`` to send planrun's tags too.
+
+Upstream steps as task inputs: Prefect's run graph draws an edge into a task run only from
+its ``task_inputs``, which ``Task.__call__`` fills from futures and states passed to it
+(and resolves them on the way: an upstream that did not complete fails the call). planrun
+awaits each step directly and knows its upstream steps by task run id, so ``call_after``
+calls Prefect's ``run_task`` with those ids as ``dependencies`` (docs/prefect-ui.md).
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
+from uuid import UUID
 
 import prefect.task_engine as _engine
+from prefect._internal.uuid7 import uuid7
+from prefect.client.schemas.objects import RunInput, TaskRunResult
+from prefect.utilities.callables import get_call_parameters
 
 _OWN_PREFIXES = ("tag:planrun", "tag:plan:", "tag:tool:")
 _prefect_concurrency = _engine._aconcurrency
@@ -53,6 +63,28 @@ def task_with(task: Any, **options: Any) -> Any:
     for key, value in options.items():
         setattr(clone, key, set(value) if key == "tags" else value)
     return clone
+
+
+def new_task_run_id() -> UUID:
+    """An id for a task run about to be created, as Prefect makes them (time-ordered)."""
+    return uuid7()
+
+
+def call_after(task: Any, upstream: Iterable[UUID], task_run_id: UUID, *args: Any,
+               **kwargs: Any) -> Any:
+    """What ``task(*args, **kwargs)`` returns (awaitable for an async task), run as the task
+    run ``task_run_id`` whose ``task_inputs["wait_for"]`` names the task runs ``upstream``.
+
+    Prefect joins ``dependencies`` only into input keys it made itself: the same inputs
+    passed as ``wait_for`` make the ``wait_for`` key and wait for nothing (they are neither
+    futures nor states, so each resolves to itself).
+    """
+    after: set[RunInput] = {TaskRunResult(id=run_id) for run_id in upstream}
+    return _engine.run_task(task=task, task_run_id=task_run_id,
+                            parameters=get_call_parameters(task.fn, args, kwargs),
+                            wait_for=list(after) or None,
+                            dependencies={"wait_for": after} if after else None,
+                            return_type="result")
 
 
 def install() -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol
+from uuid import UUID
 
 from planrun.errors import StepError
 from planrun.redact import Redactor
@@ -94,6 +95,9 @@ class StepRecord:
     fallback_used: bool = False
     error_caused_skip: bool = False
     retry_delay_s: float | None = None
+    #: The Prefect task run that ran (or recorded the skip of) this step: what the task runs
+    #: of the steps that need it name as their inputs (docs/prefect-ui.md).
+    task_run_id: UUID | None = None
 
     @property
     def duration_s(self) -> float | None:

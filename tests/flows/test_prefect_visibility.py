@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import textwrap
 from collections.abc import Awaitable, Callable
 from typing import Any
 from uuid import UUID
@@ -191,3 +193,105 @@ def test_a_run_with_errors_is_named_so_in_prefect() -> None:
     state = _flow_run(report["run_id"]).state
     assert report["status"] == "completed_with_errors"
     assert state.is_completed() and state.name == "Completed with errors"
+
+
+DIAMOND = """
+    version: 1
+    name: diamond
+    steps:
+      - {id: a, tool: core.echo, with: {value: 1}}
+      - {id: b, tool: core.echo, needs: [a], with: {value: 2}}
+      - {id: c, tool: core.echo, needs: [a], with: {value: 3}}
+      - {id: d, tool: core.echo, needs: [b, c], with: {value: 4}}
+      - {id: e, tool: core.echo, needs: [d], when: false, with: {value: 5}}
+"""
+DIAMOND_NEEDS = {"a": set(), "b": {"a"}, "c": {"a"}, "d": {"b", "c"}, "e": {"d"}}
+
+
+def final_task_runs(flow_run_id: str, count: int) -> dict[str, Any]:
+    """The flow run's task runs by name, once ``count`` of them are final (they reach the
+    database through events, a moment after the run)."""
+    def settled() -> dict[str, Any] | None:
+        runs = {r.name: r for r in _task_runs(flow_run_id)}
+        done = [r for r in runs.values() if r.state and r.state.is_final()]
+        return runs if len(done) == count else None
+
+    found: dict[str, Any] = wait_for(settled, what=f"{count} final task runs")
+    return found
+
+
+def upstream_names(runs: dict[str, Any]) -> dict[str, set[str]]:
+    """Each task run's inputs, by the names of the task runs they name."""
+    names = {run.id: name for name, run in runs.items()}
+    return {name: {names.get(i.id, str(i.id)) for key, inputs in run.task_inputs.items()
+                   if key != "__parents__" for i in inputs}
+            for name, run in runs.items()}
+
+
+def test_each_task_run_names_the_task_runs_of_its_needs_as_inputs() -> None:
+    report = run_yaml(DIAMOND)
+    assert report["steps"]["e"]["status"] == "skipped"
+    runs = final_task_runs(report["run_id"], 5)
+    assert upstream_names(runs) == DIAMOND_NEEDS
+    assert set(runs["d"].task_inputs) == {"job", "wait_for"}, "ordering edges, as Prefect's"
+    assert runs["e"].state.name == "Skipped"
+
+
+def test_the_run_graph_draws_the_plans_edges() -> None:
+    import httpx
+
+    report = run_yaml(DIAMOND)
+    runs = final_task_runs(report["run_id"], 5)
+    url = f"{os.environ['PREFECT_API_URL']}/flow_runs/{report['run_id']}/graph-v2"
+    graph = httpx.get(url).raise_for_status().json()
+    labels = {node["id"]: node["label"] for _, node in graph["nodes"]}
+    parents = {node["label"]: {labels[edge["id"]] for edge in node["parents"]}
+               for _, node in graph["nodes"]}
+    assert parents == DIAMOND_NEEDS
+    assert {labels[i] for i in graph["root_node_ids"]} == {"a"}
+    assert set(labels) == {str(run.id) for run in runs.values()}
+
+
+def test_a_step_after_a_resume_names_the_task_run_of_its_restored_need() -> None:
+    """The earlier segment's task run of a restored step is kept in its checkpoint."""
+    from prefect import flow
+    from prefect.context import FlowRunContext
+
+    from flows.plan_flow import execute_plan
+    from planrun.validate import validate_text
+
+    def plan(second: str) -> Any:
+        return validate_text(textwrap.dedent(f"""
+            version: 1
+            name: resumed
+            limits: {{deadline: 1s}}
+            steps:
+              - {{id: first, tool: core.echo, with: {{value: 1}}}}
+              - {{id: second, needs: [first], {second}}}
+        """), "resumed.yaml").plan
+
+    @flow(name="planrun-resumed", persist_result=False)
+    async def two_segments() -> tuple[str, dict[str, Any], dict[str, Any]]:
+        context = FlowRunContext.get()
+        assert context is not None and context.flow_run is not None
+        run_id = str(context.flow_run.id)
+        # The first segment ends at the deadline with second in flight: second's cancelled
+        # run is not kept; first's is, and is restored by the second segment.
+        cut = await execute_plan(plan("tool: core.sleep, with: {seconds: 30}"), {}, run_id)
+        whole = await execute_plan(plan("tool: core.echo, with: {value: 2}"), {}, run_id)
+        return run_id, cut, whole
+
+    run_id, cut, whole = asyncio.run(two_segments())
+    assert cut["steps"]["second"]["status"] == "cancelled"
+    assert whole["steps"]["second"]["status"] == "completed"
+
+    def three() -> list[Any] | None:  # first; second cancelled, then completed
+        found = _task_runs(run_id)
+        final = len(found) == 3 and all(r.state and r.state.is_final() for r in found)
+        return found if final else None
+
+    runs = {(r.name, r.state.type.value): r for r in wait_for(three, what="3 task runs")}
+    first, cancelled = runs[("first", "COMPLETED")], runs[("second", "CANCELLED")]
+    again = runs[("second", "COMPLETED")]
+    assert {i.id for i in cancelled.task_inputs["wait_for"]} == {first.id}
+    assert {i.id for i in again.task_inputs["wait_for"]} == {first.id}
