@@ -3,8 +3,16 @@ documents what the code defines."""
 
 from __future__ import annotations
 
+import json
+import re
+from typing import Any
+
+import pytest
+
 from adapters.registry import default_registry
 from plan_schemas.reference import DOC_PATH, generated_part, render
+from progress_bridge import messages
+from tests.helpers import ROOT
 
 
 def test_the_committed_plan_format_reference_matches_the_code() -> None:
@@ -16,3 +24,42 @@ def test_the_plan_format_reference_has_a_table_for_every_tool() -> None:
     text = DOC_PATH.read_text(encoding="utf-8")
     for name in default_registry().names():
         assert f"### `{name}`" in text
+
+
+STREAM_DOC = ROOT / "docs" / "stream.md"
+_SECTION = re.compile(r"^### `([a-z_.]+)`\n(.*?)(?=^#{1,3} |\Z)", re.S | re.M)
+_JSON_BLOCK = re.compile(r"^```json\n(.*?)^```", re.S | re.M)
+
+
+def stream_examples() -> dict[str, list[str]]:
+    """The JSON examples of ``docs/stream.md``, by the message type of their section."""
+    text = STREAM_DOC.read_text(encoding="utf-8")
+    return {kind: _JSON_BLOCK.findall(body) for kind, body in _SECTION.findall(text)}
+
+
+def as_the_code_reads_it(example: str) -> dict[str, Any]:
+    """The example parsed by the bridge's own message type, then written out again."""
+    model: Any = messages.Message
+    if hasattr(model, "model_validate_json"):  # a pydantic model
+        return json.loads(model.model_validate_json(example).model_dump_json())
+    parsed = model.from_json(example)
+    parsed.__dict__.pop("json", None)  # written again from the fields, not the kept text
+    return json.loads(parsed.json)
+
+
+@pytest.mark.parametrize("kind", [t.value for t in messages.MessageType])
+def test_every_message_type_is_documented_with_an_example_the_code_parses(kind: str) -> None:
+    examples = stream_examples().get(kind)
+    assert examples, f"docs/stream.md has no section ### `{kind}` with a JSON example"
+    for example in examples:
+        body = json.loads(example)
+        assert body["type"] == kind
+        assert as_the_code_reads_it(example) == body
+
+
+def test_the_stream_reference_documents_no_type_the_code_does_not_send_unless_planned() -> None:
+    known = {t.value for t in messages.MessageType}
+    text = STREAM_DOC.read_text(encoding="utf-8")
+    planned = text[text.index("### Planned types"):]
+    for kind in stream_examples():
+        assert kind in known or f"`{kind}`" in planned, kind
