@@ -1,9 +1,9 @@
 """The ``http.request`` tool: one HTTP request through httpx, the answer mapped to categories.
 
-Status codes map as SPEC §3 says: 2xx and 3xx succeed; 408 and 5xx are ``transient``; 429
-is ``resource`` (with the server's Retry-After); 401 and 403 are ``permission``; any other
-4xx is ``configuration``. Credentials (Authorization, Cookie, a URL's password, token-like
-query parameters) never appear in an error.
+Status codes map to the error categories of docs/errors.md: 2xx and 3xx succeed; 408 and
+5xx are ``transient``; 429 is ``resource`` (with the server's Retry-After); 401 and 403 are
+``permission``; any other 4xx is ``configuration``. Credentials (Authorization, Cookie, a
+URL's password, token-like query parameters) never appear in an error.
 """
 
 from __future__ import annotations

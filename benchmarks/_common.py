@@ -143,7 +143,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 # The progress bridge (bench_latency.py, bench_fanout.py) ---------------------------------
 
-#: Message types that end a run's stream (SPEC §6).
+#: Message types that end a run's stream (docs/stream.md).
 RUN_END_TYPES = frozenset({"run.completed", "run.completed_with_errors", "run.failed",
                            "run.cancelled"})
 
@@ -160,7 +160,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def ts_epoch(stamp: str) -> float:
-    """A SPEC §6 ``ts`` (ISO-8601, UTC, ``Z``) as seconds since the epoch."""
+    """A docs/stream.md ``ts`` (ISO-8601, UTC, ``Z``) as seconds since the epoch."""
     from datetime import datetime
 
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()

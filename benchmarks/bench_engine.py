@@ -49,7 +49,7 @@ from _common import (
 )
 
 N_SMALL, N_LARGE = 1, 300
-HANDWRITTEN_TARGET_MS = 3.2  # MEASURED.md: sequential sync task, for reference
+HANDWRITTEN_TARGET_MS = 3.2  # docs/prefect-notes.md: sequential sync task, for reference
 ONE_TASK_TARGET_S = 2.4
 
 
@@ -332,14 +332,14 @@ def main() -> int:
     print(f"per step: planrun {pr:.2f} ms vs hand-written {hw:.2f} ms (ratio {pr / hw:.2f}): "
           f"{verdict(pr <= hw)}; vs hand-written with planrun's task options (NO_CACHE) "
           f"{nc:.2f} ms (ratio {pr / nc:.2f}): {verdict(pr <= nc)}  "
-          f"[MEASURED.md: ≈ {HANDWRITTEN_TARGET_MS} ms; plain call here "
+          f"[docs/prefect-notes.md: ≈ {HANDWRITTEN_TARGET_MS} ms; plain call here "
           f"{plain['call_ns']:.0f} ns against 33 ns there]")
     for name in ("planrun", "hand-written", "hand-written, NO_CACHE"):
         if variants[name]["stalled"]:
             print(f"WARNING: every repetition of {name} hit a 503 stall; its per step is not clean")
     print(f"one step, whole process: planrun run {one:.2f} s vs hand-written async "
           f"{hw_async:.2f} s: {verdict(one <= hw_async)}, sync {hw_sync:.2f} s: "
-          f"{verdict(one <= hw_sync)}  [MEASURED.md: ≈ {ONE_TASK_TARGET_S} s]")
+          f"{verdict(one <= hw_sync)}  [docs/prefect-notes.md: ≈ {ONE_TASK_TARGET_S} s]")
     print(f"benchmark took {time.monotonic() - started:.0f} s; pause median "
           f"{engine['pause_median_s']:.1f} s; machine busy during runs (median) "
           f"{engine['machine_busy_median_pct']:.0f} %; load average at end {info['loadavg_end']}")

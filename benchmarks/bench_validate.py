@@ -1,4 +1,4 @@
-"""How long ``planrun validate`` takes on a large plan (SPEC: 1,000 steps in well under a
+"""How long ``planrun validate`` takes on a large plan (the goal: 1,000 steps in well under a
 second). A measurement, not a test: prints the median of several runs.
 
     .venv/bin/python benchmarks/bench_validate.py [--steps 1000] [--runs 7]

@@ -1,4 +1,4 @@
-"""The plan format, version 1 (SPEC §2), as pydantic models.
+"""The plan format, version 1 (docs/plan-format.md), as pydantic models.
 
 These models are the source of ``plan.schema.json``: the JSON Schema editors use and the
 validator checks plans against. A validated plan is parsed into them.

@@ -1,4 +1,4 @@
-"""The ``planrun`` command line (SPEC §4).
+"""The ``planrun`` command line (README; exit codes in docs/errors.md).
 
 Exit codes: 0 completed (or valid), 3 completed_with_errors, 1 failed, 4 cancelled,
 2 invalid plan or usage. Prefect is imported only by the commands that run plans.

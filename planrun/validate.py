@@ -1,4 +1,4 @@
-"""Checking a plan, in passes, reporting every problem at once (SPEC §2).
+"""Checking a plan, in passes, reporting every problem at once (docs/plan-format.md).
 
     load (YAML, encoding) → schema (plan.schema.json's rules) → ids and tools →
     tool parameters → needs and cycles → templates → inputs → the operator's policy

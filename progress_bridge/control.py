@@ -82,7 +82,7 @@ async def submit(request: Request) -> Any:
 
 @router.get("/{run_id}", responses={404: {"description": "no such run"}})
 async def report(run_id: str, request: Request) -> dict[str, Any]:
-    """The run report (SPEC §4) with ``progress`` and ``estimate``, and ``last_seq``: the
+    """The run report (docs/run-report.md) with ``progress`` and ``estimate``, and ``last_seq``: the
     seq of the run's last message, to follow it from there."""
     state = state_of(request)
     view = state.views.get(run_id)

@@ -107,7 +107,7 @@ class Estimate:
     early_by_s: float | None = None
 
     def to_message(self) -> dict[str, Any]:
-        """The ``estimate`` object of a bridge message (SPEC §6)."""
+        """The ``estimate`` object of a bridge message (docs/stream.md)."""
         return {"remaining_s": self.remaining_s, "low_s": self.low_s, "high_s": self.high_s,
                 "finish_at": self.finish_at, "early_by_s": self.early_by_s}
 

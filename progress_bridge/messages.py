@@ -1,4 +1,4 @@
-"""The progress message of SPEC §6: one JSON object per change of a run.
+"""The progress message of docs/stream.md: one JSON object per change of a run.
 
 A :class:`Draft` is what the upstream knows about a change; the store gives it the run's
 next ``seq`` and makes it a :class:`Message`, whose JSON text is built once and then sent
@@ -18,7 +18,7 @@ from planrun.report import iso
 
 
 class MessageType(StrEnum):
-    """Every message type of SPEC §6."""
+    """Every message type of docs/stream.md."""
 
     RUN_STARTED = "run.started"
     RUN_PAUSED = "run.paused"
@@ -101,7 +101,7 @@ class Impact:
 
 
 def now_iso() -> str:
-    """The current time as SPEC §6 writes it: UTC, milliseconds, ``Z``."""
+    """The current time as docs/stream.md writes it: UTC, milliseconds, ``Z``."""
     stamp = iso(time.time())
     assert stamp is not None
     return stamp
@@ -140,7 +140,7 @@ class Draft:
 class Message(Draft):
     """One numbered message; ``json`` is its wire form, built on first use and kept.
 
-    The SPEC §6 keys are always present (null when unknown); ``plan`` and ``impact``
+    The keys of docs/stream.md are always present (null when unknown); ``plan`` and ``impact``
     only on the messages that carry them.
     """
 

@@ -1,4 +1,4 @@
-"""``planrun validate`` and the validator against SPEC §2 and §4.
+"""``planrun validate`` and the validator against docs/plan-format.md and docs/errors.md.
 
 Every invalid plan in ``tests/plans/invalid`` starts with its expectations:
 

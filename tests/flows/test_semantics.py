@@ -1,4 +1,5 @@
-"""SPEC §3, row by row, against the real Prefect server of the test session."""
+"""The run semantics of docs/plan-format.md ("needs and when", "Statuses", "Errors and
+retries"), row by row, against the real Prefect server of the test session."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The SPEC §6 message: its keys, its types, and one serialisation."""
+"""The message of docs/stream.md: its keys, its types, and one serialisation."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from progress_bridge.messages import (
     Progress,
 )
 
-SPEC_KEYS = {"seq", "run_id", "type", "ts", "step_id", "status", "attempt", "duration_s",
+DOCUMENTED_KEYS = {"seq", "run_id", "type", "ts", "step_id", "status", "attempt", "duration_s",
              "summary", "error", "progress", "estimate"}
 
 
@@ -40,7 +40,7 @@ def test_a_message_has_the_spec_keys_and_a_millisecond_utc_timestamp() -> None:
         impact=Impact(skipped=("summarise",), run_fails=True),
     ).numbered("r1", 17)
     body = json.loads(message.json)
-    assert set(body) == SPEC_KEYS | {"impact"}
+    assert set(body) == DOCUMENTED_KEYS | {"impact"}
     assert body["seq"] == 17 and body["run_id"] == "r1"
     assert body["progress"] == {"done": 3, "total": 8, "percent": 37.5}
     assert body["error"] == {"category": "transient", "message": "timed out", "hint": "try again"}

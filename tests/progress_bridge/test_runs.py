@@ -1,4 +1,4 @@
-"""The bridge's view of a run: events in, SPEC §6 drafts out (no Prefect, no server)."""
+"""The bridge's view of a run: events in, docs/stream.md drafts out (no Prefect, no server)."""
 
 from __future__ import annotations
 

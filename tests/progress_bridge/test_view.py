@@ -189,7 +189,7 @@ def test_skipped_and_cancelled_steps_show_why(bridge: ServedBridge, page: Page) 
                             summary="when: inputs.parse was false"))
     expect(field(page, "parse", "note")).to_have_text("skipped: when: inputs.parse was false")
     expect(field(page, "parse", "summary")).to_be_hidden()
-    # SPEC §6 has no step.cancelled: the status field says it.
+    # docs/stream.md: there is no step.cancelled; the status field says it.
     emit(bridge, "r2", Draft(type="step.failed", step_id="fetch", status="cancelled",
                              summary="the run was cancelled"))
     expect(box(page, "fetch")).to_have_attribute("data-status", "cancelled")
