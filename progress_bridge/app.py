@@ -1,8 +1,10 @@
-"""The bridge's FastAPI app: streams (WebSocket, SSE), health and metrics, behind the
-checks of :func:`_guard` (docs/http-api.md, "Authentication and origins").
+"""The bridge's FastAPI app: every route behind the checks of :func:`_guard`
+(docs/http-api.md, "Authentication and origins").
 
-Run control (``POST /v1/runs``, ``GET /v1/runs/{id}``, pause/resume/cancel/retry,
-approvals, the live page) belongs in routers of their own, included in :data:`ROUTERS`.
+Each group of routes is a router of its own, included in :data:`ROUTERS`: the streams
+(``ws``, ``sse``: docs/stream.md), health and metrics (``ops``), submitting, reading and
+controlling runs and answering approvals (``control``), and the live page (``view``);
+``apidocs`` adds ``/docs`` and ``/redoc``. The routes are listed in docs/http-api.md.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def create_app(store: MessageStore, hub: Hub, token: str, *,
     :class:`BridgeState` and is cancelled at shutdown; ``submit`` starts the runs
     ``POST /v1/runs`` asks for. ``freeze_gc`` moves start-up objects out of the
     collector's reach, which took the worst fan-out latency from ≈ 200 ms to ≈ 50 ms
-    (MEASURED.md).
+    (docs/prefect-notes.md).
     """
     if not token:
         raise ValueError("the bridge needs a token (planrun.bridge_token.ensure())")

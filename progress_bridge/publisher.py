@@ -1,4 +1,10 @@
-"""The one entry the upstream calls: number, store, then fan out a message."""
+"""Number, store, then fan out one message at a time.
+
+The upstream does not call this: it commits an event's messages together with the run's
+view and the event's id (``MessageStore.commit``) and publishes them itself
+(``PrefectUpstream._commit`` in ``progress_bridge/upstream.py``). :class:`Publisher` is how the
+transport tests (WebSocket, SSE, hub) feed the store and the hub directly.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ from progress_bridge.store import MessageStore
 
 
 class Publisher:
-    """Turns the upstream's drafts into numbered, stored, delivered messages.
+    """Turns drafts into numbered, stored, delivered messages, one at a time.
 
     Call :meth:`emit` from the bridge's event loop. A message is published only after it
     is committed, which is what makes replay gap-free; numbering, storing and publishing
