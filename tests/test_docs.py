@@ -63,3 +63,19 @@ def test_the_stream_reference_documents_no_type_the_code_does_not_send_unless_pl
     planned = text[text.index("### Planned types"):]
     for kind in stream_examples():
         assert kind in known or f"`{kind}`" in planned, kind
+
+
+_CITED = re.compile(r"\bdocs/[a-z0-9_-]+\.(?:md|png)\b")
+_CITING = ("planrun", "flows", "adapters", "progress_bridge", "plan_schemas", "benchmarks",
+           "scripts", "docs")
+
+
+def test_every_docs_file_the_code_and_the_docs_cite_exists() -> None:
+    cited: dict[str, str] = {}
+    files = [ROOT / "README.md", *(p for d in _CITING for p in (ROOT / d).rglob("*")
+                                   if p.suffix in (".py", ".md", "") and p.is_file())]
+    for path in files:
+        for name in _CITED.findall(path.read_text(encoding="utf-8", errors="replace")):
+            cited.setdefault(name, str(path.relative_to(ROOT)))
+    missing = {name: where for name, where in cited.items() if not (ROOT / name).exists()}
+    assert not missing, f"cited but not in the repository: {missing}"
