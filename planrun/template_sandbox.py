@@ -212,6 +212,10 @@ def _check_wordwrap(args: list[Any], kwargs: dict[str, Any]) -> None:
     width = _arg(args, kwargs, 1, "width", 79)
     wrap = _arg(args, kwargs, 3, "wrapstring", None) or "\n"
     lines = len(text) // max(width, 1) + text.count("\n") + 1 if isinstance(width, int) else 1
+    # textwrap copies the rest of a long word for each line it cuts: lines x length.
+    if lines > 10_000 or len(text) > MAX_REPEAT:
+        raise OverLimit(f"wordwrap of {len(text):,} characters into {lines:,} lines is too "
+                        f"much (at most {MAX_REPEAT:,} characters, 10,000 lines)")
     check_estimate(len(text) + len(str(wrap)) * lines, "wordwrap")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from planrun.templates import TemplateError, references, render
@@ -26,3 +28,35 @@ def test_a_deeply_nested_template_is_a_template_error_not_a_crash() -> None:
     text = "{{ " + "(" * 200 + "1" + ")" * 200 + " }}"
     with pytest.raises(TemplateError, match="nested too deeply"):
         references(text)
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("{{ 'x'|center(10**9) }}", "center width"),
+    ("{{ '{:>999999999}'.format(1) }}", "format width"),
+    ("{{ '%*s' % (10**9, 'x') }}", "'*' widths"),
+    ("{{ 'x'.ljust(10**9) }}", "ljust width"),
+    ("{{ ('x' * 100000)|replace('x', 'y' * 100000) }}", "replace would make over 1 MB"),
+    ("{% set ns = namespace(s='ab') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}"
+     "{% endfor %}", "joined with ~ over 1 MB"),
+    ("{{ ([('x' * 100000)] * 100000)|string }}", "filter input over 1 MB"),
+    ("{{ 5|round(-10**9) }}", "round precision"),
+    ("{{ [1]|batch(10**9, 'x') }}", "linecount"),
+    ("{% set x %}{% for i in range(100000) %}{{ 'abcdefghijk' }}{% endfor %}{% endset %}",
+     "template output over 1 MB"),
+])
+def test_each_cap_refuses_before_building_and_names_itself(text: str, words: str) -> None:
+    with pytest.raises(TemplateError, match=re.escape(words)):
+        render(text, {})
+
+
+def test_a_failure_names_the_place_in_the_step() -> None:
+    with pytest.raises(TemplateError, match=r"at steps\.a\.with\.body\[1\]$"):
+        render({"body": ["ok", "{{ 'x'|center(10**9) }}"]}, {}, ("steps", "a", "with"))
+
+
+def test_a_whole_template_gives_plain_data() -> None:
+    assert render("{{ range(3) }}", {}) == [0, 1, 2]
+    assert render("{{ {'a': (1, 2)} }}", {}) == {"a": [1, 2]}
+    with pytest.raises(TemplateError, match="keys must be text"):
+        render("{{ {(1, 2): 3} }}", {})
+
