@@ -11,6 +11,8 @@ its Prefect task run's id) as JSON in Prefect's default result storage (local fi
 ``planrun-<run id>-<step id>``. The key is the plan run's and the step's, not Prefect's
 default cache key, which includes the flow run id and the task's inputs. It is written
 before the step's finish is announced, so nothing announced as finished is run again.
+A checkpoint that was written but cannot be read back (a storage error, or data that does
+not validate) stops the run (``CheckpointUnreadable``) instead of running its step again.
 
 The nonce of each approval gate's latest asking is kept here too
 (``planrun-gate-<run id>-<step id>``): a place no step can write (docs/approvals.md).
@@ -25,7 +27,7 @@ import logging
 from typing import Any
 from uuid import UUID
 
-from planrun.errors import step_error
+from planrun.errors import CheckpointUnreadable, PlanrunError, step_error
 from planrun.redact import Redactor
 from planrun.report import StepRecord, StepStatus, epoch, iso
 
@@ -103,12 +105,22 @@ class Checkpoints:
             await self._write(key(self.run_id, record.id), self.redactor.mask(to_data(record)))
 
     async def load(self, records: dict[str, StepRecord]) -> list[str]:
-        """Restore every step of ``records`` that has a checkpoint; the ids restored."""
+        """Restore every step of ``records`` that has a checkpoint; the ids restored.
+
+        A checkpoint never written is not an error. One that exists but cannot be read or
+        does not validate raises ``CheckpointUnreadable`` naming its step: the step may
+        have completed, and running it again could repeat what it did.
+        """
         async def one(step_id: str) -> str | None:
-            found = await self._read(key(self.run_id, step_id))
-            if found is None:
-                return None
-            restore(records[step_id], found)
+            try:
+                found = await self._read(key(self.run_id, step_id))
+                if found is None:
+                    return None
+                restore(records[step_id], found)
+            except CheckpointUnreadable as exc:
+                raise CheckpointUnreadable(exc.reason, step_id) from exc
+            except (PlanrunError, LookupError, TypeError, ValueError) as exc:
+                raise CheckpointUnreadable(str(exc) or type(exc).__name__, step_id) from exc
             return step_id
 
         restored = await asyncio.gather(*(one(sid) for sid in records))
@@ -137,12 +149,30 @@ class Checkpoints:
         await _call(await self._storage_block(), "write_path", name, content)
 
     async def _read(self, name: str) -> dict[str, Any] | None:
+        """The JSON object kept under ``name``; None if nothing was ever written there."""
         try:
             content = await _call(await self._storage_block(), "read_path", name)
+        except Exception as exc:  # noqa: BLE001 - each storage has its own errors
+            if _missing(exc):
+                return None
+            raise CheckpointUnreadable(f"{type(exc).__name__}: {exc}") from exc
+        try:
             data = json.loads(content)
-        except Exception:  # noqa: BLE001 - missing (each storage says so its own way), or
-            return None  # cut short by a crash: the step then runs again
-        return data if isinstance(data, dict) else None
+        except ValueError as exc:  # cut short by a crash, or overwritten by something else
+            raise CheckpointUnreadable(f"not JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            raise CheckpointUnreadable(f"not a JSON object but {type(data).__name__}")
+        return data
+
+
+def _missing(exc: Exception) -> bool:
+    """Whether a storage's read error says only that nothing is there: each storage says
+    so its own way (Prefect's local storage: a ValueError "… does not exist"; fsspec:
+    FileNotFoundError; cloud SDKs: a NotFound / NoSuchKey error)."""
+    if isinstance(exc, FileNotFoundError):
+        return True
+    name = type(exc).__name__
+    return "NotFound" in name or "NoSuchKey" in name or "does not exist" in str(exc)
 
 
 async def _call(block: Any, method: str, *args: Any) -> Any:

@@ -106,10 +106,10 @@ def approval_input() -> Any:
 class RunControl:
     """Watches one run's flow-run state and tells its scheduler."""
 
-    def __init__(self, run_id: str, scheduler: Scheduler, poll_s: float = POLL_S,
+    def __init__(self, run_id: str, scheduler: Scheduler | None = None, poll_s: float = POLL_S,
                  beat: Callable[[], None] | None = None) -> None:
         self.run_id = UUID(run_id)
-        self.scheduler = scheduler
+        self._scheduler = scheduler
         self.poll_s = poll_s
         self.beat = beat  # a sign of life every HEARTBEAT_S, for the bridge's crash rule
         # Each gate's nonce is kept with the run's checkpoints, in Prefect's result storage
@@ -119,6 +119,18 @@ class RunControl:
         self.gates = Checkpoints(run_id)
         self._read: asyncio.Future[None] | None = None
         self._read_started = 0.0
+
+    def attach(self, scheduler: Scheduler, beat: Callable[[], None] | None = None) -> None:
+        """Tell ``scheduler`` what people ask of the run; ``beat`` is called every
+        ``HEARTBEAT_S`` while ``watch`` runs."""
+        self._scheduler = scheduler
+        self.beat = beat
+
+    @property
+    def scheduler(self) -> Scheduler:
+        if self._scheduler is None:
+            raise RuntimeError("RunControl.attach(scheduler) was not called")
+        return self._scheduler
 
     async def news(self) -> None:
         """Take in the run's state as it is now, before a step starts: a pause accepted

@@ -1,4 +1,5 @@
-"""Retry policies as data: the category defaults of SPEC §3 combined with a plan's ``retry``.
+"""Retry policies as data: the category defaults of SPEC §3 combined with a plan's ``retry``
+(combined by the compiler, ``flows.graph.retry_policy``).
 
 A step's attempts are limited by both its ``retry.max_attempts`` and its error category's
 limit; the smaller wins. Delays grow exponentially (or stay fixed) with real jitter,
@@ -11,8 +12,6 @@ import random
 from dataclasses import dataclass
 from typing import Literal
 
-from plan_schemas.model import Retry
-from planrun.durations import parse_duration
 from planrun.errors import Category, StepError
 
 #: Attempts allowed per category, the first included (SPEC §3).
@@ -52,25 +51,6 @@ class RetryPolicy:
             raise ValueError("jitter must be within 0..1")
         if self.initial_delay_s < 0 or self.max_delay_s < 0:
             raise ValueError("delays must not be negative")
-
-    @classmethod
-    def from_plan(cls, *layers: Retry | None) -> RetryPolicy:
-        """Defaults, overridden field by field by each non-empty layer in order."""
-        fields: dict[str, object] = {}
-        for layer in layers:
-            if layer is None:
-                continue
-            if layer.max_attempts is not None:
-                fields["max_attempts"] = layer.max_attempts
-            if layer.backoff is not None:
-                fields["backoff"] = layer.backoff
-            if layer.initial_delay is not None:
-                fields["initial_delay_s"] = parse_duration(layer.initial_delay)
-            if layer.max_delay is not None:
-                fields["max_delay_s"] = parse_duration(layer.max_delay)
-            if layer.jitter is not None:
-                fields["jitter"] = layer.jitter
-        return cls(**fields)  # type: ignore[arg-type]
 
     @property
     def most_attempts(self) -> int:

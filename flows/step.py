@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from uuid import UUID
 
 from prefect import Task, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -22,14 +23,15 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
 from prefect.exceptions import MissingContextError
 from prefect.states import Cancelled, Completed, Failed, State
+from prefect.utilities.annotations import quote
 
 from adapters.base import Adapter, StepContext
 from adapters.workspace import Workspace
+from flows.graph import FallbackCall
 from flows.policy import RetryPolicy
-from flows.prefect_compat import task_with
-from plan_schemas.model import Fallback, Step
+from flows.prefect_compat import call_after, new_task_run_id, task_with
+from plan_schemas.model import Step
 from planrun import templates
-from planrun.durations import parse_duration
 from planrun.errors import ConfigurationError, StepError
 from planrun.redact import Redactor, redact
 from planrun.report import StepRecord, StepStatus
@@ -49,7 +51,8 @@ class StepJob:
     memory_mb: int | None
     context: Callable[[], dict[str, Any]]
     notify: Callable[[StepRecord], None]
-    fallback_adapter: Adapter | None = None
+    #: Tried once the attempts are exhausted (its timeout already in seconds).
+    fallback: FallbackCall | None = None
     #: The run's secret values: masked in the step's input, output and errors at the source.
     redactor: Redactor = field(default_factory=Redactor)
     last_error: StepError | None = None
@@ -108,20 +111,19 @@ class StepJob:
                 record.retry_delay_s = self.next_delay
                 self.notify(record)
                 raise
-            if self.fallback_adapter is not None and self.step.fallback is not None:
-                return await self._fallback(self.step.fallback, self.fallback_adapter, error, log)
+            if self.fallback is not None:
+                return await self._fallback(self.fallback, error, log)
             raise
         return self.redactor.mask(output)
 
-    async def _fallback(self, fallback: Fallback, adapter: Adapter, error: StepError,
+    async def _fallback(self, fallback: FallbackCall, error: StepError,
                         log: logging.Logger | logging.LoggerAdapter[Any]) -> Any:
-        timeout = self.timeout_s
-        if fallback.timeout is not None:
-            timeout = parse_duration(fallback.timeout)
         try:
-            params, left = await self._render(fallback.with_, timeout, ("fallback", "with"))
+            params, left = await self._render(dict(fallback.with_), fallback.timeout_s,
+                                              ("fallback", "with"))
             log.info("attempts exhausted; trying the fallback %s", fallback.tool)
-            output = await adapter.run(params, self._context(self.record.attempts, log), left)
+            output = await fallback.adapter.run(params, self._context(self.record.attempts, log),
+                                                left)
         except StepError as fallback_error:
             self.redactor.scrub_error(fallback_error)
             log.warning("the fallback failed too: %s", fallback_error.message)
@@ -191,3 +193,25 @@ async def not_run_step(step_id: str, reason: str, failed: bool) -> State[Any]:
     if failed:
         return Failed(message=reason)
     return Completed(name="Skipped", message=reason)
+
+
+class TaskRuns:
+    """Runs each step as a Prefect task run (its attempts as Prefect retries) and records
+    each skip as one; each names the task runs of its needs as inputs (docs/prefect-ui.md)."""
+
+    async def run(self, job: StepJob, upstream: list[UUID]) -> Any:
+        """The step's output; raises when it failed, ``CancelledError`` when cancelled."""
+        job.record.task_run_id = new_task_run_id()
+        output = await call_after(job.prefect_task(), upstream, job.record.task_run_id,
+                                  quote(job))
+        if isinstance(output, State) and output.is_cancelled():
+            raise asyncio.CancelledError  # the step's task run ended Cancelled
+        return output
+
+    async def skip(self, step: Step, record: StepRecord, upstream: list[UUID]) -> None:
+        """Record, as a task run, that ``step`` did not run and why."""
+        record.task_run_id = new_task_run_id()
+        await call_after(task_with(not_run_step, name=step.id, task_run_name=step.id,
+                                   tags=["planrun", f"tool:{step.tool}"]),
+                         upstream, record.task_run_id,
+                         step.id, record.reason or "", record.status == StepStatus.FAILED)

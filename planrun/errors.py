@@ -6,6 +6,7 @@
      ├── PolicyInvalid            the operator's policy file is malformed (never "allow all")
      ├── UnknownTool              no adapter has this tool name (lists the known ones)
      ├── DuplicateTool            two adapters claim the same tool name
+     ├── CheckpointUnreadable     a step's checkpoint exists but cannot be read: the run stops
      └── StepError                one attempt of a step failed; carries category, hint,
           │                       step_id, tool and retry_after as fields
           ├── TransientError      timeout, connection reset, HTTP 5xx       → retried with backoff
@@ -105,6 +106,20 @@ class DuplicateTool(PlanrunError):
     def __init__(self, tool: str, first: str, second: str) -> None:
         self.tool = tool
         super().__init__(f"tool '{tool}' is registered twice: by {first} and by {second}")
+
+
+class CheckpointUnreadable(PlanrunError):
+    """A checkpoint was written but cannot be read back (a storage error) or does not
+    validate. The run stops rather than run a finished step (a ``shell.run``, a
+    ``file.write``) a second time. ``step_id`` names the step (None for the run's own
+    checkpoint); ``reason`` says what went wrong."""
+
+    def __init__(self, reason: str, step_id: str | None = None) -> None:
+        self.reason = reason
+        self.step_id = step_id
+        what = f"the checkpoint of step {step_id}" if step_id else "the run's checkpoint"
+        super().__init__(f"cannot read {what}: {reason}; the run stops so that a completed "
+                         "step is not run twice")
 
 
 class StepError(PlanrunError):

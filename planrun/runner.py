@@ -43,26 +43,22 @@ async def run_plan(plan: dict[str, Any], inputs: dict[str, Any],
     """
     from prefect import tags
 
-    from flows import plan_flow as compiled
+    from flows.plan_flow import RunHost
 
-    compiled.CANCEL_ON_SIGTERM = True
+    host = RunHost(observers=[observer] if observer is not None else [])
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, compiled.cancel_all)
-    if observer is not None:
-        compiled.OBSERVERS.append(observer)
+        loop.add_signal_handler(sig, host.sessions.cancel_all)
     try:
         with tags("planrun", f"plan:{plan['name']}"), trusted_as(Trust.LOCAL), \
                 held_inputs(plan.get("inputs") or {}, inputs) as params:
-            state = await compiled.plan_flow.with_options(flow_run_name=plan["name"])(
+            state = await host.flow().with_options(flow_run_name=plan["name"])(
                 plan, params, return_state=True)
-        report = compiled.REPORTS.pop(str(state.state_details.flow_run_id), None)
+        report = host.reports.pop(str(state.state_details.flow_run_id), None)
         if report is None:
             raise PlanrunError(f"the flow run ended {state.type.value} without a report: "
                                f"{state.message}")
         return report
     finally:
-        if observer is not None:
-            compiled.OBSERVERS.remove(observer)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

@@ -24,6 +24,7 @@ import httpx
 import psutil
 
 from planrun.errors import PlanrunError
+from planrun.home import data_dir as data_dir  # where the server keeps its database
 
 DEFAULT_PORT = 4200
 START_TIMEOUT_S = 90.0
@@ -38,17 +39,6 @@ QUIET_ENV = {
 
 class ServerError(PlanrunError):
     """The local Prefect server could not be started or reached."""
-
-
-def data_dir() -> Path:
-    """planrun's data directory: ``PLANRUN_HOME``, else ``$XDG_DATA_HOME/planrun``."""
-    if os.environ.get("PLANRUN_HOME"):
-        root = Path(os.environ["PLANRUN_HOME"])
-    else:
-        base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-        root = Path(base) / "planrun"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
 
 
 @dataclass(frozen=True)

@@ -278,10 +278,11 @@ def test_a_malformed_policy_stops_validate_and_run_with_exit_2(tmp_path: Path) -
 
 async def run_submitted(data: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
     """Run plan data as the deployment's runner does: in a flow run, trust not raised."""
-    from flows import plan_flow as compiled
+    from flows.plan_flow import RunHost
 
-    state = await compiled.plan_flow(data, inputs, return_state=True)
-    return compiled.REPORTS.pop(str(state.state_details.flow_run_id))
+    host = RunHost()
+    state = await host.flow()(data, inputs, return_state=True)
+    return host.reports.pop(str(state.state_details.flow_run_id))
 
 
 FETCH = """\

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from adapters.registry import default_registry
 from flows.events import RunEvents
-from flows.plan_flow import new_record
+from flows.graph import compile_plan
 from planrun.report import StepStatus
 from planrun.validate import validate_text
 
@@ -22,7 +22,7 @@ steps:
 
 def events() -> RunEvents:
     plan = validate_text(PLAN).plan
-    return RunEvents(plan, new_record(plan, "r", default_registry()))
+    return RunEvents(plan, compile_plan(plan, default_registry()).new_record("r"))
 
 
 def test_a_non_critical_failure_skips_what_needs_it_downstream_but_not_a_when() -> None:

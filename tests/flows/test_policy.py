@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from flows.graph import retry_policy
 from flows.policy import RETRY_AFTER_CAP_S, RetryPolicy
 from plan_schemas.model import Retry
 from planrun.errors import ConfigurationError, ResourceError, TransientError
@@ -46,8 +47,8 @@ def test_the_smaller_of_max_attempts_and_the_category_limit_wins(
 
 
 def test_plan_layers_override_field_by_field() -> None:
-    policy = RetryPolicy.from_plan(Retry(max_attempts=3, initial_delay="2s"),
-                                   Retry(initial_delay="250ms", jitter=0))
+    policy = retry_policy(Retry(max_attempts=3, initial_delay="2s"),
+                          Retry(initial_delay="250ms", jitter=0))
     assert (policy.max_attempts, policy.initial_delay_s, policy.jitter) == (3, 0.25, 0)
     assert policy.max_delay_s == 30 and policy.backoff == "exponential"
 

@@ -1,0 +1,216 @@
+"""In-memory parts for a run session (``flows.parts``), as ``adapters/fake.py`` is for tools.
+
+With them a session runs a plan without a Prefect server, in milliseconds: checkpoints in
+a dict (one may be made unreadable), a control source the test tells what people ask, a
+workspace that only counts, events kept in a list, and steps executed directly (their
+retries awaited here rather than by Prefect).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from uuid import UUID
+
+from prefect.exceptions import Pause
+
+from flows.checkpoints import Checkpoints, key
+from flows.parts import RunParts
+from flows.scheduler import Scheduler
+from flows.step import StepJob
+from plan_schemas.model import Step
+from planrun.errors import CheckpointUnreadable, StepError
+from planrun.report import RunRecord, StepRecord
+
+
+@dataclass
+class MemoryEvents:
+    """Keeps each event as ``(name, data)``; ``bind`` is the part's factory."""
+
+    events: list[tuple[str, Any]] = field(default_factory=list)
+    run: RunRecord | None = None
+
+    def bind(self, run: RunRecord, segment: int) -> MemoryEvents:
+        self.run = run
+        return self
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.events]
+
+    def started(self) -> None:
+        self.events.append(("run.started", None))
+
+    def resumed(self, restored: list[str]) -> None:
+        self.events.append(("run.resumed", list(restored)))
+
+    def changed(self, step: StepRecord) -> None:
+        self.events.append((f"step.{step.status}", step.id))
+
+    def heartbeat(self) -> None:
+        self.events.append(("run.heartbeat", None))
+
+    def paused(self, reason: str, timeout_s: float | None = None,
+               on_timeout: Literal["cancel", "resume"] = "cancel") -> None:
+        self.events.append(("run.paused", (reason, timeout_s, on_timeout)))
+
+    def awaiting_approval(self, step_id: str, prompt: str, timeout_s: float | None) -> None:
+        self.events.append(("run.awaiting_approval", (step_id, prompt, timeout_s)))
+
+    def ended(self) -> None:
+        self.events.append((f"run.{self.run.status if self.run else 'ended'}", None))
+
+
+class NoArtifacts:
+    """Artifacts that go nowhere."""
+
+    def __init__(self, run: RunRecord | None = None) -> None:
+        self.run = run
+
+    def start(self) -> None:
+        pass
+
+    def changed(self) -> None:
+        pass
+
+    async def finish(self) -> None:
+        pass
+
+
+class MemoryCheckpoints(Checkpoints):
+    """The real checkpoint store (what is kept, how it is written and read back) with its
+    storage in a dict that outlives a session. ``broken`` maps a step id to the read error
+    its checkpoint raises, as a failing storage would."""
+
+    def __init__(self, run_id: str = "run-1") -> None:
+        super().__init__(run_id)
+        self.stored: dict[str, str] = {}
+        self.broken: dict[str, str] = {}
+
+    def kept(self) -> list[str]:
+        """The steps that have a checkpoint."""
+        prefix = key(self.run_id, "")
+        return [name.removeprefix(prefix) for name in self.stored if name.startswith(prefix)]
+
+    async def _write(self, name: str, data: dict[str, Any]) -> None:
+        self.stored[name] = json.dumps(data, default=str)
+
+    async def _read(self, name: str) -> dict[str, Any] | None:
+        for step_id, why in self.broken.items():
+            if name == key(self.run_id, step_id):
+                raise CheckpointUnreadable(why)
+        found = self.stored.get(name)
+        return json.loads(found) if found is not None else None
+
+
+@dataclass
+class MemoryControl:
+    """What people ask, as the test says: ``request("pause")`` / ``request("cancel")`` are
+    taken in at once while the run watches, else at the next step boundary; ``answers``
+    are the gates' answers by step id, read once the gate was asked."""
+
+    requests: list[str] = field(default_factory=list)
+    answers: dict[str, tuple[bool, str]] = field(default_factory=dict)
+    cancelled_while_suspended: bool = False
+    asked: list[str] = field(default_factory=list)
+    suspended: list[str] = field(default_factory=list)
+    scheduler: Scheduler | None = None
+    _arrived: asyncio.Event | None = None
+
+    def attach(self, scheduler: Scheduler, beat: Callable[[], None] | None = None) -> None:
+        self.scheduler = scheduler
+
+    def request(self, kind: str) -> None:
+        """A person asks ``pause`` or ``cancel``."""
+        self.requests.append(kind)
+        if self._arrived is not None:
+            self._arrived.set()
+
+    async def news(self) -> None:
+        await asyncio.sleep(0)
+        while self.requests and self.scheduler is not None:
+            request = self.requests.pop(0)
+            if request == "pause":
+                self.scheduler.pause("paused by a person")
+            elif request == "cancel":
+                self.scheduler.stop("cancelled by a person", cancelled=True)
+
+    async def watch(self) -> None:
+        self._arrived = asyncio.Event()
+        while True:
+            await self._arrived.wait()
+            self._arrived.clear()
+            await self.news()
+
+    async def cancel_requested(self) -> bool:
+        return self.cancelled_while_suspended
+
+    async def decision(self, step_id: str) -> tuple[bool, str] | None:
+        return self.answers.get(step_id) if step_id in self.asked else None
+
+    async def ask(self, step_id: str, prompt: str) -> None:
+        self.asked.append(step_id)
+        raise Pause(state=None)
+
+    async def suspend(self, key: str, message: str) -> Any:
+        self.suspended.append(key)
+        return None
+
+
+@dataclass
+class MemoryWorkspace:
+    """Counts the files a test says were changed; rolls them back or keeps them."""
+
+    changed: list[str] = field(default_factory=list)
+    rolled_back: list[str] = field(default_factory=list)
+    committed: bool = False
+
+    def commit(self) -> None:
+        self.committed = True
+        self.changed.clear()
+
+    def rollback(self) -> list[str]:
+        self.rolled_back, self.changed = list(self.changed), []
+        return self.rolled_back
+
+    def left_note(self) -> str | None:
+        return None
+
+
+@dataclass
+class DirectSteps:
+    """Executes each attempt of a step in this task, waiting out its retry delays."""
+
+    skipped: list[str] = field(default_factory=list)
+
+    async def run(self, job: StepJob, upstream: list[UUID]) -> Any:
+        number = 1
+        while True:
+            try:
+                return await job.attempt(number)
+            except StepError:
+                if job.next_delay is None:
+                    raise
+                await asyncio.sleep(job.next_delay)
+                number += 1
+
+    async def skip(self, step: Step, record: StepRecord, upstream: list[UUID]) -> None:
+        self.skipped.append(step.id)
+
+
+@dataclass
+class MemoryParts:
+    """One of each in-memory part, kept across sessions of the same run."""
+
+    checkpoints: MemoryCheckpoints = field(default_factory=MemoryCheckpoints)
+    control: MemoryControl = field(default_factory=MemoryControl)
+    workspace: MemoryWorkspace = field(default_factory=MemoryWorkspace)
+    steps: DirectSteps = field(default_factory=DirectSteps)
+    events: MemoryEvents = field(default_factory=MemoryEvents)
+
+    def parts(self) -> RunParts:
+        return RunParts(checkpoints=self.checkpoints, control=self.control,
+                        workspace=self.workspace, steps=self.steps, events=self.events.bind,
+                        artifacts=NoArtifacts)

@@ -1,0 +1,129 @@
+"""What a run session is given: small interfaces for its effects, and the parts bundled.
+
+Each interface has its real implementation (named on it) and an in-memory one in
+``flows.fakes``, as ``adapters/fake.py`` is for tools: a session with in-memory parts runs
+a plan in milliseconds without a Prefect server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+from uuid import UUID
+
+from flows.scheduler import Scheduler
+from flows.step import StepJob
+from plan_schemas.model import Step
+from planrun.report import RunRecord, StepRecord
+
+
+class EventSink(Protocol):
+    """What a run tells whoever follows it, change by change (``flows.events.RunEvents``:
+    Prefect events the bridge reads)."""
+
+    def started(self) -> None: ...
+
+    def resumed(self, restored: list[str]) -> None: ...
+
+    def changed(self, step: StepRecord) -> None: ...
+
+    def heartbeat(self) -> None: ...
+
+    def paused(self, reason: str, timeout_s: float | None = None,
+               on_timeout: Literal["cancel", "resume"] = "cancel") -> None: ...
+
+    def awaiting_approval(self, step_id: str, prompt: str, timeout_s: float | None) -> None: ...
+
+    def ended(self) -> None: ...
+
+
+class ArtifactSink(Protocol):
+    """The run's progress and steps table in the Prefect UI (``flows.artifacts.RunArtifacts``)."""
+
+    def start(self) -> None: ...
+
+    def changed(self) -> None: ...
+
+    async def finish(self) -> None: ...
+
+
+class CheckpointStore(Protocol):
+    """Finished steps kept for a later process of the same run
+    (``flows.checkpoints.Checkpoints``)."""
+
+    async def begin(self) -> int:
+        """Count this start of the run (1 on the first)."""
+        ...
+
+    async def save(self, record: StepRecord) -> None: ...
+
+    async def load(self, records: dict[str, StepRecord]) -> list[str]:
+        """Restore the steps that have a checkpoint; ``CheckpointUnreadable`` if one exists
+        but cannot be read."""
+        ...
+
+
+class ControlSource(Protocol):
+    """What people ask of the run: pause, cancel, a gate's answer (``flows.control.RunControl``:
+    the flow run's state and inputs in Prefect)."""
+
+    def attach(self, scheduler: Scheduler, beat: Callable[[], None] | None = None) -> None: ...
+
+    async def news(self) -> None:
+        """Tell the scheduler what was asked up to now."""
+        ...
+
+    async def watch(self) -> None:
+        """Tell the scheduler what is asked while the run goes, until cancelled."""
+        ...
+
+    async def cancel_requested(self) -> bool:
+        """Whether the run was cancelled while it was suspended."""
+        ...
+
+    async def decision(self, step_id: str) -> tuple[bool, str] | None:
+        """The answer to the latest asking of the step's gate, or None."""
+        ...
+
+    async def ask(self, step_id: str, prompt: str) -> None:
+        """Suspend the run at the step's gate; raises Prefect's ``Pause``."""
+        ...
+
+    async def suspend(self, key: str, message: str) -> Any:
+        """Suspend the paused run; the state to raise ``Pause`` with."""
+        ...
+
+
+class RunWorkspace(Protocol):
+    """The files the run changes, kept or put back at its end (``adapters.workspace.Workspace``)."""
+
+    def commit(self) -> None: ...
+
+    def rollback(self) -> list[str]: ...
+
+    def left_note(self) -> str | None: ...
+
+
+class StepRunner(Protocol):
+    """How a step is executed and a skip recorded (``flows.step.TaskRuns``: Prefect task
+    runs). ``upstream`` are the task run ids of the steps it needs."""
+
+    async def run(self, job: StepJob, upstream: list[UUID]) -> Any:
+        """The step's output; raises when it failed, ``CancelledError`` when cancelled."""
+        ...
+
+    async def skip(self, step: Step, record: StepRecord, upstream: list[UUID]) -> None: ...
+
+
+@dataclass(frozen=True)
+class RunParts:
+    """Everything with an effect outside the session. The event sink and artifacts are
+    made once the run's record (and, for events, its start count) are known."""
+
+    checkpoints: CheckpointStore
+    control: ControlSource
+    workspace: RunWorkspace
+    steps: StepRunner
+    events: Callable[[RunRecord, int], EventSink]
+    artifacts: Callable[[RunRecord], ArtifactSink]

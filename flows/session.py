@@ -1,0 +1,263 @@
+"""One run of a compiled plan in this process: its state in one object.
+
+A ``RunSession`` owns the run's record, its step jobs and its scheduler; everything with
+an effect outside it (events, checkpoints, what people ask, the workspace, how a step is
+executed) comes in as ``flows.parts.RunParts``. ``Sessions`` is the registry of the
+sessions a process runs, owned by whoever must reach them all (a SIGTERM handler).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, cast
+from uuid import UUID
+
+from prefect.exceptions import Pause
+
+from flows.control import TIMED_OUT
+from flows.graph import RunGraph, StepNode
+from flows.parts import EventSink, RunParts
+from flows.scheduler import Scheduler
+from flows.step import StepJob
+from plan_schemas.model import Step
+from planrun.errors import CheckpointUnreadable
+from planrun.report import RunObserver, RunStatus, StepRecord, StepStatus, StepsView
+from planrun.secrets import RunSecrets
+
+if TYPE_CHECKING:
+    from adapters.workspace import Workspace
+
+
+class RunSession:
+    """Runs ``graph`` once as the run ``run_id`` with ``parts``.
+
+    ``can_ask``: a gate may suspend the run until a person answers (a deployment's run);
+    otherwise a gate's step is rejected. ``started_at``: when the run first started (a
+    resumed run keeps it). ``observers`` are told of every change.
+    """
+
+    def __init__(self, graph: RunGraph, run_id: str, parts: RunParts, *,
+                 inputs: dict[str, Any] | None = None, secrets: RunSecrets | None = None,
+                 observers: Iterable[RunObserver] = (), can_ask: bool = False,
+                 started_at: float | None = None, flow_run_url: str | None = None) -> None:
+        self.graph = graph
+        self.parts = parts
+        self.inputs = inputs or {}
+        self.secrets = secrets or RunSecrets()
+        self.observers = list(observers)
+        self.started_at = started_at
+        self.run = graph.new_record(run_id)
+        self.run.redactor = self.secrets.redactor
+        self.run.flow_run_url = flow_run_url
+        #: The report, once the run has ended.
+        self.report: dict[str, Any] | None = None
+        #: Why the run stopped before it began: a checkpoint it could not read.
+        self.unreadable: CheckpointUnreadable | None = None
+        self.segment = 1
+        self.events: EventSink | None = None
+        self.artifacts = parts.artifacts(self.run)
+        self._steps_view = StepsView(self.run.steps)
+        self.jobs = {node.id: self._job(node) for node in graph.steps.values()}
+        gates = any(node.approval is not None for node in graph.steps.values())
+        self.scheduler = Scheduler(
+            self.run, graph.checked_steps(), max_parallel=graph.limits.max_parallel,
+            execute=self._execute, skip=self._skip, notify=self._notify,
+            context=self._context, decide=self._decide if can_ask and gates else None)
+
+    @property
+    def run_id(self) -> str:
+        return self.run.run_id
+
+    def cancel(self, reason: str = "cancelled by a person") -> None:
+        """End the run cancelled: running steps are cancelled, files rolled back."""
+        self.scheduler.stop(reason, cancelled=True)
+
+    async def run_to_end(self) -> dict[str, Any]:
+        """Run the plan and return its report (kept as ``report`` too).
+
+        When the run starts again (a resumed pause, an answered gate, a recovered crash),
+        the steps that had finished are restored from their checkpoints and not run again;
+        a checkpoint that cannot be read stops the run instead. A pause or a gate that takes
+        effect raises Prefect's ``Pause``: the run is suspended, and this process should end.
+        """
+        restored = await self._begin()
+        await self._start(restored)
+        control = self.parts.control
+        watching = asyncio.ensure_future(control.watch())
+        try:
+            await self.scheduler.run_all(self.graph.limits.deadline_s)
+        except asyncio.CancelledError:
+            self.scheduler.stop("cancelled", cancelled=True)
+            raise
+        finally:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
+            if not self.scheduler.suspended:
+                await self._finish()
+        if self.scheduler.suspended:
+            await self._suspend()
+        self.report = self.run.to_report()
+        return self.report
+
+    async def _begin(self) -> list[str]:
+        """Count this start and restore what finished before; the steps restored."""
+        checkpoints = self.parts.checkpoints
+        try:
+            self.segment = await checkpoints.begin()
+            restored = await checkpoints.load(self.run.steps) if self.segment > 1 else []
+        except CheckpointUnreadable as exc:
+            self.unreadable = exc
+            self.scheduler.stop(str(exc))  # nothing starts: each step is skipped
+            restored = []
+        self.events = self.parts.events(self.run, self.segment)
+        return restored
+
+    async def _start(self, restored: list[str]) -> None:
+        assert self.events is not None
+        control = self.parts.control
+        control.attach(self.scheduler, self.events.heartbeat)
+        self.scheduler.news = control.news
+        self.run.status = RunStatus.RUNNING
+        self.run.started_at = self.started_at or time.time()
+        if self.segment > 1 and self.unreadable is None and await control.cancel_requested():
+            self.scheduler.stop("cancelled while paused", cancelled=True)
+        self.artifacts.start()
+        if self.segment > 1:
+            self.events.resumed(restored)
+        else:
+            self.events.started()
+        self._notify(None)
+
+    async def _finish(self) -> None:
+        run, scheduler = self.run, self.scheduler
+        run.status = RunStatus.FAILED if self.unreadable is not None else run.final_status(
+            cancelled=scheduler.cancelled, deadline_passed=scheduler.deadline_passed)
+        run.reason = scheduler.stop_reason
+        workspace = self.parts.workspace
+        if run.status in (RunStatus.FAILED, RunStatus.CANCELLED):
+            run.rolled_back = workspace.rollback()
+            left = workspace.left_note()  # another run's later change is not undone
+            run.reason = f"{run.reason}; {left}" if run.reason and left else run.reason or left
+        else:
+            workspace.commit()
+        run.ended_at = time.time()
+        self._notify(None)
+        if self.events is not None:
+            self.events.ended()
+        await self.artifacts.finish()
+
+    async def _suspend(self) -> None:
+        """Suspend at the gate asked for, or for a person's pause; raises ``Pause``. What
+        ran has finished and is checkpointed; the files stay as they are."""
+        assert self.events is not None
+        run, control = self.run, self.parts.control
+        reason = self.scheduler.pause_reason or "paused"
+        gate = self.scheduler.gate
+        self.report = run.to_report()
+        if gate is not None:
+            approval = self.graph.steps[gate].approval
+            assert approval is not None
+            run.steps[gate].status = StepStatus.AWAITING_APPROVAL
+            run.status, run.reason = RunStatus.AWAITING_APPROVAL, reason
+            self._notify(None)
+            self.events.awaiting_approval(gate, approval.prompt, approval.timeout_s)
+            await self.artifacts.finish()
+            await control.ask(gate, approval.prompt)  # raises Pause
+        run.status, run.reason = RunStatus.PAUSED, reason
+        self._notify(None)
+        limits = self.graph.limits
+        self.events.paused(reason, limits.pause_timeout_s, limits.on_pause_timeout)
+        await self.artifacts.finish()
+        raise Pause(state=await control.suspend(f"pause-{self.segment}", reason))
+
+    async def _execute(self, step: Step) -> None:
+        job = self.jobs[step.id]
+        record = job.record
+        try:
+            record.output = await self.parts.steps.run(job, self._upstream(step))
+            record.status, record.error = StepStatus.COMPLETED, None
+        except Exception:  # noqa: BLE001 - the StepError is already on the record
+            record.status = StepStatus.FAILED
+        record.ended_at = time.time()
+        await self.parts.checkpoints.save(record)  # before the finish is announced
+        self._notify(record)
+
+    async def _skip(self, step: Step) -> None:
+        record = self.run.steps[step.id]
+        await self.parts.steps.skip(step, record, self._upstream(step))
+        if not self.scheduler.stop_reason:  # a skip for a run that stops is not kept
+            await self.parts.checkpoints.save(record)
+
+    async def _decide(self, step: Step) -> tuple[str, bool] | None:
+        """None to run the gated ``step``, else why it is skipped; without an answer yet,
+        the run pauses at the gate and this never returns (it is cancelled)."""
+        answer = await self.parts.control.decision(step.id)
+        if answer is None:
+            record = self.run.steps[step.id]
+            record.status = StepStatus.AWAITING_APPROVAL
+            self._notify(record)
+            self.scheduler.pause(f"awaiting approval of {step.id}", gate=step.id)
+            await asyncio.Event().wait()
+        assert answer is not None
+        approved, comment = answer
+        self.run.steps[step.id].status = StepStatus.PENDING
+        if approved:
+            return None
+        if comment == TIMED_OUT:
+            return TIMED_OUT, True
+        return "rejected" + (f": {comment}" if comment else ""), True
+
+    def _upstream(self, step: Step) -> list[UUID]:
+        """The task runs of the steps ``step`` needs: its inputs in Prefect's run graph. A
+        step restored from a checkpoint older than its task run id has none to name."""
+        found = (self.run.steps[need].task_run_id for need in step.needs)
+        return [task_run_id for task_run_id in found if task_run_id is not None]
+
+    def _notify(self, step: StepRecord | None) -> None:
+        for observer in list(self.observers):
+            observer.changed(self.run, step)
+        self.artifacts.changed()
+        if self.events is not None and step is not None:
+            self.events.changed(step)
+
+    def _context(self) -> dict[str, Any]:
+        """What the run's templates read."""
+        return {"inputs": self.inputs, "run": {"id": self.run_id, "plan": self.graph.name},
+                "steps": self._steps_view, "secrets": self.secrets.view()}
+
+    def _job(self, node: StepNode) -> StepJob:
+        # Tools that touch files get the real Workspace; the in-memory one of flows.fakes
+        # goes with tools that do not (adapters/fake.py).
+        return StepJob(step=node.step, record=self.run.steps[node.id], adapter=node.adapter,
+                       policy=node.retry, timeout_s=node.timeout_s, run_id=self.run_id,
+                       workspace=cast("Workspace", self.parts.workspace),
+                       memory_mb=self.graph.limits.memory_mb, context=self._context,
+                       notify=self._notify, fallback=node.fallback,
+                       redactor=self.run.redactor)
+
+
+class Sessions:
+    """The run sessions of one process, by run id: what a signal handler cancels."""
+
+    def __init__(self) -> None:
+        self._running: dict[str, RunSession] = {}
+
+    @contextmanager
+    def running(self, session: RunSession) -> Iterator[RunSession]:
+        """Keep ``session`` here while it runs."""
+        self._running[session.run_id] = session
+        try:
+            yield session
+        finally:
+            self._running.pop(session.run_id, None)
+
+    def __len__(self) -> int:
+        return len(self._running)
+
+    def cancel_all(self, reason: str = "cancelled by a person") -> None:
+        """Cancel every run of this process (Ctrl-C, SIGTERM)."""
+        for session in list(self._running.values()):
+            session.cancel(reason)

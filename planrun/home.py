@@ -1,0 +1,23 @@
+"""planrun's data directory, and where a run keeps what it needs outside the workspace."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def data_dir() -> Path:
+    """planrun's data directory: ``PLANRUN_HOME``, else ``$XDG_DATA_HOME/planrun``."""
+    if os.environ.get("PLANRUN_HOME"):
+        root = Path(os.environ["PLANRUN_HOME"])
+    else:
+        base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+        root = Path(base) / "planrun"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def backup_dir(run_id: str) -> Path:
+    """Where the run ``run_id`` keeps the originals of the files it changes (its rollback
+    journal), from one process of the run to the next."""
+    return data_dir() / "runs" / run_id / "backup"
