@@ -91,7 +91,7 @@ class Observer:
         now = time.time()
         found = estimate(run, MAX_PARALLEL, self.durations, now)
         self.cost_s.append(time.perf_counter() - t0)
-        self.samples.append(Sample(now, run.progress()["percent"], found.remaining_s,
+        self.samples.append(Sample(now, run.progress().percent, found.remaining_s,
                                    found.low_s, found.high_s))
 
 

@@ -92,7 +92,7 @@ class RunArtifacts:
                 await asyncio.wait_for(self.closing.wait(), self.interval)
 
     async def _update(self) -> None:
-        percent = self.run.progress()["percent"]
+        percent = self.run.progress().percent
         if self.artifact_id is None:
             created = await acreate_progress_artifact(
                 percent, description=f"steps of {self.run.plan} finished")

@@ -25,17 +25,13 @@ import inspect
 import json
 import logging
 from typing import Any
-from uuid import UUID
 
-from planrun.errors import CheckpointUnreadable, PlanrunError, step_error
+from planrun.contract.checkpoint import GateCheckpoint, RunCheckpoint, StepCheckpoint
+from planrun.errors import CheckpointUnreadable, PlanrunError
 from planrun.redact import Redactor
-from planrun.report import StepRecord, StepStatus, epoch, iso
+from planrun.report import StepRecord
 
 log = logging.getLogger("planrun.checkpoints")
-
-#: Finished states that are kept: a cancelled step ran only partly and must run again.
-KEPT = frozenset({StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.SKIPPED})
-
 
 def key(run_id: str, step_id: str) -> str:
     return f"planrun-{run_id}-{step_id}"
@@ -48,38 +44,14 @@ def gate_key(run_id: str, step_id: str) -> str:
 
 
 def to_data(record: StepRecord) -> dict[str, Any]:
-    return {"status": str(record.status), "attempts": record.attempts,
-            "started_at": iso(record.started_at), "ended_at": iso(record.ended_at),
-            "input": record.input, "output": record.output,
-            "error": record.error.to_report() if record.error else None,
-            "reason": record.reason, "fallback_used": record.fallback_used,
-            "error_caused_skip": record.error_caused_skip,
-            "task_run_id": str(record.task_run_id) if record.task_run_id else None}
+    """The checkpoint of ``record`` as JSON data (``planrun.contract.checkpoint``)."""
+    return record.to_checkpoint().model_dump(mode="json")
 
 
 def restore(record: StepRecord, data: dict[str, Any]) -> None:
-    """Put a checkpoint back on ``record``."""
-    record.status = StepStatus(data["status"])
-    record.attempts = int(data.get("attempts") or 0)
-    record.started_at = epoch(data.get("started_at"))
-    record.ended_at = epoch(data.get("ended_at"))
-    record.input, record.output = data.get("input"), data.get("output")
-    error = data.get("error")
-    record.error = step_error(error["category"], error["message"], hint=error.get("hint"),
-                              details=error.get("details"), step_id=record.id,
-                              tool=record.tool) if error else None
-    record.reason = data.get("reason")
-    record.fallback_used = bool(data.get("fallback_used"))
-    record.error_caused_skip = bool(data.get("error_caused_skip"))
-    record.task_run_id = _uuid(data.get("task_run_id"))
-
-
-def _uuid(text: Any) -> UUID | None:
-    """The UUID written as ``text``; None for none (a checkpoint older than the field)."""
-    try:
-        return UUID(str(text)) if text else None
-    except ValueError:
-        return None
+    """Put a checkpoint back on ``record``; :class:`~planrun.errors.ContractError` when
+    ``data`` is not a checkpoint this planrun reads (another version, a missing field)."""
+    record.restore(StepCheckpoint.read(data))
 
 
 class Checkpoints:
@@ -95,13 +67,13 @@ class Checkpoints:
         checkpoint keeps the count, as Prefect's ``run_count`` stays 1 across a resume."""
         name = f"planrun-{self.run_id}"
         found = await self._read(name)
-        segment = int(found.get("segment", 0)) + 1 if found else 1
-        await self._write(name, {"segment": segment})
+        segment = RunCheckpoint.read(found).segment + 1 if found else 1
+        await self._write(name, RunCheckpoint(segment=segment).model_dump(mode="json"))
         return segment
 
     async def save(self, record: StepRecord) -> None:
         """Keep ``record`` if it is a finished state worth keeping."""
-        if record.status in KEPT:
+        if record.status.kept:  # a cancelled step ran only partly: it runs again
             await self._write(key(self.run_id, record.id), self.redactor.mask(to_data(record)))
 
     async def load(self, records: dict[str, StepRecord]) -> list[str]:
@@ -129,13 +101,13 @@ class Checkpoints:
     async def save_asking(self, step_id: str, nonce: str) -> None:
         """Keep the nonce of the step's gate as it is asked now; it replaces the one of any
         earlier asking, whose answers then no longer count (docs/approvals.md)."""
-        await self._write(gate_key(self.run_id, step_id), {"nonce": nonce})
+        await self._write(gate_key(self.run_id, step_id),
+                          GateCheckpoint(nonce=nonce).model_dump(mode="json"))
 
     async def asking(self, step_id: str) -> str | None:
         """The nonce of the step's gate as last asked; None if it never was."""
         found = await self._read(gate_key(self.run_id, step_id))
-        nonce = found.get("nonce") if found else None
-        return nonce if isinstance(nonce, str) else None
+        return GateCheckpoint.read(found).nonce if found else None
 
     async def _storage_block(self) -> Any:
         if self._storage is None:

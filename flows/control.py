@@ -20,10 +20,8 @@ Prefect UI's own buttons all work the same way:
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
-import re
 import secrets
 import time
 from collections.abc import Callable, Iterable
@@ -32,35 +30,17 @@ from uuid import UUID
 
 from flows.checkpoints import Checkpoints
 from flows.scheduler import Scheduler
+from planrun.contract.control import (  # the names the bridge shares (docs/approvals.md)
+    CONTROL_LABEL,
+    asking_key,
+)
+from planrun.contract.control import TIMED_OUT as TIMED_OUT  # flows.session still takes it here
 
 log = logging.getLogger("planrun.control")
 
 POLL_S = 0.5
 #: How often a running run says it is alive (``planrun.run.heartbeat``).
 HEARTBEAT_S = 5.0
-CONTROL_LABEL = "planrun.control"
-#: The comment of a decision made because no one answered in time.
-TIMED_OUT = "approval timed out"
-
-
-def approval_key(step_id: str) -> str:
-    """The start of the pause keys of a step's approval gate: one per step (gates in
-    skipped branches never take another gate's key). Each asking adds its nonce
-    (``asking_key``): this part alone is predictable, so no answer is read under it."""
-    slug = re.sub(r"[^a-z0-9]+", "-", step_id.lower()).strip("-")[:40]
-    digest = hashlib.sha1(step_id.encode()).hexdigest()[:8]  # ids differing only in case
-    return f"approval-{slug}-{digest}"  # Prefect's input keys: lowercase, digits, dashes
-
-
-def asking_key(step_id: str, nonce: str) -> str:
-    """The pause key of one asking of the step's gate; its answer is read under it only."""
-    return f"{approval_key(step_id)}-{nonce}"
-
-
-def is_asking_of(pause_key: str | None, step_id: str) -> bool:
-    """Whether ``pause_key`` (a suspension's) is an asking of ``step_id``'s gate."""
-    pattern = re.escape(approval_key(step_id)) + r"-[0-9a-f]{32}"
-    return pause_key is not None and re.fullmatch(pattern, pause_key) is not None
 
 
 def answer_of(inputs: Iterable[Any], base_key: str) -> tuple[bool, str] | None:

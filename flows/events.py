@@ -15,25 +15,46 @@ Prefect's events: automations, the Prefect UI's event feed) sees the run as plan
   ``failed``, ``cancelled``).
 
 Every event's resource is ``planrun.run.<run id>``; Prefect adds the flow run as a related
-resource. ``payload.n`` counts the run's events (from ``k * SEGMENT + 1`` in the k-th
-process of the run), so a reader can tell an old event it sees late (after a reconnect)
-from a new one.
+resource. Names and payloads are the contract's (``planrun.contract.events``): each payload
+is written here with ``model_dump`` and read by the bridge with ``model_validate``;
+``payload.n`` counts the run's events (from ``k * SEGMENT + 1`` in the k-th process of the
+run), so a reader can tell an old event it sees late (after a reconnect) from a new one.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 from plan_schemas.model import Plan
-from planrun.report import RunRecord, StepRecord, StepStatus, iso
+from planrun.contract.events import (
+    HEARTBEAT,
+    RESOURCE_PREFIX,
+    RUN_AWAITING_APPROVAL,
+    RUN_PAUSED,
+    RUN_RESUMED,
+    RUN_STARTED,
+    SEGMENT,
+    Heartbeat,
+    Impact,
+    Payload,
+    PlanStep,
+    RunAwaitingApproval,
+    RunEnded,
+    RunPaused,
+    RunResumed,
+    RunStarted,
+    StepChanged,
+    run_ended_event,
+    step_event,
+)
+from planrun.contract.times import iso
+from planrun.report import RunRecord, StepRecord, StepStatus
 from planrun.summary import summarize
 
 #: Input and output larger than this (as JSON) are replaced by a note in the event: Prefect
 #: refuses events over 1.5 MB, and a live view needs a summary, not the payload.
 MAX_VALUE_BYTES = 32_000
-RESOURCE_PREFIX = "planrun.run."
-SEGMENT = 1_000_000
 
 
 def resource(run_id: str, plan: str) -> dict[str, str]:
@@ -58,37 +79,37 @@ class RunEvents:
 
     def started(self) -> None:
         run = self.run
-        self._emit("planrun.run.started", {
-            "plan": run.plan, "max_parallel": self.plan.limits.max_parallel,
-            "started_at": iso(run.started_at), "prefect_url": run.flow_run_url,
-            "steps": [{"id": s.id, "name": s.name, "tool": s.tool, "needs": s.needs,
-                       "critical": s.critical, "estimate_s": s.estimate_s}
-                      for s in run.steps.values()],
-        })
+        self._emit(RUN_STARTED, RunStarted(
+            **self._head(), plan=run.plan, max_parallel=self.plan.limits.max_parallel,
+            started_at=iso(run.started_at), prefect_url=run.flow_run_url,
+            steps=[PlanStep(id=s.id, name=s.name, tool=s.tool, needs=tuple(s.needs),
+                            critical=s.critical, estimate_s=s.estimate_s)
+                   for s in run.steps.values()]))
 
     def resumed(self, restored: list[str]) -> None:
         """The run goes on in a new process (after a pause or a crash); ``restored`` are
         the steps that had finished and will not run again."""
-        self._emit("planrun.run.resumed", {"restored": restored,
-                                           "progress": self.run.progress()})
+        self._emit(RUN_RESUMED, RunResumed(**self._head(), restored=restored,
+                                           progress=self.run.progress()))
 
     def paused(self, reason: str, timeout_s: float | None = None,
-               on_timeout: str = "cancel") -> None:
+               on_timeout: Literal["cancel", "resume"] = "cancel") -> None:
         """The run is suspended: what ran has finished; the rest waits for a resume, or
         for ``timeout_s`` (``limits.pause_timeout``), after which it is ``on_timeout``."""
-        self._emit("planrun.run.paused", {"reason": reason, "progress": self.run.progress(),
-                                          "timeout_s": timeout_s, "on_timeout": on_timeout})
+        self._emit(RUN_PAUSED, RunPaused(**self._head(), reason=reason,
+                                         progress=self.run.progress(), timeout_s=timeout_s,
+                                         on_timeout=on_timeout))
 
     def awaiting_approval(self, step_id: str, prompt: str, timeout_s: float | None) -> None:
         """The run is suspended at ``step_id``'s gate until a person answers."""
-        self._emit("planrun.run.awaiting_approval", {
-            "step_id": step_id, "prompt": prompt, "timeout_s": timeout_s,
-            "progress": self.run.progress()})
+        self._emit(RUN_AWAITING_APPROVAL, RunAwaitingApproval(
+            **self._head(), step_id=step_id, prompt=prompt, timeout_s=timeout_s,
+            progress=self.run.progress()))
 
     def heartbeat(self) -> None:
         """A sign of life: the bridge takes a run whose process has stopped sending them
         for long to have crashed with its host, and recovers it."""
-        self._emit("planrun.run.heartbeat", {})
+        self._emit(HEARTBEAT, Heartbeat(**self._head()))
 
     def changed(self, step: StepRecord) -> None:
         """Emit the step's event if its status or attempt changed since the last one."""
@@ -96,29 +117,26 @@ class RunEvents:
         if step.status == StepStatus.PENDING or self.last.get(step.id) == key:
             return
         self.last[step.id] = key
-        payload = {"step_id": step.id, "status": str(step.status), "attempt": step.attempts,
-                   "started_at": iso(step.started_at), "ended_at": iso(step.ended_at),
-                   "duration_s": step.duration_s, "summary": _summary(step),
-                   "error": step.error.to_report() if step.error else None,
-                   "reason": step.reason, "fallback_used": step.fallback_used,
-                   "retry_delay_s": step.retry_delay_s, "input": _bounded(step.input, "input")}
-        if step.status.finished:
-            payload["output"] = _bounded(step.output, "output")
-        if step.status == StepStatus.FAILED:
-            payload["impact"] = self.impact(step)
+        summary = _summary(step)
         if step.status == StepStatus.AWAITING_APPROVAL and step.id in self.prompts:
-            payload["summary"] = self.prompts[step.id]
-        self._emit(f"planrun.step.{step.status}", payload)
+            summary = self.prompts[step.id]
+        self._emit(step_event(step.status), StepChanged(
+            **self._head(), step_id=step.id, status=step.status, attempt=step.attempts,
+            started_at=iso(step.started_at), ended_at=iso(step.ended_at),
+            duration_s=step.duration_s, summary=summary, error=step.error_info(),
+            reason=step.reason, fallback_used=step.fallback_used,
+            retry_delay_s=step.retry_delay_s, input=_bounded(step.input, "input"),
+            output=_bounded(step.output, "output") if step.status.finished else None,
+            impact=self.impact(step) if step.status == StepStatus.FAILED else None))
 
     def ended(self) -> None:
         run = self.run
-        self._emit(f"planrun.run.{run.status}", {
-            "status": str(run.status), "reason": run.reason, "started_at": iso(run.started_at),
-            "ended_at": iso(run.ended_at), "duration_s": run.duration_s,
-            "rolled_back": run.rolled_back, "progress": run.progress(),
-        })
+        self._emit(run_ended_event(run.status), RunEnded(
+            **self._head(), status=run.status, reason=run.reason,
+            started_at=iso(run.started_at), ended_at=iso(run.ended_at),
+            duration_s=run.duration_s, rolled_back=run.rolled_back, progress=run.progress()))
 
-    def impact(self, failed: StepRecord) -> dict[str, Any]:
+    def impact(self, failed: StepRecord) -> Impact:
         """What ``failed`` failing means: the steps that will now be skipped (everything
         not started when it is critical; else what needs it, unless a ``when`` decides),
         and whether the run fails."""
@@ -136,15 +154,19 @@ class RunEvents:
                         lost.add(step.id)
                         grew = True
             skipped = [sid for sid in steps if sid in lost and sid != failed.id]
-        return {"skipped": skipped, "run_fails": failed.critical}
+        return Impact(skipped=tuple(skipped), run_fails=failed.critical)
 
-    def _emit(self, event: str, payload: dict[str, Any]) -> None:
+    def _head(self) -> dict[str, Any]:
+        """What every payload starts with: the run, and the event's number in it."""
+        self.count += 1
+        return {"run_id": self.run.run_id, "n": self.count}
+
+    def _emit(self, event: str, payload: Payload) -> None:
         from prefect.events import emit_event
 
-        self.count += 1
-        payload = self.run.redactor.mask(payload)  # every event goes out here (docs/secrets.md)
-        emit_event(event, resource=self.resource,
-                   payload={"run_id": self.run.run_id, "n": self.count, **payload})
+        data = payload.model_dump(mode="json")
+        # Every event goes out here, its payload masked (docs/secrets.md).
+        emit_event(event, resource=self.resource, payload=self.run.redactor.mask(data))
 
 
 def _summary(step: StepRecord) -> str | None:

@@ -94,8 +94,8 @@ class LiveDisplay:
         status = str(run.status)
         elapsed = format_duration(run.duration_s or 0.0)
         head = Text.assemble((f"{run.plan} ", "bold"), (status, RUN_STYLES.get(status, "")),
-                             f"  {progress['done']}/{progress['total']} steps  {elapsed}")
-        parts: list[Any] = [head, _bar(progress["done"], progress["total"])]
+                             f"  {progress.done}/{progress.total} steps  {elapsed}")
+        parts: list[Any] = [head, _bar(progress.done, progress.total)]
         footer = self.footer() if self.footer else ""
         if footer:
             parts.append(Text(footer, style="cyan"))
@@ -132,7 +132,7 @@ class LineDisplay:
         stamp = f"[{time.monotonic() - self.started:7.2f}s]"
         if step is None:
             progress = run.progress()
-            line = f"{stamp} run {run.plan} {run.status} ({progress['done']}/{progress['total']})"
+            line = f"{stamp} run {run.plan} {run.status} ({progress.done}/{progress.total})"
             if run.reason and run.status.value not in ("running", "pending"):
                 line += f": {run.reason}"
         else:

@@ -6,7 +6,11 @@
      ├── PolicyInvalid            the operator's policy file is malformed (never "allow all")
      ├── UnknownTool              no adapter has this tool name (lists the known ones)
      ├── DuplicateTool            two adapters claim the same tool name
+     ├── ContractError            data one layer wrote for another does not validate
+     │                            (another contract version, a missing field: docs/run-report.md)
      ├── CheckpointUnreadable     a step's checkpoint exists but cannot be read: the run stops
+     ├── NotFound                 no such run (or not a planrun run): HTTP 404
+     ├── Conflict                 the run's state does not allow this control now: HTTP 409
      └── StepError                one attempt of a step failed; carries category, hint,
           │                       step_id, tool and retry_after as fields
           ├── TransientError      timeout, connection reset, HTTP 5xx       → retried with backoff
@@ -108,6 +112,12 @@ class DuplicateTool(PlanrunError):
         super().__init__(f"tool '{tool}' is registered twice: by {first} and by {second}")
 
 
+class ContractError(PlanrunError):
+    """Data one layer wrote for another (an event payload, a checkpoint, a saved view) is
+    not what the contract of ``planrun.contract`` says: the message names the model, the
+    field and why, or the two contract versions."""
+
+
 class CheckpointUnreadable(PlanrunError):
     """A checkpoint was written but cannot be read back (a storage error) or does not
     validate. The run stops rather than run a finished step (a ``shell.run``, a
@@ -120,6 +130,19 @@ class CheckpointUnreadable(PlanrunError):
         what = f"the checkpoint of step {step_id}" if step_id else "the run's checkpoint"
         super().__init__(f"cannot read {what}: {reason}; the run stops so that a completed "
                          "step is not run twice")
+
+
+class NotFound(PlanrunError):
+    """No run by that id, or it is not a planrun run; the message says which."""
+
+
+class Conflict(PlanrunError):
+    """A control (pause, resume, cancel, an answer) the run's state does not allow now;
+    ``reason`` says why, for a person."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
 
 
 class StepError(PlanrunError):

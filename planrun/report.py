@@ -1,73 +1,26 @@
-"""Run and step records, their statuses, and the run report of SPEC §4."""
+"""Run and step records as the engine keeps them while a run goes, and how each becomes
+the contract's data (``planrun.contract``): the run report (docs/run-report.md) and a
+step's checkpoint. The statuses and their predicates are the contract's."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any, Protocol
 from uuid import UUID
 
-from planrun.errors import StepError
+from planrun.contract.checkpoint import StepCheckpoint
+from planrun.contract.records import ErrorInfo, Progress, RunReport, StepReport
+from planrun.contract.status import RunStatus, StepStatus
+from planrun.contract.times import epoch, iso
+from planrun.errors import StepError, step_error
 from planrun.redact import Redactor
 
-
-class StepStatus(StrEnum):
-    PENDING = "pending"
-    RUNNING = "running"
-    RETRYING = "retrying"
-    AWAITING_APPROVAL = "awaiting_approval"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    SKIPPED = "skipped"
-    CANCELLED = "cancelled"
-
-    @property
-    def finished(self) -> bool:
-        return self in FINISHED_STEP
-
-
-FINISHED_STEP = frozenset({StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.SKIPPED,
-                           StepStatus.CANCELLED})
-
-
-class RunStatus(StrEnum):
-    PENDING = "pending"
-    RUNNING = "running"
-    PAUSED = "paused"
-    AWAITING_APPROVAL = "awaiting_approval"
-    COMPLETED = "completed"
-    COMPLETED_WITH_ERRORS = "completed_with_errors"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def exit_code(self) -> int:
-        """The exit code of ``planrun run`` for a run that ended in this status."""
-        return EXIT_CODES.get(self, 1)
-
-
-EXIT_CODES = {RunStatus.COMPLETED: 0, RunStatus.COMPLETED_WITH_ERRORS: 3,
-              RunStatus.FAILED: 1, RunStatus.CANCELLED: 4}
-
-
-def iso(ts: float | None) -> str | None:
-    """ISO 8601 in UTC with milliseconds, or None."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def epoch(stamp: Any) -> float | None:
-    """Epoch seconds of an ISO 8601 time as ``iso`` writes it; None for none or garbage."""
-    if not stamp:
-        return None
-    try:
-        return datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
+# Importers of the engine (flows/) still take these from here while they move to the
+# contract.
+__all__ = ["RunObserver", "RunRecord", "RunStatus", "StepRecord", "StepStatus", "StepsView",
+           "epoch", "iso"]
 
 
 @dataclass
@@ -109,16 +62,37 @@ class StepRecord:
                 "error": self.error.to_report() if self.error else None,
                 "reason": self.reason, "fallback_used": self.fallback_used}
 
-    def to_report(self, now: float | None = None) -> dict[str, Any]:
+    def error_info(self) -> ErrorInfo | None:
+        """The step's error as the contract writes it."""
+        return ErrorInfo.model_validate(self.error.to_report()) if self.error else None
+
+    def to_report(self, now: float | None = None) -> StepReport:
         """The step's part of the run report; an unfinished step's duration runs to ``now``."""
-        return {
-            "status": str(self.status), "tool": self.tool, "attempts": self.attempts,
-            "started_at": iso(self.started_at), "ended_at": iso(self.ended_at),
-            "duration_s": _duration(self.started_at, self.ended_at, now or time.time()),
-            "input": self.input, "output": self.output,
-            "fallback_used": self.fallback_used,
-            "error": self.error.to_report() if self.error else None, "reason": self.reason,
-        }
+        return StepReport(
+            status=self.status, tool=self.tool, attempts=self.attempts,
+            started_at=iso(self.started_at), ended_at=iso(self.ended_at),
+            duration_s=_duration(self.started_at, self.ended_at, now or time.time()),
+            input=self.input, output=self.output, fallback_used=self.fallback_used,
+            error=self.error_info(), reason=self.reason)
+
+    def to_checkpoint(self) -> StepCheckpoint:
+        """What a later process of the run restores (``restore``)."""
+        return StepCheckpoint(
+            status=self.status, attempts=self.attempts, started_at=iso(self.started_at),
+            ended_at=iso(self.ended_at), input=self.input, output=self.output,
+            error=self.error_info(), reason=self.reason, fallback_used=self.fallback_used,
+            error_caused_skip=self.error_caused_skip, task_run_id=self.task_run_id)
+
+    def restore(self, kept: StepCheckpoint) -> None:
+        """Put a checkpoint back on this record."""
+        self.status, self.attempts = kept.status, kept.attempts
+        self.started_at, self.ended_at = epoch(kept.started_at), epoch(kept.ended_at)
+        self.input, self.output = kept.input, kept.output
+        self.error = (step_error(kept.error.category, kept.error.message, hint=kept.error.hint,
+                                 details=kept.error.details, step_id=self.id, tool=self.tool)
+                      if kept.error else None)
+        self.reason, self.fallback_used = kept.reason, kept.fallback_used
+        self.error_caused_skip, self.task_run_id = kept.error_caused_skip, kept.task_run_id
 
 
 @dataclass
@@ -141,14 +115,12 @@ class RunRecord:
     def duration_s(self) -> float | None:
         return _duration(self.started_at, self.ended_at, time.time())
 
-    def progress(self) -> dict[str, Any]:
-        done = sum(1 for s in self.steps.values() if s.status.finished)
-        total = len(self.steps)
-        return {"done": done, "total": total,
-                "percent": round(100.0 * done / total, 1) if total else 100.0}
+    def progress(self) -> Progress:
+        return Progress.of(sum(1 for s in self.steps.values() if s.status.finished),
+                           len(self.steps))
 
     def final_status(self, *, cancelled: bool = False, deadline_passed: bool = False) -> RunStatus:
-        """The end status of SPEC §3 from the steps' outcomes."""
+        """The end status from the steps' outcomes (docs/plan-format.md)."""
         steps = self.steps.values()
         if cancelled:
             return RunStatus.CANCELLED
@@ -164,15 +136,15 @@ class RunRecord:
         duration in it, so that a report of a running run is consistent with itself; the
         run's secret values are masked in it."""
         now = now or time.time()
-        return self.redactor.mask({
-            "run_id": self.run_id, "plan": self.plan, "status": str(self.status),
-            "reason": self.reason, "started_at": iso(self.started_at),
-            "ended_at": iso(self.ended_at),
-            "duration_s": _duration(self.started_at, self.ended_at, now),
-            "progress": self.progress(), "prefect_url": self.flow_run_url,
-            "rolled_back": self.rolled_back,
-            "steps": {sid: s.to_report(now) for sid, s in self.steps.items()},
-        })
+        report = RunReport(
+            run_id=self.run_id, plan=self.plan, status=self.status, reason=self.reason,
+            started_at=iso(self.started_at), ended_at=iso(self.ended_at),
+            duration_s=_duration(self.started_at, self.ended_at, now),
+            progress=self.progress(), prefect_url=self.flow_run_url,
+            rolled_back=self.rolled_back,
+            steps={sid: s.to_report(now) for sid, s in self.steps.items()})
+        masked: dict[str, Any] = self.redactor.mask(report.model_dump())
+        return masked
 
 
 class StepsView(Mapping[str, dict[str, Any]]):

@@ -37,7 +37,7 @@ async def submit_deployment(plan: dict[str, Any], inputs: dict[str, Any]) -> str
     (docs/secrets.md)."""
     from prefect.deployments import run_deployment
 
-    from flows.serve import DEPLOYMENT_PATH
+    from planrun.contract.control import DEPLOYMENT_PATH
 
     name = str(plan.get("name", "plan"))
     params, blocks = await stored_inputs(plan.get("inputs") or {}, inputs)

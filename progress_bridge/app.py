@@ -19,11 +19,12 @@ from fastapi import APIRouter, FastAPI
 from planrun.loader import MAX_PLAN_BYTES
 from progress_bridge import apidocs, control, ops, sse, view, ws
 from progress_bridge.auth import Guard, Hosts
+from progress_bridge.flow_runs import FlowRuns, PrefectFlowRuns
 from progress_bridge.hub import Hub, Subscription
 from progress_bridge.intake import Intake
 from progress_bridge.metrics import Metrics
-from progress_bridge.publisher import Publisher
 from progress_bridge.ratelimit import DEFAULT_BURST, DEFAULT_PER_S, RateLimit, TokenBuckets
+from progress_bridge.service import ControlService
 from progress_bridge.state import BridgeState, Settings, Submit
 from progress_bridge.store import MessageStore
 
@@ -38,7 +39,7 @@ def create_app(store: MessageStore, hub: Hub, token: str, *,
                max_body_bytes: int = MAX_PLAN_BYTES, heartbeat_s: float = 15.0,
                max_frame_bytes: int = 4096, close_timeout_s: float = 30.0,
                upstream: Upstream | None = None, submit: Submit | None = None,
-               freeze_gc: bool = True) -> FastAPI:
+               flow_runs: FlowRuns | None = None, freeze_gc: bool = True) -> FastAPI:
     """A bridge app serving ``store`` and ``hub``; the caller owns and closes the store.
 
     Every route but ``GET /healthz`` requires ``token`` (not empty); ``Host`` and
@@ -46,7 +47,8 @@ def create_app(store: MessageStore, hub: Hub, token: str, *,
     client address may send ``rate_per_s`` requests a second (see :class:`Settings`).
     ``upstream``, if given, runs for the app's lifetime with the app's
     :class:`BridgeState` and is cancelled at shutdown; ``submit`` starts the runs
-    ``POST /v1/runs`` asks for. ``freeze_gc`` moves start-up objects out of the
+    ``POST /v1/runs`` asks for; ``flow_runs`` are the flow runs run control acts on
+    (Prefect's, unless a test gives a fake). ``freeze_gc`` moves start-up objects out of the
     collector's reach, which took the worst fan-out latency from ≈ 200 ms to ≈ 50 ms
     (docs/prefect-notes.md).
     """
@@ -59,8 +61,8 @@ def create_app(store: MessageStore, hub: Hub, token: str, *,
                         rate_burst=rate_burst, max_body_bytes=max_body_bytes,
                         heartbeat_s=heartbeat_s, max_frame_bytes=max_frame_bytes,
                         close_timeout_s=close_timeout_s)
-    state = BridgeState(store, hub, metrics, Publisher(store, hub, metrics), settings,
-                        submit=submit)
+    control = ControlService(flow_runs if flow_runs is not None else PrefectFlowRuns())
+    state = BridgeState(store, hub, metrics, control, settings, submit=submit)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

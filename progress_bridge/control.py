@@ -1,24 +1,25 @@
 """``POST /v1/runs`` (submit a plan), ``GET /v1/runs/{id}`` (its report, progress and
 estimate), and ``POST /v1/runs/{id}/pause|resume|cancel``.
 
-Control requests become states of the run's Prefect flow run (see ``flows.control``), so
-they work the same from here, from the CLI and from the Prefect UI; a request the run's
-state does not allow answers 409 with the reason.
+Control requests go to the bridge's control service (``progress_bridge.service``), which
+makes them states of the run's Prefect flow run, so they work the same from here, from the
+CLI and from the Prefect UI; its ``NotFound`` answers 404 and its ``Conflict`` (a request
+the run's state does not allow) 409 with the reason (docs/http-api.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
-from uuid import UUID
 
 import anyio.to_thread
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
-from planrun.errors import PlanInvalid, PolicyInvalid, UsageError
+from planrun.errors import Conflict, NotFound, PlanInvalid, PolicyInvalid, UsageError
 from planrun.inputs import resolve_inputs
 from planrun.loader import Source
 from planrun.policy import Trust, trusted_as
@@ -92,7 +93,7 @@ async def report(run_id: str, request: Request) -> dict[str, Any]:
             raise HTTPException(404, f"no run {run_id} is known to this bridge: it may not "
                                 "have started yet, or it ran before the bridge's records")
         view = RunView.from_json(stored)
-    result = view.report()
+    result = view.report(time.time())
     result["last_seq"] = state.store.last_seq(run_id)
     return result
 
@@ -108,70 +109,29 @@ CONFLICTS: dict[int | str, dict[str, Any]] = {
 
 
 @router.post("/{run_id}/pause", status_code=202, response_model=Accepted, responses=CONFLICTS)
-async def pause(run_id: str) -> Accepted:
+async def pause(run_id: str, request: Request) -> Accepted:
     """Pause at the next step boundary: steps already running finish, nothing new starts,
     then the run is suspended and holds no process until it is resumed."""
-    from prefect.states import Paused
-
-    async with _flow_run(run_id) as (client, flow_run):
-        kind = flow_run.state.type.value
-        if kind == "PAUSED":
-            raise HTTPException(409, f"run {run_id} is already paused")
-        if kind != "RUNNING":
-            raise HTTPException(409, f"run {run_id} is {_state(flow_run)}: only a running "
-                                "run can be paused")
-        await client.set_flow_run_state(flow_run.id, Paused(message="paused by a person"),
-                                        force=True)
+    async with _answered():
+        await state_of(request).control.pause(run_id)
     return Accepted(run_id=run_id, status="pausing")
 
 
 @router.post("/{run_id}/resume", status_code=202, response_model=Accepted, responses=CONFLICTS)
-async def resume(run_id: str) -> Accepted:
+async def resume(run_id: str, request: Request) -> Accepted:
     """Resume a paused run: it goes on from where it stopped, in a new process; finished
-    steps are not run again. A pause that has not taken effect yet is taken back. A run
-    whose process crashed is started again the same way."""
-    from prefect.flow_runs import aresume_flow_run
-    from prefect.states import Scheduled
-
-    async with _flow_run(run_id) as (client, flow_run):
-        state = flow_run.state
-        if state.type.value == "CRASHED":
-            await client.set_flow_run_state(
-                flow_run.id, Scheduled(message="resumed by a person after a crash"), force=True)
-            return Accepted(run_id=run_id, status="resuming")
-        if state.type.value != "PAUSED":
-            raise HTTPException(409, f"run {run_id} is {_state(flow_run)}: only a paused or "
-                                "crashed run can be resumed")
-        if state.state_details.run_input_keyset:
-            raise HTTPException(409, f"run {run_id} is waiting for an approval: approve or "
-                                "reject the step")
-        await aresume_flow_run(flow_run.id)
+    steps are not run again. A run whose process crashed is started again the same way."""
+    async with _answered():
+        await state_of(request).control.resume(run_id)
     return Accepted(run_id=run_id, status="resuming")
 
 
 @router.post("/{run_id}/cancel", status_code=202, response_model=Accepted, responses=CONFLICTS)
-async def cancel(run_id: str) -> Accepted:
+async def cancel(run_id: str, request: Request) -> Accepted:
     """Cancel the run: running commands are killed, nothing new starts, the files it
     changed are rolled back. A paused run is resumed to do so, and ends cancelled."""
-    from prefect.flow_runs import aresume_flow_run
-    from prefect.states import Cancelled, Cancelling
-
-    from flows.control import CONTROL_LABEL
-
-    async with _flow_run(run_id) as (client, flow_run):
-        kind = flow_run.state.type.value
-        if flow_run.state.is_final():
-            raise HTTPException(409, f"run {run_id} has already ended ({_state(flow_run)})")
-        if kind == "PAUSED":
-            await client.update_flow_run_labels(flow_run.id, {CONTROL_LABEL: "cancel"})
-            await aresume_flow_run(flow_run.id)
-        elif kind in ("SCHEDULED", "PENDING"):  # no process yet: nothing to undo
-            await client.set_flow_run_state(
-                flow_run.id, Cancelled(message="cancelled by a person before it started"),
-                force=True)
-        else:
-            await client.set_flow_run_state(
-                flow_run.id, Cancelling(message="cancelled by a person"), force=True)
+    async with _answered():
+        await state_of(request).control.cancel(run_id)
     return Accepted(run_id=run_id, status="cancelling")
 
 
@@ -181,39 +141,35 @@ class Decision(BaseModel):
 
 @router.post("/{run_id}/steps/{step_id}/approve", status_code=202, response_model=Accepted,
              responses=CONFLICTS)
-async def approve(run_id: str, step_id: str, decision: Decision | None = None) -> Accepted:
+async def approve(run_id: str, step_id: str, request: Request,
+                  decision: Decision | None = None) -> Accepted:
     """Answer the step's approval gate: the step runs."""
-    await answer_gate(run_id, step_id, approved=True,
-                      comment=decision.comment if decision else "")
+    async with _answered():
+        await state_of(request).control.answer(run_id, step_id, approved=True,
+                                               comment=decision.comment if decision else "")
     return Accepted(run_id=run_id, status="resuming")
 
 
 @router.post("/{run_id}/steps/{step_id}/reject", status_code=202, response_model=Accepted,
              responses=CONFLICTS)
-async def reject(run_id: str, step_id: str, decision: Decision | None = None) -> Accepted:
+async def reject(run_id: str, step_id: str, request: Request,
+                 decision: Decision | None = None) -> Accepted:
     """Answer the step's approval gate: the step is skipped (reason ``rejected``)."""
-    await answer_gate(run_id, step_id, approved=False,
-                      comment=decision.comment if decision else "")
+    async with _answered():
+        await state_of(request).control.answer(run_id, step_id, approved=False,
+                                               comment=decision.comment if decision else "")
     return Accepted(run_id=run_id, status="resuming")
 
 
-async def answer_gate(run_id: str, step_id: str, *, approved: bool, comment: str) -> None:
-    """Resume a run suspended at ``step_id``'s gate with the answer; 409 unless it waits
-    there. The answer goes under the key of the suspension as it is now (Prefect's resume
-    writes it there), so it answers this asking and no earlier one."""
-    from prefect.flow_runs import aresume_flow_run
-
-    from flows.control import is_asking_of
-
-    async with _flow_run(run_id) as (_client, flow_run):
-        state = flow_run.state
-        waiting = (state.type.value == "PAUSED" and state.state_details.run_input_keyset
-                   and is_asking_of(state.state_details.pause_key, step_id))
-        if not waiting:
-            raise HTTPException(409, f"run {run_id} is not waiting for an approval of "
-                                f"{step_id} (it is {_state(flow_run)})")
-        await aresume_flow_run(flow_run.id, run_input={"approved": approved,
-                                                        "comment": comment})
+@contextlib.asynccontextmanager
+async def _answered() -> AsyncIterator[None]:
+    """The control service's domain errors as HTTP answers: 404 and 409 with the reason."""
+    try:
+        yield
+    except NotFound as exc:
+        raise HTTPException(404, str(exc)) from exc
+    except Conflict as exc:
+        raise HTTPException(409, exc.reason) from exc
 
 
 def _check(body: bytes) -> tuple[ValidPlan, dict[str, Any]] | JSONResponse:
@@ -240,30 +196,6 @@ def _check(body: bytes) -> tuple[ValidPlan, dict[str, Any]] | JSONResponse:
              "text": str(p)} for p in exc.problems])
     except UsageError as exc:
         return _invalid("the inputs are not valid", [{"path": "inputs", "message": str(exc)}])
-
-
-@contextlib.asynccontextmanager
-async def _flow_run(run_id: str) -> AsyncIterator[tuple[Any, Any]]:
-    """A Prefect client and the run's flow run; 404 when it is not a planrun run."""
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    try:
-        flow_run_id = UUID(run_id)
-    except ValueError:
-        raise HTTPException(404, f"no run {run_id}: run ids are UUIDs") from None
-    async with get_client() as client:
-        try:
-            flow_run = await client.read_flow_run(flow_run_id)
-        except ObjectNotFound:
-            raise HTTPException(404, f"no run {run_id}") from None
-        if "planrun" not in (flow_run.tags or []):
-            raise HTTPException(404, f"flow run {run_id} is not a planrun run")
-        yield client, flow_run
-
-
-def _state(flow_run: Any) -> str:
-    return str(flow_run.state.name or flow_run.state.type.value).lower()
 
 
 def _invalid(detail: str, errors: list[dict[str, Any]]) -> JSONResponse:

@@ -29,10 +29,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from heapq import heappop, heappush, heapreplace
 from statistics import NormalDist
-from typing import Any
 
+from planrun.contract.estimate import Estimate
+from planrun.contract.times import iso
 from planrun.graph import remaining_paths
-from planrun.report import RunRecord, RunStatus, StepRecord, StepStatus, iso
+from planrun.report import RunRecord, StepRecord
 
 #: Monte-Carlo draws per estimate ...
 SAMPLES = 200
@@ -49,9 +50,6 @@ FLOOR_S = 0.001
 #: An earlier finish is reported only beyond this share of the first estimate (and 0.1 s).
 EARLY_MARGIN = 0.02
 
-_RUNNING = frozenset({StepStatus.RUNNING, StepStatus.RETRYING, StepStatus.AWAITING_APPROVAL})
-_RUN_ENDED = frozenset({RunStatus.COMPLETED, RunStatus.COMPLETED_WITH_ERRORS,
-                        RunStatus.FAILED, RunStatus.CANCELLED})
 _NORMAL = NormalDist()
 _POOL_SIZE = 1 << 14
 _pool: list[float] = []
@@ -92,26 +90,6 @@ def durations_from(history: Mapping[str, Sequence[float]]) -> dict[str, StepDura
     return {step_id: StepDurations.of(values) for step_id, values in history.items()}
 
 
-@dataclass(frozen=True)
-class Estimate:
-    """The time left: a point estimate, its 80 % interval, the finish time, an early finish.
-
-    ``early_by_s``: how much earlier than first estimated the run is heading to end (or
-    ended); None when it is not earlier.
-    """
-
-    remaining_s: float
-    low_s: float
-    high_s: float
-    finish_at: str
-    early_by_s: float | None = None
-
-    def to_message(self) -> dict[str, Any]:
-        """The ``estimate`` object of a bridge message (docs/stream.md)."""
-        return {"remaining_s": self.remaining_s, "low_s": self.low_s, "high_s": self.high_s,
-                "finish_at": self.finish_at, "early_by_s": self.early_by_s}
-
-
 def estimate(run: RunRecord, max_parallel: int, durations: Mapping[str, StepDurations],
              now: float) -> Estimate:
     """The estimate of the time left in ``run`` at ``now`` (epoch seconds); see the module
@@ -121,16 +99,18 @@ def estimate(run: RunRecord, max_parallel: int, durations: Mapping[str, StepDura
     max_parallel = max(1, max_parallel)
     first_s = _schedule(run, dists, max_parallel, now, fresh=True).makespan
     first_finish = (run.started_at if run.started_at is not None else now) + first_s
-    if run.status in _RUN_ENDED or all(s.status.finished for s in run.steps.values()):
+    if run.status.ended or all(s.status.finished for s in run.steps.values()):
         end = run.ended_at if run.ended_at is not None else now
-        return Estimate(0.0, 0.0, 0.0, _iso(end), _early(first_finish - end, first_s))
+        return Estimate(remaining_s=0.0, low_s=0.0, high_s=0.0, finish_at=_iso(end),
+                        early_by_s=_early(first_finish - end, first_s))
     plan = _schedule(run, dists, max_parallel, now, fresh=False)
     draws = sorted(_draws(plan, dists))
     low = min(draws[int(0.1 * len(draws))], plan.makespan)
     high = max(draws[int(0.9 * len(draws)) - 1], plan.makespan)
     finish = now + plan.makespan
-    return Estimate(round(plan.makespan, 3), round(low, 3), round(high, 3), _iso(finish),
-                    _early(first_finish - finish, first_s))
+    return Estimate(remaining_s=round(plan.makespan, 3), low_s=round(low, 3),
+                    high_s=round(high, 3), finish_at=_iso(finish),
+                    early_by_s=_early(first_finish - finish, first_s))
 
 
 @dataclass
@@ -150,7 +130,7 @@ def _schedule(run: RunRecord, dists: Mapping[str, tuple[float, float]], max_para
     steps = run.steps
     todo = {sid: s for sid, s in steps.items() if fresh or not s.status.finished}
     elapsed = {} if fresh else {sid: _elapsed(s, now) for sid, s in todo.items()
-                                if s.status in _RUNNING}
+                                if s.status.active}
     expect = {sid: _expected(*dists[sid], elapsed.get(sid)) for sid in todo}
     dependents: dict[str, list[str]] = {sid: [] for sid in todo}
     waiting: dict[str, int] = {}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator
 
+from planrun.contract.stream import Message, heartbeat
 from progress_bridge.hub import Subscription
-from progress_bridge.messages import Message, heartbeat
 from progress_bridge.store import MessageStore
 
 #: Messages sent to one client before it lets the other clients and the upstream have a turn

@@ -1,4 +1,4 @@
-"""Past step durations, read from Prefect's own history of task runs.
+"""Past step durations, read from Prefect's own history of task runs, for the estimates.
 
 A step's task run is named by the step id and tagged ``plan:<plan>`` and ``tool:<tool>``;
 its duration is the wall time from its first start to its end (retries and their delays
@@ -9,20 +9,72 @@ step's task run is Completed too, but its state is named ``Skipped``.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from planrun.errors import PlanrunError
+from progress_bridge.estimate import durations_from
+
+log = logging.getLogger("planrun.bridge")
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
+
+    from progress_bridge.runs import RunView
+    from progress_bridge.timers import Later
 
 #: Past durations read per step (and per tool, for a step with none), newest first.
 PER_STEP = 20
 #: Requests to Prefect's API at once.
 CONCURRENCY = 8
+#: How long one reading of a plan's history serves its runs: each run adds to it.
+KEEP_S = 60.0
+
+
+class HistoryReader:
+    """Reads the step history of each plan once (for ``KEEP_S``) and hands the durations
+    to every view of that plan."""
+
+    def __init__(self, views: dict[str, RunView], later: Later, *, enabled: bool) -> None:
+        self.views = views
+        self.later = later
+        self.enabled = enabled
+        self._plans: set[str] = set()
+
+    def fetch(self, view: RunView) -> None:
+        """Read the history of ``view``'s plan, unless it was read lately."""
+        plan = view.record.plan
+        if not self.enabled or plan in self._plans:
+            return
+        self._plans.add(plan)
+        self.later.soon(0, lambda: self._read(view))
+
+    async def _read(self, view: RunView) -> None:
+        from prefect.client.orchestration import get_client
+
+        plan = view.record.plan
+        if view.ended:  # a run seen only in hindsight needs no estimate
+            self._plans.discard(plan)
+            return
+        tools = {sid: s.tool for sid, s in view.record.steps.items()}
+        try:
+            async with get_client() as client:
+                durations = durations_from(await step_history(client, plan, tools))
+        except Exception as exc:  # noqa: BLE001 - estimates fall back to first estimates
+            log.warning("no step history for plan %s: %s", plan, exc)
+            durations = {}
+        for other in list(self.views.values()):
+            if other.record.plan == plan:
+                other.durations = durations
+        self.later.soon(KEEP_S, self._forget(plan))
+
+    def _forget(self, plan: str) -> Any:
+        async def forget() -> None:
+            self._plans.discard(plan)
+        return forget
 
 
 async def step_history(client: PrefectClient, plan: str, tools: Mapping[str, str],

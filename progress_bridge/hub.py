@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Final
 
-from progress_bridge.messages import Message
+from planrun.contract.stream import Message
 
 TOO_SLOW: Final = "too slow: resume with ?after=<last seq>"
 # WebSocket close codes that go with a cut-off; SSE streams just end.

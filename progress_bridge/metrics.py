@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from progress_bridge.messages import RUN_ENDED, Message, MessageType
+from planrun.contract.stream import RUN_ENDED, Message, MessageType
 
 _STEP_ENDED = frozenset({MessageType.STEP_COMPLETED, MessageType.STEP_FAILED,
                          MessageType.STEP_SKIPPED})

@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Header, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from planrun.contract.stream import MessageType
 from progress_bridge.follow import follow
 from progress_bridge.hub import Disconnected
-from progress_bridge.messages import MessageType
 from progress_bridge.state import BridgeState, state_of
 
 router = APIRouter()
@@ -49,9 +49,9 @@ async def _events(state: BridgeState, run_id: str, after: int) -> AsyncIterator[
         async with contextlib.aclosing(stream):
             async for message in stream:
                 if message.type == MessageType.HEARTBEAT:
-                    yield ServerSentEvent(data=message.json, event=message.type)
+                    yield ServerSentEvent(data=message.wire, event=message.type)
                 else:
-                    yield ServerSentEvent(data=message.json, event=message.type,
+                    yield ServerSentEvent(data=message.wire, event=message.type,
                                           id=str(message.seq))
                 sent.inc()
     except Disconnected as exc:

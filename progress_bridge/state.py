@@ -11,8 +11,8 @@ from starlette.requests import HTTPConnection
 from planrun.loader import MAX_PLAN_BYTES
 from progress_bridge.hub import Hub
 from progress_bridge.metrics import Metrics
-from progress_bridge.publisher import Publisher
 from progress_bridge.ratelimit import DEFAULT_BURST, DEFAULT_PER_S
+from progress_bridge.service import ControlService
 from progress_bridge.store import MessageStore
 
 if TYPE_CHECKING:
@@ -51,13 +51,14 @@ class Settings:
 
 @dataclass(frozen=True)
 class BridgeState:
-    """The store, hub, metrics and settings of one bridge app; ``views`` are the runs the
-    upstream follows, by run id; ``submit`` starts runs (None: this bridge cannot)."""
+    """The store, hub, metrics and settings of one bridge app; ``control`` pauses, resumes,
+    cancels and answers runs; ``views`` are the runs the upstream follows, by run id;
+    ``submit`` starts runs (None: this bridge cannot)."""
 
     store: MessageStore
     hub: Hub
     metrics: Metrics
-    publisher: Publisher
+    control: ControlService
     settings: Settings
     views: dict[str, RunView] = field(default_factory=dict)
     submit: Submit | None = None

@@ -4,12 +4,12 @@
 when the store opens, so numbering and replay survive a bridge restart. One bridge
 process owns the file.
 
-Why appends are synchronous, on the event loop: in WAL mode with ``synchronous=NORMAL`` a
+Why commits are synchronous, on the event loop: in WAL mode with ``synchronous=NORMAL`` a
 one-row commit does not fsync and costs ≈ 15 µs at the median, ≈ 0.1 ms at p99 and a few
 ms at the rare WAL checkpoint (measured on the 2-core test machine; see
 ``tests/progress_bridge/test_store.py``). A writer thread was tried first: it kept the
 loop free but, on a loop busy sending to 200 clients, each commit waited for the GIL
-(5 ms switch interval), which capped one run at ≈ 30 messages/s. A synchronous append
+(5 ms switch interval), which capped one run at ≈ 30 messages/s. A synchronous commit
 also means a message is committed before anyone can see it, with nothing in between that
 could reorder or lose it. Replay reads run in a thread, on a connection of their own.
 """
@@ -22,7 +22,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from progress_bridge.messages import Draft, Message
+from planrun.contract.stream import Draft, Message
 
 FILENAME = "bridge.sqlite3"
 _SCHEMA = (
@@ -64,7 +64,7 @@ class MessageStore:
         for statement in _SCHEMA:
             self._writer.execute(statement)
         self._reader = _connect(self.path)
-        # Separate locks: a long replay read must not hold up appends on the event loop.
+        # Separate locks: a long replay read must not hold up commits on the event loop.
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
         self._last: dict[str, int] = dict(
@@ -81,32 +81,14 @@ class MessageStore:
         """The seq of the run's last message, 0 when it has none."""
         return self._last.get(run_id, 0)
 
-    def append(self, run_id: str, draft: Draft) -> Message:
-        """Number ``draft`` as the run's next message, commit it and return it.
-
-        Raises :class:`StoreError` if the store is closed or the write fails; the seq is
-        then not used, so the log keeps no gap.
-        """
-        seq = self._last.get(run_id, 0) + 1
-        message = draft.numbered(run_id, seq)
-        with self._write_lock:
-            if self._closed:
-                raise StoreError("the message store is closed")
-            try:
-                self._writer.execute("INSERT INTO messages (run_id, seq, body) VALUES (?, ?, ?)",
-                                     (run_id, seq, message.json))
-            except sqlite3.Error as exc:
-                raise StoreError(f"writing message {seq} of run {run_id} failed: {exc}") from exc
-        self._last[run_id] = seq
-        return message
-
     def commit(self, run_id: str, drafts: list[Draft], state: str | None = None, *,
                event_id: str | None = None, occurred: float | None = None) -> list[Message]:
         """Number ``drafts`` as the run's next messages and commit them in one transaction
         with the run's new ``state`` and, for a Prefect event, its id (as seen) and time
         (the reconciliation cursor): a crash leaves all of it or none.
 
-        Raises :class:`StoreError` like :meth:`append`; nothing is then numbered.
+        Raises :class:`StoreError` if the store is closed or the write fails; nothing is
+        then numbered, so the log keeps no gap.
         """
         first = self._last.get(run_id, 0) + 1
         messages = [draft.numbered(run_id, seq) for seq, draft in enumerate(drafts, first)]
@@ -117,7 +99,7 @@ class MessageStore:
             try:
                 db.execute("BEGIN")
                 db.executemany("INSERT INTO messages (run_id, seq, body) VALUES (?, ?, ?)",
-                               [(run_id, m.seq, m.json) for m in messages])
+                               [(run_id, m.seq, m.wire) for m in messages])
                 if state is not None:
                     db.execute("INSERT OR REPLACE INTO runs (run_id, state) VALUES (?, ?)",
                                (run_id, state))
@@ -164,7 +146,7 @@ class MessageStore:
         return sorted(self._last)
 
     def close(self) -> None:
-        """Close the database; later appends raise :class:`StoreError`."""
+        """Close the database; later commits raise :class:`StoreError`."""
         with self._write_lock, self._read_lock:
             if self._closed:
                 return

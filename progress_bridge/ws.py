@@ -74,7 +74,7 @@ async def _send(websocket: WebSocket, sub: Subscription, state: BridgeState,
     try:
         async with contextlib.aclosing(stream):
             async for message in stream:
-                await websocket.send_text(message.json)
+                await websocket.send_text(message.wire)
                 sent.inc()
     except Disconnected as exc:
         return exc.code, exc.reason

@@ -11,7 +11,7 @@ import pytest
 
 from adapters.registry import default_registry
 from plan_schemas.reference import DOC_PATH, generated_part, render
-from progress_bridge import messages
+from planrun.contract import stream as messages
 from tests.helpers import ROOT
 
 

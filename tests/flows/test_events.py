@@ -5,7 +5,8 @@ from __future__ import annotations
 from adapters.registry import default_registry
 from flows.events import RunEvents
 from flows.graph import compile_plan
-from planrun.report import StepStatus
+from planrun.contract.events import Impact
+from planrun.contract.status import StepStatus
 from planrun.validate import validate_text
 
 PLAN = """version: 1
@@ -30,7 +31,7 @@ def test_a_non_critical_failure_skips_what_needs_it_downstream_but_not_a_when() 
     failed = emitter.run.steps["a"]
     failed.status = StepStatus.FAILED
     # d is listed before the steps it needs: the walk does not depend on plan order.
-    assert emitter.impact(failed) == {"skipped": ["d", "c", "b"], "run_fails": False}
+    assert emitter.impact(failed) == Impact(skipped=("d", "c", "b"), run_fails=False)
 
 
 def test_a_critical_failure_skips_everything_not_started_and_fails_the_run() -> None:
@@ -38,4 +39,5 @@ def test_a_critical_failure_skips_everything_not_started_and_fails_the_run() -> 
     emitter.run.steps["other"].status = StepStatus.RUNNING
     failed = emitter.run.steps["b"]
     failed.critical, failed.status = True, StepStatus.FAILED
-    assert emitter.impact(failed) == {"skipped": ["a", "d", "c", "handler"], "run_fails": True}
+    assert emitter.impact(failed) == Impact(skipped=("a", "d", "c", "handler"),
+                                              run_fails=True)

@@ -1,4 +1,5 @@
-"""Client-side helpers: drafts to publish, and readers for WebSocket and SSE streams."""
+"""Client-side helpers: drafts for the store's and hub's unit tests, and readers for
+WebSocket and SSE streams."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 import httpx
 from websockets.asyncio.client import ClientConnection
 
-from progress_bridge.messages import Draft, Progress
+from planrun.contract.stream import Draft, Progress
 
 
 def draft(i: int, total: int = 1000, summary_bytes: int = 0) -> Draft:

@@ -1,5 +1,8 @@
 """A real bridge for the tests: the app under uvicorn, in a thread with its own event loop,
-on a free port of 127.0.0.1, over a SQLite message log in a temporary directory."""
+on a free port of 127.0.0.1, over a SQLite message log in a temporary directory.
+
+Unless a test gives its own upstream, the bridge's upstream is the production one fed by a
+fake event source: what a test publishes goes through the real apply and commit path."""
 
 from __future__ import annotations
 
@@ -15,17 +18,27 @@ from typing import Any, TypeVar
 import pytest
 import uvicorn
 
+from planrun.contract.stream import Draft, Message
 from progress_bridge.app import create_app
+from progress_bridge.apply import RunEvent
 from progress_bridge.hub import Hub
-from progress_bridge.messages import Draft, Message
-from progress_bridge.publisher import Publisher
+from progress_bridge.runs import RunView
+from progress_bridge.source import FakeEventSource
+from progress_bridge.state import BridgeState
 from progress_bridge.store import MessageStore
+from progress_bridge.upstream import Upstream, UpstreamSettings
+
+from .events import nth
+
+#: The fake-fed upstream's settings: no history reads, no timer messages to count.
+QUIET = UpstreamSettings(history=False, ticks=False)
 
 T = TypeVar("T")
 
 
 class ServedBridge:
-    """One bridge served by uvicorn; ``emit`` publishes on the bridge's own loop."""
+    """One bridge served by uvicorn; ``push`` and ``emit`` hand events to its fake event
+    source on the bridge's own loop."""
 
     def __init__(self, directory: Path, queue_size: int = 1000, **app_options: Any) -> None:
         self.store = MessageStore(directory)
@@ -34,8 +47,12 @@ class ServedBridge:
         self.token: str = app_options.setdefault("token", secrets.token_urlsafe(16))
         #: headers that authenticate as this bridge's clients
         self.auth = {"Authorization": f"Bearer {self.token}"}
+        self.source = FakeEventSource()
+        if "upstream" not in app_options:
+            app_options["upstream"] = Upstream(self.source, QUIET)
+        self.upstream = app_options["upstream"]
         self.app = create_app(self.store, self.hub, **app_options)
-        self.publisher: Publisher = self.app.state.bridge.publisher
+        self.state: BridgeState = self.app.state.bridge
         self.loop = asyncio.new_event_loop()
         self._sock = socket.socket()
         self._sock.bind(("127.0.0.1", 0))
@@ -74,8 +91,30 @@ class ServedBridge:
         """Run ``coro`` on the bridge's loop; await the result from the test's loop."""
         return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
 
-    async def emit(self, run_id: str, draft: Draft) -> Message:
-        return await self.call(self.publisher.emit(run_id, draft))
+    async def push(self, event: RunEvent) -> bool:
+        """Deliver ``event`` through the fake source; whether it was new (committed)."""
+        return await self.call(self.source.push(event))
+
+    async def emit(self, run_id: str, n: int, summary_bytes: int = 0) -> Message:
+        """Deliver the run's ``n``-th event (``events.nth``); the one message it made."""
+        async def push_and_read() -> Message:
+            before = self.store.last_seq(run_id)
+            assert await self.source.push(nth(run_id, n, summary_bytes)), f"event {n} not new"
+            return (await self.store.after(run_id, before))[0]
+
+        return await self.call(push_and_read())
+
+    async def commit(self, run_id: str, draft: Draft) -> Message:
+        """Commit ``draft`` as the run's next message through the upstream's commit path
+        (for the live page's tests, which choose each message)."""
+        async def commit() -> Message:
+            committer = getattr(self.upstream, "committer")  # noqa: B009 - set once it runs
+            view = self.state.views.get(run_id) or RunView.unstarted(run_id)
+            before = self.store.last_seq(run_id)
+            assert committer.commit(run_id, view, [draft])
+            return (await self.store.after(run_id, before))[0]
+
+        return await self.call(commit())
 
     def _serve(self) -> None:
         asyncio.set_event_loop(self.loop)

@@ -9,10 +9,12 @@ import uuid
 
 import pytest
 
-from planrun.report import RunRecord, RunStatus, StepRecord, StepStatus, iso
+from planrun.contract.estimate import Estimate
+from planrun.contract.status import RunStatus, StepStatus
+from planrun.contract.times import iso
+from planrun.report import RunRecord, StepRecord
 from progress_bridge.estimate import (
     PRIOR_SIGMA,
-    Estimate,
     StepDurations,
     durations_from,
     estimate,

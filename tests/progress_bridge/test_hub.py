@@ -3,16 +3,43 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
+from progress_bridge.flow_runs import FakeFlowRuns
 from progress_bridge.follow import follow
 from progress_bridge.hub import TOO_SLOW, Disconnected, Hub, Subscription
-from progress_bridge.publisher import Publisher
+from progress_bridge.metrics import Metrics
+from progress_bridge.service import ControlService
+from progress_bridge.source import FakeEventSource
+from progress_bridge.state import BridgeState, Settings
 from progress_bridge.store import MessageStore
+from progress_bridge.upstream import Upstream
 
 from .clients import draft
+from .conftest import QUIET
+from .events import nth
+
+
+@asynccontextmanager
+async def upstream_of(directory: Path, hub: Hub) -> AsyncIterator[
+        tuple[FakeEventSource, MessageStore]]:
+    """The production upstream over a store in ``directory`` and ``hub``, fed by the fake
+    source it yields with the store."""
+    store, source = MessageStore(directory), FakeEventSource()
+    state = BridgeState(store, hub, Metrics(), ControlService(FakeFlowRuns()),
+                        Settings(token="t"))
+    task = asyncio.ensure_future(Upstream(source, QUIET)(state))
+    await source.connected.wait()
+    try:
+        yield source, store
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        store.close()
 
 
 def test_a_full_queue_cuts_that_subscriber_off_and_no_other() -> None:
@@ -41,18 +68,17 @@ def test_a_full_queue_cuts_that_subscriber_off_and_no_other() -> None:
 
 
 def test_replay_then_live_has_no_gap_and_no_duplicate(tmp_path: Path) -> None:
-    """Messages published while the replay query runs arrive once, in order."""
+    """Messages committed while the replay query runs arrive once, in order."""
 
     async def main() -> None:
-        store, hub = MessageStore(tmp_path), Hub()
-        publisher = Publisher(store, hub)
-        try:
+        hub = Hub()
+        async with upstream_of(tmp_path, hub) as (source, store):
             for i in range(1, 51):
-                await publisher.emit("r", draft(i))
+                await source.push(nth("r", i))
             sub = hub.subscribe("r")
             stream = follow(sub, store, 10, heartbeat_s=60)
             more = asyncio.ensure_future(
-                asyncio.gather(*(publisher.emit("r", draft(i)) for i in range(51, 101))))
+                asyncio.gather(*(source.push(nth("r", i)) for i in range(51, 101))))
             got = []
             async with asyncio.timeout(10):
                 async for message in stream:
@@ -62,22 +88,17 @@ def test_replay_then_live_has_no_gap_and_no_duplicate(tmp_path: Path) -> None:
             await more
             await stream.aclose()
             assert got == list(range(11, 101))
-        finally:
-            store.close()
 
     asyncio.run(main())
 
 
-def test_concurrent_emits_keep_a_run_in_order(tmp_path: Path) -> None:
+def test_concurrently_delivered_events_keep_a_run_in_order(tmp_path: Path) -> None:
     async def main() -> None:
-        store, hub = MessageStore(tmp_path), Hub()
-        publisher = Publisher(store, hub)
-        try:
+        hub = Hub()
+        async with upstream_of(tmp_path, hub) as (source, _store):
             sub = hub.subscribe("r")
-            await asyncio.gather(*(publisher.emit("r", draft(i)) for i in range(1, 51)))
+            await asyncio.gather(*(source.push(nth("r", i)) for i in range(1, 51)))
             assert [m.seq for m in [sub.get_nowait() for _ in range(50)] if m] == list(range(1, 51))
             assert await sub.get(timeout=0.01) is None
-        finally:
-            store.close()
 
     asyncio.run(main())

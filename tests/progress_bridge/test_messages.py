@@ -1,4 +1,4 @@
-"""The message of docs/stream.md: its keys, its types, and one serialisation."""
+"""The stream message (docs/stream.md): its keys, its types, and one serialisation."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import json
 import re
 
 import pytest
+from pydantic import ValidationError
 
-from progress_bridge.messages import (
+from planrun.contract.stream import (
     MESSAGE_TYPES,
     Draft,
     ErrorInfo,
@@ -18,29 +19,31 @@ from progress_bridge.messages import (
     Progress,
 )
 
-DOCUMENTED_KEYS = {"seq", "run_id", "type", "ts", "step_id", "status", "attempt", "duration_s",
+SPEC_KEYS = {"seq", "run_id", "type", "ts", "step_id", "status", "attempt", "duration_s",
              "summary", "error", "progress", "estimate"}
 
 
-def test_every_spec_type_is_known() -> None:
+def test_every_stream_type_is_known() -> None:
     assert len(MESSAGE_TYPES) == 16
     assert {"run.started", "step.failed", "progress", "heartbeat"} <= set(MESSAGE_TYPES)
 
 
 def test_an_unknown_type_is_refused() -> None:
-    with pytest.raises(ValueError, match="unknown message type 'step.exploded'"):
+    with pytest.raises(ValidationError, match="unknown message type 'step.exploded'"):
         Draft(type="step.exploded")
 
 
-def test_a_message_has_the_spec_keys_and_a_millisecond_utc_timestamp() -> None:
+def test_a_message_has_the_stream_keys_and_a_millisecond_utc_timestamp() -> None:
     message = Draft(
         type="step.failed", step_id="search", status="failed", attempt=2, duration_s=1.23,
-        error=ErrorInfo("transient", "timed out", "try again"),
-        progress=Progress.of(3, 8), estimate=Estimate(12.0, 9.0, 18.0, "2026-01-01T00:00:12.000Z"),
+        error=ErrorInfo(category="transient", message="timed out", hint="try again"),
+        progress=Progress.of(3, 8),
+        estimate=Estimate(remaining_s=12.0, low_s=9.0, high_s=18.0,
+                          finish_at="2026-01-01T00:00:12.000Z"),
         impact=Impact(skipped=("summarise",), run_fails=True),
     ).numbered("r1", 17)
-    body = json.loads(message.json)
-    assert set(body) == DOCUMENTED_KEYS | {"impact"}
+    body = json.loads(message.wire)
+    assert set(body) == SPEC_KEYS | {"impact"}
     assert body["seq"] == 17 and body["run_id"] == "r1"
     assert body["progress"] == {"done": 3, "total": 8, "percent": 37.5}
     assert body["error"] == {"category": "transient", "message": "timed out", "hint": "try again"}
@@ -49,17 +52,23 @@ def test_a_message_has_the_spec_keys_and_a_millisecond_utc_timestamp() -> None:
 
 
 def test_run_started_carries_the_whole_plan_and_round_trips() -> None:
-    plan = (PlanStep("fetch", "http.request", "Fetch", (), True, 1.5),
-            PlanStep("sum", "core.echo", None, ("fetch",), False, 0.1))
+    plan = (PlanStep(id="fetch", tool="http.request", name="Fetch", estimate_s=1.5),
+            PlanStep(id="sum", tool="core.echo", needs=("fetch",), critical=False,
+                     estimate_s=0.1))
     message = Draft(type="run.started", status="running", plan=plan,
                     progress=Progress.of(0, 2)).numbered("r1", 1)
-    again = Message.from_json(message.json)
+    again = Message.from_json(message.wire)
     assert again == message
-    assert again.json is not None and json.loads(again.json)["plan"][1]["needs"] == ["fetch"]
+    assert json.loads(again.wire)["plan"][1]["needs"] == ["fetch"]
 
 
-def test_the_json_text_is_built_once() -> None:
+def test_the_wire_text_is_built_once() -> None:
     message = Draft(type="progress", progress=Progress.of(1, 2)).numbered("r1", 3)
-    assert message.json is message.json
-    parsed = Message.from_json(message.json)
-    assert parsed.json is message.json
+    assert message.wire is message.wire
+    parsed = Message.from_json(message.wire)
+    assert parsed.wire is message.wire
+
+
+def test_the_wire_form_is_what_the_model_dumps() -> None:
+    message = Draft(type="step.running", step_id="a", status="running").numbered("r1", 2)
+    assert json.loads(message.wire) == message.model_dump(mode="json")

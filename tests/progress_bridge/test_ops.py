@@ -8,11 +8,14 @@ import gc
 import httpx
 from websockets.asyncio.client import connect
 
-from progress_bridge.messages import Draft
+from planrun.contract.stream import Draft
+from progress_bridge.commit import Committer
+from progress_bridge.runs import RunView
 from progress_bridge.state import BridgeState
 
-from .clients import draft, receive_until
+from .clients import receive_until
 from .conftest import BridgeFactory, ServedBridge, wait_for
+from .events import ended
 
 
 def test_healthz_and_docs(bridge: ServedBridge) -> None:
@@ -31,8 +34,8 @@ def test_metrics_count_clients_and_messages(bridge: ServedBridge) -> None:
         async with connect(bridge.ws_url("r"), proxy=None) as ws:
             wait_for(lambda: bridge.hub.subscribers("r") == 1, 5, "the client")
             for i in range(1, 4):
-                await bridge.emit("r", draft(i))
-            await bridge.emit("r", draft(4).__class__(type="run.completed", status="completed"))
+                await bridge.emit("r", i)
+            await bridge.push(ended("r", 4))
             await receive_until(ws, 4)
             async with httpx.AsyncClient(base_url=bridge.http, headers=bridge.auth) as http:
                 return (await http.get("/metrics")).text
@@ -41,7 +44,8 @@ def test_metrics_count_clients_and_messages(bridge: ServedBridge) -> None:
     assert 'planrun_bridge_clients{transport="ws"} 1.0' in text
     assert 'planrun_bridge_messages_sent_total{transport="ws"} 4.0' in text
     assert "planrun_bridge_messages_published_total 4.0" in text
-    assert 'planrun_steps_total{status="completed"} 3.0' in text
+    assert 'planrun_steps_total{status="completed"} 2.0' in text  # after run.started
+    assert 'planrun_step_duration_seconds_count{tool="core.echo"} 2.0' in text
     assert 'planrun_runs_total{status="completed"} 1.0' in text
     assert "planrun_bridge_slow_disconnects_total 0.0" in text
 
@@ -60,7 +64,8 @@ def test_the_upstream_runs_with_the_bridge_state_for_the_apps_lifetime(
     stopped = asyncio.Event()
 
     async def upstream(state: BridgeState) -> None:
-        await state.publisher.emit("r", Draft(type="run.started", status="running"))
+        Committer(state).commit("r", RunView.unstarted("r"),
+                                [Draft(type="run.started", status="running")])
         try:
             await asyncio.Event().wait()
         finally:

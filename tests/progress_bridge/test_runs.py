@@ -1,80 +1,154 @@
-"""The bridge's view of a run: events in, docs/stream.md drafts out (no Prefect, no server)."""
+"""The bridge's pure apply step: a run's view and one event in, the new view and its
+messages out (no Prefect, no server, no clock); and the view saved and loaded."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
+import pytest
+
+from planrun.contract.events import (
+    RunAwaitingApproval,
+    RunEnded,
+    RunPaused,
+    RunResumed,
+    RunStarted,
+    StepChanged,
+    step_event,
+)
+from planrun.contract.status import RunStatus, StepStatus
+from planrun.errors import ContractError
+from progress_bridge.apply import FlowRunEnded, RunEvent, apply, end_by_flow_run
 from progress_bridge.runs import RunView
 
-STARTED = {"run_id": "r", "n": 1, "plan": "p", "max_parallel": 2,
-           "started_at": "2026-01-01T00:00:00.000Z", "prefect_url": None,
-           "steps": [{"id": "a", "name": "A", "tool": "core.sleep", "needs": [],
-                      "critical": True, "estimate_s": 1.0},
-                     {"id": "b", "name": None, "tool": "core.echo", "needs": ["a"],
-                      "critical": False, "estimate_s": 2.0}]}
+NOW = 1_767_225_605.0  # 2026-01-01T00:00:05Z
+STARTED = RunStarted.read({
+    "run_id": "r", "n": 1, "plan": "p", "max_parallel": 2,
+    "started_at": "2026-01-01T00:00:00.000Z",
+    "steps": [{"id": "a", "name": "A", "tool": "core.sleep", "needs": [], "estimate_s": 1.0},
+              {"id": "b", "tool": "core.echo", "needs": ["a"], "critical": False,
+               "estimate_s": 2.0}]})
 
 
-def step(n: int, step_id: str, status: str, **fields: Any) -> dict[str, Any]:
-    return {"run_id": "r", "n": n, "step_id": step_id, "status": status, "attempt": 1,
-            "started_at": "2026-01-01T00:00:01.000Z", **fields}
+def event(payload: Any, name: str | None = None, occurred: float = NOW - 1) -> RunEvent:
+    if name is None:
+        name = step_event(payload.status) if isinstance(payload, StepChanged) else ""
+    return RunEvent(f"e{payload.n}", name, "r", occurred, payload)
 
 
-def test_run_started_announces_every_step_with_its_needs_and_first_estimate() -> None:
-    view, drafts = RunView.started("r", STARTED)
-    (first,) = drafts
-    assert first.type == "run.started" and first.status == "running"
-    assert first.plan is not None
-    assert [(s.id, s.needs, s.critical, s.estimate_s) for s in first.plan] == [
-        ("a", (), True, 1.0), ("b", ("a",), False, 2.0)]
-    assert first.progress is not None and first.progress.total == 2
-    assert first.estimate is not None and first.estimate.remaining_s > 0
+def step(n: int, step_id: str, status: str, **fields: Any) -> StepChanged:
+    return StepChanged.read({"run_id": "r", "n": n, "step_id": step_id, "status": status,
+                             "attempt": 1, "started_at": "2026-01-01T00:00:01.000Z",
+                             **fields})
+
+
+def started_view() -> RunView:
+    applied = apply(None, event(STARTED, "planrun.run.started"), NOW)
+    assert applied.view is not None
+    return applied.view
+
+
+# One row per kind of event: the payload, and the messages it makes (type, step, status).
+CASES = [
+    ("a step starts", step(2, "a", "running"), [("step.running", "a", "running")]),
+    ("a step completes", step(2, "a", "completed", output={"slept_s": 1}),
+     [("step.completed", "a", "completed")]),
+    ("a step will retry", step(2, "a", "retrying",
+                               error={"category": "transient", "message": "503"}),
+     [("step.retrying", "a", "retrying")]),
+    ("a cancelled step is a failed message", step(2, "b", "cancelled", reason="stopped"),
+     [("step.failed", "b", "cancelled")]),
+    ("a step of no such plan makes none", step(2, "zzz", "running"), []),
+    ("the run pauses", RunPaused(run_id="r", n=2, reason="asked", timeout_s=60),
+     [("run.paused", None, "paused")]),
+    ("the run waits at a gate", RunAwaitingApproval(run_id="r", n=2, step_id="b",
+                                                    prompt="go?", timeout_s=30),
+     [("run.awaiting_approval", "b", "awaiting_approval")]),
+    ("the run resumes", RunResumed(run_id="r", n=2, restored=["a"]),
+     [("run.resumed", None, "running")]),
+    ("the run ends", RunEnded(run_id="r", n=2, status=RunStatus.COMPLETED_WITH_ERRORS),
+     [("run.completed_with_errors", None, "completed_with_errors")]),
+]
+
+
+@pytest.mark.parametrize(("payload", "expected"), [(c[1], c[2]) for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_an_event_makes_its_messages_and_leaves_the_old_view_as_it_was(
+        payload: Any, expected: list[tuple[str, str | None, str]]) -> None:
+    view = started_view()
+    before = view.to_json()
+    applied = apply(view, event(payload), NOW)
+    assert [(d.type, d.step_id, d.status) for d in applied.drafts] == expected
+    assert view.to_json() == before  # pure: the view given is not changed
+    assert all(d.ts == "2026-01-01T00:00:04.000Z" for d in applied.drafts)  # when it happened
+    assert all(d.progress is not None and d.estimate is not None for d in applied.drafts)
 
 
 def test_an_event_older_than_what_a_step_shows_is_dropped() -> None:
-    view, _ = RunView.started("r", STARTED)
-    done = view.step_event(step(3, "a", "completed", ended_at="2026-01-01T00:00:02.000Z",
-                                duration_s=1.0, summary="slept", output={"slept_s": 1}))
-    assert [d.type for d in done] == ["step.completed"]
-    assert view.step_event(step(2, "a", "running")) == []  # arrived late: not a step back
-    assert view.record.steps["a"].status == "completed"
-    assert view.step_event(step(3, "a", "completed")) == []  # the same event again
-    assert done[0].progress is not None and done[0].progress.done == 1
+    view = started_view()
+    done = apply(view, event(step(3, "a", "completed", ended_at="2026-01-01T00:00:02.000Z",
+                                  summary="slept")), NOW)
+    assert done.view is not None and [d.type for d in done.drafts] == ["step.completed"]
+    late = apply(done.view, event(step(2, "a", "running")), NOW)  # not a step back
+    assert late.drafts == [] and late.view is not None
+    assert late.view.record.steps["a"].status == StepStatus.COMPLETED
+    assert done.drafts[0].progress is not None and done.drafts[0].progress.done == 1
 
 
-def test_a_failure_carries_its_error_and_impact_and_a_cancelled_step_is_a_failed_message(
-        ) -> None:
-    view, _ = RunView.started("r", STARTED)
-    (failed,) = view.step_event(step(
+def test_a_failure_carries_its_error_and_impact() -> None:
+    failed = apply(started_view(), event(step(
         2, "a", "failed", error={"category": "resource", "message": "full", "hint": "wait"},
-        impact={"skipped": ["b"], "run_fails": True}))
+        impact={"skipped": ["b"], "run_fails": True})), NOW).drafts[0]
     assert failed.error is not None
     assert (failed.error.category, failed.error.hint) == ("resource", "wait")
     assert failed.impact is not None and failed.impact.skipped == ("b",)
-    (cancelled,) = view.step_event(step(3, "b", "cancelled", reason="stopped"))
-    assert (cancelled.type, cancelled.status, cancelled.error) == ("step.failed", "cancelled",
-                                                                   None)
+
+
+def test_events_before_the_start_and_a_second_start_change_nothing() -> None:
+    assert apply(None, event(step(2, "a", "running")), NOW).view is None
+    view = started_view()
+    again = apply(view, event(STARTED, "planrun.run.started"), NOW)
+    assert again.view is view and again.drafts == []
+
+
+def test_a_pause_and_a_gate_are_timed_from_now() -> None:
+    paused = apply(started_view(), event(RunPaused(run_id="r", n=2, timeout_s=60,
+                                                   on_timeout="resume")), NOW).view
+    assert paused is not None and paused.pause_deadline is not None
+    assert (paused.pause_deadline.deadline, paused.pause_deadline.action) == (NOW + 60,
+                                                                              "resume")
+    gated = apply(started_view(), event(RunAwaitingApproval(run_id="r", n=2, step_id="b",
+                                                            timeout_s=30)), NOW).view
+    assert gated is not None and gated.gate is not None and gated.gate.deadline == NOW + 30
 
 
 def test_a_run_ended_by_prefect_cancels_what_runs_and_skips_what_waits() -> None:
-    view, _ = RunView.started("r", STARTED)
-    view.step_event(step(2, "a", "running"))
-    drafts = view.flow_run_ended("CRASHED", "process died")
-    assert [(d.type, d.step_id, d.status) for d in drafts] == [
+    running = apply(started_view(), event(step(2, "a", "running")), NOW).view
+    assert running is not None
+    ended = end_by_flow_run(running, FlowRunEnded("f", "r", NOW, "CRASHED", "process died"),
+                            NOW)
+    assert [(d.type, d.step_id, d.status) for d in ended.drafts] == [
         ("step.failed", "a", "cancelled"), ("step.skipped", "b", "skipped"),
         ("run.failed", None, "failed")]
-    assert drafts[-1].summary == "the run's flow run ended crashed: process died"
-    assert drafts[-1].progress is not None and drafts[-1].progress.percent == 100.0
-    assert view.flow_run_ended("CRASHED", None) == []  # ended once
-    assert view.run_ended({"status": "completed"}) == []
+    assert ended.drafts[-1].summary == "the run's flow run ended crashed: process died"
+    assert ended.drafts[-1].progress is not None and ended.drafts[-1].progress.percent == 100.0
+    assert ended.view is not None
+    assert end_by_flow_run(ended.view, FlowRunEnded("g", "r", NOW, "CRASHED"), NOW).drafts == []
+    assert running.record.status == RunStatus.RUNNING  # the view given is unchanged
 
 
 def test_the_view_survives_saving_and_loading() -> None:
-    view, _ = RunView.started("r", STARTED)
-    view.step_event(step(2, "a", "failed", error={"category": "logic", "message": "m",
-                                                  "hint": "h"}, input={"seconds": 1}))
+    view = apply(started_view(), event(step(
+        2, "a", "failed", error={"category": "logic", "message": "m", "hint": "h"},
+        input={"seconds": 1})), NOW).view
+    assert view is not None
     again = RunView.from_json(view.to_json())
-    now = time.time()  # the run is still going: both reports as of one instant
-    assert again.report(now) | {"estimate": None} == view.report(now) | {"estimate": None}
+    assert again.report(NOW) | {"estimate": None} == view.report(NOW) | {"estimate": None}
     assert again.step_n == {"a": 2}
-    assert again.step_event(step(2, "a", "running")) == []
+    assert apply(again, event(step(2, "a", "running")), NOW).drafts == []
+
+
+def test_a_saved_view_of_an_unknown_version_is_refused_clearly() -> None:
+    text = started_view().to_json().replace('"v":1', '"v":99', 1)
+    with pytest.raises(ContractError, match="SavedView of contract version 99 cannot be read"):
+        RunView.from_json(text)

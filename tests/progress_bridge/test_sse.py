@@ -9,7 +9,7 @@ import time
 import httpx
 from websockets.asyncio.client import connect
 
-from .clients import draft, read_sse_until, receive_until, sse_events
+from .clients import read_sse_until, receive_until, sse_events
 from .conftest import BridgeFactory, ServedBridge, wait_for
 
 
@@ -21,12 +21,12 @@ def test_events_stream_live_with_ids_and_types(bridge: ServedBridge) -> None:
             assert response.status_code == 200
             assert response.headers["content-type"].startswith("text/event-stream")
             wait_for(lambda: bridge.hub.subscribers("r") == 1, 5, "the SSE client")
-            sent = [await bridge.emit("r", draft(i)) for i in range(1, 4)]
+            sent = [await bridge.emit("r", i) for i in range(1, 4)]
             events = await read_sse_until(response, 3)
         wait_for(lambda: bridge.hub.subscribers("r") == 0, 5, "the SSE client to be forgotten")
         assert [(e["id"], e["event"]) for e in events] == [
-            ("1", "step.completed"), ("2", "step.completed"), ("3", "step.completed")]
-        assert [e["data"] for e in events] == [m.json for m in sent]
+            ("1", "run.started"), ("2", "step.completed"), ("3", "step.completed")]
+        assert [e["data"] for e in events] == [m.wire for m in sent]
 
     asyncio.run(main())
 
@@ -34,14 +34,14 @@ def test_events_stream_live_with_ids_and_types(bridge: ServedBridge) -> None:
 def test_last_event_id_and_after_resume(bridge: ServedBridge) -> None:
     async def main() -> None:
         for i in range(1, 8):
-            await bridge.emit("r", draft(i))
+            await bridge.emit("r", i)
         async with httpx.AsyncClient(
                 base_url=bridge.http, headers=bridge.auth, timeout=10) as http:
             async with http.stream("GET", "/v1/runs/r/events",
                                    headers={"Last-Event-ID": "5"}) as response:
                 assert [e["id"] for e in await read_sse_until(response, 7)] == ["6", "7"]
             async with http.stream("GET", "/v1/runs/r/events?after=6") as response:
-                await bridge.emit("r", draft(8))
+                await bridge.emit("r", 8)
                 assert [e["id"] for e in await read_sse_until(response, 8)] == ["7", "8"]
 
     asyncio.run(main())
@@ -59,7 +59,7 @@ def test_http_without_the_token_is_401(bridge_factory: BridgeFactory) -> None:
                                    headers={"Authorization": "Bearer nope"})
             assert wrong.status_code == 401
             assert (await http.get("/healthz")).status_code == 200
-            await bridge.emit("r", draft(1))
+            await bridge.emit("r", 1)
             for url, headers in (("/v1/runs/r/events", {"Authorization": "Bearer s3cret"}),
                                  ("/v1/runs/r/events?token=s3cret", {})):
                 async with http.stream("GET", url, headers=headers) as response:
@@ -116,7 +116,7 @@ def test_a_slow_sse_client_is_cut_off_and_resumes_with_last_event_id(
             published = 0
             async with asyncio.timeout(60):
                 while not cut:  # the SSE response is never read meanwhile
-                    await asyncio.gather(*(bridge.emit("r", draft(i, summary_bytes=8000))
+                    await asyncio.gather(*(bridge.emit("r", i, summary_bytes=8000)
                                            for i in range(published + 1, published + 17)))
                     published += 16
                     await receive_until(fast, published)  # the fast client keeps up

@@ -18,14 +18,14 @@ from .clients import draft
 def test_seq_starts_at_one_per_run_and_has_no_gaps(tmp_path: Path) -> None:
     store = MessageStore(tmp_path)
     try:
-        a = [store.append("a", draft(i)) for i in range(1, 101)]
-        b = [store.append("b", draft(i)) for i in range(1, 4)]
+        a = [store.commit("a", [draft(i)])[0] for i in range(1, 101)]
+        b = [store.commit("b", [draft(i)])[0] for i in range(1, 4)]
         assert [m.seq for m in a] == list(range(1, 101))
         assert [m.seq for m in b] == [1, 2, 3]
         assert store.last_seq("a") == 100 and store.last_seq("nobody") == 0
         replay = asyncio.run(store.after("a", 97))
         assert [m.seq for m in replay] == [98, 99, 100]
-        assert replay[0].json == a[97].json
+        assert replay[0].wire == a[97].wire
         assert store.runs() == ["a", "b"]
     finally:
         store.close()
@@ -35,7 +35,7 @@ def test_numbering_and_replay_survive_reopening(tmp_path: Path) -> None:
     def write(n: int) -> list[int]:
         store = MessageStore(tmp_path)
         try:
-            return [store.append("r", draft(i)).seq for i in range(n)]
+            return [store.commit("r", [draft(i)])[0].seq for i in range(n)]
         finally:
             store.close()
 
@@ -62,7 +62,7 @@ def test_an_append_costs_a_fraction_of_a_millisecond(tmp_path: Path) -> None:
         for i in range(5000):
             message = draft(i, summary_bytes=300)
             before = time.perf_counter()
-            store.append(f"run-{i % 5}", message)
+            store.commit(f"run-{i % 5}", [message])[0]
             took.append(time.perf_counter() - before)
     finally:
         store.close()
@@ -75,23 +75,23 @@ def test_an_append_costs_a_fraction_of_a_millisecond(tmp_path: Path) -> None:
 def test_a_failed_write_uses_no_seq(tmp_path: Path) -> None:
     store = MessageStore(tmp_path)
     try:
-        store.append("r", draft(1))
+        store.commit("r", [draft(1)])[0]
         blocker = sqlite3.connect(store.path, timeout=0)
         blocker.execute("BEGIN IMMEDIATE")  # holds the write lock
         store._writer.execute("PRAGMA busy_timeout=0")
-        with pytest.raises(StoreError, match="message 2 of run r"):
-            store.append("r", draft(2))
+        with pytest.raises(StoreError, match="messages of run r"):
+            store.commit("r", [draft(2)])[0]
         blocker.rollback()
         blocker.close()
-        assert store.append("r", draft(2)).seq == 2
+        assert store.commit("r", [draft(2)])[0].seq == 2
     finally:
         store.close()
 
 
 def test_a_closed_store_refuses_appends(tmp_path: Path) -> None:
     store = MessageStore(tmp_path)
-    store.append("r", draft(1))
+    store.commit("r", [draft(1)])
     store.close()
     store.close()  # twice is harmless
     with pytest.raises(StoreError, match="closed"):
-        store.append("r", draft(2))
+        store.commit("r", [draft(2)])[0]

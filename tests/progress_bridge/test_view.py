@@ -19,8 +19,7 @@ from urllib.parse import quote
 import httpx
 from playwright.sync_api import BrowserContext, Locator, Page, expect
 
-from planrun.report import iso
-from progress_bridge.messages import (
+from planrun.contract.stream import (
     Draft,
     ErrorInfo,
     Estimate,
@@ -29,6 +28,7 @@ from progress_bridge.messages import (
     PlanStep,
     Progress,
 )
+from planrun.contract.times import iso
 from progress_bridge.view import render
 
 from .conftest import BridgeFactory, ServedBridge
@@ -40,16 +40,17 @@ expect.set_options(timeout=10_000)
 
 
 DIAMOND = (
-    PlanStep("fetch", "http.request", name="Fetch prices", estimate_s=2.0),
-    PlanStep("parse", "core.echo", needs=("fetch",)),
-    PlanStep("notify", "shell.run", needs=("fetch",), critical=False),
-    PlanStep("report", "file.write", needs=("parse", "notify")),
+    PlanStep(id="fetch", tool="http.request", name="Fetch prices", estimate_s=2.0),
+    PlanStep(id="parse", tool="core.echo", needs=("fetch",)),
+    PlanStep(id="notify", tool="shell.run", needs=("fetch",), critical=False),
+    PlanStep(id="report", tool="file.write", needs=("parse", "notify")),
 )
 
 
 def emit(bridge: ServedBridge, run_id: str, draft: Draft) -> Message:
-    """Publish ``draft`` on the bridge's loop; returns once it is stored and fanned out."""
-    future = asyncio.run_coroutine_threadsafe(bridge.publisher.emit(run_id, draft), bridge.loop)
+    """Commit ``draft`` through the bridge's commit path; returns once it is stored and
+    fanned out."""
+    future = asyncio.run_coroutine_threadsafe(bridge.commit(run_id, draft), bridge.loop)
     return future.result(10)
 
 
@@ -115,7 +116,7 @@ def test_the_page_follows_a_run_step_by_step(bridge: ServedBridge, page: Page) -
     expect(page.locator("#run-status")).to_have_text("waiting for the run to start")
 
     emit(bridge, "r1", Draft(type="run.started", plan=DIAMOND, progress=Progress.of(0, 4),
-                             estimate=Estimate(12.0, 9.0, 18.0)))
+                             estimate=Estimate(remaining_s=12.0, low_s=9.0, high_s=18.0)))
     expect(page.locator("[data-step]")).to_have_count(4)
     for step_id, depth in (("fetch", "1"), ("parse", "2"), ("notify", "2"), ("report", "3")):
         expect(box(page, step_id)).to_have_attribute("data-status", "pending")
@@ -132,7 +133,7 @@ def test_the_page_follows_a_run_step_by_step(bridge: ServedBridge, page: Page) -
     expect(field(page, "fetch", "status")).to_have_text("running")
 
     emit(bridge, "r1", step("step.completed", "fetch", duration_s=1.23, summary="5 prices",
-                            progress=Progress.of(1, 4), estimate=Estimate(8.0, 6.0, 11.0)))
+                            progress=Progress.of(1, 4), estimate=Estimate(remaining_s=8.0, low_s=6.0, high_s=11.0)))
     expect(box(page, "fetch")).to_have_attribute("data-status", "completed")
     expect(field(page, "fetch", "summary")).to_have_text("5 prices")
     expect(field(page, "fetch", "time")).to_have_text("took 1.2 s")
@@ -143,10 +144,10 @@ def test_the_page_follows_a_run_step_by_step(bridge: ServedBridge, page: Page) -
     emit(bridge, "r1", step("step.running", "parse"))
     emit(bridge, "r1", step("step.running", "notify"))
     emit(bridge, "r1", Draft(type="progress", progress=Progress.of(1, 4),
-                             estimate=Estimate(75.0, 50.0, 130.0)))
+                             estimate=Estimate(remaining_s=75.0, low_s=50.0, high_s=130.0)))
     expect(page.locator("#estimate")).to_contain_text("about 1 min 15 s left (50 s – 2 min 10 s)")
     emit(bridge, "r1", step("step.retrying", "notify", duration_s=0.4,
-                            error=ErrorInfo("transient", "exit status 75", None)))
+                            error=ErrorInfo(category="transient", message="exit status 75", hint=None)))
     expect(box(page, "notify")).to_have_attribute("data-status", "retrying")
     expect(field(page, "notify", "note")).to_have_text("will try again")
     emit(bridge, "r1", step("step.running", "notify", attempt=2))
@@ -155,7 +156,7 @@ def test_the_page_follows_a_run_step_by_step(bridge: ServedBridge, page: Page) -
 
     emit(bridge, "r1", step(
         "step.failed", "notify", attempt=2, duration_s=0.5, progress=Progress.of(2, 4),
-        error=ErrorInfo("configuration", "mail: command not found", "Install mailutils."),
+        error=ErrorInfo(category="configuration", message="mail: command not found", hint="Install mailutils."),
         impact=Impact(skipped=("report",), run_fails=False)))
     expect(box(page, "notify")).to_have_attribute("data-status", "failed")
     expect(field(page, "notify", "category")).to_have_text("configuration")
@@ -174,7 +175,7 @@ def test_the_page_follows_a_run_step_by_step(bridge: ServedBridge, page: Page) -
 
     last = emit(bridge, "r1", Draft(type="run.completed_with_errors", status="completed_with_errors",
                                     progress=Progress.of(4, 4),
-                                    estimate=Estimate(0.0, 0.0, 0.0, early_by_s=3.0)))
+                                    estimate=Estimate(remaining_s=0.0, low_s=0.0, high_s=0.0, early_by_s=3.0)))
     expect(page.locator("#run-status")).to_have_text("completed with errors")
     expect(page.locator("#estimate")).to_contain_text("finished in")
     expect(page.locator("#estimate")).to_contain_text("3 s earlier than first estimated")
@@ -228,7 +229,7 @@ def test_the_page_reconnects_and_catches_up_without_duplicates(
     expect(page.locator("#connection")).to_have_text("reconnecting…")
     emit(bridge, "r3", step("step.completed", "fetch", progress=Progress.of(1, 4)))
     emit(bridge, "r3", step("step.running", "parse"))
-    emit(bridge, "r3", step("step.retrying", "parse", error=ErrorInfo("transient", "503")))
+    emit(bridge, "r3", step("step.retrying", "parse", error=ErrorInfo(category="transient", message="503")))
     emit(bridge, "r3", step("step.running", "parse", attempt=2))
 
     context.set_offline(False)
@@ -253,11 +254,11 @@ def test_hostile_run_id_and_plan_text_are_shown_as_text(bridge: ServedBridge, pa
     run_id = '"><img src=x onerror=window.pwned=1>'
     open_view(page, bridge, run_id)
     expect(page.locator("#run-id")).to_have_text(run_id)
-    plan = (PlanStep("x", "core.echo", name=HOSTILE),
-            PlanStep("<b>y</b>", "<i>tool</i>", needs=("x",)))
+    plan = (PlanStep(id="x", tool="core.echo", name=HOSTILE),
+            PlanStep(id="<b>y</b>", tool="<i>tool</i>", needs=("x",)))
     emit(bridge, run_id, Draft(type="run.started", plan=plan))
     emit(bridge, run_id, step("step.failed", "x", summary="<script>window.pwned=2</script>",
-                              error=ErrorInfo("logic", HOSTILE, HOSTILE),
+                              error=ErrorInfo(category="logic", message=HOSTILE, hint=HOSTILE),
                               impact=Impact(skipped=("<b>y</b>",), run_fails=True)))
     expect(box(page, "x")).to_have_attribute("data-status", "failed")
     expect(box(page, "x").locator(".step-title")).to_have_text(HOSTILE)
@@ -283,24 +284,24 @@ def test_a_mid_run_page_for_a_person(bridge: ServedBridge, page: Page, tmp_path:
     """A realistic run, half done; saved where $PLANRUN_LIVE_PAGE_PNG says, if set."""
     now = time.time()
     plan = (
-        PlanStep("sources", "http.request", name="Fetch the source list", estimate_s=1.5),
-        PlanStep("notes", "file.read", name="Read local notes", estimate_s=0.3),
-        PlanStep("search", "http.request", name="Search each source", needs=("sources",),
+        PlanStep(id="sources", tool="http.request", name="Fetch the source list", estimate_s=1.5),
+        PlanStep(id="notes", tool="file.read", name="Read local notes", estimate_s=0.3),
+        PlanStep(id="search", tool="http.request", name="Search each source", needs=("sources",),
                  estimate_s=4.0),
-        PlanStep("summarize", "core.echo", name="Summarize findings",
+        PlanStep(id="summarize", tool="core.echo", name="Summarize findings",
                  needs=("search", "notes"), estimate_s=9.0),
-        PlanStep("translate", "http.request", name="Translate the summary",
+        PlanStep(id="translate", tool="http.request", name="Translate the summary",
                  needs=("search",), critical=False, estimate_s=3.0),
-        PlanStep("publish-fr", "file.write", name="Publish the French brief",
+        PlanStep(id="publish-fr", tool="file.write", name="Publish the French brief",
                  needs=("translate",), critical=False, estimate_s=0.2),
-        PlanStep("report", "file.write", name="Write the brief", needs=("summarize",),
+        PlanStep(id="report", tool="file.write", name="Write the brief", needs=("summarize",),
                  estimate_s=0.5),
-        PlanStep("notify", "shell.run", name="Notify the team", needs=("report",),
+        PlanStep(id="notify", tool="shell.run", name="Notify the team", needs=("report",),
                  critical=False, estimate_s=1.0),
     )
     messages = [
         Draft(type="run.started", plan=plan, progress=Progress.of(0, 8), summary="market-brief",
-              estimate=Estimate(16.0, 11.0, 27.0), ts=_ago(now, 21)),
+              estimate=Estimate(remaining_s=16.0, low_s=11.0, high_s=27.0), ts=_ago(now, 21)),
         step("step.completed", "sources", duration_s=1.4, summary="HTTP 200 · 12 sources",
              progress=Progress.of(1, 8)),
         step("step.completed", "notes", duration_s=0.2, summary="3 files, 14 KB",
@@ -309,15 +310,16 @@ def test_a_mid_run_page_for_a_person(bridge: ServedBridge, page: Page, tmp_path:
              progress=Progress.of(3, 8)),
         step("step.running", "summarize", ts=_ago(now, 7)),
         step("step.failed", "translate", attempt=3, duration_s=2.8,
-             error=ErrorInfo("transient", "HTTP 503 from translate.example.org, 3 attempts",
-                             "The service is down; the run goes on without a translation "
+             error=ErrorInfo(category="transient",
+                             message="HTTP 503 from translate.example.org, 3 attempts",
+                             hint="The service is down; the run goes on without a translation "
                              "(this step is not critical)."),
              impact=Impact(skipped=("publish-fr",), run_fails=False),
              progress=Progress.of(4, 8)),
         step("step.skipped", "publish-fr", attempt=0, summary="needs translate, which failed",
              progress=Progress.of(5, 8)),
         Draft(type="progress", progress=Progress.of(5, 8),
-              estimate=Estimate(9.0, 6.5, 15.0, finish_at=iso(now + 9))),
+              estimate=Estimate(remaining_s=9.0, low_s=6.5, high_s=15.0, finish_at=iso(now + 9))),
     ]
     open_view(page, bridge, "7f3a9c2e")
     for message in messages:

@@ -10,7 +10,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from .clients import draft, receive_until, seqs
+from .clients import receive_until, seqs
 from .conftest import BridgeFactory, ServedBridge, wait_for
 
 
@@ -34,10 +34,10 @@ def test_live_messages_reach_every_client(bridge: ServedBridge) -> None:
         async with client(bridge.ws_url("r1")) as a, client(bridge.ws_url("r1")) as b, \
                 client(bridge.ws_url("other")) as c:
             wait_for(lambda: bridge.hub.subscribers() == 3, 5, "three subscribers")
-            sent = [await bridge.emit("r1", draft(i)) for i in range(1, 6)]
-            await bridge.emit("other", draft(1))
+            sent = [await bridge.emit("r1", i) for i in range(1, 6)]
+            await bridge.emit("other", 1)
             got_a, got_b = await receive_until(a, 5), await receive_until(b, 5)
-            assert [json.dumps(m, separators=(",", ":")) for m in got_a] == [m.json for m in sent]
+            assert [json.dumps(m, separators=(",", ":")) for m in got_a] == [m.wire for m in sent]
             assert seqs(got_b) == [1, 2, 3, 4, 5]
             other = await receive_until(c, 1)
             assert other[0]["run_id"] == "other"
@@ -48,10 +48,10 @@ def test_live_messages_reach_every_client(bridge: ServedBridge) -> None:
 def test_after_replays_then_streams_live(bridge: ServedBridge) -> None:
     async def main() -> None:
         for i in range(1, 11):
-            await bridge.emit("r", draft(i))
+            await bridge.emit("r", i)
         async with client(bridge.ws_url("r", after=7)) as ws:
             assert seqs(await receive_until(ws, 10)) == [8, 9, 10]
-            await bridge.emit("r", draft(11))
+            await bridge.emit("r", 11)
             assert seqs(await receive_until(ws, 11)) == [11]
 
     asyncio.run(main())
@@ -63,7 +63,7 @@ def test_reconnecting_with_the_last_seq_misses_nothing_and_repeats_nothing(
 
     async def publish() -> None:
         for i in range(1, total + 1):
-            await bridge.emit("r", draft(i))
+            await bridge.emit("r", i)
             if i % 10 == 0:
                 await asyncio.sleep(0.002)
 
@@ -94,7 +94,7 @@ def test_a_bridge_restart_keeps_numbering_and_replays(bridge_factory: BridgeFact
         async with client(first.ws_url("r")) as ws:
             wait_for(lambda: first.hub.subscribers("r") == 1, 5, "the client")
             for i in range(1, 21):
-                await first.emit("r", draft(i))
+                await first.emit("r", i)
             seen += seqs(await receive_until(ws, 12))[:12]
             await asyncio.to_thread(first.stop)
             assert await closed_with(ws) == (1001, "the bridge is stopping")
@@ -102,7 +102,7 @@ def test_a_bridge_restart_keeps_numbering_and_replays(bridge_factory: BridgeFact
         assert second.store.last_seq("r") == 20
         async with client(second.ws_url("r", after=seen[-1])) as ws:
             more = asyncio.ensure_future(
-                asyncio.gather(*(second.emit("r", draft(i)) for i in range(21, 31))))
+                asyncio.gather(*(second.emit("r", i) for i in range(21, 31))))
             seen += seqs(await receive_until(ws, 30))
             assert [m.seq for m in await more] == list(range(21, 31))
         assert seen == list(range(1, 31))
@@ -137,7 +137,7 @@ def test_a_slow_client_is_cut_off_and_never_slows_a_fast_one(
                 async with asyncio.timeout(60):
                     while not cut:
                         batch = range(published + 1, published + 17)
-                        await asyncio.gather(*(bridge.emit("r", draft(i, summary_bytes=8000))
+                        await asyncio.gather(*(bridge.emit("r", i, summary_bytes=8000)
                                                for i in batch))
                         published += 16
                         # A fast client keeps up with the publisher (here the test's loop
@@ -184,7 +184,7 @@ def test_a_token_is_required(bridge_factory: BridgeFactory) -> None:
                        additional_headers={"Authorization": "Bearer s3cret"}) \
                 as by_header:
             wait_for(lambda: bridge.hub.subscribers("r") == 2, 5, "two subscribers")
-            await bridge.emit("r", draft(1))
+            await bridge.emit("r", 1)
             assert seqs(await receive_until(by_query, 1)) == [1]
             assert seqs(await receive_until(by_header, 1)) == [1]
 
@@ -201,7 +201,7 @@ def test_a_foreign_origin_is_refused(bridge_factory: BridgeFactory) -> None:
         async with client(bridge.ws_url("r"), origin=own) as same_host, \
                 client(bridge.ws_url("r"), origin="http://ui.example") as allowed:
             wait_for(lambda: bridge.hub.subscribers("r") == 2, 5, "two subscribers")
-            await bridge.emit("r", draft(1))
+            await bridge.emit("r", 1)
             assert seqs(await receive_until(same_host, 1)) == [1]
             assert seqs(await receive_until(allowed, 1)) == [1]
 
@@ -222,7 +222,7 @@ def test_garbage_closes_only_that_connection(bridge: ServedBridge, frame: str | 
             await bad.send(frame)
             assert (await closed_with(bad))[0] == code
             wait_for(lambda: bridge.hub.subscribers("r") == 1, 5, "the bad client gone")
-            await bridge.emit("r", draft(1))
+            await bridge.emit("r", 1)
             assert seqs(await receive_until(good, 1)) == [1]
 
     asyncio.run(main())
@@ -232,7 +232,7 @@ def test_heartbeats_arrive_while_nothing_happens(bridge_factory: BridgeFactory) 
     bridge = bridge_factory(heartbeat_s=0.2)
 
     async def main() -> None:
-        await bridge.emit("r", draft(1))
+        await bridge.emit("r", 1)
         async with client(bridge.ws_url("r")) as ws:
             assert seqs(await receive_until(ws, 1)) == [1]
             async with asyncio.timeout(3):

@@ -1,0 +1,40 @@
+"""Names the engine, the bridge and the CLI share to control a run (docs/approvals.md).
+
+A gate's asking is a Prefect suspension under a key made of the step's approval key and
+a fresh nonce; an answer counts only under the key of the asking it answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+#: The flow-run label that tells a paused run, once resumed, to end cancelled.
+CONTROL_LABEL = "planrun.control"
+#: The comment of a decision made because no one answered in time.
+TIMED_OUT = "approval timed out"
+#: The tag of every planrun flow run.
+RUN_TAG = "planrun"
+#: The deployment that runs submitted plans: flow name / deployment name.
+DEPLOYMENT = "plan-runner"
+DEPLOYMENT_PATH = f"planrun/{DEPLOYMENT}"
+
+
+def approval_key(step_id: str) -> str:
+    """The start of the pause keys of a step's approval gate: one per step (gates in
+    skipped branches never take another gate's key). Each asking adds its nonce
+    (``asking_key``): this part alone is predictable, so no answer is read under it."""
+    slug = re.sub(r"[^a-z0-9]+", "-", step_id.lower()).strip("-")[:40]
+    digest = hashlib.sha1(step_id.encode()).hexdigest()[:8]  # ids differing only in case
+    return f"approval-{slug}-{digest}"  # Prefect's input keys: lowercase, digits, dashes
+
+
+def asking_key(step_id: str, nonce: str) -> str:
+    """The pause key of one asking of the step's gate; its answer is read under it only."""
+    return f"{approval_key(step_id)}-{nonce}"
+
+
+def is_asking_of(pause_key: str | None, step_id: str) -> bool:
+    """Whether ``pause_key`` (a suspension's) is an asking of ``step_id``'s gate."""
+    pattern = re.escape(approval_key(step_id)) + r"-[0-9a-f]{32}"
+    return pause_key is not None and re.fullmatch(pattern, pause_key) is not None

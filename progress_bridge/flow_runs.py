@@ -1,0 +1,129 @@
+"""The flow runs behind planrun's runs, as the control service reads and changes them: one
+small interface, Prefect's API behind it (:class:`PrefectFlowRuns`), and an in-memory fake
+beside it (:class:`FakeFlowRuns`) for tests that need no Prefect server."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Protocol
+from uuid import UUID
+
+from planrun.contract.control import RUN_TAG
+from planrun.errors import NotFound
+
+#: The states the bridge sets: Paused, Scheduled (start again), Cancelled, Cancelling,
+#: Crashed.
+Target = Literal["PAUSED", "SCHEDULED", "CANCELLED", "CANCELLING", "CRASHED"]
+FINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "CRASHED"})
+
+
+@dataclass(frozen=True)
+class FlowRun:
+    """What the control service needs of a flow run: its state's type (``RUNNING``...)
+    and name, and, when it is suspended, whether it waits for input and under which key."""
+
+    id: str
+    kind: str
+    name: str | None = None
+    waits_for_input: bool = False
+    pause_key: str | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.kind in FINAL
+
+    @property
+    def state(self) -> str:
+        """The state as a person reads it: ``paused``, ``completed``..."""
+        return str(self.name or self.kind).lower()
+
+
+class FlowRuns(Protocol):
+    async def read(self, run_id: str) -> FlowRun:
+        """The run's flow run; :class:`~planrun.errors.NotFound` when there is none, or
+        it is not a planrun run."""
+        ...
+
+    async def set_state(self, run_id: str, target: Target, message: str) -> None: ...
+
+    async def resume(self, run_id: str, answer: dict[str, Any] | None = None) -> None:
+        """Resume a suspended flow run, with ``answer`` as its input when it waits for one."""
+        ...
+
+    async def label(self, run_id: str, labels: dict[str, Any]) -> None: ...
+
+
+class PrefectFlowRuns:
+    """The flow runs of the Prefect server at ``PREFECT_API_URL``."""
+
+    async def read(self, run_id: str) -> FlowRun:
+        from prefect.client.orchestration import get_client
+        from prefect.exceptions import ObjectNotFound
+
+        try:
+            flow_run_id = UUID(run_id)
+        except ValueError:
+            raise NotFound(f"no run {run_id}: run ids are UUIDs") from None
+        async with get_client() as client:
+            try:
+                found = await client.read_flow_run(flow_run_id)
+            except ObjectNotFound:
+                raise NotFound(f"no run {run_id}") from None
+        if RUN_TAG not in (found.tags or []):
+            raise NotFound(f"flow run {run_id} is not a planrun run")
+        state = found.state
+        if state is None:
+            return FlowRun(run_id, "SCHEDULED")
+        details = state.state_details
+        return FlowRun(run_id, state.type.value, state.name,
+                       waits_for_input=bool(details.run_input_keyset),
+                       pause_key=details.pause_key)
+
+    async def set_state(self, run_id: str, target: Target, message: str) -> None:
+        from prefect import states
+        from prefect.client.orchestration import get_client
+
+        makers: dict[str, Callable[..., Any]] = {
+            "PAUSED": states.Paused, "SCHEDULED": states.Scheduled,
+            "CANCELLED": states.Cancelled, "CANCELLING": states.Cancelling,
+            "CRASHED": states.Crashed}
+        make = makers[target]
+        async with get_client() as client:
+            await client.set_flow_run_state(UUID(run_id), make(message=message), force=True)
+
+    async def resume(self, run_id: str, answer: dict[str, Any] | None = None) -> None:
+        from prefect.flow_runs import aresume_flow_run
+
+        await aresume_flow_run(UUID(run_id), run_input=answer)
+
+    async def label(self, run_id: str, labels: dict[str, Any]) -> None:
+        from prefect.client.orchestration import get_client
+
+        async with get_client() as client:
+            await client.update_flow_run_labels(UUID(run_id), dict(labels))
+
+
+@dataclass
+class FakeFlowRuns:
+    """Flow runs in memory: ``runs`` by id; every change is recorded in ``calls``."""
+
+    runs: dict[str, FlowRun] = field(default_factory=dict)
+    calls: list[tuple[Any, ...]] = field(default_factory=list)
+
+    async def read(self, run_id: str) -> FlowRun:
+        if run_id not in self.runs:
+            raise NotFound(f"no run {run_id}")
+        return self.runs[run_id]
+
+    async def set_state(self, run_id: str, target: Target, message: str) -> None:
+        self.calls.append(("set_state", run_id, target, message))
+        self.runs[run_id] = FlowRun(run_id, target)
+
+    async def resume(self, run_id: str, answer: dict[str, Any] | None = None) -> None:
+        self.calls.append(("resume", run_id, answer))
+        self.runs[run_id] = replace(self.runs[run_id], kind="RUNNING", waits_for_input=False,
+                                    pause_key=None)
+
+    async def label(self, run_id: str, labels: dict[str, Any]) -> None:
+        self.calls.append(("label", run_id, labels))

@@ -1,0 +1,88 @@
+"""Run control: pause, resume, cancel, and answers at approval gates.
+
+Each control becomes a state of the run's Prefect flow run, so it works the same from the
+bridge's routes, from the CLI and from the Prefect UI. A control the run's state does not
+allow raises :class:`~planrun.errors.Conflict` with the reason, and an unknown run
+:class:`~planrun.errors.NotFound`: the HTTP routes answer those with 409 and 404, the
+bridge's timers (a pause that timed out, a gate no one answered) log them
+(docs/http-api.md, docs/approvals.md).
+"""
+
+from __future__ import annotations
+
+from planrun.contract.control import CONTROL_LABEL, is_asking_of
+from planrun.errors import Conflict
+from progress_bridge.flow_runs import FlowRuns
+
+
+class ControlService:
+    """Controls the runs behind ``flow_runs``."""
+
+    def __init__(self, flow_runs: FlowRuns) -> None:
+        self.flow_runs = flow_runs
+
+    async def pause(self, run_id: str) -> None:
+        """Pause at the next step boundary: steps already running finish, nothing new
+        starts, then the run is suspended and holds no process until it is resumed."""
+        found = await self.flow_runs.read(run_id)
+        if found.kind == "PAUSED":
+            raise Conflict(f"run {run_id} is already paused")
+        if found.kind != "RUNNING":
+            raise Conflict(f"run {run_id} is {found.state}: only a running run can be paused")
+        await self.flow_runs.set_state(run_id, "PAUSED", "paused by a person")
+
+    async def resume(self, run_id: str) -> None:
+        """Resume a paused run in a new process; finished steps are not run again. A run
+        whose process crashed is started again the same way."""
+        found = await self.flow_runs.read(run_id)
+        if found.kind == "CRASHED":
+            await self.flow_runs.set_state(run_id, "SCHEDULED",
+                                           "resumed by a person after a crash")
+            return
+        if found.kind != "PAUSED":
+            raise Conflict(f"run {run_id} is {found.state}: only a paused or crashed run "
+                           "can be resumed")
+        if found.waits_for_input:
+            raise Conflict(f"run {run_id} is waiting for an approval: approve or reject "
+                           "the step")
+        await self.flow_runs.resume(run_id)
+
+    async def cancel(self, run_id: str) -> None:
+        """Cancel the run: running commands are killed, nothing new starts, the files it
+        changed are rolled back. A paused run is resumed to do so, and ends cancelled."""
+        found = await self.flow_runs.read(run_id)
+        if found.final:
+            raise Conflict(f"run {run_id} has already ended ({found.state})")
+        if found.kind == "PAUSED":
+            await self.flow_runs.label(run_id, {CONTROL_LABEL: "cancel"})
+            await self.flow_runs.resume(run_id)
+        elif found.kind in ("SCHEDULED", "PENDING"):  # no process yet: nothing to undo
+            await self.flow_runs.set_state(run_id, "CANCELLED",
+                                           "cancelled by a person before it started")
+        else:
+            await self.flow_runs.set_state(run_id, "CANCELLING", "cancelled by a person")
+
+    async def answer(self, run_id: str, step_id: str, *, approved: bool, comment: str) -> None:
+        """Resume a run suspended at ``step_id``'s gate with the answer. It goes under the
+        key of the suspension as it is now, so it answers this asking and no earlier one."""
+        found = await self.flow_runs.read(run_id)
+        waiting = (found.kind == "PAUSED" and found.waits_for_input
+                   and is_asking_of(found.pause_key, step_id))
+        if not waiting:
+            raise Conflict(f"run {run_id} is not waiting for an approval of {step_id} "
+                           f"(it is {found.state})")
+        await self.flow_runs.resume(run_id, {"approved": approved, "comment": comment})
+
+    async def declare_crashed(self, run_id: str, message: str) -> bool:
+        """Mark a run Crashed that is Running or Pending without a sign of life (a
+        Scheduled run waits for a runner: left alone); whether it was marked."""
+        found = await self.flow_runs.read(run_id)
+        if found.kind not in ("RUNNING", "PENDING"):
+            return False
+        await self.flow_runs.set_state(run_id, "CRASHED", message)
+        return True
+
+    async def recover(self, run_id: str, message: str) -> None:
+        """Schedule a crashed run again: a runner starts it in a new process, which keeps
+        the finished steps (their checkpoints) and runs again only those in flight."""
+        await self.flow_runs.set_state(run_id, "SCHEDULED", message)

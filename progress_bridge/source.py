@@ -1,0 +1,66 @@
+"""Where the bridge's events come from: one small interface, and an in-memory fake beside
+it (the real one, Prefect's event stream reconciled from its REST API, is
+``progress_bridge.prefect_source``).
+
+A source calls ``deliver`` with each event it reads, live or read again after a
+(re)connect; ``deliver`` says whether the event was new (committed now). Events already
+committed are skipped by the caller, so a source may deliver an event more than once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Protocol
+
+from progress_bridge.apply import FlowRunEnded, RunEvent
+
+Incoming = RunEvent | FlowRunEnded
+Deliver = Callable[[Incoming], bool]
+#: The time of the newest event the bridge committed (epoch s), None before the first.
+Cursor = Callable[[], float | None]
+
+
+class EventSource(Protocol):
+    #: Set while the source is following (subscribed and reconciled).
+    connected: asyncio.Event
+
+    async def follow(self, deliver: Deliver, cursor: Cursor) -> None:
+        """Deliver every event from now on, and the ones since ``cursor`` missed while
+        away; runs until cancelled."""
+        ...
+
+    async def reconcile(self) -> int:
+        """Deliver again the events since the bridge's cursor; how many were new."""
+        ...
+
+
+class FakeEventSource:
+    """Events a test hands in, on the bridge's loop: :meth:`push` delivers one at once,
+    :meth:`reconcile` delivers every event pushed so far again."""
+
+    def __init__(self) -> None:
+        self.connected = asyncio.Event()
+        self.pushed: list[Incoming] = []
+        self._deliver: Deliver | None = None
+        self._stop: asyncio.Event | None = None
+
+    async def follow(self, deliver: Deliver, cursor: Cursor) -> None:
+        self._deliver = deliver
+        self._stop = asyncio.Event()
+        self.connected.set()
+        try:
+            await self._stop.wait()  # until cancelled
+        finally:
+            self.connected.clear()
+
+    async def push(self, event: Incoming) -> bool:
+        """Deliver ``event`` now; whether it was new."""
+        await self.connected.wait()
+        assert self._deliver is not None
+        self.pushed.append(event)
+        return self._deliver(event)
+
+    async def reconcile(self) -> int:
+        assert self._deliver is not None
+        return sum(self._deliver(event) for event in list(self.pushed))
