@@ -1,0 +1,130 @@
+"""Run control without HTTP: the control service's domain errors over in-memory flow
+runs, and the bridge's deadlines acting through it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Literal
+
+import pytest
+
+from planrun.contract.control import TIMED_OUT, asking_key
+from planrun.contract.status import RunStatus
+from planrun.errors import Conflict, NotFound
+from progress_bridge.flow_runs import FakeFlowRuns, FlowRun
+from progress_bridge.runs import Gate, PauseDeadline, RunView
+from progress_bridge.service import ControlService
+from progress_bridge.timers import Deadlines, Later
+
+NONCE = "0123456789abcdef0123456789abcdef"
+
+
+def service(*runs: FlowRun) -> tuple[ControlService, FakeFlowRuns]:
+    flow_runs = FakeFlowRuns({run.id: run for run in runs})
+    return ControlService(flow_runs), flow_runs
+
+
+CONFLICTS = [
+    ("pause", FlowRun("r", "PAUSED"), "run r is already paused"),
+    ("pause", FlowRun("r", "COMPLETED", "Completed"),
+     "run r is completed: only a running run can be paused"),
+    ("resume", FlowRun("r", "RUNNING"), "run r is running: only a paused or crashed run"),
+    ("resume", FlowRun("r", "PAUSED", waits_for_input=True),
+     "run r is waiting for an approval: approve or reject the step"),
+    ("cancel", FlowRun("r", "FAILED", "Failed"), r"run r has already ended \(failed\)"),
+]
+
+
+@pytest.mark.parametrize(("action", "flow_run", "reason"), CONFLICTS,
+                         ids=[f"{c[0]} {c[1].kind.lower()}" for c in CONFLICTS])
+def test_a_control_the_state_does_not_allow_is_a_conflict_with_the_reason(
+        action: str, flow_run: FlowRun, reason: str) -> None:
+    control, flow_runs = service(flow_run)
+    with pytest.raises(Conflict, match=reason):
+        asyncio.run(getattr(control, action)("r"))
+    assert flow_runs.calls == []  # nothing was changed
+
+
+def test_an_answer_to_a_gate_the_run_does_not_wait_at_is_a_conflict() -> None:
+    waiting = FlowRun("r", "PAUSED", waits_for_input=True, pause_key=asking_key("b", NONCE))
+    control, flow_runs = service(waiting)
+    with pytest.raises(Conflict, match="run r is not waiting for an approval of a"):
+        asyncio.run(control.answer("r", "a", approved=True, comment=""))
+    asyncio.run(control.answer("r", "b", approved=True, comment="ok"))
+    assert flow_runs.calls == [("resume", "r", {"approved": True, "comment": "ok"})]
+
+
+def test_an_unknown_run_is_not_found() -> None:
+    control, _ = service()
+    with pytest.raises(NotFound, match="no run nope"):
+        asyncio.run(control.pause("nope"))
+
+
+def test_allowed_controls_become_flow_run_states() -> None:
+    control, flow_runs = service(FlowRun("a", "RUNNING"), FlowRun("b", "PAUSED"),
+                                 FlowRun("c", "SCHEDULED"), FlowRun("d", "CRASHED"))
+
+    async def main() -> None:
+        await control.pause("a")
+        await control.cancel("b")
+        await control.cancel("c")
+        await control.resume("d")
+
+    asyncio.run(main())
+    assert flow_runs.calls == [
+        ("set_state", "a", "PAUSED", "paused by a person"),
+        ("label", "b", {"planrun.control": "cancel"}), ("resume", "b", None),
+        ("set_state", "c", "CANCELLED", "cancelled by a person before it started"),
+        ("set_state", "d", "SCHEDULED", "resumed by a person after a crash")]
+
+
+def paused_view(action: Literal["cancel", "resume"]) -> RunView:
+    """A paused run whose pause timed out a second ago."""
+    view = RunView.unstarted("r")
+    view.record.status = RunStatus.PAUSED
+    view.pause_deadline = PauseDeadline(deadline=time.time() - 1, action=action)
+    return view
+
+
+def test_a_pause_that_timed_out_acts_through_the_service_and_a_conflict_is_only_logged(
+        caplog: pytest.LogCaptureFixture) -> None:
+    control, flow_runs = service(FlowRun("r", "PAUSED"))
+    views = {"r": paused_view("resume")}
+    deadlines = Deadlines(views, control, Later(), dead_after_s=60)
+    asyncio.run(deadlines.pause_timed_out("r"))
+    assert flow_runs.calls == [("resume", "r", None)]
+
+    views["r"] = paused_view("cancel")  # the run ran on meanwhile: the control conflicts
+    flow_runs.runs["r"] = FlowRun("r", "COMPLETED", "Completed")
+    with caplog.at_level(logging.INFO, logger="planrun.bridge"):
+        asyncio.run(deadlines.pause_timed_out("r"))
+    assert "no cancel after its deadline: run r has already ended (completed)" in caplog.text
+
+
+def test_a_gate_no_one_answered_in_time_is_rejected_through_the_service() -> None:
+    control, flow_runs = service(FlowRun("r", "PAUSED", waits_for_input=True,
+                                         pause_key=asking_key("b", NONCE)))
+    view = RunView.unstarted("r")
+    view.gate = Gate(step_id="b", deadline=time.time() - 1)
+    deadlines = Deadlines({"r": view}, control, Later(), dead_after_s=60)
+    asyncio.run(deadlines.gate_timed_out("r", "b"))
+    assert flow_runs.calls == [("resume", "r", {"approved": False, "comment": TIMED_OUT})]
+
+
+def test_a_running_run_silent_too_long_is_declared_crashed() -> None:
+    control, flow_runs = service(FlowRun("r", "RUNNING"))
+    view = RunView.unstarted("r")
+
+    async def main() -> None:
+        later = Later()
+        deadlines = Deadlines({"r": view}, control, later, dead_after_s=5)
+        deadlines.seen_alive("r", 100.0)
+        deadlines.check_alive("r", view, 104.0)  # not yet
+        deadlines.check_alive("r", view, 106.0)
+        await asyncio.sleep(0.05)
+        await later.close()
+
+    asyncio.run(main())
+    assert flow_runs.calls == [("set_state", "r", "CRASHED", "no sign of life for 6s")]
