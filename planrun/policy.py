@@ -178,6 +178,35 @@ class LevelPolicy(BaseModel):
         return None if self.hosts is None else [parse_host_rule(h) for h in self.hosts]
 
 
+_TOOL_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)+")
+
+
+def _tool_name(value: str) -> str:
+    if not _TOOL_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not a tool name like 'search.web'")
+    return value
+
+
+ToolName = Annotated[str, AfterValidator(_tool_name)]
+
+
+class BreakerSettings(BaseModel):
+    """One tool's circuit breaker (flows/breakers.py, docs/policy.md): it opens after
+    ``failures`` transient or resource failures within ``window_s`` seconds, in any run,
+    and lets one trial call through ``cooldown_s`` seconds later."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Failures within the window that open the breaker.
+    failures: int = Field(5, ge=1, le=100)
+    #: How far back failures count, in seconds.
+    window_s: float = Field(60.0, gt=0, le=86400)
+    #: How long the breaker stays open before one trial call, in seconds.
+    cooldown_s: float = Field(30.0, gt=0, le=86400)
+    #: False turns the tool's breaker off.
+    enabled: bool = True
+
+
 LOCAL_DEFAULT = LevelPolicy(allow_private=True, sandbox="if_available")
 SUBMITTED_DEFAULT = LevelPolicy()
 
@@ -189,6 +218,9 @@ class Policy(BaseModel):
 
     local: LevelPolicy = LOCAL_DEFAULT
     submitted: LevelPolicy = SUBMITTED_DEFAULT
+    #: Circuit breakers by tool name, over the defaults of flows/breakers.py; they apply
+    #: to every run whatever its trust level.
+    breakers: dict[ToolName, BreakerSettings] = Field(default_factory=dict)
 
     def level(self, trust: Trust) -> LevelPolicy:
         """The rules for plans of ``trust``."""
