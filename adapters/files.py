@@ -14,6 +14,7 @@ import asyncio
 import errno
 import fnmatch
 import os
+import shutil
 import stat
 from collections.abc import Callable
 from contextlib import suppress
@@ -23,8 +24,8 @@ from typing import Any, Literal, TypeVar
 from pydantic import Field
 
 from adapters.atomic import atomic_write
-from adapters.base import Adapter, Params, StepContext
-from adapters.workspace import RelativePath, Workspace
+from adapters.base import Adapter, Health, Params, StepContext
+from adapters.workspace import RelativePath, Workspace, default_workspace_root
 from planrun.errors import AccessError, ConfigurationError, ResourceError, StepError
 
 MAX_READ_BYTES = 10 * 1024 * 1024
@@ -48,6 +49,31 @@ class _FileTool(Adapter[P]):
         if isinstance(exc, OSError):
             return classify_os_error(self.name, exc) or super().classify(exc)
         return super().classify(exc)
+
+    async def health(self) -> Health:
+        """The workspace root exists (or can be made), is writable, and its disk has room."""
+        return await asyncio.to_thread(workspace_health, default_workspace_root())
+
+
+#: Below this much free space on the workspace's disk, the file tools report unhealthy.
+MIN_FREE_BYTES = 64 * 1024 * 1024
+
+
+def workspace_health(root: Path) -> Health:
+    """Whether the file tools can work in ``root`` now."""
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # the root is made on first use: its parent must allow it
+    if not existing.is_dir():
+        return Health(ok=False, detail=f"the workspace root {root} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return Health(ok=False, detail=f"{existing} is not writable by planrun's user "
+                                       f"(workspace root {root})")
+    free = shutil.disk_usage(existing).free
+    if free < MIN_FREE_BYTES:
+        return Health(ok=False, detail=f"only {free // 1024 ** 2} MiB free on the disk of the "
+                                       f"workspace root {root}")
+    return Health(ok=True, detail=f"workspace {root}, {free // 1024 ** 2} MiB free")
 
 
 def classify_os_error(tool: str, exc: OSError) -> StepError | None:

@@ -8,8 +8,11 @@ URL's password, token-like query parameters) never appear in an error.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import os
+import socket
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Annotated, Any, Literal
@@ -26,6 +29,7 @@ from planrun.errors import (
     StepError,
     TransientError,
 )
+from planrun.policy import current_trust, load_policy
 from planrun.redact import Redactor, redact_headers, redact_url, request_credentials
 
 __all__ = ["HttpRequest", "parse_retry_after", "redact_url"]
@@ -150,7 +154,22 @@ class HttpRequest(Adapter[HttpParams]):
         return super().classify(exc)
 
     async def health(self) -> Health:
-        return Health(ok=True, detail=f"httpx {httpx.__version__}")
+        """Whether requests can leave at all: the policy of this trust level lets them
+        reach some host, and the system resolver answers (and resolves a configured proxy).
+        Whether one service answers is its per-host breaker's business (flows/breakers.py)."""
+        policy = load_policy().level(current_trust())
+        if policy.hosts == []:
+            return Health(ok=False, detail="the policy allows no host (hosts: [])")
+        proxy = httpx.URL(os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+                          or "http://localhost")
+        try:
+            await asyncio.to_thread(socket.getaddrinfo, proxy.host, proxy.port or 80)
+        except OSError as exc:
+            return Health(ok=False, detail=f"the resolver cannot resolve {proxy.host}: {exc}")
+        reach = "every public host" if policy.hosts is None else \
+            f"{len(policy.hosts)} host rule(s)"
+        private = " and private addresses" if policy.allow_private else ""
+        return Health(ok=True, detail=f"httpx {httpx.__version__}; may reach {reach}{private}")
 
 
 async def _read_capped(response: httpx.Response, cap: int) -> tuple[bytes, bool]:

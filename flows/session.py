@@ -19,6 +19,7 @@ from prefect.exceptions import Pause
 
 from flows.control import TIMED_OUT
 from flows.graph import RunGraph, StepNode
+from flows.health import unhealthy_tools
 from flows.parts import EventSink, RunParts
 from flows.scheduler import Scheduler
 from flows.step import StepJob
@@ -84,6 +85,7 @@ class RunSession:
         effect raises Prefect's ``Pause``: the run is suspended, and this process should end.
         """
         restored = await self._begin()
+        await self._check_tools()
         await self._start(restored)
         control = self.parts.control
         watching = asyncio.ensure_future(control.watch())
@@ -114,6 +116,15 @@ class RunSession:
             restored = []
         self.events = self.parts.events(self.run, self.segment)
         return restored
+
+    async def _check_tools(self) -> None:
+        """Ask the health of the tools this run uses (flows/health.py): the steps of an
+        unhealthy one fail at their first attempt, before any call, with the reason."""
+        nodes = self.graph.steps.values()
+        adapters = [n.adapter for n in nodes] + [n.fallback.adapter for n in nodes if n.fallback]
+        sick = await unhealthy_tools(adapters)
+        for job in self.jobs.values():
+            job.unhealthy = sick.get(job.step.tool)
 
     async def _start(self, restored: list[str]) -> None:
         assert self.events is not None

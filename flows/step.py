@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from uuid import UUID
 
@@ -27,7 +28,9 @@ from prefect.utilities.annotations import quote
 
 from adapters.base import Adapter, StepContext
 from adapters.workspace import Workspace
+from flows.breakers import Breakers, default_breakers
 from flows.graph import FallbackCall
+from flows.health import tool_unhealthy
 from flows.policy import RetryPolicy
 from flows.prefect_compat import call_after, new_task_run_id, task_with
 from plan_schemas.model import Step
@@ -55,6 +58,10 @@ class StepJob:
     fallback: FallbackCall | None = None
     #: The run's secret values: masked in the step's input, output and errors at the source.
     redactor: Redactor = field(default_factory=Redactor)
+    #: The tools' circuit breakers (flows/breakers.py): this process's, shared by its runs.
+    breakers: Breakers = field(default_factory=default_breakers)
+    #: Why the tool failed its health check before the run started; None: healthy.
+    unhealthy: str | None = None
     last_error: StepError | None = None
     next_delay: float | None = field(default=None, repr=False)
 
@@ -97,7 +104,11 @@ class StepJob:
             record.input = self.redactor.mask(redact(params))
             if number > 1:  # a first attempt that succeeds logs nothing, like any task
                 log.info("%s: attempt %d with %s", self.step.tool, number, record.input)
-            output = await self.adapter.run(params, self._context(number, log), left)
+            if self.unhealthy is not None:  # found before the run started (flows/health.py)
+                raise tool_unhealthy(self.step.tool, self.unhealthy)
+            output = await self.breakers.call(  # no call while the tool's breaker is open
+                self.step.tool, params, self.run_id, left,
+                partial(self.adapter.run, params, self._context(number, log), left))
         except StepError as error:
             error.step_id, error.tool = self.step.id, self.step.tool
             self.redactor.scrub_error(error)  # before Prefect's task-run state gets it
@@ -122,8 +133,10 @@ class StepJob:
             params, left = await self._render(dict(fallback.with_), fallback.timeout_s,
                                               ("fallback", "with"))
             log.info("attempts exhausted; trying the fallback %s", fallback.tool)
-            output = await fallback.adapter.run(params, self._context(self.record.attempts, log),
-                                                left)
+            output = await self.breakers.call(
+                fallback.tool, params, self.run_id, left,
+                partial(fallback.adapter.run, params, self._context(self.record.attempts, log),
+                        left))
         except StepError as fallback_error:
             self.redactor.scrub_error(fallback_error)
             log.warning("the fallback failed too: %s", fallback_error.message)
