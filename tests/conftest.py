@@ -20,6 +20,23 @@ pytest_plugins = ["tests.browser"]  # browser, context, page
 ROOT = Path(__file__).resolve().parent.parent
 PLANS = Path(__file__).resolve().parent / "plans"
 _STARTED: dict[str, object] = {}
+#: Modules whose tests drive the whole stack: ``planrun up``, ``planrun`` subprocesses,
+#: Chromium, several processes against the Prefect server. Their tests are marked ``slow``,
+#: so that ``scripts/test -m "not slow"`` is a fast inner loop of the rest.
+FULL_STACK = {
+    "tests.test_cli_run", "tests.test_control", "tests.test_examples", "tests.test_restart",
+    "tests.test_server", "tests.test_stack", "tests.flows.test_prefect_ui_graph",
+    "tests.progress_bridge.test_upstream", "tests.progress_bridge.test_view",
+    "tests.security.test_bad_input", "tests.security.test_bridge", "tests.security.test_gates",
+    "tests.security.test_policy", "tests.security.test_secrets", "tests.security.test_shell",
+    "tests.security.test_templates", "tests.security.test_workspace",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__ in FULL_STACK:
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_configure(config: pytest.Config) -> None:
