@@ -68,6 +68,9 @@ CACHE_TTL_S = 1.0
 #: How long a trial call may hold its claim when its step has no timeout.
 PROBE_LEASE_S = 300.0
 EVENT_PREFIX = "planrun.tool.circuit_"
+#: The event of each new state.
+EVENT_NAMES = {"open": f"{EVENT_PREFIX}opened", "half_open": f"{EVENT_PREFIX}half_open",
+               "closed": f"{EVENT_PREFIX}closed"}
 RESOURCE_PREFIX = "planrun.tool."
 
 
@@ -160,7 +163,7 @@ def emit_breaker_event(view: BreakerView, settings: BreakerSettings) -> None:
         resource["planrun.host"] = host
     related = [{"prefect.resource.id": f"planrun.run.{view.run_id}",
                 "prefect.resource.role": "run"}] if view.run_id else []
-    emit_event(f"{EVENT_PREFIX}{view.state}", resource=resource, related=related,
+    emit_event(EVENT_NAMES[str(view.state)], resource=resource, related=related,
                payload={**view.to_value(), "threshold": settings.failures,
                         "cooldown_s": settings.cooldown_s,
                         "message": message_of(view)})

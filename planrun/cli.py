@@ -290,6 +290,9 @@ def cmd_tools(args: argparse.Namespace) -> int:
         return rows
 
     rows = asyncio.run(health())
+    breakers = _breakers_by_tool()
+    for row in rows:
+        row["breakers"] = breakers.get(row["tool"], [])
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
@@ -299,7 +302,32 @@ def cmd_tools(args: argparse.Namespace) -> int:
             f"{k}{'' if k in row['parameters'].get('required', []) else '?'}"
             for k in row["parameters"].get("properties", {}))
         print(f"{row['tool']:<14} {mark:<4} {row['summary']}\n{'':<19}with: {params}")
+        for breaker in row["breakers"]:
+            if breaker["state"] != "closed":
+                print(f"{'':<19}breaker {breaker['state']}: {breaker['message']}")
     return EXIT_OK
+
+
+def _breakers_by_tool() -> dict[str, list[dict[str, Any]]]:
+    """The circuit breakers on the Prefect server in use, by tool (none without a server)."""
+    from planrun import server
+
+    if not os.environ.get("PREFECT_API_URL"):
+        info = server.running()
+        if info is None:
+            return {}
+        os.environ["PREFECT_API_URL"] = info.url
+    from flows.breakers import Breakers, message_of
+
+    try:
+        views = asyncio.run(asyncio.wait_for(Breakers().views(), timeout=5))
+    except Exception:  # noqa: BLE001 - the tools are listed without their breakers
+        return {}
+    found: dict[str, list[dict[str, Any]]] = {}
+    for view in views:
+        found.setdefault(view.key.partition("@")[0], []).append(
+            {**view.to_value(), "message": message_of(view)})
+    return found
 
 
 def cmd_server(args: argparse.Namespace) -> int:
