@@ -40,6 +40,7 @@ from planrun.errors import (
     ResourceError,
     StepError,
 )
+from planrun.policy import current_trust, load_policy
 
 MIB = 1024 * 1024
 PASSED_ENV = ("PATH", "HOME", "LANG")
@@ -159,12 +160,14 @@ class ShellRun(Adapter[ShellParams]):
         return super().classify(exc)
 
     async def health(self) -> Health:
-        """Whether the sandbox works: without it submitted plans cannot use shell.run."""
+        """Whether the sandbox works: without it submitted plans cannot use shell.run. Only
+        where the trust level's policy requires the sandbox is its absence unhealthy."""
         problem = await asyncio.to_thread(sandbox.sandbox_problem)
         if problem is None:
             return Health(ok=True, detail=f"programs run in the sandbox ({sandbox.bwrap_path()})")
-        return Health(ok=False, detail=f"no sandbox: {problem}; submitted plans cannot use "
-                                       "shell.run, local runs are unconfined")
+        required = load_policy().level(current_trust()).sandbox == "required"
+        return Health(ok=not required, detail=f"no sandbox: {problem}; submitted plans cannot "
+                                              "use shell.run, local runs are unconfined")
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ from typing import Any, TypeVar
 import httpx
 
 from flows.breaker_store import PREFIX, BreakerStore, PrefectStore
+from planrun.contract.events import RESOURCE_PREFIX as RUN_RESOURCE_PREFIX
 from planrun.errors import Category, ResourceError, StepError
 from planrun.policy import BreakerSettings, load_policy
 
@@ -161,7 +162,7 @@ def emit_breaker_event(view: BreakerView, settings: BreakerSettings) -> None:
                 "prefect.resource.name": view.key, "planrun.tool": tool}
     if host:
         resource["planrun.host"] = host
-    related = [{"prefect.resource.id": f"planrun.run.{view.run_id}",
+    related = [{"prefect.resource.id": f"{RUN_RESOURCE_PREFIX}{view.run_id}",
                 "prefect.resource.role": "run"}] if view.run_id else []
     emit_event(EVENT_NAMES[str(view.state)], resource=resource, related=related,
                payload={**view.to_value(), "threshold": settings.failures,

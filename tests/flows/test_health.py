@@ -6,9 +6,14 @@ import asyncio
 from pathlib import Path
 from typing import Any, ClassVar
 
+import pytest
+
+from adapters import sandbox
 from adapters.base import Adapter, Health, Params, StepContext
 from adapters.files import workspace_health
+from adapters.shell import ShellRun
 from flows.health import HealthChecks
+from planrun.policy import Trust, trusted_as
 
 
 class Counted(Adapter[Params]):
@@ -64,3 +69,12 @@ def test_the_file_tools_are_unhealthy_when_the_workspace_root_cannot_be_a_direct
     assert not workspace_health(tmp_path / "a-file" / "ws").ok
     healthy = workspace_health(tmp_path / "new" / "ws")
     assert healthy.ok and "MiB free" in healthy.detail
+
+
+def test_without_the_sandbox_shell_run_is_unhealthy_only_where_the_policy_requires_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(sandbox.BWRAP_ENV, "/nonexistent/bwrap")
+    assert not asyncio.run(ShellRun().health()).ok  # submitted: sandbox required
+    with trusted_as(Trust.LOCAL):  # local: if_available
+        health = asyncio.run(ShellRun().health())
+    assert health.ok and "local runs are unconfined" in health.detail
