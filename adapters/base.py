@@ -21,7 +21,7 @@ from planrun.errors import ConfigurationError, StepError, TransientError
 from planrun.policy import LevelPolicy, Trust, current_trust, load_policy
 
 if TYPE_CHECKING:
-    from adapters.workspace import Workspace
+    from planrun.adapters.workspace import Workspace
 
 
 class Params(BaseModel):

@@ -21,11 +21,11 @@ from contextlib import suppress
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, TypeVar
 
+from planrun.adapters.atomic import atomic_write
+from planrun.adapters.base import Adapter, Health, Params, StepContext
+from planrun.adapters.workspace import RelativePath, Workspace, default_workspace_root
 from pydantic import Field
 
-from adapters.atomic import atomic_write
-from adapters.base import Adapter, Health, Params, StepContext
-from adapters.workspace import RelativePath, Workspace, default_workspace_root
 from planrun.errors import AccessError, ConfigurationError, ResourceError, StepError
 
 MAX_READ_BYTES = 10 * 1024 * 1024

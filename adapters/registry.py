@@ -9,7 +9,8 @@ from collections.abc import Iterable
 from functools import lru_cache
 from importlib.metadata import entry_points
 
-from adapters.base import Adapter
+from planrun.adapters.base import Adapter
+
 from planrun.errors import DuplicateTool, PlanrunError, UnknownTool
 
 ENTRY_POINT_GROUP = "planrun.adapters"

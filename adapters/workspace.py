@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal
 
+from planrun.adapters.atomic import atomic_copy, atomic_write, fsync_file
 from pydantic import AfterValidator, Field
 
-from adapters.atomic import atomic_copy, atomic_write, fsync_file
 from planrun.errors import ConfigurationError, PlanrunError, ResourceError
 
 __all__ = ["JOURNAL", "SAFE_PATH_PATTERN", "RelativePath", "Workspace", "atomic_copy",

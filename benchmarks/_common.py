@@ -183,7 +183,7 @@ def _raise_nofile() -> None:
 
 @dataclass
 class Bridge:
-    """A progress bridge (``python -m progress_bridge``) in a subprocess of its own."""
+    """A progress bridge (``python -m planrun.progress_bridge``) in a subprocess of its own."""
 
     port: int
     proc: Any  # subprocess.Popen
@@ -256,7 +256,7 @@ class Bridge:
 
 
 def traced_bridge(path: str) -> None:
-    """``python -m progress_bridge`` with its upstream timed, for the ``--trace`` option of
+    """``python -m planrun.progress_bridge`` with its upstream timed, for the ``--trace`` option of
     the bridge benchmarks: for each Prefect event ``PrefectUpstream.handle`` takes, one
     record (event, run, step, status, ``occurred``, wall-clock ``enter`` and ``exit``, CPU,
     and the milliseconds spent in ``RunView.estimate``, ``RunView.to_json`` and
@@ -265,8 +265,8 @@ def traced_bridge(path: str) -> None:
     import signal
     import sys
 
-    from progress_bridge import __main__ as bridge_main
-    from progress_bridge import runs, store, upstream
+    from planrun.progress_bridge import __main__ as bridge_main
+    from planrun.progress_bridge import runs, store, upstream
 
     records: list[dict[str, Any]] = []
     parts: dict[str, float] = {}
@@ -315,7 +315,7 @@ def traced_bridge(path: str) -> None:
 
 def start_bridge(srv: Server, *, port: int | None = None, settle_s: float = 7.0,
                  trace: bool = False) -> Bridge:
-    """Start ``python -m progress_bridge`` against ``srv`` with a new, empty message log;
+    """Start ``python -m planrun.progress_bridge`` against ``srv`` with a new, empty message log;
     return once ``/healthz`` answers and the upstream's first two reconciliations are done
     (the second comes 6 s after the first: ``settle_s``), its CPU quiet after each.
     The bridge's log goes to ``/tmp/bench-bridge-<port>.log``. ``trace``: run it through
@@ -331,7 +331,7 @@ def start_bridge(srv: Server, *, port: int | None = None, settle_s: float = 7.0,
     log = Path(f"/tmp/bench-bridge-{port}.log")
     trace_path = Path(f"/tmp/bench-bridge-{port}.trace.jsonl")
     trace_path.unlink(missing_ok=True)
-    command = ["-m", "progress_bridge"]
+    command = ["-m", "planrun.progress_bridge"]
     if trace:
         command = ["-c", f"import sys; sys.path.insert(0, {str(BENCH)!r}); import _common; "
                          f"_common.traced_bridge({str(trace_path)!r})"]

@@ -82,7 +82,7 @@ class Observer:
     cost_s: list[float] = field(default_factory=list)
 
     def changed(self, run: Any, step: Any) -> None:
-        from progress_bridge.estimate import estimate
+        from planrun.progress_bridge.estimate import estimate
 
         self.record = run
         if run.started_at is None:
@@ -98,9 +98,8 @@ class Observer:
 async def read_history(name: str, expect: int) -> dict[str, list[float]]:
     """Durations of the previous runs' steps from Prefect, once all ``expect`` of each step
     have arrived (task runs reach the database through events, seconds later)."""
+    from planrun.progress_bridge.history import step_history
     from prefect.client.orchestration import get_client
-
-    from progress_bridge.history import step_history
 
     tools = {sid: "core.sleep" for sid in STEPS}
     deadline = time.monotonic() + 20
@@ -140,8 +139,9 @@ def at_checkpoints(observer: Observer, end: float) -> dict[str, dict[str, float]
 
 def cost_of_50_steps(repeat: int = 200) -> tuple[float, float]:
     """Median and p95 ms of one estimate of a random 50-step DAG, 4 slots, 3 running."""
+    from planrun.progress_bridge.estimate import durations_from, estimate
+
     from planrun.report import RunRecord, RunStatus, StepRecord, StepStatus
-    from progress_bridge.estimate import durations_from, estimate
 
     rng = random.Random(1)
     steps = {}
@@ -189,7 +189,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     server = _common.setup()
-    from progress_bridge.estimate import durations_from
+    from planrun.progress_bridge.estimate import durations_from
 
     name = f"est-bench-{uuid.uuid4().hex[:6]}"
     data = _common.plan_data(plan(name))

@@ -7,7 +7,7 @@
 Against one Prefect server (``PREFECT_API_URL``, else planrun's local server under
 ``PLANRUN_HOME``, by default /tmp/bench-home, started if needed):
 
-- the bridge, ``python -m progress_bridge``, runs as a subprocess with a new message log;
+- the bridge, ``python -m planrun.progress_bridge``, runs as a subprocess with a new message log;
 - a warm plan-running subprocess (``_common.serve_runs``) runs a plan of ``--steps``
   independent ``core.sleep`` steps of 0.05-0.3 s with ``max_parallel: --max-parallel``
   through ``planrun.runner.run_plan``;

@@ -7,7 +7,7 @@ Prefect's own events subscriber in the same run.
 Against one Prefect server (``PREFECT_API_URL``, else planrun's local server under
 ``PLANRUN_HOME``, by default /tmp/bench-home, started if needed):
 
-- the bridge, ``python -m progress_bridge``, runs as a subprocess with a new message log;
+- the bridge, ``python -m planrun.progress_bridge``, runs as a subprocess with a new message log;
 - a warm plan-running subprocess runs each plan through ``planrun.runner.run_plan``
   (``_common.serve_runs``). Two shapes of 40 ``core.sleep`` steps of 0.05-0.2 s, run
   round-robin: 4x10 (4 parallel chains of 10: the changes are spread out) and 20x2 (20

@@ -48,11 +48,11 @@ class _NoSource:
 
 
 def variants() -> dict[str, Callable[[int], Any]]:
+    import planrun.flows.plan_flow  # noqa: F401 - installs planrun's Prefect departures, as run_plan does
     import prefect.tasks
     from prefect import flow, tags, task
     from prefect.cache_policies import NO_CACHE
 
-    import flows.plan_flow  # noqa: F401 - installs planrun's Prefect departures, as run_plan does
     from planrun import report
 
     @task(cache_policy=NO_CACHE, persist_result=False)
@@ -104,7 +104,7 @@ def variants() -> dict[str, Callable[[int], Any]]:
             prefect.tasks.inspect = inspect
             report.StepRecord.template_view = real_view  # type: ignore[method-assign]
 
-    from flows import step as step_module
+    from planrun.flows import step as step_module
 
     real_logger = step_module._logger
     silent = logging.getLogger("planrun.bench.silent")

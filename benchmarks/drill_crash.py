@@ -107,7 +107,7 @@ def main() -> None:
                 time.sleep(0.3)
             time.sleep(random.uniform(0.5, 3.0))
             runner = next(c for c in psutil.Process(up.pid).children()
-                          if "flows.serve" in " ".join(c.cmdline()))
+                          if "planrun.flows.serve" in " ".join(c.cmdline()))
             killed_at = time.time()
             os.killpg(runner.pid, signal.SIGKILL)  # the runner and every run it started
             for run_id, name in runs.items():

@@ -28,8 +28,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from uuid import UUID
 
-from flows.checkpoints import Checkpoints
-from flows.scheduler import Scheduler
+from planrun.flows.checkpoints import Checkpoints
+from planrun.flows.scheduler import Scheduler
+
 from planrun.contract.control import (  # the names the bridge shares (docs/approvals.md)
     CONTROL_LABEL,
     asking_key,

@@ -26,7 +26,8 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from plan_schemas.model import Plan
+from planrun.plan_schemas.model import Plan
+
 from planrun.contract.events import (
     HEARTBEAT,
     RESOURCE_PREFIX,

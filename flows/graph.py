@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
 
-from adapters.base import Adapter
-from adapters.registry import Registry
-from flows.policy import RetryPolicy
-from plan_schemas.model import Plan, Retry, Step
+from planrun.adapters.base import Adapter
+from planrun.adapters.registry import Registry
+from planrun.flows.policy import RetryPolicy
+from planrun.plan_schemas.model import Plan, Retry, Step
+
 from planrun.durations import parse_duration
 from planrun.policy import Ceilings
 from planrun.policy_check import tightest

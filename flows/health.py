@@ -14,7 +14,8 @@ import time
 from collections.abc import Callable, Iterable
 from functools import lru_cache
 
-from adapters.base import Adapter, Health
+from planrun.adapters.base import Adapter, Health
+
 from planrun.errors import ConfigurationError
 from planrun.policy import current_trust
 

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 from uuid import UUID
 
-from flows.scheduler import Scheduler
-from flows.step import StepJob
-from plan_schemas.model import Step
+from planrun.flows.scheduler import Scheduler
+from planrun.flows.step import StepJob
+from planrun.plan_schemas.model import Step
+
 from planrun.report import RunRecord, StepRecord
 
 

@@ -18,23 +18,23 @@ from collections.abc import Coroutine, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from planrun.adapters.registry import Registry, default_registry
+from planrun.adapters.workspace import Workspace, default_workspace_root
+from planrun.flows import prefect_compat
+from planrun.flows.artifacts import RunArtifacts
+from planrun.flows.checkpoints import Checkpoints
+from planrun.flows.control import RunControl
+from planrun.flows.events import RunEvents
+from planrun.flows.fakes import MemoryParts
+from planrun.flows.graph import RunGraph, compile_plan
+from planrun.flows.parts import RunParts
+from planrun.flows.session import RunSession, Sessions
+from planrun.flows.step import TaskRuns
+from planrun.plan_schemas.model import Plan
 from prefect import Flow, flow
 from prefect.context import FlowRunContext
 from prefect.states import Cancelled, Completed, Failed, State
 
-from adapters.registry import Registry, default_registry
-from adapters.workspace import Workspace, default_workspace_root
-from flows import prefect_compat
-from flows.artifacts import RunArtifacts
-from flows.checkpoints import Checkpoints
-from flows.control import RunControl
-from flows.events import RunEvents
-from flows.fakes import MemoryParts
-from flows.graph import RunGraph, compile_plan
-from flows.parts import RunParts
-from flows.session import RunSession, Sessions
-from flows.step import TaskRuns
-from plan_schemas.model import Plan
 from planrun.errors import PlanInvalid, PolicyInvalid, UsageError
 from planrun.home import backup_dir
 from planrun.inputs import resolve_inputs

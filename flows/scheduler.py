@@ -14,7 +14,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from plan_schemas.model import Step
+from planrun.plan_schemas.model import Step
+
 from planrun import templates
 from planrun.errors import ConfigurationError
 from planrun.graph import remaining_paths

@@ -1,6 +1,6 @@
 """The runner of ``planrun up``: serves the ``planrun/plan-runner`` deployment.
 
-``python -m flows.serve`` registers the deployment (the same one ``prefect.yaml``
+``python -m planrun.flows.serve`` registers the deployment (the same one ``prefect.yaml``
 declares for workers on other machines) and executes each of its runs in a process of its
 own, as Prefect's ``serve()`` does. Set ``PREFECT_RUNNER_POLL_FREQUENCY`` low (``planrun
 up`` sets 1 s): a submitted run waits for the runner's next poll.
@@ -8,7 +8,7 @@ up`` sets 1 s): a submitted run waits for the runner's next poll.
 
 from __future__ import annotations
 
-from flows.plan_flow import plan_flow
+from planrun.flows.plan_flow import plan_flow
 
 DEPLOYMENT = "plan-runner"
 #: What clients pass to ``run_deployment``: flow name / deployment name.

@@ -15,21 +15,21 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
 
+from planrun.flows.control import TIMED_OUT
+from planrun.flows.graph import RunGraph, StepNode
+from planrun.flows.health import unhealthy_tools
+from planrun.flows.parts import EventSink, RunParts
+from planrun.flows.scheduler import Scheduler
+from planrun.flows.step import StepJob
+from planrun.plan_schemas.model import Step
 from prefect.exceptions import Pause
 
-from flows.control import TIMED_OUT
-from flows.graph import RunGraph, StepNode
-from flows.health import unhealthy_tools
-from flows.parts import EventSink, RunParts
-from flows.scheduler import Scheduler
-from flows.step import StepJob
-from plan_schemas.model import Step
 from planrun.errors import CheckpointUnreadable
 from planrun.report import RunObserver, RunStatus, StepRecord, StepStatus, StepsView
 from planrun.secrets import RunSecrets
 
 if TYPE_CHECKING:
-    from adapters.workspace import Workspace
+    from planrun.adapters.workspace import Workspace
 
 
 class RunSession:

@@ -18,6 +18,14 @@ from functools import partial
 from typing import Any
 from uuid import UUID
 
+from planrun.adapters.base import Adapter, StepContext
+from planrun.adapters.workspace import Workspace
+from planrun.flows.breakers import Breakers, default_breakers
+from planrun.flows.graph import FallbackCall
+from planrun.flows.health import tool_unhealthy
+from planrun.flows.policy import RetryPolicy
+from planrun.flows.prefect_compat import call_after, new_task_run_id, task_with
+from planrun.plan_schemas.model import Step
 from prefect import Task, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
@@ -26,14 +34,6 @@ from prefect.exceptions import MissingContextError
 from prefect.states import Cancelled, Completed, Failed, State
 from prefect.utilities.annotations import quote
 
-from adapters.base import Adapter, StepContext
-from adapters.workspace import Workspace
-from flows.breakers import Breakers, default_breakers
-from flows.graph import FallbackCall
-from flows.health import tool_unhealthy
-from flows.policy import RetryPolicy
-from flows.prefect_compat import call_after, new_task_run_id, task_with
-from plan_schemas.model import Step
 from planrun import templates
 from planrun.errors import ConfigurationError, StepError
 from planrun.redact import Redactor, redact

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from adapters.registry import Registry
+    from planrun.adapters.registry import Registry
 
 SCHEMA_PATH = Path(__file__).with_name("plan.schema.json")
 SCHEMA_ID = "https://planrun.dev/schemas/plan.schema.json"
@@ -49,8 +49,8 @@ def model_schema(model: Any) -> dict[str, Any]:
 
 def plan_schema(registry: Registry | None = None) -> dict[str, Any]:
     """The plan JSON Schema (2020-12): the format plus each tool's ``with:`` schema."""
-    from adapters.registry import default_registry
-    from plan_schemas.model import Plan
+    from planrun.adapters.registry import default_registry
+    from planrun.plan_schemas.model import Plan
 
     registry = registry or default_registry()
     schema = model_schema(Plan)

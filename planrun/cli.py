@@ -268,14 +268,14 @@ def strict_json(value: Any) -> Any:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from plan_schemas import plan_schema
+    from planrun.plan_schemas import plan_schema
 
     print(json.dumps(plan_schema(), indent=2, sort_keys=True))
     return EXIT_OK
 
 
 def cmd_tools(args: argparse.Namespace) -> int:
-    from adapters.registry import default_registry
+    from planrun.adapters.registry import default_registry
 
     async def health() -> list[dict[str, Any]]:
         rows = []
@@ -317,7 +317,7 @@ def _breakers_by_tool() -> dict[str, list[dict[str, Any]]]:
         if info is None:
             return {}
         os.environ["PREFECT_API_URL"] = info.url
-    from flows.breakers import Breakers, message_of
+    from planrun.flows.breakers import Breakers, message_of
 
     try:
         views = asyncio.run(asyncio.wait_for(Breakers().views(), timeout=5))

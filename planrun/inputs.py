@@ -13,8 +13,8 @@ from typing import Any
 import referencing
 from jsonschema import Draft202012Validator, ValidationError
 
-from plan_schemas.model import Plan
 from planrun.errors import UsageError
+from planrun.plan_schemas.model import Plan
 
 #: Input definitions come from an untrusted plan: never fetch a schema they point to.
 _NO_RETRIEVAL: referencing.Registry[Any] = referencing.Registry()

@@ -15,13 +15,13 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from adapters.executables import SYSTEM_PATH, allows, resolve_program
-from adapters.netguard import literal_problem
-from plan_schemas.model import Limits
 from planrun import templates
+from planrun.adapters.executables import SYSTEM_PATH, allows, resolve_program
+from planrun.adapters.netguard import literal_problem
 from planrun.durations import parse_duration
 from planrun.errors import Problem
 from planrun.loader import Path_, Source
+from planrun.plan_schemas.model import Limits
 from planrun.policy import LevelPolicy, Trust
 
 DOC = "(docs/policy.md)"

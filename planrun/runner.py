@@ -43,7 +43,7 @@ async def run_plan(plan: dict[str, Any], inputs: dict[str, Any],
     """
     from prefect import tags
 
-    from flows.plan_flow import RunHost
+    from planrun.flows.plan_flow import RunHost
 
     host = RunHost(observers=[observer] if observer is not None else [])
     loop = asyncio.get_running_loop()

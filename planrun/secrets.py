@@ -27,9 +27,9 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
-from plan_schemas.model import Plan
 from planrun import templates
 from planrun.errors import UsageError
+from planrun.plan_schemas.model import Plan
 from planrun.redact import Redactor, watch_logs
 
 REF_KEY = "$secret"

@@ -65,8 +65,8 @@ def up(host: str, port: int, out: IO[str] = sys.stdout) -> int:
            "PLANRUN_WORKSPACE": os.path.abspath(os.environ.get("PLANRUN_WORKSPACE",
                                                                "workspace"))}
     children = [
-        _spawn("runner", [sys.executable, "-m", "flows.serve"], env, logs),
-        _spawn("bridge", [sys.executable, "-m", "progress_bridge", "--host", host,
+        _spawn("runner", [sys.executable, "-m", "planrun.flows.serve"], env, logs),
+        _spawn("bridge", [sys.executable, "-m", "planrun.progress_bridge", "--host", host,
                           "--port", str(port), "--data", str(home / "bridge")], env, logs),
     ]
     stop = _on_signals()

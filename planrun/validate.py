@@ -23,14 +23,14 @@ from jsonschema.exceptions import SchemaError as BadSchema
 from jsonschema.exceptions import ValidationError as SchemaError
 from jsonschema.exceptions import best_match
 
-from adapters.registry import Registry, default_registry
-from adapters.workspace import SAFE_PATH_PATTERN, path_problem
-from plan_schemas import model_schema
-from plan_schemas.model import Plan
 from planrun import secrets, templates
+from planrun.adapters.registry import Registry, default_registry
+from planrun.adapters.workspace import SAFE_PATH_PATTERN, path_problem
 from planrun.durations import parse_duration
 from planrun.errors import PlanInvalid, Problem
 from planrun.loader import Path_, Source, load, read_plan
+from planrun.plan_schemas import model_schema
+from planrun.plan_schemas.model import Plan
 from planrun.policy import Trust, current_trust, load_policy
 from planrun.policy_check import policy_problems
 

@@ -1,4 +1,4 @@
-"""``python -m progress_bridge``: serve the bridge under uvicorn (``planrun up`` runs this).
+"""``python -m planrun.progress_bridge``: serve the bridge under uvicorn (``planrun up`` runs this).
 
 It follows the Prefect server at ``PREFECT_API_URL``, keeps its message log under
 ``--data`` and starts submitted runs as runs of the ``planrun/plan-runner`` deployment.
@@ -17,15 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from planrun.progress_bridge.app import create_app
+from planrun.progress_bridge.hub import Hub
+from planrun.progress_bridge.ratelimit import DEFAULT_BURST, DEFAULT_PER_S
+from planrun.progress_bridge.store import MessageStore
+from planrun.progress_bridge.upstream import PrefectUpstream, UpstreamSettings
 
 from planrun import bridge_token
 from planrun.errors import PlanrunError
 from planrun.secrets import forget, stored_inputs
-from progress_bridge.app import create_app
-from progress_bridge.hub import Hub
-from progress_bridge.ratelimit import DEFAULT_BURST, DEFAULT_PER_S
-from progress_bridge.store import MessageStore
-from progress_bridge.upstream import PrefectUpstream, UpstreamSettings
 
 DEFAULT_PORT = 8765
 WILDCARDS = ("0.0.0.0", "::", "")  # every address: its clients name it as they please
@@ -53,7 +53,7 @@ async def submit_deployment(plan: dict[str, Any], inputs: dict[str, Any]) -> str
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m progress_bridge")
+    parser = argparse.ArgumentParser(prog="python -m planrun.progress_bridge")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int,
                         default=int(os.environ.get("PLANRUN_BRIDGE_PORT", DEFAULT_PORT)))

@@ -15,18 +15,18 @@ import gc
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 from fastapi import APIRouter, FastAPI
+from planrun.progress_bridge import apidocs, control, ops, sse, view, ws
+from planrun.progress_bridge.auth import Guard, Hosts
+from planrun.progress_bridge.flow_runs import FlowRuns, PrefectFlowRuns
+from planrun.progress_bridge.hub import Hub, Subscription
+from planrun.progress_bridge.intake import Intake
+from planrun.progress_bridge.metrics import Metrics
+from planrun.progress_bridge.ratelimit import DEFAULT_BURST, DEFAULT_PER_S, RateLimit, TokenBuckets
+from planrun.progress_bridge.service import ControlService
+from planrun.progress_bridge.state import BridgeState, Settings, Submit
+from planrun.progress_bridge.store import MessageStore
 
 from planrun.loader import MAX_PLAN_BYTES
-from progress_bridge import apidocs, control, ops, sse, view, ws
-from progress_bridge.auth import Guard, Hosts
-from progress_bridge.flow_runs import FlowRuns, PrefectFlowRuns
-from progress_bridge.hub import Hub, Subscription
-from progress_bridge.intake import Intake
-from progress_bridge.metrics import Metrics
-from progress_bridge.ratelimit import DEFAULT_BURST, DEFAULT_PER_S, RateLimit, TokenBuckets
-from progress_bridge.service import ControlService
-from progress_bridge.state import BridgeState, Settings, Submit
-from progress_bridge.store import MessageStore
 
 ROUTERS: tuple[APIRouter, ...] = (ws.router, sse.router, ops.router, control.router,
                                   view.router)

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from planrun.progress_bridge.runs import RunView
+
 from planrun.contract.events import (
     Heartbeat,
     Payload,
@@ -25,7 +27,6 @@ from planrun.contract.events import (
 )
 from planrun.contract.stream import Draft
 from planrun.contract.times import iso
-from progress_bridge.runs import RunView
 
 
 @dataclass(frozen=True)

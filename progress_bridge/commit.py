@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import time
 
+from planrun.progress_bridge.runs import RunView
+from planrun.progress_bridge.state import BridgeState
+from planrun.progress_bridge.store import StoreError
+
 from planrun.contract.stream import Draft, Message
-from progress_bridge.runs import RunView
-from progress_bridge.state import BridgeState
-from progress_bridge.store import StoreError
 
 log = logging.getLogger("planrun.bridge")
 

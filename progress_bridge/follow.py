@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator
 
+from planrun.progress_bridge.hub import Subscription
+from planrun.progress_bridge.store import MessageStore
+
 from planrun.contract.stream import Message, heartbeat
-from progress_bridge.hub import Subscription
-from progress_bridge.store import MessageStore
 
 #: Messages sent to one client before it lets the other clients and the upstream have a turn
 #: (sending does not wait when the socket's buffer has room).

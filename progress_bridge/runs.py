@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from planrun.progress_bridge.estimate import StepDurations, estimate
 from pydantic import BaseModel
 
 from planrun.contract.checkpoint import StepCheckpoint
@@ -36,7 +37,6 @@ from planrun.contract.times import epoch, iso
 from planrun.contract.version import Versioned
 from planrun.errors import step_error
 from planrun.report import RunRecord, StepRecord
-from progress_bridge.estimate import StepDurations, estimate
 
 STEP_TYPES = {
     StepStatus.RUNNING: MessageType.STEP_RUNNING,

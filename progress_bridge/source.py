@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Protocol
 
-from progress_bridge.apply import FlowRunEnded, RunEvent
+from planrun.progress_bridge.apply import FlowRunEnded, RunEvent
 
 Incoming = RunEvent | FlowRunEnded
 Deliver = Callable[[Incoming], bool]

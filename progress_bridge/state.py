@@ -6,17 +6,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from planrun.progress_bridge.hub import Hub
+from planrun.progress_bridge.metrics import Metrics
+from planrun.progress_bridge.ratelimit import DEFAULT_BURST, DEFAULT_PER_S
+from planrun.progress_bridge.service import ControlService
+from planrun.progress_bridge.store import MessageStore
 from starlette.requests import HTTPConnection
 
 from planrun.loader import MAX_PLAN_BYTES
-from progress_bridge.hub import Hub
-from progress_bridge.metrics import Metrics
-from progress_bridge.ratelimit import DEFAULT_BURST, DEFAULT_PER_S
-from progress_bridge.service import ControlService
-from progress_bridge.store import MessageStore
 
 if TYPE_CHECKING:
-    from progress_bridge.runs import RunView
+    from planrun.progress_bridge.runs import RunView
 
 #: Starts a run of a validated plan (data) with its inputs; returns the run id.
 Submit = Callable[[dict[str, Any], dict[str, Any]], Awaitable[str]]

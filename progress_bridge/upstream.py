@@ -21,18 +21,19 @@ import contextlib
 import logging
 import time
 
+from planrun.progress_bridge.apply import FlowRunEnded, RunEvent, apply, end_by_flow_run, tick
+from planrun.progress_bridge.commit import Committer
+from planrun.progress_bridge.history import HistoryReader
+from planrun.progress_bridge.prefect_source import PrefectEventSource
+from planrun.progress_bridge.runs import ESTIMATE_EVERY_S, RunView
+from planrun.progress_bridge.source import EventSource, Incoming
+from planrun.progress_bridge.state import BridgeState
+from planrun.progress_bridge.store import StoreError
+from planrun.progress_bridge.timers import Deadlines, Later
+from planrun.progress_bridge.upstream_settings import UpstreamSettings
+
 from planrun.contract.events import HEARTBEAT, RunStarted, StepChanged
 from planrun.contract.status import StepStatus
-from progress_bridge.apply import FlowRunEnded, RunEvent, apply, end_by_flow_run, tick
-from progress_bridge.commit import Committer
-from progress_bridge.history import HistoryReader
-from progress_bridge.prefect_source import PrefectEventSource
-from progress_bridge.runs import ESTIMATE_EVERY_S, RunView
-from progress_bridge.source import EventSource, Incoming
-from progress_bridge.state import BridgeState
-from progress_bridge.store import StoreError
-from progress_bridge.timers import Deadlines, Later
-from progress_bridge.upstream_settings import UpstreamSettings
 
 log = logging.getLogger("planrun.bridge")
 

@@ -18,7 +18,7 @@ from importlib.resources import files
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
-PAGE = files("progress_bridge").joinpath("static/view.html").read_text(encoding="utf-8")
+PAGE = files("planrun.progress_bridge").joinpath("static/view.html").read_text(encoding="utf-8")
 _SLOT = re.compile(r"__(RUN_ID|NONCE)__")
 # connect-src 'self' covers ws:// and wss:// to the page's own host (CSP level 3).
 _POLICY = ("default-src 'none'; style-src 'nonce-{nonce}'; script-src 'nonce-{nonce}'; "

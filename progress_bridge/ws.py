@@ -17,12 +17,11 @@ from collections.abc import Coroutine, Mapping
 from typing import Any
 
 from fastapi import APIRouter, WebSocket
+from planrun.progress_bridge.follow import follow
+from planrun.progress_bridge.hub import Disconnected, Subscription
+from planrun.progress_bridge.state import BridgeState, state_of
+from planrun.progress_bridge.store import StoreError
 from starlette.websockets import WebSocketDisconnect
-
-from progress_bridge.follow import follow
-from progress_bridge.hub import Disconnected, Subscription
-from progress_bridge.state import BridgeState, state_of
-from progress_bridge.store import StoreError
 
 POLICY_VIOLATION = 1008
 UNSUPPORTED_DATA = 1003

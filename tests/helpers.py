@@ -62,3 +62,9 @@ def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "c
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)
+
+
+def unique_digits() -> str:
+    """Digits no other process of this machine's test runs will pick: for a command line
+    (``sleep 31.<digits>``) that a test finds among all processes by its text."""
+    return f"{os.getpid()}{time.monotonic_ns() % 10**9:09d}"

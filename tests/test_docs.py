@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from adapters.registry import default_registry
-from plan_schemas.reference import DOC_PATH, generated_part, render
+from planrun.adapters.registry import default_registry
 from planrun.contract import stream as messages
+from planrun.plan_schemas.reference import DOC_PATH, generated_part, render
 from tests.helpers import ROOT
 
 

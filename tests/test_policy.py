@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from adapters.base import StepContext
-from adapters.workspace import Workspace
+from planrun.adapters.base import StepContext
+from planrun.adapters.workspace import Workspace
 from planrun.errors import PlanInvalid, PolicyInvalid
 from planrun.policy import POLICY_ENV, Policy, Trust, current_trust, load_policy, trusted_as
 from planrun.policy_check import executable_problem, tightest
@@ -278,7 +278,7 @@ def test_a_malformed_policy_stops_validate_and_run_with_exit_2(tmp_path: Path) -
 
 async def run_submitted(data: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
     """Run plan data as the deployment's runner does: in a flow run, trust not raised."""
-    from flows.plan_flow import RunHost
+    from planrun.flows.plan_flow import RunHost
 
     host = RunHost()
     state = await host.flow()(data, inputs, return_state=True)
@@ -338,7 +338,7 @@ def test_a_plan_that_breaks_the_policy_does_not_run_even_when_handed_to_the_flow
         {"id": "w", "tool": "file.write", "with": {"path": "proof.txt", "content": "ran"}}]}
 
     async def scenario() -> Any:
-        from flows import plan_flow as compiled
+        from planrun.flows import plan_flow as compiled
 
         return await compiled.plan_flow(data, {}, return_state=True)
 

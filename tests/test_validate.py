@@ -22,12 +22,12 @@ import pytest
 import yaml
 from jsonschema import Draft202012Validator
 
-from adapters.registry import default_registry
-from plan_schemas import SCHEMA_PATH, plan_schema
-from plan_schemas.model import Approval, Defaults, Fallback, Limits, Plan, Retry, Step
 from planrun import templates
+from planrun.adapters.registry import default_registry
 from planrun.errors import PlanInvalid, Problem
 from planrun.loader import MAX_PLAN_BYTES
+from planrun.plan_schemas import SCHEMA_PATH, plan_schema
+from planrun.plan_schemas.model import Approval, Defaults, Fallback, Limits, Plan, Retry, Step
 from planrun.validate import ValidPlan, validate_file, validate_text
 from tests.helpers import cli
 

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from jinja2 import TemplateSyntaxError, meta, nodes
 
-from adapters.registry import default_registry
 from planrun import templates
+from planrun.adapters.registry import default_registry
 from planrun.errors import PlanInvalid
 from planrun.templates import _ENV
 from planrun.validate import ValidPlan, validate_text

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from adapters.base import StepContext
-from adapters.workspace import Workspace
+from planrun.adapters.base import StepContext
+from planrun.adapters.workspace import Workspace
 
 
 @pytest.fixture

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
-from adapters.base import Adapter, StepContext
-from adapters.files import FileDelete, FileList, FileRead, FileWrite, _to_completion
-from adapters.workspace import Workspace
+from planrun.adapters.base import Adapter, StepContext
+from planrun.adapters.files import FileDelete, FileList, FileRead, FileWrite, _to_completion
+from planrun.adapters.workspace import Workspace
 from planrun.errors import AccessError, ConfigurationError, ResourceError, StepError
 
 TOOLS: list[type[Adapter[Any]]] = [FileRead, FileWrite, FileDelete, FileList]

@@ -18,8 +18,8 @@ import httpx
 import pytest
 from jsonschema import Draft202012Validator
 
-from adapters.base import StepContext
-from adapters.http import HttpRequest, parse_retry_after, redact_url
+from planrun.adapters.base import StepContext
+from planrun.adapters.http import HttpRequest, parse_retry_after, redact_url
 from planrun.errors import (
     AccessError,
     ConfigurationError,

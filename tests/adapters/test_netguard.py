@@ -12,9 +12,9 @@ from typing import Any
 import httpcore
 import pytest
 
-from adapters.base import StepContext
-from adapters.http import HttpRequest
-from adapters.netguard import (
+from planrun.adapters.base import StepContext
+from planrun.adapters.http import HttpRequest
+from planrun.adapters.netguard import (
     Address,
     GuardedBackend,
     GuardedTransport,

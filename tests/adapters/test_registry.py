@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from adapters.core import Echo, Sleep
-from adapters.fake import fake_tool
-from adapters.registry import Registry, load_registry
+from planrun.adapters.core import Echo, Sleep
+from planrun.adapters.fake import fake_tool
+from planrun.adapters.registry import Registry, load_registry
 from planrun.errors import DuplicateTool, UnknownTool
 
 CORE_TOOLS = ["core.echo", "core.fail", "core.sleep", "file.delete", "file.list", "file.read",
@@ -55,8 +55,8 @@ def test_a_tool_with_a_default_timeout_applies_it_when_the_plan_sets_none() -> N
     from pathlib import Path
     from tempfile import TemporaryDirectory
 
-    from adapters.base import StepContext
-    from adapters.workspace import Workspace
+    from planrun.adapters.base import StepContext
+    from planrun.adapters.workspace import Workspace
     from planrun.errors import TransientError
 
     slow, _ = fake_tool("fake.slow", 5.0)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from adapters import sandbox
-from adapters.executables import allowed_argv, allows, resolve_program
-from adapters.sandbox import Limits, step_limits
+from planrun.adapters import sandbox
+from planrun.adapters.executables import allowed_argv, allows, resolve_program
+from planrun.adapters.sandbox import Limits, step_limits
 from planrun.errors import ConfigurationError
 from planrun.policy import Ceilings, LevelPolicy
 

@@ -21,10 +21,10 @@ from typing import Any
 import psutil
 import pytest
 
-from adapters import sandbox
-from adapters.base import StepContext
-from adapters.shell import ShellRun
-from adapters.workspace import Workspace
+from planrun.adapters import sandbox
+from planrun.adapters.base import StepContext
+from planrun.adapters.shell import ShellRun
+from planrun.adapters.workspace import Workspace
 from planrun.errors import (
     AccessError,
     ConfigurationError,
@@ -33,6 +33,7 @@ from planrun.errors import (
     TransientError,
 )
 from planrun.policy import LevelPolicy, Trust
+from tests.helpers import unique_digits
 
 #: A Python the sandbox can see (the test's own may live in a virtualenv outside /usr).
 PY = shutil.which("python3", path=sandbox.DEFAULT_PATH) or "python3"
@@ -347,7 +348,7 @@ def test_a_group_that_ignores_sigterm_is_killed(make_ctx: Callable[..., StepCont
 
 def test_background_processes_left_behind_are_stopped(either: StepContext,
                                                       wait_until: Callable[..., None]) -> None:
-    marker = f"sleep {131 + os.getpid() % 50}"
+    marker = f"sleep 131.{unique_digits()}"  # no other test's sleep looks the same
     script = f'{marker} & while [ "$(cat /proc/$!/comm)" != sleep ]; do :; done; echo up'
     started = time.monotonic()
     out = run(either, argv=["sh", "-c", script])
@@ -377,7 +378,7 @@ def test_a_process_that_leaves_the_group_cannot_hold_the_step_open_unconfined(
 
 def test_a_cancel_while_the_program_is_starting_stops_its_whole_group(
         either: StepContext, wait_until: Callable[..., None]) -> None:
-    marker = f"sleep {31 + os.getpid() % 50}"
+    marker = f"sleep 31.{unique_digits()}"  # no other test's sleep looks the same
 
     async def cancel_after(turns: int) -> float:
         task = asyncio.ensure_future(

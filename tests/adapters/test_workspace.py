@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters.workspace import (
+from planrun.adapters.workspace import (
     JOURNAL,
     SAFE_PATH_PATTERN,
     Workspace,

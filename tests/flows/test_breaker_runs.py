@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from flows.breakers import Breakers, State
+from planrun.flows.breakers import Breakers, State
 from tests.helpers import cli, cli_json, wait_for
 
 FAILURES = 3

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from flows.checkpoints import Checkpoints, key
 from planrun.errors import CheckpointUnreadable
+from planrun.flows.checkpoints import Checkpoints, key
 from planrun.report import StepRecord, StepStatus
 
 

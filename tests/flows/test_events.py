@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from adapters.registry import default_registry
-from flows.events import RunEvents
-from flows.graph import compile_plan
+from planrun.adapters.registry import default_registry
 from planrun.contract.events import Impact
 from planrun.contract.status import StepStatus
+from planrun.flows.events import RunEvents
+from planrun.flows.graph import compile_plan
 from planrun.validate import validate_text
 
 PLAN = """version: 1

@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 
-from adapters.registry import default_registry
-from flows.graph import RunGraph, compile_plan
+from planrun.adapters.registry import default_registry
+from planrun.flows.graph import RunGraph, compile_plan
 from planrun.policy import Ceilings
 from planrun.validate import validate_text
 

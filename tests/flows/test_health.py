@@ -8,11 +8,11 @@ from typing import Any, ClassVar
 
 import pytest
 
-from adapters import sandbox
-from adapters.base import Adapter, Health, Params, StepContext
-from adapters.files import workspace_health
-from adapters.shell import ShellRun
-from flows.health import HealthChecks
+from planrun.adapters import sandbox
+from planrun.adapters.base import Adapter, Health, Params, StepContext
+from planrun.adapters.files import workspace_health
+from planrun.adapters.shell import ShellRun
+from planrun.flows.health import HealthChecks
 from planrun.policy import Trust, trusted_as
 
 
@@ -54,7 +54,7 @@ def test_an_unhealthy_tool_is_named_with_why_and_checked_once_per_ttl() -> None:
 
 
 def test_a_health_check_that_hangs_is_unhealthy_after_its_timeout() -> None:
-    from flows import health
+    from planrun.flows import health
 
     async def go() -> Health:
         return await health.check(Hangs(), timeout_s=0.05)

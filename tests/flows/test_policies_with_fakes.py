@@ -8,17 +8,17 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from adapters.core import Echo
-from adapters.fake import Script, fake_tool
-from adapters.registry import Registry
-from adapters.workspace import Workspace
+from planrun.adapters.core import Echo
+from planrun.adapters.fake import Script, fake_tool
+from planrun.adapters.registry import Registry
+from planrun.adapters.workspace import Workspace
 from planrun.errors import AccessError, ResourceError, TransientError
 
 
 def run_with(tools: Registry, text: str, tmp_path: Path) -> dict[str, Any]:
     from prefect import flow
 
-    from flows.plan_flow import execute_plan
+    from planrun.flows.plan_flow import execute_plan
     from planrun.validate import validate_text
 
     plan = validate_text(textwrap.dedent(text), "fake.yaml", tools).plan

@@ -6,10 +6,10 @@ import random
 
 import pytest
 
-from flows.graph import retry_policy
-from flows.policy import RETRY_AFTER_CAP_S, RetryPolicy
-from plan_schemas.model import Retry
 from planrun.errors import ConfigurationError, ResourceError, TransientError
+from planrun.flows.graph import retry_policy
+from planrun.flows.policy import RETRY_AFTER_CAP_S, RetryPolicy
+from planrun.plan_schemas.model import Retry
 
 
 def test_delays_double_up_to_the_cap_without_jitter() -> None:

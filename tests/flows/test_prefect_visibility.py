@@ -89,8 +89,8 @@ def test_each_attempt_is_a_prefect_retry() -> None:
 
 
 def test_task_with_sets_the_same_options_as_with_options() -> None:
-    from flows.prefect_compat import task_with
-    from flows.step import run_step
+    from planrun.flows.prefect_compat import task_with
+    from planrun.flows.step import run_step
 
     def never(task: Any, task_run: Any, state: Any) -> bool:
         return False
@@ -105,7 +105,7 @@ def test_task_with_sets_the_same_options_as_with_options() -> None:
 
 
 def test_planrun_tags_skip_prefects_slot_request_but_other_tags_do_not() -> None:
-    from flows import plan_flow, prefect_compat  # noqa: F401 - importing installs the shim
+    from planrun.flows import plan_flow, prefect_compat  # noqa: F401 - importing installs the shim
 
     assert prefect_compat.installed()
     assert prefect_compat.own_tag("tag:planrun")
@@ -261,7 +261,7 @@ def test_a_step_after_a_resume_names_the_task_run_of_its_restored_need() -> None
     from prefect import flow
     from prefect.context import FlowRunContext
 
-    from flows.plan_flow import execute_plan
+    from planrun.flows.plan_flow import execute_plan
     from planrun.validate import validate_text
 
     def plan(second: str) -> Any:

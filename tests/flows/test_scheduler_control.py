@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from flows.scheduler import Scheduler
-from plan_schemas.model import Step
+from planrun.flows.scheduler import Scheduler
+from planrun.plan_schemas.model import Step
 from planrun.report import RunRecord, StepRecord, StepStatus
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from flows.scheduler import longest_path_first
-from plan_schemas.model import Step
+from planrun.flows.scheduler import longest_path_first
+from planrun.plan_schemas.model import Step
 from planrun.report import RunRecord, StepRecord
 
 

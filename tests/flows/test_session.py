@@ -12,12 +12,12 @@ import pytest
 from prefect.exceptions import Pause
 from pydantic import Field
 
-from adapters.base import Adapter, Params, StepContext
-from adapters.core import Echo, Fail
-from adapters.registry import Registry
-from flows.fakes import MemoryParts
-from flows.graph import compile_plan
-from flows.session import RunSession, Sessions
+from planrun.adapters.base import Adapter, Params, StepContext
+from planrun.adapters.core import Echo, Fail
+from planrun.adapters.registry import Registry
+from planrun.flows.fakes import MemoryParts
+from planrun.flows.graph import compile_plan
+from planrun.flows.session import RunSession, Sessions
 from planrun.report import RunStatus, StepRecord, StepStatus
 from planrun.validate import validate_text
 

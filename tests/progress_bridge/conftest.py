@@ -19,14 +19,14 @@ import pytest
 import uvicorn
 
 from planrun.contract.stream import Draft, Message
-from progress_bridge.app import create_app
-from progress_bridge.apply import RunEvent
-from progress_bridge.hub import Hub
-from progress_bridge.runs import RunView
-from progress_bridge.source import FakeEventSource
-from progress_bridge.state import BridgeState
-from progress_bridge.store import MessageStore
-from progress_bridge.upstream import Upstream, UpstreamSettings
+from planrun.progress_bridge.app import create_app
+from planrun.progress_bridge.apply import RunEvent
+from planrun.progress_bridge.hub import Hub
+from planrun.progress_bridge.runs import RunView
+from planrun.progress_bridge.source import FakeEventSource
+from planrun.progress_bridge.state import BridgeState
+from planrun.progress_bridge.store import MessageStore
+from planrun.progress_bridge.upstream import Upstream, UpstreamSettings
 
 from .events import nth
 

@@ -14,7 +14,7 @@ from planrun.contract.events import (
     step_event,
 )
 from planrun.contract.status import RunStatus, StepStatus
-from progress_bridge.apply import RunEvent
+from planrun.progress_bridge.apply import RunEvent
 
 #: Steps of the runs these events are about: step events cycle through them.
 STEPS = 20

@@ -8,14 +8,14 @@ from pathlib import Path
 
 from planrun.contract.status import StepStatus
 from planrun.contract.stream import Draft, Message
-from progress_bridge.flow_runs import FakeFlowRuns
-from progress_bridge.hub import Hub
-from progress_bridge.metrics import Metrics
-from progress_bridge.service import ControlService
-from progress_bridge.source import FakeEventSource
-from progress_bridge.state import BridgeState, Settings
-from progress_bridge.store import MessageStore, StoreError
-from progress_bridge.upstream import Upstream
+from planrun.progress_bridge.flow_runs import FakeFlowRuns
+from planrun.progress_bridge.hub import Hub
+from planrun.progress_bridge.metrics import Metrics
+from planrun.progress_bridge.service import ControlService
+from planrun.progress_bridge.source import FakeEventSource
+from planrun.progress_bridge.state import BridgeState, Settings
+from planrun.progress_bridge.store import MessageStore, StoreError
+from planrun.progress_bridge.upstream import Upstream
 
 from .conftest import QUIET
 from .events import started, step_done

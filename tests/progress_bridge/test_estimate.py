@@ -12,13 +12,13 @@ import pytest
 from planrun.contract.estimate import Estimate
 from planrun.contract.status import RunStatus, StepStatus
 from planrun.contract.times import iso
-from planrun.report import RunRecord, StepRecord
-from progress_bridge.estimate import (
+from planrun.progress_bridge.estimate import (
     PRIOR_SIGMA,
     StepDurations,
     durations_from,
     estimate,
 )
+from planrun.report import RunRecord, StepRecord
 from tests.helpers import run_yaml, wait_for
 
 T0 = 1_800_000_000.0
@@ -164,7 +164,7 @@ def skipped_task_runs(plan: str, step_id: str) -> int:
 def test_history_reads_completed_durations_from_prefect() -> None:
     from prefect.client.orchestration import get_client
 
-    from progress_bridge.history import step_history
+    from planrun.progress_bridge.history import step_history
 
     plan = f"est-history-{uuid.uuid4().hex[:8]}"
     text = f"""
@@ -207,7 +207,7 @@ def test_an_unreachable_prefect_is_a_planrun_error() -> None:
     from prefect.client.orchestration import PrefectClient
 
     from planrun.errors import PlanrunError
-    from progress_bridge.history import step_history
+    from planrun.progress_bridge.history import step_history
 
     async def go() -> dict[str, list[float]]:
         async with PrefectClient(api="http://127.0.0.1:9/api") as client:

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from progress_bridge.flow_runs import FakeFlowRuns
-from progress_bridge.follow import follow
-from progress_bridge.hub import TOO_SLOW, Disconnected, Hub, Subscription
-from progress_bridge.metrics import Metrics
-from progress_bridge.service import ControlService
-from progress_bridge.source import FakeEventSource
-from progress_bridge.state import BridgeState, Settings
-from progress_bridge.store import MessageStore
-from progress_bridge.upstream import Upstream
+from planrun.progress_bridge.flow_runs import FakeFlowRuns
+from planrun.progress_bridge.follow import follow
+from planrun.progress_bridge.hub import TOO_SLOW, Disconnected, Hub, Subscription
+from planrun.progress_bridge.metrics import Metrics
+from planrun.progress_bridge.service import ControlService
+from planrun.progress_bridge.source import FakeEventSource
+from planrun.progress_bridge.state import BridgeState, Settings
+from planrun.progress_bridge.store import MessageStore
+from planrun.progress_bridge.upstream import Upstream
 
 from .clients import draft
 from .conftest import QUIET

@@ -9,9 +9,9 @@ import httpx
 from websockets.asyncio.client import connect
 
 from planrun.contract.stream import Draft
-from progress_bridge.commit import Committer
-from progress_bridge.runs import RunView
-from progress_bridge.state import BridgeState
+from planrun.progress_bridge.commit import Committer
+from planrun.progress_bridge.runs import RunView
+from planrun.progress_bridge.state import BridgeState
 
 from .clients import receive_until
 from .conftest import BridgeFactory, ServedBridge, wait_for

@@ -18,8 +18,8 @@ from planrun.contract.events import (
 )
 from planrun.contract.status import RunStatus, StepStatus
 from planrun.errors import ContractError
-from progress_bridge.apply import FlowRunEnded, RunEvent, apply, end_by_flow_run
-from progress_bridge.runs import RunView
+from planrun.progress_bridge.apply import FlowRunEnded, RunEvent, apply, end_by_flow_run
+from planrun.progress_bridge.runs import RunView
 
 NOW = 1_767_225_605.0  # 2026-01-01T00:00:05Z
 STARTED = RunStarted.read({

@@ -13,10 +13,10 @@ import pytest
 from planrun.contract.control import TIMED_OUT, asking_key
 from planrun.contract.status import RunStatus
 from planrun.errors import Conflict, NotFound
-from progress_bridge.flow_runs import FakeFlowRuns, FlowRun
-from progress_bridge.runs import Gate, PauseDeadline, RunView
-from progress_bridge.service import ControlService
-from progress_bridge.timers import Deadlines, Later
+from planrun.progress_bridge.flow_runs import FakeFlowRuns, FlowRun
+from planrun.progress_bridge.runs import Gate, PauseDeadline, RunView
+from planrun.progress_bridge.service import ControlService
+from planrun.progress_bridge.timers import Deadlines, Later
 
 NONCE = "0123456789abcdef0123456789abcdef"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from progress_bridge.store import MessageStore, StoreError
+from planrun.progress_bridge.store import MessageStore, StoreError
 
 from .clients import draft
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from progress_bridge.upstream import PrefectUpstream, UpstreamSettings
+from planrun.progress_bridge.upstream import PrefectUpstream, UpstreamSettings
 from tests.helpers import plan_data, run_yaml
 
 from .conftest import BridgeFactory, ServedBridge, wait_for

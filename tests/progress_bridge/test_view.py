@@ -29,7 +29,7 @@ from planrun.contract.stream import (
     Progress,
 )
 from planrun.contract.times import iso
-from progress_bridge.view import render
+from planrun.progress_bridge.view import render
 
 from .conftest import BridgeFactory, ServedBridge
 

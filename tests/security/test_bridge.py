@@ -30,7 +30,7 @@ from websockets.exceptions import ConnectionClosed
 
 from planrun import bridge_token
 from planrun.loader import MAX_PLAN_BYTES
-from progress_bridge.ratelimit import DEFAULT_BURST, DEFAULT_PER_S, TokenBuckets
+from planrun.progress_bridge.ratelimit import DEFAULT_BURST, DEFAULT_PER_S, TokenBuckets
 from tests.helpers import PLANRUN, ROOT, cli
 from tests.progress_bridge.conftest import ServedBridge
 from tests.stack import free_port
@@ -359,7 +359,7 @@ def test_the_default_budget_is_20_a_second_with_bursts_of_40() -> None:
 
 
 @pytest.mark.parametrize("command", [
-    ["-m", "progress_bridge", "--host", "0.0.0.0", "--data", "{tmp}"],
+    ["-m", "planrun.progress_bridge", "--host", "0.0.0.0", "--data", "{tmp}"],
     ["-m", "planrun.cli", "up", "--host", "0.0.0.0"],
 ])
 def test_listening_beyond_loopback_without_an_explicit_token_is_refused(

@@ -24,8 +24,8 @@ from uuid import UUID
 
 import pytest
 
-from flows.control import answer_of
 from planrun.contract.control import approval_key, asking_key, is_asking_of
+from planrun.flows.control import answer_of
 from tests.helpers import wait_for
 from tests.stack import Stack
 

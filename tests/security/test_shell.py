@@ -21,12 +21,12 @@ from typing import Any
 import psutil
 import pytest
 
-from adapters.base import StepContext
-from adapters.shell import ShellRun
-from adapters.workspace import Workspace
+from planrun.adapters.base import StepContext
+from planrun.adapters.shell import ShellRun
+from planrun.adapters.workspace import Workspace
 from planrun.errors import ConfigurationError, LogicError, ResourceError, TransientError
 from planrun.policy import Ceilings, LevelPolicy, Trust
-from tests.helpers import ROOT, cli, wait_for
+from tests.helpers import ROOT, cli, unique_digits, wait_for
 
 CANARY = "canary-7f3a9c-do-not-leak"
 
@@ -105,7 +105,7 @@ def test_nothing_outside_the_workspace_can_be_written(
 
 def test_a_setsid_escapee_dies_with_the_step(submitted: Callable[..., StepContext],
                                             ) -> None:
-    seconds = str(1000 + os.getpid() % 97)
+    seconds = f"1000.{unique_digits()}"
     started = time.monotonic()
     out = sh(submitted(), f"setsid -f sleep {seconds}; echo started")
     assert out["stdout"] == "started\n"
@@ -116,7 +116,7 @@ def test_a_setsid_escapee_dies_with_the_step(submitted: Callable[..., StepContex
 
 def test_a_setsid_escapee_cannot_hold_a_timed_out_step_open(
         submitted: Callable[..., StepContext]) -> None:
-    seconds = str(1100 + os.getpid() % 97)
+    seconds = f"1100.{unique_digits()}"
     started = time.monotonic()
     with pytest.raises(TransientError, match="did not finish within its timeout of 1s"):
         sh(submitted(), f"setsid -f sleep {seconds}; sleep 30", timeout=1)
