@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import platform
+import secrets
 import statistics
 import time
 from collections.abc import Sequence
@@ -22,6 +23,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 DEFAULT_HOME = "/tmp/bench-home"
+
+#: The bridge token the benchmarks start their bridges with (docs/http-api.md); their client
+#: processes inherit it through the environment.
+TOKEN = os.environ.setdefault("PLANRUN_BENCH_TOKEN", secrets.token_urlsafe(16))
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @dataclass
@@ -200,7 +206,7 @@ class Bridge:
         return int(self.proc.pid)
 
     def ws_url(self, run_id: str, after: int = 0) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1/runs/{run_id}/ws?after={after}"
+        return f"ws://127.0.0.1:{self.port}/v1/runs/{run_id}/ws?after={after}&token={TOKEN}"
 
     def rss(self) -> int:
         """The bridge process's resident memory in bytes."""
@@ -219,7 +225,7 @@ class Bridge:
         """``GET /metrics`` as {"name{labels}": value} (samples only, no comments)."""
         import httpx
 
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        text = httpx.get(f"{self.url}/metrics", timeout=10, headers=AUTH).text
         out: dict[str, float] = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):
@@ -335,7 +341,9 @@ def start_bridge(srv: Server, *, port: int | None = None, settle_s: float = 7.0,
     if trace:
         command = ["-c", f"import sys; sys.path.insert(0, {str(BENCH)!r}); import _common; "
                          f"_common.traced_bridge({str(trace_path)!r})"]
-    env = {**os.environ, "PREFECT_API_URL": srv.url}
+    # Many clients from one address: the bridge's per-client request rate is off here.
+    env = {**os.environ, "PREFECT_API_URL": srv.url, "PLANRUN_TOKEN": TOKEN,
+           "PLANRUN_RATE_PER_S": "0"}
     with open(log, "w") as fh:
         proc = subprocess.Popen(
             [sys.executable, *command, "--host", "127.0.0.1", "--port",

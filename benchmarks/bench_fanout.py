@@ -58,6 +58,7 @@ from _common import (
     BENCH,
     ROOT,
     RUN_END_TYPES,
+    TOKEN,
     Bridge,
     PlanRunner,
     Server,
@@ -144,7 +145,7 @@ async def client_worker(n: int, port: int, out: str, compression: bool,
     loop = asyncio.get_running_loop()
     say(ready=True)
     run_id = (await loop.run_in_executor(None, sys.stdin.readline)).strip()
-    url = f"ws://127.0.0.1:{port}/v1/runs/{run_id}/ws?after=0"
+    url = f"ws://127.0.0.1:{port}/v1/runs/{run_id}/ws?after=0&token={TOKEN}"
     clients = [Client() for _ in range(n)]
     gate = asyncio.Semaphore(concurrency)
     types: dict[int, tuple[str, str, str | None]] = {}

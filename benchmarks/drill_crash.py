@@ -52,6 +52,13 @@ def plan(name: str, steps: int = 10, seconds: float = 0.4) -> str:
     return "\n".join(lines) + "\n"
 
 
+def token() -> str:
+    """The token ``planrun up`` made for its bridge (docs/http-api.md)."""
+    from planrun.bridge_token import for_client
+
+    return for_client() or ""
+
+
 def epoch(stamp: str) -> float:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
@@ -60,8 +67,8 @@ async def stream(url: str, run_id: str) -> list[dict[str, Any]]:
     from websockets.asyncio.client import connect
 
     got: list[dict[str, Any]] = []
-    async with connect(f"{url.replace('http', 'ws', 1)}/v1/runs/{run_id}/ws?after=0",
-                       proxy=None) as ws, asyncio.timeout(30):
+    address = f"{url.replace('http', 'ws', 1)}/v1/runs/{run_id}/ws?after=0&token={token()}"
+    async with connect(address, proxy=None) as ws, asyncio.timeout(30):
         while not got or got[-1]["type"] not in {f"run.{e}" for e in ENDS}:
             message = json.loads(await ws.recv())
             if message["type"] != "heartbeat":
@@ -125,7 +132,8 @@ def follow(url: str, run_id: str, name: str, workspace: Path,
     end = time.monotonic() + 300
     status = None
     while time.monotonic() < end:
-        status = httpx.get(f"{url}/v1/runs/{run_id}", timeout=10).json().get("status")
+        status = httpx.get(f"{url}/v1/runs/{run_id}", timeout=10,
+                           headers={"Authorization": f"Bearer {token()}"}).json().get("status")
         if status in ENDS:
             break
         time.sleep(0.5)
