@@ -10,7 +10,8 @@ service on 127.0.0.1 that answers 500 to everything.
   are bounded by the cache's TTL);
 - fast-fail cost per step: ``Breakers.call`` on an open breaker (cached), and when the
   cache has run out (one variable read), goal < 5 ms;
-- closed-breaker overhead per step: ``Breakers.call`` around a no-op beside the no-op.
+- closed-breaker overhead per step: ``Breakers.call`` around a no-op beside the no-op;
+- a counted failure's cost (written before its attempt ends), in a run's client context.
 """
 
 from __future__ import annotations
@@ -50,11 +51,11 @@ def service() -> tuple[ThreadingHTTPServer, str]:
 
 
 async def reaction(url: str, calls: int) -> dict[str, Any]:
-    from adapters.base import StepContext
-    from adapters.http import HttpRequest
-    from adapters.workspace import Workspace
-    from flows.breakers import Breakers, breaker_key
+    from planrun.adapters.base import StepContext
+    from planrun.adapters.http import HttpRequest
+    from planrun.adapters.workspace import Workspace
     from planrun.errors import StepError
+    from planrun.flows.breakers import Breakers, breaker_key
     from planrun.policy import BreakerSettings, LevelPolicy
 
     settings = BreakerSettings(failures=5, window_s=60, cooldown_s=600)
@@ -124,8 +125,8 @@ async def in_a_run(work: Any) -> dict[str, list[float]]:
 
 
 async def step_costs(rounds: int, stale_only: bool = False) -> dict[str, list[float]]:
-    from flows.breakers import Breakers
     from planrun.errors import ResourceError, TransientError
+    from planrun.flows.breakers import Breakers
     from planrun.policy import BreakerSettings
 
     settings = BreakerSettings(failures=1, window_s=60, cooldown_s=600)
@@ -148,13 +149,20 @@ async def step_costs(rounds: int, stale_only: bool = False) -> dict[str, list[fl
         "no breaker (the no-op alone)", "closed breaker, cached", "open breaker, cached",
         "open breaker, cache run out (1 read)")}
     if stale_only:
-        samples = {"open breaker, cache run out (1 read)": []}
+        samples = {"open breaker, cache run out (1 read)": [],
+                   "a counted failure recorded (create + list)": []}
+        counting = Breakers(settings=lambda tool: BreakerSettings(failures=100))
     for i in range(rounds):
         if stale_only:
             started = time.perf_counter()
             with contextlib.suppress(ResourceError):
                 await stale.call(opened, {}, "bench", 10, noop)
             samples["open breaker, cache run out (1 read)"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            with contextlib.suppress(TransientError):
+                await counting.call(f"bench.count{tag}{i // 90}", {}, "bench", 10, fail)
+            samples["a counted failure recorded (create + list)"].append(
+                time.perf_counter() - started)
             continue
         started = time.perf_counter()
         await noop()

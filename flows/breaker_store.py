@@ -43,6 +43,10 @@ class BreakerStore(Protocol):
         """Every breaker value, by name."""
         ...
 
+    async def latest(self, prefix: str, limit: int) -> list[tuple[str, dict[str, Any]]]:
+        """The ``limit`` values whose names start with ``prefix``, last name first."""
+        ...
+
 
 class PrefectStore:
     """Breaker state as Prefect Variables of the server ``PREFECT_API_URL`` names."""
@@ -109,6 +113,18 @@ class PrefectStore:
                     return found
 
 
+    async def latest(self, prefix: str, limit: int) -> list[tuple[str, dict[str, Any]]]:
+        from prefect.client.orchestration import get_client
+
+        async with get_client() as client:
+            response = await client.request(  # type: ignore[call-overload]
+                "POST", "/variables/filter",
+                json={"variables": {"name": {"like_": f"{prefix}%"}}, "limit": limit,
+                      "sort": "NAME_DESC"})
+        return [(v["name"], v["value"]) for v in response.json()
+                if isinstance(v.get("value"), dict)]
+
+
 class MemoryStore:
     """The same operations on a dict, for tests of one process."""
 
@@ -138,3 +154,8 @@ class MemoryStore:
     async def read_all(self) -> dict[str, dict[str, Any]]:
         self.requests += 1
         return dict(self.values)
+
+    async def latest(self, prefix: str, limit: int) -> list[tuple[str, dict[str, Any]]]:
+        self.requests += 1
+        names = sorted((n for n in self.values if n.startswith(prefix)), reverse=True)
+        return [(n, self.values[n]) for n in names[:limit]]

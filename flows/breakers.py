@@ -18,10 +18,11 @@ on variable names lets exactly one creator win (``flows.breaker_store``). Prefec
 global concurrency limits were the other candidate, but their leases last at least 60 s
 and live in the server's memory (lost, with the slot held, when it restarts), and a
 decaying slot's clock is reset by every refused attempt. A trial call whose process died
-is noticed by whoever finds its claim past its ``until`` and opens the next epoch. The
-list of failures is read, extended and written without a claim: two processes failing at
-the same instant may count one failure fewer, which delays an opening by one failure at
-worst, and never closes an open breaker (the state is written only by claim winners).
+is noticed by whoever finds its claim past its ``until`` and opens the next epoch. Each
+failure is a variable of its own, created (so no concurrent writer loses it) and named by
+its time; counting lists the latest ``failures`` of them (``POST /variables/filter``,
+sorted by name) and deletes those that have left the window. The state is written only
+by claim winners.
 
 The hot path: a closed breaker costs no request. Each process caches a breaker's state
 for ``ttl_s`` (1 s), so another process's opening is seen within that; the process that
@@ -41,6 +42,7 @@ import hashlib
 import logging
 import re
 import time
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, replace
@@ -51,9 +53,9 @@ from typing import Any, TypeVar
 
 import httpx
 
-from flows.breaker_store import PREFIX, BreakerStore, PrefectStore
 from planrun.contract.events import RESOURCE_PREFIX as RUN_RESOURCE_PREFIX
 from planrun.errors import Category, ResourceError, StepError
+from planrun.flows.breaker_store import PREFIX, BreakerStore, PrefectStore
 from planrun.policy import BreakerSettings, load_policy
 
 T = TypeVar("T")
@@ -66,6 +68,8 @@ DEFAULTS: Mapping[str, BreakerSettings] = {
     tool: BreakerSettings.model_validate({})
     for tool in ("http.request", "search.web", "browser.open", "message.send")}
 CACHE_TTL_S = 1.0
+#: Failures listed beyond the threshold, so that old ones are found and deleted.
+LIST_SLACK = 10
 #: How long a trial call may hold its claim when its step has no timeout.
 PROBE_LEASE_S = 300.0
 EVENT_PREFIX = "planrun.tool.circuit_"
@@ -322,7 +326,7 @@ class Breakers:
         view = await self.view(permit.key, fresh=True)
         if view.epoch != permit.epoch or view.state == State.CLOSED:
             return  # the trial outlived its claim and a later epoch decides
-        await self.store.write(variable_name(permit.key, "failures"), {"times": []})
+        await self._forget_failures(permit.key)
         await self._publish(replace(view, state=State.CLOSED, probe_at=None, run_id=run_id),
                             permit.settings)
         self._held.pop(permit.key, None)
@@ -330,18 +334,29 @@ class Breakers:
             await self.store.delete(variable_name(permit.key, old))
 
     async def _count_failure(self, key: str, settings: BreakerSettings, run_id: str) -> None:
-        name = variable_name(key, "failures")
+        """Each failure is a variable of its own (created: never lost to a concurrent
+        writer), named by its time so the latest are listed first; those out of the
+        window are deleted as they are met."""
+        prefix = variable_name(key, "f-")
         now = self.clock()
-        stored = await self.store.read(name) or {}
-        recent = [t for t in stored.get("times", [])
-                  if isinstance(t, (int, float)) and now - t < settings.window_s]
-        times = [*recent[max(0, len(recent) - settings.failures + 1):], now]
-        await self.store.write(name, {"times": times})
-        if len(times) >= settings.failures:
+        await self.store.claim(f"{prefix}{int(now * 1e6):017d}-{uuid.uuid4().hex[:8]}",
+                               {"at": now, "run_id": run_id})
+        latest = await self.store.latest(prefix, settings.failures + LIST_SLACK)
+        fresh = [name for name, value in latest
+                 if now - float(value.get("at", 0.0)) < settings.window_s]
+        for name, _ in latest:
+            if name not in fresh:
+                await self.store.delete(name)
+        if len(fresh) >= settings.failures:
             view = await self.view(key, fresh=True)
             if view.state == State.CLOSED:
                 await self._open(view, settings, run_id, now + settings.cooldown_s,
-                                 failures=len(times))
+                                 failures=len(fresh))
+
+    async def _forget_failures(self, key: str) -> None:
+        prefix = variable_name(key, "f-")
+        for name, _ in await self.store.latest(prefix, 200):
+            await self.store.delete(name)
 
     async def _publish(self, view: BreakerView, settings: BreakerSettings) -> None:
         await self.store.write(variable_name(view.key), view.to_value())

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from flows.breaker_store import MemoryStore, PrefectStore
-from flows.breakers import Breakers, BreakerView, State, breaker_key, variable_name
 from planrun.errors import ConfigurationError, ResourceError, StepError, TransientError
+from planrun.flows.breaker_store import MemoryStore, PrefectStore
+from planrun.flows.breakers import Breakers, BreakerView, State, breaker_key, variable_name
 from planrun.policy import BreakerSettings
 
 SETTINGS = BreakerSettings(failures=3, window_s=60, cooldown_s=10)
@@ -183,4 +183,16 @@ def test_only_one_of_many_concurrent_claims_of_a_trial_wins_on_the_server() -> N
         name = variable_name(f"svc.race{id(go)}", "probe-1")
         won = await asyncio.gather(*(store.claim(name, {"n": n}) for n in range(8)))
         assert sum(won) == 1
+    asyncio.run(go())
+
+
+def test_concurrent_failures_in_two_processes_are_all_counted_on_the_server() -> None:
+    async def go() -> None:
+        tool = f"svc.together{id(go)}"
+        settings = BreakerSettings(failures=6, window_s=60, cooldown_s=60)
+        one, two = (Breakers(PrefectStore(), settings=lambda t: settings, emit=lambda v, s: None)
+                    for _ in range(2))
+        await asyncio.gather(*(attempt(b, TransientError("down"), tool=tool)
+                               for b in (one, two) for _ in range(3)))
+        assert (await one.view(tool, fresh=True)).state == State.OPEN
     asyncio.run(go())
