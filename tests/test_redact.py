@@ -9,6 +9,7 @@ import pytest
 from planrun.errors import ConfigurationError
 from planrun.redact import (
     MASK,
+    MaskingFilter,
     Redactor,
     redact,
     redact_headers,
@@ -99,3 +100,30 @@ def test_watched_values_are_masked_in_log_records_and_tracebacks(
             log.exception("failed with %r", {"k": CANARY})
     assert CANARY not in caplog.text
     assert f"value {MASK} here" in caplog.text
+
+
+def test_a_url_httpx_cannot_parse_is_returned_as_it_was() -> None:
+    assert redact_url("http://[::1") == "http://[::1"
+
+
+def test_the_credentials_of_a_request_to_an_unparsable_url_still_include_its_headers() -> None:
+    found = request_credentials("http://[::1", {"Authorization": f"Bearer {CANARY}"},
+                                {"api_key": "query-secret-1"})
+    assert CANARY in found and "query-secret-1" in found
+
+
+def test_a_log_record_whose_stack_holds_a_secret_is_masked() -> None:
+    masking = MaskingFilter()
+    masking.redactors.append(Redactor([CANARY]))
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, "here", None, None,
+                               sinfo=f"Stack (most recent call last):\n  x = '{CANARY}'")
+    assert masking.filter(record)
+    assert CANARY not in (record.stack_info or "") and MASK in (record.stack_info or "")
+
+
+def test_a_malformed_log_record_is_passed_on_for_logging_to_report() -> None:
+    masking = MaskingFilter()
+    masking.redactors.append(Redactor([CANARY]))
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, "%s and %s", ("one",), None)
+    assert masking.filter(record)
+    assert (record.msg, record.args) == ("%s and %s", ("one",))
