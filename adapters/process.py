@@ -94,8 +94,10 @@ async def stop(proc: asyncio.subprocess.Process, tasks: list[asyncio.Future[Any]
     with suppress(TimeoutError):
         await asyncio.wait_for(_exit_code(proc), KILL_GRACE_S)
     transport = getattr(proc, "_transport", None)
-    if pending and transport is not None:
-        # A process that left the group (setsid) still holds the pipes: stop listening.
+    if transport is not None and not transport.is_closing():
+        # A process that left the group (setsid) may still hold the pipes, and a program
+        # stopped while starting was never read from: stop listening, and reap it (close
+        # polls the process), so nothing is left for the garbage collector to warn about.
         transport.close()
         await asyncio.sleep(0)  # the pipes close in a callback of the next loop pass
 

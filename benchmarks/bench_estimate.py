@@ -98,8 +98,9 @@ class Observer:
 async def read_history(name: str, expect: int) -> dict[str, list[float]]:
     """Durations of the previous runs' steps from Prefect, once all ``expect`` of each step
     have arrived (task runs reach the database through events, seconds later)."""
-    from planrun.progress_bridge.history import step_history
     from prefect.client.orchestration import get_client
+
+    from planrun.progress_bridge.history import step_history
 
     tools = {sid: "core.sleep" for sid in STEPS}
     deadline = time.monotonic() + 20
@@ -140,7 +141,6 @@ def at_checkpoints(observer: Observer, end: float) -> dict[str, dict[str, float]
 def cost_of_50_steps(repeat: int = 200) -> tuple[float, float]:
     """Median and p95 ms of one estimate of a random 50-step DAG, 4 slots, 3 running."""
     from planrun.progress_bridge.estimate import durations_from, estimate
-
     from planrun.report import RunRecord, RunStatus, StepRecord, StepStatus
 
     rng = random.Random(1)

@@ -23,9 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import percentile, table  # noqa: E402
+
 from planrun.adapters.executables import allowed_argv  # noqa: E402
 from planrun.adapters.netguard import check_connection  # noqa: E402
-
 from planrun.loader import load  # noqa: E402
 from planrun.policy import LevelPolicy, Trust  # noqa: E402
 from planrun.policy_check import policy_problems  # noqa: E402

@@ -27,12 +27,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import percentile, table  # noqa: E402
+
 from planrun.adapters.base import StepContext  # noqa: E402
 from planrun.adapters.executables import allowed_argv  # noqa: E402
 from planrun.adapters.sandbox import sandbox_problem  # noqa: E402
 from planrun.adapters.shell import ShellRun  # noqa: E402
 from planrun.adapters.workspace import Workspace  # noqa: E402
-
 from planrun.policy import LevelPolicy, Trust  # noqa: E402
 
 MODES: dict[str, tuple[LevelPolicy, int | None]] = {

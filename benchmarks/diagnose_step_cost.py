@@ -48,11 +48,11 @@ class _NoSource:
 
 
 def variants() -> dict[str, Callable[[int], Any]]:
-    import planrun.flows.plan_flow  # noqa: F401 - installs planrun's Prefect departures, as run_plan does
     import prefect.tasks
     from prefect import flow, tags, task
     from prefect.cache_policies import NO_CACHE
 
+    import planrun.flows.plan_flow  # noqa: F401 - installs planrun's Prefect departures, as run_plan does
     from planrun import report
 
     @task(cache_policy=NO_CACHE, persist_result=False)

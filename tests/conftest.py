@@ -1,8 +1,10 @@
 """Test session set-up: a real Prefect server on SQLite in a temporary planrun home.
 
 The server is started once per session, before anything imports Prefect, and every
-test process and CLI subprocess points at it through PREFECT_API_URL. Set
-PREFECT_API_URL yourself to run the suite against another server.
+test process and CLI subprocess points at it through PREFECT_API_URL. Under pytest-xdist
+(``scripts/test`` runs two workers) each worker has its own server and home: two stacks on
+one server would serve each other's runs. Set PREFECT_API_URL yourself to run the suite
+against another server (then run it without workers).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ _STARTED: dict[str, object] = {}
 #: so that ``scripts/test -m "not slow"`` is a fast inner loop of the rest.
 FULL_STACK = {
     "tests.test_cli_run", "tests.test_control", "tests.test_examples", "tests.test_restart",
-    "tests.test_server", "tests.test_stack", "tests.flows.test_prefect_ui_graph",
+    "tests.test_server", "tests.test_stack", "tests.flows.test_breaker_runs",
+    "tests.flows.test_prefect_ui_graph",
     "tests.progress_bridge.test_upstream", "tests.progress_bridge.test_view",
     "tests.security.test_bad_input", "tests.security.test_bridge", "tests.security.test_gates",
     "tests.security.test_policy", "tests.security.test_secrets", "tests.security.test_shell",
@@ -40,6 +43,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return  # pytest-xdist's controller runs no test: each worker starts its own server
     home = Path(tempfile.mkdtemp(prefix="planrun-test-home-"))
     os.environ["PLANRUN_HOME"] = str(home)
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
