@@ -10,6 +10,7 @@ adapter only implements ``execute`` (the core) and ``classify`` (the edge).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from planrun.errors import ConfigurationError, StepError, TransientError
+from planrun.errors import ConfigurationError, ResourceError, StepError, TransientError
 from planrun.policy import LevelPolicy, Trust, current_trust, load_policy
 
 if TYPE_CHECKING:
@@ -120,6 +121,20 @@ class Adapter(ABC, Generic[P]):
             hint="an unexpected error in the tool; it was retried - report it if it persists",
         )
 
+    def _within_ceiling(self, output: Any, ceiling: int | None) -> Any:
+        """``output``, unless its JSON is larger than the policy's ``output_bytes`` ceiling
+        (docs/policy.md): a plan cannot make a tool hand back more than the operator allows."""
+        if ceiling is None:
+            return output
+        size = len(json.dumps(output, default=str).encode())
+        if size > ceiling:
+            raise ResourceError(
+                f"{self.name} returned {size} bytes, over the policy's output ceiling of "
+                f"{ceiling} bytes",
+                hint="ask the tool for less (fewer results, a smaller page, max_output_bytes),"
+                     " or ask the operator to raise output_bytes")
+        return output
+
     async def refresh_credentials(self) -> None:
         """Called before retrying a ``permission`` error; adapters with tokens renew them."""
 
@@ -137,7 +152,8 @@ class Adapter(ABC, Generic[P]):
         timeout = timeout if timeout is not None else self.default_timeout_s
         try:
             async with asyncio.timeout(timeout) as scope:
-                return await self.execute(params, ctx)
+                output = await self.execute(params, ctx)
+            return self._within_ceiling(output, ctx.policy.ceilings.output_bytes)
         except StepError:
             raise
         except TimeoutError as exc:

@@ -21,12 +21,13 @@ from contextlib import suppress
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, TypeVar
 
+from pydantic import Field
+
 from planrun.adapters.atomic import atomic_write
 from planrun.adapters.base import Adapter, Health, Params, StepContext
 from planrun.adapters.workspace import RelativePath, Workspace, default_workspace_root
-from pydantic import Field
-
 from planrun.errors import AccessError, ConfigurationError, ResourceError, StepError
+from planrun.policy import current_trust, load_policy
 
 MAX_READ_BYTES = 10 * 1024 * 1024
 MAX_LIST_ENTRIES = 10_000
@@ -52,7 +53,8 @@ class _FileTool(Adapter[P]):
 
     async def health(self) -> Health:
         """The workspace root exists (or can be made), is writable, and its disk has room."""
-        return await asyncio.to_thread(workspace_health, default_workspace_root())
+        return await asyncio.to_thread(workspace_health, default_workspace_root(
+            load_policy().level(current_trust())))
 
 
 #: Below this much free space on the workspace's disk, the file tools report unhealthy.

@@ -30,10 +30,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
+
+from pydantic import AfterValidator, Field
 
 from planrun.adapters.atomic import atomic_copy, atomic_write, fsync_file
-from pydantic import AfterValidator, Field
+
+if TYPE_CHECKING:
+    from planrun.policy import LevelPolicy
 
 from planrun.errors import ConfigurationError, PlanrunError, ResourceError
 
@@ -51,8 +55,12 @@ SAFE_PATH_PATTERN = r"^(?!/)(?!(?:.*/)?\.\.(?:/|$))[^\x00]+$"
 log = logging.getLogger("planrun.workspace")
 
 
-def default_workspace_root() -> Path:
-    """``$PLANRUN_WORKSPACE`` if set, else ``./workspace`` of the current directory."""
+def default_workspace_root(policy: LevelPolicy | None = None) -> Path:
+    """The policy's ``workspace_root`` (docs/policy.md: the operator's word for plans of that
+    trust level) if set, else ``$PLANRUN_WORKSPACE``, else ``./workspace`` of the current
+    directory."""
+    if policy is not None and policy.workspace_root:
+        return Path(policy.workspace_root).expanduser()
     configured = os.environ.get(WORKSPACE_ENV, "").strip()
     return Path(configured) if configured else Path.cwd() / "workspace"
 

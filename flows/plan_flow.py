@@ -18,8 +18,13 @@ from collections.abc import Coroutine, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from prefect import Flow, flow
+from prefect.context import FlowRunContext
+from prefect.states import Cancelled, Completed, Failed, State
+
 from planrun.adapters.registry import Registry, default_registry
 from planrun.adapters.workspace import Workspace, default_workspace_root
+from planrun.errors import PlanInvalid, PolicyInvalid, UsageError
 from planrun.flows import prefect_compat
 from planrun.flows.artifacts import RunArtifacts
 from planrun.flows.checkpoints import Checkpoints
@@ -30,15 +35,10 @@ from planrun.flows.graph import RunGraph, compile_plan
 from planrun.flows.parts import RunParts
 from planrun.flows.session import RunSession, Sessions
 from planrun.flows.step import TaskRuns
-from planrun.plan_schemas.model import Plan
-from prefect import Flow, flow
-from prefect.context import FlowRunContext
-from prefect.states import Cancelled, Completed, Failed, State
-
-from planrun.errors import PlanInvalid, PolicyInvalid, UsageError
 from planrun.home import backup_dir
 from planrun.inputs import resolve_inputs
 from planrun.loader import Source
+from planrun.plan_schemas.model import Plan
 from planrun.policy import current_trust, load_policy
 from planrun.report import RunObserver, RunStatus
 from planrun.secrets import RunSecrets, forget, input_blocks
@@ -158,7 +158,9 @@ def _memory_parts(run_id: str, workspace: Workspace | None) -> RunParts:
 
 
 def _workspace(run_id: str) -> Workspace:
-    return Workspace(default_workspace_root(), backup_dir=backup_dir(run_id))
+    """The run's workspace: under the root the policy gives this trust level."""
+    policy = load_policy().level(current_trust())
+    return Workspace(default_workspace_root(policy), backup_dir=backup_dir(run_id))
 
 
 @contextmanager

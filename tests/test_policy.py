@@ -350,3 +350,35 @@ def test_a_plan_that_breaks_the_policy_does_not_run_even_when_handed_to_the_flow
 
 def _time(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+# -- the workspace root and the output ceiling, where the step runs ------------------------
+
+def test_a_run_writes_under_the_workspace_root_its_level_is_given(tmp_path: Path) -> None:
+    root = tmp_path / "operator-root"
+    policy = write(tmp_path / "policy.yaml", f"local: {{workspace_root: '{root}'}}\n")
+    plan = write(tmp_path / "plan.yaml", """\
+        version: 1
+        name: rooted
+        steps:
+          - {id: w, tool: file.write, with: {path: out.txt, content: here}}
+        """)
+    ran = cli("run", str(plan), "--json", cwd=tmp_path,
+              env={POLICY_ENV: str(policy), "PLANRUN_WORKSPACE": str(tmp_path / "env-root")})
+    assert ran.returncode == 0, ran.stderr
+    assert (root / "out.txt").read_text() == "here"  # the policy's root wins
+    assert not (tmp_path / "env-root" / "out.txt").exists()
+
+
+def test_a_tool_output_over_the_output_ceiling_fails_the_step_as_a_resource_error(
+        policy_file: Path, tmp_path: Path) -> None:
+    from planrun.adapters.core import Echo
+    from planrun.errors import ResourceError
+
+    write(policy_file, "submitted: {ceilings: {output_bytes: 100}}\n")
+    ws = Workspace(tmp_path / "ws", backup_dir=tmp_path / "backups")
+    ctx = StepContext("r", "s", ws)
+    assert asyncio.run(Echo().run({"value": "small"}, ctx, 5)) == {"value": "small"}
+    with pytest.raises(ResourceError) as refused:
+        asyncio.run(Echo().run({"value": "x" * 500}, ctx, 5))
+    assert "over the policy's output ceiling of 100 bytes" in refused.value.message
