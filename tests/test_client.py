@@ -325,3 +325,38 @@ def test_watch_gives_up_when_the_bridge_stays_away(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("PLANRUN_BRIDGE_URL", url)
     with pytest.raises(PlanrunError, match=f"lost the bridge at {url} for 0s"):
         asyncio.run(client.watch("r1", Recorder(), give_up_s=0.0))
+
+
+def test_watch_prints_each_change_then_the_outcome_and_exits_as_run_would(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from websockets.sync.server import ServerConnection as SyncConnection
+    from websockets.sync.server import serve as serve_sync
+
+    report = json.dumps({"run_id": "r1", "plan": "hello", "status": "running"}).encode()
+
+    def status_over_http(ws: SyncConnection, request: Request) -> Response | None:
+        if request.path == "/v1/runs/r1":
+            return Response(200, "OK", Headers([("Content-Type", "application/json"),
+                                                ("Content-Length", str(len(report)))]),
+                            report)
+        return None  # the WebSocket
+
+    def stream(ws: SyncConnection) -> None:
+        ws.send(_message(1, "run.started", summary="hello",
+                         plan=[{"id": "a", "tool": "shell.run"}]))
+        ws.send(_message(2, "step.failed", step_id="a", status="failed", attempt=1,
+                         error={"category": "logic", "message": "exit 1", "hint": "h"}))
+        ws.send(_message(3, "run.failed", summary="a failed"))
+
+    with serve_sync(stream, "127.0.0.1", 0, process_request=status_over_http) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        port = server.socket.getsockname()[1]
+        monkeypatch.setenv("PLANRUN_BRIDGE_URL", f"http://127.0.0.1:{port}")
+        code = main(["watch", "r1"])
+        server.shutdown()
+    out, err = capsys.readouterr()
+    assert code == 1 and out == "run r1 failed\n"
+    assert [line.split("] ", 1)[1] for line in err.splitlines()] == [
+        "run hello running (0/1)", "a failed attempt 1: logic: exit 1 — h",
+        "run hello failed (1/1): a failed"]

@@ -1,0 +1,72 @@
+"""``planrun`` commands that need no run: usage errors, ``server``, ``schema``, Ctrl-C;
+run in this process through ``main`` (the exit code is its return value)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from planrun import client, server
+from planrun.cli import main
+
+
+def test_an_unknown_flag_prints_the_usage_and_exits_2(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["status", "r1", "--colour"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: planrun ")
+    assert "planrun: error: unrecognized arguments: --colour" in err
+
+
+def test_a_missing_command_prints_the_usage_and_exits_2(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([])
+    assert exited.value.code == 2
+    assert "the following arguments are required: command" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_a_command_says_interrupted_and_exits_4(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def interrupted(run_id: str) -> dict[str, object]:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(client, "status", interrupted)
+    assert main(["status", "r1"]) == 4
+    assert capsys.readouterr().err == "planrun: interrupted\n"
+
+
+def test_schema_prints_the_plan_json_schema(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert "steps" in schema["properties"] and "version" in schema["required"]
+
+
+def test_server_status_names_the_running_server_and_its_pid(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    info = server.running()  # the test session's own server, under its PLANRUN_HOME
+    assert info is not None
+    assert main(["server", "status"]) == 0
+    assert capsys.readouterr().out == f"running: {info.url} (pid {info.pid})\n"
+
+
+def test_server_start_reuses_the_server_in_use_and_prints_its_api_and_ui(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    url = os.environ["PREFECT_API_URL"]
+    assert main(["server", "start"]) == 0
+    assert capsys.readouterr().out == f"Prefect API {url}  UI {url.removesuffix('/api')}\n"
+
+
+def test_without_a_local_server_status_exits_1_and_stop_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("PLANRUN_HOME", str(tmp_path))
+    assert main(["server", "status"]) == 1
+    assert main(["server", "stop"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["not running",
+                                                    "no local server was running"]
