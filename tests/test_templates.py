@@ -60,3 +60,37 @@ def test_a_whole_template_gives_plain_data() -> None:
     with pytest.raises(TemplateError, match="keys must be text"):
         render("{{ {(1, 2): 3} }}", {})
 
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("{{ 'a\tb'.expandtabs(10**9) }}", "expandtabs width 1000000000 is too wide"),
+    ("{{ ('\t' * 1000).expandtabs(5000) }}", "expandtabs() would make over 1 MB"),
+    ("{{ ('x' * 1000).translate({120: 'y' * 10000}) }}", "translate() would make over 1 MB"),
+    ("{{ ('-' * 10000).join(['a'] * 1000) }}", "join() would make over 1 MB"),
+    ("{{ lipsum(2000) }}", "lipsum of 2000 paragraphs of up to 100 words is too long"),
+    ("{% for i in range(1000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}",
+     "template loops or calls more than 100,000 times"),
+    ("{{ '%(a)99999999999s' % {'a': 1} }}", "format width 99999999999 is too wide"),
+    ("{{ '%.99999999999f' % 1.5 }}", "format width 99999999999 is too wide"),
+    ("{{ 'x'|indent(10**9) }}", "indent width 1000000000 is too wide"),
+    ("{{ '{}'.format_map(1, 2) }}", "format_map() takes exactly one argument"),
+])
+def test_more_caps_refuse_and_name_themselves(text: str, words: str) -> None:
+    with pytest.raises(TemplateError, match=re.escape(words)):
+        render(text, {})
+
+
+@pytest.mark.parametrize(("text", "result"), [
+    ("{{ '{x:>5}'.format_map({'x': 1}) }}", "    1"),
+    ("{{ 'a\nb'|indent('  ') }}", "a\n  b"),
+    ("{{ range(5)|join(',') }}", "0,1,2,3,4"),
+    ("{{ 'x y'|wordwrap(1, wrapstring='|') }}", "x|y"),
+    ("{{ range(3)|sum }}", 3),
+    ("{{ [[1], [2]]|sum(start=[]) }}", [1, 2]),
+    ("{{ 0.5 ** 10**9 }}", 0.0),
+    ("{{ lipsum(2, html=False) is string }}", True),
+    ("{{ '%5s' % 'x' }}", "    x"),
+])
+def test_ordinary_uses_of_the_capped_methods_and_filters_still_work(
+        text: str, result: object) -> None:
+    assert render(text, {}) == result
