@@ -87,7 +87,7 @@ def test_more_caps_refuse_and_name_themselves(text: str, words: str) -> None:
     ("{{ 'x y'|wordwrap(1, wrapstring='|') }}", "x|y"),
     ("{{ range(3)|sum }}", 3),
     ("{{ [[1], [2]]|sum(start=[]) }}", [1, 2]),
-    ("{{ 0.5 ** 10**9 }}", 0.0),
+    ("{{ 1 ** 100000 }}", 1),
     ("{{ lipsum(2, html=False) is string }}", True),
     ("{{ '%5s' % 'x' }}", "    x"),
 ])
