@@ -238,3 +238,87 @@ def test_a_local_run_with_the_defaults_keeps_httpx_own_transport() -> None:
     assert isinstance(guarded_transport(SUBMITTED, Trust.SUBMITTED), GuardedTransport)
     assert isinstance(guarded_transport(LevelPolicy(allow_private=True, hosts=["a.example"]),
                                         Trust.LOCAL), GuardedTransport)
+
+
+@pytest.mark.parametrize(("address", "rule"), [
+    ("4000::1", "reserved"), ("2001:0:4136:e378:8000:63bf:3f57:fdf2", "private"),
+])
+def test_reserved_and_teredo_addresses_are_named(address: str, rule: str) -> None:
+    assert denied_range(ipaddress.ip_address(address)) == rule
+
+
+def test_the_real_resolver_answers_localhost_and_literals_without_duplicates() -> None:
+    from planrun.adapters.netguard import resolve
+
+    found = asyncio.run(resolve("localhost", 80))
+    assert ipaddress.ip_address("127.0.0.1") in found and len(found) == len(set(found))
+    assert asyncio.run(resolve("[::1]", 80)) == [ipaddress.ip_address("::1")]
+
+
+def _unresolvable(host: str, port: int) -> Any:
+    async def fail() -> list[Address]:
+        raise OSError("Name or service not known")
+    return fail()
+
+
+def _nothing(host: str, port: int) -> Any:
+    async def empty() -> list[Address]:
+        return []
+    return empty()
+
+
+def test_check_url_says_what_is_wrong_with_a_url_it_cannot_use() -> None:
+    from planrun.errors import TransientError
+
+    with pytest.raises(ConfigurationError, match="not a valid URL"):
+        asyncio.run(check_url("http://[::1", SUBMITTED, Trust.SUBMITTED))
+    with pytest.raises(TransientError, match="cannot resolve nowhere.test: Name or service"):
+        asyncio.run(check_url("http://nowhere.test/", SUBMITTED, Trust.SUBMITTED,
+                              _unresolvable))
+    with pytest.raises(TransientError, match="nowhere.test resolves to no address"):
+        asyncio.run(check_url("http://nowhere.test/", SUBMITTED, Trust.SUBMITTED, _nothing))
+
+
+def test_the_guarded_backend_turns_lookup_failures_into_connect_errors() -> None:
+    async def never(host: str, port: int) -> list[Address]:
+        await asyncio.Event().wait()
+        return []
+
+    def connect(resolve: Any, timeout: float | None = 5) -> Any:
+        backend = GuardedBackend(SUBMITTED, Trust.SUBMITTED, resolve)
+        return asyncio.run(backend.connect_tcp("nowhere.test", 80, timeout=timeout))
+
+    with pytest.raises(httpcore.ConnectError, match="cannot resolve nowhere.test"):
+        connect(_unresolvable)
+    with pytest.raises(httpcore.ConnectError, match="nowhere.test resolves to no address"):
+        connect(_nothing)
+    with pytest.raises(httpcore.ConnectTimeout, match="resolving nowhere.test timed out"):
+        connect(never, timeout=0.05)
+
+
+def test_the_guarded_backend_refuses_unix_sockets() -> None:
+    backend = GuardedBackend(LOCAL, Trust.LOCAL)
+    with pytest.raises(ConfigurationError, match="plans may not connect to Unix sockets"):
+        asyncio.run(backend.connect_unix_socket("/run/docker.sock"))
+
+
+def test_validation_leaves_urls_without_a_usable_host_to_the_run() -> None:
+    assert literal_problem("http://[::1", SUBMITTED, Trust.SUBMITTED) is None
+    assert literal_problem("file:///etc/passwd", SUBMITTED, Trust.SUBMITTED) is None
+
+
+def test_own_services_skip_a_malformed_url_and_ask_prefect_when_it_is_loaded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import prefect  # noqa: F401 - loaded, so its settings are asked
+    from prefect.settings import get_current_settings
+
+    from planrun.adapters.netguard import own_services
+
+    monkeypatch.setenv("PLANRUN_BRIDGE_URL", "http://[::1")
+    api = os.environ.pop("PREFECT_API_URL")
+    try:
+        services = own_services()
+    finally:
+        os.environ["PREFECT_API_URL"] = api
+    expected = get_current_settings().api.url
+    assert [s[0] for s in services] == (["the Prefect API"] if expected else [])
