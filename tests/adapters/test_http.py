@@ -72,6 +72,8 @@ class Handler(BaseHTTPRequestHandler):
             "/problem+json": lambda: self._send(200, b'{"a": 1}', "application/problem+json"),
             "/badjson": lambda: self._send(200, b"{not json", "application/json"),
             "/text": lambda: self._send(200, "héllo".encode(), "text/plain; charset=utf-8"),
+            "/odd-charset": lambda: self._send(200, "héllo".encode(),
+                                               "text/plain; charset=no-such-charset"),
             "/echo": lambda: self._json(200, {
                 "method": self.command, "path": self.path, "body": body.decode(),
                 "headers": {k.lower(): v for k, v in self.headers.items()}}),
@@ -388,3 +390,26 @@ def test_parse_retry_after_of_a_future_date() -> None:
 
 def test_health_is_ok() -> None:
     assert asyncio.run(HttpRequest().health()).ok
+
+
+def test_a_text_answer_in_an_unknown_charset_is_read_as_utf8(
+        ctx: StepContext, server: Server) -> None:
+    assert request(ctx, url=server.url("/odd-charset"))["text"] == "héllo"
+
+
+def test_a_url_httpx_cannot_parse_is_a_configuration_error(ctx: StepContext) -> None:
+    with pytest.raises(ConfigurationError, match="not a valid URL"):
+        request(ctx, url="http://[::1")
+
+
+def test_a_header_that_is_not_ascii_is_a_configuration_error(
+        ctx: StepContext, server: Server) -> None:
+    with pytest.raises(ConfigurationError, match="a header is not ASCII") as caught:
+        request(ctx, url=server.url("/echo"), headers={"X-Name": "h\u00e9llo \u2603"})
+    assert caught.value.hint == "header names and values must be plain ASCII"
+
+
+def test_retry_after_as_a_date_without_a_zone_is_read_as_utc() -> None:
+    now = datetime(2026, 1, 1, 0, 0, 0, tzinfo=UTC)
+    assert parse_retry_after("Thu, 01 Jan 2026 00:00:30 -0000", now) == 30.0
+    assert parse_retry_after("not a date", now) is None
