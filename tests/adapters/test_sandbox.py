@@ -134,6 +134,16 @@ def test_the_probe_says_when_bubblewrap_cannot_make_a_sandbox(
         f"{fake} could not create a sandbox: bwrap: No permissions to create new namespace")
 
 
+def test_the_probe_says_when_the_bubblewrap_file_cannot_run_at_all(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    broken = tmp_path / "bwrap"
+    broken.write_bytes(b"\x00not a program")
+    broken.chmod(0o755)
+    monkeypatch.setenv(sandbox.BWRAP_ENV, str(broken))
+    assert sandbox.sandbox_problem() == f"{broken} could not run: [Errno 8] Exec format error: " \
+        f"'{broken}'"
+
+
 # -- the pids cgroup ------------------------------------------------------------------------
 
 def test_a_pids_cgroup_is_made_with_room_for_bubblewrap_and_removed() -> None:
@@ -201,3 +211,19 @@ def test_the_checked_path_is_what_runs() -> None:
     assert allowed_argv(["echo", "hi"], "/", "/usr/bin", ["echo"]) == ["/usr/bin/echo", "hi"]
     assert allowed_argv(["echo", "hi"], "/", "/usr/bin", None) == ["echo", "hi"]
 
+
+
+def test_no_pids_cgroup_is_made_for_a_step_without_a_process_limit() -> None:
+    assert sandbox.make_pids_cgroup(0) is None
+
+
+def test_removing_a_cgroup_that_is_already_gone_succeeds(tmp_path: Path) -> None:
+    assert sandbox.remove_cgroup(tmp_path / "gone", within=0)
+
+
+def test_a_cgroup_that_stays_busy_is_reported_after_the_wait(tmp_path: Path) -> None:
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "cgroup.procs").write_text("")  # a plain directory: rmdir keeps failing
+    assert not sandbox.remove_cgroup(busy, within=0.05)
+    assert busy.exists()
