@@ -209,6 +209,17 @@ def test_a_missing_program_is_a_configuration_error_naming_it(
     assert "PATH" in caught.value.hint
 
 
+def test_unconfined_a_file_that_is_not_a_program_is_a_configuration_error(
+        unconfined: StepContext, ws: Workspace) -> None:
+    # (In the sandbox bubblewrap's execvp hands such a file to /bin/sh, as a shell would.)
+    (ws.root / "data.bin").write_bytes(b"\x00\x01 not a program")
+    (ws.root / "data.bin").chmod(0o755)
+    with pytest.raises(ConfigurationError, match="cannot run './data.bin': Exec format error") \
+            as caught:
+        run(unconfined, argv=["./data.bin"])
+    assert caught.value.hint == "check argv[0] and the size of the arguments"
+
+
 @pytest.mark.parametrize("memory_mb", [None, 256])
 def test_a_program_without_execute_permission_is_an_access_error(
         make_ctx: Callable[..., StepContext], ws: Workspace, memory_mb: int | None) -> None:
