@@ -101,15 +101,10 @@ def _type(field: dict[str, Any]) -> str:
         return " \\| ".join(f"`{value}`" for value in field["enum"])
     branches = field.get("anyOf")
     if isinstance(branches, list):
-        if any(b.get("$ref") == "#/$defs/template" for b in branches):
-            plain = [b for b in branches if b.get("$ref") != "#/$defs/template"]
-            return _type(plain[0]) if len(plain) == 1 else "any"
         if {b.get("type") for b in branches} == {"string", "number"}:
             return "duration"
         return " or ".join(_type(b) for b in branches if b.get("type") != "null")
     kind = field.get("type")
-    if isinstance(kind, list):
-        return " or ".join(kind)
     if kind == "array":
         items = _type(field.get("items", {}))
         return f"list of ({items})" if " or " in items else f"list of {items}"

@@ -79,3 +79,21 @@ def test_every_docs_file_the_code_and_the_docs_cite_exists() -> None:
             cited.setdefault(name, str(path.relative_to(ROOT)))
     missing = {name: where for name, where in cited.items() if not (ROOT / name).exists()}
     assert not missing, f"cited but not in the repository: {missing}"
+
+
+def test_regenerating_the_reference_replaces_only_the_generated_part(tmp_path: Any) -> None:
+    from planrun.plan_schemas.reference import BEGIN, END, write
+
+    doc = tmp_path / "plan-format.md"
+    doc.write_text(f"# Hand-written head\n{BEGIN}\nstale tables\n{END}\nHand-written tail\n",
+                   encoding="utf-8")
+    write(doc)
+    text = doc.read_text(encoding="utf-8")
+    assert text.startswith(f"# Hand-written head\n{BEGIN}\n")
+    assert text.endswith(f"{END}\nHand-written tail\n")
+    assert "stale tables" not in text and generated_part(text) == render(default_registry())
+
+
+def test_a_reference_without_its_markers_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="the generated-part markers are missing"):
+        generated_part("# a plan-format.md someone rewrote by hand\n")
