@@ -98,8 +98,11 @@ async def stop(proc: asyncio.subprocess.Process, tasks: list[asyncio.Future[Any]
         # A process that left the group (setsid) may still hold the pipes, and a program
         # stopped while starting was never read from: stop listening, and reap it (close
         # polls the process), so nothing is left for the garbage collector to warn about.
-        transport.close()
+        transport.close()  # kills a direct child still alive after the grace
         await asyncio.sleep(0)  # the pipes close in a callback of the next loop pass
+    if proc.returncode is None:  # killed but not yet reaped (a loaded machine): reap it
+        with suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), KILL_GRACE_S)
 
 
 async def _terminate(proc: asyncio.subprocess.Process) -> None:
