@@ -1,0 +1,82 @@
+"""The bridge's reader of Prefect events: which events it follows, what it does with a
+malformed one, and how it notices events Prefect dropped."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+from prefect.events import Event, Resource
+
+from planrun.contract.events import StepChanged, step_event
+from planrun.contract.status import StepStatus
+from planrun.progress_bridge.prefect_source import PrefectEventSource, incoming
+from planrun.progress_bridge.timers import Later
+from planrun.progress_bridge.upstream_settings import UpstreamSettings
+
+
+def _event(name: str, resource: str, payload: dict[str, Any]) -> Event:
+    return Event(event=name, resource=Resource({"prefect.resource.id": resource}), payload=payload)
+
+
+def _step(run_id: str, n: int) -> Event:
+    payload = StepChanged(run_id=run_id, n=n, step_id="a", status=StepStatus.COMPLETED,
+                          attempt=1)
+    return _event(step_event(StepStatus.COMPLETED), f"planrun.run.{run_id}",
+                  payload.model_dump(mode="json"))
+
+
+def test_a_planrun_step_event_is_read_with_its_run_and_payload() -> None:
+    found = incoming(_step("r1", 4))
+    assert found is not None and getattr(found, "run_id", None) == "r1"
+    assert found.payload.n == 4  # type: ignore[union-attr]
+
+
+def test_events_about_other_resources_or_of_unknown_kinds_are_not_followed() -> None:
+    assert incoming(_event("prefect.task-run.Completed", "prefect.task-run.x", {})) is None
+    assert incoming(_event("planrun.run.renamed", "planrun.run.r1", {})) is None
+
+
+def test_a_malformed_planrun_event_is_left_out_with_a_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    delivered: list[Any] = []
+
+    async def take() -> bool:
+        source = PrefectEventSource(UpstreamSettings(), Later())
+
+        def deliver(event: Any) -> bool:
+            delivered.append(event)
+            return True
+
+        source._deliver = deliver
+        bad = _event(step_event(StepStatus.COMPLETED), "planrun.run.r1", {"n": "many"})
+        with caplog.at_level(logging.WARNING, logger="planrun.bridge"):
+            taken = source._take(bad)
+        return taken or source._take(_step("r1", 1))
+
+    assert asyncio.run(take())
+    assert len(delivered) == 1
+    assert "is left out" in caplog.text and "planrun.step.completed" in caplog.text
+
+
+def test_a_jump_in_a_runs_event_numbers_reads_the_missing_ones_back(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def jump() -> bool:
+        later = Later()
+        source = PrefectEventSource(UpstreamSettings(settle_s=0.0, lookback_s=1.0), later)
+        source._deliver = lambda event: True
+        with caplog.at_level(logging.WARNING, logger="planrun.bridge"):
+            source._take(_step("r1", 1))
+            source._take(_step("r1", 2))
+            source._take(_step("r1", 5))
+        recheck = source._recheck
+        assert recheck is not None
+        await recheck  # reconciles against the test session's Prefect server
+        await later.close()
+        return source._recheck is None
+
+    assert asyncio.run(jump())
+    assert "events 3..4 of run r1 are missing; reconciling" in caplog.text
+
