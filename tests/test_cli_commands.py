@@ -70,3 +70,11 @@ def test_without_a_local_server_status_exits_1_and_stop_says_so(
     assert main(["server", "stop"]) == 0
     assert capsys.readouterr().out.splitlines() == ["not running",
                                                     "no local server was running"]
+
+
+def test_submitting_a_plan_file_that_is_not_there_exits_2_naming_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.yaml"
+    assert main(["submit", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"{missing}:0:0: plan: cannot read the file: No such file or directory"
