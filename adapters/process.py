@@ -88,7 +88,8 @@ async def _feed(proc: asyncio.subprocess.Process, data: bytes) -> None:
 async def stop(proc: asyncio.subprocess.Process, tasks: list[asyncio.Future[Any]]) -> None:
     """Kill the group, let the pipes drain to EOF, reap the program."""
     await _terminate(proc)
-    _, pending = await asyncio.wait(tasks, timeout=KILL_GRACE_S)
+    # asyncio.wait refuses an empty set: a program stopped while starting has no readers yet.
+    _, pending = await asyncio.wait(tasks, timeout=KILL_GRACE_S) if tasks else (set(), set())
     for task in pending:
         task.cancel()
     with suppress(TimeoutError):
