@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from planrun.adapters.base import Adapter, Params, StepContext
 from pydantic import Field
 
+from planrun.adapters.base import Adapter, Params, StepContext
 from planrun.errors import Category, step_error
 
 

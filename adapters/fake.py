@@ -10,9 +10,9 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from planrun.adapters.base import Adapter, Params, StepContext
 from pydantic import Field
 
+from planrun.adapters.base import Adapter, Params, StepContext
 from planrun.errors import StepError
 
 

@@ -18,10 +18,10 @@ from email.utils import parsedate_to_datetime
 from typing import Annotated, Any, Literal
 
 import httpx
-from planrun.adapters.base import Adapter, Health, Params, StepContext
-from planrun.adapters.netguard import guarded_transport
 from pydantic import AfterValidator, Field, model_validator
 
+from planrun.adapters.base import Adapter, Health, Params, StepContext
+from planrun.adapters.netguard import guarded_transport
 from planrun.errors import (
     AccessError,
     ConfigurationError,

@@ -10,7 +10,6 @@ from functools import lru_cache
 from importlib.metadata import entry_points
 
 from planrun.adapters.base import Adapter
-
 from planrun.errors import DuplicateTool, PlanrunError, UnknownTool
 
 ENTRY_POINT_GROUP = "planrun.adapters"

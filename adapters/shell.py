@@ -25,14 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+from pydantic import AfterValidator, Field
+
 from planrun.adapters import sandbox
 from planrun.adapters.base import Adapter, Health, Params, StepContext
 from planrun.adapters.executables import allowed_argv
 from planrun.adapters.process import communicate, stop
 from planrun.adapters.sandbox import Limits
 from planrun.adapters.workspace import RelativePath
-from pydantic import AfterValidator, Field
-
 from planrun.errors import (
     AccessError,
     ConfigurationError,

@@ -28,14 +28,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from uuid import UUID
 
-from planrun.flows.checkpoints import Checkpoints
-from planrun.flows.scheduler import Scheduler
-
 from planrun.contract.control import (  # the names the bridge shares (docs/approvals.md)
     CONTROL_LABEL,
     asking_key,
 )
 from planrun.contract.control import TIMED_OUT as TIMED_OUT  # flows.session still takes it here
+from planrun.flows.checkpoints import Checkpoints
+from planrun.flows.scheduler import Scheduler
 
 log = logging.getLogger("planrun.control")
 

@@ -26,8 +26,6 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from planrun.plan_schemas.model import Plan
-
 from planrun.contract.events import (
     HEARTBEAT,
     RESOURCE_PREFIX,
@@ -50,6 +48,7 @@ from planrun.contract.events import (
     step_event,
 )
 from planrun.contract.times import iso
+from planrun.plan_schemas.model import Plan
 from planrun.report import RunRecord, StepRecord, StepStatus
 from planrun.summary import summarize
 

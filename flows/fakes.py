@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from uuid import UUID
 
+from prefect.exceptions import Pause
+
+from planrun.errors import CheckpointUnreadable, StepError
 from planrun.flows.checkpoints import Checkpoints, key
 from planrun.flows.parts import RunParts
 from planrun.flows.scheduler import Scheduler
 from planrun.flows.step import StepJob
 from planrun.plan_schemas.model import Step
-from prefect.exceptions import Pause
-
-from planrun.errors import CheckpointUnreadable, StepError
 from planrun.report import RunRecord, StepRecord
 
 

@@ -16,10 +16,9 @@ from typing import Any, Literal
 
 from planrun.adapters.base import Adapter
 from planrun.adapters.registry import Registry
+from planrun.durations import parse_duration
 from planrun.flows.policy import RetryPolicy
 from planrun.plan_schemas.model import Plan, Retry, Step
-
-from planrun.durations import parse_duration
 from planrun.policy import Ceilings
 from planrun.policy_check import tightest
 from planrun.report import RunRecord, StepRecord

@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterable
 from functools import lru_cache
 
 from planrun.adapters.base import Adapter, Health
-
 from planrun.errors import ConfigurationError
 from planrun.policy import current_trust
 

@@ -15,7 +15,6 @@ from uuid import UUID
 from planrun.flows.scheduler import Scheduler
 from planrun.flows.step import StepJob
 from planrun.plan_schemas.model import Step
-
 from planrun.report import RunRecord, StepRecord
 
 

@@ -14,11 +14,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from planrun.plan_schemas.model import Step
-
 from planrun import templates
 from planrun.errors import ConfigurationError
 from planrun.graph import remaining_paths
+from planrun.plan_schemas.model import Step
 from planrun.report import RunRecord, StepRecord, StepStatus
 
 Execute = Callable[[Step], Awaitable[None]]

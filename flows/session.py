@@ -15,6 +15,9 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
 
+from prefect.exceptions import Pause
+
+from planrun.errors import CheckpointUnreadable
 from planrun.flows.control import TIMED_OUT
 from planrun.flows.graph import RunGraph, StepNode
 from planrun.flows.health import unhealthy_tools
@@ -22,9 +25,6 @@ from planrun.flows.parts import EventSink, RunParts
 from planrun.flows.scheduler import Scheduler
 from planrun.flows.step import StepJob
 from planrun.plan_schemas.model import Step
-from prefect.exceptions import Pause
-
-from planrun.errors import CheckpointUnreadable
 from planrun.report import RunObserver, RunStatus, StepRecord, StepStatus, StepsView
 from planrun.secrets import RunSecrets
 
@@ -155,6 +155,7 @@ class RunSession:
         else:
             workspace.commit()
         run.ended_at = time.time()
+        await self.secrets.forget_stored()  # before anyone hears that the run has ended
         self._notify(None)
         if self.events is not None:
             self.events.ended()

@@ -18,14 +18,6 @@ from functools import partial
 from typing import Any
 from uuid import UUID
 
-from planrun.adapters.base import Adapter, StepContext
-from planrun.adapters.workspace import Workspace
-from planrun.flows.breakers import Breakers, default_breakers
-from planrun.flows.graph import FallbackCall
-from planrun.flows.health import tool_unhealthy
-from planrun.flows.policy import RetryPolicy
-from planrun.flows.prefect_compat import call_after, new_task_run_id, task_with
-from planrun.plan_schemas.model import Step
 from prefect import Task, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
@@ -35,7 +27,15 @@ from prefect.states import Cancelled, Completed, Failed, State
 from prefect.utilities.annotations import quote
 
 from planrun import templates
+from planrun.adapters.base import Adapter, StepContext
+from planrun.adapters.workspace import Workspace
 from planrun.errors import ConfigurationError, StepError
+from planrun.flows.breakers import Breakers, default_breakers
+from planrun.flows.graph import FallbackCall
+from planrun.flows.health import tool_unhealthy
+from planrun.flows.policy import RetryPolicy
+from planrun.flows.prefect_compat import call_after, new_task_run_id, task_with
+from planrun.plan_schemas.model import Step
 from planrun.redact import Redactor, redact
 from planrun.report import StepRecord, StepStatus
 

@@ -222,9 +222,17 @@ class RunSecrets:
 
     redactor: Redactor = field(default_factory=Redactor)
     named: dict[str, Any] = field(default_factory=dict)
+    #: The Secret blocks that carried this run's secret inputs to it (from the bridge).
+    stored: list[str] = field(default_factory=list)
 
     def view(self) -> SecretsView:
         return SecretsView(self.named)
+
+    async def forget_stored(self) -> None:
+        """Delete the blocks of the secret inputs: the run has ended, so no resume needs
+        them, and they go before the end is announced (nothing is left to find then)."""
+        await forget(self.stored)
+        self.stored = []
 
 
 async def load(plan: Plan, params: dict[str, Any]) -> tuple[dict[str, Any], RunSecrets]:
@@ -236,7 +244,7 @@ async def load(plan: Plan, params: dict[str, Any]) -> tuple[dict[str, Any], RunS
     """
     if not isinstance(params, dict):
         raise UsageError("the run's inputs must be a mapping of names to values")
-    found = RunSecrets()
+    found = RunSecrets(stored=input_blocks(params))
     watch_logs(found.redactor)
     secret = set(secret_input_names(plan.inputs))
     inputs = dict(params)

@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+
+from planrun import bridge_token
+from planrun.errors import PlanrunError
 from planrun.progress_bridge.app import create_app
 from planrun.progress_bridge.hub import Hub
 from planrun.progress_bridge.ratelimit import DEFAULT_BURST, DEFAULT_PER_S
 from planrun.progress_bridge.store import MessageStore
 from planrun.progress_bridge.upstream import PrefectUpstream, UpstreamSettings
-
-from planrun import bridge_token
-from planrun.errors import PlanrunError
 from planrun.secrets import forget, stored_inputs
 
 DEFAULT_PORT = 8765

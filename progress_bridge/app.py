@@ -15,6 +15,8 @@ import gc
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 from fastapi import APIRouter, FastAPI
+
+from planrun.loader import MAX_PLAN_BYTES
 from planrun.progress_bridge import apidocs, control, ops, sse, view, ws
 from planrun.progress_bridge.auth import Guard, Hosts
 from planrun.progress_bridge.flow_runs import FlowRuns, PrefectFlowRuns
@@ -25,8 +27,6 @@ from planrun.progress_bridge.ratelimit import DEFAULT_BURST, DEFAULT_PER_S, Rate
 from planrun.progress_bridge.service import ControlService
 from planrun.progress_bridge.state import BridgeState, Settings, Submit
 from planrun.progress_bridge.store import MessageStore
-
-from planrun.loader import MAX_PLAN_BYTES
 
 ROUTERS: tuple[APIRouter, ...] = (ws.router, sse.router, ops.router, control.router,
                                   view.router)

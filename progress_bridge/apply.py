@@ -13,8 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from planrun.progress_bridge.runs import RunView
-
 from planrun.contract.events import (
     Heartbeat,
     Payload,
@@ -27,6 +25,7 @@ from planrun.contract.events import (
 )
 from planrun.contract.stream import Draft
 from planrun.contract.times import iso
+from planrun.progress_bridge.runs import RunView
 
 
 @dataclass(frozen=True)

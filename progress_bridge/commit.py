@@ -11,11 +11,10 @@ from __future__ import annotations
 import logging
 import time
 
+from planrun.contract.stream import Draft, Message
 from planrun.progress_bridge.runs import RunView
 from planrun.progress_bridge.state import BridgeState
 from planrun.progress_bridge.store import StoreError
-
-from planrun.contract.stream import Draft, Message
 
 log = logging.getLogger("planrun.bridge")
 

@@ -17,14 +17,14 @@ from typing import Any
 import anyio.to_thread
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
-from planrun.progress_bridge.runs import RunView
-from planrun.progress_bridge.state import state_of
 from pydantic import BaseModel, Field, ValidationError
 
 from planrun.errors import Conflict, NotFound, PlanInvalid, PolicyInvalid, UsageError
 from planrun.inputs import resolve_inputs
 from planrun.loader import Source
 from planrun.policy import Trust, trusted_as
+from planrun.progress_bridge.runs import RunView
+from planrun.progress_bridge.state import state_of
 from planrun.validate import ValidPlan, validate_data, validate_text
 
 router = APIRouter(prefix="/v1/runs")  # behind progress_bridge.auth.Guard, as every route

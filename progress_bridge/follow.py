@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator
 
+from planrun.contract.stream import Message, heartbeat
 from planrun.progress_bridge.hub import Subscription
 from planrun.progress_bridge.store import MessageStore
-
-from planrun.contract.stream import Message, heartbeat
 
 #: Messages sent to one client before it lets the other clients and the upstream have a turn
 #: (sending does not wait when the socket's buffer has room).

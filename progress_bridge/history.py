@@ -14,16 +14,17 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from planrun.progress_bridge.estimate import durations_from
 
 from planrun.errors import PlanrunError
+from planrun.progress_bridge.estimate import durations_from
 
 log = logging.getLogger("planrun.bridge")
 
 if TYPE_CHECKING:
+    from prefect.client.orchestration import PrefectClient
+
     from planrun.progress_bridge.runs import RunView
     from planrun.progress_bridge.timers import Later
-    from prefect.client.orchestration import PrefectClient
 
 #: Past durations read per step (and per tool, for a step with none), newest first.
 PER_STEP = 20

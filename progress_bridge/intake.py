@@ -10,8 +10,9 @@ message, read already.
 
 from __future__ import annotations
 
-from planrun.progress_bridge.auth import refuse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from planrun.progress_bridge.auth import refuse
 
 JSON = "application/json"
 _WITH_BODY = frozenset({"POST", "PUT", "PATCH", "DELETE"})

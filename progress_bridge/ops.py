@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from planrun.progress_bridge.state import state_of
 from prometheus_client import CONTENT_TYPE_LATEST
+
+from planrun.progress_bridge.state import state_of
 
 router = APIRouter()
 

@@ -22,15 +22,15 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from planrun.progress_bridge.apply import FlowRunEnded, RunEvent
-from planrun.progress_bridge.source import Cursor, Deliver, Incoming
-from planrun.progress_bridge.timers import Later
-from planrun.progress_bridge.upstream_settings import UpstreamSettings
 from pydantic import BaseModel
 
 from planrun.contract.control import RUN_TAG
 from planrun.contract.events import RUN_PREFIX, SEGMENT, read_payload
 from planrun.errors import ContractError
+from planrun.progress_bridge.apply import FlowRunEnded, RunEvent
+from planrun.progress_bridge.source import Cursor, Deliver, Incoming
+from planrun.progress_bridge.timers import Later
+from planrun.progress_bridge.upstream_settings import UpstreamSettings
 
 if TYPE_CHECKING:
     from prefect.events import Event

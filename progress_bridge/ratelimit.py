@@ -13,8 +13,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from planrun.progress_bridge.auth import refuse
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from planrun.progress_bridge.auth import refuse
 
 TRY_AGAIN_LATER = 1013
 DEFAULT_PER_S = 20.0

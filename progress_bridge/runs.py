@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from planrun.progress_bridge.estimate import StepDurations, estimate
 from pydantic import BaseModel
 
 from planrun.contract.checkpoint import StepCheckpoint
@@ -36,6 +35,7 @@ from planrun.contract.stream import Draft, MessageType
 from planrun.contract.times import epoch, iso
 from planrun.contract.version import Versioned
 from planrun.errors import step_error
+from planrun.progress_bridge.estimate import StepDurations, estimate
 from planrun.report import RunRecord, StepRecord
 
 STEP_TYPES = {

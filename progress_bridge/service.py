@@ -10,10 +10,9 @@ bridge's timers (a pause that timed out, a gate no one answered) log them
 
 from __future__ import annotations
 
-from planrun.progress_bridge.flow_runs import FlowRuns
-
 from planrun.contract.control import CONTROL_LABEL, is_asking_of
 from planrun.errors import Conflict
+from planrun.progress_bridge.flow_runs import FlowRuns
 
 
 class ControlService:

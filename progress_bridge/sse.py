@@ -12,12 +12,12 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Header, Request
-from planrun.progress_bridge.follow import follow
-from planrun.progress_bridge.hub import Disconnected
-from planrun.progress_bridge.state import BridgeState, state_of
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from planrun.contract.stream import MessageType
+from planrun.progress_bridge.follow import follow
+from planrun.progress_bridge.hub import Disconnected
+from planrun.progress_bridge.state import BridgeState, state_of
 
 router = APIRouter()
 

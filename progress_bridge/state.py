@@ -6,14 +6,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from starlette.requests import HTTPConnection
+
+from planrun.loader import MAX_PLAN_BYTES
 from planrun.progress_bridge.hub import Hub
 from planrun.progress_bridge.metrics import Metrics
 from planrun.progress_bridge.ratelimit import DEFAULT_BURST, DEFAULT_PER_S
 from planrun.progress_bridge.service import ControlService
 from planrun.progress_bridge.store import MessageStore
-from starlette.requests import HTTPConnection
-
-from planrun.loader import MAX_PLAN_BYTES
 
 if TYPE_CHECKING:
     from planrun.progress_bridge.runs import RunView

@@ -14,11 +14,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from planrun.progress_bridge.runs import RunView
-from planrun.progress_bridge.service import ControlService
-
 from planrun.contract.control import TIMED_OUT
 from planrun.errors import Conflict, NotFound
+from planrun.progress_bridge.runs import RunView
+from planrun.progress_bridge.service import ControlService
 
 log = logging.getLogger("planrun.bridge")
 

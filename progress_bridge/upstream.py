@@ -21,6 +21,8 @@ import contextlib
 import logging
 import time
 
+from planrun.contract.events import HEARTBEAT, RunStarted, StepChanged
+from planrun.contract.status import StepStatus
 from planrun.progress_bridge.apply import FlowRunEnded, RunEvent, apply, end_by_flow_run, tick
 from planrun.progress_bridge.commit import Committer
 from planrun.progress_bridge.history import HistoryReader
@@ -31,9 +33,6 @@ from planrun.progress_bridge.state import BridgeState
 from planrun.progress_bridge.store import StoreError
 from planrun.progress_bridge.timers import Deadlines, Later
 from planrun.progress_bridge.upstream_settings import UpstreamSettings
-
-from planrun.contract.events import HEARTBEAT, RunStarted, StepChanged
-from planrun.contract.status import StepStatus
 
 log = logging.getLogger("planrun.bridge")
 

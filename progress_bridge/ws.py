@@ -17,11 +17,12 @@ from collections.abc import Coroutine, Mapping
 from typing import Any
 
 from fastapi import APIRouter, WebSocket
+from starlette.websockets import WebSocketDisconnect
+
 from planrun.progress_bridge.follow import follow
 from planrun.progress_bridge.hub import Disconnected, Subscription
 from planrun.progress_bridge.state import BridgeState, state_of
 from planrun.progress_bridge.store import StoreError
-from starlette.websockets import WebSocketDisconnect
 
 POLICY_VIOLATION = 1008
 UNSUPPORTED_DATA = 1003
