@@ -116,7 +116,9 @@ def circuit_events(key: str) -> list[str]:
 
 def test_a_breaker_opened_by_one_run_fails_fast_in_another_process_then_one_trial_closes_it(
         tmp_path: Path, flaky: Flaky) -> None:
-    env = policy(tmp_path, cooldown_s=10)  # longer than a planrun process takes to start
+    # Longer than a planrun process takes to start, also on a loaded machine (at 10 s a
+    # start under a load average of 11 outlived it, and the second run's step was a trial).
+    env = policy(tmp_path, cooldown_s=30)
     code, report = cli_json("run", plan(tmp_path, "opens", flaky.url(), attempts=FAILURES),
                             env=env)
     assert code == 3 and report["steps"]["s0"]["attempts"] == FAILURES
@@ -136,7 +138,7 @@ def test_a_breaker_opened_by_one_run_fails_fast_in_another_process_then_one_tria
     assert report["steps"]["s1"]["fallback_used"]
 
     # After the cool-down, three steps at once: exactly one trial call reaches the service.
-    wait_for(lambda: time.time() >= (view.probe_at or 0), what="the cool-down")
+    wait_for(lambda: time.time() >= (view.probe_at or 0), timeout=60, what="the cool-down")
     flaky.delay_s = 1.0
     code, report = cli_json("run", plan(tmp_path, "trial", flaky.url(), 3), env=env)
     assert flaky.hits == FAILURES + 1
