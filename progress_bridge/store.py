@@ -5,13 +5,13 @@ when the store opens, so numbering and replay survive a bridge restart. One brid
 process owns the file.
 
 Why commits are synchronous, on the event loop: in WAL mode with ``synchronous=NORMAL`` a
-one-row commit does not fsync and costs ≈ 15 µs at the median, ≈ 0.1 ms at p99 and a few
-ms at the rare WAL checkpoint (measured on the 2-core test machine; see
-``tests/progress_bridge/test_store.py``). A writer thread was tried first: it kept the
-loop free but, on a loop busy sending to 200 clients, each commit waited for the GIL
-(5 ms switch interval), which capped one run at ≈ 30 messages/s. A synchronous commit
-also means a message is committed before anyone can see it, with nothing in between that
-could reorder or lose it. Replay reads run in a thread, on a connection of their own.
+one-row commit does not fsync and costs ≈ 0.05 ms at the median, ≈ 0.2 ms at p99 and a few
+ms at the rare WAL checkpoint (``benchmarks/bench_store.py``, BENCHMARKS.md). A writer
+thread was tried first: it kept the loop free but, on a loop busy sending to 200 clients,
+each commit waited for the GIL (5 ms switch interval), which capped one run at ≈ 30
+messages/s. A synchronous commit also means a message is committed before anyone can see it,
+with nothing in between that could reorder or lose it. Replay reads run in a thread, on a
+connection of their own.
 """
 
 from __future__ import annotations

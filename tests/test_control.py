@@ -14,7 +14,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.helpers import wait_for
+from tests.helpers import unique_digits, wait_for
 from tests.stack import Stack, running_stack
 
 
@@ -195,27 +195,28 @@ def test_pauses_racing_with_step_ends_lose_and_repeat_nothing(stack: Stack,
 
 def test_cancel_kills_the_running_command_and_rolls_the_files_back(
         stack: Stack, tmp_path: Path) -> None:
-    text = """version: 1
+    seconds = f"60.{unique_digits()}"  # no other suite's sleep on this machine looks the same
+    text = f"""version: 1
 name: cancel-me
 steps:
-  - {id: write, tool: file.write, with: {path: cancel-me.out, content: written}}
+  - {{id: write, tool: file.write, with: {{path: cancel-me.out, content: written}}}}
   - id: long
     tool: shell.run
     needs: [write]
-    with: {argv: [sleep, "60.123"]}
+    with: {{argv: [sleep, "{seconds}"]}}
 """
     run_id = submit(stack, tmp_path, text)
     workspace = Path(stack.env["PLANRUN_WORKSPACE"])
     # The command may run in the sandbox's PID namespace: find it on the host by its argv.
     found = wait_for(lambda: [p for p in psutil.process_iter(["cmdline"])
-                              if p.info["cmdline"] == ["sleep", "60.123"]], 60,
+                              if p.info["cmdline"] == ["sleep", seconds]], 60,
                      "the long command to start")
     pid = found[0].pid
     assert (workspace / "cancel-me.out").read_text() == "written"
 
     cancelled = stack.cli("cancel", run_id)
     assert cancelled.returncode == 0 and "cancelling" in cancelled.stdout
-    final = wait_status(stack, run_id, "cancelled", timeout=20)
+    final = wait_status(stack, run_id, "cancelled")
     assert final["steps"]["long"]["status"] == "cancelled"
     wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status()
              == psutil.STATUS_ZOMBIE, 10, "the command to be killed")
