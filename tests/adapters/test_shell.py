@@ -346,7 +346,8 @@ def test_a_cancel_kills_the_whole_process_group(either: StepContext,
 def test_a_group_that_ignores_sigterm_is_killed(make_ctx: Callable[..., StepContext],
                                                 wait_until: Callable[..., None]) -> None:
     ctx = make_ctx()
-    script = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(30)"
+    script = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+              f"time.sleep(30.{unique_digits()})")  # no other suite's process looks the same
     started = time.monotonic()
     with pytest.raises(TransientError, match="timeout"):
         run(ctx, timeout=0.5, argv=[PY, "-c", script])
