@@ -11,7 +11,7 @@ from typing import Any, Protocol
 from uuid import UUID
 
 from planrun.contract.checkpoint import StepCheckpoint
-from planrun.contract.records import ErrorInfo, Progress, RunReport, StepReport
+from planrun.contract.records import ErrorInfo, Progress, Resources, RunReport, StepReport
 from planrun.contract.status import RunStatus, StepStatus
 from planrun.contract.times import epoch, iso
 from planrun.errors import StepError, step_error
@@ -51,6 +51,10 @@ class StepRecord:
     #: The Prefect task run that ran (or recorded the skip of) this step: what the task runs
     #: of the steps that need it name as their inputs (docs/prefect-ui.md).
     task_run_id: UUID | None = None
+    #: Why the step, still pending, waits (a slot, a rate limit, load); cleared as it starts.
+    note: str | None = None
+    #: What the finished step used (docs/resources.md).
+    resources: Resources | None = None
 
     @property
     def duration_s(self) -> float | None:
@@ -73,7 +77,8 @@ class StepRecord:
             started_at=iso(self.started_at), ended_at=iso(self.ended_at),
             duration_s=_duration(self.started_at, self.ended_at, now or time.time()),
             input=self.input, output=self.output, fallback_used=self.fallback_used,
-            error=self.error_info(), reason=self.reason)
+            error=self.error_info(), reason=self.reason, note=self.note,
+            resources=self.resources)
 
     def to_checkpoint(self) -> StepCheckpoint:
         """What a later process of the run restores (``restore``)."""
@@ -81,7 +86,8 @@ class StepRecord:
             status=self.status, attempts=self.attempts, started_at=iso(self.started_at),
             ended_at=iso(self.ended_at), input=self.input, output=self.output,
             error=self.error_info(), reason=self.reason, fallback_used=self.fallback_used,
-            error_caused_skip=self.error_caused_skip, task_run_id=self.task_run_id)
+            error_caused_skip=self.error_caused_skip, task_run_id=self.task_run_id,
+            resources=self.resources)
 
     def restore(self, kept: StepCheckpoint) -> None:
         """Put a checkpoint back on this record."""
@@ -93,6 +99,7 @@ class StepRecord:
                       if kept.error else None)
         self.reason, self.fallback_used = kept.reason, kept.fallback_used
         self.error_caused_skip, self.task_run_id = kept.error_caused_skip, kept.task_run_id
+        self.resources = kept.resources
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 from uuid import UUID
 
-from planrun.contract.records import ErrorInfo
+from planrun.contract.records import ErrorInfo, Resources
 from planrun.contract.status import StepStatus
 from planrun.contract.version import Versioned
 
@@ -29,6 +29,7 @@ class StepCheckpoint(Versioned):
     fallback_used: bool = False
     error_caused_skip: bool = False
     task_run_id: UUID | None = None
+    resources: Resources | None = None
 
 
 class RunCheckpoint(Versioned):

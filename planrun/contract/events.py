@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from planrun.contract.records import ErrorInfo, Progress
+from planrun.contract.records import ErrorInfo, Progress, Resources
 from planrun.contract.status import RunStatus, StepStatus
 from planrun.contract.version import Versioned
 
@@ -24,6 +24,7 @@ RUN_PAUSED = "planrun.run.paused"
 RUN_RESUMED = "planrun.run.resumed"
 RUN_AWAITING_APPROVAL = "planrun.run.awaiting_approval"
 HEARTBEAT = "planrun.run.heartbeat"
+STEP_WAITING = "planrun.step.waiting"
 #: The resource of every event of a run is this prefix and the run id.
 RESOURCE_PREFIX = RUN_PREFIX
 #: The k-th process of a run numbers its events from k * SEGMENT + 1.
@@ -119,6 +120,17 @@ class StepChanged(Payload):
     input: Any = None
     output: Any = None
     impact: Impact | None = None
+    resources: Resources | None = None
+
+
+class StepWaiting(Payload):
+    """``planrun.step.waiting``: a pending step cannot start yet; ``why`` says what it waits
+    for (a concurrency ``slot``, a ``rate`` limit, machine ``load``), ``note`` says it to a
+    person ("waiting for a shell.run slot, 3 ahead")."""
+
+    step_id: str
+    why: Literal["slot", "rate", "load"]
+    note: str
 
 
 class RunEnded(Payload):
@@ -143,7 +155,7 @@ def run_ended_event(status: RunStatus) -> str:
 
 _BY_NAME: dict[str, type[Payload]] = {
     RUN_STARTED: RunStarted, RUN_PAUSED: RunPaused, RUN_RESUMED: RunResumed,
-    RUN_AWAITING_APPROVAL: RunAwaitingApproval, HEARTBEAT: Heartbeat,
+    RUN_AWAITING_APPROVAL: RunAwaitingApproval, HEARTBEAT: Heartbeat, STEP_WAITING: StepWaiting,
     **{step_event(s): StepChanged for s in StepStatus if s != StepStatus.PENDING},
     **{run_ended_event(s): RunEnded for s in RunStatus if s.ended},
 }

@@ -46,8 +46,20 @@ class Progress(BaseModel):
                    percent=round(100.0 * done / total, 1) if total else 100.0)
 
 
+class Resources(BaseModel):
+    """What one step used (docs/resources.md): the peak memory of its process tree (its own
+    process for an in-process tool), CPU seconds (user + system) and bytes it wrote."""
+
+    model_config = ConfigDict(frozen=True)
+
+    peak_memory_bytes: int = 0
+    cpu_s: float = 0.0
+    written_bytes: int = 0
+
+
 class StepReport(BaseModel):
-    """One step's entry in the run report."""
+    """One step's entry in the run report. ``note``: why a pending step waits (a slot, a
+    rate limit, load); ``resources``: what a finished step used."""
 
     status: StepStatus
     tool: str
@@ -60,6 +72,8 @@ class StepReport(BaseModel):
     fallback_used: bool = False
     error: ErrorInfo | None = None
     reason: str | None = None
+    note: str | None = Field(default=None, exclude_if=absent)
+    resources: Resources | None = Field(default=None, exclude_if=absent)
 
 
 class RunReport(BaseModel):

@@ -3,8 +3,9 @@
 A :class:`Draft` is a message before the bridge's store numbers it; :class:`Message` is
 one numbered message, whose wire text is built once and then sent as is to every client,
 replayed from the store, and parsed back by :meth:`Message.from_json`. Every key is always
-present (null when unknown), but ``plan`` and ``impact`` only on the messages that carry
-them; an ``error`` carries no ``details`` (those are in the run report).
+present (null when unknown), but ``plan``, ``impact``, ``note``, ``tool`` and ``resources``
+only on the messages that carry them; an ``error`` carries no ``details`` (those are in the
+run report).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from planrun.contract.estimate import Estimate
 from planrun.contract.events import Impact, PlanStep
-from planrun.contract.records import ErrorInfo, Progress, absent
+from planrun.contract.records import ErrorInfo, Progress, Resources, absent
 from planrun.contract.times import now_iso
 
 
@@ -38,6 +39,10 @@ class MessageType(StrEnum):
     STEP_FAILED = "step.failed"
     STEP_SKIPPED = "step.skipped"
     STEP_AWAITING_APPROVAL = "step.awaiting_approval"
+    STEP_WAITING = "step.waiting"
+    TOOL_CIRCUIT_OPENED = "tool.circuit_opened"
+    TOOL_CIRCUIT_HALF_OPEN = "tool.circuit_half_open"
+    TOOL_CIRCUIT_CLOSED = "tool.circuit_closed"
     PROGRESS = "progress"
     HEARTBEAT = "heartbeat"
 
@@ -67,6 +72,12 @@ class Draft(BaseModel):
     estimate: Estimate | None = None
     plan: tuple[PlanStep, ...] | None = Field(default=None, exclude_if=absent)
     impact: Impact | None = Field(default=None, exclude_if=absent)
+    #: ``step.waiting`` and ``tool.circuit_*``: what a person reads (the live page's hint).
+    note: str | None = Field(default=None, exclude_if=absent)
+    #: ``tool.circuit_*``: the breaker's tool (``tool@host`` for a host's breaker).
+    tool: str | None = Field(default=None, exclude_if=absent)
+    #: A finished step's ``step.*`` message: what it used.
+    resources: Resources | None = Field(default=None, exclude_if=absent)
     ts: str = Field(default_factory=now_iso)
 
     @field_validator("type", mode="before")

@@ -24,8 +24,11 @@ SPEC_KEYS = {"seq", "run_id", "type", "ts", "step_id", "status", "attempt", "dur
 
 
 def test_every_stream_type_is_known() -> None:
-    assert len(MESSAGE_TYPES) == 16
-    assert {"run.started", "step.failed", "progress", "heartbeat"} <= set(MESSAGE_TYPES)
+    """docs/stream.md's sixteen types, and the four of guardrails (docs/limits.md)."""
+    assert len(MESSAGE_TYPES) == 20
+    assert {"run.started", "step.failed", "progress", "heartbeat", "step.waiting",
+            "tool.circuit_opened", "tool.circuit_half_open", "tool.circuit_closed"
+            } <= set(MESSAGE_TYPES)
 
 
 def test_an_unknown_type_is_refused() -> None:
