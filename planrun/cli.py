@@ -195,16 +195,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from planrun import client
+    from planrun.contract.estimate import Estimate
+    from planrun.contract.status import RunStatus
 
     report = client.status(args.run)
     if args.json:
         print(json.dumps(strict_json(report), indent=2, default=str, allow_nan=False))
         return EXIT_OK
-    ended = report["status"] in client.RUN_ENDS.values()
+    ended = RunStatus(report["status"]).ended
     progress = report.get("progress") or {}
     print(f"run {report['run_id']} ({report['plan']}): {report['status']}, "
           f"{progress.get('done', 0)}/{progress.get('total', 0)} steps")
-    estimate = client.estimate_text(report.get("estimate"), ended)
+    estimate = client.estimate_text(
+        Estimate.model_validate(report["estimate"]) if report.get("estimate") else None, ended)
     if estimate:
         print(estimate)
     for step_id, step in report["steps"].items():

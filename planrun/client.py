@@ -8,22 +8,22 @@ token comes from ``PLANRUN_TOKEN``, else from the token file ``planrun up`` made
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections.abc import Callable
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
 from planrun import bridge_token
+from planrun.contract.estimate import Estimate
+from planrun.contract.stream import Message, MessageType
 from planrun.durations import format_duration
 from planrun.errors import PlanrunError, step_error
 from planrun.report import RunObserver, RunRecord, RunStatus, StepRecord, StepStatus, epoch
 
 DEFAULT_URL = "http://127.0.0.1:8765"
 POLICY_VIOLATION = 1008  # the bridge's close code for a wrong token, host or origin
-RUN_ENDS = {f"run.{s}": s for s in ("completed", "completed_with_errors", "failed",
-                                    "cancelled")}
 
 
 def bridge_url() -> str:
@@ -95,15 +95,15 @@ def control(run_id: str, action: str, body: dict[str, Any] | None = None) -> dic
     return answer
 
 
-def estimate_text(estimate: dict[str, Any] | None, ended: bool) -> str:
+def estimate_text(estimate: Estimate | None, ended: bool) -> str:
     """"about 12s left (9s–18s)", or how much earlier than first estimated a run ended."""
-    if not estimate:
+    if estimate is None:
         return ""
-    early = estimate.get("early_by_s")
+    early = estimate.early_by_s
     if ended:
         return f"finished {format_duration(early)} earlier than first estimated" if early else ""
-    text = (f"about {format_duration(estimate['remaining_s'])} left "
-            f"({format_duration(estimate['low_s'])}–{format_duration(estimate['high_s'])})")
+    text = (f"about {format_duration(estimate.remaining_s)} left "
+            f"({format_duration(estimate.low_s)}–{format_duration(estimate.high_s)})")
     return text + (f", {format_duration(early)} ahead of the first estimate" if early else "")
 
 
@@ -113,51 +113,65 @@ class RemoteRun:
     def __init__(self, run_id: str, plan: str = "") -> None:
         self.record = RunRecord(run_id=run_id, plan=plan, steps={})
         self.last_seq = 0
-        self.estimate: dict[str, Any] | None = None
+        self.estimate: Estimate | None = None
 
-    def apply(self, message: dict[str, Any]) -> StepRecord | None:
+    def apply_frame(self, frame: str | bytes) -> StepRecord | None:
+        """Apply one frame of the stream; one this client cannot read (a message type of
+        a newer bridge) changes nothing."""
+        try:
+            message = Message.model_validate_json(frame)
+        except ValidationError:
+            return None
+        return self.apply(message)
+
+    def apply(self, message: Message) -> StepRecord | None:
         """Apply one message; the step it changed, if any."""
-        kind, run = message["type"], self.record
-        if kind == "heartbeat" or message["seq"] <= self.last_seq:
+        kind, run = message.type, self.record
+        if kind == MessageType.HEARTBEAT or message.seq <= self.last_seq:
             return None
-        self.last_seq = message["seq"]
-        self.estimate = message.get("estimate") or self.estimate
-        when = epoch(message.get("ts"))
-        if kind == "run.started":
+        self.last_seq = message.seq
+        self.estimate = message.estimate or self.estimate
+        when = epoch(message.ts)
+        if kind == MessageType.RUN_STARTED:
             run.status, run.started_at = RunStatus.RUNNING, when
-            run.plan = message.get("summary") or run.plan  # run.started names the plan
-            run.steps = {s["id"]: StepRecord(id=s["id"], tool=s["tool"], name=s.get("name"),
-                                             needs=list(s.get("needs", [])),
-                                             critical=s.get("critical", True))
-                         for s in message.get("plan") or []}
-        elif kind in RUN_ENDS:
-            run.status, run.ended_at = RunStatus(RUN_ENDS[kind]), when
-            run.reason = message.get("summary")
-        elif kind in ("run.paused", "run.resumed", "run.awaiting_approval"):
-            run.status = RunStatus(message.get("status") or "running")
-            run.reason = message.get("summary")
-        step = run.steps.get(message.get("step_id") or "")
-        if step is None:
+            run.plan = message.summary or run.plan  # run.started names the plan
+            run.steps = {s.id: StepRecord(id=s.id, tool=s.tool, name=s.name, needs=list(s.needs),
+                                          critical=s.critical)
+                         for s in message.plan or ()}
+        elif kind.ends_run:
+            run.status, run.ended_at = RunStatus(kind.removeprefix("run.")), when
+            run.reason = message.summary
+        elif kind in (MessageType.RUN_PAUSED, MessageType.RUN_RESUMED,
+                      MessageType.RUN_AWAITING_APPROVAL):
+            run.status = RunStatus(message.status or "running")
+            run.reason = message.summary
+        step = run.steps.get(message.step_id or "")
+        if step is None or message.status is None:
             return None
-        step.status = StepStatus(message["status"])
-        step.attempts = message.get("attempt") or step.attempts
-        if step.status in (StepStatus.RUNNING, StepStatus.RETRYING) and step.started_at is None:
-            step.started_at = when
-        if step.status.finished:
-            step.ended_at = when
-            duration = message.get("duration_s")
-            if duration is not None and when is not None:
-                step.started_at = when - duration
-        error = message.get("error")
-        step.error = step_error(error["category"], error["message"], hint=error.get("hint")) \
-            if error else None
-        step.reason = message.get("summary") if step.status in (
-            StepStatus.SKIPPED, StepStatus.CANCELLED) else None
-        return step
+        return _apply_to_step(step, message, StepStatus(message.status), when)
 
     @property
     def ended(self) -> bool:
-        return self.record.status.value in RUN_ENDS.values()
+        return self.record.status.ended
+
+
+def _apply_to_step(step: StepRecord, message: Message, status: StepStatus,
+                   when: float | None) -> StepRecord:
+    step.status = status
+    step.attempts = message.attempt or step.attempts
+    step.note = message.note if message.type == MessageType.STEP_WAITING else None
+    if step.status in (StepStatus.RUNNING, StepStatus.RETRYING) and step.started_at is None:
+        step.started_at = when
+    if step.status.finished:
+        step.ended_at = when
+        if message.duration_s is not None and when is not None:
+            step.started_at = when - message.duration_s
+        step.resources = message.resources or step.resources
+    error = message.error
+    step.error = step_error(error.category, error.message, hint=error.hint) if error else None
+    step.reason = message.summary if step.status in (
+        StepStatus.SKIPPED, StepStatus.CANCELLED) else None
+    return step
 
 
 async def watch(run_id: str, observer: RunObserver, *, plan: str = "",
@@ -180,7 +194,7 @@ async def watch(run_id: str, observer: RunObserver, *, plan: str = "",
                 down_since, delay = None, 0.2
                 async for frame in socket:
                     before = (remote.record.status, remote.last_seq)
-                    step = remote.apply(json.loads(frame))
+                    step = remote.apply_frame(frame)
                     if step is not None or remote.record.status != before[0]:
                         observer.changed(remote.record, step)  # not for progress ticks
                     if remote.ended:

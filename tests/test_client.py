@@ -21,6 +21,7 @@ from websockets.http11 import Request, Response
 
 from planrun import bridge_token, client
 from planrun.cli import main
+from planrun.contract.estimate import Estimate
 from planrun.errors import PlanrunError
 from planrun.report import RunRecord, RunStatus, StepRecord, StepStatus
 
@@ -132,7 +133,7 @@ def test_status_json_prints_the_report_with_infinities_as_null(
     assert main(["status", "r1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"run_id": "r1", "x": [1.5]}
     assert client.estimate_text(None, ended=False) == ""
-    assert client.estimate_text({"early_by_s": None}, ended=True) == ""
+    assert client.estimate_text(Estimate(remaining_s=0, low_s=0, high_s=0), ended=True) == ""
 
 
 def test_status_of_an_unknown_run_shows_the_bridges_reason_and_exits_1(
@@ -260,7 +261,8 @@ def test_watch_follows_a_run_across_a_dropped_socket_without_missing_or_repeatin
             await ws.send(_message(1, "run.started", summary="hello", plan=plan))
             await ws.send(_message(2, "step.running", step_id="a", status="running",
                                    attempt=1))
-            await ws.send(_message(3, "progress", estimate={"remaining_s": 1.0}))
+            await ws.send(_message(3, "progress", estimate={"remaining_s": 1.0, "low_s": 0.5,
+                                                              "high_s": 2.0}))
             return  # the socket drops mid-run
         await ws.send(_message(2, "step.running", step_id="a", status="running", attempt=1))
         await ws.send(json.dumps({"type": "heartbeat"}))
@@ -281,7 +283,31 @@ def test_watch_follows_a_run_across_a_dropped_socket_without_missing_or_repeatin
     assert record.status == RunStatus.COMPLETED_WITH_ERRORS and record.reason == "b failed"
     assert record.steps["a"].duration_s == 0.5
     assert record.steps["b"].error is not None and record.steps["b"].error.message == "exit 1"
-    assert remote[0].estimate == {"remaining_s": 1.0} and remote[0].ended
+    assert remote[0].estimate == Estimate(remaining_s=1.0, low_s=0.5, high_s=2.0)
+    assert remote[0].ended
+
+
+def test_a_remote_run_keeps_a_waiting_steps_note_and_a_finished_steps_resources() -> None:
+    remote = client.RemoteRun("r1")
+    remote.apply_frame(_message(1, "run.started", plan=[{"id": "a", "tool": "shell.run"}]))
+    remote.apply_frame(_message(2, "step.waiting", step_id="a", status="pending",
+                                note="waiting for a shell.run slot, 3 ahead"))
+    assert remote.record.steps["a"].note == "waiting for a shell.run slot, 3 ahead"
+    remote.apply_frame(_message(3, "step.running", step_id="a", status="running", attempt=1))
+    assert remote.record.steps["a"].note is None
+    used = {"peak_memory_bytes": 1024, "cpu_s": 0.5, "written_bytes": 10}
+    remote.apply_frame(_message(4, "step.completed", step_id="a", status="completed",
+                                attempt=1, duration_s=1.0, resources=used))
+    resources = remote.record.steps["a"].resources
+    assert resources is not None and resources.model_dump() == used
+
+
+def test_a_remote_run_ignores_a_frame_it_cannot_read() -> None:
+    remote = client.RemoteRun("r1")
+    assert remote.apply_frame(_message(1, "run.started", plan=[])) is None
+    assert remote.apply_frame(_message(2, "tool.exploded", step_id="a")) is None
+    assert remote.apply_frame("not json") is None
+    assert remote.last_seq == 1 and remote.record.status == RunStatus.RUNNING
 
 
 def test_watch_stops_at_once_when_the_bridge_refuses_the_token() -> None:
