@@ -117,12 +117,26 @@ def ensure_server() -> str:
     url = os.environ.get("PREFECT_API_URL")
     if not url:
         with _locked():
-            info = running() or start()
+            info = running() or _start_telling()
         url = info.url
     os.environ["PREFECT_API_URL"] = url
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     return url
+
+
+def _start_telling() -> ServerInfo:
+    """``start()``, saying so on stderr (a terminal or a pipe): the first start on a new
+    machine creates the server's database and takes tens of seconds."""
+    first = not (data_dir() / "prefect").exists()
+    why = " (its first start creates the database: ≈ 30 s)" if first else ""
+    print(f"planrun: starting the local Prefect server{why}; log: {data_dir() / 'server.log'}",
+          file=sys.stderr, flush=True)
+    began = time.monotonic()
+    info = start()
+    print(f"planrun: the Prefect server is up at {info.url.removesuffix('/api')} "
+          f"({time.monotonic() - began:.0f} s)", file=sys.stderr, flush=True)
+    return info
 
 
 def start(port: int | None = None) -> ServerInfo:
@@ -182,8 +196,11 @@ def _listens(pid: int, port: int) -> bool:
 
 
 def port_taken(port: int, host: str = "127.0.0.1") -> bool:
-    """Whether something already listens on (or holds) ``host:port``."""
+    """Whether something already listens on ``host:port``. ``SO_REUSEADDR``, as the
+    servers themselves bind: the connections of a killed bridge waiting out ``TIME_WAIT``
+    do not count (they would refuse a restart for a minute)."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

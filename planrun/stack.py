@@ -121,20 +121,28 @@ def _reachable(host: str) -> str:
     return host
 
 
+#: What a child gets when ``planrun up`` dies without stopping it (SIGKILL, the OOM killer).
+#: The bridge stops cleanly on SIGTERM. The runner must not get SIGTERM: like a normal
+#: shutdown it would cancel the runs in flight. Killed, it leaves its run processes running:
+#: each run goes on, and one whose process dies too is recovered (README, "Crashes").
+DEATH_SIGNALS = {"runner": signal.SIGKILL}
+
+
 def _spawn(name: str, argv: list[str], env: dict[str, str], logs: Path) -> Child:
     log = logs / f"{name}.log"
+    death = DEATH_SIGNALS.get(name, signal.SIGTERM)
     with log.open("ab") as sink:
         process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=sink,
                                    stderr=subprocess.STDOUT, start_new_session=True,
-                                   preexec_fn=_die_with_parent)
+                                   preexec_fn=lambda: _die_with_parent(death))
     return Child(name, argv, process, log)
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when ``planrun up`` dies, even by SIGKILL (Linux)."""
+def _die_with_parent(death: signal.Signals) -> None:
+    """In the child: get ``death`` when ``planrun up`` dies, even by SIGKILL (Linux)."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc.prctl(PR_SET_PDEATHSIG, death)
 
 
 def _wait_ready(children: list[Child], bridge: str, api: str, stop: list[int]) -> None:

@@ -9,6 +9,7 @@ import json
 import signal
 from pathlib import Path
 
+import httpx
 import psutil
 
 from tests.helpers import wait_for
@@ -82,3 +83,30 @@ def test_a_paused_run_stays_paused_and_a_running_one_is_recovered_after_sigkill_
     assert (workspace / "paused.txt").read_text().split() == ["s1", "s2", "s3", "s4"]
     # s1 had finished: kept; s2 was in flight when everything died: it ran again.
     assert (workspace / "running.txt").read_text().split() == ["s1", "s2", "s2", "s3"]
+
+
+def test_a_sigkill_of_planrun_up_alone_costs_no_run_and_up_starts_again_at_once(
+        tmp_path: Path) -> None:
+    """The OOM killer takes ``planrun up`` only: the run in flight goes on (its later steps
+    run), and a new ``planrun up`` binds the port the dead bridge's connections still hold."""
+    stack = Stack(tmp_path)
+    try:
+        (tmp_path / "survivor.yaml").write_text(held("survivor", 5, holding=[3]))
+        run_id = stack.cli("submit", str(tmp_path / "survivor.yaml")).stdout.strip()
+        wait_for(lambda: report(stack, run_id)["steps"].get("s3", {}).get("status")
+                 == "running", 60, "s3 to run")
+        runner = [p for p in stack.children() if "planrun.flows.serve" in " ".join(p.cmdline())]
+        assert len(runner) == 1
+        with httpx.Client(headers=stack.auth) as kept:  # a client connected through the kill
+            assert kept.get(f"{stack.url}/healthz").status_code == 200
+            stack.process.send_signal(signal.SIGKILL)
+            stack.process.wait(10)
+            wait_for(lambda: not runner[0].is_running() or runner[0].status()
+                     == psutil.STATUS_ZOMBIE, 10, "the runner to die with planrun up")
+            stack = Stack(tmp_path, port=stack.port)  # at once: no "already in use"
+        release(stack, "survivor")
+        wait_for(lambda: status_is(stack, run_id, "completed"), 90, "the run to complete")
+        ran = (tmp_path / "workspace" / "survivor.txt").read_text().split()
+        assert ran[-2:] == ["s4", "s5"] and ran.count("s3") >= 1
+    finally:
+        stack.stop()

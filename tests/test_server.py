@@ -27,6 +27,10 @@ def test_first_run_starts_a_local_server_and_later_runs_reuse_it(tmp_path: Path)
         first = subprocess.run([*PLANRUN, "run", str(plan), "--json"], capture_output=True,
                                text=True, env=env, timeout=180)
         assert first.returncode == 0, first.stderr
+        # Said at once, through a pipe too: the first start takes tens of seconds.
+        assert first.stderr.startswith("planrun: starting the local Prefect server (its first "
+                                       "start creates the database"), first.stderr
+        assert "planrun: the Prefect server is up at http://127.0.0.1:" in first.stderr
         state = json.loads((home / "server.json").read_text())
         assert (home / "prefect" / "prefect.db").exists(), "SQLite under the data directory"
         assert json.loads(first.stdout)["prefect_url"].startswith(state["url"].removesuffix("/api"))
@@ -34,6 +38,7 @@ def test_first_run_starts_a_local_server_and_later_runs_reuse_it(tmp_path: Path)
         second = subprocess.run([*PLANRUN, "run", str(plan), "--json"], capture_output=True,
                                 text=True, env=env, timeout=180)
         assert second.returncode == 0, second.stderr
+        assert "starting the local Prefect server" not in second.stderr
         assert json.loads((home / "server.json").read_text()) == state, "same server reused"
         assert psutil.pid_exists(state["pid"])
 
