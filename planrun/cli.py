@@ -210,7 +210,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     for step_id, step in report["steps"].items():
         error = step.get("error")
         note = (f"{error['category']}: {error['message']}" if error
-                else step.get("reason") or step.get("summary") or "")
+                else step.get("note") or step.get("reason") or step.get("summary") or "")
+        used = client.resources_text(step.get("resources"))
+        note += f" ({used})" if used and note else used
         took = f"{step['duration_s']:.2f}s" if step.get("duration_s") is not None else ""
         print(f"  {step_id:<20} {step['status']:<12} {step['attempts'] or '':>2} {took:>8}  "
               f"{note}".rstrip())

@@ -95,6 +95,29 @@ def control(run_id: str, action: str, body: dict[str, Any] | None = None) -> dic
     return answer
 
 
+def resources_text(resources: dict[str, Any] | None) -> str:
+    """What a finished step used, compactly: ``42 MiB peak · 0.3 s CPU · 12 KiB written``
+    (docs/resources.md); empty when nothing was measured."""
+    if not resources:
+        return ""
+    parts = []
+    if resources.get("peak_memory_bytes"):
+        parts.append(f"{_bytes(resources['peak_memory_bytes'])} peak")
+    if resources.get("cpu_s") is not None:
+        parts.append(f"{resources['cpu_s']:.1f} s CPU")
+    if resources.get("written_bytes"):
+        parts.append(f"{_bytes(resources['written_bytes'])} written")
+    return " · ".join(parts)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" or n >= 10 else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 def estimate_text(estimate: dict[str, Any] | None, ended: bool) -> str:
     """"about 12s left (9s–18s)", or how much earlier than first estimated a run ended."""
     if not estimate:
@@ -140,6 +163,9 @@ class RemoteRun:
         if step is None:
             return None
         step.status = StepStatus(message["status"])
+        step.note = message.get("note") if kind == "step.waiting" else None
+        if kind == "step.waiting":  # only the note changes: why it has not started yet
+            return step
         step.attempts = message.get("attempt") or step.attempts
         if step.status in (StepStatus.RUNNING, StepStatus.RETRYING) and step.started_at is None:
             step.started_at = when
