@@ -194,28 +194,35 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from planrun import client
     from planrun.contract.estimate import Estimate
-    from planrun.contract.status import RunStatus
+    from planrun.contract.records import RunReport
 
     report = client.status(args.run)
     if args.json:
         print(json.dumps(strict_json(report), indent=2, default=str, allow_nan=False))
         return EXIT_OK
-    ended = RunStatus(report["status"]).ended
-    progress = report.get("progress") or {}
-    print(f"run {report['run_id']} ({report['plan']}): {report['status']}, "
-          f"{progress.get('done', 0)}/{progress.get('total', 0)} steps")
+    try:
+        run = RunReport.model_validate(report)
+    except ValidationError as exc:
+        raise PlanrunError(f"the bridge answered a report this planrun cannot read: "
+                           f"{exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}") from None
+    print(f"run {run.run_id} ({run.plan}): {run.status}, "
+          f"{run.progress.done}/{run.progress.total} steps")
     estimate = client.estimate_text(
-        Estimate.model_validate(report["estimate"]) if report.get("estimate") else None, ended)
+        Estimate.model_validate(report["estimate"]) if report.get("estimate") else None,
+        run.status.ended)
     if estimate:
         print(estimate)
-    for step_id, step in report["steps"].items():
-        error = step.get("error")
-        note = (f"{error['category']}: {error['message']}" if error
-                else step.get("reason") or step.get("summary") or "")
-        took = f"{step['duration_s']:.2f}s" if step.get("duration_s") is not None else ""
-        print(f"  {step_id:<20} {step['status']:<12} {step['attempts'] or '':>2} {took:>8}  "
+    for step_id, step in run.steps.items():
+        error = step.error
+        note = (f"{error.category}: {error.message}" if error else step.note or step.reason or "")
+        used = client.resources_text(step.resources)
+        note += f" ({used})" if used and note else used
+        took = f"{step.duration_s:.2f}s" if step.duration_s is not None else ""
+        print(f"  {step_id:<20} {step.status:<12} {step.attempts or '':>2} {took:>8}  "
               f"{note}".rstrip())
     if report.get("prefect_url"):
         print(f"Prefect UI: {report['prefect_url']}")

@@ -45,6 +45,8 @@ def _raw_note(step: StepRecord) -> str:
         return f"{step.error.category}: {step.error.message} — {step.error.hint}"
     if step.fallback_used:
         return "completed by its fallback"
+    if step.note and not step.status.finished:  # why it waits (a slot, a rate limit, load)
+        return step.note
     return step.reason or ""
 
 

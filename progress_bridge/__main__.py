@@ -4,6 +4,8 @@ It follows the Prefect server at ``PREFECT_API_URL``, keeps its message log unde
 ``--data`` and starts submitted runs as runs of the ``planrun/plan-runner`` deployment.
 Clients present the token of :mod:`planrun.bridge_token` (``PLANRUN_TOKEN``, else the
 token file, made on first start); listening beyond loopback needs ``PLANRUN_TOKEN``.
+``PLANRUN_MAX_QUEUED`` and ``PLANRUN_MAX_MEMORY_PERCENT`` say when submissions must wait
+(``progress_bridge.admission``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import uvicorn
 
 from planrun import bridge_token
 from planrun.errors import PlanrunError
+from planrun.progress_bridge.admission import Admission
 from planrun.progress_bridge.app import create_app
 from planrun.progress_bridge.hub import Hub
 from planrun.progress_bridge.ratelimit import DEFAULT_BURST, DEFAULT_PER_S
@@ -73,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         token = bridge_token.for_bind(args.host)
-    except PlanrunError as exc:
+        admission = Admission.from_env()
+    except (PlanrunError, ValueError) as exc:
         parser.exit(2, f"planrun bridge: {exc}\n")
     hosts = [*args.allow_host, *([args.host] if args.host not in WILDCARDS else [])]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -87,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
                              recover_attempts=int(os.environ.get("PLANRUN_RECOVER_ATTEMPTS",
                                                                  "2")),
                              dead_after_s=float(os.environ.get("PLANRUN_DEAD_AFTER_S", "60")))),
-                         submit=submit_deployment)
+                         submit=submit_deployment, admission=admission)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                 timeout_graceful_shutdown=5, ws_max_size=1 << 16)
         asyncio.run(uvicorn.Server(config).serve())

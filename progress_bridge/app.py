@@ -18,6 +18,7 @@ from fastapi import APIRouter, FastAPI
 
 from planrun.loader import MAX_PLAN_BYTES
 from planrun.progress_bridge import apidocs, control, ops, sse, view, ws
+from planrun.progress_bridge.admission import Admission
 from planrun.progress_bridge.auth import Guard, Hosts
 from planrun.progress_bridge.flow_runs import FlowRuns, PrefectFlowRuns
 from planrun.progress_bridge.hub import Hub, Subscription
@@ -39,7 +40,8 @@ def create_app(store: MessageStore, hub: Hub, token: str, *,
                max_body_bytes: int = MAX_PLAN_BYTES, heartbeat_s: float = 15.0,
                max_frame_bytes: int = 4096, close_timeout_s: float = 30.0,
                upstream: Upstream | None = None, submit: Submit | None = None,
-               flow_runs: FlowRuns | None = None, freeze_gc: bool = True) -> FastAPI:
+               flow_runs: FlowRuns | None = None, admission: Admission | None = None,
+               freeze_gc: bool = True) -> FastAPI:
     """A bridge app serving ``store`` and ``hub``; the caller owns and closes the store.
 
     Every route but ``GET /healthz`` requires ``token`` (not empty); ``Host`` and
@@ -48,8 +50,9 @@ def create_app(store: MessageStore, hub: Hub, token: str, *,
     ``upstream``, if given, runs for the app's lifetime with the app's
     :class:`BridgeState` and is cancelled at shutdown; ``submit`` starts the runs
     ``POST /v1/runs`` asks for; ``flow_runs`` are the flow runs run control acts on
-    (Prefect's, unless a test gives a fake). ``freeze_gc`` moves start-up objects out of the
-    collector's reach, which took the worst fan-out latency from ≈ 200 ms to ≈ 50 ms
+    (Prefect's, unless a test gives a fake); ``admission`` says when ``POST /v1/runs``
+    answers 503 (the defaults of :class:`Admission`). ``freeze_gc`` moves start-up objects
+    out of the collector's reach, which took the worst fan-out latency from ≈ 200 ms to ≈ 50 ms
     (docs/prefect-notes.md).
     """
     if not token:
@@ -62,7 +65,9 @@ def create_app(store: MessageStore, hub: Hub, token: str, *,
                         heartbeat_s=heartbeat_s, max_frame_bytes=max_frame_bytes,
                         close_timeout_s=close_timeout_s)
     control = ControlService(flow_runs if flow_runs is not None else PrefectFlowRuns())
-    state = BridgeState(store, hub, metrics, control, settings, submit=submit)
+    state = BridgeState(store, hub, metrics, control, settings, submit=submit,
+                        admission=admission or Admission())
+    metrics.follow(state)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from planrun.contract.breakers import BreakerChange
 from planrun.contract.events import (
     Heartbeat,
     Payload,
@@ -22,6 +23,7 @@ from planrun.contract.events import (
     RunResumed,
     RunStarted,
     StepChanged,
+    StepWaiting,
 )
 from planrun.contract.stream import Draft
 from planrun.contract.times import iso
@@ -51,6 +53,16 @@ class FlowRunEnded:
 
 
 @dataclass(frozen=True)
+class BreakerChanged:
+    """A tool's circuit breaker changed (``planrun.tool.circuit_*``): every active run
+    whose plan uses the tool hears of it."""
+
+    id: str
+    occurred: float
+    change: BreakerChange
+
+
+@dataclass(frozen=True)
 class Applied:
     """What applying an event gives: the view to commit (None: the event is not for a
     run the bridge knows yet) and the messages to commit with it."""
@@ -61,6 +73,7 @@ class Applied:
 
 _ON: dict[type[Payload], Callable[[RunView, Any, float], list[Draft]]] = {
     StepChanged: RunView.on_step,
+    StepWaiting: RunView.on_waiting,
     RunEnded: RunView.on_ended,
     RunPaused: RunView.on_paused,
     RunAwaitingApproval: RunView.on_awaiting_approval,
@@ -89,6 +102,23 @@ def end_by_flow_run(view: RunView, ended: FlowRunEnded, now: float) -> Applied:
     """The run's view once Prefect ended its flow run without planrun's end event."""
     new = view.copy()
     return Applied(new, new.on_flow_run_ended(ended.state, ended.message, now))
+
+
+def breaker_changed(view: RunView, changed: BreakerChanged, now: float) -> Applied:
+    """The run's ``tool.circuit_*`` message, if its plan uses the breaker's tool."""
+    new = view.copy()
+    return Applied(new, _dated(new.on_breaker(changed.change, now), changed.occurred))
+
+
+def told_of_breakers(applied: Applied, breakers: list[BreakerChange], occurred: float,
+                     now: float) -> Applied:
+    """A run that starts while breakers of its tools are open or half-open is told so
+    right after ``run.started``, in the same commit."""
+    if applied.view is None or not applied.drafts:
+        return applied
+    told = [d for change in breakers if change.state != "closed"
+            for d in applied.view.on_breaker(change, now)]
+    return Applied(applied.view, applied.drafts + _dated(told, occurred))
 
 
 def tick(view: RunView, now: float) -> Applied:

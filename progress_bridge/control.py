@@ -4,7 +4,9 @@ estimate), and ``POST /v1/runs/{id}/pause|resume|cancel``.
 Control requests go to the bridge's control service (``progress_bridge.service``), which
 makes them states of the run's Prefect flow run, so they work the same from here, from the
 CLI and from the Prefect UI; its ``NotFound`` answers 404 and its ``Conflict`` (a request
-the run's state does not allow) 409 with the reason (docs/http-api.md).
+the run's state does not allow) 409 with the reason (docs/http-api.md). A submission
+while the queue is full or memory short answers 503 with ``Retry-After``
+(``progress_bridge.admission``), before the plan is read: a busy bridge spends nothing on it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from planrun.inputs import resolve_inputs
 from planrun.loader import Source
 from planrun.policy import Trust, trusted_as
 from planrun.progress_bridge.runs import RunView
-from planrun.progress_bridge.state import state_of
+from planrun.progress_bridge.state import BridgeState, state_of
 from planrun.validate import ValidPlan, validate_data, validate_text
 
 router = APIRouter(prefix="/v1/runs")  # behind progress_bridge.auth.Guard, as every route
@@ -50,17 +52,40 @@ class Invalid(BaseModel):
     errors: list[dict[str, Any]]
 
 
+class Busy(BaseModel):
+    detail: str = Field(description="what is full and when to try again, for a person")
+    reason: str = Field(description="`queue_full` or `memory`")
+    retry_after_s: int = Field(description="the same as the Retry-After header")
+
+
 @router.post("", status_code=201, response_model=Submitted,
              responses={422: {"model": Invalid, "description": "the plan or inputs are not "
                               "valid; every error is listed"},
                         413: {"description": "the plan is too large"},
-                        503: {"description": "this bridge cannot start runs"}},
+                        503: {"model": Busy, "description": "the queue is full or the "
+                              "machine short of memory (Retry-After says when to try "
+                              "again), or this bridge cannot start runs"}},
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/json": {"schema": Submission.model_json_schema()}}}})
 async def submit(request: Request) -> Any:
     """Validate a plan as ``planrun validate`` does and start it as a Prefect deployment
     run; ``run_id`` is the flow run's id."""
     state = state_of(request)
+    # Submissions under way count as queued: a burst cannot slip past the limit together.
+    refusal = state.admission.refusal(state.queued() + state.admission.submitting)
+    if refusal is not None:
+        state.metrics.refused.labels(reason=refusal.reason).inc()
+        return JSONResponse(status_code=503, content=refusal.body(),
+                            headers={"Retry-After": str(refusal.retry_after_s)})
+    state.admission.submitting += 1
+    try:
+        return await _submit(state, request)
+    finally:
+        state.admission.submitting -= 1
+
+
+async def _submit(state: BridgeState, request: Request) -> Any:
+    """Validate and start one admitted submission."""
     # The body's type and size were checked while it was read (progress_bridge.intake);
     # parsing and validating a plan of megabytes takes seconds: a worker thread does it,
     # so the loop goes on serving every other client meanwhile.

@@ -1,11 +1,28 @@
 """Prometheus metrics of one bridge, in a registry of its own (several bridges may share
-a process, as in tests)."""
+a process, as in tests).
+
+Counters and gauges of what passes through are updated as it passes; what the bridge
+holds (its runs' waiting steps and queue, the breakers it knows of) is read when
+``/metrics`` is asked (:class:`_Guardrails`), so it never drifts from the views.
+"""
 
 from __future__ import annotations
 
+from collections import Counter as Tally
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from planrun.contract.stream import RUN_ENDED, Message, MessageType
+from planrun.progress_bridge.breakers import STATE_VALUES
+
+if TYPE_CHECKING:
+    from planrun.progress_bridge.state import BridgeState
+
+#: What a waiting step can wait for (``planrun.contract.events.StepWaiting.why``).
+WAITING_FOR = ("slot", "rate", "load")
 
 _STEP_ENDED = frozenset({MessageType.STEP_COMPLETED, MessageType.STEP_FAILED,
                          MessageType.STEP_SKIPPED})
@@ -37,6 +54,13 @@ class Metrics:
                              registry=r)
         self.step_duration = Histogram("planrun_step_duration_seconds",
                                        "Step durations by tool", ["tool"], registry=r)
+        self.refused = Counter("planrun_bridge_runs_refused",
+                               "Submissions answered 503 (queue_full, memory)", ["reason"],
+                               registry=r)
+
+    def follow(self, state: BridgeState) -> None:
+        """Report the guardrails ``state`` holds: breakers, waiting steps, the queue."""
+        self.registry.register(_Guardrails(state))
 
     def observe(self, message: Message) -> None:
         """Count one published message toward the run and step metrics."""
@@ -53,3 +77,34 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+class _Guardrails:
+    """A collector read at every scrape (prometheus_client's custom collector)."""
+
+    def __init__(self, state: BridgeState) -> None:
+        self.state = state
+
+    def describe(self) -> list[Metric]:
+        return []  # read at every scrape, never at registration
+
+    def collect(self) -> Iterator[Metric]:
+        breakers = sorted(self.state.breakers.latest.items())
+        states = GaugeMetricFamily(
+            "planrun_breaker_state", "Circuit breaker state by breaker (tool, or "
+            "http.request@host): 0 closed, 1 half-open, 2 open", labels=["breaker"])
+        opened = CounterMetricFamily(
+            "planrun_breaker_opened", "Times each circuit breaker opened, since it first "
+            "did (kept by the breaker, across restarts)", labels=["breaker"])
+        for key, change in breakers:
+            states.add_metric([key], STATE_VALUES[change.state])
+            opened.add_metric([key], change.opened_total)
+        views = [v for v in list(self.state.views.values()) if not v.ended]
+        counts = Tally(why for view in views for why in view.waiting.values())
+        waiting = GaugeMetricFamily("planrun_steps_waiting", "Steps waiting to start, by "
+                                    "what they wait for (slot, rate, load)", labels=["why"])
+        for why in sorted({*WAITING_FOR, *counts}):
+            waiting.add_metric([why], counts[why])
+        yield from (states, opened, waiting)
+        yield GaugeMetricFamily("planrun_runs_queued", "Runs submitted to this bridge that "
+                                "have not started yet", value=self.state.queued())

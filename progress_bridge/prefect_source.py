@@ -1,8 +1,11 @@
 """The bridge's real event source: Prefect's event stream, reconciled from its REST API.
 
-One subscription receives planrun's own events (``planrun.*``, ``planrun.contract.events``)
-and Prefect's flow-run state events. Each is read into the contract's models here
-(``model_validate``); one that does not validate is logged and left out.
+One subscription receives planrun's own events (``planrun.*``: a run's, about the resource
+``planrun.run.<id>``, ``planrun.contract.events``; a tool's circuit breaker's, about
+``planrun.tool.<key>``, ``planrun.contract.breakers``) and Prefect's flow-run state events.
+Each is read into the contract's models here (``model_validate``); one that does not
+validate is logged and left out. The breakers' state as the bridge starts is read from
+their Prefect Variables (:meth:`PrefectEventSource.breakers`).
 
 Prefect's stream can lose events: its server drops events for a subscriber whose queue is
 full, backfills only the last minute on connect, and an event still waiting in the
@@ -24,10 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
+from planrun.contract import breakers
+from planrun.contract.breakers import EVENT_STATES, VARIABLE_PREFIX, BreakerChange
 from planrun.contract.control import RUN_TAG
 from planrun.contract.events import RUN_PREFIX, SEGMENT, read_payload
 from planrun.errors import ContractError
-from planrun.progress_bridge.apply import FlowRunEnded, RunEvent
+from planrun.progress_bridge.apply import BreakerChanged, FlowRunEnded, RunEvent
 from planrun.progress_bridge.source import Cursor, Deliver, Incoming
 from planrun.progress_bridge.timers import Later
 from planrun.progress_bridge.upstream_settings import UpstreamSettings
@@ -42,6 +47,7 @@ FLOW_RUN_PREFIX = "prefect.flow-run."
 PLANRUN_TAG = f"prefect.tag.{RUN_TAG}"
 FLOW_RUN_ENDS = frozenset({"CRASHED", "FAILED", "CANCELLED", "COMPLETED"})
 PAGE = 50  # POST /events/filter answers at most 50 events a page
+VARIABLES_PAGE = 200  # POST /variables/filter answers at most 200 a page
 TURN = 16  # events handled between two turns given to the senders
 
 
@@ -123,6 +129,30 @@ class PrefectEventSource:
             log.info("reconciled %d event(s) from Prefect's API", new)
         return new
 
+    async def breakers(self) -> list[BreakerChange]:
+        """Every breaker's state from its Prefect Variable (failures and claims, also
+        named ``planrun-breaker-…``, have no ``state`` and are passed over)."""
+        from prefect.client.orchestration import get_client
+
+        found: list[BreakerChange] = []
+        try:
+            async with get_client() as client:
+                offset = 0
+                while True:
+                    response = await client.request(  # type: ignore[call-overload]
+                        "POST", "/variables/filter", json={
+                            "variables": {"name": {"like_": f"{VARIABLE_PREFIX}%"}},
+                            "offset": offset, "limit": VARIABLES_PAGE, "sort": "NAME_ASC"})
+                    page = response.json()
+                    offset += len(page)
+                    found += [change for v in page if (change := _breaker(v.get("value")))]
+                    if len(page) < VARIABLES_PAGE:
+                        return found
+        except Exception as exc:  # noqa: BLE001 - events will tell; /metrics starts empty
+            log.warning("the breakers' state could not be read from Prefect (%s: %s)",
+                        type(exc).__name__, exc)
+            return found
+
     def _take(self, event: Event) -> bool:
         try:
             found = incoming(event)
@@ -166,6 +196,9 @@ def incoming(event: Event) -> Incoming | None:
             return None
         return FlowRunEnded(str(event.id), event.resource.id.removeprefix(FLOW_RUN_PREFIX),
                             occurred, state.type, state.message)
+    if event.event in EVENT_STATES and event.resource.id.startswith(breakers.RESOURCE_PREFIX):
+        change = BreakerChange.read({**event.payload, "state": EVENT_STATES[event.event]})
+        return BreakerChanged(str(event.id), occurred, change)
     if not event.resource.id.startswith(RUN_PREFIX):
         return None
     payload = read_payload(event.event, event.payload)
@@ -173,6 +206,18 @@ def incoming(event: Event) -> Incoming | None:
         return None
     return RunEvent(str(event.id), event.event, event.resource.id.removeprefix(RUN_PREFIX),
                     occurred, payload)
+
+
+def _breaker(value: Any) -> BreakerChange | None:
+    """A breaker Variable's value as a change; None for a failure, a claim, or a value
+    that does not read (logged)."""
+    if not isinstance(value, dict) or not {"key", "state"} <= value.keys():
+        return None
+    try:
+        return BreakerChange.read(value)
+    except ContractError as exc:
+        log.warning("a breaker Variable is left out: %s", exc)
+        return None
 
 
 async def _numbered(events: Any) -> AsyncIterator[tuple[int, Event]]:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from planrun.contract.breakers import BreakerChange, BreakerState
 from planrun.contract.checkpoint import StepCheckpoint
 from planrun.contract.estimate import Estimate
 from planrun.contract.events import (
@@ -28,6 +29,7 @@ from planrun.contract.events import (
     RunResumed,
     RunStarted,
     StepChanged,
+    StepWaiting,
 )
 from planrun.contract.records import ErrorInfo
 from planrun.contract.status import RunStatus, StepStatus
@@ -49,6 +51,10 @@ STEP_TYPES = {
     StepStatus.CANCELLED: MessageType.STEP_FAILED,
     StepStatus.AWAITING_APPROVAL: MessageType.STEP_AWAITING_APPROVAL,
 }
+#: The message of each state a breaker changes to.
+BREAKER_TYPES: dict[BreakerState, MessageType] = {
+    "open": MessageType.TOOL_CIRCUIT_OPENED, "half_open": MessageType.TOOL_CIRCUIT_HALF_OPEN,
+    "closed": MessageType.TOOL_CIRCUIT_CLOSED}
 #: The shortest time between two computed estimates of one run.
 ESTIMATE_EVERY_S = 0.25
 #: How Prefect's terminal flow-run states end a run whose engine could not say so itself.
@@ -80,6 +86,7 @@ class SavedStep(StepCheckpoint):
     needs: list[str] = []
     critical: bool = True
     estimate_s: float = 0.0
+    note: str | None = None
 
 
 class SavedView(Versioned):
@@ -99,6 +106,8 @@ class SavedView(Versioned):
     pause_deadline: PauseDeadline | None = None
     step_n: dict[str, int] = {}
     summaries: dict[str, str | None] = {}
+    waiting: dict[str, str] = {}
+    told: dict[str, tuple[int, int]] = {}
     steps: list[SavedStep] = []
 
 
@@ -118,6 +127,10 @@ class RunView:
     recoveries: int = 0
     gate: Gate | None = None
     pause_deadline: PauseDeadline | None = None
+    #: What each waiting step waits for (``slot``, ``rate``, ``load``: /metrics counts them).
+    waiting: dict[str, str] = field(default_factory=dict)
+    #: The latest change of each breaker the run was told of (its ``order``).
+    told: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def ended(self) -> bool:
@@ -139,7 +152,8 @@ class RunView:
                                              for sid, s in self.record.steps.items()},
                          rolled_back=list(self.record.rolled_back))
         return replace(self, record=record, step_n=dict(self.step_n),
-                       summaries=dict(self.summaries))
+                       summaries=dict(self.summaries), waiting=dict(self.waiting),
+                       told=dict(self.told))
 
     @classmethod
     def started(cls, run_id: str, p: RunStarted, now: float) -> tuple[RunView, list[Draft]]:
@@ -164,6 +178,7 @@ class RunView:
         if step is None or p.n <= self.step_n.get(step.id, 0):
             return []
         self.step_n[step.id] = p.n
+        self._stop_waiting(step)
         step.status = p.status
         step.attempts = p.attempt or step.attempts
         step.started_at = epoch(p.started_at) or step.started_at
@@ -175,13 +190,43 @@ class RunView:
             step.input = p.input
         if p.status.finished:
             step.output = p.output
+            step.resources = p.resources if p.resources is not None else step.resources
         self.summaries[step.id] = p.summary
         return [self._step_draft(step, now, impact=p.impact)]
+
+    def on_waiting(self, p: StepWaiting, now: float) -> list[Draft]:
+        """Apply ``planrun.step.waiting``: a step not started yet (or between attempts)
+        waits for a slot, a rate limit or load; its ``note`` says so until it starts. The
+        same note again makes no message."""
+        step = self.record.steps.get(p.step_id)
+        if (step is None or self.ended or p.n <= self.step_n.get(step.id, 0)
+                or step.status not in (StepStatus.PENDING, StepStatus.RETRYING)):
+            return []
+        self.step_n[step.id] = p.n
+        if step.note == p.note and self.waiting.get(step.id) == p.why:
+            return []
+        step.note, self.waiting[step.id] = p.note, p.why
+        return [self._draft(MessageType.STEP_WAITING, now, step_id=step.id,
+                            status=str(step.status), attempt=step.attempts or None,
+                            note=p.note)]
+
+    def on_breaker(self, change: BreakerChange, now: float) -> list[Draft]:
+        """A breaker of a tool this run's plan uses changed (``tool.circuit_*``); a change
+        the run was told of already, or one older than it, makes no message."""
+        if self.ended or not any(s.tool == change.tool for s in self.record.steps.values()):
+            return []
+        if tuple(self.told.get(change.key, (-1, -1))) >= change.order:
+            return []
+        self.told[change.key] = change.order
+        return [self._draft(BREAKER_TYPES[change.state], now, status=change.state,
+                            tool=change.key, note=change.note(now))]
 
     def on_ended(self, p: RunEnded, now: float) -> list[Draft]:
         """Apply a ``planrun.run.<status>`` event."""
         if self.ended:
             return []
+        for step in self.record.steps.values():
+            self._stop_waiting(step)
         record = self.record
         record.status, record.reason = p.status, p.reason
         record.ended_at = epoch(p.ended_at) or now
@@ -234,6 +279,7 @@ class RunView:
         for step in self.record.steps.values():
             if step.status.finished:
                 continue
+            self._stop_waiting(step)
             step.status = (StepStatus.CANCELLED if step.started_at is not None
                            else StepStatus.SKIPPED)
             step.ended_at, step.reason = now, why
@@ -276,6 +322,10 @@ class RunView:
         self._estimate, self.estimate_stale = (now, fresh), False
         return fresh
 
+    def _stop_waiting(self, step: StepRecord) -> None:
+        step.note = None
+        self.waiting.pop(step.id, None)
+
     def _step_draft(self, step: StepRecord, now: float, impact: Impact | None = None) -> Draft:
         error = step.error
         shown = error is not None and step.status in (StepStatus.FAILED, StepStatus.RETRYING)
@@ -286,7 +336,7 @@ class RunView:
             summary=self.summaries.get(step.id),
             error=ErrorInfo(category=str(error.category), message=error.message,
                             hint=error.hint) if shown and error is not None else None,
-            impact=impact)
+            impact=impact, resources=step.resources if step.status.finished else None)
 
     def _draft(self, kind: MessageType, now: float, **fields: Any) -> Draft:
         return Draft(type=kind, progress=self.record.progress(), estimate=self.estimate(now),
@@ -301,9 +351,10 @@ class RunView:
             started_at=r.started_at, ended_at=r.ended_at, prefect_url=r.flow_run_url,
             rolled_back=r.rolled_back, max_parallel=self.max_parallel,
             recoveries=self.recoveries, gate=self.gate, pause_deadline=self.pause_deadline,
-            step_n=self.step_n, summaries=self.summaries,
+            step_n=self.step_n, summaries=self.summaries, waiting=self.waiting,
+            told=self.told,
             steps=[SavedStep(id=s.id, tool=s.tool, name=s.name, needs=s.needs,
-                             critical=s.critical, estimate_s=s.estimate_s,
+                             critical=s.critical, estimate_s=s.estimate_s, note=s.note,
                              **dict(s.to_checkpoint())) for s in r.steps.values()],
         ).model_dump_json(fallback=str)
 
@@ -317,13 +368,15 @@ class RunView:
                                             needs=list(s.needs), critical=s.critical,
                                             estimate_s=s.estimate_s)
             step.restore(s)
+            step.note = s.note
         record = RunRecord(run_id=saved.run_id, plan=saved.plan, steps=steps,
                            status=saved.status, started_at=saved.started_at,
                            ended_at=saved.ended_at, reason=saved.reason,
                            flow_run_url=saved.prefect_url, rolled_back=saved.rolled_back)
         return cls(record, max_parallel=saved.max_parallel, step_n=saved.step_n,
                    summaries=saved.summaries, recoveries=saved.recoveries, gate=saved.gate,
-                   pause_deadline=saved.pause_deadline)
+                   pause_deadline=saved.pause_deadline, waiting=saved.waiting,
+                   told=saved.told)
 
 
 def _error(info: ErrorInfo | None) -> Any:

@@ -13,9 +13,10 @@ import asyncio
 from collections.abc import Callable
 from typing import Protocol
 
-from planrun.progress_bridge.apply import FlowRunEnded, RunEvent
+from planrun.contract.breakers import BreakerChange
+from planrun.progress_bridge.apply import BreakerChanged, FlowRunEnded, RunEvent
 
-Incoming = RunEvent | FlowRunEnded
+Incoming = RunEvent | FlowRunEnded | BreakerChanged
 Deliver = Callable[[Incoming], bool]
 #: The time of the newest event the bridge committed (epoch s), None before the first.
 Cursor = Callable[[], float | None]
@@ -34,14 +35,20 @@ class EventSource(Protocol):
         """Deliver again the events since the bridge's cursor; how many were new."""
         ...
 
+    async def breakers(self) -> list[BreakerChange]:
+        """The state of every breaker now (empty when it cannot be read)."""
+        ...
+
 
 class FakeEventSource:
     """Events a test hands in, on the bridge's loop: :meth:`push` delivers one at once,
-    :meth:`reconcile` delivers every event pushed so far again."""
+    :meth:`reconcile` delivers every event pushed so far again; ``known_breakers`` are
+    the breakers' state the bridge reads as it starts."""
 
-    def __init__(self) -> None:
+    def __init__(self, known_breakers: list[BreakerChange] | None = None) -> None:
         self.connected = asyncio.Event()
         self.pushed: list[Incoming] = []
+        self.known_breakers = list(known_breakers or [])
         self._deliver: Deliver | None = None
         self._stop: asyncio.Event | None = None
 
@@ -64,3 +71,6 @@ class FakeEventSource:
     async def reconcile(self) -> int:
         assert self._deliver is not None
         return sum(self._deliver(event) for event in list(self.pushed))
+
+    async def breakers(self) -> list[BreakerChange]:
+        return list(self.known_breakers)

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import HTTPConnection
 
 from planrun.loader import MAX_PLAN_BYTES
+from planrun.progress_bridge.admission import Admission
+from planrun.progress_bridge.breakers import BreakerBoard
 from planrun.progress_bridge.hub import Hub
 from planrun.progress_bridge.metrics import Metrics
 from planrun.progress_bridge.ratelimit import DEFAULT_BURST, DEFAULT_PER_S
@@ -53,7 +55,8 @@ class Settings:
 class BridgeState:
     """The store, hub, metrics and settings of one bridge app; ``control`` pauses, resumes,
     cancels and answers runs; ``views`` are the runs the upstream follows, by run id;
-    ``submit`` starts runs (None: this bridge cannot)."""
+    ``submit`` starts runs (None: this bridge cannot); ``admission`` says when it must
+    wait; ``breakers`` is what the bridge knows of the tools' circuit breakers."""
 
     store: MessageStore
     hub: Hub
@@ -62,6 +65,12 @@ class BridgeState:
     settings: Settings
     views: dict[str, RunView] = field(default_factory=dict)
     submit: Submit | None = None
+    admission: Admission = field(default_factory=Admission)
+    breakers: BreakerBoard = field(default_factory=BreakerBoard)
+
+    def queued(self) -> int:
+        """Runs submitted here whose engine has not announced them yet."""
+        return sum(1 for view in self.views.values() if view.pending)
 
 
 def state_of(conn: HTTPConnection) -> BridgeState:

@@ -12,6 +12,12 @@ run is first scheduled again (``recover_attempts`` times), and goes on from its
 checkpoints. While a step runs, a ``progress`` message with a fresh estimate goes out
 every ``tick_s``. Deadlines (a pause, a gate, a silent run) act through the control
 service (``progress_bridge.timers``).
+
+A breaker's change (``planrun.tool.circuit_*``) is about a tool, not a run: it goes to every
+active run whose plan uses the tool, one commit per run, and each run's view records what
+it was told, so a change that comes again tells no run twice; a run that starts while a
+breaker of its tools is open is told in the commit of its ``run.started``
+(``progress_bridge.breakers``).
 """
 
 from __future__ import annotations
@@ -23,7 +29,16 @@ import time
 
 from planrun.contract.events import HEARTBEAT, RunStarted, StepChanged
 from planrun.contract.status import StepStatus
-from planrun.progress_bridge.apply import FlowRunEnded, RunEvent, apply, end_by_flow_run, tick
+from planrun.progress_bridge.apply import (
+    BreakerChanged,
+    FlowRunEnded,
+    RunEvent,
+    apply,
+    breaker_changed,
+    end_by_flow_run,
+    tick,
+    told_of_breakers,
+)
 from planrun.progress_bridge.commit import Committer
 from planrun.progress_bridge.history import HistoryReader
 from planrun.progress_bridge.prefect_source import PrefectEventSource
@@ -61,6 +76,7 @@ class Upstream:
         for run_id, text in state.store.run_states().items():
             state.views[run_id] = view = RunView.from_json(text)
             self.deadlines.watch(run_id, view)  # deadlines set before a restart
+        self.later.soon(0.0, self._load_breakers)
         ticker = asyncio.ensure_future(self._tick() if self.settings.ticks
                                        else asyncio.Event().wait())
         try:
@@ -77,11 +93,18 @@ class Upstream:
             return False
         if isinstance(event, FlowRunEnded):
             return self._flow_run_ended(event)
+        if isinstance(event, BreakerChanged):
+            return self._breaker_changed(event)
         self.deadlines.seen_alive(event.run_id, event.occurred)
         if event.name == HEARTBEAT:
             return False  # a sign of life only
-        view = self.state.views.get(event.run_id)
-        applied = apply(view, event, time.time())
+        view, now = self.state.views.get(event.run_id), time.time()
+        applied = apply(view, event, now)
+        if isinstance(event.payload, RunStarted):
+            applied = told_of_breakers(applied, self.state.breakers.not_closed(),
+                                       event.occurred, now)
+            if view is not None and view.pending and applied.drafts:
+                self.state.admission.started(now)  # a submitted run left the queue
         if applied.view is None:
             return False
         if not self.committer.commit(event.run_id, applied.view, applied.drafts,
@@ -101,6 +124,36 @@ class Upstream:
                     and payload.duration_s is not None):
                 self.state.metrics.observe_step_duration(step.tool, payload.duration_s)
         self.deadlines.watch(event.run_id, view)
+
+    # Breakers --------------------------------------------------------------------------
+
+    def _breaker_changed(self, event: BreakerChanged) -> bool:
+        """Tell every active run whose plan uses the breaker's tool. The event is marked
+        seen once every run's commit went through; until then it is applied again when it
+        comes again, and the runs told already are not told twice (``RunView.on_breaker``)."""
+        now, done = time.time(), True
+        if self.state.breakers.update(event.change):
+            for run_id, view in list(self.state.views.items()):
+                if view.ended or view.pending:
+                    continue
+                applied = breaker_changed(view, event, now)
+                if applied.view is not None and applied.drafts:
+                    done &= self.committer.commit(run_id, applied.view, applied.drafts)
+        if not done:
+            return False
+        try:
+            self.state.store.commit(f"breaker {event.change.key}", [], None,
+                                    event_id=event.id, occurred=event.occurred)
+        except StoreError as exc:
+            log.error("cannot store the change of breaker %s: %s", event.change.key, exc)
+            return False
+        return True
+
+    async def _load_breakers(self) -> None:
+        """The breakers' state now (Prefect Variables), for /metrics and for runs that
+        start while one is open; events received meanwhile are not undone."""
+        for change in await self.source.breakers():
+            self.state.breakers.update(change)
 
     # Runs Prefect ended ---------------------------------------------------------------
 

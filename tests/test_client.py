@@ -95,13 +95,16 @@ def _closed_port() -> int:
 
 def _report(**extra: Any) -> dict[str, Any]:
     return {"run_id": "r1", "plan": "hello", "status": "running",
-            "progress": {"done": 1, "total": 3},
+            "progress": {"done": 1, "total": 3, "percent": 33.3},
             "estimate": {"remaining_s": 12.0, "low_s": 9.0, "high_s": 18.0, "early_by_s": 2.0},
             "steps": {
-                "greet": {"status": "completed", "attempts": 1, "duration_s": 0.25},
-                "fetch": {"status": "retrying", "attempts": 2, "duration_s": None,
+                "greet": {"status": "completed", "tool": "core.echo", "attempts": 1,
+                          "duration_s": 0.25},
+                "fetch": {"status": "retrying", "tool": "http.request", "attempts": 2,
+                          "duration_s": None,
                           "error": {"category": "transient", "message": "reset"}},
-                "ship": {"status": "skipped", "attempts": 0, "reason": "rejected"},
+                "ship": {"status": "skipped", "tool": "shell.run", "attempts": 0,
+                         "reason": "rejected"},
             },
             "prefect_url": "http://127.0.0.1:4200/runs/flow-run/abc", **extra}
 
@@ -118,6 +121,38 @@ def test_status_prints_the_run_its_estimate_each_step_and_the_prefect_link(
     assert lines[4].split() == ["ship", "skipped", "rejected"]
     assert lines[5] == "Prefect UI: http://127.0.0.1:4200/runs/flow-run/abc"
     assert bridge.seen[0][2]["Authorization"] == "Bearer t0ken-for-tests"
+
+
+def test_status_of_a_report_it_cannot_read_says_so_without_a_traceback(
+        bridge: FakeBridge, capsys: pytest.CaptureFixture[str]) -> None:
+    bridge.answers[("GET", "/v1/runs/r1")] = Canned(200, _report(status="exploded"))
+    assert main(["status", "r1"]) == 1
+    assert "the bridge answered a report this planrun cannot read" in capsys.readouterr().err
+
+
+def test_status_shows_why_a_step_waits_and_what_a_finished_step_used(
+        bridge: FakeBridge, capsys: pytest.CaptureFixture[str]) -> None:
+    report = _report()
+    report["steps"]["greet"]["resources"] = {"peak_memory_bytes": 44_040_192, "cpu_s": 0.31,
+                                             "written_bytes": 12_288}
+    report["steps"]["later"] = {"status": "pending", "tool": "shell.run", "attempts": 0,
+                                "note": "waiting for a shell.run slot, 3 ahead"}
+    bridge.answers[("GET", "/v1/runs/r1")] = Canned(200, report)
+    assert main(["status", "r1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split("0.25s", 1)[1].strip() == "42 MiB peak · 0.3 s CPU · 12 KiB written"
+    assert lines[5].split("pending", 1)[1].strip() == "waiting for a shell.run slot, 3 ahead"
+
+
+def test_a_submission_the_bridge_is_too_busy_for_says_when_to_try_again(
+        bridge: FakeBridge, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plan = tmp_path / "hello.yaml"
+    plan.write_text(PLAN)
+    detail = "the queue is full: 3 run(s) wait to start (the limit is 3); try again in 15 s"
+    bridge.answers[("POST", "/v1/runs")] = Canned(503, {"detail": detail, "reason": "queue_full",
+                                                        "retry_after_s": 15})
+    assert main(["submit", str(plan)]) == 1
+    assert capsys.readouterr().err.strip() == f"planrun: the bridge answered 503: {detail}"
 
 
 def test_status_of_an_ended_run_says_how_much_earlier_it_finished(
@@ -386,3 +421,19 @@ def test_watch_prints_each_change_then_the_outcome_and_exits_as_run_would(
     assert [line.split("] ", 1)[1] for line in err.splitlines()] == [
         "run hello running (0/1)", "a failed attempt 1: logic: exit 1 — h",
         "run hello failed (1/1): a failed"]
+
+
+def test_watch_shows_why_a_step_waits_until_it_starts_and_ignores_breaker_lines() -> None:
+    from planrun.console import _note
+
+    remote = client.RemoteRun("r1")
+    plan = [{"id": "build", "tool": "shell.run"}]
+    remote.apply_frame(_message(1, "run.started", plan=plan, summary="p"))
+    waited = remote.apply_frame(_message(2, "step.waiting", step_id="build", status="pending",
+                                         note="waiting for a shell.run slot, 3 ahead"))
+    assert waited is not None and _note(waited) == "waiting for a shell.run slot, 3 ahead"
+    assert remote.apply_frame(_message(3, "tool.circuit_opened", status="open",
+                                       tool="search.web", note="failing")) is None
+    running = remote.apply_frame(_message(4, "step.running", step_id="build",
+                                          status="running", attempt=1))
+    assert running is not None and running.note is None and _note(running) == ""

@@ -20,10 +20,9 @@ import uvicorn
 
 from planrun.contract.stream import Draft, Message
 from planrun.progress_bridge.app import create_app
-from planrun.progress_bridge.apply import RunEvent
 from planrun.progress_bridge.hub import Hub
 from planrun.progress_bridge.runs import RunView
-from planrun.progress_bridge.source import FakeEventSource
+from planrun.progress_bridge.source import FakeEventSource, Incoming
 from planrun.progress_bridge.state import BridgeState
 from planrun.progress_bridge.store import MessageStore
 from planrun.progress_bridge.upstream import Upstream, UpstreamSettings
@@ -91,7 +90,7 @@ class ServedBridge:
         """Run ``coro`` on the bridge's loop; await the result from the test's loop."""
         return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
 
-    async def push(self, event: RunEvent) -> bool:
+    async def push(self, event: Incoming) -> bool:
         """Deliver ``event`` through the fake source; whether it was new (committed)."""
         return await self.call(self.source.push(event))
 

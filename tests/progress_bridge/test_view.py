@@ -19,6 +19,7 @@ from urllib.parse import quote
 import httpx
 from playwright.sync_api import BrowserContext, Locator, Page, expect
 
+from planrun.contract.records import Resources
 from planrun.contract.stream import (
     Draft,
     ErrorInfo,
@@ -343,6 +344,72 @@ def _ago(now: float, seconds: float) -> str:
     return stamp
 
 
-def _wanted_screenshot() -> list[Path]:
+def _wanted_screenshot(name: str | None = None) -> list[Path]:
+    """Where $PLANRUN_LIVE_PAGE_PNG says (another ``name`` beside it, for a second page)."""
     wanted = os.environ.get(SCREENSHOT_ENV)
-    return [Path(wanted)] if wanted else []
+    if not wanted:
+        return []
+    return [Path(wanted) if name is None else Path(wanted).with_name(f"{name}.png")]
+
+
+def test_waits_breakers_and_resources_are_hints_a_person_reads(
+        bridge: ServedBridge, page: Page, tmp_path: Path) -> None:
+    """docs/stream.md: a waiting step's note under its box, a line per open breaker that
+    goes when it closes, and what a finished step used; saved as guardrails.png."""
+    plan = (
+        PlanStep(id="sources", tool="http.request", name="Fetch the source list", estimate_s=1.5),
+        PlanStep(id="search", tool="search.web", name="Search the web", needs=("sources",),
+                 estimate_s=4.0),
+        PlanStep(id="build", tool="shell.run", name="Build the charts", needs=("sources",),
+                 estimate_s=3.0),
+        PlanStep(id="report", tool="file.write", name="Write the brief",
+                 needs=("search", "build"), estimate_s=0.5),
+    )
+    failing = ("search.web is failing in every run (5 in 60 s); the next try is at 14:02:10")
+    messages = [
+        Draft(type="run.started", plan=plan, progress=Progress.of(0, 4), summary="market-brief",
+              estimate=Estimate(remaining_s=9.0, low_s=6.0, high_s=15.0)),
+        step("step.completed", "sources", duration_s=1.4, summary="HTTP 200 · 12 sources",
+             progress=Progress.of(1, 4),
+             resources=Resources(peak_memory_bytes=44_040_192, cpu_s=0.3, written_bytes=12_288)),
+        Draft(type="tool.circuit_opened", status="open", tool="search.web", note=failing),
+        step("step.running", "search"),
+        Draft(type="step.waiting", step_id="build", status="pending",
+              note="waiting for a shell.run slot, 3 ahead"),
+    ]
+    open_view(page, bridge, "9c1d")
+    for message in messages:
+        emit(bridge, "9c1d", message)
+    expect(page.locator("body")).to_have_attribute("data-applied", str(len(messages)))
+    expect(field(page, "build", "wait")).to_have_text("waiting for a shell.run slot, 3 ahead")
+    expect(box(page, "build")).to_have_attribute("data-status", "pending")
+    expect(field(page, "sources", "resources")).to_have_text(  # no break inside a part
+        "42\u00a0MiB\u00a0peak · 0.3\u00a0s\u00a0CPU · 12\u00a0KiB\u00a0written")
+    breaker = page.locator('#breakers [data-breaker="search.web"]')
+    expect(breaker).to_have_attribute("data-state", "open")
+    expect(breaker).to_have_text(f"calls stopped{failing}")
+    for path in [tmp_path / "guardrails.png", *_wanted_screenshot("guardrails")]:
+        page.screenshot(path=path, animations="disabled")
+
+    emit(bridge, "9c1d", Draft(type="tool.circuit_half_open", status="half_open",
+                               tool="search.web", note="search.web: one trial call goes through"))
+    expect(breaker).to_have_attribute("data-state", "half_open")
+    emit(bridge, "9c1d", Draft(type="tool.circuit_closed", status="closed", tool="search.web",
+                               note="search.web works again"))
+    expect(page.locator("#breakers .breaker")).to_have_count(0)
+    emit(bridge, "9c1d", step("step.running", "build"))
+    expect(field(page, "build", "wait")).to_be_hidden()
+    expect(field(page, "search", "resources")).to_be_hidden()  # nothing measured yet
+
+
+def test_hostile_notes_and_tools_are_shown_as_text(bridge: ServedBridge, page: Page) -> None:
+    open_view(page, bridge, "r5")
+    emit(bridge, "r5", Draft(type="run.started", plan=DIAMOND))
+    emit(bridge, "r5", Draft(type="step.waiting", step_id="parse", status="pending",
+                             note=HOSTILE))
+    emit(bridge, "r5", Draft(type="tool.circuit_opened", status="open", tool=HOSTILE,
+                             note=f"<script>window.pwned=3</script>{HOSTILE}"))
+    expect(field(page, "parse", "wait")).to_have_text(HOSTILE)
+    expect(page.locator("#breakers .breaker")).to_contain_text(HOSTILE)
+    assert page.locator("img, #breakers script").count() == 0
+    assert page.evaluate("window.pwned") is None
