@@ -15,8 +15,10 @@ from typing import Any, Protocol
 import httpx
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
+from planrun.contract.breakers import VARIABLE_PREFIX
+
 #: Every breaker variable's name starts with this (docs/policy.md, "Circuit breakers").
-PREFIX = "planrun-breaker-"
+PREFIX = VARIABLE_PREFIX
 PAGE = 200
 
 

@@ -53,6 +53,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+from planrun.contract.breakers import EVENT_STATES, RESOURCE_PREFIX
 from planrun.contract.events import RESOURCE_PREFIX as RUN_RESOURCE_PREFIX
 from planrun.errors import Category, ResourceError, StepError
 from planrun.flows.breaker_store import PREFIX, BreakerStore, PrefectStore
@@ -72,11 +73,8 @@ CACHE_TTL_S = 1.0
 LIST_SLACK = 10
 #: How long a trial call may hold its claim when its step has no timeout.
 PROBE_LEASE_S = 300.0
-EVENT_PREFIX = "planrun.tool.circuit_"
 #: The event of each new state.
-EVENT_NAMES = {"open": f"{EVENT_PREFIX}opened", "half_open": f"{EVENT_PREFIX}half_open",
-               "closed": f"{EVENT_PREFIX}closed"}
-RESOURCE_PREFIX = "planrun.tool."
+EVENT_NAMES: dict[str, str] = {state: event for event, state in EVENT_STATES.items()}
 
 
 class State(StrEnum):
