@@ -203,7 +203,7 @@ def _v2_controllers(path: Path) -> set[str]:
 
 def _limit_memory(group: StepGroup, memory_bytes: int) -> bool:
     """Set the memory limit (and, where swap is counted, memory plus swap to the same, so
-    the tree is killed rather than swapped out)."""
+    the tree is killed rather than swapped out; under v2 the whole group is killed)."""
     if not group._write("limit", str(memory_bytes)):
         return False
     memory = group.dirs.get("memory")
@@ -212,6 +212,9 @@ def _limit_memory(group: StepGroup, memory_bytes: int) -> bool:
         if swap.exists():
             with suppress(OSError):
                 swap.write_text("0" if group.v2 else str(memory_bytes))
+        if group.v2:  # the kernel kills the whole group at once (v1: adapters/watch.py)
+            with suppress(OSError):
+                (memory / "memory.oom.group").write_text("1")
     return True
 
 

@@ -207,10 +207,10 @@ class FileWrite(_FileTool[WriteParams]):
 
 
 def _write(ctx: StepContext, path: Path, data: bytes, append: bool) -> None:
-    with ctx.workspace.locked():
+    with ctx.workspace.locked():  # one write at a time: each sees the others' bytes
         _check_room(ctx, path, data, append)
         _write_locked(ctx.workspace, path, data, append)
-    ctx.usage.wrote(len(data))
+        ctx.usage.wrote(len(data))
 
 
 def _check_room(ctx: StepContext, path: Path, data: bytes, append: bool) -> None:

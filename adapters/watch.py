@@ -1,6 +1,8 @@
 """Watching one step's running program: its CPU priority lowered once it has run a while,
-its whole tree stopped at its CPU limit, its memory sampled where no control group
-counts it, and at the end what it used (docs/resources.md).
+its whole tree stopped at its CPU limit or once the kernel killed part of it at its
+memory limit (cgroup v1 kills one process, the largest: the rest would go on without
+it), its memory sampled where no control group counts it, and at the end what it used
+(docs/resources.md).
 
 Every ``shell.run`` program still running after ``NICE_AFTER_S`` is reniced to ``NICE``
 with all its descendants, and its control group's CPU weight is lowered to nice 10's:
@@ -24,7 +26,8 @@ from planrun.contract.records import Resources
 
 NICE_AFTER_S = 1.0
 NICE = 10
-#: How often the tree is looked at: often where memory is sampled or CPU is limited.
+#: How often the tree is looked at: often where memory is sampled or CPU is limited, else
+#: often enough to end a tree soon after the kernel killed one of it at the memory limit.
 SAMPLE_INTERVAL_S = 0.1
 IDLE_INTERVAL_S = 0.25
 
@@ -62,7 +65,11 @@ class TreeWatch:
             renice(pids)
             if self.group is not None and not self.lowered:
                 self.lowered = self.group.lower_weight()
-        if self.cpu_limit_s and self.group is not None:
+        if self.group is None:
+            return
+        if self.group.memory_limited and self.group.oom_kills():
+            self.group.kill()  # the kernel killed one process at the limit: end the tree
+        if self.cpu_limit_s:
             used = self.group.cpu_s()
             if used is not None and used >= self.cpu_limit_s:
                 self.cpu_exceeded = True
