@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path("/sys/fs/cgroup")
+#: Where the hierarchies are mounted, if not ROOT (tests point it at nothing, to take the
+#: path of a machine without control groups).
+ROOT_ENV = "PLANRUN_CGROUP_ROOT"
 FOLDER = "planrun"
 #: memory: peak and limit; cpuacct: CPU time; cpu: weight; pids: the process limit.
 CONTROLLERS = ("memory", "cpuacct", "cpu", "pids")
@@ -149,6 +152,7 @@ def make_step_group(memory_bytes: int = 0, processes: int = 0) -> StepGroup | No
 def own_groups() -> tuple[dict[str, Path], bool]:
     """planrun's own group directory per controller (v1), or its one v2 directory for
     every controller; and whether it is v2. Empty where nothing is mounted."""
+    root = Path(os.environ.get(ROOT_ENV, "").strip() or ROOT)
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
@@ -157,14 +161,14 @@ def own_groups() -> tuple[dict[str, Path], bool]:
     for line in lines:
         _, controllers, path = line.split(":", 2)
         for controller in controllers.split(","):
-            if controller in CONTROLLERS and (ROOT / controller).is_dir():
-                found[controller] = ROOT / controller / path.lstrip("/")
+            if controller in CONTROLLERS and (root / controller).is_dir():
+                found[controller] = root / controller / path.lstrip("/")
     if found:
         return found, False
     unified = next((line[3:] for line in lines if line.startswith("0::")), None)
-    if unified is None or not (ROOT / "cgroup.controllers").exists():
+    if unified is None or not (root / "cgroup.controllers").exists():
         return {}, False
-    base = ROOT / unified.lstrip("/")
+    base = root / unified.lstrip("/")
     return dict.fromkeys(("memory", "cpu", "pids"), base), True
 
 

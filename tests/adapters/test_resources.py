@@ -19,7 +19,7 @@ from typing import Any
 import psutil
 import pytest
 
-from planrun.adapters import sandbox
+from planrun.adapters import cgroups, sandbox
 from planrun.adapters.base import StepContext
 from planrun.adapters.cgroups import make_step_group
 from planrun.adapters.files import FileWrite, workspace_health
@@ -90,6 +90,25 @@ def test_the_whole_tree_is_counted(either: Callable[..., StepContext]) -> None:
     assert used is not None
     assert used.peak_memory_bytes >= 100 * MIB and used.cpu_s >= 0.4
     assert used.written_bytes >= MIB
+
+
+def test_without_control_groups_the_launcher_and_samples_still_account(
+        either: Callable[..., StepContext], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cgroups.ROOT_ENV, "/nonexistent")  # a machine without cgroups
+    assert cgroups.make_step_group(64 * MIB, 5) is None
+    ctx = either()
+    assert run(ctx, argv=[PY, "-c", WORKLOAD])["exit_code"] == 0
+    used = ctx.usage.programs
+    assert used is not None
+    assert used.peak_memory_bytes >= 100 * MIB  # the largest process's resident set
+    assert used.cpu_s >= 0.4 and used.written_bytes >= MIB
+
+
+def test_without_control_groups_memory_is_limited_per_process(
+        make_ctx: Callable[..., StepContext], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cgroups.ROOT_ENV, "/nonexistent")
+    with pytest.raises(ResourceError, match="ran out of memory under its limit of 64 MiB"):
+        run(make_ctx(memory_mb=64), argv=[PY, "-c", "block = bytearray(b'x') * 2**28"])
 
 
 def test_a_memory_hungry_tree_is_killed_at_its_limit(either: Callable[..., StepContext]
