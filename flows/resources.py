@@ -23,6 +23,7 @@ limit below the growth is stopped, and a step that never awaits cannot be stoppe
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -41,8 +42,25 @@ SAMPLE_INTERVAL_S = 0.05
 IDLE_S = 2.0
 
 
-def _resident() -> int:
-    return int(psutil.Process().memory_info().rss)
+class Resident:
+    """This process's resident set in bytes, read from ``/proc/self/statm`` through a file
+    kept open (≈ 2 µs a read, against ≈ 40 µs through psutil, which is the fallback)."""
+
+    def __init__(self) -> None:
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.pid = -1
+        self.fd: int | None = None
+
+    def __call__(self) -> int:
+        if self.pid != os.getpid():  # first use, or a forked child: its own file
+            self.pid = os.getpid()
+            try:
+                self.fd = os.open(f"/proc/{self.pid}/statm", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                self.fd = None
+        if self.fd is None:
+            return int(psutil.Process().memory_info().rss)
+        return int(os.pread(self.fd, 128, 0).split()[1]) * self.page
 
 
 class Meter:
@@ -120,10 +138,10 @@ class Metering:
 
     def __init__(self, interval_s: float = SAMPLE_INTERVAL_S,
                  clock: Callable[[], float] = time.process_time,
-                 resident: Callable[[], int] = _resident) -> None:
+                 resident: Callable[[], int] | None = None) -> None:
         self.interval_s = interval_s
         self.clock = clock
-        self.resident = resident
+        self.resident = resident or Resident()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._active: set[Meter] = set()

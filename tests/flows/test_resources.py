@@ -23,7 +23,7 @@ from planrun.flows.artifacts import step_rows
 from planrun.flows.events import RunEvents
 from planrun.flows.fakes import MemoryParts
 from planrun.flows.graph import compile_plan
-from planrun.flows.resources import Metering
+from planrun.flows.resources import Metering, Resident
 from planrun.flows.session import RunSession
 from planrun.plan_schemas.model import Plan
 from planrun.policy import Ceilings
@@ -85,6 +85,17 @@ def test_a_tool_that_ran_a_program_reports_the_programs_tree_and_what_it_wrote()
     usage.wrote(5)
     assert meter.resources(usage) == Resources(peak_memory_bytes=7 * MIB, cpu_s=0.5,
                                                written_bytes=15)
+
+
+def test_the_resident_set_read_from_proc_is_what_psutil_says() -> None:
+    import psutil
+
+    resident = Resident()
+    first = resident()
+    assert abs(first - psutil.Process().memory_info().rss) < 8 * MIB
+    block = bytearray(b"x") * (64 * MIB)
+    assert resident() >= first + 60 * MIB
+    del block
 
 
 def test_sizes_read_as_a_person_reads_them() -> None:
