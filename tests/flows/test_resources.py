@@ -9,6 +9,7 @@ import asyncio
 import textwrap
 from typing import Any
 
+import psutil
 import pytest
 from pydantic import Field
 
@@ -88,8 +89,6 @@ def test_a_tool_that_ran_a_program_reports_the_programs_tree_and_what_it_wrote()
 
 
 def test_the_resident_set_read_from_proc_is_what_psutil_says() -> None:
-    import psutil
-
     resident = Resident()
     first = resident()
     assert abs(first - psutil.Process().memory_info().rss) < 8 * MIB
