@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from planrun.adapters.usage import StepUsage
 from planrun.errors import ConfigurationError, ResourceError, StepError, TransientError
 from planrun.policy import LevelPolicy, Trust, current_trust, load_policy
 
@@ -42,7 +43,8 @@ class StepContext:
     the adapter should ask for less (smaller pages, fewer results). ``memory_mb`` is the
     plan's per-step memory limit, if any. ``trust`` is who wrote the plan and ``policy``
     the operator's rules for that trust level (docs/policy.md): adapters check what they
-    reach against it where the step executes.
+    reach against it where the step executes. ``usage`` takes what the tool measures of
+    its own work (a program's process tree, bytes it wrote: docs/resources.md).
     """
 
     run_id: str
@@ -55,6 +57,7 @@ class StepContext:
     policy: LevelPolicy = field(default_factory=lambda: load_policy().level(current_trust()))
     logger: logging.Logger | logging.LoggerAdapter[Any] = field(
         default_factory=lambda: logging.getLogger("planrun.step"))
+    usage: StepUsage = field(default_factory=StepUsage)
 
     @property
     def reduce_usage(self) -> bool:
@@ -78,6 +81,9 @@ class Adapter(ABC, Generic[P]):
     default_estimate_s: ClassVar[float] = 1.0
     #: The timeout when the plan sets none: tools that wait on others should not wait forever.
     default_timeout_s: ClassVar[float | None] = None
+    #: Whether the work happens inside planrun's process (the engine then measures it and
+    #: watches its memory); False for tools whose work is a program they start and measure.
+    in_process: ClassVar[bool] = True
 
     @classmethod
     def parameter_schema(cls) -> dict[str, Any]:

@@ -25,9 +25,10 @@ from pydantic import Field
 
 from planrun.adapters.atomic import atomic_write
 from planrun.adapters.base import Adapter, Health, Params, StepContext
+from planrun.adapters.usage import ensure_room, kept_free
 from planrun.adapters.workspace import RelativePath, Workspace, default_workspace_root
 from planrun.errors import AccessError, ConfigurationError, ResourceError, StepError
-from planrun.policy import current_trust, load_policy
+from planrun.policy import LevelPolicy, current_trust, load_policy
 
 MAX_READ_BYTES = 10 * 1024 * 1024
 MAX_LIST_ENTRIES = 10_000
@@ -53,16 +54,13 @@ class _FileTool(Adapter[P]):
 
     async def health(self) -> Health:
         """The workspace root exists (or can be made), is writable, and its disk has room."""
-        return await asyncio.to_thread(workspace_health, default_workspace_root(
-            load_policy().level(current_trust())))
+        policy = load_policy().level(current_trust())
+        return await asyncio.to_thread(workspace_health, default_workspace_root(policy), policy)
 
 
-#: Below this much free space on the workspace's disk, the file tools report unhealthy.
-MIN_FREE_BYTES = 64 * 1024 * 1024
-
-
-def workspace_health(root: Path) -> Health:
-    """Whether the file tools can work in ``root`` now."""
+def workspace_health(root: Path, policy: LevelPolicy | None = None) -> Health:
+    """Whether the file tools can work in ``root`` now: with less free space than the
+    policy keeps free (docs/resources.md), every write would be refused."""
     existing = root
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent  # the root is made on first use: its parent must allow it
@@ -71,10 +69,12 @@ def workspace_health(root: Path) -> Health:
     if not os.access(existing, os.W_OK | os.X_OK):
         return Health(ok=False, detail=f"{existing} is not writable by planrun's user "
                                        f"(workspace root {root})")
-    free = shutil.disk_usage(existing).free
-    if free < MIN_FREE_BYTES:
+    disk = shutil.disk_usage(existing)
+    free = disk.free
+    if free <= kept_free(disk.total, policy or LevelPolicy()):
         return Health(ok=False, detail=f"only {free // 1024 ** 2} MiB free on the disk of the "
-                                       f"workspace root {root}")
+                                       f"workspace root {root}, no more than the policy "
+                                       "keeps free")
     return Health(ok=True, detail=f"workspace {root}, {free // 1024 ** 2} MiB free")
 
 
@@ -202,13 +202,28 @@ class FileWrite(_FileTool[WriteParams]):
     async def execute(self, params: WriteParams, ctx: StepContext) -> dict[str, Any]:
         path = ctx.workspace.resolve(params.path)
         data = params.content.encode("utf-8")
-        await _to_completion(_write, ctx.workspace, path, data, params.append)
+        await _to_completion(_write, ctx, path, data, params.append)
         return {"path": _display(params.path), "bytes": len(data)}
 
 
-def _write(ws: Workspace, path: Path, data: bytes, append: bool) -> None:
-    with ws.locked():
-        _write_locked(ws, path, data, append)
+def _write(ctx: StepContext, path: Path, data: bytes, append: bool) -> None:
+    with ctx.workspace.locked():  # one write at a time: each sees the others' bytes
+        _check_room(ctx, path, data, append)
+        _write_locked(ctx.workspace, path, data, append)
+        ctx.usage.wrote(len(data))
+
+
+def _check_room(ctx: StepContext, path: Path, data: bytes, append: bool) -> None:
+    """Refuse the write before anything changes: over the run's quota (what the step
+    adds counts), or leaving too little free space (what the disk takes: the new file, the
+    backup of the old one, and for an append the old bytes rewritten)."""
+    ctx.usage.may_write("file.write", len(data), ctx.policy.workspace_quota_mb)
+    try:
+        old = os.stat(path).st_size
+    except OSError:
+        old = 0
+    need = len(data) + old + (old if append else 0)
+    ensure_room("file.write", path.parent, need, ctx.policy)
 
 
 def _write_locked(ws: Workspace, path: Path, data: bytes, append: bool) -> None:

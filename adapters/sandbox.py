@@ -9,24 +9,20 @@ with an environment of PATH, HOME (the workspace), LANG and the step's ``env``. 
 namespace's PID 1 is bubblewrap itself, started with an empty environment; when the
 program exits or bubblewrap is killed, every process left in the namespace is killed.
 
-Limits are set by a tiny Python wrapper that then execs bubblewrap (or, unconfined, the
-program): setrlimit for address space, CPU time and file size, and a pids cgroup for the
-number of processes. RLIMIT_NPROC is no use here: the kernel does not enforce it for
-root, and the user namespace maps the sandbox's uid to the caller's, so the cgroup is
-used where it can be made (root, cgroup v1 or a delegated v2 tree); RLIMIT_NPROC is the
-fallback (enforced for a non-root caller, counted over all of that user's processes).
+Limits are set by the launcher (adapters/launcher.py) that then execs bubblewrap (or,
+unconfined, the program): setrlimit for CPU time and file size, and the step's control
+groups (adapters/cgroups.py) for memory and the number of processes, where they can be
+made (root, cgroup v1 or a delegated v2 tree). RLIMIT_NPROC is no use there: the kernel
+does not enforce it for root, and the user namespace maps the sandbox's uid to the
+caller's; it and RLIMIT_AS (address space, not memory: it refuses programs that reserve
+much and use little) are the fallbacks where no group can be made.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
-import signal
 import subprocess
-import sys
 import threading
-import time
-from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +37,6 @@ DEFAULT_PROCESSES = 256
 DEFAULT_FILE_MB = 1024
 MIB = 1024 * 1024
 PROBE_TIMEOUT_S = 10.0
-#: bubblewrap's own two processes (outside and PID 1) count in the pids cgroup.
-BWRAP_PROCESSES = 2
 #: Linked into /usr on merged-/usr systems, bound read-only otherwise.
 SYSTEM_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 #: What programs need of /etc: user and group names (id, git, ssh), the dynamic linker's
@@ -52,50 +46,20 @@ ETC_ALWAYS = ("passwd", "group", "nsswitch.conf", "ld.so.cache", "localtime", "a
 ETC_NETWORK = ("resolv.conf", "hosts", "host.conf", "gai.conf", "services", "protocols",
                "ssl", "ca-certificates")
 
-#: Run by ``python -I -S -c`` with: status fd, address space, CPU s, file size, processes,
-#: cgroup.procs path ("" for none), "1" to exec with an empty environment (Python's C
-#: locale coercion adds LC_CTYPE to its own), program argv. Join the cgroup, set the
-#: limits, exec.
-#: The status pipe is close-on-exec: EOF means the exec worked, otherwise it reads
-#: "stage:errno:message" with stage "limits" or "exec".
-LIMITS_WRAPPER = r"""
-import os, resource, sys
-status, memory, cpu, fsize, nproc = (int(v) for v in sys.argv[1:6])
-stage = "limits"
-try:
-    if sys.argv[6]:
-        with open(sys.argv[6], "w") as procs:
-            procs.write(str(os.getpid()))
-    for which, value, extra in ((resource.RLIMIT_AS, memory, 0), (resource.RLIMIT_CPU, cpu, 1),
-                                (resource.RLIMIT_FSIZE, fsize, 0),
-                                (resource.RLIMIT_NPROC, nproc, 0)):
-        if value > 0:
-            hard = resource.getrlimit(which)[1]
-            top = value + extra if hard == resource.RLIM_INFINITY else min(value + extra, hard)
-            resource.setrlimit(which, (min(value, top), top))
-    os.set_inheritable(status, False)
-    stage = "exec"
-    if sys.argv[7] == "1":
-        os.execve(sys.argv[8], sys.argv[8:], {})
-    os.execvp(sys.argv[8], sys.argv[8:])
-except BaseException as exc:
-    os.write(status, f"{stage}:{getattr(exc, 'errno', 0) or 0}:"
-                     f"{getattr(exc, 'strerror', 0) or exc}".encode())
-    os._exit(127)
-"""
-
 
 @dataclass(frozen=True)
 class Limits:
     """Resource limits of one step's program; 0 means no limit."""
 
-    #: RLIMIT_AS, from the plan's ``memory_mb`` and the policy's ``memory_mb`` ceiling.
+    #: From the plan's ``memory_mb`` and the policy's ``memory_mb`` ceiling: the step's
+    #: memory cgroup's limit, else RLIMIT_AS.
     memory_bytes: int = 0
     #: RLIMIT_CPU: SIGXCPU at this many seconds, SIGKILL a second later.
     cpu_seconds: int = 0
     #: RLIMIT_FSIZE: a write beyond it fails (EFBIG) or raises SIGXFSZ.
     file_bytes: int = 0
-    #: Processes of the program and all its descendants together.
+    #: Processes of the program and all its descendants together (the pids cgroup, else
+    #: RLIMIT_NPROC).
     processes: int = 0
 
     @property
@@ -119,17 +83,6 @@ def step_limits(memory_mb: int | None, cpu_seconds: int | None, ceilings: Ceilin
     return Limits(memory_bytes=memory, cpu_seconds=cpu,
                   file_bytes=(ceilings.file_mb or DEFAULT_FILE_MB) * MIB,
                   processes=ceilings.processes or DEFAULT_PROCESSES)
-
-
-def wrapped(argv: list[str], limits: Limits, status_fd: int, cgroup: Path | None, *,
-            clean_env: bool = False) -> list[str]:
-    """The command that sets ``limits`` (joining ``cgroup``), then execs ``argv`` (with
-    an empty environment if ``clean_env``: then ``argv[0]`` must be an absolute path)."""
-    nproc = 0 if cgroup is not None else limits.processes
-    return [sys.executable, "-I", "-S", "-c", LIMITS_WRAPPER, str(status_fd),
-            str(limits.memory_bytes), str(limits.cpu_seconds), str(limits.file_bytes),
-            str(nproc), str(cgroup / "cgroup.procs") if cgroup is not None else "",
-            "1" if clean_env else "0", *argv]
 
 
 # -- bubblewrap -----------------------------------------------------------------------------
@@ -244,60 +197,3 @@ def _probe(path: str) -> str | None:
         said = done.stderr.decode("utf-8", "replace").strip().splitlines()
         return f"{path} could not create a sandbox: {said[-1] if said else done.returncode}"
     return None
-
-
-# -- the pids cgroup ------------------------------------------------------------------------
-
-def _pids_hierarchy() -> Path | None:
-    """This process's own pids cgroup directory (v1), or its v2 cgroup; None if unknown."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if "pids" in controllers.split(","):
-            return Path("/sys/fs/cgroup/pids") / path.lstrip("/")
-    for line in lines:
-        if line.startswith("0::"):
-            return Path("/sys/fs/cgroup") / line[3:].lstrip("/")
-    return None
-
-
-def make_pids_cgroup(processes: int) -> Path | None:
-    """A new pids cgroup allowing ``processes`` (plus bubblewrap's own), or None where
-    cgroups cannot be made (then RLIMIT_NPROC is the fallback)."""
-    base = _pids_hierarchy()
-    if base is None or processes <= 0:
-        return None
-    group = base / "planrun" / secrets.token_hex(6)
-    try:
-        group.mkdir(parents=True)
-    except OSError:
-        return None
-    try:
-        (group / "pids.max").write_text(str(processes + BWRAP_PROCESSES))
-    except OSError:
-        remove_cgroup(group, within=0)
-        return None
-    return group
-
-
-def remove_cgroup(group: Path, within: float = 2.0) -> bool:
-    """Kill whatever is still in ``group``, then remove it; False if it stayed busy."""
-    deadline = time.monotonic() + within
-    while True:
-        with suppress(OSError, ValueError):
-            for pid in (group / "cgroup.procs").read_text().split():
-                with suppress(OSError, ValueError):
-                    os.kill(int(pid), signal.SIGKILL)
-        try:
-            group.rmdir()
-            return True
-        except FileNotFoundError:
-            return True
-        except OSError:
-            if time.monotonic() >= deadline:
-                return False
-        time.sleep(0.01)
-

@@ -7,9 +7,11 @@ may not use ``shell.run`` and a local run goes on unconfined, saying so once.
 
 Unconfined, the child runs in the workspace (or a directory inside it) with a minimal
 environment, in a session and process group of its own, so that a timeout, a cancel or
-the end of the step stops everything it started. Limits are set with setrlimit by a tiny
-wrapper that then execs the program (or bubblewrap); ``preexec_fn`` is not used because
-it is unsafe in a process with threads.
+the end of the step stops everything it started. Every program starts through the
+launcher of ``adapters/launcher.py``, which puts it in the step's control groups, sets
+its rlimits and reports what its tree used (``preexec_fn`` is not used because it is
+unsafe in a process with threads); ``adapters/watch.py`` lowers the priority of a
+long-running program and stops a tree over its CPU limit (docs/resources.md).
 """
 
 from __future__ import annotations
@@ -20,18 +22,19 @@ import os
 import re
 import signal
 import time
-from contextlib import suppress
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field
 
-from planrun.adapters import sandbox
+from planrun.adapters import cgroups, sandbox
 from planrun.adapters.base import Adapter, Health, Params, StepContext
 from planrun.adapters.executables import allowed_argv
-from planrun.adapters.process import communicate, stop
+from planrun.adapters.launcher import Start, raise_start_failure, read_report, spawn_shielded
+from planrun.adapters.process import communicate
 from planrun.adapters.sandbox import Limits
+from planrun.adapters.usage import ensure_room
+from planrun.adapters.watch import TreeWatch
 from planrun.adapters.workspace import RelativePath
 from planrun.errors import (
     AccessError,
@@ -111,6 +114,7 @@ class ShellRun(Adapter[ShellParams]):
     name = "shell.run"
     Params = ShellParams
     summary = "run a program (argv, no shell) in the workspace, with limits"
+    in_process = False  # its program's whole tree is measured (adapters/watch.py)
 
     async def execute(self, params: ShellParams, ctx: StepContext) -> dict[str, Any]:
         root = ctx.workspace.real_root
@@ -123,16 +127,21 @@ class ShellRun(Adapter[ShellParams]):
         env = sandbox.sandbox_env(root, params.env) if sandboxed else _child_env(params.env)
         argv = allowed_argv(params.argv, str(cwd), env.get("PATH", DEFAULT_PATH),
                             ctx.policy.executables)
-        limits = sandbox.step_limits(ctx.memory_mb, params.cpu_seconds, ctx.policy.ceilings,
-                                     sandboxed=sandboxed)
+        ensure_room(self.name, cwd, 0, ctx.policy)  # a full disk fails now, with a hint
+        limits = _within_quota(sandbox.step_limits(ctx.memory_mb, params.cpu_seconds,
+                                                   ctx.policy.ceilings, sandboxed=sandboxed),
+                               ctx)
         options = (sandbox.bwrap_options(workspace=root, cwd=cwd, env=params.env,
                                          policy=ctx.policy) if sandboxed else None)
-        cgroup = sandbox.make_pids_cgroup(limits.processes) if sandboxed else None
+        # Made here, not in a thread (< 1 ms): a cancel cannot leave one made and lost.
+        group = cgroups.make_step_group(limits.memory_bytes, limits.processes)
+        start = Start(argv, env, cwd, _launcher_limits(limits, group), options,
+                      group.procs_files() if group is not None else [])
         try:
-            return await _run(params, _Start(argv, env, cwd, limits, options, cgroup))
+            return await _run(params, start, _Watched(limits, group), ctx)
         finally:
-            if cgroup is not None:
-                await asyncio.to_thread(sandbox.remove_cgroup, cgroup)
+            if group is not None:
+                await asyncio.to_thread(group.remove)
 
     def classify(self, exc: Exception) -> StepError:
         what = getattr(exc, "filename", None) or "the program"
@@ -171,15 +180,28 @@ class ShellRun(Adapter[ShellParams]):
 
 
 @dataclass(frozen=True)
-class _Start:
-    """How to start one step's program: sandboxed when ``options`` (bubblewrap's) is set."""
+class _Watched:
+    """The limits of one step's program, and its control group if it has one."""
 
-    argv: list[str]
-    env: dict[str, str]
-    cwd: Path
     limits: Limits
-    options: list[str] | None
-    cgroup: Path | None
+    group: cgroups.StepGroup | None
+
+
+def _within_quota(limits: Limits, ctx: StepContext) -> Limits:
+    """No file may be larger than what is left of the run's write quota (RLIMIT_FSIZE)."""
+    left = ctx.usage.quota_left(ctx.policy.workspace_quota_mb)
+    if left is None:
+        return limits
+    return replace(limits, file_bytes=min(limits.file_bytes or left, max(left, 1)))
+
+
+def _launcher_limits(limits: Limits, group: cgroups.StepGroup | None) -> Limits:
+    """The rlimits the launcher sets: memory and processes only where the group does not
+    limit them (RLIMIT_AS counts address space, not memory: a last resort)."""
+    if group is None:
+        return limits
+    return replace(limits, memory_bytes=0 if group.memory_limited else limits.memory_bytes,
+                   processes=0 if "pids" in group.dirs else limits.processes)
 
 
 async def _sandboxed(ctx: StepContext) -> bool:
@@ -209,17 +231,23 @@ def _child_env(extra: dict[str, str]) -> dict[str, str]:
     return env | extra
 
 
-async def _run(params: ShellParams, start: _Start) -> dict[str, Any]:
+async def _run(params: ShellParams, start: Start, watched: _Watched,
+               ctx: StepContext) -> dict[str, Any]:
     started = time.monotonic()
-    proc, status = await _spawn_shielded(params, start)
+    proc, status = await spawn_shielded(start, stdin=params.stdin is not None)
+    watch = TreeWatch(proc.pid, watched.group, watched.limits.cpu_seconds)
+    watching = asyncio.ensure_future(watch.watch())
     try:
         stdin = params.stdin.encode() if params.stdin is not None else None
         (out, out_cut), (err, err_cut), code = await communicate(
             proc, stdin, params.max_output_bytes)
-        _raise_exec_error(status, start.argv[0])
     finally:
-        if status is not None:
-            os.close(status)
+        watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
+        report = read_report(status)
+        os.close(status)
+        ctx.usage.ran(watch.measured(report.usage))  # also when stopped: it ran until then
+    raise_start_failure(report, start.argv[0])
     if start.options is not None:
         code = _bwrap_outcome(code, err)
     result = {
@@ -230,74 +258,18 @@ async def _run(params: ShellParams, start: _Start) -> dict[str, Any]:
         "duration_s": round(time.monotonic() - started, 3),
     }
     if code != 0:
-        raise _exit_error(params, result, start.limits)
+        cause = "memory" if watch.memory_killed() else "cpu" if watch.cpu_exceeded else None
+        raise _exit_error(params, result, watched.limits, cause)
+    _check_quota(ctx)
     return result
 
 
-async def _spawn_shielded(params: ShellParams, start: _Start
-                          ) -> tuple[asyncio.subprocess.Process, int | None]:
-    """``_spawn``, finished even when cancelled: asyncio's own cancel of a starting
-    process kills only the direct child; here the whole new group is stopped instead."""
-    spawning = asyncio.ensure_future(_spawn(params, start))
-    try:
-        return await asyncio.shield(spawning)
-    except asyncio.CancelledError:
-        with suppress(Exception):
-            proc, status = await spawning
-            if status is not None:
-                os.close(status)
-            await stop(proc, [])
-        raise
-
-
-async def _spawn(params: ShellParams, start: _Start
-                 ) -> tuple[asyncio.subprocess.Process, int | None]:
-    """Start the program in a new session; with limits (and bubblewrap), through the
-    wrapper and its status pipe. bubblewrap starts with an empty environment: it is the
-    sandbox's PID 1, whose environment the program could read."""
-    options: dict[str, Any] = {
-        "stdin": asyncio.subprocess.PIPE if params.stdin is not None
-        else asyncio.subprocess.DEVNULL,
-        "stdout": asyncio.subprocess.PIPE, "stderr": asyncio.subprocess.PIPE,
-        "cwd": start.cwd, "env": start.env, "start_new_session": True,
-    }
-    if not start.limits.any and start.options is None:
-        return await asyncio.create_subprocess_exec(*start.argv, **options), None
-    argv, fds = start.argv, []
-    if start.options is not None:
-        fds.append(sandbox.options_fd(start.options))
-        argv = [sandbox.bwrap_path(), "--args", str(fds[0]), "--", *argv]
-        options["env"] = {}
-    status_read, status_write = os.pipe()
-    fds.append(status_write)
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *sandbox.wrapped(argv, start.limits, status_write, start.cgroup,
-                             clean_env=start.options is not None),
-            pass_fds=tuple(fds), **options)
-    except BaseException:
-        os.close(status_read)
-        raise
-    finally:
-        for fd in fds:
-            os.close(fd)
-    return proc, status_read
-
-
-def _raise_exec_error(status: int | None, program: str) -> None:
-    """Raise the wrapper's failure: an exec failure as the OSError a direct exec would
-    have raised, a failure to set the limits as a configuration error."""
-    if status is None:
-        return
-    report = os.read(status, 4096).decode("utf-8", "replace")
-    if not report:
-        return
-    stage, _, rest = report.partition(":")
-    code, _, message = rest.partition(":")
-    if stage != "exec" or not int(code or 0):
-        raise ConfigurationError(f"shell.run: could not set the resource limits: {message}",
-                                 hint="lower the plan's memory_mb or the step's cpu_seconds")
-    raise OSError(int(code), message, program)
+def _check_quota(ctx: StepContext) -> None:
+    """A run whose programs wrote more than its quota fails the step that took it over."""
+    quota = ctx.policy.workspace_quota_mb
+    if quota is not None and ctx.usage.run.written > quota * MIB:
+        wrote = ctx.usage.programs.written_bytes if ctx.usage.programs else 0
+        raise ctx.usage.over_quota("shell.run", quota, f"its program wrote {wrote} bytes")
 
 
 def _bwrap_outcome(code: int, stderr: bytes) -> int:
@@ -316,14 +288,24 @@ def _bwrap_outcome(code: int, stderr: bytes) -> int:
     return code
 
 
-def _exit_error(params: ShellParams, result: dict[str, Any], limits: Limits) -> StepError:
+def _exit_error(params: ShellParams, result: dict[str, Any], limits: Limits,
+                cause: str | None) -> StepError:
+    """The error of a non-zero exit; ``cause``: the tree was killed at its ``memory`` or
+    ``cpu`` limit (known from its control group)."""
     code, stderr = result["exit_code"], result["stderr"]
     tail = stderr[-MESSAGE_TAIL_CHARS:].strip() or "(nothing on stderr)"
     details = {"exit_code": code, "stderr_tail": stderr[-TAIL_CHARS:],
                "stdout_tail": result["stdout"][-TAIL_CHARS:], "argv": params.argv}
     program = params.argv[0]
     memory_mb = limits.memory_bytes // MIB
-    if code == -signal.SIGXCPU or (code == -signal.SIGKILL and limits.cpu_seconds):
+    if cause == "memory":
+        return ResourceError(
+            f"shell.run: {program!r} was killed at its memory limit of {memory_mb} MiB "
+            f"(exit {code}): {tail}",
+            hint="raise the step's memory_mb (or the plan's limits.memory_mb), or give the "
+                 "program less work", details=details)
+    if cause == "cpu" or code == -signal.SIGXCPU or (code == -signal.SIGKILL
+                                                     and limits.cpu_seconds):
         limit = f" of {limits.cpu_seconds}s" if limits.cpu_seconds else ""
         return ResourceError(
             f"shell.run: {program!r} used up its CPU limit{limit} (exit {code}): {tail}",
@@ -345,7 +327,8 @@ def _exit_error(params: ShellParams, result: dict[str, Any], limits: Limits) -> 
         return ResourceError(
             f"shell.run: {program!r} ran out of memory under its limit of {memory_mb} MiB "
             f"(exit {code}): {tail}",
-            hint="raise the plan's limits.memory_mb, or give the program less work",
+            hint="raise the step's memory_mb (or the plan's limits.memory_mb), or give the "
+                 "program less work",
             details=details)
     if code == -signal.SIGKILL:
         return ResourceError(

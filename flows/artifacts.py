@@ -19,8 +19,10 @@ from prefect.artifacts import (
     aupdate_progress_artifact,
 )
 
+from planrun.contract.records import Resources
 from planrun.durations import format_duration
 from planrun.report import RunRecord
+from planrun.sizes import format_bytes
 
 log = logging.getLogger("planrun.artifacts")
 
@@ -40,12 +42,21 @@ def step_rows(run: RunRecord) -> list[dict[str, Any]]:
             "step": step.id, "tool": step.tool, "status": str(step.status),
             "attempts": step.attempts,
             "duration": format_duration(duration) if duration is not None else "",
+            **_resource_columns(step.resources),
             "error": f"{error.category}: {error.message}" if error else "",
             "hint": error.hint if error else "",
             "note": step.reason or ("completed by its fallback" if step.fallback_used else ""),
         })
     masked: list[dict[str, Any]] = run.redactor.mask(rows)  # docs/secrets.md
     return masked
+
+
+def _resource_columns(used: Resources | None) -> dict[str, str]:
+    """What the step used (docs/resources.md); empty where nothing was measured."""
+    if used is None:
+        return {"memory": "", "cpu": "", "written": ""}
+    return {"memory": format_bytes(used.peak_memory_bytes), "cpu": f"{used.cpu_s:.2f} s",
+            "written": format_bytes(used.written_bytes)}
 
 
 class RunArtifacts:

@@ -127,7 +127,8 @@ class RunEvents:
             reason=step.reason, fallback_used=step.fallback_used,
             retry_delay_s=step.retry_delay_s, input=_bounded(step.input, "input"),
             output=_bounded(step.output, "output") if step.status.finished else None,
-            impact=self.impact(step) if step.status == StepStatus.FAILED else None))
+            impact=self.impact(step) if step.status == StepStatus.FAILED else None,
+            resources=step.resources if step.status.finished else None))
 
     def ended(self) -> None:
         run = self.run

@@ -61,6 +61,8 @@ class StepNode:
     critical: bool
     fallback: FallbackCall | None
     approval: Gate | None
+    #: The step's memory limit: its own ``memory_mb``, else the plan's, under the ceiling.
+    memory_mb: int | None = None
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,16 @@ def _node(plan: Plan, step: Step, registry: Registry, ceilings: Ceilings, limits
         approval=Gate(step.approval.prompt, _seconds(step.approval.timeout)
                       if step.approval.timeout is not None else limits.pause_timeout_s)
         if step.approval is not None else None,
+        memory_mb=_memory_mb(step, limits, ceilings),
     )
+
+
+def _memory_mb(step: Step, limits: RunLimits, ceilings: Ceilings) -> int | None:
+    """The step's own limit overrides the plan's (a heavy step may need more than the
+    rest); the operator's ceiling caps either."""
+    if step.memory_mb is None:
+        return limits.memory_mb
+    return int(tightest(step.memory_mb, ceilings.memory_mb) or step.memory_mb)
 
 
 def _fallback(step: Step, registry: Registry, ceilings: Ceilings,

@@ -17,6 +17,7 @@ from uuid import UUID
 
 from prefect.exceptions import Pause
 
+from planrun.adapters.usage import RunWrites
 from planrun.errors import CheckpointUnreadable
 from planrun.flows.control import TIMED_OUT
 from planrun.flows.graph import RunGraph, StepNode
@@ -61,6 +62,8 @@ class RunSession:
         self.events: EventSink | None = None
         self.artifacts = parts.artifacts(self.run)
         self._steps_view = StepsView(self.run.steps)
+        #: What the run's tools wrote, against its workspace quota (docs/resources.md).
+        self.writes = RunWrites()
         self.jobs = {node.id: self._job(node) for node in graph.steps.values()}
         gates = any(node.approval is not None for node in graph.steps.values())
         self.scheduler = Scheduler(
@@ -115,6 +118,8 @@ class RunSession:
             self.scheduler.stop(str(exc))  # nothing starts: each step is skipped
             restored = []
         self.events = self.parts.events(self.run, self.segment)
+        kept = (self.run.steps[step_id].resources for step_id in restored)
+        self.writes.written = sum(used.written_bytes for used in kept if used is not None)
         return restored
 
     async def _check_tools(self) -> None:
@@ -246,9 +251,9 @@ class RunSession:
         return StepJob(step=node.step, record=self.run.steps[node.id], adapter=node.adapter,
                        policy=node.retry, timeout_s=node.timeout_s, run_id=self.run_id,
                        workspace=cast("Workspace", self.parts.workspace),
-                       memory_mb=self.graph.limits.memory_mb, context=self._context,
+                       memory_mb=node.memory_mb, context=self._context,
                        notify=self._notify, fallback=node.fallback,
-                       redactor=self.run.redactor)
+                       redactor=self.run.redactor, writes=self.writes)
 
 
 class Sessions:

@@ -28,6 +28,7 @@ from prefect.utilities.annotations import quote
 
 from planrun import templates
 from planrun.adapters.base import Adapter, StepContext
+from planrun.adapters.usage import RunWrites, StepUsage, combined
 from planrun.adapters.workspace import Workspace
 from planrun.errors import ConfigurationError, StepError
 from planrun.flows.breakers import Breakers, default_breakers
@@ -35,9 +36,11 @@ from planrun.flows.graph import FallbackCall
 from planrun.flows.health import tool_unhealthy
 from planrun.flows.policy import RetryPolicy
 from planrun.flows.prefect_compat import call_after, new_task_run_id, task_with
+from planrun.flows.resources import Metering, default_metering
 from planrun.plan_schemas.model import Step
 from planrun.redact import Redactor, redact
 from planrun.report import StepRecord, StepStatus
+from planrun.sizes import describe
 
 
 @dataclass
@@ -62,6 +65,10 @@ class StepJob:
     breakers: Breakers = field(default_factory=default_breakers)
     #: Why the tool failed its health check before the run started; None: healthy.
     unhealthy: str | None = None
+    #: Measures what each tool call used (flows/resources.py): this process's.
+    metering: Metering = field(default_factory=default_metering)
+    #: What the run has written so far, against its workspace quota (docs/resources.md).
+    writes: RunWrites = field(default_factory=RunWrites)
     last_error: StepError | None = None
     next_delay: float | None = field(default=None, repr=False)
 
@@ -108,7 +115,7 @@ class StepJob:
                 raise tool_unhealthy(self.step.tool, self.unhealthy)
             output = await self.breakers.call(  # no call while the tool's breaker is open
                 self.step.tool, params, self.run_id, left,
-                partial(self.adapter.run, params, self._context(number, log), left))
+                partial(self._metered, self.adapter, params, number, log, left))
         except StepError as error:
             error.step_id, error.tool = self.step.id, self.step.tool
             self.redactor.scrub_error(error)  # before Prefect's task-run state gets it
@@ -135,7 +142,7 @@ class StepJob:
             log.info("attempts exhausted; trying the fallback %s", fallback.tool)
             output = await self.breakers.call(
                 fallback.tool, params, self.run_id, left,
-                partial(fallback.adapter.run, params, self._context(self.record.attempts, log),
+                partial(self._metered, fallback.adapter, params, self.record.attempts, log,
                         left))
         except StepError as fallback_error:
             self.redactor.scrub_error(fallback_error)
@@ -175,7 +182,30 @@ class StepJob:
     def _context(self, number: int, log: Any) -> StepContext:
         return StepContext(run_id=self.run_id, step_id=self.step.id, workspace=self.workspace,
                            attempt=number, previous_error=self.last_error,
-                           memory_mb=self.memory_mb, logger=log)
+                           memory_mb=self.memory_mb, logger=log, usage=StepUsage(self.writes))
+
+    async def _metered(self, adapter: Adapter, params: Any, number: int, log: Any,
+                       timeout: float | None) -> Any:
+        """``adapter.run`` measured (flows/resources.py): what it used is added to the
+        step's ``resources``; an in-process tool over its memory limit is stopped."""
+        ctx = self._context(number, log)
+        meter = self.metering.meter(in_process=adapter.in_process, memory_mb=self.memory_mb)
+        try:
+            with meter:
+                return await adapter.run(params, ctx, timeout)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if meter.stopped_at is None or task is None:
+                raise
+            task.uncancel()  # stopped by the watchdog, not by a person or the run
+            raise meter.stopped_error(adapter.name) from None
+        finally:
+            self.record.resources = combined(self.record.resources, meter.resources(ctx.usage))
+
+    def log_used(self) -> None:
+        """Say in the step's log what it used, once it has finished."""
+        if self.record.resources is not None:
+            _logger().info("%s", describe(self.record.resources))
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter[Any]:
@@ -197,6 +227,9 @@ async def run_step(job: StepJob) -> Any:
         # Stopped on purpose (a critical failure elsewhere, the deadline, a person): end
         # the task run Cancelled rather than Crashed; the caller passes the cancel on.
         return Cancelled(message="cancelled while running")
+    finally:
+        if job.next_delay is None:  # no retry follows: the step has finished
+            job.log_used()
 
 
 @task(name="not-run", cache_policy=NO_CACHE, persist_result=False)

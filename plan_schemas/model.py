@@ -113,6 +113,10 @@ class Step(_Strict):
     fallback: Fallback | None = None
     approval: Approval | None = None
     estimate: Duration | None = Field(default=None, description="Hint for the first time estimate.")
+    memory_mb: int | None = Field(
+        default=None, ge=16,
+        description="Memory limit of this step, over the plan's limits.memory_mb; the "
+        "policy's ceiling caps both (docs/resources.md).")
 
 
 #: An input's definition: JSON Schema, plus ``secret`` (docs/secrets.md).

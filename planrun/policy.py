@@ -171,6 +171,12 @@ class LevelPolicy(BaseModel):
     sandbox_network: bool = False
     #: The workspace root; None uses ``PLANRUN_WORKSPACE`` or ``./workspace``.
     workspace_root: str | None = None
+    #: Bytes one run may write with its file tools and programs, in MiB; None: no quota.
+    workspace_quota_mb: int | None = Field(default=None, ge=1)
+    #: A file write is refused when it would leave less free space on the disk than the
+    #: lower of these two: ``min_free_mb`` MiB, ``min_free_percent`` % of the disk.
+    min_free_mb: int = Field(default=100, ge=0)
+    min_free_percent: float = Field(default=5.0, ge=0, le=100)
     ceilings: Ceilings = Field(default_factory=lambda: Ceilings.model_validate({}))
 
     def host_rules(self) -> list[HostRule] | None:

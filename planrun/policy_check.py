@@ -41,6 +41,8 @@ def policy_problems(source: Source, level: LevelPolicy, trust: Trust) -> Iterato
     for i, step in enumerate(steps if isinstance(steps, list) else []):
         if not isinstance(step, dict):
             continue
+        yield from _over(source, ("steps", i, "memory_mb"), step.get("memory_mb"),
+                         level.ceilings.memory_mb, trust, "memory_mb", "memory_mb")
         for base, call in _calls(i, step):
             yield from _call_problems(source, base, call, level, trust)
 

@@ -173,6 +173,19 @@ def test_a_plan_asking_for_more_than_its_level_allows_fails_at_each_line(
     ]
 
 
+def test_a_steps_own_memory_above_the_ceiling_fails_at_its_line(policy_file: Path) -> None:
+    write(policy_file, RESTRICTED)
+    found = problems("""\
+        version: 1
+        name: heavy
+        steps:
+          - {id: a, tool: core.echo, memory_mb: 256, with: {value: 1}}
+          - {id: b, tool: core.echo, memory_mb: 2048, with: {value: 1}}
+        """)
+    assert found == ["plan.yaml:5:41: steps[1].memory_mb: memory_mb 2048 is above the "
+                     "'submitted' policy's ceiling memory_mb of 512 (docs/policy.md)"]
+
+
 def test_a_plan_within_its_level_passes_and_templated_values_wait_for_the_run(
         policy_file: Path) -> None:
     write(policy_file, RESTRICTED)

@@ -1,4 +1,5 @@
-"""The sandbox's parts: limits, bubblewrap's options, the probe and the pids cgroup.
+"""The sandbox's parts: limits, bubblewrap's options and the probe (the control groups
+and the launcher are in test_cgroups.py and test_launcher.py).
 
 What a program inside the sandbox can and cannot do is tested with real programs in
 tests/adapters/test_shell.py and, as attacks, in tests/security/test_shell.py.
@@ -7,7 +8,6 @@ tests/adapters/test_shell.py and, as attacks, in tests/security/test_shell.py.
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -144,46 +144,6 @@ def test_the_probe_says_when_the_bubblewrap_file_cannot_run_at_all(
         f"'{broken}'"
 
 
-# -- the pids cgroup ------------------------------------------------------------------------
-
-def test_a_pids_cgroup_is_made_with_room_for_bubblewrap_and_removed() -> None:
-    group = sandbox.make_pids_cgroup(5)
-    if group is None:
-        pytest.skip("no writable pids cgroup here (not root): RLIMIT_NPROC is used instead")
-    assert (group / "pids.max").read_text().strip() == "7"
-    assert sandbox.remove_cgroup(group)
-    assert not group.exists()
-
-
-def test_removing_a_cgroup_kills_what_is_still_in_it() -> None:
-    group = sandbox.make_pids_cgroup(5)
-    if group is None:
-        pytest.skip("no writable pids cgroup here (not root): RLIMIT_NPROC is used instead")
-    read, write = os.pipe()
-    child = subprocess.Popen(sandbox.wrapped(["sleep", "30"], Limits(processes=5), write, group),
-                             pass_fds=(write,))
-    os.close(write)
-    try:
-        assert os.read(read, 100) == b""  # the exec worked: the sleep is in the cgroup
-        assert str(child.pid) in (group / "cgroup.procs").read_text().split()
-        assert sandbox.remove_cgroup(group)
-        assert child.wait(timeout=5) == -9
-    finally:
-        os.close(read)
-        if child.poll() is None:
-            child.kill()
-
-
-def test_the_wrapper_sets_the_file_size_limit() -> None:
-    read, write = os.pipe()
-    done = subprocess.run(sandbox.wrapped(["sh", "-c", "ulimit -f"], Limits(file_bytes=MIB),
-                                          write, None),
-                          pass_fds=(write,), capture_output=True, text=True, check=True)
-    os.close(write)
-    os.close(read)
-    assert done.stdout.strip() == str(MIB // 512)  # sh counts 512-byte blocks
-
-
 # -- executables ----------------------------------------------------------------------------
 
 def test_a_rule_without_a_slash_names_a_program_in_a_system_directory() -> None:
@@ -212,18 +172,3 @@ def test_the_checked_path_is_what_runs() -> None:
     assert allowed_argv(["echo", "hi"], "/", "/usr/bin", None) == ["echo", "hi"]
 
 
-
-def test_no_pids_cgroup_is_made_for_a_step_without_a_process_limit() -> None:
-    assert sandbox.make_pids_cgroup(0) is None
-
-
-def test_removing_a_cgroup_that_is_already_gone_succeeds(tmp_path: Path) -> None:
-    assert sandbox.remove_cgroup(tmp_path / "gone", within=0)
-
-
-def test_a_cgroup_that_stays_busy_is_reported_after_the_wait(tmp_path: Path) -> None:
-    busy = tmp_path / "busy"
-    busy.mkdir()
-    (busy / "cgroup.procs").write_text("")  # a plain directory: rmdir keeps failing
-    assert not sandbox.remove_cgroup(busy, within=0.05)
-    assert busy.exists()

@@ -1,0 +1,96 @@
+"""The launcher every program starts through: limits, groups, and the report of what the
+reaped tree used, with real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from planrun.adapters.cgroups import make_step_group
+from planrun.adapters.launcher import Report, launch_argv, read_report
+from planrun.adapters.sandbox import Limits
+
+MIB = 1024 * 1024
+
+
+def launch(*argv: str, limits: Limits | None = None, procs: list[str] | None = None
+           ) -> tuple[subprocess.CompletedProcess[str], Report]:
+    read, write = os.pipe()
+    try:
+        done = subprocess.run(launch_argv(list(argv), limits or Limits(), write, procs or []),
+                              pass_fds=(write,), capture_output=True, text=True, timeout=60)
+    finally:
+        os.close(write)
+    try:
+        return done, read_report(read)
+    finally:
+        os.close(read)
+
+
+def test_the_report_counts_the_cpu_memory_and_writes_of_the_reaped_tree(
+        tmp_path: Path) -> None:
+    writer = tmp_path / "writer.py"
+    writer.write_text(f"open({str(tmp_path / 'f')!r}, 'wb').write(bytes(2**20))\n")
+    main = tmp_path / "main.py"
+    main.write_text(textwrap.dedent(f"""
+        import subprocess, sys, time
+        subprocess.run([sys.executable, {str(writer)!r}], check=True)
+        block = bytearray(50 * 2**20)
+        started = time.process_time()
+        while time.process_time() - started < 0.3:
+            pass
+    """))
+    done, report = launch(sys.executable, str(main))
+    assert done.returncode == 0, done.stderr
+    assert report.failure is None and report.usage is not None
+    assert report.usage.cpu_s >= 0.3
+    assert report.usage.maxrss_bytes >= 50 * MIB
+    assert report.usage.written_bytes is not None and report.usage.written_bytes >= MIB
+
+
+def test_the_launcher_ends_as_the_program_ended() -> None:
+    assert launch("sh", "-c", "exit 3")[0].returncode == 3
+    assert launch("sh", "-c", "kill -TERM $$")[0].returncode == -signal.SIGTERM
+    assert launch("sh", "-c", "kill -9 $$")[0].returncode == -signal.SIGKILL
+
+
+def test_a_program_that_cannot_start_is_reported_with_its_errno() -> None:
+    done, report = launch("/no/such/program-xyz")
+    assert done.returncode == 127
+    assert report.failure is not None and report.failure[:2] == ("exec", 2)
+
+
+def test_the_launcher_sets_the_file_size_limit() -> None:
+    done, _ = launch("sh", "-c", "ulimit -f", limits=Limits(file_bytes=MIB))
+    assert done.stdout.strip() == str(MIB // 512)  # sh counts 512-byte blocks
+
+
+def test_the_program_runs_in_the_step_group_and_the_launcher_outside_it() -> None:
+    group = make_step_group()
+    if group is None:
+        pytest.skip("no control group can be made here: nothing to join")
+    try:
+        done, _ = launch("sh", "-c", "cat /proc/self/cgroup; echo launcher $PPID",
+                         procs=group.procs_files())
+        token = next(iter(group.dirs.values())).name
+        lines = done.stdout.splitlines()
+        assert any(token in line for line in lines[:-1])
+        launcher = int(lines[-1].split()[1])
+        assert launcher not in group.pids()  # it has exited; and never joined
+    finally:
+        group.remove()
+
+
+def test_a_live_launcher_is_not_waited_for() -> None:
+    read, write = os.pipe()
+    try:
+        assert read_report(read) == Report()
+    finally:
+        os.close(read)
+        os.close(write)
