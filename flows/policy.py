@@ -1,4 +1,4 @@
-"""Retry policies as data: the category defaults of SPEC §3 combined with a plan's ``retry``
+"""Retry policies as data: the category defaults (docs/errors.md) combined with a plan's ``retry``
 (combined by the compiler, ``flows.graph.retry_policy``).
 
 A step's attempts are limited by both its ``retry.max_attempts`` and its error category's
@@ -14,7 +14,7 @@ from typing import Literal
 
 from planrun.errors import Category, StepError
 
-#: Attempts allowed per category, the first included (SPEC §3).
+#: Attempts allowed per category, the first included (docs/errors.md).
 CATEGORY_ATTEMPTS: dict[Category, int] = {
     Category.TRANSIENT: 4,
     Category.CONFIGURATION: 1,

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 
 class Category(StrEnum):
-    """The five error categories of SPEC §3; each has a default retry policy."""
+    """The five error categories (docs/errors.md); each has a default retry policy."""
 
     TRANSIENT = "transient"
     CONFIGURATION = "configuration"
