@@ -285,7 +285,7 @@ class Limiter:
 
     def _apply(self, queue: Queue) -> None:
         """Wake the waiters ``queue`` says were granted; tell the others where they stand."""
-        for ticket in queue.granted:
+        for ticket in sorted(queue.granted):  # woken in arrival order
             waiter = self._waiters.pop(ticket, None)
             if waiter is not None and not waiter.granted.done():
                 waiter.granted.set_result(None)

@@ -75,6 +75,7 @@ class StepJob:
     on_wait: Callable[[StepRecord, Waiting], None] | None = None
     last_error: StepError | None = None
     next_delay: float | None = field(default=None, repr=False)
+    _began: float = field(default=0.0, repr=False)  # when the current attempt began
 
     def prefect_task(self) -> Task[..., Any]:
         """The Prefect task of this step: named by its id, tagged, with its retries."""
@@ -108,6 +109,7 @@ class StepJob:
             await self.adapter.refresh_credentials()
         record.attempts = number
         record.retry_delay_s = None
+        self._began = time.time()
         log = _logger()
         try:
             params, left = await self._render(self.step.with_, self.timeout_s, ("with",))
@@ -162,13 +164,14 @@ class StepJob:
             return await adapter.run(params, self._context(number, log), left)
 
     def _begin(self) -> None:
-        """The step is running (its note, if it waited, is gone)."""
+        """The step is running (its note, if it waited, is gone). It started when its
+        first attempt began, or, if that attempt waited for a limit, when the wait ended."""
         record = self.record
         if record.status == StepStatus.RUNNING:
             return
-        record.status, record.note = StepStatus.RUNNING, None
         if record.started_at is None:
-            record.started_at = time.time()
+            record.started_at = time.time() if record.note is not None else self._began
+        record.status, record.note = StepStatus.RUNNING, None
         self.notify(record)
 
     async def _fallback(self, fallback: FallbackCall, error: StepError,
