@@ -9,6 +9,8 @@ Prefect's events: automations, the Prefect UI's event feed) sees the run as plan
 - ``planrun.run.started``: the plan's steps, their needs and first estimates;
 - ``planrun.step.<status>``: a step began an attempt (``running``), will try again
   (``retrying``), or finished (``completed``, ``failed``, ``skipped``, ``cancelled``);
+- ``planrun.step.waiting``: a pending step waits for a limit, for a new reason
+  (docs/limits.md); its next status event is sent whatever it is;
 - ``planrun.run.paused`` / ``planrun.run.resumed``: the run was suspended, and goes on in
   a new process (after a pause or a crash);
 - ``planrun.run.<status>``: the run ended (``completed``, ``completed_with_errors``,
@@ -34,6 +36,7 @@ from planrun.contract.events import (
     RUN_RESUMED,
     RUN_STARTED,
     SEGMENT,
+    STEP_WAITING,
     Heartbeat,
     Impact,
     Payload,
@@ -44,6 +47,7 @@ from planrun.contract.events import (
     RunResumed,
     RunStarted,
     StepChanged,
+    StepWaiting,
     run_ended_event,
     step_event,
 )
@@ -129,6 +133,12 @@ class RunEvents:
             output=_bounded(step.output, "output") if step.status.finished else None,
             impact=self.impact(step) if step.status == StepStatus.FAILED else None,
             resources=step.resources if step.status.finished else None))
+
+    def waiting(self, step: StepRecord, why: Literal["slot", "rate", "load"]) -> None:
+        """The pending ``step`` waits for a limit, for a new reason (its ``note``)."""
+        self.last.pop(step.id, None)  # it went back to pending: its next status is news
+        self._emit(STEP_WAITING, StepWaiting(**self._head(), step_id=step.id, why=why,
+                                             note=step.note or ""))
 
     def ended(self) -> None:
         run = self.run

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from uuid import UUID
@@ -19,6 +20,7 @@ from prefect.exceptions import Pause
 
 from planrun.errors import CheckpointUnreadable, StepError
 from planrun.flows.checkpoints import Checkpoints, key
+from planrun.flows.limits import Ask, OnWait, Waiting
 from planrun.flows.parts import RunParts
 from planrun.flows.scheduler import Scheduler
 from planrun.flows.step import StepJob
@@ -48,6 +50,9 @@ class MemoryEvents:
 
     def changed(self, step: StepRecord) -> None:
         self.events.append((f"step.{step.status}", step.id))
+
+    def waiting(self, step: StepRecord, why: Literal["slot", "rate", "load"]) -> None:
+        self.events.append(("step.waiting", (step.id, why, step.note)))
 
     def heartbeat(self) -> None:
         self.events.append(("run.heartbeat", None))
@@ -201,6 +206,48 @@ class DirectSteps:
 
 
 @dataclass
+class MemoryLimits:
+    """Limits as the test says (``flows.limits.StepLimits``). A tool in ``blocked`` keeps
+    each call waiting: it reports every ``Waiting`` listed, in turn, then waits until the
+    test calls ``unblock(tool)``. ``under`` is the load pressure ``pressure()`` answers.
+    ``held`` counts the calls holding leave now, ``most`` the most at once, ``asks`` every
+    ask in order."""
+
+    blocked: dict[str, list[Waiting]] = field(default_factory=dict)
+    under: str | None = None
+    held: int = 0
+    most: int = 0
+    asks: list[Ask] = field(default_factory=list)
+    _gates: dict[str, asyncio.Event] = field(default_factory=dict)
+
+    def block(self, tool: str, *waits: Waiting) -> None:
+        self.blocked[tool] = list(waits)
+
+    def unblock(self, tool: str) -> None:
+        self.blocked.pop(tool, None)
+        self._gates.setdefault(tool, asyncio.Event()).set()
+
+    def pressure(self) -> str | None:
+        return self.under
+
+    @asynccontextmanager
+    async def hold(self, ask: Ask, waiting: OnWait) -> AsyncIterator[None]:
+        self.asks.append(ask)
+        if ask.tool in self.blocked:
+            for wait in self.blocked[ask.tool]:
+                waiting(wait)
+            gate = self._gates.setdefault(ask.tool, asyncio.Event())
+            gate.clear()
+            await gate.wait()
+        self.held += 1
+        self.most = max(self.most, self.held)
+        try:
+            yield
+        finally:
+            self.held -= 1
+
+
+@dataclass
 class MemoryParts:
     """One of each in-memory part, kept across sessions of the same run."""
 
@@ -209,8 +256,9 @@ class MemoryParts:
     workspace: MemoryWorkspace = field(default_factory=MemoryWorkspace)
     steps: DirectSteps = field(default_factory=DirectSteps)
     events: MemoryEvents = field(default_factory=MemoryEvents)
+    limits: MemoryLimits = field(default_factory=MemoryLimits)
 
     def parts(self) -> RunParts:
         return RunParts(checkpoints=self.checkpoints, control=self.control,
                         workspace=self.workspace, steps=self.steps, events=self.events.bind,
-                        artifacts=NoArtifacts)
+                        artifacts=NoArtifacts, limits=self.limits)

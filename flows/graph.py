@@ -10,7 +10,7 @@ caller of ``parse_duration`` after validation (docs/plan-format.md, "Durations")
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
@@ -18,7 +18,7 @@ from planrun.adapters.base import Adapter
 from planrun.adapters.registry import Registry
 from planrun.durations import parse_duration
 from planrun.flows.policy import RetryPolicy
-from planrun.plan_schemas.model import Plan, Retry, Step
+from planrun.plan_schemas.model import Plan, Retry, Step, ToolLimit
 from planrun.policy import Ceilings
 from planrun.policy_check import tightest
 from planrun.report import RunRecord, StepRecord
@@ -74,6 +74,9 @@ class RunLimits:
     pause_timeout_s: float | None = None
     on_pause_timeout: Literal["cancel", "resume"] = "cancel"
     memory_mb: int | None = None
+    #: The run's own concurrency and rate limits by tool, under the operator's (which
+    #: validation checked: docs/limits.md).
+    tools: Mapping[str, ToolLimit] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,8 @@ def _limits(plan: Plan, ceilings: Ceilings) -> RunLimits:
     return RunLimits(max_parallel=int(parallel or 1), deadline_s=_seconds(limits.deadline),
                      pause_timeout_s=_seconds(limits.pause_timeout),
                      on_pause_timeout=limits.on_pause_timeout,
-                     memory_mb=int(memory) if memory is not None else None)
+                     memory_mb=int(memory) if memory is not None else None,
+                     tools=MappingProxyType(dict(limits.tools)))
 
 
 def _node(plan: Plan, step: Step, registry: Registry, ceilings: Ceilings, limits: RunLimits,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 from uuid import UUID
 
+from planrun.flows.limits import StepLimits, Why
 from planrun.flows.scheduler import Scheduler
 from planrun.flows.step import StepJob
 from planrun.plan_schemas.model import Step
@@ -27,6 +28,10 @@ class EventSink(Protocol):
     def resumed(self, restored: list[str]) -> None: ...
 
     def changed(self, step: StepRecord) -> None: ...
+
+    def waiting(self, step: StepRecord, why: Why) -> None:
+        """The pending ``step`` cannot start yet, for a new reason (its ``note``)."""
+        ...
 
     def heartbeat(self) -> None: ...
 
@@ -127,3 +132,5 @@ class RunParts:
     steps: StepRunner
     events: Callable[[RunRecord, int], EventSink]
     artifacts: Callable[[RunRecord], ArtifactSink]
+    #: The limits shared by every run of the machine (``flows.limits.StepLimits``).
+    limits: StepLimits

@@ -32,6 +32,7 @@ from planrun.flows.control import RunControl
 from planrun.flows.events import RunEvents
 from planrun.flows.fakes import MemoryParts
 from planrun.flows.graph import RunGraph, compile_plan
+from planrun.flows.limits import default_limiter
 from planrun.flows.parts import RunParts
 from planrun.flows.session import RunSession, Sessions
 from planrun.flows.step import TaskRuns
@@ -147,14 +148,14 @@ def real_parts(graph: RunGraph, run_id: str, secrets: RunSecrets,
         checkpoints=Checkpoints(run_id, secrets.redactor), control=RunControl(run_id),
         workspace=workspace or _workspace(run_id), steps=TaskRuns(),
         events=lambda run, segment: RunEvents(graph.plan, run, segment),
-        artifacts=RunArtifacts)
+        artifacts=RunArtifacts, limits=default_limiter())
 
 
 def _memory_parts(run_id: str, workspace: Workspace | None) -> RunParts:
     memory = MemoryParts().parts()
     return RunParts(checkpoints=memory.checkpoints, control=memory.control,
                     workspace=workspace or _workspace(run_id), steps=TaskRuns(),
-                    events=memory.events, artifacts=RunArtifacts)
+                    events=memory.events, artifacts=RunArtifacts, limits=default_limiter())
 
 
 def _workspace(run_id: str) -> Workspace:

@@ -16,6 +16,7 @@ from typing import Any
 
 from planrun import templates
 from planrun.errors import ConfigurationError
+from planrun.flows.run_slots import RunSlots
 from planrun.graph import remaining_paths
 from planrun.plan_schemas.model import Step
 from planrun.report import RunRecord, StepRecord, StepStatus
@@ -28,6 +29,8 @@ Skip = Callable[[Step], Awaitable[None]]
 Notify = Callable[[StepRecord | None], None]
 #: Takes in what people asked of the run (a pause, a cancel) up to this moment.
 News = Callable[[], Awaitable[None]]
+#: Which load threshold the machine is over, in words; None when it is not.
+Pressure = Callable[[], str | None]
 
 
 def longest_path_first(steps: list[Step], run: RunRecord) -> list[Step]:
@@ -45,7 +48,7 @@ class Scheduler:
     def __init__(self, run: RunRecord, steps: list[Step], *, max_parallel: int,
                  execute: Execute, skip: Skip, notify: Notify,
                  context: Callable[[], dict[str, Any]], decide: Decide | None = None,
-                 news: News | None = None) -> None:
+                 news: News | None = None, pressure: Pressure | None = None) -> None:
         self.run = run
         self.steps = {s.id: s for s in longest_path_first(steps, run)}
         self.execute = execute
@@ -54,10 +57,12 @@ class Scheduler:
         self.context = context
         self.decide = decide or _no_one_to_ask
         self.news = news
+        self.pressure = pressure
         self.approved: set[str] = set()
         #: The step whose approval gate paused the run, if one did.
         self.gate: str | None = None
-        self.slots = asyncio.Semaphore(max_parallel)
+        #: The run's ``max_parallel`` slots; a step waiting for a limit lends its own.
+        self.slots = RunSlots(max_parallel)
         self.done = {sid: asyncio.Event() for sid in self.steps}
         self.running: dict[str, asyncio.Task[None]] = {}
         self.skipping: set[str] = set()
@@ -172,10 +177,10 @@ class Scheduler:
                     return reason
                 self.approved.add(step.id)
                 continue  # the run may have been paused or stopped meanwhile
-            async with self.slots:
+            async with self.slots.hold(step.id):
                 if not self._go.is_set():
                     continue  # paused while waiting for a slot
-                reason = self._why_not(step)
+                reason = self._why_not(step) or self._degraded(step)
                 if reason is None:
                     await self._execute(step)
                 return reason
@@ -228,6 +233,14 @@ class Scheduler:
                                               step_id=step.id, tool=step.tool)
             return "its condition could not be evaluated", True
         return f"condition is false: {step.when}", False
+
+    def _degraded(self, step: Step) -> tuple[str, bool] | None:
+        """Why a ``degrade: skip`` step is skipped as it would start: the machine is
+        under pressure (docs/limits.md); None otherwise."""
+        if step.degrade != "skip" or self.pressure is None:
+            return None
+        why = self.pressure()
+        return (f"skipped under load: {why}", False) if why is not None else None
 
     def _condition(self, step: Step) -> bool:
         if isinstance(step.when, bool):

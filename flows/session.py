@@ -22,6 +22,7 @@ from planrun.errors import CheckpointUnreadable
 from planrun.flows.control import TIMED_OUT
 from planrun.flows.graph import RunGraph, StepNode
 from planrun.flows.health import unhealthy_tools
+from planrun.flows.limits import Waiting
 from planrun.flows.parts import EventSink, RunParts
 from planrun.flows.scheduler import Scheduler
 from planrun.flows.step import StepJob
@@ -64,12 +65,16 @@ class RunSession:
         self._steps_view = StepsView(self.run.steps)
         #: What the run's tools wrote, against its workspace quota (docs/resources.md).
         self.writes = RunWrites()
+        self._waits: dict[str, str] = {}  # step id -> what it waits for, as last announced
         self.jobs = {node.id: self._job(node) for node in graph.steps.values()}
         gates = any(node.approval is not None for node in graph.steps.values())
         self.scheduler = Scheduler(
             self.run, graph.checked_steps(), max_parallel=graph.limits.max_parallel,
             execute=self._execute, skip=self._skip, notify=self._notify,
-            context=self._context, decide=self._decide if can_ask and gates else None)
+            context=self._context, decide=self._decide if can_ask and gates else None,
+            pressure=parts.limits.pressure)
+        for job in self.jobs.values():
+            job.slots = self.scheduler.slots
 
     @property
     def run_id(self) -> str:
@@ -198,6 +203,8 @@ class RunSession:
             record.status, record.error = StepStatus.COMPLETED, None
         except Exception:  # noqa: BLE001 - the StepError is already on the record
             record.status = StepStatus.FAILED
+        finally:
+            record.note = None  # it waits no longer (also when cancelled while it waited)
         record.ended_at = time.time()
         await self.parts.checkpoints.save(record)  # before the finish is announced
         self._notify(record)
@@ -233,6 +240,21 @@ class RunSession:
         found = (self.run.steps[need].task_run_id for need in step.needs)
         return [task_run_id for task_run_id in found if task_run_id is not None]
 
+    def _waiting(self, record: StepRecord, waiting: Waiting) -> None:
+        """The step waits for a limit (flows/limits.py): it is pending with the note; when
+        what it waits for changes, whoever follows the run hears it (once, not on every
+        check: the note's count of steps ahead is kept fresh on the record)."""
+        reason = f"{waiting.why} {waiting.about}"
+        same = record.status == StepStatus.PENDING and record.note is not None and \
+            self._waits.get(record.id) == reason
+        record.status, record.note = StepStatus.PENDING, waiting.note
+        if same:
+            return
+        self._waits[record.id] = reason
+        self._notify(record)
+        if self.events is not None:
+            self.events.waiting(record, waiting.why)
+
     def _notify(self, step: StepRecord | None) -> None:
         for observer in list(self.observers):
             observer.changed(self.run, step)
@@ -253,7 +275,8 @@ class RunSession:
                        workspace=cast("Workspace", self.parts.workspace),
                        memory_mb=node.memory_mb, context=self._context,
                        notify=self._notify, fallback=node.fallback,
-                       redactor=self.run.redactor, writes=self.writes)
+                       redactor=self.run.redactor, writes=self.writes, limits=self.parts.limits,
+                       run_limits=self.graph.limits.tools, on_wait=self._waiting)
 
 
 class Sessions:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -34,9 +34,11 @@ from planrun.errors import ConfigurationError, StepError
 from planrun.flows.breakers import Breakers, default_breakers
 from planrun.flows.graph import FallbackCall
 from planrun.flows.health import tool_unhealthy
+from planrun.flows.limits import Ask, LimitSettings, StepLimits, Waiting, default_limiter
 from planrun.flows.policy import RetryPolicy
 from planrun.flows.prefect_compat import call_after, new_task_run_id, task_with
 from planrun.flows.resources import Metering, default_metering
+from planrun.flows.run_slots import RunSlots
 from planrun.plan_schemas.model import Step
 from planrun.redact import Redactor, redact
 from planrun.report import StepRecord, StepStatus
@@ -69,8 +71,18 @@ class StepJob:
     metering: Metering = field(default_factory=default_metering)
     #: What the run has written so far, against its workspace quota (docs/resources.md).
     writes: RunWrites = field(default_factory=RunWrites)
+    #: The limits shared by every run of the machine (flows/limits.py): each call of a
+    #: tool waits for its leave, and gives it back as soon as it returns.
+    limits: StepLimits = field(default_factory=default_limiter)
+    #: The run's own limits by tool (the plan's ``limits.tools``).
+    run_limits: Mapping[str, LimitSettings] = field(default_factory=dict)
+    #: The run's ``max_parallel`` slots: the step lends its own while it waits for a limit.
+    slots: RunSlots | None = None
+    #: Told each time the pending step waits for a limit (its record, why).
+    on_wait: Callable[[StepRecord, Waiting], None] | None = None
     last_error: StepError | None = None
     next_delay: float | None = field(default=None, repr=False)
+    _began: float = field(default=0.0, repr=False)  # when the current attempt began
 
     def prefect_task(self) -> Task[..., Any]:
         """The Prefect task of this step: named by its id, tagged, with its retries."""
@@ -94,17 +106,17 @@ class StepJob:
         )
 
     async def attempt(self, number: int) -> Any:
-        """Run attempt ``number`` (1-based); raise a StepError on failure."""
+        """Run attempt ``number`` (1-based); raise a StepError on failure.
+
+        The step is ``running`` from the moment its tool is called: while the shared
+        limits keep the call waiting it stays ``pending`` (``_call``)."""
         record = self.record
         self.next_delay = None
         if self.last_error is not None and self.last_error.category == "permission":
             await self.adapter.refresh_credentials()
         record.attempts = number
-        record.status = StepStatus.RUNNING
         record.retry_delay_s = None
-        if record.started_at is None:
-            record.started_at = time.time()
-        self.notify(record)
+        self._began = time.time()
         log = _logger()
         try:
             params, left = await self._render(self.step.with_, self.timeout_s, ("with",))
@@ -115,8 +127,9 @@ class StepJob:
                 raise tool_unhealthy(self.step.tool, self.unhealthy)
             output = await self.breakers.call(  # no call while the tool's breaker is open
                 self.step.tool, params, self.run_id, left,
-                partial(self._metered, self.adapter, params, number, log, left))
+                partial(self._call, self.step.tool, self.adapter, params, left, number, log))
         except StepError as error:
+            self._begin()  # failed before its call (a template, a breaker): it began all the same
             error.step_id, error.tool = self.step.id, self.step.tool
             self.redactor.scrub_error(error)  # before Prefect's task-run state gets it
             self.last_error = error
@@ -134,6 +147,40 @@ class StepJob:
             raise
         return self.redactor.mask(output)
 
+    async def _call(self, tool: str, adapter: Adapter, params: Any, left: float | None,
+                    number: int, log: logging.Logger | logging.LoggerAdapter[Any]) -> Any:
+        """``adapter``'s call once the shared limits let it start. While they do not, the
+        step is pending with a note and lends its run slot; it takes a slot back (before
+        steps not started yet) once its wait is over. The limits are given back as soon
+        as the call returns: a retry's delay holds nothing."""
+        lent = False
+
+        def waiting(why: Waiting) -> None:
+            nonlocal lent
+            if not lent and self.slots is not None:
+                self.slots.lend(self.step.id)
+                lent = True
+            if self.on_wait is not None:
+                self.on_wait(self.record, why)
+
+        ask = Ask.of(tool, params, self.run_id, self.step.id, self.run_limits)
+        async with self.limits.hold(ask, waiting):
+            if lent and self.slots is not None:
+                await self.slots.take_back(self.step.id)
+            self._begin()
+            return await self._metered(adapter, params, number, log, left)
+
+    def _begin(self) -> None:
+        """The step is running (its note, if it waited, is gone). It started when its
+        first attempt began, or, if that attempt waited for a limit, when the wait ended."""
+        record = self.record
+        if record.status == StepStatus.RUNNING:
+            return
+        if record.started_at is None:
+            record.started_at = time.time() if record.note is not None else self._began
+        record.status, record.note = StepStatus.RUNNING, None
+        self.notify(record)
+
     async def _fallback(self, fallback: FallbackCall, error: StepError,
                         log: logging.Logger | logging.LoggerAdapter[Any]) -> Any:
         try:
@@ -142,8 +189,8 @@ class StepJob:
             log.info("attempts exhausted; trying the fallback %s", fallback.tool)
             output = await self.breakers.call(
                 fallback.tool, params, self.run_id, left,
-                partial(self._metered, fallback.adapter, params, self.record.attempts, log,
-                        left))
+                partial(self._call, fallback.tool, fallback.adapter, params, left,
+                        self.record.attempts, log))
         except StepError as fallback_error:
             self.redactor.scrub_error(fallback_error)
             log.warning("the fallback failed too: %s", fallback_error.message)

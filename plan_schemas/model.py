@@ -70,6 +70,19 @@ class Fallback(_Strict):
     timeout: Duration | None = Field(default=None, description="Timeout of the fallback call.")
 
 
+class ToolLimit(_Strict):
+    """This run's own limits of one tool: they can only tighten the operator's
+    (docs/limits.md)."""
+
+    concurrency: int | None = Field(default=None, ge=1,
+                                    description="Calls of the tool by this run at once.")
+    rate: float | None = Field(default=None, gt=0,
+                               description="Calls of the tool by this run per second.")
+    burst: int | None = Field(default=None, ge=1,
+                              description="Calls that may start at once when the rate allows "
+                                          "(default 1).")
+
+
 class Limits(_Strict):
     """Run-wide limits."""
 
@@ -81,6 +94,11 @@ class Limits(_Strict):
         default=None, description="How long a pause or approval may wait.")
     on_pause_timeout: Literal["cancel", "resume"] = Field(
         default="cancel", description="What a timed-out pause does.")
+    tools: dict[Annotated[str, Field(pattern=TOOL_PATTERN)], ToolLimit] = Field(
+        default_factory=dict,
+        description="Per tool: this run's concurrency and rate limits, at most the "
+                    "operator's.",
+        json_schema_extra={"propertyNames": {"pattern": TOOL_PATTERN}})
 
 
 class Defaults(_Strict):
@@ -117,6 +135,9 @@ class Step(_Strict):
         default=None, ge=16,
         description="Memory limit of this step, over the plan's limits.memory_mb; the "
         "policy's ceiling caps both (docs/resources.md).")
+    degrade: Literal["wait", "skip"] | None = Field(
+        default=None,
+        description="Under machine load: wait until it drops (default), or skip the step.")
 
 
 #: An input's definition: JSON Schema, plus ``secret`` (docs/secrets.md).

@@ -38,6 +38,8 @@ def _note(step: StepRecord) -> str:
 
 
 def _raw_note(step: StepRecord) -> str:
+    if step.status == StepStatus.PENDING and step.note:
+        return step.note  # waiting for a limit (docs/limits.md)
     if step.status == StepStatus.RETRYING and step.error:
         wait = f", next try in {step.retry_delay_s:.1f}s" if step.retry_delay_s else ""
         return f"{step.error.category}: {step.error.message}{wait}"

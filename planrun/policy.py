@@ -30,6 +30,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from planrun.errors import PolicyInvalid
+from planrun.policy_limits import OperatorLimits, ToolName
 
 #: The policy file's path; else ``policy.yaml`` under the data directory, if it exists.
 POLICY_ENV = "PLANRUN_POLICY"
@@ -184,18 +185,6 @@ class LevelPolicy(BaseModel):
         return None if self.hosts is None else [parse_host_rule(h) for h in self.hosts]
 
 
-_TOOL_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)+")
-
-
-def _tool_name(value: str) -> str:
-    if not _TOOL_NAME.fullmatch(value):
-        raise ValueError(f"{value!r} is not a tool name like 'search.web'")
-    return value
-
-
-ToolName = Annotated[str, AfterValidator(_tool_name)]
-
-
 class BreakerSettings(BaseModel):
     """One tool's circuit breaker (flows/breakers.py, docs/policy.md): it opens after
     ``failures`` transient or resource failures within ``window_s`` seconds, in any run,
@@ -227,6 +216,9 @@ class Policy(BaseModel):
     #: Circuit breakers by tool name, over the defaults of flows/breakers.py; they apply
     #: to every run whatever its trust level.
     breakers: dict[ToolName, BreakerSettings] = Field(default_factory=dict)
+    #: Concurrency and rate limits, and load thresholds, for every run whatever its trust
+    #: level (planrun/policy_limits.py, docs/limits.md).
+    limits: OperatorLimits = Field(default_factory=lambda: OperatorLimits.model_validate({}))
 
     def level(self, trust: Trust) -> LevelPolicy:
         """The rules for plans of ``trust``."""

@@ -23,6 +23,7 @@ from planrun.errors import Problem
 from planrun.loader import Path_, Source
 from planrun.plan_schemas.model import Limits
 from planrun.policy import LevelPolicy, Trust
+from planrun.policy_limits import OperatorLimits
 
 DOC = "(docs/policy.md)"
 
@@ -33,10 +34,14 @@ PARAMETER_CEILINGS: dict[str, dict[str, str]] = {
 }
 
 
-def policy_problems(source: Source, level: LevelPolicy, trust: Trust) -> Iterator[Problem]:
-    """Every place where the plan in ``source`` asks for more than ``level`` allows."""
+def policy_problems(source: Source, level: LevelPolicy, trust: Trust,
+                    limits: OperatorLimits | None = None) -> Iterator[Problem]:
+    """Every place where the plan in ``source`` asks for more than ``level`` (and the
+    operator's ``limits``) allow."""
     data = _mapping(source.data)
     yield from _limit_problems(source, data, level, trust)
+    if limits is not None:
+        yield from tool_limit_problems(source, _mapping(data.get("limits")), limits)
     steps = data.get("steps")
     for i, step in enumerate(steps if isinstance(steps, list) else []):
         if not isinstance(step, dict):
@@ -106,6 +111,28 @@ def _limit_problems(source: Source, data: dict[str, Any], level: LevelPolicy,
     if "timeout" in defaults:
         yield from _timeout_problems(source, ("defaults", "timeout"), defaults["timeout"],
                                      level, trust)
+
+
+def tool_limit_problems(source: Source, asked: dict[str, Any],
+                        limits: OperatorLimits) -> Iterator[Problem]:
+    """Where the plan's ``limits.tools`` loosen the operator's limits of a tool (a plan
+    may only tighten them: docs/limits.md)."""
+    for tool, wanted in _mapping(asked.get("tools")).items():
+        allowed = limits.tool(str(tool))
+        own = str(tool) in limits.tools
+        for name in ("concurrency", "rate", "burst"):
+            value, ceiling = _mapping(wanted).get(name), getattr(allowed, name)
+            if name == "burst" and allowed.rate is None:
+                continue  # a burst without the operator's rate limits nothing
+            if ceiling is None or isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            if value > ceiling:
+                origin = "" if own else " (the default)"
+                yield source.problem(
+                    ("limits", "tools", tool, name),
+                    f"{tool}'s {name} {value:g} is above the policy's limit "
+                    f"limits.tools.{tool}.{name} of {ceiling:g}{origin}: a plan may only "
+                    "tighten it (docs/limits.md)")
 
 
 def _timeout_problems(source: Source, path: Path_, value: Any, level: LevelPolicy,

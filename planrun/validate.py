@@ -76,8 +76,9 @@ def validate_data(source: Source, registry: Registry | None = None,
     problems += needs_problems(source, steps)
     problems += template_problems(source, steps)
     problems += input_problems(source)
-    problems += policy_problems(source, load_policy().level(trust or current_trust()),
-                                trust or current_trust())
+    policy = load_policy()
+    problems += policy_problems(source, policy.level(trust or current_trust()),
+                                trust or current_trust(), policy.limits)
     if problems:
         raise PlanInvalid(_one_line(list(dict.fromkeys(problems))))
     return ValidPlan(Plan.model_validate(source.data), source)
