@@ -140,8 +140,9 @@ def at_checkpoints(observer: Observer, end: float) -> dict[str, dict[str, float]
 
 def cost_of_50_steps(repeat: int = 200) -> tuple[float, float]:
     """Median and p95 ms of one estimate of a random 50-step DAG, 4 slots, 3 running."""
+    from planrun.contract.status import RunStatus, StepStatus
     from planrun.progress_bridge.estimate import durations_from, estimate
-    from planrun.report import RunRecord, RunStatus, StepRecord, StepStatus
+    from planrun.report import RunRecord, StepRecord
 
     rng = random.Random(1)
     steps = {}

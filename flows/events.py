@@ -51,9 +51,10 @@ from planrun.contract.events import (
     run_ended_event,
     step_event,
 )
+from planrun.contract.status import StepStatus
 from planrun.contract.times import iso
 from planrun.plan_schemas.model import Plan
-from planrun.report import RunRecord, StepRecord, StepStatus
+from planrun.report import RunRecord, StepRecord
 from planrun.summary import summarize
 
 #: Input and output larger than this (as JSON) are replaced by a note in the event: Prefect

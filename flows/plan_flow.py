@@ -24,6 +24,7 @@ from prefect.states import Cancelled, Completed, Failed, State
 
 from planrun.adapters.registry import Registry, default_registry
 from planrun.adapters.workspace import Workspace, default_workspace_root
+from planrun.contract.status import RunStatus
 from planrun.errors import PlanInvalid, PolicyInvalid, UsageError
 from planrun.flows import prefect_compat
 from planrun.flows.artifacts import RunArtifacts
@@ -41,7 +42,7 @@ from planrun.inputs import resolve_inputs
 from planrun.loader import Source
 from planrun.plan_schemas.model import Plan
 from planrun.policy import current_trust, load_policy
-from planrun.report import RunObserver, RunStatus
+from planrun.report import RunObserver
 from planrun.secrets import RunSecrets, forget, input_blocks
 from planrun.secrets import load as load_secrets
 from planrun.validate import validate_data

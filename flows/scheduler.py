@@ -15,11 +15,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from planrun import templates
+from planrun.contract.status import StepStatus
 from planrun.errors import ConfigurationError
 from planrun.flows.run_slots import RunSlots
 from planrun.graph import remaining_paths
 from planrun.plan_schemas.model import Step
-from planrun.report import RunRecord, StepRecord, StepStatus
+from planrun.report import RunRecord, StepRecord
 
 Execute = Callable[[Step], Awaitable[None]]
 #: Asks for the step's approval: None to run it, else why it is skipped (and that it counts

@@ -18,6 +18,7 @@ from uuid import UUID
 from prefect.exceptions import Pause
 
 from planrun.adapters.usage import RunWrites
+from planrun.contract.status import RunStatus, StepStatus
 from planrun.errors import CheckpointUnreadable
 from planrun.flows.control import TIMED_OUT
 from planrun.flows.graph import RunGraph, StepNode
@@ -27,7 +28,7 @@ from planrun.flows.parts import EventSink, RunParts
 from planrun.flows.scheduler import Scheduler
 from planrun.flows.step import StepJob
 from planrun.plan_schemas.model import Step
-from planrun.report import RunObserver, RunStatus, StepRecord, StepStatus, StepsView
+from planrun.report import RunObserver, StepRecord, StepsView
 from planrun.secrets import RunSecrets
 
 if TYPE_CHECKING:

@@ -30,6 +30,7 @@ from planrun import templates
 from planrun.adapters.base import Adapter, StepContext
 from planrun.adapters.usage import RunWrites, StepUsage, combined
 from planrun.adapters.workspace import Workspace
+from planrun.contract.status import StepStatus
 from planrun.errors import ConfigurationError, StepError
 from planrun.flows.breakers import Breakers, default_breakers
 from planrun.flows.graph import FallbackCall
@@ -41,7 +42,7 @@ from planrun.flows.resources import Metering, default_metering
 from planrun.flows.run_slots import RunSlots
 from planrun.plan_schemas.model import Step
 from planrun.redact import Redactor, redact
-from planrun.report import StepRecord, StepStatus
+from planrun.report import StepRecord
 from planrun.sizes import describe
 
 

@@ -133,9 +133,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from planrun.console import LineDisplay, LiveDisplay
+    from planrun.contract.status import RunStatus
     from planrun.inputs import parse_pairs, resolve_inputs
     from planrun.policy import Trust, trusted_as
-    from planrun.report import RunStatus
     from planrun.runner import prepare_prefect, run_plan
     from planrun.validate import validate_file
 

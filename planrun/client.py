@@ -18,10 +18,12 @@ from pydantic import ValidationError
 from planrun import bridge_token
 from planrun.contract.estimate import Estimate
 from planrun.contract.records import Resources
+from planrun.contract.status import RunStatus, StepStatus
 from planrun.contract.stream import Message, MessageType
+from planrun.contract.times import epoch
 from planrun.durations import format_duration
 from planrun.errors import PlanrunError, step_error
-from planrun.report import RunObserver, RunRecord, RunStatus, StepRecord, StepStatus, epoch
+from planrun.report import RunObserver, RunRecord, StepRecord
 
 DEFAULT_URL = "http://127.0.0.1:8765"
 POLICY_VIOLATION = 1008  # the bridge's close code for a wrong token, host or origin

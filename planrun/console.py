@@ -12,8 +12,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from planrun.contract.status import StepStatus
 from planrun.durations import format_duration
-from planrun.report import RunRecord, StepRecord, StepStatus
+from planrun.report import RunRecord, StepRecord
 
 STYLES = {
     StepStatus.PENDING: ("·", "dim"), StepStatus.RUNNING: ("▶", "cyan"),

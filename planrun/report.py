@@ -17,10 +17,7 @@ from planrun.contract.times import epoch, iso
 from planrun.errors import StepError, step_error
 from planrun.redact import Redactor
 
-# Importers of the engine (flows/) still take these from here while they move to the
-# contract.
-__all__ = ["RunObserver", "RunRecord", "RunStatus", "StepRecord", "StepStatus", "StepsView",
-           "epoch", "iso"]
+__all__ = ["RunObserver", "RunRecord", "StepRecord", "StepsView"]
 
 
 @dataclass

@@ -22,8 +22,9 @@ from websockets.http11 import Request, Response
 from planrun import bridge_token, client
 from planrun.cli import main
 from planrun.contract.estimate import Estimate
+from planrun.contract.status import RunStatus, StepStatus
 from planrun.errors import PlanrunError
-from planrun.report import RunRecord, RunStatus, StepRecord, StepStatus
+from planrun.report import RunRecord, StepRecord
 
 PLAN = """\
 version: 1

@@ -7,9 +7,9 @@ import io
 from rich.console import Console
 
 from planrun.console import LineDisplay, LiveDisplay
-from planrun.contract.status import RunStatus
+from planrun.contract.status import RunStatus, StepStatus
 from planrun.errors import LogicError, TransientError
-from planrun.report import RunRecord, StepRecord, StepStatus
+from planrun.report import RunRecord, StepRecord
 
 
 def test_escape_sequences_in_tool_errors_are_not_written_to_the_terminal() -> None:

@@ -8,9 +8,10 @@ import json
 
 import pytest
 
+from planrun.contract.status import StepStatus
 from planrun.errors import CheckpointUnreadable
 from planrun.flows.checkpoints import Checkpoints, key
-from planrun.report import StepRecord, StepStatus
+from planrun.report import StepRecord
 
 
 class Storage:

@@ -20,6 +20,7 @@ from planrun.adapters.usage import StepUsage
 from planrun.contract.checkpoint import StepCheckpoint
 from planrun.contract.events import StepChanged
 from planrun.contract.records import Resources
+from planrun.contract.status import StepStatus
 from planrun.flows.artifacts import step_rows
 from planrun.flows.events import RunEvents
 from planrun.flows.fakes import MemoryParts
@@ -28,7 +29,7 @@ from planrun.flows.resources import Metering, Resident
 from planrun.flows.session import RunSession
 from planrun.plan_schemas.model import Plan
 from planrun.policy import Ceilings
-from planrun.report import StepRecord, StepStatus
+from planrun.report import StepRecord
 from planrun.sizes import describe, format_bytes
 from planrun.validate import validate_text
 

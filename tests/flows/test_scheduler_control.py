@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
+from planrun.contract.status import StepStatus
 from planrun.flows.scheduler import Scheduler
 from planrun.plan_schemas.model import Step
-from planrun.report import RunRecord, StepRecord, StepStatus
+from planrun.report import RunRecord, StepRecord
 
 
 class FakeRun:

@@ -15,10 +15,11 @@ from pydantic import Field
 from planrun.adapters.base import Adapter, Params, StepContext
 from planrun.adapters.core import Echo, Fail
 from planrun.adapters.registry import Registry
+from planrun.contract.status import RunStatus, StepStatus
 from planrun.flows.fakes import MemoryParts
 from planrun.flows.graph import compile_plan
 from planrun.flows.session import RunSession, Sessions
-from planrun.report import RunStatus, StepRecord, StepStatus
+from planrun.report import StepRecord
 from planrun.validate import validate_text
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import asyncio
 
+from planrun.contract.status import StepStatus
 from planrun.flows.limits import Waiting
-from planrun.report import StepStatus
 from tests.flows.test_session import Scenario, fast, until
 
 SLOT = Waiting("slot", "waiting for a test.held slot (limit 1), 3 ahead", "tool:test.held")
