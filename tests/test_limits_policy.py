@@ -5,15 +5,14 @@ section is a policy error like any other (docs/limits.md)."""
 from __future__ import annotations
 
 import os
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from planrun.errors import PlanInvalid, PolicyInvalid
-from planrun.policy import POLICY_ENV, Trust, load_policy, trusted_as
-from planrun.validate import validate_text
+from planrun.errors import PolicyInvalid
+from planrun.policy import POLICY_ENV, Trust, load_policy
+from tests.test_policy import problems
 
 
 @pytest.fixture
@@ -21,15 +20,6 @@ def policy_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
     path = tmp_path / "policy.yaml"
     monkeypatch.setenv(POLICY_ENV, str(path))
     yield path
-
-
-def problems(text: str, trust: Trust = Trust.SUBMITTED) -> list[str]:
-    try:
-        with trusted_as(trust):
-            validate_text(textwrap.dedent(text), "plan.yaml")
-    except PlanInvalid as exc:
-        return [str(p) for p in exc.problems]
-    return []
 
 
 POLICY = """\
