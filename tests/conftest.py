@@ -39,9 +39,17 @@ FULL_STACK = {
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Full-stack modules are marked ``slow`` and run first: the two workers then end on
+    short modules, not one of them on a minute-long module while the other is idle."""
     for item in items:
-        if item.module is not None and item.module.__name__ in FULL_STACK:
+        if _full_stack(item):
             item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: not _full_stack(item))  # stable: file order is kept
+
+
+def _full_stack(item: pytest.Item) -> bool:
+    module = getattr(item, "module", None)
+    return module is not None and module.__name__ in FULL_STACK
 
 
 def pytest_configure(config: pytest.Config) -> None:
