@@ -27,6 +27,7 @@ issue 12) would implement the same five operations.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -242,9 +243,14 @@ class SqliteLimitStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, isolation_level=None, timeout=30,
                                  check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(SCHEMA)
+            # Switching to WAL and creating the tables is not covered by SQLite's busy
+            # timeout when two processes do it at once ("database is locked" at once): one
+            # at a time, under a lock file beside the database.
+            with self.path.with_suffix(".lock").open("a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.executescript(SCHEMA)
             self._db, self._pid = db, os.getpid()
             self._started, self._here = psutil.Process().create_time(), _place()
         return self._db

@@ -131,3 +131,22 @@ def test_an_idle_spell_banks_no_more_calls_than_the_burst(path: Path) -> None:
     now = time.time()
     assert store.reserve(rate)[0] >= now
     assert store.reserve(rate)[0] >= now + 0.001 - 1e-6
+
+
+def test_processes_opening_a_new_store_at_the_same_moment_all_get_their_turn(
+        path: Path) -> None:
+    """Creating the file (WAL, tables) is not covered by SQLite's busy timeout: without the
+    lock file, some of these processes failed with "database is locked" and went unlimited."""
+    start = time.time() + 1.0
+    script = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from planrun.flows.limit_store import SqliteLimitStore
+        time.sleep(max(0.0, {start} - time.time()))  # all open the new file at once
+        ticket, queue = SqliteLimitStore(Path({str(path)!r})).join({{"tool:x": 100}}, "r/s")
+        print(ticket in queue.granted)
+    """)
+    children = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    results = [child.communicate(timeout=60) for child in children]
+    assert [(out.strip(), err) for out, err in results] == [("True", "")] * 8
