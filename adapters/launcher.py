@@ -10,6 +10,11 @@ descendants', when the child is reaped). It then ends as the child ended (the sa
 code, or the same signal), so the caller sees the program's outcome. asyncio reaps its
 own children at once, so without this parent the tree's counts would be lost with it.
 
+The launcher is ``adapters/launcher.c``, compiled once per machine into the data directory
+(``launcher_command``): a Python interpreter's start costs ≈ 20 ms a step
+(BENCHMARKS.md, "Resources per step"). Where no C compiler is found, or
+``PLANRUN_LAUNCHER=python``, the same launcher in Python (``LAUNCHER``) runs instead.
+
 The launcher ignores SIGTERM, SIGINT and SIGHUP: stopping a step signals its whole process
 group, and the launcher should outlive the program long enough to report. The status pipe
 carries lines ``stage:errno:message`` (stage ``limits`` or ``exec``: the program did not
@@ -19,10 +24,15 @@ start) and ``usage:cpu_s:maxrss_bytes:written_bytes`` (written -1: not counted h
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
 import os
+import shutil
+import subprocess
 import sys
 from contextlib import suppress
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +40,12 @@ from planrun.adapters import sandbox
 from planrun.adapters.process import stop
 from planrun.adapters.sandbox import Limits
 from planrun.errors import ConfigurationError
+from planrun.home import data_dir
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("launcher.c")
+#: ``python``: use the Python launcher even where the C one can be built.
+CHOICE_ENV = "PLANRUN_LAUNCHER"
 
 LAUNCHER = r"""
 import os, resource, signal, sys, time
@@ -103,9 +119,47 @@ def launch_argv(argv: list[str], limits: Limits, status_fd: int, procs: list[str
     ``argv`` is bubblewrap's, execed with an empty environment (so ``argv[0]`` must be an
     absolute path), and the sandbox's PID 1, which bubblewrap does not reap, is adopted
     and reaped too (its counts hold the program's)."""
-    return [sys.executable, "-I", "-S", "-c", LAUNCHER, str(status_fd),
+    return [*launcher_command(), str(status_fd),
             str(limits.memory_bytes), str(limits.cpu_seconds), str(limits.file_bytes),
             str(limits.processes), "\n".join(procs), "1" if sandboxed else "0", *argv]
+
+
+def launcher_command() -> list[str]:
+    """The launcher to start: the C one (built if needed), else the Python one."""
+    if os.environ.get(CHOICE_ENV) != "python":
+        built = _built(str(data_dir()))
+        if built is not None:
+            return [built]
+    return [sys.executable, "-I", "-S", "-c", LAUNCHER]
+
+
+@lru_cache(maxsize=4)
+def _built(home: str) -> str | None:
+    """The compiled launcher under ``home``, compiled on first use; None when it cannot be
+    (no compiler, no source): the Python launcher then serves, with a warning once."""
+    try:
+        source = SOURCE.read_bytes()
+    except OSError:
+        return None
+    binary = Path(home) / "bin" / f"launcher-{hashlib.sha256(source).hexdigest()[:16]}"
+    if os.access(binary, os.X_OK):
+        return str(binary)
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.warning("no C compiler (cc): shell.run starts its programs through the slower "
+                    "Python launcher")
+        return None
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    partial = binary.with_name(f"{binary.name}.{os.getpid()}.tmp")
+    try:
+        subprocess.run([compiler, "-O2", "-o", str(partial), str(SOURCE)], check=True,
+                       capture_output=True, timeout=60)
+        os.replace(partial, binary)  # atomic: another process may build it at once
+    except (OSError, subprocess.SubprocessError) as exc:
+        partial.unlink(missing_ok=True)
+        log.warning("could not build the C launcher (%s): shell.run uses the Python one", exc)
+        return None
+    return str(binary)
 
 
 @dataclass(frozen=True)

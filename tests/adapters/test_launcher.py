@@ -13,10 +13,27 @@ from pathlib import Path
 import pytest
 
 from planrun.adapters.cgroups import make_step_group
-from planrun.adapters.launcher import Report, launch_argv, read_report
+from planrun.adapters.launcher import CHOICE_ENV, Report, launch_argv, launcher_command, read_report
 from planrun.adapters.sandbox import Limits
+from planrun.home import data_dir
 
 MIB = 1024 * 1024
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def which(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with the compiled launcher and with the Python one: they must agree."""
+    monkeypatch.setenv(CHOICE_ENV, request.param)
+    return str(request.param)
+
+
+def test_the_c_launcher_is_built_once_into_the_data_directory(which: str) -> None:
+    command = launcher_command()
+    if which == "python":
+        assert command[:4] == [sys.executable, "-I", "-S", "-c"]
+        return
+    assert len(command) == 1 and Path(command[0]).parent == data_dir() / "bin"
+    assert os.access(command[0], os.X_OK) and launcher_command() == command
 
 
 def launch(*argv: str, limits: Limits | None = None, procs: list[str] | None = None
