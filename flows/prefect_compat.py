@@ -16,6 +16,13 @@ its ``task_inputs``, which ``Task.__call__`` fills from futures and states passe
 (and resolves them on the way: an upstream that did not complete fails the call). planrun
 awaits each step directly and knows its upstream steps by task run id, so ``call_after``
 calls Prefect's ``run_task`` with those ids as ``dependencies`` (docs/prefect-ui.md).
+
+A step that waits for a shared limit: its task run is running (Prefect's task engine is in
+its function), yet it does not run. ``TaskRunShown`` records a ``Pending`` state named
+``Waiting`` (its message says what for) while it waits and ``Running`` again when it starts,
+as the engine records its own states: a state-change event, which the server's task run
+recorder keeps when it is the newest. The engine's own record is not touched, and its next
+state (``Completed``, ``Failed``) is newer and wins.
 """
 
 from __future__ import annotations
@@ -30,8 +37,11 @@ from uuid import UUID
 import prefect.task_engine as _engine
 from prefect._internal.uuid7 import uuid7
 from prefect.client.schemas.objects import RunInput, TaskRunResult
+from prefect.context import TaskRunContext
+from prefect.states import Pending, Running, State
 from prefect.utilities.annotations import quote
 from prefect.utilities.callables import get_call_parameters
+from prefect.utilities.engine import emit_task_run_state_change_event
 
 _OWN_PREFIXES = ("tag:planrun", "tag:plan:", "tag:tool:")
 _prefect_concurrency = _engine._aconcurrency
@@ -87,6 +97,36 @@ def call_after(task: Any, upstream: Iterable[UUID], task_run_id: UUID, *args: An
                             wait_for=quote(list(after)) if after else None,
                             dependencies={"wait_for": after} if after else None,
                             return_type="result")
+
+
+class TaskRunShown:
+    """What the Prefect UI shows of the current task run while its step waits for a limit.
+    Made inside the task run (it reads the task run's context); a no-op outside one."""
+
+    def __init__(self) -> None:
+        context = TaskRunContext.get()
+        self._task_run = context.task_run if context is not None else None
+        self._shown: State[Any] | None = None
+
+    def waiting(self, message: str) -> None:
+        """The task run is ``Pending``, named ``Waiting``, with ``message``."""
+        self._show(Pending(name="Waiting", message=message))
+
+    def running(self) -> None:
+        """The task run runs again, if it was shown waiting."""
+        if self._shown is not None:
+            self._show(Running())
+            self._shown = None
+
+    def _show(self, state: State[Any]) -> None:
+        run = self._task_run
+        if run is None:
+            return
+        state.state_details.task_run_id, state.state_details.flow_run_id = run.id, run.flow_run_id
+        emit_task_run_state_change_event(task_run=run.model_copy(update={"state": state}),
+                                         initial_state=self._shown or run.state,
+                                         validated_state=state)
+        self._shown = state
 
 
 def install() -> None:

@@ -37,7 +37,7 @@ from planrun.flows.graph import FallbackCall
 from planrun.flows.health import tool_unhealthy
 from planrun.flows.limits import Ask, LimitSettings, StepLimits, Waiting, default_limiter
 from planrun.flows.policy import RetryPolicy
-from planrun.flows.prefect_compat import call_after, new_task_run_id, task_with
+from planrun.flows.prefect_compat import TaskRunShown, call_after, new_task_run_id, task_with
 from planrun.flows.resources import Metering, default_metering
 from planrun.flows.run_slots import RunSlots
 from planrun.plan_schemas.model import Step
@@ -154,20 +154,24 @@ class StepJob:
         step is pending with a note and lends its run slot; it takes a slot back (before
         steps not started yet) once its wait is over. The limits are given back as soon
         as the call returns: a retry's delay holds nothing."""
-        lent = False
+        lent, shown, reason = False, TaskRunShown(), ""
 
         def waiting(why: Waiting) -> None:
-            nonlocal lent
+            nonlocal lent, reason
             if not lent and self.slots is not None:
                 self.slots.lend(self.step.id)
                 lent = True
             if self.on_wait is not None:
                 self.on_wait(self.record, why)
+            if f"{why.why} {why.about}" != reason:  # the Prefect UI: a new reason, not a count
+                reason = f"{why.why} {why.about}"
+                shown.waiting(why.note)
 
         ask = Ask.of(tool, params, self.run_id, self.step.id, self.run_limits)
         async with self.limits.hold(ask, waiting):
             if lent and self.slots is not None:
                 await self.slots.take_back(self.step.id)
+            shown.running()
             self._begin()
             return await self._metered(adapter, params, number, log, left)
 

@@ -299,3 +299,30 @@ def test_a_step_after_a_resume_names_the_task_run_of_its_restored_need() -> None
     again = runs[("second", "COMPLETED")]
     assert {i.id for i in cancelled.task_inputs["wait_for"]} == {first.id}
     assert {i.id for i in again.task_inputs["wait_for"]} == {first.id}
+
+
+def test_a_step_waiting_for_a_limit_shows_waiting_in_prefect_then_running() -> None:
+    report = run_yaml("""
+        version: 1
+        name: waits
+        limits: {tools: {core.sleep: {concurrency: 1}}}
+        steps:
+          - {id: first, tool: core.sleep, with: {seconds: 0.5}}
+          - {id: second, tool: core.sleep, with: {seconds: 0.1}}
+    """)
+    assert report["status"] == "completed"
+
+    def settled() -> list[Any] | None:
+        runs = _task_runs(report["run_id"])
+        return runs if len(runs) == 2 and all(r.state.is_completed() for r in runs) else None
+
+    runs = wait_for(settled, what="two completed task runs")
+    histories = {r.name: ask(lambda client, r=r: client.read_task_run_states(r.id))
+                 for r in runs}
+    waited = [name for name, states in histories.items()
+              if [s.name for s in states] == ["Pending", "Running", "Waiting", "Running",
+                                              "Completed"]]
+    assert len(waited) == 1, {n: [s.name for s in h] for n, h in histories.items()}
+    waiting = next(s for s in histories[waited[0]] if s.name == "Waiting")
+    assert waiting.type.value == "PENDING"
+    assert waiting.message == "waiting for a core.sleep slot of this run (limit 1), next in line"
