@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 import pytest
 
@@ -63,6 +64,14 @@ class Stack:
         # The CLI finds the token where this stack's planrun up keeps it: no flag.
         return cli(*args, env={"PLANRUN_BRIDGE_URL": self.url,
                                "PLANRUN_HOME": self.env["PLANRUN_HOME"]}, timeout=timeout)
+
+    def report(self, run_id: str) -> dict[str, Any]:
+        """The run's report from the bridge: what ``planrun status --json`` prints (that
+        command has its own tests); a poll here costs no process start."""
+        answer = httpx.get(f"{self.url}/v1/runs/{run_id}", headers=self.auth, timeout=30)
+        assert answer.status_code == 200, answer.text
+        report: dict[str, Any] = answer.json()
+        return report
 
     def children(self) -> list[psutil.Process]:
         return psutil.Process(self.process.pid).children(recursive=True)

@@ -1,7 +1,8 @@
 """Search for a canary secret everywhere a run leaves something, for the security tests.
 
-``everywhere(canary, ...)`` lists each place the canary was found, as ``"where: excerpt"``;
-a test asserts the list is empty. Places searched:
+``everywhere(canary, ...)`` lists each place a canary was found, as ``"where: excerpt"``;
+a test asserts the list is empty. Several canaries are searched for in one pass over
+everything (the session's server holds thousands of events). Places searched:
 
 - the Prefect API: every flow run (parameters, state and its message...), every task run,
   every log (``read_logs``), every event (``POST /api/events/filter``), artifacts,
@@ -27,13 +28,13 @@ import httpx
 PAGE = 200
 
 
-def everywhere(canary: str, *, texts: dict[str, str] | None = None,
+def everywhere(*canaries: str, texts: dict[str, str] | None = None,
                directories: Iterable[Path] = (), skip_blocks: Iterable[str] = ()) -> list[str]:
-    """Every place ``canary`` shows: the Prefect API, files and ``texts`` (by name)."""
+    """Every place any of ``canaries`` shows: the Prefect API, files and ``texts`` (by name)."""
     hits = [f"{name}: {_excerpt(text, canary)}" for name, text in (texts or {}).items()
-            if canary in text]
-    hits += asyncio.run(prefect_hits(canary, set(skip_blocks)))
-    hits += file_hits(canary, [*default_directories(), *directories])
+            for canary in canaries if canary in text]
+    hits += asyncio.run(prefect_hits(canaries, set(skip_blocks)))
+    hits += file_hits(canaries, [*default_directories(), *directories])
     return hits
 
 
@@ -46,22 +47,23 @@ def default_directories() -> list[Path]:
     return found + ([Path(home)] if home else [])
 
 
-def file_hits(canary: str, directories: Iterable[Path]) -> list[str]:
-    """Every file under ``directories`` whose bytes hold ``canary``."""
-    needle = canary.encode()
+def file_hits(canaries: Iterable[str], directories: Iterable[Path]) -> list[str]:
+    """Every file under ``directories`` whose bytes hold one of ``canaries``."""
+    needles = [canary.encode() for canary in canaries]
     hits = []
     for directory in directories:
         for path in directory.rglob("*") if directory.is_dir() else ():
             try:
-                if path.is_file() and needle in path.read_bytes():
+                if path.is_file() and any(map(path.read_bytes().__contains__, needles)):
                     hits.append(f"file {path}")
             except OSError:
                 continue  # gone while we looked (a WAL file, a temporary)
     return hits
 
 
-async def prefect_hits(canary: str, skip_blocks: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
-    """Every object of the Prefect API whose JSON holds ``canary``."""
+async def prefect_hits(canaries: Iterable[str],
+                       skip_blocks: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
+    """Every object of the Prefect API whose JSON holds one of ``canaries``."""
     from prefect.client.orchestration import get_client
 
     hits: list[str] = []
@@ -73,9 +75,10 @@ async def prefect_hits(canary: str, skip_blocks: set[str] = frozenset()) -> list
                             ("variable", await client.read_variables()),
                             ("block", await _blocks(client, skip_blocks))):
             hits += [f"{what}: {_excerpt(text, canary)}"
-                     for text in map(_json, items) if canary in text]
+                     for text in map(_json, items) for canary in canaries if canary in text]
         hits += [f"event: {_excerpt(text, canary)}"
-                 for text in map(_json, await events(client.api_url)) if canary in text]
+                 for text in map(_json, await events(client.api_url))
+                 for canary in canaries if canary in text]
     return hits
 
 

@@ -66,10 +66,7 @@ def self_approving_plan() -> str:
 
 
 def report(stack: Stack, run_id: str) -> dict[str, Any]:
-    shown = stack.cli("status", run_id, "--json")
-    assert shown.returncode == 0, shown.stderr
-    data: dict[str, Any] = json.loads(shown.stdout)
-    return data
+    return stack.report(run_id)
 
 
 def flow_run_state(run_id: str) -> Any:

@@ -128,11 +128,10 @@ def test_a_secret_run_with_planrun_run_is_found_nowhere(
     found = everywhere(url_of(reflector))  # not a secret: the search finds where it is kept
     assert any(hit.startswith("flow run") for hit in found), found
     assert any(hit.startswith("event") for hit in found), found
-    for canary in (secret, named):
-        assert everywhere(canary, texts={
-            "--json stdout": as_json.stdout, "--json stderr": as_json.stderr,
-            "terminal stdout": shown.stdout, "terminal stderr": shown.stderr},
-            directories=[tmp_path]) == []
+    assert everywhere(secret, named, texts={
+        "--json stdout": as_json.stdout, "--json stderr": as_json.stderr,
+        "terminal stdout": shown.stdout, "terminal stderr": shown.stderr},
+        directories=[tmp_path]) == []
 
 
 @pytest.fixture(scope="module")
@@ -164,8 +163,7 @@ def test_a_secret_run_submitted_to_the_stack_is_found_nowhere(
     assert report["status"] == "completed_with_errors", report
     assert_used_and_hidden(report, reflector.seen, secret, named)  # type: ignore[attr-defined]
     wait_until_logged(run_id)
-    for canary in (secret, named):
-        assert everywhere(canary, texts={
-            "submit output": submitted.stdout + submitted.stderr,
-            "status --json": status.stdout, "stream": json.dumps(stream),
-            "planrun up output": stack.output()}, directories=[tmp_path]) == []
+    assert everywhere(secret, named, texts={
+        "submit output": submitted.stdout + submitted.stderr,
+        "status --json": status.stdout, "stream": json.dumps(stream),
+        "planrun up output": stack.output()}, directories=[tmp_path]) == []
