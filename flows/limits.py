@@ -102,6 +102,11 @@ class Waiting:
     note: str
     about: str
 
+    @property
+    def reason(self) -> str:
+        """What it waits for, without the note's count of steps ahead."""
+        return f"{self.why} {self.about}"
+
 
 OnWait = Callable[[Waiting], None]
 

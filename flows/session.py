@@ -245,13 +245,12 @@ class RunSession:
         """The step waits for a limit (flows/limits.py): it is pending with the note; when
         what it waits for changes, whoever follows the run hears it (once, not on every
         check: the note's count of steps ahead is kept fresh on the record)."""
-        reason = f"{waiting.why} {waiting.about}"
         same = record.status == StepStatus.PENDING and record.note is not None and \
-            self._waits.get(record.id) == reason
+            self._waits.get(record.id) == waiting.reason
         record.status, record.note = StepStatus.PENDING, waiting.note
         if same:
             return
-        self._waits[record.id] = reason
+        self._waits[record.id] = waiting.reason
         self._notify(record)
         if self.events is not None:
             self.events.waiting(record, waiting.why)

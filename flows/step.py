@@ -163,8 +163,8 @@ class StepJob:
                 lent = True
             if self.on_wait is not None:
                 self.on_wait(self.record, why)
-            if f"{why.why} {why.about}" != reason:  # the Prefect UI: a new reason, not a count
-                reason = f"{why.why} {why.about}"
+            if why.reason != reason:  # the Prefect UI: a new reason, not a new count
+                reason = why.reason
                 shown.waiting(why.note)
 
         ask = Ask.of(tool, params, self.run_id, self.step.id, self.run_limits)

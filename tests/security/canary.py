@@ -54,7 +54,8 @@ def file_hits(canaries: Iterable[str], directories: Iterable[Path]) -> list[str]
     for directory in directories:
         for path in directory.rglob("*") if directory.is_dir() else ():
             try:
-                if path.is_file() and any(map(path.read_bytes().__contains__, needles)):
+                data = path.read_bytes() if path.is_file() else b""
+                if any(needle in data for needle in needles):
                     hits.append(f"file {path}")
             except OSError:
                 continue  # gone while we looked (a WAL file, a temporary)
