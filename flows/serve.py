@@ -4,9 +4,24 @@
 declares for workers on other machines) and executes each of its runs in a process of its
 own, as Prefect's ``serve()`` does. Set ``PREFECT_RUNNER_POLL_FREQUENCY`` low (``planrun
 up`` sets 1 s): a submitted run waits for the runner's next poll.
+
+Run processes are forked, not spawned: Prefect's runner starts each run with
+``multiprocessing``'s ``spawn``, a new interpreter that imports Prefect and planrun again
+(≈ 2 s of CPU and as long before the run's first step). Here a fork server, started with
+the runner, has imported them once; each run is a fork of it (BENCHMARKS.md, "Submit to
+first step"). It is single-threaded, so forking it is safe; it exits with the runner, and
+runs in flight go on as before. ``PLANRUN_SPAWN_RUNS=1`` keeps Prefect's ``spawn``.
 """
 
 from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.context
+import multiprocessing.forkserver
+import os
+from typing import Any
+
+import prefect.flow_engine
 
 from planrun.flows.plan_flow import plan_flow
 
@@ -15,7 +30,31 @@ DEPLOYMENT = "plan-runner"
 DEPLOYMENT_PATH = f"planrun/{DEPLOYMENT}"
 
 
+class _ForkServerOnly:
+    """Stands for the ``multiprocessing`` module in ``prefect.flow_engine``, whose
+    ``run_flow_in_subprocess`` asks it for the ``spawn`` context: it gets the fork server."""
+
+    context = multiprocessing.context
+
+    def __init__(self) -> None:
+        self._context = multiprocessing.get_context("forkserver")
+
+    def get_context(self, method: str | None = None) -> Any:
+        return self._context
+
+
+def fork_runs() -> None:
+    """Start the fork server now (the first run starts as fast as the next) and have
+    Prefect's runner start its runs from it."""
+    forks = _ForkServerOnly()
+    forks.get_context().set_forkserver_preload(["planrun.flows.plan_flow"])
+    multiprocessing.forkserver.ensure_running()
+    prefect.flow_engine.multiprocessing = forks  # type: ignore[assignment]
+
+
 def main() -> None:
+    if os.environ.get("PLANRUN_SPAWN_RUNS") != "1":
+        fork_runs()
     plan_flow.serve(name=DEPLOYMENT, tags=["planrun"], print_starting_message=False,
                     description="Runs planrun plans submitted with `planrun submit` or "
                                 "POST /v1/runs; parameters: plan (data), inputs.")

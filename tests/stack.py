@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -76,10 +77,28 @@ class Stack:
     def children(self) -> list[psutil.Process]:
         return psutil.Process(self.process.pid).children(recursive=True)
 
+    def run_processes(self) -> list[psutil.Process]:
+        """The runner's run processes, one per run in flight: forks of its fork server
+        (flows/serve.py), which they share a command line with."""
+        servers = [p for p in self.children() if _forkserver(p)]
+        assert len(servers) == 1, f"the runner has {len(servers)} fork servers"
+        with contextlib.suppress(psutil.Error):
+            return servers[0].children()
+        return []
+
     def stop(self) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
         return self.process.wait(30)
+
+
+def _forkserver(process: psutil.Process) -> bool:
+    """Whether ``process`` is the runner's fork server (not one of its forks)."""
+    try:
+        return ("multiprocessing.forkserver" in " ".join(process.cmdline())
+                and "multiprocessing.forkserver" not in " ".join(process.parent().cmdline()))
+    except (psutil.Error, AttributeError):  # gone, or no parent
+        return False
 
 
 def running_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:

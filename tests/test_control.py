@@ -87,22 +87,11 @@ def lines(stack: Stack, name: str) -> list[str]:
     return path.read_text().split() if path.exists() else []
 
 
-def run_processes(stack: Stack) -> list[psutil.Process]:
-    """The processes the runner started for flow runs (one per run in flight)."""
-    found = []
-    for process in stack.children():
-        try:
-            if "spawn_main" in " ".join(process.cmdline()):
-                found.append(process)
-        except psutil.Error:
-            pass
-    return found
-
-
 def test_a_paused_run_holds_no_process_and_resumes_without_running_a_step_twice(
         stack: Stack, tmp_path: Path) -> None:
     run_id = submit(stack, tmp_path, held("twice", 6))
     wait_for(lambda: step_started(stack, run_id, "s1"), 60, "s1 to start")
+    assert len(stack.run_processes()) == 1
 
     paused = stack.cli("pause", run_id)  # while s1 runs: it finishes, nothing new starts
     assert paused.returncode == 0 and "pausing" in paused.stdout
@@ -110,7 +99,7 @@ def test_a_paused_run_holds_no_process_and_resumes_without_running_a_step_twice(
     first = wait_status(stack, run_id, "paused")
     assert first["steps"]["s1"]["status"] == "completed"  # the running step finished
     assert first["steps"]["s2"]["status"] == "pending"
-    wait_for(lambda: not run_processes(stack), 20, "the paused run's process to exit")
+    wait_for(lambda: not stack.run_processes(), 20, "the paused run's process to exit")
     done_before = lines(stack, "twice")
     assert done_before == ["s1"]
 

@@ -116,9 +116,8 @@ def test_a_run_whose_process_is_killed_is_recovered_and_only_the_step_in_flight_
 
     wait_for(lambda: marks.exists() and marks.read_text().split() == ["first", "second"], 60,
              "the second step to be in flight")
-    # The runner starts each run in a process of its own (multiprocessing's spawn).
-    engine = wait_for(lambda: [p for p in stack.children() if "spawn_main" in _cmdline(p)],
-                      10, "the run's process")
+    # The runner starts each run in a process of its own (a fork of its fork server).
+    engine = wait_for(stack.run_processes, 10, "the run's process")
     assert len(engine) == 1
     orphans = engine[0].children(recursive=True)  # the step's `sleep`, in its own group
     engine[0].kill()
@@ -182,13 +181,6 @@ def test_ctrl_c_stops_the_runner_and_the_bridge(stack: Stack) -> None:
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{stack.url}/healthz")
     assert "stopping" in stack.output()
-
-
-def _cmdline(process: psutil.Process) -> str:
-    try:
-        return " ".join(process.cmdline())
-    except psutil.Error:
-        return ""
 
 
 
