@@ -21,6 +21,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
+from planrun.contract.status import RunStatus
 from planrun.errors import Conflict, NotFound, PlanInvalid, PolicyInvalid, UsageError
 from planrun.inputs import resolve_inputs
 from planrun.loader import Source
@@ -170,8 +171,7 @@ async def approve(run_id: str, step_id: str, request: Request,
                   decision: Decision | None = None) -> Accepted:
     """Answer the step's approval gate: the step runs."""
     async with _answered():
-        await state_of(request).control.answer(run_id, step_id, approved=True,
-                                               comment=decision.comment if decision else "")
+        await _answer(request, run_id, step_id, approved=True, decision=decision)
     return Accepted(run_id=run_id, status="resuming")
 
 
@@ -181,9 +181,20 @@ async def reject(run_id: str, step_id: str, request: Request,
                  decision: Decision | None = None) -> Accepted:
     """Answer the step's approval gate: the step is skipped (reason ``rejected``)."""
     async with _answered():
-        await state_of(request).control.answer(run_id, step_id, approved=False,
-                                               comment=decision.comment if decision else "")
+        await _answer(request, run_id, step_id, approved=False, decision=decision)
     return Accepted(run_id=run_id, status="resuming")
+
+
+async def _answer(request: Request, run_id: str, step_id: str, *, approved: bool,
+                  decision: Decision | None) -> None:
+    """Answer the gate; an answer to a gate the run's stream has announced is taken even
+    before the run is suspended at it."""
+    state = state_of(request)
+    view = state.views.get(run_id)
+    announced = (view is not None and view.record.status == RunStatus.AWAITING_APPROVAL
+                 and view.gate is not None and view.gate.step_id == step_id)
+    await state.control.answer(run_id, step_id, approved=approved, announced=announced,
+                               comment=decision.comment if decision else "")
 
 
 @contextlib.asynccontextmanager

@@ -10,16 +10,24 @@ bridge's timers (a pause that timed out, a gate no one answered) log them
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from planrun.contract.control import CONTROL_LABEL, is_asking_of
 from planrun.errors import Conflict
-from planrun.progress_bridge.flow_runs import FlowRuns
+from planrun.progress_bridge.flow_runs import FlowRun, FlowRuns
+
+#: How long an answer to an announced gate waits for the run to be suspended at it (the
+#: run announces the gate, then suspends: about a second later, more on a loaded machine).
+SUSPEND_WAIT_S = 30.0
 
 
 class ControlService:
     """Controls the runs behind ``flow_runs``."""
 
-    def __init__(self, flow_runs: FlowRuns) -> None:
+    def __init__(self, flow_runs: FlowRuns, suspend_wait_s: float = SUSPEND_WAIT_S) -> None:
         self.flow_runs = flow_runs
+        self.suspend_wait_s = suspend_wait_s
 
     async def pause(self, run_id: str) -> None:
         """Pause at the next step boundary: steps already running finish, nothing new
@@ -62,16 +70,30 @@ class ControlService:
         else:
             await self.flow_runs.set_state(run_id, "CANCELLING", "cancelled by a person")
 
-    async def answer(self, run_id: str, step_id: str, *, approved: bool, comment: str) -> None:
+    async def answer(self, run_id: str, step_id: str, *, approved: bool, comment: str,
+                     announced: bool = False) -> None:
         """Resume a run suspended at ``step_id``'s gate with the answer. It goes under the
-        key of the suspension as it is now, so it answers this asking and no earlier one."""
+        key of the suspension as it is now, so it answers this asking and no earlier one.
+        ``announced``: the run's stream says it waits at this gate. The run suspends just
+        after it says so; an answer that comes in between waits for the suspension (up to
+        ``suspend_wait_s``) instead of being refused (docs/approvals.md)."""
         found = await self.flow_runs.read(run_id)
-        waiting = (found.kind == "PAUSED" and found.waits_for_input
-                   and is_asking_of(found.pause_key, step_id))
-        if not waiting:
+        if announced and found.kind == "RUNNING":
+            found = await self._suspended(run_id, step_id)
+        if not _asks(found, step_id):
             raise Conflict(f"run {run_id} is not waiting for an approval of {step_id} "
                            f"(it is {found.state})")
         await self.flow_runs.resume(run_id, {"approved": approved, "comment": comment})
+
+    async def _suspended(self, run_id: str, step_id: str) -> FlowRun:
+        """The flow run once it is suspended at ``step_id``'s gate, or as it is when it
+        stops running or the wait is over."""
+        deadline = time.monotonic() + self.suspend_wait_s
+        while True:
+            found = await self.flow_runs.read(run_id)
+            if found.kind != "RUNNING" or time.monotonic() >= deadline:
+                return found
+            await asyncio.sleep(0.1)
 
     async def declare_crashed(self, run_id: str, message: str) -> bool:
         """Mark a run Crashed that is Running or Pending without a sign of life (a
@@ -86,3 +108,9 @@ class ControlService:
         """Schedule a crashed run again: a runner starts it in a new process, which keeps
         the finished steps (their checkpoints) and runs again only those in flight."""
         await self.flow_runs.set_state(run_id, "SCHEDULED", message)
+
+
+def _asks(found: FlowRun, step_id: str) -> bool:
+    """Whether ``found`` is suspended at ``step_id``'s gate, waiting for its answer."""
+    return found.kind == "PAUSED" and found.waits_for_input and is_asking_of(found.pause_key,
+                                                                               step_id)

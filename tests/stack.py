@@ -9,7 +9,7 @@ import os
 import signal
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,8 +109,10 @@ def running_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         running.stop()
 
 
-def messages(stack: Stack, run_id: str, timeout: float = 30) -> list[dict[str, Any]]:
-    """Every message of a finished run, replayed over the bridge's WebSocket."""
+def messages(stack: Stack, run_id: str, timeout: float = 30,
+             on: Callable[[dict[str, Any]], object] | None = None) -> list[dict[str, Any]]:
+    """Every message of the run until it ends, over the bridge's WebSocket (replayed from
+    the first); ``on`` is called with each as it arrives."""
     from websockets.asyncio.client import connect
 
     ends = {"run.completed", "run.completed_with_errors", "run.failed", "run.cancelled"}
@@ -124,6 +126,8 @@ def messages(stack: Stack, run_id: str, timeout: float = 30) -> list[dict[str, A
                 message = json.loads(await ws.recv())
                 if message["type"] != "heartbeat":
                     got.append(message)
+                    if on is not None:
+                        on(message)
         return got
 
     return asyncio.run(read())

@@ -294,6 +294,32 @@ def test_gates_are_asked_one_by_one_and_approve_reject_and_timeout_decide(
     assert refused.status_code == 409 and "not waiting for an approval" in refused.text
 
 
+def test_a_gate_answered_the_moment_it_is_announced_is_taken(stack: Stack,
+                                                             tmp_path: Path) -> None:
+    """The run says it waits at a gate a moment before it is suspended there: an answer
+    sent as the message arrives is taken (202), not refused, and the step runs."""
+    run_id = submit(stack, tmp_path, """version: 1
+name: at-once
+steps:
+  - id: go
+    tool: shell.run
+    approval: {prompt: "Go?"}
+    with: {argv: [sh, -c, "echo go >> at-once.txt"]}
+""")
+    answers: list[httpx.Response] = []
+
+    def answer(message: dict[str, Any]) -> None:
+        if message["type"] == "run.awaiting_approval":
+            answers.append(httpx.post(
+                f"{stack.url}/v1/runs/{run_id}/steps/{message['step_id']}/approve",
+                headers=stack.auth, json={"comment": "at once"}, timeout=60))
+
+    stream = messages(stack, run_id, timeout=120, on=answer)
+    assert [a.status_code for a in answers] == [202], [a.text for a in answers]
+    assert stream[-1]["type"] == "run.completed"
+    assert lines(stack, "at-once") == ["go"]
+
+
 @pytest.mark.parametrize(("action", "ends"), [("resume", "completed"), ("cancel", "cancelled")])
 def test_a_pause_that_times_out_resumes_or_cancels_the_run(
         stack: Stack, tmp_path: Path, action: str, ends: str) -> None:

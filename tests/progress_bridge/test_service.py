@@ -128,3 +128,34 @@ def test_a_running_run_silent_too_long_is_declared_crashed() -> None:
 
     asyncio.run(main())
     assert flow_runs.calls == [("set_state", "r", "CRASHED", "no sign of life for 6s")]
+
+
+def test_an_answer_to_an_announced_gate_waits_for_the_run_to_be_suspended_at_it() -> None:
+    """The run says it waits at ``b``'s gate, then suspends: an answer in between is kept
+    until the suspension and then given, not refused."""
+    control, flow_runs = service(FlowRun("r", "RUNNING"))
+
+    async def suspend_soon() -> None:
+        await asyncio.sleep(0.3)
+        flow_runs.runs["r"] = FlowRun("r", "PAUSED", waits_for_input=True,
+                                      pause_key=asking_key("b", NONCE))
+
+    async def answer_early() -> None:
+        suspending = asyncio.create_task(suspend_soon())
+        await control.answer("r", "b", approved=False, comment="no", announced=True)
+        await suspending
+
+    asyncio.run(answer_early())
+    assert flow_runs.calls == [("resume", "r", {"approved": False, "comment": "no"})]
+
+
+def test_an_answer_to_a_gate_not_announced_or_never_reached_is_refused() -> None:
+    control, flow_runs = service(FlowRun("r", "RUNNING"))
+    control.suspend_wait_s = 0.2
+    with pytest.raises(Conflict, match=r"not waiting for an approval of b \(it is running\)"):
+        asyncio.run(control.answer("r", "b", approved=True, comment=""))  # at once
+    started = time.monotonic()
+    with pytest.raises(Conflict, match=r"not waiting for an approval of b \(it is running\)"):
+        asyncio.run(control.answer("r", "b", approved=True, comment="", announced=True))
+    assert time.monotonic() - started >= 0.2  # it waited for the suspension, in vain
+    assert flow_runs.calls == []
