@@ -2,7 +2,7 @@
 
 The server is started once per session, before anything imports Prefect, and every
 test process and CLI subprocess points at it through PREFECT_API_URL. Under pytest-xdist
-(``scripts/test`` runs two workers) each worker has its own server and home: two stacks on
+(``scripts/test`` runs three workers) each worker has its own server and home: two stacks on
 one server would serve each other's runs. Set PREFECT_API_URL yourself to run the suite
 against another server (then run it without workers).
 """
@@ -38,18 +38,41 @@ FULL_STACK = {
 }
 
 
+#: The longest modules, in seconds (``scripts/test --durations=0``, summed per module, on
+#: a quiet machine, 2026-12-03): they run first, longest first, so that the workers end on
+#: short modules together instead of one of them on a long module while the others are
+#: idle. Only the order depends on these numbers; a module missing here runs after them.
+LONGEST = {
+    "tests.test_cli_run": 147, "tests.test_control": 125, "tests.test_restart": 94,
+    "tests.flows.test_limit_runs": 84, "tests.flows.test_breaker_runs": 81,
+    "tests.test_stack": 67, "tests.security.test_secrets": 60,
+    "tests.security.test_workspace": 51, "tests.test_validate_properties": 48,
+    "tests.test_server": 46, "tests.test_validate": 45, "tests.security.test_templates": 38,
+    "tests.security.test_policy": 32, "tests.flows.test_semantics": 32,
+    "tests.test_policy": 29, "tests.test_examples": 28, "tests.security.test_gates": 24,
+    "tests.security.test_bridge": 21, "tests.security.test_bad_input": 21,
+    "tests.flows.test_prefect_ui_graph": 20, "tests.progress_bridge.test_upstream": 20,
+    "tests.progress_bridge.test_view": 19, "tests.flows.test_prefect_visibility": 17,
+}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Full-stack modules are marked ``slow`` and run first: the two workers then end on
-    short modules, not one of them on a minute-long module while the other is idle."""
+    """Full-stack modules are marked ``slow``. The longest modules run first, then the
+    other full-stack ones, then the rest (``scripts/test`` keeps this order for pytest-xdist:
+    ``--no-loadscope-reorder``)."""
     for item in items:
         if _full_stack(item):
             item.add_marker(pytest.mark.slow)
-    items.sort(key=lambda item: not _full_stack(item))  # stable: file order is kept
+    items.sort(key=lambda item: (-LONGEST.get(_module(item), 0), not _full_stack(item)))
+
+
+def _module(item: pytest.Item) -> str:
+    module = getattr(item, "module", None)
+    return module.__name__ if module is not None else ""
 
 
 def _full_stack(item: pytest.Item) -> bool:
-    module = getattr(item, "module", None)
-    return module is not None and module.__name__ in FULL_STACK
+    return _module(item) in FULL_STACK
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -28,7 +28,8 @@ from tests.helpers import PLANRUN, cli, cli_json, wait_for
 class Counting(ThreadingHTTPServer):
     """Answers each GET after ``delay_s``; ``/fail-once`` answers 503 the first time.
     Keeps every request's path and times, and the most in flight at once. While ``gate``
-    is clear, a request waits for it."""
+    is clear, a request waits for it; it opens by itself once ``open_at`` requests are in
+    flight at once."""
 
     daemon_threads = True
 
@@ -42,6 +43,7 @@ class Counting(ThreadingHTTPServer):
         self.failed: set[str] = set()
         self.gate = threading.Event()
         self.gate.set()
+        self.open_at = 0
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}{path}"
@@ -62,6 +64,8 @@ class _Handler(BaseHTTPRequestHandler):
         with server.lock:
             server.in_flight += 1
             server.most = max(server.most, server.in_flight)
+            if server.open_at and server.in_flight >= server.open_at:
+                server.gate.set()
         server.gate.wait(60)
         time.sleep(server.delay_s)
         path = urlsplit(self.path).path
@@ -129,6 +133,8 @@ def _iso(at: float) -> str:
 def test_two_hundred_steps_at_a_limit_of_four_never_have_more_than_four_in_flight(
         tmp_path: Path, service: Counting) -> None:
     service.delay_s = 0.02
+    service.gate.clear()  # the first requests wait until four are in flight: the limit is
+    service.open_at = 4   # reached however slowly a loaded machine starts the steps
     started = time.time()
     env = policy(tmp_path, "{tools: {http.request: {concurrency: 4}}}")
     plan = gets(tmp_path, "many", [service.url(f"/n/{i}") for i in range(200)])
