@@ -8,8 +8,8 @@ up`` sets 1 s): a submitted run waits for the runner's next poll.
 Run processes are forked, not spawned: Prefect's runner starts each run with
 ``multiprocessing``'s ``spawn``, a new interpreter that imports Prefect and planrun again
 (≈ 2 s of CPU and as long before the run's first step). Here a fork server, started with
-the runner, has imported them once; each run is a fork of it (BENCHMARKS.md, "Submit to
-first step"). It is single-threaded, so forking it is safe; it exits with the runner, and
+the runner, has imported them once; each run is a fork of it (docs/prefect-notes.md;
+BENCHMARKS.md, "Submit to first step"). It is single-threaded, so forking it is safe; it exits with the runner, and
 runs in flight go on as before. ``PLANRUN_SPAWN_RUNS=1`` keeps Prefect's ``spawn``.
 """
 

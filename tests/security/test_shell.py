@@ -155,7 +155,9 @@ def test_a_shell_fork_bomb_is_contained_and_leaves_nothing_behind(
 
     async def bomb() -> None:
         task = asyncio.ensure_future(ShellRun().run(
-            {"argv": ["sh", "-c", "b() { b | b & }; b; sleep 30"]},
+            # exec: the shell becomes the sleep without a fork of its own, which the bomb
+            # may have used up (the step would then fail as a resource error at once)
+            {"argv": ["sh", "-c", "b() { b | b & }; b; exec sleep 30"]},
             submitted(ceilings=Ceilings(processes=30)), timeout=3))
         while not task.done():
             peak[0] = max(peak[0], len(psutil.pids()) - before)
