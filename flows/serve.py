@@ -9,14 +9,14 @@ Run processes are forked, not spawned: Prefect's runner starts each run with
 ``multiprocessing``'s ``spawn``, a new interpreter that imports Prefect and planrun again
 (≈ 2 s of CPU and as long before the run's first step). Here a fork server, started with
 the runner, has imported them once; each run is a fork of it (docs/prefect-notes.md;
-BENCHMARKS.md, "Submit to first step"). It is single-threaded, so forking it is safe; it exits with the runner, and
-runs in flight go on as before. ``PLANRUN_SPAWN_RUNS=1`` keeps Prefect's ``spawn``.
+BENCHMARKS.md, "Submit to first step"). It is single-threaded, so forking it is safe; it
+exits with the runner, and runs in flight go on as before. ``PLANRUN_SPAWN_RUNS=1``
+keeps Prefect's ``spawn``.
 """
 
 from __future__ import annotations
 
 import multiprocessing
-import multiprocessing.context
 import multiprocessing.forkserver
 import os
 from typing import Any
@@ -33,8 +33,6 @@ DEPLOYMENT_PATH = f"planrun/{DEPLOYMENT}"
 class _ForkServerOnly:
     """Stands for the ``multiprocessing`` module in ``prefect.flow_engine``, whose
     ``run_flow_in_subprocess`` asks it for the ``spawn`` context: it gets the fork server."""
-
-    context = multiprocessing.context
 
     def __init__(self) -> None:
         self._context = multiprocessing.get_context("forkserver")
