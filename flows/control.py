@@ -15,6 +15,12 @@ Prefect UI's own buttons all work the same way:
   turns into a clean cancel (commands killed, files rolled back), and the engine also
   notices the state itself. A paused run is cancelled by resuming it with the label
   ``planrun.control=cancel``: its new process rolls the files back and ends Cancelled.
+
+A gate (docs/approvals.md) asks by suspending the flow run with a form, under a key with a
+fresh nonce, and says in the run's log what is asked and how to answer. A run without a
+runner to start it again (``planrun run`` on a terminal) waits at the gate in its own
+process instead: the flow run is ``Paused`` with the same key and form, and the answer,
+from the terminal or from anywhere else, is Prefect's resume of it, as for a suspension.
 """
 
 from __future__ import annotations
@@ -22,18 +28,24 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 from planrun.contract.control import (  # the names the bridge shares (docs/approvals.md)
+    APPROVE,
     CONTROL_LABEL,
+    REJECT,
+    answer_form,
     asking_key,
+    is_asking_of,
 )
 from planrun.contract.control import TIMED_OUT as TIMED_OUT  # flows.session still takes it here
 from planrun.flows.checkpoints import Checkpoints
+from planrun.flows.parts import GateAsker
 from planrun.flows.scheduler import Scheduler
 
 log = logging.getLogger("planrun.control")
@@ -65,32 +77,70 @@ def answer_of(inputs: Iterable[Any], base_key: str) -> tuple[bool, str] | None:
         data = json.loads(response.value)
     except ValueError:
         data = None
-    if not isinstance(data, dict) or not isinstance(data.get("approved"), bool):
+    approved = _approved(data)
+    if approved is None:
         log.warning("an answer under %s is not an approval form's: ignored", base_key)
         return None
-    return data["approved"], str(data.get("comment") or "")
+    assert isinstance(data, dict)
+    return approved, str(data.get("comment") or "")
+
+
+def _approved(data: Any) -> bool | None:
+    """The form's decision: ``decision`` approve or reject; a gate asked by a planrun
+    from before that field has ``approved`` true or false instead. None: not a form."""
+    if not isinstance(data, dict):
+        return None
+    decision = data.get("decision")
+    if decision in (APPROVE, REJECT):
+        return bool(decision == APPROVE)
+    if decision is None and isinstance(data.get("approved"), bool):
+        return bool(data["approved"])
+    return None
 
 
 def approval_input() -> Any:
-    """The form a person answers (the Prefect UI renders it from this model)."""
+    """The form a person answers (the Prefect UI renders it from this model): the decision
+    is a required choice without a default, so a form sent untouched answers nothing."""
     from prefect.input import RunInput
     from pydantic import Field
 
     class Approval(RunInput):
-        approved: bool = Field(description="true: run the step; false: skip it")
-        comment: str = Field(default="", description="why, for the run's report")
+        decision: Literal["approve", "reject"] = Field(
+            title="Decision", description="approve: the step runs; reject: it is skipped")
+        comment: str = Field(default="", title="Comment",
+                             description="why, for the run's report")
 
     return Approval
+
+
+def asking_text(run_id: str, step_id: str, prompt: str, here: bool = False) -> str:
+    """What the run's log says at a gate: what is asked and every way to answer it."""
+    lines = [f"Waiting for approval of step {step_id!r}: {prompt}",
+             "Answer it in one of these ways; the first answer counts:",
+             "- here in the Prefect UI: Resume (top right), choose approve or reject, Submit",
+             f"- on a command line: planrun approve {run_id} {step_id}   "
+             "(--reject to skip the step, --comment to say why)"]
+    bridge = os.environ.get("PLANRUN_BRIDGE_URL", "").rstrip("/")
+    if bridge:
+        lines.append(f"- on the run's live page: {bridge}/v1/runs/{run_id}/view")
+    if here:
+        lines.append("- in the terminal that runs it (planrun run)")
+    return "\n".join(lines)
 
 
 class RunControl:
     """Watches one run's flow-run state and tells its scheduler."""
 
     def __init__(self, run_id: str, scheduler: Scheduler | None = None, poll_s: float = POLL_S,
-                 beat: Callable[[], None] | None = None) -> None:
+                 beat: Callable[[], None] | None = None, asker: GateAsker | None = None,
+                 waits_here: bool = False) -> None:
         self.run_id = UUID(run_id)
         self._scheduler = scheduler
         self.poll_s = poll_s
+        #: Gates wait in this process (a run no runner starts again: ``planrun run``)
+        #: instead of suspending the run; ``asker`` asks a person here meanwhile.
+        self.waits_here = waits_here
+        self.asker = asker
         self.beat = beat  # a sign of life every HEARTBEAT_S, for the bridge's crash rule
         # Each gate's nonce is kept with the run's checkpoints, in Prefect's result storage
         # (under the data directory by default): outside the workspace, so no step can
@@ -178,14 +228,11 @@ class RunControl:
     async def suspend(self, key: str, message: str, timeout_s: float | None = None) -> Any:
         """Make the paused flow run a suspended one (no process; a resume reschedules it)
         and return the state, for the flow to raise ``Pause`` with."""
-        from prefect.client.orchestration import get_client
         from prefect.states import Suspended
 
-        state: Any = Suspended(timeout_seconds=None if timeout_s is None else round(timeout_s),
-                               pause_key=key, message=message)
-        async with get_client() as client:
-            result = await client.set_flow_run_state(self.run_id, state, force=True)
-        return result.state
+        return await self._set_state(Suspended(
+            timeout_seconds=None if timeout_s is None else round(timeout_s), pause_key=key,
+            message=message))
 
     async def decision(self, step_id: str) -> tuple[bool, str] | None:
         """The answer given to the latest asking of the step's gate, or None while there
@@ -202,15 +249,111 @@ class RunControl:
                                                        exclude_keys=set())
         return answer_of(found, base_key)
 
-    async def ask(self, step_id: str, prompt: str) -> None:
-        """Suspend the run at the step's gate under a new nonce, with a form for the
-        answer; raises ``Pause`` (the process ends; an answer resumes the run in a new
-        one). The nonce is kept before the run is suspended, so its answer is found."""
-        from prefect.flow_runs import asuspend_flow_run
+    async def ask(self, step_id: str, prompt: str, timeout_s: float | None = None) -> None:
+        """Ask at the step's gate under a new nonce, with a form for the answer, and say so
+        in the run's log. The run is suspended (``Pause`` is raised: the process ends, and
+        an answer resumes the run in a new one), or, when ``waits_here``, paused while this
+        process waits for the answer (or ``timeout_s``, then it answers no itself). The
+        form and the nonce are kept before the run waits, so any answer finds them."""
+        from prefect.input.run_input import keyset_from_base_key
+        from prefect.states import Paused, Suspended
 
         nonce = secrets.token_hex(16)
         await self.gates.save_asking(step_id, nonce)
-        form = approval_input().with_initial_data(description=prompt, approved=False)
-        await asuspend_flow_run(wait_for_input=form, key=asking_key(step_id, nonce))
-        raise RuntimeError(f"the gate of {step_id} was answered while it was being asked")
+        key = asking_key(step_id, nonce)
+        keyset = keyset_from_base_key(f"suspended-{key}")  # where decision() reads
+        await approval_input().with_initial_data(description=prompt).asave(
+            keyset, flow_run_id=self.run_id)
+        message = f"waiting for approval of {step_id}: {prompt}"
+        if self.waits_here:
+            state: Any = Paused(reschedule=False, pause_key=key, message=message)
+        else:
+            state = Suspended(pause_key=key, message=message)
+        state.state_details.run_input_keyset = keyset
+        _run_logger().info(asking_text(str(self.run_id), step_id, prompt, self.waits_here))
+        asked = await self._set_state(state)
+        if not self.waits_here:
+            from prefect.exceptions import Pause
 
+            raise Pause(state=asked)
+        await self._wait_for_answer(step_id, prompt, timeout_s)
+
+    async def _set_state(self, state: Any) -> Any:
+        from prefect.client.orchestration import get_client
+
+        async with get_client() as client:
+            result = await client.set_flow_run_state(self.run_id, state, force=True)
+        return result.state
+
+    async def _wait_for_answer(self, step_id: str, prompt: str,
+                               timeout_s: float | None) -> None:
+        """Wait while the run is paused at the gate; ``asker`` asks meanwhile and is
+        stopped once the gate is answered (by it or elsewhere), then told the answer."""
+        asking = None if self.asker is None else asyncio.ensure_future(
+            self.asker.ask(str(self.run_id), step_id, prompt))
+        try:
+            await self._until_resumed(step_id, timeout_s)
+        except asyncio.CancelledError:  # the run is cancelled: it stops waiting
+            from prefect.states import Running
+
+            await self._set_state(Running(message=f"the gate of {step_id} no longer waits"))
+            raise
+        finally:
+            if asking is not None:
+                asking.cancel()
+                await asyncio.gather(asking, return_exceptions=True)
+        if self.asker is not None:
+            self.asker.settled(step_id, await self.decision(step_id))
+
+    async def _until_resumed(self, step_id: str, timeout_s: float | None) -> None:
+        from prefect.client.orchestration import get_client
+
+        loop = asyncio.get_running_loop()
+        started = last_beat = loop.time()
+        async with get_client() as client:
+            while True:
+                try:
+                    state = (await client.read_flow_run(self.run_id)).state
+                except Exception as exc:  # noqa: BLE001 - the API may blink: ask again
+                    log.warning("cannot read the state of run %s: %s", self.run_id, exc)
+                    state = None
+                if state is not None and state.type.value != "PAUSED":
+                    return
+                if self.beat is not None and loop.time() - last_beat >= HEARTBEAT_S:
+                    self.beat()
+                    last_beat = loop.time()
+                if timeout_s is not None and loop.time() - started >= timeout_s:
+                    await answer_here(str(self.run_id), step_id, False, TIMED_OUT)
+                    timeout_s = None  # answered, or someone answered first: read on
+                await asyncio.sleep(self.poll_s)
+
+
+async def answer_here(run_id: str, step_id: str, approved: bool, comment: str) -> bool:
+    """Answer the gate of ``step_id`` that the run waits at now, through Prefect's resume
+    (as the bridge does); False when it does not wait there (any more) or the resume was
+    not taken: the gate was answered elsewhere first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.responses import SetStateStatus
+
+    async with get_client() as client:
+        state = (await client.read_flow_run(UUID(run_id))).state
+        if state is None or state.type.value != "PAUSED" or not is_asking_of(
+                state.state_details.pause_key, step_id):
+            return False
+        result = await client.resume_flow_run(UUID(run_id),
+                                              run_input=answer_form(approved, comment))
+    if result.status != SetStateStatus.ACCEPT:
+        log.info("the answer to %s of run %s was not taken: %s", step_id, run_id,
+                 result.details)
+    return bool(result.status == SetStateStatus.ACCEPT)
+
+
+def _run_logger() -> Any:
+    """The flow run's logger (its lines show in the Prefect UI), else this module's."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log

@@ -119,6 +119,8 @@ class MemoryControl:
     requests: list[str] = field(default_factory=list)
     answers: dict[str, tuple[bool, str]] = field(default_factory=dict)
     cancelled_while_suspended: bool = False
+    #: Gates wait in the run's process (``planrun run`` on a terminal): ``ask`` returns.
+    waits_here: bool = False
     asked: list[str] = field(default_factory=list)
     suspended: list[str] = field(default_factory=list)
     scheduler: Scheduler | None = None
@@ -155,9 +157,10 @@ class MemoryControl:
     async def decision(self, step_id: str) -> tuple[bool, str] | None:
         return self.answers.get(step_id) if step_id in self.asked else None
 
-    async def ask(self, step_id: str, prompt: str) -> None:
+    async def ask(self, step_id: str, prompt: str, timeout_s: float | None = None) -> None:
         self.asked.append(step_id)
-        raise Pause(state=None)
+        if not self.waits_here:
+            raise Pause(state=None)
 
     async def suspend(self, key: str, message: str) -> Any:
         self.suspended.append(key)

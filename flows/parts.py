@@ -91,12 +91,32 @@ class ControlSource(Protocol):
         """The answer to the latest asking of the step's gate, or None."""
         ...
 
-    async def ask(self, step_id: str, prompt: str) -> None:
-        """Suspend the run at the step's gate; raises Prefect's ``Pause``."""
+    #: Whether a gate waits in this process (``ask`` returns once it is answered) rather
+    #: than suspending the run (``ask`` raises Prefect's ``Pause``).
+    waits_here: bool
+
+    async def ask(self, step_id: str, prompt: str, timeout_s: float | None = None) -> None:
+        """Ask at the step's gate: suspend the run (raises Prefect's ``Pause``), or, when
+        ``waits_here``, wait until it is answered (no answer in ``timeout_s``: no)."""
         ...
 
     async def suspend(self, key: str, message: str) -> Any:
         """Suspend the paused run; the state to raise ``Pause`` with."""
+        ...
+
+
+class GateAsker(Protocol):
+    """Asks a person at a gate while the run waits for the answer in this process
+    (``planrun.asking.TerminalAsker``: on the terminal of ``planrun run``)."""
+
+    async def ask(self, run_id: str, step_id: str, prompt: str) -> None:
+        """Ask until the person answers, and give the answer (Prefect's resume of the
+        run); cancelled when the gate was answered elsewhere first."""
+        ...
+
+    def settled(self, step_id: str, answer: tuple[bool, str] | None) -> None:
+        """The gate was answered (here or elsewhere): approved or not, and the comment;
+        None when no answer counted (the gate is asked again)."""
         ...
 
 

@@ -34,7 +34,7 @@ from planrun.flows.events import RunEvents
 from planrun.flows.fakes import MemoryParts
 from planrun.flows.graph import RunGraph, compile_plan
 from planrun.flows.limits import default_limiter
-from planrun.flows.parts import RunParts
+from planrun.flows.parts import GateAsker, RunParts
 from planrun.flows.session import RunSession, Sessions
 from planrun.flows.step import TaskRuns
 from planrun.home import backup_dir
@@ -60,11 +60,16 @@ class RunHost:
     runs for the caller to take (``reports``, by run id)."""
 
     def __init__(self, observers: Iterable[RunObserver] = (),
-                 cancel_on_sigterm: bool = True) -> None:
+                 cancel_on_sigterm: bool = True, asker: GateAsker | None = None) -> None:
         self.sessions = Sessions()
         self.observers = list(observers)
         self.reports: dict[str, dict[str, Any]] = {}
         self.cancel_on_sigterm = cancel_on_sigterm
+        #: Asks a person at a gate in this process (``planrun run`` on a terminal): a run
+        #: that no runner would start again then waits at its gates here, and any answer
+        #: counts, this one's or one given elsewhere, whichever comes first. Without it
+        #: such a run has no one to ask: its gated steps are skipped.
+        self.asker = asker
 
     def flow(self) -> Flow[[dict[str, Any], dict[str, Any]], Coroutine[Any, Any, State[Any]]]:
         """A ``planrun`` flow whose runs report here (to be called in this process)."""
@@ -133,20 +138,24 @@ async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
     secrets = secrets or RunSecrets()
     host = host or RunHost()
     durable = _is_this_flow_run(run_id)  # checkpoints, control and events need one
-    parts = real_parts(graph, run_id, secrets, workspace) if durable else \
+    asker = None if _deployed() else host.asker  # a deployment's run suspends at gates
+    parts = real_parts(graph, run_id, secrets, workspace, asker) if durable else \
         _memory_parts(run_id, workspace)
     session = RunSession(graph, run_id, parts, inputs=inputs, secrets=secrets,
-                         observers=host.observers, can_ask=durable and _deployed(),
+                         observers=host.observers,
+                         can_ask=durable and (_deployed() or asker is not None),
                          started_at=_started_at(), flow_run_url=_ui_url(run_id))
     with host.sessions.running(session), _sigterm_cancels(host):
         return await session.run_to_end()
 
 
 def real_parts(graph: RunGraph, run_id: str, secrets: RunSecrets,
-               workspace: Workspace | None = None) -> RunParts:
-    """The parts of a run inside its own Prefect flow run."""
+               workspace: Workspace | None = None, asker: GateAsker | None = None) -> RunParts:
+    """The parts of a run inside its own Prefect flow run; with ``asker``, its gates wait
+    in this process and ``asker`` asks at them."""
     return RunParts(
-        checkpoints=Checkpoints(run_id, secrets.redactor), control=RunControl(run_id),
+        checkpoints=Checkpoints(run_id, secrets.redactor),
+        control=RunControl(run_id, asker=asker, waits_here=asker is not None),
         workspace=workspace or _workspace(run_id), steps=TaskRuns(),
         events=lambda run, segment: RunEvents(graph.plan, run, segment),
         artifacts=RunArtifacts, limits=default_limiter())

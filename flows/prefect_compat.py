@@ -23,11 +23,17 @@ its function), yet it does not run. ``TaskRunShown`` records a ``Pending`` state
 as the engine records its own states: a state-change event, which the server's task run
 recorder keeps when it is the newest. The engine's own record is not touched, and its next
 state (``Completed``, ``Failed``) is newer and wins.
+
+A suspended run is no error: Prefect's async flow engine logs the end of every flow run that
+did not complete at ERROR (``Finished in state Suspended(...)``), a run suspended to wait for
+a person too. ``SuspendedIsNoError`` logs that line at INFO and says what it means; the
+run's own line before it says what it waits for (docs/prefect-ui.md).
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -129,10 +135,29 @@ class TaskRunShown:
         self._shown = state
 
 
+class SuspendedIsNoError(logging.Filter):
+    """Logs Prefect's ``Finished in state Suspended(...)`` (or ``Paused``) at INFO, saying
+    that the run waits; every other record passes as it is."""
+
+    ENDS = ("Finished in state Suspended", "Finished in state Paused")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR and isinstance(record.msg, str) and \
+                record.msg.startswith(self.ENDS):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = (f"{record.getMessage()}: the run waits, holding no process, and "
+                          "goes on in a new one once it is answered or resumed")
+            record.args = ()
+        return True
+
+
 def install() -> None:
     """Apply the departures above (idempotent)."""
     if os.environ.get("PLANRUN_PREFECT_TAG_LIMITS") != "1":
         _engine._aconcurrency = _concurrency  # type: ignore[assignment]
+    flow_runs = logging.getLogger("prefect.flow_runs")
+    if not any(isinstance(f, SuspendedIsNoError) for f in flow_runs.filters):
+        flow_runs.addFilter(SuspendedIsNoError())
 
 
 def installed() -> bool:

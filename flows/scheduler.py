@@ -120,6 +120,19 @@ class Scheduler:
             self.pause_reason = None
             self._go.set()
 
+    def go_on(self) -> None:
+        """After a pause that ended in this process (a gate answered while the run waited
+        here), ``run_all`` goes on from where it stopped: the steps not finished wait for
+        their needs again, and the gate is asked for its answer anew."""
+        self.suspended = False
+        self.pause_reason = None
+        self.gate = None
+        self.drained.clear()
+        for step_id, done in self.done.items():
+            if not self.run.steps[step_id].status.finished:
+                done.clear()
+        self._go.set()
+
     def _check_drained(self) -> None:
         if not self._go.is_set() and not self.running and not self.skipping:
             self.drained.set()
@@ -252,7 +265,7 @@ class Scheduler:
 
 
 async def _no_one_to_ask(step: Step) -> tuple[str, bool]:
-    """A run that cannot wait at a gate (not a deployment run: ``planrun run``, or outside
-    Prefect) has no one to ask: the step never runs unasked."""
-    return ("rejected: no one can be asked in this run; submit the plan to a stack "
-            "(`planrun up`, `planrun submit`) to be asked"), True
+    """A run that cannot wait at a gate (not a deployment run: ``planrun run`` without a
+    terminal, or outside Prefect) has no one to ask: the step never runs unasked."""
+    return ("rejected: no one can be asked in this run; run it on a terminal, or submit "
+            "the plan to a stack (`planrun up`, `planrun submit`), to be asked"), True

@@ -67,6 +67,7 @@ class RunSession:
         #: What the run's tools wrote, against its workspace quota (docs/resources.md).
         self.writes = RunWrites()
         self._waits: dict[str, str] = {}  # step id -> what it waits for, as last announced
+        self._gate_wait: asyncio.Future[None] | None = None  # a gate waited at here
         self.jobs = {node.id: self._job(node) for node in graph.steps.values()}
         gates = any(node.approval is not None for node in graph.steps.values())
         self.scheduler = Scheduler(
@@ -82,8 +83,11 @@ class RunSession:
         return self.run.run_id
 
     def cancel(self, reason: str = "cancelled by a person") -> None:
-        """End the run cancelled: running steps are cancelled, files rolled back."""
+        """End the run cancelled: running steps are cancelled, files rolled back; a gate
+        it waits at in this process stops waiting."""
         self.scheduler.stop(reason, cancelled=True)
+        if self._gate_wait is not None:
+            self._gate_wait.cancel()
 
     async def run_to_end(self) -> dict[str, Any]:
         """Run the plan and return its report (kept as ``report`` too).
@@ -96,8 +100,16 @@ class RunSession:
         restored = await self._begin()
         await self._check_tools()
         await self._start(restored)
-        control = self.parts.control
-        watching = asyncio.ensure_future(control.watch())
+        while await self._run_until_paused():
+            await self._suspend()  # returns only when a gate was answered in this process
+            self.scheduler.go_on()
+        self.report = self.run.to_report()
+        return self.report
+
+    async def _run_until_paused(self) -> bool:
+        """Run the scheduler until every step has finished (the run is then finished too)
+        or a pause took effect; whether it paused."""
+        watching = asyncio.ensure_future(self.parts.control.watch())
         try:
             await self.scheduler.run_all(self.graph.limits.deadline_s)
         except asyncio.CancelledError:
@@ -108,10 +120,7 @@ class RunSession:
             await asyncio.gather(watching, return_exceptions=True)
             if not self.scheduler.suspended:
                 await self._finish()
-        if self.scheduler.suspended:
-            await self._suspend()
-        self.report = self.run.to_report()
-        return self.report
+        return self.scheduler.suspended
 
     async def _begin(self) -> list[str]:
         """Count this start and restore what finished before; the steps restored."""
@@ -187,6 +196,9 @@ class RunSession:
             run.status, run.reason = RunStatus.AWAITING_APPROVAL, reason
             self._notify(None)
             self.events.awaiting_approval(gate, approval.prompt, approval.timeout_s)
+            if control.waits_here:
+                await self._wait_here(gate, approval.prompt, approval.timeout_s)
+                return
             await self.artifacts.finish()
             await control.ask(gate, approval.prompt)  # raises Pause
         run.status, run.reason = RunStatus.PAUSED, reason
@@ -195,6 +207,25 @@ class RunSession:
         self.events.paused(reason, limits.pause_timeout_s, limits.on_pause_timeout)
         await self.artifacts.finish()
         raise Pause(state=await control.suspend(f"pause-{self.segment}", reason))
+
+    async def _wait_here(self, gate: str, prompt: str, timeout_s: float | None) -> None:
+        """Wait in this process for the gate's answer (``planrun run`` on a terminal); the
+        run then goes on as it would in a new process: the answer is read at the gate."""
+        assert self.events is not None
+        control = self.parts.control
+        self._gate_wait = asyncio.ensure_future(control.ask(gate, prompt, timeout_s))
+        try:
+            await self._gate_wait
+        except asyncio.CancelledError:
+            if not self.scheduler.cancelled:
+                raise  # not our own cancel (``cancel``): pass it on
+        finally:
+            self._gate_wait = None
+        if not self.scheduler.cancelled and await control.cancel_requested():
+            self.scheduler.stop("cancelled while paused", cancelled=True)
+        self.run.status, self.run.reason = RunStatus.RUNNING, None
+        self._notify(None)
+        self.events.resumed([])
 
     async def _execute(self, step: Step) -> None:
         job = self.jobs[step.id]

@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from planrun.errors import PlanrunError
 from planrun.policy import Trust, trusted_as
 from planrun.report import RunObserver
 from planrun.secrets import held_inputs
 from planrun.server import ensure_server, healthy
+
+if TYPE_CHECKING:
+    from planrun.flows.parts import GateAsker
 
 
 def prepare_prefect(quiet_console: bool = True) -> str:
@@ -31,7 +34,8 @@ def prepare_prefect(quiet_console: bool = True) -> str:
 
 
 async def run_plan(plan: dict[str, Any], inputs: dict[str, Any],
-                   observer: RunObserver | None = None) -> dict[str, Any]:
+                   observer: RunObserver | None = None,
+                   asker: GateAsker | None = None) -> dict[str, Any]:
     """Run ``plan`` (validated plan data) as one Prefect flow run; return its report.
 
     The run is ``local``: its author runs it from this process, so the local level of
@@ -39,13 +43,14 @@ async def run_plan(plan: dict[str, Any], inputs: dict[str, Any],
     Secret inputs stay in this process's memory: the flow run's parameters hold only
     references to them (docs/secrets.md).
     SIGINT and SIGTERM cancel the run (running commands are killed, files rolled back)
-    instead of tearing the process down.
+    instead of tearing the process down. With ``asker`` the run waits at its gates and
+    asks there (``planrun.asking``); without, its gated steps are skipped.
     """
     from prefect import tags
 
     from planrun.flows.plan_flow import RunHost
 
-    host = RunHost(observers=[observer] if observer is not None else [])
+    host = RunHost(observers=[observer] if observer is not None else [], asker=asker)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, host.sessions.cancel_all)

@@ -60,17 +60,19 @@ def up(host: str, port: int, out: IO[str] = sys.stdout) -> int:
     home = server.data_dir()
     logs = home / "logs"
     logs.mkdir(exist_ok=True)
+    bridge = f"http://{_reachable(host)}:{port}"
     env = {**os.environ, **server.QUIET_ENV, "PREFECT_API_URL": api,
            "PREFECT_RUNNER_POLL_FREQUENCY": os.environ.get("PREFECT_RUNNER_POLL_FREQUENCY", "1"),
            "PLANRUN_WORKSPACE": os.path.abspath(os.environ.get("PLANRUN_WORKSPACE",
-                                                               "workspace"))}
+                                                               "workspace")),
+           # runs name their live page in their log at a gate (docs/prefect-ui.md)
+           "PLANRUN_BRIDGE_URL": os.environ.get("PLANRUN_BRIDGE_URL", bridge)}
     children = [
         _spawn("runner", [sys.executable, "-m", "planrun.flows.serve"], env, logs),
         _spawn("bridge", [sys.executable, "-m", "planrun.progress_bridge", "--host", host,
                           "--port", str(port), "--data", str(home / "bridge")], env, logs),
     ]
     stop = _on_signals()
-    bridge = f"http://{_reachable(host)}:{port}"
     try:
         _wait_ready(children, bridge, api, stop)
         if stop:

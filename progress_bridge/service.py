@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from planrun.contract.control import CONTROL_LABEL, is_asking_of
+from planrun.contract.control import CONTROL_LABEL, answer_form, is_asking_of
 from planrun.errors import Conflict
 from planrun.progress_bridge.flow_runs import FlowRun, FlowRuns
 
@@ -63,7 +63,10 @@ class ControlService:
             raise Conflict(f"run {run_id} has already ended ({found.state})")
         if found.kind == "PAUSED":
             await self.flow_runs.label(run_id, {CONTROL_LABEL: "cancel"})
-            await self.flow_runs.resume(run_id)
+            # A run at a gate is resumed only with its form filled in: "no" (it ends
+            # cancelled all the same).
+            await self.flow_runs.resume(run_id, answer_form(False, "cancelled")
+                                        if found.waits_for_input else None)
         elif found.kind in ("SCHEDULED", "PENDING"):  # no process yet: nothing to undo
             await self.flow_runs.set_state(run_id, "CANCELLED",
                                            "cancelled by a person before it started")
@@ -83,7 +86,7 @@ class ControlService:
         if not _asks(found, step_id):
             raise Conflict(f"run {run_id} is not waiting for an approval of {step_id} "
                            f"(it is {found.state})")
-        await self.flow_runs.resume(run_id, {"approved": approved, "comment": comment})
+        await self.flow_runs.resume(run_id, answer_form(approved, comment))
 
     async def _suspended(self, run_id: str, step_id: str) -> FlowRun:
         """The flow run once it is suspended at ``step_id``'s gate, or as it is when it

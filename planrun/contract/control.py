@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+from typing import Any
 
 #: The flow-run label that tells a paused run, once resumed, to end cancelled.
 CONTROL_LABEL = "planrun.control"
 #: The comment of a decision made because no one answered in time.
 TIMED_OUT = "approval timed out"
+#: The choices of a gate's form (``decision``): the step runs, or it is skipped.
+APPROVE, REJECT = "approve", "reject"
 #: The tag of every planrun flow run.
 RUN_TAG = "planrun"
 #: The deployment that runs submitted plans: flow name / deployment name.
@@ -38,3 +41,8 @@ def is_asking_of(pause_key: str | None, step_id: str) -> bool:
     """Whether ``pause_key`` (a suspension's) is an asking of ``step_id``'s gate."""
     pattern = re.escape(approval_key(step_id)) + r"-[0-9a-f]{32}"
     return pause_key is not None and re.fullmatch(pattern, pause_key) is not None
+
+
+def answer_form(approved: bool, comment: str = "") -> dict[str, Any]:
+    """A gate's answer as its form takes it, for Prefect's resume (docs/approvals.md)."""
+    return {"decision": APPROVE if approved else REJECT, "comment": comment}

@@ -220,6 +220,61 @@ async def test_a_rejected_gate_skips_its_step_as_an_error() -> None:
     assert report["steps"]["deploy"]["reason"] == "rejected: not today"
 
 
+GATED_TWICE = """
+    version: 1
+    name: gated
+    steps:
+      - {id: a, tool: test.held, with: {label: a}}
+      - {id: deploy, tool: core.echo, needs: [a], with: {value: 2},
+         approval: {prompt: "Ship it?"}}
+      - {id: announce, tool: core.echo, needs: [deploy], with: {value: 3},
+         approval: {prompt: "Tell them?"}}
+    """
+
+
+@fast
+async def test_gates_answered_while_the_run_waits_in_its_process_let_it_go_on_there() -> None:
+    """``planrun run`` on a terminal: no suspension, no new process; each gate is asked in
+    turn, and the run goes on from there as a resumed run would."""
+    scenario = Scenario(GATED_TWICE, can_ask=True)
+    control = scenario.memory.control
+    control.waits_here = True
+    control.answers.update(deploy=(True, ""), announce=(False, "not yet"))
+    scenario.held.release("a")
+    report = await scenario.session().run_to_end()
+    assert control.asked == ["deploy", "announce"]
+    assert report["status"] == "completed_with_errors"
+    assert report["steps"]["deploy"]["output"] == {"value": 2}
+    assert report["steps"]["announce"]["reason"] == "rejected: not yet"
+    assert scenario.held.calls == ["a"]  # the step before the gates ran once
+    names = [name for name, _ in scenario.memory.events.events]
+    assert names.count("run.awaiting_approval") == 2 and names.count("run.resumed") == 2
+    assert names[-1] == "run.completed_with_errors"
+
+
+@fast
+async def test_a_run_cancelled_while_it_waits_at_a_gate_in_its_process_ends_cancelled() -> None:
+    scenario = Scenario(GATED_TWICE, can_ask=True)
+    control = scenario.memory.control
+    control.waits_here = True
+    waiting = asyncio.Event()
+
+    async def ask_forever(step_id: str, prompt: str, timeout_s: float | None = None) -> None:
+        control.asked.append(step_id)
+        waiting.set()
+        await asyncio.Event().wait()  # no one answers
+
+    control.ask = ask_forever  # type: ignore[method-assign]
+    scenario.held.release("a")
+    session = scenario.session()
+    running = asyncio.ensure_future(session.run_to_end())
+    await waiting.wait()
+    session.cancel()
+    report = await running
+    assert report["status"] == "cancelled"
+    assert report["steps"]["deploy"]["status"] == "skipped"
+
+
 @fast
 async def test_an_unreadable_checkpoint_stops_the_run_instead_of_running_its_step_again() -> None:
     scenario = Scenario(CHAIN)

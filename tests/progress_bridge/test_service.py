@@ -10,7 +10,7 @@ from typing import Literal
 
 import pytest
 
-from planrun.contract.control import TIMED_OUT, asking_key
+from planrun.contract.control import TIMED_OUT, answer_form, asking_key
 from planrun.contract.status import RunStatus
 from planrun.errors import Conflict, NotFound
 from planrun.progress_bridge.flow_runs import FakeFlowRuns, FlowRun
@@ -53,13 +53,24 @@ def test_an_answer_to_a_gate_the_run_does_not_wait_at_is_a_conflict() -> None:
     with pytest.raises(Conflict, match="run r is not waiting for an approval of a"):
         asyncio.run(control.answer("r", "a", approved=True, comment=""))
     asyncio.run(control.answer("r", "b", approved=True, comment="ok"))
-    assert flow_runs.calls == [("resume", "r", {"approved": True, "comment": "ok"})]
+    assert flow_runs.calls == [("resume", "r", answer_form(True, "ok"))]
+    assert answer_form(True, "ok")["decision"] == "approve"
 
 
 def test_an_unknown_run_is_not_found() -> None:
     control, _ = service()
     with pytest.raises(NotFound, match="no run nope"):
         asyncio.run(control.pause("nope"))
+
+
+def test_a_run_waiting_at_a_gate_is_cancelled_with_its_form_filled_in() -> None:
+    """Prefect resumes a run that waits for input only with a valid form; the answer is
+    moot, the run ends cancelled."""
+    control, flow_runs = service(FlowRun("r", "PAUSED", waits_for_input=True,
+                                         pause_key=asking_key("b", NONCE)))
+    asyncio.run(control.cancel("r"))
+    assert flow_runs.calls == [("label", "r", {"planrun.control": "cancel"}),
+                               ("resume", "r", answer_form(False, "cancelled"))]
 
 
 def test_allowed_controls_become_flow_run_states() -> None:
@@ -110,7 +121,7 @@ def test_a_gate_no_one_answered_in_time_is_rejected_through_the_service() -> Non
     view.gate = Gate(step_id="b", deadline=time.time() - 1)
     deadlines = Deadlines({"r": view}, control, Later(), dead_after_s=60)
     asyncio.run(deadlines.gate_timed_out("r", "b"))
-    assert flow_runs.calls == [("resume", "r", {"approved": False, "comment": TIMED_OUT})]
+    assert flow_runs.calls == [("resume", "r", answer_form(False, TIMED_OUT))]
 
 
 def test_a_running_run_silent_too_long_is_declared_crashed() -> None:
@@ -146,7 +157,7 @@ def test_an_answer_to_an_announced_gate_waits_for_the_run_to_be_suspended_at_it(
         await suspending
 
     asyncio.run(answer_early())
-    assert flow_runs.calls == [("resume", "r", {"approved": False, "comment": "no"})]
+    assert flow_runs.calls == [("resume", "r", answer_form(False, "no"))]
 
 
 def test_an_answer_to_a_gate_not_announced_or_never_reached_is_refused() -> None:

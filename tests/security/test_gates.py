@@ -24,7 +24,7 @@ from uuid import UUID
 
 import pytest
 
-from planrun.contract.control import approval_key, asking_key, is_asking_of
+from planrun.contract.control import answer_form, approval_key, asking_key, is_asking_of
 from planrun.flows.control import answer_of
 from tests.helpers import wait_for
 from tests.stack import Stack
@@ -195,7 +195,7 @@ def test_a_plan_cannot_approve_its_own_gate_and_only_a_persons_later_answer_runs
 BASE = f"suspended-{asking_key('gated', 'a' * 32)}"
 
 
-def form_and_answer(answered_after_s: float, value: str = '{"approved": true}') -> list[Any]:
+def form_and_answer(answered_after_s: float, value: str = '{"decision": "approve"}') -> list[Any]:
     """The form an asking wrote and an answer ``answered_after_s`` later (or earlier)."""
     from prefect.client.schemas.objects import FlowRunInput
 
@@ -223,6 +223,18 @@ def test_an_answer_without_the_askings_form_is_ignored() -> None:
 def test_an_answer_that_is_not_an_approval_is_ignored() -> None:
     assert answer_of(form_and_answer(1.0, '"yes"'), BASE) is None
     assert answer_of(form_and_answer(1.0, '{"approved": "yes"}'), BASE) is None
+    assert answer_of(form_and_answer(1.0, '{"decision": "yes"}'), BASE) is None
+    assert answer_of(form_and_answer(1.0, '{"decision": true}'), BASE) is None
+    assert answer_of(form_and_answer(1.0, '{}'), BASE) is None
+
+
+def test_the_forms_decision_is_the_answer_and_the_earlier_approved_field_still_counts() -> None:
+    rejected = '{"decision": "reject", "comment": "not now"}'
+    assert answer_of(form_and_answer(1.0, rejected), BASE) == (False, "not now")
+    # the answer of a gate asked by a planrun from before the decision field
+    assert answer_of(form_and_answer(1.0, '{"approved": false}'), BASE) == (False, "")
+    assert answer_of(form_and_answer(1.0, json.dumps(answer_form(True, "ok"))), BASE) == (
+        True, "ok")  # what the bridge and the CLI send
 
 
 def test_only_keys_with_a_nonce_are_askings_of_the_gate() -> None:
