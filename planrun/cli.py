@@ -156,9 +156,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if display is not None:
         display.waiting = f"starting {valid.plan.name} on {os.environ['PREFECT_API_URL']}…"
         with display:
-            report = asyncio.run(run_plan(plan_data, inputs, display))
+            report = asyncio.run(run_plan(plan_data, inputs, display, _terminal_asker(display)))
     else:
-        report = asyncio.run(run_plan(plan_data, inputs))
+        report = asyncio.run(run_plan(plan_data, inputs, asker=_terminal_asker(None)))
     if args.json:
         print(json.dumps(strict_json(report), indent=2, default=str, allow_nan=False))
     elif report.get("prefect_url") and not isinstance(display, LiveDisplay):
@@ -166,6 +166,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         print(f"run {report['run_id']} {report['status']}")
     return RunStatus(report["status"]).exit_code
+
+
+def _terminal_asker(display: Any) -> Any:
+    """On a terminal, what asks at the run's gates (its answer resumes the flow run, as
+    any other answer does: docs/approvals.md); elsewhere None: gated steps are skipped."""
+    from planrun.asking import TerminalAsker, on_a_terminal
+
+    if not on_a_terminal():
+        return None
+    from planrun.flows.control import answer_here
+
+    return TerminalAsker(answer_here, display)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -241,10 +253,24 @@ def cmd_watch(args: argparse.Namespace) -> int:
         display.footer = lambda: client.estimate_text(
             remote[0].estimate if remote else None, bool(remote and remote[0].ended))
     with display:
-        record = asyncio.run(client.watch(args.run, display, plan=report["plan"],
-                                          on_start=remote.append))
+        record = asyncio.run(_watch_asking(args.run, display, report["plan"], remote.append))
     print(f"run {record.run_id} {record.status}")
     return record.status.exit_code
+
+
+async def _watch_asking(run_id: str, display: Any, plan: str,
+                        on_start: Callable[[Any], object]) -> Any:
+    """Follow the run; on a terminal, ask at its gates while it waits there."""
+    from planrun import client
+    from planrun.asking import GateWatch, TerminalAsker, on_a_terminal
+
+    if not on_a_terminal():
+        return await client.watch(run_id, display, plan=plan, on_start=on_start)
+    gates = GateWatch(display, TerminalAsker(client.answer_gate, display))
+    try:
+        return await client.watch(run_id, gates, plan=plan, on_start=on_start)
+    finally:
+        await gates.close()
 
 
 def cmd_control(args: argparse.Namespace) -> int:

@@ -98,6 +98,19 @@ def control(run_id: str, action: str, body: dict[str, Any] | None = None) -> dic
     return answer
 
 
+async def answer_gate(run_id: str, step_id: str, approved: bool, comment: str) -> bool:
+    """Answer the step's gate through the bridge, as ``planrun approve`` does; False when
+    the run does not wait there (any more): it was answered elsewhere first."""
+    verb = "approve" if approved else "reject"
+    response = await asyncio.to_thread(_request, "POST", f"/v1/runs/{run_id}/steps/{step_id}/"
+                                       f"{verb}", json={"comment": comment})
+    if response.status_code == 409:
+        return False
+    if response.status_code != 202:
+        raise _refused(response)
+    return True
+
+
 def resources_text(resources: Resources | None) -> str:
     """What a finished step used, compactly: ``42 MiB peak · 0.3 s CPU · 12 KiB written``
     (docs/resources.md); empty when nothing was measured."""

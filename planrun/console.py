@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import IO, Any
 
 from rich.console import Console, Group
@@ -77,6 +78,19 @@ class LiveDisplay:
 
     def changed(self, run: RunRecord, step: StepRecord | None) -> None:
         self.run = run
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Stop redrawing while a person types (a gate's question), then go on below."""
+        live = self.live
+        if live is None or not live.is_started:
+            yield
+            return
+        live.stop()
+        try:
+            yield
+        finally:
+            live.start()
 
     def _render(self) -> Any:
         run = self.run

@@ -53,6 +53,7 @@ LONGEST = {
     "tests.security.test_bridge": 21, "tests.security.test_bad_input": 21,
     "tests.flows.test_prefect_ui_graph": 20, "tests.progress_bridge.test_upstream": 20,
     "tests.progress_bridge.test_view": 19, "tests.flows.test_prefect_visibility": 17,
+    "tests.test_terminal": 34, "tests.flows.test_prefect_ui_gate": 22,
 }
 
 
