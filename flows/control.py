@@ -292,7 +292,7 @@ class RunControl:
         asking = None if self.asker is None else asyncio.ensure_future(
             self.asker.ask(str(self.run_id), step_id, prompt))
         try:
-            await self._until_resumed(step_id, timeout_s)
+            resumed = await self._until_resumed(step_id, timeout_s)
         except asyncio.CancelledError:  # the run is cancelled: it stops waiting
             from prefect.states import Running
 
@@ -302,10 +302,12 @@ class RunControl:
             if asking is not None:
                 asking.cancel()
                 await asyncio.gather(asking, return_exceptions=True)
-        if self.asker is not None:
-            self.asker.settled(step_id, await self.decision(step_id))
+        if self.asker is not None:  # not resumed: the run was cancelled meanwhile
+            self.asker.settled(step_id, await self.decision(step_id) if resumed else None)
 
-    async def _until_resumed(self, step_id: str, timeout_s: float | None) -> None:
+    async def _until_resumed(self, step_id: str, timeout_s: float | None) -> bool:
+        """Wait until the flow run is no longer paused; whether it runs again (an answer
+        resumed it) rather than being cancelled. No answer within ``timeout_s``: no."""
         from prefect.client.orchestration import get_client
 
         loop = asyncio.get_running_loop()
@@ -318,7 +320,7 @@ class RunControl:
                     log.warning("cannot read the state of run %s: %s", self.run_id, exc)
                     state = None
                 if state is not None and state.type.value != "PAUSED":
-                    return
+                    return bool(state.type.value == "RUNNING")
                 if self.beat is not None and loop.time() - last_beat >= HEARTBEAT_S:
                     self.beat()
                     last_beat = loop.time()

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from planrun.console import _printable  # no escape sequences from a plan's prompt
+from planrun.contract.control import TIMED_OUT
 from planrun.contract.status import RunStatus, StepStatus
 from planrun.report import RunObserver, RunRecord, StepRecord
 
@@ -69,7 +70,10 @@ class TerminalAsker:
         """Say how the gate was answered: here, or elsewhere first."""
         mine = self._given.pop(step_id, None)
         if answer is None:
-            _say(f"no answer to the gate of {step_id} counted: it is asked again")
+            _say(f"the gate of {step_id} no longer waits, unanswered (the run was stopped, "
+                 "or an answer did not count and it is asked again)")
+        elif answer == (False, TIMED_OUT):
+            _say(f"no answer in time: step {step_id} skipped ({TIMED_OUT})")
         elif mine is not None:  # taken: Prefect takes only the first resume
             _say(f"step {step_id} {'approved' if answer[0] else 'rejected'}")
         else:

@@ -5,9 +5,11 @@ gate; the first answer counts."""
 from __future__ import annotations
 
 import re
+import signal
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 
@@ -58,6 +60,14 @@ def on_terminal(stack: Stack, terminals: list[Terminal], tmp_path: Path,
     return terminal
 
 
+def flow_run_state(run_id: str) -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(UUID(run_id)).state
+    return state.type.value if state is not None else "none"
+
+
 def test_planrun_run_asks_at_a_gate_on_its_terminal_and_a_yes_runs_the_step(
         stack: Stack, plan: Path, tmp_path: Path, terminals: list[Terminal]) -> None:
     terminal = on_terminal(stack, terminals, tmp_path, "run", str(plan))
@@ -84,6 +94,29 @@ def test_an_answer_given_elsewhere_first_withdraws_the_terminals_question(
     terminal.expect(r"answered elsewhere: step ship approved \(from the CLI\)")
     assert terminal.wait() == 0, terminal.text()
     assert (tmp_path / "workspace" / "shipped.txt").read_text() == "shipped"
+
+
+def test_no_answer_in_time_skips_the_step_and_ctrl_c_cancels_a_run_waiting_at_a_gate(
+        stack: Stack, tmp_path: Path, terminals: list[Terminal]) -> None:
+    plan = tmp_path / "timeout.yaml"
+    plan.write_text(textwrap.dedent(PLAN).replace(
+        'approval: {prompt: "Ship it?"}', 'approval: {prompt: "Ship it?", timeout: 2s}'))
+    terminal = on_terminal(stack, terminals, tmp_path, "run", str(plan))
+    terminal.expect(r"approve\? \[y/N\] $")
+    terminal.expect(r"no answer in time: step ship skipped \(approval timed out\)", 30)
+    assert terminal.wait() == 3, terminal.text()  # completed_with_errors
+    assert not (tmp_path / "workspace" / "shipped.txt").exists()
+
+    waiting = tmp_path / "waiting.yaml"  # no timeout: it waits until Ctrl-C
+    waiting.write_text(textwrap.dedent(PLAN))
+    interrupted = on_terminal(stack, terminals, tmp_path, "run", str(waiting))
+    interrupted.expect(r"approve\? \[y/N\] $")
+    interrupted.process.send_signal(signal.SIGINT)
+    assert interrupted.wait() == 4, interrupted.text()  # cancelled
+    run_id = re.findall(ASKED, interrupted.text())[0]
+    assert re.search(rf"run {run_id} cancelled", interrupted.text())
+    assert flow_run_state(run_id) == "CANCELLED"  # not left paused at the gate
+
 
 
 def test_without_a_terminal_planrun_run_skips_a_gated_step_as_before(
