@@ -320,6 +320,25 @@ steps:
     assert lines(stack, "at-once") == ["go"]
 
 
+def test_a_run_waiting_at_a_gate_is_cancelled(stack: Stack, tmp_path: Path) -> None:
+    """Prefect resumes a run that waits for its gate's form only with the form filled in:
+    the cancel gives one, and the run ends cancelled with its gated step skipped."""
+    run_id = submit(stack, tmp_path, """version: 1
+name: cancel-at-gate
+steps:
+  - id: gated
+    tool: shell.run
+    approval: {prompt: "Go?"}
+    with: {argv: [sh, -c, "echo gated >> cancel-at-gate.txt"]}
+""")
+    wait_status(stack, run_id, "awaiting_approval")
+    cancelled = stack.cli("cancel", run_id)
+    assert cancelled.returncode == 0, cancelled.stderr
+    final = wait_status(stack, run_id, "cancelled", timeout=60)
+    assert final["steps"]["gated"]["status"] == "skipped"
+    assert not (Path(stack.env["PLANRUN_WORKSPACE"]) / "cancel-at-gate.txt").exists()
+
+
 @pytest.mark.parametrize(("action", "ends"), [("resume", "completed"), ("cancel", "cancelled")])
 def test_a_pause_that_times_out_resumes_or_cancels_the_run(
         stack: Stack, tmp_path: Path, action: str, ends: str) -> None:
