@@ -146,3 +146,17 @@ def test_planrun_watch_asks_at_a_gate_of_a_run_of_the_stack(
     report = stack.report(run_id)
     assert report["steps"]["ship"]["status"] == "skipped"
     assert report["steps"]["ship"]["reason"] == "rejected: not today"
+
+
+def test_planrun_watch_withdraws_its_question_when_the_gate_is_answered_elsewhere(
+        stack: Stack, plan: Path, tmp_path: Path, terminals: list[Terminal]) -> None:
+    submitted = stack.cli("submit", str(plan))
+    assert submitted.returncode == 0, submitted.stderr
+    run_id = submitted.stdout.strip()
+    terminal = on_terminal(stack, terminals, tmp_path, "watch", run_id)
+    terminal.expect(r"approve\? \[y/N\] $")
+    approved = stack.cli("approve", run_id, "ship")
+    assert approved.returncode == 0, approved.stderr
+    terminal.expect("answered elsewhere: step ship approved")
+    assert terminal.wait() == 0, terminal.text()
+    assert stack.report(run_id)["steps"]["ship"]["status"] == "completed"
