@@ -38,8 +38,9 @@ if TYPE_CHECKING:
 class RunSession:
     """Runs ``graph`` once as the run ``run_id`` with ``parts``.
 
-    ``can_ask``: a gate may suspend the run until a person answers (a deployment's run);
-    otherwise a gate's step is rejected. ``started_at``: when the run first started (a
+    ``can_ask``: a gate may make the run wait until a person answers (a deployment's run,
+    suspended; or, when the control source ``waits_here``, in this process); otherwise a
+    gate's step is rejected. ``started_at``: when the run first started (a
     resumed run keeps it). ``observers`` are told of every change.
     """
 
@@ -95,7 +96,9 @@ class RunSession:
         When the run starts again (a resumed pause, an answered gate, a recovered crash),
         the steps that had finished are restored from their checkpoints and not run again;
         a checkpoint that cannot be read stops the run instead. A pause or a gate that takes
-        effect raises Prefect's ``Pause``: the run is suspended, and this process should end.
+        effect raises Prefect's ``Pause``: the run is suspended, and this process should end;
+        a gate the control source ``waits_here`` for is answered in this process, and the
+        run goes on here.
         """
         restored = await self._begin()
         await self._check_tools()
