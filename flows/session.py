@@ -90,8 +90,11 @@ class RunSession:
 
         When the run starts again (a resumed pause, an answered gate, a recovered crash),
         the steps that had finished are restored from their checkpoints and not run again;
-        a checkpoint that cannot be read stops the run instead. A pause or a gate that takes
-        effect raises Prefect's ``Pause``: the run is suspended, and this process should end.
+        a checkpoint that cannot be read stops the run instead. When a run that had ended
+        starts again, it is a retry: only its completed steps are restored, and the files
+        its end rolled back are put back as it left them (docs/retry.md). A pause or a gate
+        that takes effect raises Prefect's ``Pause``: the run is suspended, and this process
+        should end.
         """
         restored = await self._begin()
         await self._check_tools()
@@ -123,6 +126,8 @@ class RunSession:
             self.unreadable = exc
             self.scheduler.stop(str(exc))  # nothing starts: each step is skipped
             restored = []
+        if checkpoints.retrying and self.unreadable is None:
+            self.parts.workspace.redo()
         self.events = self.parts.events(self.run, self.segment)
         kept = (self.run.steps[step_id].resources for step_id in restored)
         self.writes.written = sum(used.written_bytes for used in kept if used is not None)
@@ -148,7 +153,8 @@ class RunSession:
             self.scheduler.stop("cancelled while paused", cancelled=True)
         self.artifacts.start()
         if self.segment > 1:
-            self.events.resumed(restored)
+            self.events.resumed(restored, self.parts.checkpoints.retry if
+                                self.parts.checkpoints.retrying else None)
         else:
             self.events.started()
         self._notify(None)
@@ -167,6 +173,7 @@ class RunSession:
             workspace.commit()
         run.ended_at = time.time()
         await self.secrets.forget_stored()  # before anyone hears that the run has ended
+        await self.parts.checkpoints.end()
         self._notify(None)
         if self.events is not None:
             self.events.ended()
