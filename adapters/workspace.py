@@ -275,7 +275,8 @@ class Workspace:
             if failed:
                 raise PlanrunError(f"rollback could not restore: {', '.join(failed)}; "
                                    f"the originals are kept in {self._backup_dir}")
-            self._save_redo(undone)
+            if undone:  # else an earlier rollback's, not redone yet, stays
+                self._save_redo(undone)
             self._discard()
         return sorted(restored)
 
@@ -402,6 +403,10 @@ class Workspace:
             data = json.loads((self._backup_dir / REDO / JOURNAL).read_bytes())
         except FileNotFoundError:
             return {}
+        if data.get("root") != str(self.real_root):
+            raise PlanrunError(f"the run's files were rolled back in the workspace "
+                               f"{data.get('root')}, not {self.real_root}: retry it with "
+                               "that workspace (--workspace, or PLANRUN_WORKSPACE)")
         return {rel: _Undone(**u) for rel, u in data["entries"].items()}
 
     def _backups(self) -> Path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Coroutine, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
@@ -19,7 +19,7 @@ from prefect.exceptions import Pause
 
 from planrun.adapters.usage import RunWrites
 from planrun.contract.status import RunStatus, StepStatus
-from planrun.errors import CheckpointUnreadable
+from planrun.errors import CheckpointUnreadable, PlanrunError
 from planrun.flows.control import TIMED_OUT
 from planrun.flows.graph import RunGraph, StepNode
 from planrun.flows.health import unhealthy_tools
@@ -58,8 +58,9 @@ class RunSession:
         self.run.flow_run_url = flow_run_url
         #: The report, once the run has ended.
         self.report: dict[str, Any] | None = None
-        #: Why the run stopped before it began: a checkpoint it could not read.
-        self.unreadable: CheckpointUnreadable | None = None
+        #: Why the run stopped before it began: a checkpoint it could not read, or a retry
+        #: whose files cannot be put back.
+        self.unreadable: PlanrunError | None = None
         self.segment = 1
         self.events: EventSink | None = None
         self.artifacts = parts.artifacts(self.run)
@@ -127,7 +128,11 @@ class RunSession:
             self.scheduler.stop(str(exc))  # nothing starts: each step is skipped
             restored = []
         if checkpoints.retrying and self.unreadable is None:
-            self.parts.workspace.redo()
+            try:
+                self.parts.workspace.redo()
+            except PlanrunError as exc:  # the run's files are in another workspace
+                self.unreadable = exc
+                self.scheduler.stop(f"cannot retry: {exc}")
         self.events = self.parts.events(self.run, self.segment)
         kept = (self.run.steps[step_id].resources for step_id in restored)
         self.writes.written = sum(used.written_bytes for used in kept if used is not None)
@@ -214,7 +219,7 @@ class RunSession:
         finally:
             record.note = None  # it waits no longer (also when cancelled while it waited)
         record.ended_at = time.time()
-        await self.parts.checkpoints.save(record)  # before the finish is announced
+        await _uncancelled(self.parts.checkpoints.save(record))  # before it is announced
         self._notify(record)
 
     async def _skip(self, step: Step) -> None:
@@ -284,6 +289,19 @@ class RunSession:
                        notify=self._notify, fallback=node.fallback,
                        redactor=self.run.redactor, writes=self.writes, limits=self.parts.limits,
                        run_limits=self.graph.limits.tools, on_wait=self._waiting)
+
+
+async def _uncancelled(write: Coroutine[Any, Any, None]) -> None:
+    """Finish ``write`` even when this task is cancelled meanwhile (a critical failure
+    elsewhere stops the run): a checkpoint cut short by a cancel would leave a completed
+    step with no checkpoint, or an empty one, and it would run again. The cancel goes on
+    once the write is done."""
+    writing = asyncio.ensure_future(write)
+    try:
+        await asyncio.shield(writing)
+    except asyncio.CancelledError:
+        await writing
+        raise
 
 
 class Sessions:
