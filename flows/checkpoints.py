@@ -14,10 +14,12 @@ before the step's finish is announced, so nothing announced as finished is run a
 A checkpoint that was written but cannot be read back (a storage error, or data that does
 not validate) stops the run (``CheckpointUnreadable``) instead of running its step again.
 
-A run that had ended and whose flow body starts again is being retried (``planrun retry``,
-the bridge's ``/retry``, the Prefect UI's Retry: each sets the flow run back to Scheduled;
-docs/retry.md): it restores its completed steps, and runs the failed, skipped and cancelled
-ones again. Each checkpoint names the retry that kept it, so a step that failed before a
+A run that had ended and whose flow body starts again under a new retry request (the
+``planrun.retry`` label that ``planrun retry`` and the bridge's ``/retry`` set before they
+schedule the flow run again; docs/retry.md) is retried: it restores its completed steps,
+and runs the failed, skipped and cancelled ones again. A start after the end without a new
+request (a recovery of a run that crashed just after it ended) restores every step and
+ends as it had. Each checkpoint names the retry that kept it, so a step that failed before a
 retry is not restored after it (when the retry is resumed or recovered), while one that
 failed in it is.
 
@@ -31,6 +33,7 @@ import asyncio
 import inspect
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from planrun.contract.checkpoint import GateCheckpoint, RunCheckpoint, StepCheckpoint
@@ -72,15 +75,18 @@ class Checkpoints:
         """How many times the run has been retried (0: never)."""
         return self._run.retry
 
-    async def begin(self) -> int:
+    async def begin(self, retry_request: Callable[[], Awaitable[str | None]]) -> int:
         """Count this start of the run's flow body (1 on the first): the run's own
         checkpoint keeps the count, as Prefect's ``run_count`` stays 1 across a resume.
-        A start after the run had ended begins a retry (``retrying``)."""
+        A start after the run had ended, under a retry request (``retry_request()``, asked
+        only then) it has not taken yet, begins a retry (``retrying``)."""
         found = await self._read(self._name)
         last = RunCheckpoint.read(found) if found else RunCheckpoint(segment=0)
-        self.retrying = last.ended
-        self._run = RunCheckpoint(segment=last.segment + 1,
-                                  retry=last.retry + 1 if last.ended else last.retry)
+        request = await retry_request() if last.ended else None
+        self.retrying = request is not None and request != last.request
+        self._run = RunCheckpoint(segment=last.segment + 1, ended=last.ended and not self.retrying,
+                                  retry=last.retry + self.retrying,
+                                  request=request if self.retrying else last.request)
         await self._write(self._name, self._run.model_dump(mode="json"))
         return self._run.segment
 

@@ -121,6 +121,8 @@ class MemoryControl:
     requests: list[str] = field(default_factory=list)
     answers: dict[str, tuple[bool, str]] = field(default_factory=dict)
     cancelled_while_suspended: bool = False
+    #: The current retry request (a new value: retry the run once it has ended).
+    retry: str | None = None
     asked: list[str] = field(default_factory=list)
     suspended: list[str] = field(default_factory=list)
     scheduler: Scheduler | None = None
@@ -153,6 +155,9 @@ class MemoryControl:
 
     async def cancel_requested(self) -> bool:
         return self.cancelled_while_suspended
+
+    async def retry_request(self) -> str | None:
+        return self.retry
 
     async def decision(self, step_id: str) -> tuple[bool, str] | None:
         return self.answers.get(step_id) if step_id in self.asked else None

@@ -7,7 +7,7 @@ a plan in milliseconds without a Prefect server.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 from uuid import UUID
@@ -65,8 +65,9 @@ class CheckpointStore(Protocol):
         """How many times the run has been retried (0: never)."""
         ...
 
-    async def begin(self) -> int:
-        """Count this start of the run (1 on the first)."""
+    async def begin(self, retry_request: Callable[[], Awaitable[str | None]]) -> int:
+        """Count this start of the run (1 on the first); after the run's end, a start under
+        a new ``retry_request()`` is a retry."""
         ...
 
     async def end(self) -> None:
@@ -97,6 +98,10 @@ class ControlSource(Protocol):
 
     async def cancel_requested(self) -> bool:
         """Whether the run was cancelled while it was suspended."""
+        ...
+
+    async def retry_request(self) -> str | None:
+        """The request to retry the run, if one was made (docs/retry.md)."""
         ...
 
     async def decision(self, step_id: str) -> tuple[bool, str] | None:

@@ -121,7 +121,7 @@ class RunSession:
         """Count this start and restore what finished before; the steps restored."""
         checkpoints = self.parts.checkpoints
         try:
-            self.segment = await checkpoints.begin()
+            self.segment = await checkpoints.begin(self.parts.control.retry_request)
             restored = await checkpoints.load(self.run.steps) if self.segment > 1 else []
         except CheckpointUnreadable as exc:
             self.unreadable = exc

@@ -74,10 +74,11 @@ async def retry_plan(run_id: str, observer: RunObserver | None = None) -> dict[s
     from prefect.flow_engine import run_flow_async
     from prefect.states import Scheduled
 
+    from planrun.contract.control import RETRY_LABEL
     from planrun.errors import Conflict
     from planrun.flows.plan_flow import RunHost
     from planrun.progress_bridge.flow_runs import PrefectFlowRuns
-    from planrun.progress_bridge.service import check_retry
+    from planrun.progress_bridge.service import check_retry, retry_request
 
     found = await PrefectFlowRuns().read(run_id)
     check_retry(found)
@@ -89,6 +90,7 @@ async def retry_plan(run_id: str, observer: RunObserver | None = None) -> dict[s
         loop.add_signal_handler(sig, host.sessions.cancel_all)
     try:
         async with get_client() as client:
+            await client.update_flow_run_labels(UUID(run_id), {RETRY_LABEL: retry_request()})
             await client.set_flow_run_state(UUID(run_id), Scheduled(message="retried by a person"),
                                             force=True)
             flow_run = await client.read_flow_run(UUID(run_id))

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 
-from planrun.contract.control import CONTROL_LABEL, is_asking_of
+from planrun.contract.control import CONTROL_LABEL, RETRY_LABEL, is_asking_of
 from planrun.errors import Conflict
 from planrun.progress_bridge.flow_runs import FlowRun, FlowRuns
 
@@ -79,6 +80,7 @@ class ControlService:
         if not found.deployed:
             raise Conflict(f"run {run_id} ran in the process of `planrun run`: retry it "
                            f"from a terminal with `planrun retry {run_id}`")
+        await self.flow_runs.label(run_id, {RETRY_LABEL: retry_request()})
         await self.flow_runs.set_state(run_id, "SCHEDULED", "retried by a person")
 
     async def answer(self, run_id: str, step_id: str, *, approved: bool, comment: str,
@@ -119,6 +121,11 @@ class ControlService:
         """Schedule a crashed run again: a runner starts it in a new process, which keeps
         the finished steps (their checkpoints) and runs again only those in flight."""
         await self.flow_runs.set_state(run_id, "SCHEDULED", message)
+
+
+def retry_request() -> str:
+    """A new retry request: the run takes each one once (docs/retry.md)."""
+    return uuid.uuid4().hex
 
 
 def check_retry(found: FlowRun) -> None:

@@ -37,12 +37,14 @@ class StepCheckpoint(Versioned):
 
 class RunCheckpoint(Versioned):
     """How many times the run's flow body has started (1 on the first), whether the run
-    had ended when it last stopped (a start after that is a retry), and how many retries
-    it has had."""
+    had ended when it last stopped, how many retries it has had, and the retry request
+    (``planrun.retry`` label) it took last: a start after an end is a retry only under a
+    request not taken yet."""
 
     segment: int
     ended: bool = False
     retry: int = 0
+    request: str | None = None
 
 
 class GateCheckpoint(Versioned):

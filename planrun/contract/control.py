@@ -11,6 +11,9 @@ import re
 
 #: The flow-run label that tells a paused run, once resumed, to end cancelled.
 CONTROL_LABEL = "planrun.control"
+#: The flow-run label that asks a run that ended to be retried: a new value each time
+#: (docs/retry.md); the run's checkpoint keeps the last one it took.
+RETRY_LABEL = "planrun.retry"
 #: The comment of a decision made because no one answered in time.
 TIMED_OUT = "approval timed out"
 #: The tag of every planrun flow run.

@@ -1,5 +1,6 @@
 """Retrying a run that ended, with in-memory parts (flows.fakes): a new session of the same
-run after its end restores the completed steps and runs the others again."""
+run after its end, under a new retry request, restores the completed steps and runs the
+others again; without one, it ends again as it had."""
 
 from __future__ import annotations
 
@@ -70,10 +71,17 @@ class Retried:
         self.graph = compile_plan(plan, registry)
         self.memory = MemoryParts()
         self.can_ask = can_ask
+        self.requests = 0
 
     async def run(self) -> dict[str, Any]:
         session = RunSession(self.graph, "run-1", self.memory.parts(), can_ask=self.can_ask)
         return await session.run_to_end()
+
+    async def retry(self) -> dict[str, Any]:
+        """A person asks for a retry (a new request), and the run starts again."""
+        self.requests += 1
+        self.memory.control.retry = f"request-{self.requests}"
+        return await self.run()
 
 
 def statuses(report: dict[str, Any]) -> dict[str, str]:
@@ -92,7 +100,7 @@ async def test_a_retry_runs_the_failed_and_skipped_steps_and_keeps_the_completed
 
     run.switches.broken.clear()  # the service has recovered
     run.switches.calls.clear()
-    second = await run.run()
+    second = await run.retry()
     assert second["status"] == "completed"
     assert run.switches.calls == ["call"]  # fetch and other kept their outputs
     assert second["steps"]["use"]["output"] == {"value": "call"}
@@ -112,7 +120,7 @@ async def test_a_retry_of_a_failed_run_puts_its_rolled_back_files_back_first() -
     assert run.memory.workspace.rolled_back == ["fetched.json"]
 
     run.switches.broken.clear()
-    second = await run.run()
+    second = await run.retry()
     assert second["status"] == "completed"
     # redo put the file back before any step ran; the completed run kept it
     assert run.memory.workspace.committed and run.memory.workspace.rolled_back == []
@@ -124,7 +132,7 @@ async def test_within_a_retry_a_recovery_keeps_what_failed_in_that_retry() -> No
     await run.run()  # call and other fail; use skipped
     run.switches.broken = {"other"}  # call recovers, other does not
     run.switches.calls.clear()
-    second = await run.run()
+    second = await run.retry()
     assert statuses(second) == {"fetch": "completed", "call": "completed",
                                 "use": "completed", "other": "failed"}
     assert sorted(run.switches.calls) == ["call", "other"]
@@ -132,7 +140,7 @@ async def test_within_a_retry_a_recovery_keeps_what_failed_in_that_retry() -> No
     # A second retry runs `other` again, and only it.
     run.switches.broken.clear()
     run.switches.calls.clear()
-    third = await run.run()
+    third = await run.retry()
     assert third["status"] == "completed"
     assert run.switches.calls == ["other"]
     assert ("run.retry", 2) in run.memory.events.events
@@ -161,7 +169,7 @@ async def test_a_retry_that_pauses_at_a_gate_keeps_its_own_failures_when_resumed
     run.switches.broken = {"other"}
     run.switches.calls.clear()
     with pytest.raises(Pause):
-        await run.run()  # the retry: call completes, other fails again, ship asks
+        await run.retry()  # call completes, other fails again, ship asks
     assert sorted(run.switches.calls) == ["call", "other"]
     assert run.memory.control.asked == ["ship"]
 
@@ -172,3 +180,22 @@ async def test_a_retry_that_pauses_at_a_gate_keeps_its_own_failures_when_resumed
     assert statuses(resumed) == {"call": "completed", "ship": "completed", "other": "failed"}
     assert ("run.retry", 1) in run.memory.events.events
     assert ("run.retry", 2) not in run.memory.events.events
+
+
+@fast
+async def test_a_start_after_the_end_without_a_new_request_ends_as_it_had() -> None:
+    run = Retried(PLAN, "call")
+    first = await run.run()
+    run.switches.broken.clear()
+    run.switches.calls.clear()
+    again = await run.run()  # recovered after a crash just after its end: not a retry
+    assert run.switches.calls == []
+    assert again["status"] == first["status"] == "completed_with_errors"
+    assert statuses(again) == statuses(first)
+    assert ("run.retry", 1) not in run.memory.events.events
+
+    second = await run.retry()
+    assert second["status"] == "completed" and run.switches.calls == ["call"]
+    run.switches.calls.clear()
+    third = await run.run()  # the same request again: taken already, nothing runs
+    assert third["status"] == "completed" and run.switches.calls == []

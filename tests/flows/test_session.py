@@ -224,7 +224,8 @@ async def test_a_rejected_gate_skips_its_step_as_an_error() -> None:
 @fast
 async def test_an_unreadable_checkpoint_stops_the_run_instead_of_running_its_step_again() -> None:
     scenario = Scenario(CHAIN)
-    await scenario.memory.checkpoints.begin()  # a first process ran; this one resumes
+    await scenario.memory.checkpoints.begin(scenario.memory.control.retry_request)  # a first
+    # process ran; this one resumes
     await scenario.memory.checkpoints.save(StepRecord(id="a", tool="test.held",
                                                       status=StepStatus.COMPLETED))
     scenario.memory.checkpoints.broken["a"] = "OSError: [Errno 5] Input/output error"

@@ -10,7 +10,7 @@ from typing import Literal
 
 import pytest
 
-from planrun.contract.control import TIMED_OUT, asking_key
+from planrun.contract.control import RETRY_LABEL, TIMED_OUT, asking_key
 from planrun.contract.status import RunStatus
 from planrun.errors import Conflict, NotFound
 from planrun.progress_bridge.flow_runs import FakeFlowRuns, FlowRun
@@ -65,7 +65,11 @@ def test_a_run_that_ended_with_steps_to_run_again_is_retried_by_scheduling_it(
         flow_run: FlowRun) -> None:
     control, flow_runs = service(flow_run)
     asyncio.run(control.retry("r"))
-    assert flow_runs.calls == [("set_state", "r", "SCHEDULED", "retried by a person")]
+    flow_runs.runs["r"] = flow_run  # it ended again
+    asyncio.run(control.retry("r"))  # each retry is a new request, taken once
+    labels = [call[2][RETRY_LABEL] for call in flow_runs.calls if call[0] == "label"]
+    assert len(labels) == 2 and labels[0] != labels[1]
+    assert flow_runs.calls[1] == ("set_state", "r", "SCHEDULED", "retried by a person")
 
 
 def test_an_answer_to_a_gate_the_run_does_not_wait_at_is_a_conflict() -> None:
