@@ -45,8 +45,10 @@ class MemoryEvents:
     def started(self) -> None:
         self.events.append(("run.started", None))
 
-    def resumed(self, restored: list[str]) -> None:
+    def resumed(self, restored: list[str], retry: int | None = None) -> None:
         self.events.append(("run.resumed", list(restored)))
+        if retry is not None:
+            self.events.append(("run.retry", retry))
 
     def changed(self, step: StepRecord) -> None:
         self.events.append((f"step.{step.status}", step.id))
@@ -179,6 +181,10 @@ class MemoryWorkspace:
     def rollback(self) -> list[str]:
         self.rolled_back, self.changed = list(self.changed), []
         return self.rolled_back
+
+    def redo(self) -> list[str]:
+        self.changed, self.rolled_back = list(self.rolled_back), []
+        return self.changed
 
     def left_note(self) -> str | None:
         return None

@@ -25,7 +25,7 @@ class EventSink(Protocol):
 
     def started(self) -> None: ...
 
-    def resumed(self, restored: list[str]) -> None: ...
+    def resumed(self, restored: list[str], retry: int | None = None) -> None: ...
 
     def changed(self, step: StepRecord) -> None: ...
 
@@ -57,8 +57,20 @@ class CheckpointStore(Protocol):
     """Finished steps kept for a later process of the same run
     (``flows.checkpoints.Checkpoints``)."""
 
+    #: This start of the run is the first of a retry: the run had ended.
+    retrying: bool
+
+    @property
+    def retry(self) -> int:
+        """How many times the run has been retried (0: never)."""
+        ...
+
     async def begin(self) -> int:
         """Count this start of the run (1 on the first)."""
+        ...
+
+    async def end(self) -> None:
+        """Keep that the run has ended (a later start is a retry)."""
         ...
 
     async def save(self, record: StepRecord) -> None: ...
@@ -106,6 +118,10 @@ class RunWorkspace(Protocol):
     def commit(self) -> None: ...
 
     def rollback(self) -> list[str]: ...
+
+    def redo(self) -> list[str]:
+        """Undo the last rollback where nothing changed the paths since (a retry)."""
+        ...
 
     def left_note(self) -> str | None: ...
 

@@ -138,11 +138,13 @@ def estimate_text(estimate: Estimate | None, ended: bool) -> str:
 
 
 class RemoteRun:
-    """A run record rebuilt from the bridge's messages, for the terminal displays."""
+    """A run record rebuilt from the bridge's messages, for the terminal displays. An end
+    at or before seq ``after_end`` is not the end (a retry goes on after it)."""
 
-    def __init__(self, run_id: str, plan: str = "") -> None:
+    def __init__(self, run_id: str, plan: str = "", after_end: int = 0) -> None:
         self.record = RunRecord(run_id=run_id, plan=plan, steps={})
         self.last_seq = 0
+        self.after_end = after_end
         self.estimate: Estimate | None = None
 
     def apply_frame(self, frame: str | bytes) -> StepRecord | None:
@@ -182,7 +184,7 @@ class RemoteRun:
 
     @property
     def ended(self) -> bool:
-        return self.record.status.ended
+        return self.record.status.ended and self.last_seq > self.after_end
 
 
 def _apply_to_step(step: StepRecord, message: Message, status: StepStatus,
@@ -208,13 +210,15 @@ def _apply_to_step(step: StepRecord, message: Message, status: StepStatus,
 
 async def watch(run_id: str, observer: RunObserver, *, plan: str = "",
                 give_up_s: float = 30.0,
-                on_start: Callable[[RemoteRun], object] | None = None) -> RunRecord:
-    """Follow the run over the bridge's WebSocket until it ends, telling ``observer`` of
-    every change; reconnects with ``after`` (nothing missed, nothing twice)."""
+                on_start: Callable[[RemoteRun], object] | None = None,
+                after_end: int = 0) -> RunRecord:
+    """Follow the run over the bridge's WebSocket until it ends (past seq ``after_end``:
+    a retried run's earlier end is not its end), telling ``observer`` of every change;
+    reconnects with ``after`` (nothing missed, nothing twice)."""
     from websockets.asyncio.client import connect
     from websockets.exceptions import InvalidStatus, WebSocketException
 
-    remote = RemoteRun(run_id, plan)
+    remote = RemoteRun(run_id, plan, after_end)
     if on_start is not None:
         on_start(remote)
     base = bridge_url().replace("http", "ws", 1)

@@ -102,6 +102,7 @@ class SavedView(Versioned):
     rolled_back: list[str] = []
     max_parallel: int = 16
     recoveries: int = 0
+    retries: int = 0
     gate: Gate | None = None
     pause_deadline: PauseDeadline | None = None
     waiting_since: float | None = None
@@ -126,6 +127,8 @@ class RunView:
     estimate_stale: bool = False
     #: How many times the bridge has scheduled this run again after a crash.
     recoveries: int = 0
+    #: The run's retries the bridge has seen begin (``run.resumed`` with ``retry``).
+    retries: int = 0
     gate: Gate | None = None
     pause_deadline: PauseDeadline | None = None
     #: What each waiting step waits for (``slot``, ``rate``, ``load``: /metrics counts them).
@@ -263,13 +266,35 @@ class RunView:
                             summary=p.prompt)]
 
     def on_resumed(self, p: RunResumed, now: float) -> list[Draft]:
-        """Apply ``planrun.run.resumed``: the run goes on in a new process."""
-        if self.ended:
+        """Apply ``planrun.run.resumed``: the run goes on in a new process. With ``retry``
+        (one not seen before), a run that had ended goes on: its steps not restored are
+        pending again (docs/retry.md)."""
+        retried = p.retry is not None and p.retry > self.retries
+        if self.ended and not retried:
             return []
+        summary = f"{len(p.restored)} finished step(s) kept"
+        if retried:
+            assert p.retry is not None
+            again = self._retry(p.retry, set(p.restored))
+            summary = f"retry {p.retry}: {again} step(s) run again, {summary}"
         self.record.status, self.record.reason, self.gate = RunStatus.RUNNING, None, None
         self.pause_deadline = self.waiting_since = None
         return [self._draft(MessageType.RUN_RESUMED, now, status=str(RunStatus.RUNNING),
-                            summary=f"{len(p.restored)} finished step(s) kept")]
+                            summary=summary)]
+
+    def _retry(self, number: int, restored: set[str]) -> int:
+        """Begin retry ``number``: every step not ``restored`` is pending again; how many."""
+        record = self.record
+        record.ended_at, record.rolled_back = None, []
+        self.retries, self.recoveries, self._estimate = number, 0, None
+        again = [s for s in record.steps.values() if s.id not in restored]
+        for step in again:
+            record.steps[step.id] = StepRecord(id=step.id, tool=step.tool, name=step.name,
+                                               needs=step.needs, critical=step.critical,
+                                               estimate_s=step.estimate_s)
+            self.summaries.pop(step.id, None)
+            self.waiting.pop(step.id, None)
+        return len(again)
 
     def on_flow_run_ended(self, state_type: str, message: str | None,
                           now: float) -> list[Draft]:
@@ -360,9 +385,10 @@ class RunView:
             run_id=r.run_id, plan=r.plan, status=r.status, reason=r.reason,
             started_at=r.started_at, ended_at=r.ended_at, prefect_url=r.flow_run_url,
             rolled_back=r.rolled_back, max_parallel=self.max_parallel,
-            recoveries=self.recoveries, gate=self.gate, pause_deadline=self.pause_deadline,
-            waiting_since=self.waiting_since, step_n=self.step_n, summaries=self.summaries,
-            waiting=self.waiting, told=self.told,
+            recoveries=self.recoveries, retries=self.retries, gate=self.gate,
+            pause_deadline=self.pause_deadline, waiting_since=self.waiting_since,
+            step_n=self.step_n, summaries=self.summaries, waiting=self.waiting,
+            told=self.told,
             steps=[SavedStep(id=s.id, tool=s.tool, name=s.name, needs=s.needs,
                              critical=s.critical, estimate_s=s.estimate_s, note=s.note,
                              **dict(s.to_checkpoint())) for s in r.steps.values()],
@@ -384,7 +410,8 @@ class RunView:
                            ended_at=saved.ended_at, reason=saved.reason,
                            flow_run_url=saved.prefect_url, rolled_back=saved.rolled_back)
         return cls(record, max_parallel=saved.max_parallel, step_n=saved.step_n,
-                   summaries=saved.summaries, recoveries=saved.recoveries, gate=saved.gate,
+                   summaries=saved.summaries, recoveries=saved.recoveries,
+                   retries=saved.retries, gate=saved.gate,
                    pause_deadline=saved.pause_deadline, waiting=saved.waiting,
                    told=saved.told, waiting_since=saved.waiting_since)
 

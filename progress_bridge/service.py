@@ -1,4 +1,4 @@
-"""Run control: pause, resume, cancel, and answers at approval gates.
+"""Run control: pause, resume, cancel, retry, and answers at approval gates.
 
 Each control becomes a state of the run's Prefect flow run, so it works the same from the
 bridge's routes, from the CLI and from the Prefect UI. A control the run's state does not
@@ -70,6 +70,17 @@ class ControlService:
         else:
             await self.flow_runs.set_state(run_id, "CANCELLING", "cancelled by a person")
 
+    async def retry(self, run_id: str) -> None:
+        """Run an ended run again from where it went wrong: its flow run is scheduled
+        again, and the runner starts it in a new process, which keeps the completed steps
+        and runs the failed, skipped and cancelled ones (docs/retry.md)."""
+        found = await self.flow_runs.read(run_id)
+        check_retry(found)
+        if not found.deployed:
+            raise Conflict(f"run {run_id} ran in the process of `planrun run`: retry it "
+                           f"from a terminal with `planrun retry {run_id}`")
+        await self.flow_runs.set_state(run_id, "SCHEDULED", "retried by a person")
+
     async def answer(self, run_id: str, step_id: str, *, approved: bool, comment: str,
                      announced: bool = False) -> None:
         """Resume a run suspended at ``step_id``'s gate with the answer. It goes under the
@@ -108,6 +119,21 @@ class ControlService:
         """Schedule a crashed run again: a runner starts it in a new process, which keeps
         the finished steps (their checkpoints) and runs again only those in flight."""
         await self.flow_runs.set_state(run_id, "SCHEDULED", message)
+
+
+def check_retry(found: FlowRun) -> None:
+    """Raise :class:`Conflict` with the reason when ``found`` cannot be retried: it has
+    not ended, it completed, or its secret inputs are gone (docs/retry.md)."""
+    run_id = found.id
+    if not found.final:
+        raise Conflict(f"run {run_id} is {found.state}: only a run that has ended "
+                       "can be retried")
+    if found.kind == "COMPLETED" and found.state == "completed":
+        raise Conflict(f"run {run_id} completed: it has no failed, skipped or "
+                       "cancelled step to run again")
+    if found.secret_inputs:
+        raise Conflict(f"run {run_id} had secret inputs, which were forgotten when it "
+                       "ended: run the plan again")
 
 
 def _asks(found: FlowRun, step_id: str) -> bool:

@@ -174,3 +174,35 @@ def test_a_saved_view_of_an_unknown_version_is_refused_clearly() -> None:
     text = started_view().to_json().replace('"v":1', '"v":99', 1)
     with pytest.raises(ContractError, match="SavedView of contract version 99 cannot be read"):
         RunView.from_json(text)
+
+
+def test_a_retry_goes_on_with_an_ended_run_and_an_old_retry_event_changes_nothing() -> None:
+    view: RunView | None = started_view()
+    for payload in (step(2, "a", "completed", output={"n": 1}),
+                    step(3, "b", "failed", error={"category": "logic", "message": "down"}),
+                    RunEnded(run_id="r", n=4, status=RunStatus.COMPLETED_WITH_ERRORS,
+                             rolled_back=["x.txt"])):
+        assert view is not None
+        view = apply(view, event(payload), NOW).view
+    assert view is not None and view.ended
+    assert apply(view, event(RunResumed(run_id="r", n=5, restored=["a"])), NOW).drafts == []
+
+    retried = apply(view, event(RunResumed(run_id="r", n=2_000_001, restored=["a"],
+                                           retry=1)), NOW)
+    assert [(d.type, d.status, d.summary) for d in retried.drafts] == [
+        ("run.resumed", "running", "retry 1: 1 step(s) run again, 1 finished step(s) kept")]
+    again = retried.view
+    assert again is not None and not again.ended and again.retries == 1
+    assert again.record.steps["a"].output == {"n": 1}
+    b = again.record.steps["b"]
+    assert (b.status, b.error, b.attempts) == (StepStatus.PENDING, None, 0)
+    assert again.record.ended_at is None and again.record.rolled_back == []
+    assert retried.drafts[0].progress is not None and retried.drafts[0].progress.done == 1
+    assert RunView.from_json(again.to_json()).retries == 1  # kept when saved
+
+    ended_again = apply(again, event(RunEnded(run_id="r", n=2_000_003,
+                                              status=RunStatus.COMPLETED)), NOW).view
+    assert ended_again is not None
+    late = apply(ended_again, event(RunResumed(run_id="r", n=2_000_001, restored=["a"],
+                                               retry=1)), NOW)  # read again after a restart
+    assert late.drafts == [] and late.view is not None and late.view.ended

@@ -34,6 +34,16 @@ CONFLICTS = [
     ("resume", FlowRun("r", "PAUSED", waits_for_input=True),
      "run r is waiting for an approval: approve or reject the step"),
     ("cancel", FlowRun("r", "FAILED", "Failed"), r"run r has already ended \(failed\)"),
+    ("retry", FlowRun("r", "RUNNING", "Running"),
+     "run r is running: only a run that has ended can be retried"),
+    ("retry", FlowRun("r", "PAUSED", "Suspended"), "run r is suspended: only a run that"),
+    ("retry", FlowRun("r", "COMPLETED", "Completed"),
+     "run r completed: it has no failed, skipped or cancelled step to run again"),
+    ("retry", FlowRun("r", "FAILED", "Failed", deployed=False),
+     "run r ran in the process of `planrun run`: retry it from a terminal with "
+     "`planrun retry r`"),
+    ("retry", FlowRun("r", "FAILED", "Failed", secret_inputs=True),
+     "run r had secret inputs, which were forgotten when it ended: run the plan again"),
 ]
 
 
@@ -45,6 +55,17 @@ def test_a_control_the_state_does_not_allow_is_a_conflict_with_the_reason(
     with pytest.raises(Conflict, match=reason):
         asyncio.run(getattr(control, action)("r"))
     assert flow_runs.calls == []  # nothing was changed
+
+
+@pytest.mark.parametrize("flow_run", [
+    FlowRun("r", "FAILED", "Failed"), FlowRun("r", "CANCELLED", "Cancelled"),
+    FlowRun("r", "CRASHED", "Crashed"), FlowRun("r", "COMPLETED", "Completed with errors")],
+    ids=["failed", "cancelled", "crashed", "completed with errors"])
+def test_a_run_that_ended_with_steps_to_run_again_is_retried_by_scheduling_it(
+        flow_run: FlowRun) -> None:
+    control, flow_runs = service(flow_run)
+    asyncio.run(control.retry("r"))
+    assert flow_runs.calls == [("set_state", "r", "SCHEDULED", "retried by a person")]
 
 
 def test_an_answer_to_a_gate_the_run_does_not_wait_at_is_a_conflict() -> None:
