@@ -147,6 +147,7 @@ def test_approve_at_a_waiting_gate_and_the_run_completes(stack: Stack, page: Pag
     expect(page.locator("#control-result")).to_have_text(
         "Approved Publish to the website: the run goes on.")
     expect(page.locator("#control-result")).to_have_attribute("data-kind", "ok")
+    expect(page.locator("#control-result")).to_be_focused()  # not lost to the page's top
 
     expect(status(page)).to_have_text("completed")
     expect(page.locator("#gate")).to_be_hidden()
@@ -160,7 +161,7 @@ def test_approve_at_a_waiting_gate_and_the_run_completes(stack: Stack, page: Pag
         expect(button(page, name)).to_have_attribute("title",
                                                      "Not now: the run has ended (completed)")
     expect(button(page, "Retry")).to_have_attribute(
-        "title", "Not now: every step completed: there is nothing to retry")
+        "title", "Not now: the run completed: there is nothing to retry")
 
 
 def test_reject_with_a_comment_and_the_comment_is_the_steps_reason(stack: Stack, page: Page,
@@ -274,6 +275,35 @@ def test_an_answer_the_bridge_refuses_shows_its_reason(stack: Stack, page: Page,
     button(page, "Cancel run").click()  # a suspended run is resumed to be cancelled
     expect(status(page)).to_have_text("cancelled")
     assert lines(stack, "tampered") == ["prepare"]
+
+
+def test_retry_runs_the_failed_step_again_once_its_service_has_recovered(
+        stack: Stack, page: Page, tmp_path: Path) -> None:
+    run_id = submit(stack, tmp_path, """version: 1
+name: retried
+steps:
+  - {id: first, tool: shell.run, with: {argv: [sh, -c, "echo first >> retried.txt"]}}
+  - id: flaky
+    tool: shell.run
+    needs: [first]
+    retry: {max_attempts: 1}
+    with: {argv: [sh, -c, "echo flaky >> retried.txt; test -e retried.ok"]}
+  - {id: after, tool: shell.run, needs: [flaky], with: {argv: [sh, -c, "echo after >> retried.txt"]}}
+""")
+    open_page(page, stack, run_id)
+    expect(status(page)).to_have_text("failed")
+    expect(box(page, "after")).to_have_attribute("data-status", "skipped")
+    (Path(stack.env["PLANRUN_WORKSPACE"]) / "retried.ok").touch()  # the service recovered
+
+    button(page, "Retry").click()
+    expect(page.locator("#control-result")).to_have_text(
+        "Retry started: flaky, after will run again.")
+    expect(status(page)).to_have_text("completed")
+    expect(page.locator("#announcer")).to_have_text("The run completed.")
+    expect(box(page, "flaky")).to_have_attribute("data-status", "completed")
+    assert lines(stack, "retried") == ["first", "flaky", "flaky", "after"]
+    expect(button(page, "Retry")).to_have_attribute(
+        "title", "Not now: the run completed: there is nothing to retry")
 
 
 def _wanted(name: str) -> list[Path]:
