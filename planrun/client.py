@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -121,7 +122,8 @@ def _bytes(n: float) -> str:
 
 
 def estimate_text(estimate: Estimate | None, ended: bool) -> str:
-    """"about 12s left (9s–18s)", or how much earlier than first estimated a run ended."""
+    """"about 12s left (9s–18s)", or how much earlier than first estimated a run ended;
+    while the run waits for a person, since when (local time) and the work left after."""
     if estimate is None:
         return ""
     early = estimate.early_by_s
@@ -129,6 +131,9 @@ def estimate_text(estimate: Estimate | None, ended: bool) -> str:
         return f"finished {format_duration(early)} earlier than first estimated" if early else ""
     text = (f"about {format_duration(estimate.remaining_s)} left "
             f"({format_duration(estimate.low_s)}–{format_duration(estimate.high_s)})")
+    since = epoch(estimate.waiting_since)
+    if since is not None:
+        return f"waiting since {time.strftime('%H:%M:%S', time.localtime(since))}; then {text}"
     return text + (f", {format_duration(early)} ahead of the first estimate" if early else "")
 
 

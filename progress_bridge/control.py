@@ -173,8 +173,9 @@ async def retry(run_id: str, request: Request) -> Retrying:
     """Run an ended run again from where it went wrong: its failed, skipped and cancelled
     steps run again; its completed steps keep their outputs and do not (docs/retry.md)."""
     state = state_of(request)
-    async with _answered():
-        await state.control.retry(run_id)
+    ended = state.views.get(run_id)
+    async with _answered():  # the stream says it ended: its flow run ends in a moment
+        await state.control.retry(run_id, announced=ended is not None and ended.ended)
     view = state.views.get(run_id)
     again = [sid for sid, step in view.record.steps.items()
              if step.status != StepStatus.COMPLETED] if view is not None else []

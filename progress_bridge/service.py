@@ -71,11 +71,16 @@ class ControlService:
         else:
             await self.flow_runs.set_state(run_id, "CANCELLING", "cancelled by a person")
 
-    async def retry(self, run_id: str) -> None:
+    async def retry(self, run_id: str, announced: bool = False) -> None:
         """Run an ended run again from where it went wrong: its flow run is scheduled
         again, and the runner starts it in a new process, which keeps the completed steps
-        and runs the failed, skipped and cancelled ones (docs/retry.md)."""
+        and runs the failed, skipped and cancelled ones (docs/retry.md). ``announced``: the
+        run's stream says it has ended. Its flow run ends a moment later (the run's process
+        rolls back and reports first); a retry asked in between waits for that end (up to
+        ``suspend_wait_s``) instead of being refused."""
         found = await self.flow_runs.read(run_id)
+        if announced and not found.final:
+            found = await self._ended(run_id)
         check_retry(found)
         if not found.deployed:
             raise Conflict(f"run {run_id} ran in the process of `planrun run`: retry it "
@@ -105,6 +110,15 @@ class ControlService:
         while True:
             found = await self.flow_runs.read(run_id)
             if found.kind != "RUNNING" or time.monotonic() >= deadline:
+                return found
+            await asyncio.sleep(0.1)
+
+    async def _ended(self, run_id: str) -> FlowRun:
+        """The flow run once it has ended, or as it is when the wait is over."""
+        deadline = time.monotonic() + self.suspend_wait_s
+        while True:
+            found = await self.flow_runs.read(run_id)
+            if found.final or time.monotonic() >= deadline:
                 return found
             await asyncio.sleep(0.1)
 

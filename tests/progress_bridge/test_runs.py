@@ -122,6 +122,28 @@ def test_a_pause_and_a_gate_are_timed_from_now() -> None:
     assert gated is not None and gated.gate is not None and gated.gate.deadline == NOW + 30
 
 
+def test_a_wait_for_a_person_is_in_the_estimate_until_the_run_goes_on() -> None:
+    done = apply(started_view(), event(step(2, "a", "completed")), NOW).view
+    assert done is not None
+    for wait in (RunPaused(run_id="r", n=3, reason="asked"),
+                 RunAwaitingApproval(run_id="r", n=3, step_id="b", prompt="go?")):
+        waiting = apply(done, event(wait), NOW)
+        assert waiting.view is not None and waiting.view.waiting_since == NOW
+        estimate = waiting.drafts[0].estimate
+        assert estimate is not None and estimate.finish_at is None
+        assert estimate.waiting_since == "2026-01-01T00:00:05.000Z"
+        later = waiting.view.report(NOW + 100)["estimate"]
+        assert later["waiting_since"] == estimate.waiting_since
+        assert later["remaining_s"] == estimate.remaining_s  # nothing ran meanwhile
+        kept = RunView.from_json(waiting.view.to_json())
+        assert kept.waiting_since == NOW
+        resumed = apply(kept, event(RunResumed(run_id="r", n=4, restored=["a"])), NOW + 100)
+        assert resumed.view is not None and resumed.view.waiting_since is None
+        going = resumed.drafts[0].estimate
+        assert going is not None and going.waiting_since is None
+        assert going.finish_at is not None and going.finish_at > "2026-01-01T00:01:45"
+
+
 def test_a_run_ended_by_prefect_cancels_what_runs_and_skips_what_waits() -> None:
     running = apply(started_view(), event(step(2, "a", "running")), NOW).view
     assert running is not None

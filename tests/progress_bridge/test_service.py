@@ -184,3 +184,26 @@ def test_an_answer_to_a_gate_not_announced_or_never_reached_is_refused() -> None
         asyncio.run(control.answer("r", "b", approved=True, comment="", announced=True))
     assert time.monotonic() - started >= 0.2  # it waited for the suspension, in vain
     assert flow_runs.calls == []
+
+
+def test_a_retry_of_a_run_its_stream_says_ended_waits_for_its_flow_run_to_end() -> None:
+    """The run says it failed, then its process rolls back and its flow run ends: a retry
+    in between (the live page's button, as the message arrives) is taken, not refused."""
+    control, flow_runs = service(FlowRun("r", "RUNNING", "Running"))
+
+    async def end_soon() -> None:
+        await asyncio.sleep(0.3)
+        flow_runs.runs["r"] = FlowRun("r", "FAILED", "Failed")
+
+    async def retry_early() -> None:
+        ending = asyncio.create_task(end_soon())
+        await control.retry("r", announced=True)
+        await ending
+
+    asyncio.run(retry_early())
+    assert flow_runs.calls == [("set_state", "r", "SCHEDULED", "retried by a person")]
+    control, flow_runs = service(FlowRun("r", "RUNNING", "Running"))
+    control.suspend_wait_s = 0.2
+    with pytest.raises(Conflict, match="run r is running: only a run that has ended"):
+        asyncio.run(control.retry("r", announced=True))  # it never ended: refused in the end
+    assert flow_runs.calls == []
