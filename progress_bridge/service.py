@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 
 from planrun.contract.control import CONTROL_LABEL, RETRY_LABEL, is_asking_of
 from planrun.errors import Conflict
@@ -80,7 +81,7 @@ class ControlService:
         ``suspend_wait_s``) instead of being refused."""
         found = await self.flow_runs.read(run_id)
         if announced and not found.final:
-            found = await self._ended(run_id)
+            found = await self._once(run_id, lambda run: run.final)
         check_retry(found)
         if not found.deployed:
             raise Conflict(f"run {run_id} ran in the process of `planrun run`: retry it "
@@ -97,28 +98,19 @@ class ControlService:
         ``suspend_wait_s``) instead of being refused (docs/approvals.md)."""
         found = await self.flow_runs.read(run_id)
         if announced and found.kind == "RUNNING":
-            found = await self._suspended(run_id, step_id)
+            found = await self._once(run_id, lambda run: run.kind != "RUNNING")  # suspended
         if not _asks(found, step_id):
             raise Conflict(f"run {run_id} is not waiting for an approval of {step_id} "
                            f"(it is {found.state})")
         await self.flow_runs.resume(run_id, {"approved": approved, "comment": comment})
 
-    async def _suspended(self, run_id: str, step_id: str) -> FlowRun:
-        """The flow run once it is suspended at ``step_id``'s gate, or as it is when it
-        stops running or the wait is over."""
+    async def _once(self, run_id: str, done: Callable[[FlowRun], bool]) -> FlowRun:
+        """The flow run once ``done`` says so of it, or as it is when the wait
+        (``suspend_wait_s``) is over."""
         deadline = time.monotonic() + self.suspend_wait_s
         while True:
             found = await self.flow_runs.read(run_id)
-            if found.kind != "RUNNING" or time.monotonic() >= deadline:
-                return found
-            await asyncio.sleep(0.1)
-
-    async def _ended(self, run_id: str) -> FlowRun:
-        """The flow run once it has ended, or as it is when the wait is over."""
-        deadline = time.monotonic() + self.suspend_wait_s
-        while True:
-            found = await self.flow_runs.read(run_id)
-            if found.final or time.monotonic() >= deadline:
+            if done(found) or time.monotonic() >= deadline:
                 return found
             await asyncio.sleep(0.1)
 
