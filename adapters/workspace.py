@@ -11,6 +11,10 @@ Runs may share a workspace, in one process or several. A change (``record``, the
 keeps what this run left at each path: a rollback puts a path back only while it is still
 exactly that, and otherwise leaves it (``left``), since another run changed it since and
 undoing that run's file is worse than keeping ours (docs/approvals.md, "Workspaces").
+
+A rollback keeps what the run had left at each path it put back (a hard link, or the fact
+that the path was absent or a directory), and ``redo`` puts that back when the run is
+retried, so the retry goes on from the files as the run left them (docs/retry.md).
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ __all__ = ["JOURNAL", "SAFE_PATH_PATTERN", "RelativePath", "Workspace", "atomic_
 
 WORKSPACE_ENV = "PLANRUN_WORKSPACE"
 JOURNAL = "journal.json"
+#: What the last rollback undid, for ``redo``: a directory inside the backup directory.
+REDO = "redo"
 #: How long a change or a rollback waits for another run's turn with the workspace.
 LOCK_WAIT_S = 30.0
 
@@ -98,6 +104,18 @@ RelativePath = Annotated[
     AfterValidator(_check_relative),
     Field(json_schema_extra={"pattern": SAFE_PATH_PATTERN}),
 ]
+
+
+@dataclass(frozen=True)
+class _Undone:
+    """What a rollback found at a path it put back (the run's version), and what it left
+    there (``restored``, a fingerprint): ``redo`` puts the run's version back only over
+    exactly that."""
+
+    kind: Literal["absent", "file", "dir"]
+    restored: str
+    backup: str | None = None  # file name inside the redo directory
+    mode: int | None = None
 
 
 @dataclass(frozen=True)
@@ -233,6 +251,7 @@ class Workspace:
         """
         with self.locked(), self._lock:
             restored, failed, self.left = [], [], []
+            undone: dict[str, _Undone] = {}
             # Deepest first: files a run created go before the directories it created.
             for rel in sorted(self._originals, key=lambda r: (-r.count("/"), r)):
                 original = self._originals[rel]
@@ -241,16 +260,52 @@ class Workspace:
                             and _fingerprint(self.real_root / rel) != original.written:
                         log.warning("rollback left %s: another run changed it since", rel)
                         self.left.append(rel)
-                    elif self._restore(rel, original):
+                        continue
+                    found = self._keep_for_redo(rel)
+                    if self._restore(rel, original):
                         restored.append(rel)
+                        if found is not None:
+                            undone[rel] = replace(found,
+                                                  restored=_fingerprint(self.real_root / rel))
+                    elif found is not None and found.backup:
+                        (self._redo_dir() / found.backup).unlink()
                 except OSError as exc:
                     log.warning("rollback of %s failed: %s", rel, exc)
                     failed.append(f"{rel} ({exc.strerror or exc})")
             if failed:
                 raise PlanrunError(f"rollback could not restore: {', '.join(failed)}; "
                                    f"the originals are kept in {self._backup_dir}")
+            if undone:  # else an earlier rollback's, not redone yet, stays
+                self._save_redo(undone)
             self._discard()
         return sorted(restored)
+
+    def redo(self) -> list[str]:
+        """Put back what the last rollback undid (the run is retried: it goes on from the
+        files as it left them), at each path that is still exactly as the rollback left it;
+        the others are listed in ``left``. Their originals are recorded again, so a later
+        rollback undoes them once more. The paths put back, sorted."""
+        undone = self._load_redo()
+        if not undone:
+            return []
+        with self.locked(), self._lock:
+            redone, self.left = [], []
+            # Shallowest first: directories the run made before the files in them.
+            for rel in sorted(undone, key=lambda r: (r.count("/"), r)):
+                entry, target = undone[rel], self.real_root / rel
+                if _fingerprint(target) != entry.restored:
+                    log.warning("retry left %s as it is: changed since the rollback", rel)
+                    self.left.append(rel)
+                    continue
+                if rel not in self._originals:
+                    self._originals[rel] = self._snapshot(target)
+                self._put_back(target, entry)
+                self._originals[rel] = replace(self._originals[rel],
+                                               written=_fingerprint(target))
+                redone.append(rel)
+            self._save_journal()
+            shutil.rmtree(self._redo_dir(), ignore_errors=True)
+        return sorted(redone)
 
     def left_note(self) -> str | None:
         """What the last rollback left, for the run's report; None if nothing."""
@@ -301,6 +356,58 @@ class Workspace:
             target.rmdir()  # fails (and is reported) if the run filled it
         atomic_copy(backup, target, mode=original.mode)
         return True
+
+    def _keep_for_redo(self, rel: str) -> _Undone | None:
+        """What the run left at ``rel``, kept for ``redo``: a file as a hard link (the
+        rollback replaces the path, so the link keeps the run's bytes). None for what is
+        neither a regular file nor a directory (a symbolic link is not followed, ever)."""
+        path = self.real_root / rel
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return _Undone("absent", "")
+        if stat.S_ISDIR(st.st_mode):
+            return _Undone("dir", "")
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        name = f"{secrets.token_hex(8)}.run"
+        try:
+            os.link(path, self._redo_dir() / name, follow_symlinks=False)
+        except OSError:  # another file system, or no hard links there
+            shutil.copyfile(path, self._redo_dir() / name, follow_symlinks=False)
+        return _Undone("file", "", name, stat.S_IMODE(st.st_mode))
+
+    def _put_back(self, target: Path, entry: _Undone) -> None:
+        if entry.kind == "absent":
+            _remove(target)
+        elif entry.kind == "dir":
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            assert entry.backup is not None
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_copy(self._redo_dir() / entry.backup, target, mode=entry.mode)
+
+    def _redo_dir(self) -> Path:
+        path = self._backups() / REDO
+        path.mkdir(exist_ok=True)
+        return path
+
+    def _save_redo(self, undone: dict[str, _Undone]) -> None:
+        data = {"root": str(self.real_root), "entries": {r: asdict(u) for r, u in undone.items()}}
+        atomic_write(self._redo_dir() / JOURNAL, json.dumps(data, indent=1).encode())
+
+    def _load_redo(self) -> dict[str, _Undone]:
+        if self._backup_dir is None:
+            return {}
+        try:
+            data = json.loads((self._backup_dir / REDO / JOURNAL).read_bytes())
+        except FileNotFoundError:
+            return {}
+        if data.get("root") != str(self.real_root):
+            raise PlanrunError(f"the run's files were rolled back in the workspace "
+                               f"{data.get('root')}, not {self.real_root}: retry it with "
+                               "that workspace (--workspace, or PLANRUN_WORKSPACE)")
+        return {rel: _Undone(**u) for rel, u in data["entries"].items()}
 
     def _backups(self) -> Path:
         if self._backup_dir is None:

@@ -14,6 +14,15 @@ before the step's finish is announced, so nothing announced as finished is run a
 A checkpoint that was written but cannot be read back (a storage error, or data that does
 not validate) stops the run (``CheckpointUnreadable``) instead of running its step again.
 
+A run that had ended and whose flow body starts again under a new retry request (the
+``planrun.retry`` label that ``planrun retry`` and the bridge's ``/retry`` set before they
+schedule the flow run again; docs/retry.md) is retried: it restores its completed steps,
+and runs the failed, skipped and cancelled ones again. A start after the end without a new
+request (a recovery of a run that crashed just after it ended) restores every step and
+ends as it had. Each checkpoint names the retry that kept it, so a step that failed before a
+retry is not restored after it (when the retry is resumed or recovered), while one that
+failed in it is.
+
 The nonce of each approval gate's latest asking is kept here too
 (``planrun-gate-<run id>-<step id>``): a place no step can write (docs/approvals.md).
 """
@@ -24,9 +33,11 @@ import asyncio
 import inspect
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from planrun.contract.checkpoint import GateCheckpoint, RunCheckpoint, StepCheckpoint
+from planrun.contract.status import StepStatus
 from planrun.errors import CheckpointUnreadable, PlanrunError
 from planrun.redact import Redactor
 from planrun.report import StepRecord
@@ -48,12 +59,6 @@ def to_data(record: StepRecord) -> dict[str, Any]:
     return record.to_checkpoint().model_dump(mode="json")
 
 
-def restore(record: StepRecord, data: dict[str, Any]) -> None:
-    """Put a checkpoint back on ``record``; :class:`~planrun.errors.ContractError` when
-    ``data`` is not a checkpoint this planrun reads (another version, a missing field)."""
-    record.restore(StepCheckpoint.read(data))
-
-
 class Checkpoints:
     """The checkpoints of one run, as JSON files in Prefect's default result storage."""
 
@@ -61,23 +66,48 @@ class Checkpoints:
         self.run_id = run_id
         self.redactor = redactor or Redactor()  # the run's secrets never reach storage
         self._storage: Any = None
+        self._run = RunCheckpoint(segment=0)
+        #: This start of the flow body is the first of a retry (the run had ended).
+        self.retrying = False
 
-    async def begin(self) -> int:
+    @property
+    def retry(self) -> int:
+        """How many times the run has been retried (0: never)."""
+        return self._run.retry
+
+    async def begin(self, retry_request: Callable[[], Awaitable[str | None]]) -> int:
         """Count this start of the run's flow body (1 on the first): the run's own
-        checkpoint keeps the count, as Prefect's ``run_count`` stays 1 across a resume."""
-        name = f"planrun-{self.run_id}"
-        found = await self._read(name)
-        segment = RunCheckpoint.read(found).segment + 1 if found else 1
-        await self._write(name, RunCheckpoint(segment=segment).model_dump(mode="json"))
-        return segment
+        checkpoint keeps the count, as Prefect's ``run_count`` stays 1 across a resume.
+        A start after the run had ended, under a retry request (``retry_request()``, asked
+        only then) it has not taken yet, begins a retry (``retrying``)."""
+        found = await self._read(self._name)
+        last = RunCheckpoint.read(found) if found else RunCheckpoint(segment=0)
+        request = await retry_request() if last.ended else None
+        self.retrying = request is not None and request != last.request
+        self._run = RunCheckpoint(segment=last.segment + 1, ended=last.ended and not self.retrying,
+                                  retry=last.retry + self.retrying,
+                                  request=request if self.retrying else last.request)
+        await self._write(self._name, self._run.model_dump(mode="json"))
+        return self._run.segment
+
+    async def end(self) -> None:
+        """Keep that the run has ended: a later start of its flow body is a retry."""
+        self._run = self._run.model_copy(update={"ended": True})
+        await self._write(self._name, self._run.model_dump(mode="json"))
+
+    @property
+    def _name(self) -> str:
+        return f"planrun-{self.run_id}"
 
     async def save(self, record: StepRecord) -> None:
         """Keep ``record`` if it is a finished state worth keeping."""
         if record.status.kept:  # a cancelled step ran only partly: it runs again
-            await self._write(key(self.run_id, record.id), self.redactor.mask(to_data(record)))
+            data = to_data(record) | {"retry": self.retry}
+            await self._write(key(self.run_id, record.id), self.redactor.mask(data))
 
     async def load(self, records: dict[str, StepRecord]) -> list[str]:
-        """Restore every step of ``records`` that has a checkpoint; the ids restored.
+        """Restore every step of ``records`` that has a checkpoint (after a retry: every
+        completed step, and the others only if this retry kept them); the ids restored.
 
         A checkpoint never written is not an error. One that exists but cannot be read or
         does not validate raises ``CheckpointUnreadable`` naming its step: the step may
@@ -88,7 +118,10 @@ class Checkpoints:
                 found = await self._read(key(self.run_id, step_id))
                 if found is None:
                     return None
-                restore(records[step_id], found)
+                kept = StepCheckpoint.read(found)
+                if kept.status != StepStatus.COMPLETED and kept.retry < self.retry:
+                    return None  # it finished without success before a retry: it runs again
+                records[step_id].restore(kept)
             except CheckpointUnreadable as exc:
                 raise CheckpointUnreadable(exc.reason, step_id) from exc
             except (PlanrunError, LookupError, TypeError, ValueError) as exc:

@@ -39,6 +39,7 @@ from planrun.contract.control import (  # the names the bridge shares (docs/appr
     APPROVE,
     CONTROL_LABEL,
     REJECT,
+    RETRY_LABEL,
     answer_form,
     asking_key,
     is_asking_of,
@@ -195,11 +196,19 @@ class RunControl:
 
     async def cancel_requested(self) -> bool:
         """Whether the run was asked to end cancelled while it was paused."""
+        return await self._label(CONTROL_LABEL) == "cancel"
+
+    async def retry_request(self) -> str | None:
+        """The request to retry the run (the ``planrun.retry`` label), if one was made."""
+        return await self._label(RETRY_LABEL)
+
+    async def _label(self, name: str) -> str | None:
         from prefect.client.orchestration import get_client
 
         async with get_client() as client:
             flow_run = await client.read_flow_run(self.run_id)
-        return dict(flow_run.labels or {}).get(CONTROL_LABEL) == "cancel"
+        value = dict(flow_run.labels or {}).get(name)
+        return str(value) if value is not None else None
 
     async def watch(self) -> None:
         """Poll the flow run's state until cancelled (by the engine, when the run ends)."""

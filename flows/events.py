@@ -12,7 +12,7 @@ Prefect's events: automations, the Prefect UI's event feed) sees the run as plan
 - ``planrun.step.waiting``: a pending step waits for a limit, for a new reason
   (docs/limits.md); its next status event is sent whatever it is;
 - ``planrun.run.paused`` / ``planrun.run.resumed``: the run was suspended, and goes on in
-  a new process (after a pause or a crash);
+  a new process (after a pause or a crash, or when a run that ended is retried);
 - ``planrun.run.<status>``: the run ended (``completed``, ``completed_with_errors``,
   ``failed``, ``cancelled``).
 
@@ -91,10 +91,11 @@ class RunEvents:
                             critical=s.critical, estimate_s=s.estimate_s)
                    for s in run.steps.values()]))
 
-    def resumed(self, restored: list[str]) -> None:
-        """The run goes on in a new process (after a pause or a crash); ``restored`` are
-        the steps that had finished and will not run again."""
-        self._emit(RUN_RESUMED, RunResumed(**self._head(), restored=restored,
+    def resumed(self, restored: list[str], retry: int | None = None) -> None:
+        """The run goes on in a new process (after a pause or a crash, or, with ``retry``
+        its number, after it had ended); ``restored`` are the steps that had finished and
+        will not run again."""
+        self._emit(RUN_RESUMED, RunResumed(**self._head(), restored=restored, retry=retry,
                                            progress=self.run.progress()))
 
     def paused(self, reason: str, timeout_s: float | None = None,

@@ -45,8 +45,10 @@ class MemoryEvents:
     def started(self) -> None:
         self.events.append(("run.started", None))
 
-    def resumed(self, restored: list[str]) -> None:
+    def resumed(self, restored: list[str], retry: int | None = None) -> None:
         self.events.append(("run.resumed", list(restored)))
+        if retry is not None:
+            self.events.append(("run.retry", retry))
 
     def changed(self, step: StepRecord) -> None:
         self.events.append((f"step.{step.status}", step.id))
@@ -121,6 +123,8 @@ class MemoryControl:
     cancelled_while_suspended: bool = False
     #: Gates wait in the run's process (``planrun run`` on a terminal): ``ask`` returns.
     waits_here: bool = False
+    #: The current retry request (a new value: retry the run once it has ended).
+    retry: str | None = None
     asked: list[str] = field(default_factory=list)
     suspended: list[str] = field(default_factory=list)
     scheduler: Scheduler | None = None
@@ -154,6 +158,9 @@ class MemoryControl:
     async def cancel_requested(self) -> bool:
         return self.cancelled_while_suspended
 
+    async def retry_request(self) -> str | None:
+        return self.retry
+
     async def decision(self, step_id: str) -> tuple[bool, str] | None:
         return self.answers.get(step_id) if step_id in self.asked else None
 
@@ -182,6 +189,10 @@ class MemoryWorkspace:
     def rollback(self) -> list[str]:
         self.rolled_back, self.changed = list(self.changed), []
         return self.rolled_back
+
+    def redo(self) -> list[str]:
+        self.changed, self.rolled_back = list(self.rolled_back), []
+        return self.changed
 
     def left_note(self) -> str | None:
         return None

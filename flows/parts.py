@@ -7,7 +7,7 @@ a plan in milliseconds without a Prefect server.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 from uuid import UUID
@@ -25,7 +25,7 @@ class EventSink(Protocol):
 
     def started(self) -> None: ...
 
-    def resumed(self, restored: list[str]) -> None: ...
+    def resumed(self, restored: list[str], retry: int | None = None) -> None: ...
 
     def changed(self, step: StepRecord) -> None: ...
 
@@ -57,8 +57,21 @@ class CheckpointStore(Protocol):
     """Finished steps kept for a later process of the same run
     (``flows.checkpoints.Checkpoints``)."""
 
-    async def begin(self) -> int:
-        """Count this start of the run (1 on the first)."""
+    #: This start of the run is the first of a retry: the run had ended.
+    retrying: bool
+
+    @property
+    def retry(self) -> int:
+        """How many times the run has been retried (0: never)."""
+        ...
+
+    async def begin(self, retry_request: Callable[[], Awaitable[str | None]]) -> int:
+        """Count this start of the run (1 on the first); after the run's end, a start under
+        a new ``retry_request()`` is a retry."""
+        ...
+
+    async def end(self) -> None:
+        """Keep that the run has ended (a later start is a retry)."""
         ...
 
     async def save(self, record: StepRecord) -> None: ...
@@ -85,6 +98,10 @@ class ControlSource(Protocol):
 
     async def cancel_requested(self) -> bool:
         """Whether the run was cancelled while it was suspended."""
+        ...
+
+    async def retry_request(self) -> str | None:
+        """The request to retry the run, if one was made (docs/retry.md)."""
         ...
 
     async def decision(self, step_id: str) -> tuple[bool, str] | None:
@@ -126,6 +143,10 @@ class RunWorkspace(Protocol):
     def commit(self) -> None: ...
 
     def rollback(self) -> list[str]: ...
+
+    def redo(self) -> list[str]:
+        """Undo the last rollback where nothing changed the paths since (a retry)."""
+        ...
 
     def left_note(self) -> str | None: ...
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Coroutine, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
@@ -19,7 +19,7 @@ from prefect.exceptions import Pause
 
 from planrun.adapters.usage import RunWrites
 from planrun.contract.status import RunStatus, StepStatus
-from planrun.errors import CheckpointUnreadable
+from planrun.errors import CheckpointUnreadable, PlanrunError
 from planrun.flows.control import TIMED_OUT
 from planrun.flows.graph import RunGraph, StepNode
 from planrun.flows.health import unhealthy_tools
@@ -59,8 +59,9 @@ class RunSession:
         self.run.flow_run_url = flow_run_url
         #: The report, once the run has ended.
         self.report: dict[str, Any] | None = None
-        #: Why the run stopped before it began: a checkpoint it could not read.
-        self.unreadable: CheckpointUnreadable | None = None
+        #: Why the run stopped before it began: a checkpoint it could not read, or a retry
+        #: whose files cannot be put back.
+        self.unreadable: PlanrunError | None = None
         self.segment = 1
         self.events: EventSink | None = None
         self.artifacts = parts.artifacts(self.run)
@@ -95,10 +96,12 @@ class RunSession:
 
         When the run starts again (a resumed pause, an answered gate, a recovered crash),
         the steps that had finished are restored from their checkpoints and not run again;
-        a checkpoint that cannot be read stops the run instead. A pause or a gate that takes
-        effect raises Prefect's ``Pause``: the run is suspended, and this process should end;
-        a gate the control source ``waits_here`` for is answered in this process, and the
-        run goes on here.
+        a checkpoint that cannot be read stops the run instead. When a run that had ended
+        starts again, it is a retry: only its completed steps are restored, and the files
+        its end rolled back are put back as it left them (docs/retry.md). A pause or a gate
+        that takes effect raises Prefect's ``Pause``: the run is suspended, and this process
+        should end; a gate the control source ``waits_here`` for is answered in this
+        process, and the run goes on here.
         """
         restored = await self._begin()
         await self._check_tools()
@@ -129,12 +132,18 @@ class RunSession:
         """Count this start and restore what finished before; the steps restored."""
         checkpoints = self.parts.checkpoints
         try:
-            self.segment = await checkpoints.begin()
+            self.segment = await checkpoints.begin(self.parts.control.retry_request)
             restored = await checkpoints.load(self.run.steps) if self.segment > 1 else []
         except CheckpointUnreadable as exc:
             self.unreadable = exc
             self.scheduler.stop(str(exc))  # nothing starts: each step is skipped
             restored = []
+        if checkpoints.retrying and self.unreadable is None:
+            try:
+                self.parts.workspace.redo()
+            except PlanrunError as exc:  # the run's files are in another workspace
+                self.unreadable = exc
+                self.scheduler.stop(f"cannot retry: {exc}")
         self.events = self.parts.events(self.run, self.segment)
         kept = (self.run.steps[step_id].resources for step_id in restored)
         self.writes.written = sum(used.written_bytes for used in kept if used is not None)
@@ -160,7 +169,8 @@ class RunSession:
             self.scheduler.stop("cancelled while paused", cancelled=True)
         self.artifacts.start()
         if self.segment > 1:
-            self.events.resumed(restored)
+            self.events.resumed(restored, self.parts.checkpoints.retry if
+                                self.parts.checkpoints.retrying else None)
         else:
             self.events.started()
         self._notify(None)
@@ -179,6 +189,7 @@ class RunSession:
             workspace.commit()
         run.ended_at = time.time()
         await self.secrets.forget_stored()  # before anyone hears that the run has ended
+        await self.parts.checkpoints.end()
         self._notify(None)
         if self.events is not None:
             self.events.ended()
@@ -241,7 +252,7 @@ class RunSession:
         finally:
             record.note = None  # it waits no longer (also when cancelled while it waited)
         record.ended_at = time.time()
-        await self.parts.checkpoints.save(record)  # before the finish is announced
+        await _uncancelled(self.parts.checkpoints.save(record))  # before it is announced
         self._notify(record)
 
     async def _skip(self, step: Step) -> None:
@@ -311,6 +322,19 @@ class RunSession:
                        notify=self._notify, fallback=node.fallback,
                        redactor=self.run.redactor, writes=self.writes, limits=self.parts.limits,
                        run_limits=self.graph.limits.tools, on_wait=self._waiting)
+
+
+async def _uncancelled(write: Coroutine[Any, Any, None]) -> None:
+    """Finish ``write`` even when this task is cancelled meanwhile (a critical failure
+    elsewhere stops the run): a checkpoint cut short by a cancel would leave a completed
+    step with no checkpoint, or an empty one, and it would run again. The cancel goes on
+    once the write is done."""
+    writing = asyncio.ensure_future(write)
+    try:
+        await asyncio.shield(writing)
+    except asyncio.CancelledError:
+        await writing
+        raise
 
 
 class Sessions:

@@ -46,6 +46,14 @@ def _parser() -> argparse.ArgumentParser:
                         "or $PLANRUN_WORKSPACE)")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("retry", help="run an ended run's failed, skipped and cancelled steps "
+                       "again, keeping its completed ones (exit code as `run`)")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--json", action="store_true", help="print the run report on stdout")
+    p.add_argument("--workspace", metavar="DIR",
+                   help="a run of `planrun run`: the workspace it ran in, if not the default")
+    p.set_defaults(func=cmd_retry)
+
     p = sub.add_parser("up", help="start the local stack: Prefect server, runner, bridge")
     p.add_argument("--host", default="127.0.0.1", help="the bridge's address (127.0.0.1)")
     p.add_argument("--port", type=int, default=None,
@@ -166,6 +174,58 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         print(f"run {report['run_id']} {report['status']}")
     return RunStatus(report["status"]).exit_code
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """A run of the stack is retried by its runner (through the bridge) and followed here;
+    a run of ``planrun run`` is retried in this process, as ``run`` runs it."""
+    from planrun import client
+    from planrun.console import LineDisplay, LiveDisplay
+    from planrun.contract.status import RunStatus
+    from planrun.progress_bridge.flow_runs import PrefectFlowRuns
+    from planrun.runner import prepare_prefect, retry_plan
+
+    if args.workspace:
+        os.environ["PLANRUN_WORKSPACE"] = os.path.abspath(args.workspace)
+    prepare_prefect()
+    found = asyncio.run(PrefectFlowRuns().read(args.run))
+    display: Any = LiveDisplay() if sys.stderr.isatty() else (
+        None if args.json else LineDisplay())
+    if found.deployed:
+        answer = client.control(args.run, "retry")
+        report = client.status(args.run)
+        display = display or _Quiet()
+        display.waiting = f"retrying run {args.run}: {', '.join(answer['retry'])}…"
+        with display:
+            asyncio.run(client.watch(args.run, display, plan=report["plan"],
+                                     after_end=answer["after"]))
+        report = client.status(args.run)
+    elif display is not None:
+        display.waiting = f"retrying run {args.run}…"
+        with display:
+            report = asyncio.run(retry_plan(args.run, display))
+    else:
+        report = asyncio.run(retry_plan(args.run))
+    if args.json:
+        print(json.dumps(strict_json(report), indent=2, default=str, allow_nan=False))
+    else:
+        print(f"run {report['run_id']} {report['status']}")
+    return RunStatus(report["status"]).exit_code
+
+
+class _Quiet:
+    """A display that shows nothing (``--json``)."""
+
+    waiting = ""
+
+    def __enter__(self) -> _Quiet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def changed(self, run: Any, step: Any) -> None:
+        pass
 
 
 def _terminal_asker(display: Any) -> Any:

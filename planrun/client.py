@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -134,7 +135,8 @@ def _bytes(n: float) -> str:
 
 
 def estimate_text(estimate: Estimate | None, ended: bool) -> str:
-    """"about 12s left (9s–18s)", or how much earlier than first estimated a run ended."""
+    """"about 12s left (9s–18s)", or how much earlier than first estimated a run ended;
+    while the run waits for a person, since when (local time) and the work left after."""
     if estimate is None:
         return ""
     early = estimate.early_by_s
@@ -142,15 +144,20 @@ def estimate_text(estimate: Estimate | None, ended: bool) -> str:
         return f"finished {format_duration(early)} earlier than first estimated" if early else ""
     text = (f"about {format_duration(estimate.remaining_s)} left "
             f"({format_duration(estimate.low_s)}–{format_duration(estimate.high_s)})")
+    since = epoch(estimate.waiting_since)
+    if since is not None:
+        return f"waiting since {time.strftime('%H:%M:%S', time.localtime(since))}; then {text}"
     return text + (f", {format_duration(early)} ahead of the first estimate" if early else "")
 
 
 class RemoteRun:
-    """A run record rebuilt from the bridge's messages, for the terminal displays."""
+    """A run record rebuilt from the bridge's messages, for the terminal displays. An end
+    at or before seq ``after_end`` is not the end (a retry goes on after it)."""
 
-    def __init__(self, run_id: str, plan: str = "") -> None:
+    def __init__(self, run_id: str, plan: str = "", after_end: int = 0) -> None:
         self.record = RunRecord(run_id=run_id, plan=plan, steps={})
         self.last_seq = 0
+        self.after_end = after_end
         self.estimate: Estimate | None = None
 
     def apply_frame(self, frame: str | bytes) -> StepRecord | None:
@@ -190,7 +197,7 @@ class RemoteRun:
 
     @property
     def ended(self) -> bool:
-        return self.record.status.ended
+        return self.record.status.ended and self.last_seq > self.after_end
 
 
 def _apply_to_step(step: StepRecord, message: Message, status: StepStatus,
@@ -216,13 +223,15 @@ def _apply_to_step(step: StepRecord, message: Message, status: StepStatus,
 
 async def watch(run_id: str, observer: RunObserver, *, plan: str = "",
                 give_up_s: float = 30.0,
-                on_start: Callable[[RemoteRun], object] | None = None) -> RunRecord:
-    """Follow the run over the bridge's WebSocket until it ends, telling ``observer`` of
-    every change; reconnects with ``after`` (nothing missed, nothing twice)."""
+                on_start: Callable[[RemoteRun], object] | None = None,
+                after_end: int = 0) -> RunRecord:
+    """Follow the run over the bridge's WebSocket until it ends (past seq ``after_end``:
+    a retried run's earlier end is not its end), telling ``observer`` of every change;
+    reconnects with ``after`` (nothing missed, nothing twice)."""
     from websockets.asyncio.client import connect
     from websockets.exceptions import InvalidStatus, WebSocketException
 
-    remote = RemoteRun(run_id, plan)
+    remote = RemoteRun(run_id, plan, after_end)
     if on_start is not None:
         on_start(remote)
     base = bridge_url().replace("http", "ws", 1)

@@ -67,3 +67,46 @@ async def run_plan(plan: dict[str, Any], inputs: dict[str, Any],
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+async def retry_plan(run_id: str, observer: RunObserver | None = None) -> dict[str, Any]:
+    """Retry an ended run of ``planrun run`` in this process, as the same flow run: its
+    completed steps keep their outputs, the others run again (docs/retry.md); its report.
+    ``Conflict`` when it cannot be retried; a run of the deployment is the runner's."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.flow_engine import run_flow_async
+    from prefect.states import Scheduled
+
+    from planrun.contract.control import RETRY_LABEL
+    from planrun.errors import Conflict
+    from planrun.flows.plan_flow import RunHost
+    from planrun.progress_bridge.flow_runs import PrefectFlowRuns
+    from planrun.progress_bridge.service import check_retry, retry_request
+
+    found = await PrefectFlowRuns().read(run_id)
+    check_retry(found)
+    if found.deployed:
+        raise Conflict(f"run {run_id} is a run of the stack: its runner retries it")
+    host = RunHost(observers=[observer] if observer is not None else [])
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, host.sessions.cancel_all)
+    try:
+        async with get_client() as client:
+            await client.update_flow_run_labels(UUID(run_id), {RETRY_LABEL: retry_request()})
+            await client.set_flow_run_state(UUID(run_id), Scheduled(message="retried by a person"),
+                                            force=True)
+            flow_run = await client.read_flow_run(UUID(run_id))
+        with trusted_as(Trust.LOCAL):
+            state = await run_flow_async(host.flow(), flow_run=flow_run,
+                                         parameters=flow_run.parameters, return_type="state")
+        report = host.reports.pop(run_id, None)
+        if report is None:
+            message = getattr(state, "message", None)
+            raise PlanrunError(f"the retry of run {run_id} ended without a report: {message}")
+        return report
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

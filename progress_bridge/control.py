@@ -1,5 +1,5 @@
 """``POST /v1/runs`` (submit a plan), ``GET /v1/runs/{id}`` (its report, progress and
-estimate), and ``POST /v1/runs/{id}/pause|resume|cancel``.
+estimate), and ``POST /v1/runs/{id}/pause|resume|cancel|retry``.
 
 Control requests go to the bridge's control service (``progress_bridge.service``), which
 makes them states of the run's Prefect flow run, so they work the same from here, from the
@@ -21,7 +21,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
-from planrun.contract.status import RunStatus
+from planrun.contract.status import RunStatus, StepStatus
 from planrun.errors import Conflict, NotFound, PlanInvalid, PolicyInvalid, UsageError
 from planrun.inputs import resolve_inputs
 from planrun.loader import Source
@@ -159,6 +159,28 @@ async def cancel(run_id: str, request: Request) -> Accepted:
     async with _answered():
         await state_of(request).control.cancel(run_id)
     return Accepted(run_id=run_id, status="cancelling")
+
+
+class Retrying(Accepted):
+    retry: list[str] = Field(description="the steps that will run again, as the bridge "
+                             "last saw the run (its failed, skipped and cancelled steps)")
+    after: int = Field(description="the seq of the run's last message before the retry: "
+                       "follow the retry with `?after=` this")
+
+
+@router.post("/{run_id}/retry", status_code=202, response_model=Retrying, responses=CONFLICTS)
+async def retry(run_id: str, request: Request) -> Retrying:
+    """Run an ended run again from where it went wrong: its failed, skipped and cancelled
+    steps run again; its completed steps keep their outputs and do not (docs/retry.md)."""
+    state = state_of(request)
+    ended = state.views.get(run_id)
+    async with _answered():  # the stream says it ended: its flow run ends in a moment
+        await state.control.retry(run_id, announced=ended is not None and ended.ended)
+    view = state.views.get(run_id)
+    again = [sid for sid, step in view.record.steps.items()
+             if step.status != StepStatus.COMPLETED] if view is not None else []
+    return Retrying(run_id=run_id, status="retrying", retry=again,
+                    after=state.store.last_seq(run_id))
 
 
 class Decision(BaseModel):

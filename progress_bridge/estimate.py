@@ -18,6 +18,11 @@ draw replays the steps in the start order of that schedule, a step starting once
 each step's from its own place in it, so the same inputs give the same answer.
 ``early_by_s`` compares the projected end with the same schedule made for the whole plan
 at the run's start.
+
+While the run waits for a person (paused, or at an approval gate) nothing runs and no one
+knows when it will go on: the estimate is the work left once it does, as if it went on
+now (a step at its gate has not started its work), with ``waiting_since`` set and no
+``finish_at`` or ``early_by_s``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from heapq import heappop, heappush, heapreplace
 from statistics import NormalDist
 
 from planrun.contract.estimate import Estimate
+from planrun.contract.status import StepStatus
 from planrun.contract.times import iso
 from planrun.graph import remaining_paths
 from planrun.report import RunRecord, StepRecord
@@ -91,9 +97,10 @@ def durations_from(history: Mapping[str, Sequence[float]]) -> dict[str, StepDura
 
 
 def estimate(run: RunRecord, max_parallel: int, durations: Mapping[str, StepDurations],
-             now: float) -> Estimate:
+             now: float, waiting_since: float | None = None) -> Estimate:
     """The estimate of the time left in ``run`` at ``now`` (epoch seconds); see the module
-    docstring for the method. Steps missing from ``durations`` use their first estimate."""
+    docstring for the method. Steps missing from ``durations`` use their first estimate.
+    ``waiting_since``: when the run, if it waits for a person, began to (default ``now``)."""
     dists = {sid: durations.get(sid, StepDurations()).lognormal(step.estimate_s)
              for sid, step in run.steps.items()}
     max_parallel = max(1, max_parallel)
@@ -107,10 +114,14 @@ def estimate(run: RunRecord, max_parallel: int, durations: Mapping[str, StepDura
     draws = sorted(_draws(plan, dists))
     low = min(draws[int(0.1 * len(draws))], plan.makespan)
     high = max(draws[int(0.9 * len(draws)) - 1], plan.makespan)
+    left = Estimate(remaining_s=round(plan.makespan, 3), low_s=round(low, 3),
+                    high_s=round(high, 3))
+    if run.status.waiting:
+        since = now if waiting_since is None else waiting_since
+        return left.model_copy(update={"waiting_since": _iso(since)})
     finish = now + plan.makespan
-    return Estimate(remaining_s=round(plan.makespan, 3), low_s=round(low, 3),
-                    high_s=round(high, 3), finish_at=_iso(finish),
-                    early_by_s=_early(first_finish - finish, first_s))
+    return left.model_copy(update={"finish_at": _iso(finish),
+                                   "early_by_s": _early(first_finish - finish, first_s)})
 
 
 @dataclass
@@ -269,7 +280,10 @@ def _expected(mu: float, sigma: float, elapsed: float | None) -> float:
 
 
 def _elapsed(step: StepRecord, now: float) -> float:
-    return max(0.0, now - step.started_at) if step.started_at is not None else 0.0
+    """How long the step has worked: a step at its approval gate has not begun."""
+    if step.started_at is None or step.status == StepStatus.AWAITING_APPROVAL:
+        return 0.0
+    return max(0.0, now - step.started_at)
 
 
 def _early(by: float, first_s: float) -> float | None:

@@ -11,6 +11,7 @@ from uuid import UUID
 
 from planrun.contract.control import RUN_TAG
 from planrun.errors import NotFound
+from planrun.secrets import reference_of
 
 #: The states the bridge sets: Paused, Scheduled (start again), Cancelled, Cancelling,
 #: Crashed.
@@ -28,6 +29,10 @@ class FlowRun:
     name: str | None = None
     waits_for_input: bool = False
     pause_key: str | None = None
+    #: Run by the deployment's runner (submitted); else by ``planrun run`` in its process.
+    deployed: bool = True
+    #: It had secret inputs (held or stored for it only until it ended).
+    secret_inputs: bool = False
 
     @property
     def final(self) -> bool:
@@ -73,12 +78,17 @@ class PrefectFlowRuns:
         if RUN_TAG not in (found.tags or []):
             raise NotFound(f"flow run {run_id} is not a planrun run")
         state = found.state
+        deployed = found.deployment_id is not None
+        inputs = (found.parameters or {}).get("inputs")
+        secret_inputs = isinstance(inputs, dict) and any(
+            reference_of(value) is not None for value in inputs.values())
         if state is None:
-            return FlowRun(run_id, "SCHEDULED")
+            return FlowRun(run_id, "SCHEDULED", deployed=deployed, secret_inputs=secret_inputs)
         details = state.state_details
         return FlowRun(run_id, state.type.value, state.name,
                        waits_for_input=bool(details.run_input_keyset),
-                       pause_key=details.pause_key)
+                       pause_key=details.pause_key, deployed=deployed,
+                       secret_inputs=secret_inputs)
 
     async def set_state(self, run_id: str, target: Target, message: str) -> None:
         from prefect import states

@@ -102,8 +102,10 @@ class SavedView(Versioned):
     rolled_back: list[str] = []
     max_parallel: int = 16
     recoveries: int = 0
+    retries: int = 0
     gate: Gate | None = None
     pause_deadline: PauseDeadline | None = None
+    waiting_since: float | None = None
     step_n: dict[str, int] = {}
     summaries: dict[str, str | None] = {}
     waiting: dict[str, str] = {}
@@ -125,12 +127,16 @@ class RunView:
     estimate_stale: bool = False
     #: How many times the bridge has scheduled this run again after a crash.
     recoveries: int = 0
+    #: The run's retries the bridge has seen begin (``run.resumed`` with ``retry``).
+    retries: int = 0
     gate: Gate | None = None
     pause_deadline: PauseDeadline | None = None
     #: What each waiting step waits for (``slot``, ``rate``, ``load``: /metrics counts them).
     waiting: dict[str, str] = field(default_factory=dict)
     #: The latest change of each breaker the run was told of (its ``order``).
     told: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: When the run began to wait for a person (paused, or at a gate; epoch s).
+    waiting_since: float | None = None
 
     @property
     def ended(self) -> bool:
@@ -231,6 +237,7 @@ class RunView:
         record.status, record.reason = p.status, p.reason
         record.ended_at = epoch(p.ended_at) or now
         record.rolled_back = list(p.rolled_back)
+        self.waiting_since = None
         return [self._draft(MessageType(f"run.{record.status}"), now,
                             status=str(record.status), summary=record.reason)]
 
@@ -241,6 +248,7 @@ class RunView:
         self.record.status, self.record.reason = RunStatus.PAUSED, p.reason
         self.pause_deadline = (PauseDeadline(deadline=now + p.timeout_s, action=p.on_timeout)
                                if p.timeout_s else None)
+        self.waiting_since = now
         return [self._draft(MessageType.RUN_PAUSED, now, status=str(RunStatus.PAUSED),
                             summary=p.reason)]
 
@@ -252,18 +260,41 @@ class RunView:
                          deadline=now + p.timeout_s if p.timeout_s else None)
         self.record.status = RunStatus.AWAITING_APPROVAL
         self.record.reason = f"awaiting approval of {p.step_id}"
+        self.waiting_since = now
         return [self._draft(MessageType.RUN_AWAITING_APPROVAL, now,
                             status=str(RunStatus.AWAITING_APPROVAL), step_id=p.step_id,
                             summary=p.prompt)]
 
     def on_resumed(self, p: RunResumed, now: float) -> list[Draft]:
-        """Apply ``planrun.run.resumed``: the run goes on in a new process."""
-        if self.ended:
+        """Apply ``planrun.run.resumed``: the run goes on in a new process. With ``retry``
+        (one not seen before), a run that had ended goes on: its steps not restored are
+        pending again (docs/retry.md)."""
+        retried = p.retry is not None and p.retry > self.retries
+        if self.ended and not retried:
             return []
+        summary = f"{len(p.restored)} finished step(s) kept"
+        if retried:
+            assert p.retry is not None
+            again = self._retry(p.retry, set(p.restored))
+            summary = f"retry {p.retry}: {again} step(s) run again, {summary}"
         self.record.status, self.record.reason, self.gate = RunStatus.RUNNING, None, None
-        self.pause_deadline = None
+        self.pause_deadline = self.waiting_since = None
         return [self._draft(MessageType.RUN_RESUMED, now, status=str(RunStatus.RUNNING),
-                            summary=f"{len(p.restored)} finished step(s) kept")]
+                            summary=summary)]
+
+    def _retry(self, number: int, restored: set[str]) -> int:
+        """Begin retry ``number``: every step not ``restored`` is pending again; how many."""
+        record = self.record
+        record.ended_at, record.rolled_back = None, []
+        self.retries, self.recoveries, self._estimate = number, 0, None
+        again = [s for s in record.steps.values() if s.id not in restored]
+        for step in again:
+            record.steps[step.id] = StepRecord(id=step.id, tool=step.tool, name=step.name,
+                                               needs=step.needs, critical=step.critical,
+                                               estimate_s=step.estimate_s)
+            self.summaries.pop(step.id, None)
+            self.waiting.pop(step.id, None)
+        return len(again)
 
     def on_flow_run_ended(self, state_type: str, message: str | None,
                           now: float) -> list[Draft]:
@@ -288,6 +319,7 @@ class RunView:
         if status == RunStatus.COMPLETED and drafts:
             status = RunStatus.FAILED
         self.record.status, self.record.reason, self.record.ended_at = status, why, now
+        self.waiting_since = None
         drafts.append(self._draft(MessageType(f"run.{status}"), now, status=str(status),
                                   summary=why))
         return drafts
@@ -311,14 +343,17 @@ class RunView:
     def estimate(self, now: float) -> Estimate | None:
         """The estimate at ``now``. It is computed at most every ``ESTIMATE_EVERY_S`` while
         the run goes (≈ 4 ms for 200 steps, on the loop that also sends); in between, the
-        last one is reused with the time since taken off."""
+        last one is reused with the time since taken off. A wait for a person that begins
+        or ends makes a fresh one."""
         if not self.record.steps:
             return None
+        since = self.waiting_since if self.record.status.waiting else None
         last = self._estimate
-        if last is not None and not self.ended and 0 <= now - last[0] < ESTIMATE_EVERY_S:
+        if (last is not None and not self.ended and 0 <= now - last[0] < ESTIMATE_EVERY_S
+                and last[1].waiting_since == iso(since)):
             self.estimate_stale = True
             return last[1].later(now - last[0])
-        fresh = estimate(self.record, self.max_parallel, self.durations, now)
+        fresh = estimate(self.record, self.max_parallel, self.durations, now, since)
         self._estimate, self.estimate_stale = (now, fresh), False
         return fresh
 
@@ -350,7 +385,8 @@ class RunView:
             run_id=r.run_id, plan=r.plan, status=r.status, reason=r.reason,
             started_at=r.started_at, ended_at=r.ended_at, prefect_url=r.flow_run_url,
             rolled_back=r.rolled_back, max_parallel=self.max_parallel,
-            recoveries=self.recoveries, gate=self.gate, pause_deadline=self.pause_deadline,
+            recoveries=self.recoveries, retries=self.retries, gate=self.gate,
+            pause_deadline=self.pause_deadline, waiting_since=self.waiting_since,
             step_n=self.step_n, summaries=self.summaries, waiting=self.waiting,
             told=self.told,
             steps=[SavedStep(id=s.id, tool=s.tool, name=s.name, needs=s.needs,
@@ -374,9 +410,10 @@ class RunView:
                            ended_at=saved.ended_at, reason=saved.reason,
                            flow_run_url=saved.prefect_url, rolled_back=saved.rolled_back)
         return cls(record, max_parallel=saved.max_parallel, step_n=saved.step_n,
-                   summaries=saved.summaries, recoveries=saved.recoveries, gate=saved.gate,
+                   summaries=saved.summaries, recoveries=saved.recoveries,
+                   retries=saved.retries, gate=saved.gate,
                    pause_deadline=saved.pause_deadline, waiting=saved.waiting,
-                   told=saved.told)
+                   told=saved.told, waiting_since=saved.waiting_since)
 
 
 def _error(info: ErrorInfo | None) -> Any:

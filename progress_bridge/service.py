@@ -1,4 +1,4 @@
-"""Run control: pause, resume, cancel, and answers at approval gates.
+"""Run control: pause, resume, cancel, retry, and answers at approval gates.
 
 Each control becomes a state of the run's Prefect flow run, so it works the same from the
 bridge's routes, from the CLI and from the Prefect UI. A control the run's state does not
@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
+from collections.abc import Callable
 
-from planrun.contract.control import CONTROL_LABEL, answer_form, is_asking_of
+from planrun.contract.control import CONTROL_LABEL, RETRY_LABEL, answer_form, is_asking_of
 from planrun.errors import Conflict
 from planrun.progress_bridge.flow_runs import FlowRun, FlowRuns
 
@@ -73,6 +75,23 @@ class ControlService:
         else:
             await self.flow_runs.set_state(run_id, "CANCELLING", "cancelled by a person")
 
+    async def retry(self, run_id: str, announced: bool = False) -> None:
+        """Run an ended run again from where it went wrong: its flow run is scheduled
+        again, and the runner starts it in a new process, which keeps the completed steps
+        and runs the failed, skipped and cancelled ones (docs/retry.md). ``announced``: the
+        run's stream says it has ended. Its flow run ends a moment later (the run's process
+        rolls back and reports first); a retry asked in between waits for that end (up to
+        ``suspend_wait_s``) instead of being refused."""
+        found = await self.flow_runs.read(run_id)
+        if announced and not found.final:
+            found = await self._once(run_id, lambda run: run.final)
+        check_retry(found)
+        if not found.deployed:
+            raise Conflict(f"run {run_id} ran in the process of `planrun run`: retry it "
+                           f"from a terminal with `planrun retry {run_id}`")
+        await self.flow_runs.label(run_id, {RETRY_LABEL: retry_request()})
+        await self.flow_runs.set_state(run_id, "SCHEDULED", "retried by a person")
+
     async def answer(self, run_id: str, step_id: str, *, approved: bool, comment: str,
                      announced: bool = False) -> None:
         """Resume a run suspended at ``step_id``'s gate with the answer. It goes under the
@@ -82,19 +101,19 @@ class ControlService:
         ``suspend_wait_s``) instead of being refused (docs/approvals.md)."""
         found = await self.flow_runs.read(run_id)
         if announced and found.kind == "RUNNING":
-            found = await self._suspended(run_id, step_id)
+            found = await self._once(run_id, lambda run: run.kind != "RUNNING")  # suspended
         if not _asks(found, step_id):
             raise Conflict(f"run {run_id} is not waiting for an approval of {step_id} "
                            f"(it is {found.state})")
         await self.flow_runs.resume(run_id, answer_form(approved, comment))
 
-    async def _suspended(self, run_id: str, step_id: str) -> FlowRun:
-        """The flow run once it is suspended at ``step_id``'s gate, or as it is when it
-        stops running or the wait is over."""
+    async def _once(self, run_id: str, done: Callable[[FlowRun], bool]) -> FlowRun:
+        """The flow run once ``done`` says so of it, or as it is when the wait
+        (``suspend_wait_s``) is over."""
         deadline = time.monotonic() + self.suspend_wait_s
         while True:
             found = await self.flow_runs.read(run_id)
-            if found.kind != "RUNNING" or time.monotonic() >= deadline:
+            if done(found) or time.monotonic() >= deadline:
                 return found
             await asyncio.sleep(0.1)
 
@@ -111,6 +130,26 @@ class ControlService:
         """Schedule a crashed run again: a runner starts it in a new process, which keeps
         the finished steps (their checkpoints) and runs again only those in flight."""
         await self.flow_runs.set_state(run_id, "SCHEDULED", message)
+
+
+def retry_request() -> str:
+    """A new retry request: the run takes each one once (docs/retry.md)."""
+    return uuid.uuid4().hex
+
+
+def check_retry(found: FlowRun) -> None:
+    """Raise :class:`Conflict` with the reason when ``found`` cannot be retried: it has
+    not ended, it completed, or its secret inputs are gone (docs/retry.md)."""
+    run_id = found.id
+    if not found.final:
+        raise Conflict(f"run {run_id} is {found.state}: only a run that has ended "
+                       "can be retried")
+    if found.kind == "COMPLETED" and found.state == "completed":
+        raise Conflict(f"run {run_id} completed: it has no failed, skipped or "
+                       "cancelled step to run again")
+    if found.secret_inputs:
+        raise Conflict(f"run {run_id} had secret inputs, which were forgotten when it "
+                       "ended: run the plan again")
 
 
 def _asks(found: FlowRun, step_id: str) -> bool:

@@ -168,12 +168,20 @@ class Upstream:
         except StoreError as exc:
             log.error("cannot store the end of run %s: %s", event.run_id, exc)
             return False
-        self.later.soon(self.settings.grace_s, lambda: self._end(event))
+        # A crashed run is recovered at once (below); other ends wait for planrun's own.
+        wait = 0.0 if event.state == "CRASHED" else self.settings.grace_s
+        self.later.soon(wait, lambda: self._end(event))
         return True
 
     async def _end(self, event: FlowRunEnded) -> None:
         run_id = event.run_id
         view = self.state.views.get(run_id)
+        if (event.state == "CRASHED" and view is not None and not view.ended
+                and view.recoveries < self.settings.recover_attempts):
+            # At once, without waiting for a late end event of the run: an engine that had
+            # ended before its process died ends again as it had (flows/checkpoints.py).
+            await self._recover(run_id, view, event.message)
+            return
         if view is None or not view.ended:
             # planrun's end event should have come first: it was lost, or the process
             # died. Read what Prefect has once its persister has flushed, then decide.

@@ -27,8 +27,9 @@ _STARTED: dict[str, object] = {}
 #: so that ``scripts/test -m "not slow"`` is a fast inner loop of the rest.
 FULL_STACK = {
     "tests.test_cli_run", "tests.test_control", "tests.test_examples", "tests.test_restart",
+    "tests.test_page_controls",
     "tests.test_server", "tests.test_stack", "tests.test_resources_run",
-    "tests.flows.test_breaker_runs", "tests.flows.test_limit_runs",
+    "tests.test_retry_runs", "tests.flows.test_breaker_runs", "tests.flows.test_limit_runs",
     "tests.flows.test_prefect_ui_graph", "tests.flows.test_prefect_ui_gate", "tests.test_terminal",
     "tests.progress_bridge.test_guardrail_events", "tests.progress_bridge.test_upstream",
     "tests.progress_bridge.test_view",
@@ -45,7 +46,8 @@ FULL_STACK = {
 LONGEST = {
     "tests.test_cli_run": 147, "tests.test_control": 125, "tests.test_restart": 94,
     "tests.flows.test_limit_runs": 84, "tests.flows.test_breaker_runs": 81,
-    "tests.test_stack": 67, "tests.security.test_secrets": 60,
+    "tests.test_stack": 67, "tests.test_retry_runs": 73, "tests.test_page_controls": 65,
+    "tests.security.test_secrets": 60,
     "tests.security.test_workspace": 51, "tests.test_validate_properties": 48,
     "tests.test_server": 46, "tests.test_validate": 45, "tests.security.test_templates": 38,
     "tests.security.test_policy": 32, "tests.flows.test_semantics": 32,

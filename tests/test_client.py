@@ -8,6 +8,7 @@ import asyncio
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,6 +24,7 @@ from planrun import bridge_token, client
 from planrun.cli import main
 from planrun.contract.estimate import Estimate
 from planrun.contract.status import RunStatus, StepStatus
+from planrun.contract.times import epoch
 from planrun.errors import PlanrunError
 from planrun.report import RunRecord, StepRecord
 
@@ -122,6 +124,19 @@ def test_status_prints_the_run_its_estimate_each_step_and_the_prefect_link(
     assert lines[4].split() == ["ship", "skipped", "rejected"]
     assert lines[5] == "Prefect UI: http://127.0.0.1:4200/runs/flow-run/abc"
     assert bridge.seen[0][2]["Authorization"] == "Bearer t0ken-for-tests"
+
+
+def test_status_of_a_run_at_a_gate_says_since_when_and_the_work_left_after_it(
+        bridge: FakeBridge, capsys: pytest.CaptureFixture[str]) -> None:
+    since = "2026-01-01T17:15:00.000Z"
+    report = _report(status="awaiting_approval")
+    report["estimate"] = {"remaining_s": 4.0, "low_s": 3.0, "high_s": 6.0, "finish_at": None,
+                          "waiting_since": since}
+    bridge.answers[("GET", "/v1/runs/r1")] = Canned(200, report)
+    assert main(["status", "r1"]) == 0
+    local = time.strftime("%H:%M:%S", time.localtime(epoch(since) or 0))
+    assert capsys.readouterr().out.splitlines()[1] == (
+        f"waiting since {local}; then about 4.0s left (3.0s–6.0s)")
 
 
 def test_status_of_a_report_it_cannot_read_says_so_without_a_traceback(

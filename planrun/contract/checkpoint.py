@@ -30,12 +30,21 @@ class StepCheckpoint(Versioned):
     error_caused_skip: bool = False
     task_run_id: UUID | None = None
     resources: Resources | None = None
+    #: The retry of the run that kept it (0: before any retry). A retry restores the
+    #: completed steps of every earlier try, and the others only from its own.
+    retry: int = 0
 
 
 class RunCheckpoint(Versioned):
-    """How many times the run's flow body has started (1 on the first)."""
+    """How many times the run's flow body has started (1 on the first), whether the run
+    had ended when it last stopped, how many retries it has had, and the retry request
+    (``planrun.retry`` label) it took last: a start after an end is a retry only under a
+    request not taken yet."""
 
     segment: int
+    ended: bool = False
+    retry: int = 0
+    request: str | None = None
 
 
 class GateCheckpoint(Versioned):

@@ -12,6 +12,9 @@ from typing import Any
 
 #: The flow-run label that tells a paused run, once resumed, to end cancelled.
 CONTROL_LABEL = "planrun.control"
+#: The flow-run label that asks a run that ended to be retried: a new value each time
+#: (docs/retry.md); the run's checkpoint keeps the last one it took.
+RETRY_LABEL = "planrun.retry"
 #: The comment of a decision made because no one answered in time.
 TIMED_OUT = "approval timed out"
 #: The choices of a gate's form (``decision``): the step runs, or it is skipped.

@@ -72,10 +72,12 @@ class RunStarted(Payload):
 
 class RunResumed(Payload):
     """``planrun.run.resumed``: the run goes on in a new process; ``restored`` are the
-    steps that had finished and will not run again."""
+    steps that had finished and will not run again. ``retry``: the run had ended and is
+    retried (its number, from 1); its other steps run again (docs/retry.md)."""
 
     restored: list[str] = []
     progress: Progress | None = None
+    retry: int | None = None
 
 
 class RunPaused(Payload):

@@ -60,6 +60,11 @@ class RunStatus(StrEnum):
         return self in ENDED_RUN
 
     @property
+    def waiting(self) -> bool:
+        """The run waits for a person: paused, or at an approval gate."""
+        return self in (RunStatus.PAUSED, RunStatus.AWAITING_APPROVAL)
+
+    @property
     def holds_process(self) -> bool:
         """A process runs the run now (a paused run, or one waiting at a gate, holds none)."""
         return self in (RunStatus.PENDING, RunStatus.RUNNING)

@@ -316,3 +316,63 @@ def test_the_lock_is_shared_with_other_processes(ws: Workspace, tmp_path: Path) 
             assert letting_go.exists()  # our turn came only once it let go
     finally:
         holder.wait(20)
+
+
+# -- redo (a retried run goes on from its files as it left them) ---------------------------
+
+def _run_that_changes_three_paths(ws: Workspace) -> None:
+    (ws.root / "modified.txt").write_text("before")
+    (ws.root / "deleted.txt").write_text("keep me")
+    for rel in ("modified.txt", "deleted.txt", "new", "new/created.txt"):
+        ws.record(ws.resolve(rel))
+    atomic_write(ws.root / "modified.txt", b"after", mode=0o600)
+    (ws.root / "deleted.txt").unlink()
+    (ws.root / "new").mkdir()
+    atomic_write(ws.root / "new" / "created.txt", b"fresh")
+    for rel in ("modified.txt", "deleted.txt", "new", "new/created.txt"):
+        ws.wrote(ws.resolve(rel))
+
+
+def test_redo_after_a_restart_puts_back_what_the_rollback_undid(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path / "ws", backup_dir=tmp_path / "backups")
+    _run_that_changes_three_paths(ws)
+    ws.rollback()
+    assert (ws.root / "modified.txt").read_text() == "before"
+
+    retried = Workspace(tmp_path / "ws", backup_dir=tmp_path / "backups")
+    assert retried.redo() == ["deleted.txt", "modified.txt", "new", "new/created.txt"]
+    assert (ws.root / "modified.txt").read_text() == "after"
+    assert stat.S_IMODE((ws.root / "modified.txt").stat().st_mode) == 0o600
+    assert not (ws.root / "deleted.txt").exists()
+    assert (ws.root / "new" / "created.txt").read_text() == "fresh"
+    assert retried.redo() == []  # once
+
+    # The retry fails too: its rollback puts the originals back again.
+    assert retried.rollback() == ["deleted.txt", "modified.txt", "new", "new/created.txt"]
+    assert (ws.root / "modified.txt").read_text() == "before"
+    assert (ws.root / "deleted.txt").read_text() == "keep me"
+    assert not (ws.root / "new").exists()
+
+
+def test_redo_leaves_a_path_changed_since_the_rollback(ws: Workspace) -> None:
+    _run_that_changes_three_paths(ws)
+    ws.rollback()
+    atomic_write(ws.root / "modified.txt", b"another run")  # after the rollback
+
+    assert ws.redo() == ["deleted.txt", "new", "new/created.txt"]
+    assert (ws.root / "modified.txt").read_text() == "another run"
+    assert ws.left == ["modified.txt"]
+
+
+def test_redo_never_follows_a_symbolic_link_the_run_left(ws: Workspace, tmp_path: Path) -> None:
+    secret = tmp_path / "outside.txt"
+    secret.write_text("not for the workspace")
+    link = ws.root / "link.txt"
+    ws.record(link)
+    link.symlink_to(secret)  # a command of the run made it
+
+    assert ws.rollback() == ["link.txt"]
+    assert ws.redo() == []
+    assert not os.path.lexists(link)
+    assert not any("not for the workspace" in p.read_text(errors="replace")
+                   for p in ws.root.rglob("*") if p.is_file())

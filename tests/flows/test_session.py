@@ -16,7 +16,8 @@ from planrun.adapters.base import Adapter, Params, StepContext
 from planrun.adapters.core import Echo, Fail
 from planrun.adapters.registry import Registry
 from planrun.contract.status import RunStatus, StepStatus
-from planrun.flows.fakes import MemoryParts
+from planrun.flows.checkpoints import key
+from planrun.flows.fakes import MemoryCheckpoints, MemoryParts
 from planrun.flows.graph import compile_plan
 from planrun.flows.session import RunSession, Sessions
 from planrun.report import StepRecord
@@ -278,7 +279,8 @@ async def test_a_run_cancelled_while_it_waits_at_a_gate_in_its_process_ends_canc
 @fast
 async def test_an_unreadable_checkpoint_stops_the_run_instead_of_running_its_step_again() -> None:
     scenario = Scenario(CHAIN)
-    await scenario.memory.checkpoints.begin()  # a first process ran; this one resumes
+    await scenario.memory.checkpoints.begin(scenario.memory.control.retry_request)  # a first
+    # process ran; this one resumes
     await scenario.memory.checkpoints.save(StepRecord(id="a", tool="test.held",
                                                       status=StepStatus.COMPLETED))
     scenario.memory.checkpoints.broken["a"] = "OSError: [Errno 5] Input/output error"
@@ -292,3 +294,37 @@ async def test_an_unreadable_checkpoint_stops_the_run_instead_of_running_its_ste
     assert {s["status"] for s in report["steps"].values()} == {"skipped"}
     assert scenario.memory.steps.skipped == ["a", "b"]
     assert scenario.memory.checkpoints.kept() == ["a"]  # a stopping run's skips are not kept
+
+
+class SlowCheckpoints(MemoryCheckpoints):
+    """Checkpoints whose write of step ``a`` waits until the test lets it go on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writing = asyncio.Event()
+        self.go_on = asyncio.Event()
+
+    async def _write(self, name: str, data: dict[str, Any]) -> None:
+        if name == key(self.run_id, "a"):
+            self.writing.set()
+            await self.go_on.wait()
+        await super()._write(name, data)
+
+
+@fast
+async def test_a_cancel_while_a_completed_steps_checkpoint_is_written_lets_it_finish() -> None:
+    scenario = Scenario(CHAIN)
+    slow = scenario.memory.checkpoints = SlowCheckpoints()
+    scenario.held.release("a")
+    session = scenario.session()
+    running = asyncio.ensure_future(session.run_to_end())
+    await slow.writing.wait()
+    session.cancel()  # a person cancels: the step's task is cancelled while it saves
+    await asyncio.sleep(0)
+    slow.go_on.set()
+    report = await running
+    assert report["status"] == "cancelled"
+    assert report["steps"]["a"]["status"] == "completed"
+    assert slow.kept() == ["a"]  # its checkpoint is whole: a later start will not run it
+    restored = {"a": StepRecord(id="a", tool="test.held"), "b": StepRecord(id="b", tool="t")}
+    assert await slow.load(restored) == ["a"]

@@ -137,6 +137,35 @@ def test_a_late_run_reports_no_early_finish() -> None:
     assert estimate(run, 4, {}, T0 + 5).early_by_s is None
 
 
+def test_a_run_at_a_gate_says_since_when_and_the_work_left_after_it() -> None:
+    """The issue's "about 0 s left" at a gate: the gated step counted as running for as
+    long as it waited. Now its work is still all to do, and there is no finish time."""
+    run = run_of(("a", [], 1.0), ("gate", ["a"], 10.0))
+    finish(run, "a", T0, T0 + 1)
+    run.steps["gate"].status, run.steps["gate"].started_at = StepStatus.AWAITING_APPROVAL, T0 + 1
+    run.status = RunStatus.AWAITING_APPROVAL
+    for waited in (0, 60, 600):
+        found = estimate(run, 4, {}, T0 + 1 + waited, waiting_since=T0 + 1)
+        assert found.remaining_s == pytest.approx(10.0 * MEAN, rel=0.01)
+        assert found.low_s < found.remaining_s < found.high_s
+        assert (found.waiting_since, found.finish_at, found.early_by_s) == (iso(T0 + 1), None,
+                                                                             None)
+        assert found.later(30) == found  # a wait does not run the estimate down
+
+
+def test_a_paused_run_waits_and_a_running_one_does_not() -> None:
+    run = run_of(("a", [], 2.0), ("b", ["a"], 3.0))
+    finish(run, "a", T0, T0 + 2)
+    run.status = RunStatus.PAUSED
+    paused = estimate(run, 4, {}, T0 + 50)  # since: now, unless told
+    assert paused.waiting_since == iso(T0 + 50) and paused.finish_at is None
+    assert paused.remaining_s == pytest.approx(3.0 * MEAN, rel=0.01)
+    run.status = RunStatus.RUNNING
+    going = estimate(run, 4, {}, T0 + 50, waiting_since=T0 + 3)
+    assert going.waiting_since is None and going.finish_at is not None
+    assert going.later(1).remaining_s == pytest.approx(going.remaining_s - 1, abs=0.002)
+
+
 def test_history_is_preferred_over_the_prior() -> None:
     run = run_of(("a", [], 10.0))
     found = at_start(run, durations=durations_from({"a": [1.0, 1.1, 0.9, 1.0, 1.05]}))

@@ -122,6 +122,28 @@ def test_a_pause_and_a_gate_are_timed_from_now() -> None:
     assert gated is not None and gated.gate is not None and gated.gate.deadline == NOW + 30
 
 
+def test_a_wait_for_a_person_is_in_the_estimate_until_the_run_goes_on() -> None:
+    done = apply(started_view(), event(step(2, "a", "completed")), NOW).view
+    assert done is not None
+    for wait in (RunPaused(run_id="r", n=3, reason="asked"),
+                 RunAwaitingApproval(run_id="r", n=3, step_id="b", prompt="go?")):
+        waiting = apply(done, event(wait), NOW)
+        assert waiting.view is not None and waiting.view.waiting_since == NOW
+        estimate = waiting.drafts[0].estimate
+        assert estimate is not None and estimate.finish_at is None
+        assert estimate.waiting_since == "2026-01-01T00:00:05.000Z"
+        later = waiting.view.report(NOW + 100)["estimate"]
+        assert later["waiting_since"] == estimate.waiting_since
+        assert later["remaining_s"] == estimate.remaining_s  # nothing ran meanwhile
+        kept = RunView.from_json(waiting.view.to_json())
+        assert kept.waiting_since == NOW
+        resumed = apply(kept, event(RunResumed(run_id="r", n=4, restored=["a"])), NOW + 100)
+        assert resumed.view is not None and resumed.view.waiting_since is None
+        going = resumed.drafts[0].estimate
+        assert going is not None and going.waiting_since is None
+        assert going.finish_at is not None and going.finish_at > "2026-01-01T00:01:45"
+
+
 def test_a_run_ended_by_prefect_cancels_what_runs_and_skips_what_waits() -> None:
     running = apply(started_view(), event(step(2, "a", "running")), NOW).view
     assert running is not None
@@ -152,3 +174,35 @@ def test_a_saved_view_of_an_unknown_version_is_refused_clearly() -> None:
     text = started_view().to_json().replace('"v":1', '"v":99', 1)
     with pytest.raises(ContractError, match="SavedView of contract version 99 cannot be read"):
         RunView.from_json(text)
+
+
+def test_a_retry_goes_on_with_an_ended_run_and_an_old_retry_event_changes_nothing() -> None:
+    view: RunView | None = started_view()
+    for payload in (step(2, "a", "completed", output={"n": 1}),
+                    step(3, "b", "failed", error={"category": "logic", "message": "down"}),
+                    RunEnded(run_id="r", n=4, status=RunStatus.COMPLETED_WITH_ERRORS,
+                             rolled_back=["x.txt"])):
+        assert view is not None
+        view = apply(view, event(payload), NOW).view
+    assert view is not None and view.ended
+    assert apply(view, event(RunResumed(run_id="r", n=5, restored=["a"])), NOW).drafts == []
+
+    retried = apply(view, event(RunResumed(run_id="r", n=2_000_001, restored=["a"],
+                                           retry=1)), NOW)
+    assert [(d.type, d.status, d.summary) for d in retried.drafts] == [
+        ("run.resumed", "running", "retry 1: 1 step(s) run again, 1 finished step(s) kept")]
+    again = retried.view
+    assert again is not None and not again.ended and again.retries == 1
+    assert again.record.steps["a"].output == {"n": 1}
+    b = again.record.steps["b"]
+    assert (b.status, b.error, b.attempts) == (StepStatus.PENDING, None, 0)
+    assert again.record.ended_at is None and again.record.rolled_back == []
+    assert retried.drafts[0].progress is not None and retried.drafts[0].progress.done == 1
+    assert RunView.from_json(again.to_json()).retries == 1  # kept when saved
+
+    ended_again = apply(again, event(RunEnded(run_id="r", n=2_000_003,
+                                              status=RunStatus.COMPLETED)), NOW).view
+    assert ended_again is not None
+    late = apply(ended_again, event(RunResumed(run_id="r", n=2_000_001, restored=["a"],
+                                               retry=1)), NOW)  # read again after a restart
+    assert late.drafts == [] and late.view is not None and late.view.ended

@@ -10,7 +10,7 @@ from typing import Literal
 
 import pytest
 
-from planrun.contract.control import TIMED_OUT, answer_form, asking_key
+from planrun.contract.control import RETRY_LABEL, TIMED_OUT, answer_form, asking_key
 from planrun.contract.status import RunStatus
 from planrun.errors import Conflict, NotFound
 from planrun.progress_bridge.flow_runs import FakeFlowRuns, FlowRun
@@ -34,6 +34,16 @@ CONFLICTS = [
     ("resume", FlowRun("r", "PAUSED", waits_for_input=True),
      "run r is waiting for an approval: approve or reject the step"),
     ("cancel", FlowRun("r", "FAILED", "Failed"), r"run r has already ended \(failed\)"),
+    ("retry", FlowRun("r", "RUNNING", "Running"),
+     "run r is running: only a run that has ended can be retried"),
+    ("retry", FlowRun("r", "PAUSED", "Suspended"), "run r is suspended: only a run that"),
+    ("retry", FlowRun("r", "COMPLETED", "Completed"),
+     "run r completed: it has no failed, skipped or cancelled step to run again"),
+    ("retry", FlowRun("r", "FAILED", "Failed", deployed=False),
+     "run r ran in the process of `planrun run`: retry it from a terminal with "
+     "`planrun retry r`"),
+    ("retry", FlowRun("r", "FAILED", "Failed", secret_inputs=True),
+     "run r had secret inputs, which were forgotten when it ended: run the plan again"),
 ]
 
 
@@ -45,6 +55,21 @@ def test_a_control_the_state_does_not_allow_is_a_conflict_with_the_reason(
     with pytest.raises(Conflict, match=reason):
         asyncio.run(getattr(control, action)("r"))
     assert flow_runs.calls == []  # nothing was changed
+
+
+@pytest.mark.parametrize("flow_run", [
+    FlowRun("r", "FAILED", "Failed"), FlowRun("r", "CANCELLED", "Cancelled"),
+    FlowRun("r", "CRASHED", "Crashed"), FlowRun("r", "COMPLETED", "Completed with errors")],
+    ids=["failed", "cancelled", "crashed", "completed with errors"])
+def test_a_run_that_ended_with_steps_to_run_again_is_retried_by_scheduling_it(
+        flow_run: FlowRun) -> None:
+    control, flow_runs = service(flow_run)
+    asyncio.run(control.retry("r"))
+    flow_runs.runs["r"] = flow_run  # it ended again
+    asyncio.run(control.retry("r"))  # each retry is a new request, taken once
+    labels = [call[2][RETRY_LABEL] for call in flow_runs.calls if call[0] == "label"]
+    assert len(labels) == 2 and labels[0] != labels[1]
+    assert flow_runs.calls[1] == ("set_state", "r", "SCHEDULED", "retried by a person")
 
 
 def test_an_answer_to_a_gate_the_run_does_not_wait_at_is_a_conflict() -> None:
@@ -169,4 +194,28 @@ def test_an_answer_to_a_gate_not_announced_or_never_reached_is_refused() -> None
     with pytest.raises(Conflict, match=r"not waiting for an approval of b \(it is running\)"):
         asyncio.run(control.answer("r", "b", approved=True, comment="", announced=True))
     assert time.monotonic() - started >= 0.2  # it waited for the suspension, in vain
+    assert flow_runs.calls == []
+
+
+def test_a_retry_of_a_run_its_stream_says_ended_waits_for_its_flow_run_to_end() -> None:
+    """The run says it failed, then its process rolls back and its flow run ends: a retry
+    in between (the live page's button, as the message arrives) is taken, not refused."""
+    control, flow_runs = service(FlowRun("r", "RUNNING", "Running"))
+
+    async def end_soon() -> None:
+        await asyncio.sleep(0.3)
+        flow_runs.runs["r"] = FlowRun("r", "FAILED", "Failed")
+
+    async def retry_early() -> None:
+        ending = asyncio.create_task(end_soon())
+        await control.retry("r", announced=True)
+        await ending
+
+    asyncio.run(retry_early())
+    assert [call[0] for call in flow_runs.calls] == ["label", "set_state"]
+    assert flow_runs.calls[-1] == ("set_state", "r", "SCHEDULED", "retried by a person")
+    control, flow_runs = service(FlowRun("r", "RUNNING", "Running"))
+    control.suspend_wait_s = 0.2
+    with pytest.raises(Conflict, match="run r is running: only a run that has ended"):
+        asyncio.run(control.retry("r", announced=True))  # it never ended: refused in the end
     assert flow_runs.calls == []

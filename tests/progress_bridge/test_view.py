@@ -17,7 +17,8 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
-from playwright.sync_api import BrowserContext, Locator, Page, expect
+import pytest
+from playwright.sync_api import Browser, BrowserContext, Locator, Page, expect
 
 from planrun.contract.records import Resources
 from planrun.contract.stream import (
@@ -413,3 +414,53 @@ def test_hostile_notes_and_tools_are_shown_as_text(bridge: ServedBridge, page: P
     expect(page.locator("#breakers .breaker")).to_contain_text(HOSTILE)
     assert page.locator("img, #breakers script").count() == 0
     assert page.evaluate("window.pwned") is None
+
+
+def test_waiting_says_since_when_in_the_viewers_time_and_the_estimate_resumes_after(
+        bridge: ServedBridge, browser: Browser) -> None:
+    """At a gate: "waiting for your approval since 7:15 PM" (17:15 UTC, from Paris in June),
+    the bar filled to its percentage; paused: "paused since …"; after, the time left."""
+    context = browser.new_context(locale="en-US", timezone_id="Europe/Paris")
+    page = context.new_page()
+    try:
+        plan = DIAMOND[:2]
+        emit(bridge, "w1", Draft(type="run.started", plan=plan, progress=Progress.of(0, 2)))
+        emit(bridge, "w1", step("step.completed", "fetch", progress=Progress.of(1, 2)))
+        gate = "2026-06-01T17:15:00.000Z"
+        waiting = Estimate(remaining_s=4.0, low_s=3.0, high_s=6.0, waiting_since=gate)
+        emit(bridge, "w1", step("step.awaiting_approval", "parse", summary="Parse them?",
+                                progress=Progress.of(1, 2), estimate=waiting, ts=gate))
+        emit(bridge, "w1", Draft(type="run.awaiting_approval", status="awaiting_approval",
+                                 step_id="parse", summary="Parse them?", ts=gate,
+                                 progress=Progress.of(1, 2), estimate=waiting))
+        open_view(page, bridge, "w1")  # opened late: the whole run replays at once
+        expect(page.locator("#estimate")).to_have_text(
+            "waiting for your approval since 7:15 PM · then about 4 s of work left (3–6 s)")
+        expect(page.locator("#progress-text")).to_have_text("1 of 2 steps · 50 %")
+        assert _fill_share(page) == pytest.approx(0.5, abs=0.01)  # at once, not 0.3 s later
+
+        emit(bridge, "w1", Draft(type="run.resumed", status="running", progress=Progress.of(1, 2),
+                                 estimate=Estimate(remaining_s=4.0, low_s=3.0, high_s=6.0)))
+        expect(page.locator("#estimate-left")).to_have_text("about 4 s left (3–6 s)")
+        paused = "2026-06-01T17:20:00.000Z"
+        emit(bridge, "w1", Draft(type="run.paused", status="paused", ts=paused,
+                                 summary="paused by a person", progress=Progress.of(1, 2),
+                                 estimate=Estimate(remaining_s=4.0, low_s=3.0, high_s=6.0,
+                                                   waiting_since=paused)))
+        expect(page.locator("#estimate-left")).to_have_text("paused since 7:20 PM")
+        emit(bridge, "w1", step("step.completed", "parse", progress=Progress.of(2, 2)))
+        emit(bridge, "w1", Draft(type="run.completed", status="completed",
+                                 progress=Progress.of(2, 2)))
+        expect(page.locator("#estimate-left")).to_contain_text("finished in")
+        assert _fill_share(page) == pytest.approx(1.0, abs=0.01)
+    finally:
+        context.close()
+
+
+def _fill_share(page: Page) -> float:
+    """How much of the progress bar its fill covers, as drawn now (0..1)."""
+    share: float = page.evaluate("""() => {
+        const bar = document.querySelector('.bar').getBoundingClientRect();
+        return document.querySelector('.bar .fill').getBoundingClientRect().width / bar.width;
+    }""")
+    return share

@@ -267,11 +267,16 @@ def test_an_oversized_body_gets_413_before_it_is_read(start: Start) -> None:
     with socket.create_connection(("127.0.0.1", bridge.port), timeout=10) as sock:
         sock.sendall(f"{head}Content-Length: {100 * MAX_PLAN_BYTES}\r\n\r\n".encode())
         assert sock.recv(65536).startswith(b"HTTP/1.1 413 ")
-    # Streamed without a length: answered while the client is still sending.
+    # Streamed without a length: answered while the client is still sending (or, when the
+    # bridge's close with our bytes unread resets the connection before we read its
+    # answer, closed then: either way it stopped reading near the limit).
     offered = 100 * 2**20
     sent, answer = _stream_until_answered(bridge.port, head, offered)
-    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert answer.startswith(b"HTTP/1.1 413 ") or answer == RESET
     assert MAX_PLAN_BYTES < sent < offered / 5  # the bridge stopped reading near the limit
+
+
+RESET = b"<connection reset>"
 
 
 def _stream_until_answered(port: int, head: str, offered: int) -> tuple[int, bytes]:
@@ -283,11 +288,14 @@ def _stream_until_answered(port: int, head: str, offered: int) -> tuple[int, byt
         sent = 0
         while sent < offered:
             readable, writable, _ = select.select([sock], [sock], [], 10)
-            if readable:
-                sock.setblocking(True)
-                return sent, sock.recv(65536)
-            if writable:
-                sent += sock.send(frame)
+            try:
+                if readable:
+                    sock.setblocking(True)
+                    return sent, sock.recv(65536)
+                if writable:
+                    sent += sock.send(frame)
+            except (ConnectionResetError, BrokenPipeError):
+                return sent, RESET
         return sent, b""
 
 
