@@ -138,9 +138,15 @@ class Checkpoints:
                           GateCheckpoint(nonce=nonce).model_dump(mode="json"))
 
     async def asking(self, step_id: str) -> str | None:
-        """The nonce of the step's gate as last asked; None if it never was."""
+        """The nonce of the step's gate as last asked; None if it never was (or the asking
+        was forgotten)."""
         found = await self._read(gate_key(self.run_id, step_id))
-        return GateCheckpoint.read(found).nonce if found else None
+        return (GateCheckpoint.read(found).nonce or None) if found else None
+
+    async def forget_asking(self, step_id: str) -> None:
+        """Forget the step's gate's last asking: no answer to it counts any more, and the
+        gate is asked anew (a retry asks again at a gate it had skipped)."""
+        await self.save_asking(step_id, "")
 
     async def _storage_block(self) -> Any:
         if self._storage is None:

@@ -243,6 +243,11 @@ class RunControl:
             timeout_seconds=None if timeout_s is None else round(timeout_s), pause_key=key,
             message=message))
 
+    async def forget_askings(self, step_ids: Iterable[str]) -> None:
+        """Forget the gates' last askings (a retry): they are asked anew."""
+        for step_id in step_ids:
+            await self.gates.forget_asking(step_id)
+
     async def decision(self, step_id: str) -> tuple[bool, str] | None:
         """The answer given to the latest asking of the step's gate, or None while there
         is none: answers written before it was asked, under another key or to an earlier

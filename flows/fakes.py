@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -163,6 +163,11 @@ class MemoryControl:
 
     async def decision(self, step_id: str) -> tuple[bool, str] | None:
         return self.answers.get(step_id) if step_id in self.asked else None
+
+    async def forget_askings(self, step_ids: Iterable[str]) -> None:
+        for step_id in step_ids:
+            self.answers.pop(step_id, None)
+            self.asked = [asked for asked in self.asked if asked != step_id]
 
     async def ask(self, step_id: str, prompt: str, timeout_s: float | None = None) -> None:
         self.asked.append(step_id)

@@ -7,7 +7,7 @@ a plan in milliseconds without a Prefect server.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 from uuid import UUID
@@ -102,6 +102,10 @@ class ControlSource(Protocol):
 
     async def retry_request(self) -> str | None:
         """The request to retry the run, if one was made (docs/retry.md)."""
+        ...
+
+    async def forget_askings(self, step_ids: Iterable[str]) -> None:
+        """Forget the last askings of these steps' gates: they are asked anew (a retry)."""
         ...
 
     async def decision(self, step_id: str) -> tuple[bool, str] | None:

@@ -144,6 +144,10 @@ class RunSession:
             except PlanrunError as exc:  # the run's files are in another workspace
                 self.unreadable = exc
                 self.scheduler.stop(f"cannot retry: {exc}")
+            # A gate whose step runs again is asked again: an earlier "no" does not count.
+            await self.parts.control.forget_askings(
+                sid for sid, node in self.graph.steps.items()
+                if node.approval is not None and sid not in restored)
         self.events = self.parts.events(self.run, self.segment)
         kept = (self.run.steps[step_id].resources for step_id in restored)
         self.writes.written = sum(used.written_bytes for used in kept if used is not None)

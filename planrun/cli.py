@@ -203,9 +203,9 @@ def cmd_retry(args: argparse.Namespace) -> int:
     elif display is not None:
         display.waiting = f"retrying run {args.run}…"
         with display:
-            report = asyncio.run(retry_plan(args.run, display))
+            report = asyncio.run(retry_plan(args.run, display, _terminal_asker(display)))
     else:
-        report = asyncio.run(retry_plan(args.run))
+        report = asyncio.run(retry_plan(args.run, asker=_terminal_asker(None)))
     if args.json:
         print(json.dumps(strict_json(report), indent=2, default=str, allow_nan=False))
     else:

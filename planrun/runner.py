@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from planrun.errors import PlanrunError
@@ -15,6 +17,7 @@ from planrun.server import ensure_server, healthy
 
 if TYPE_CHECKING:
     from planrun.flows.parts import GateAsker
+    from planrun.flows.plan_flow import RunHost
 
 
 def prepare_prefect(quiet_console: bool = True) -> str:
@@ -51,28 +54,41 @@ async def run_plan(plan: dict[str, Any], inputs: dict[str, Any],
     from planrun.flows.plan_flow import RunHost
 
     host = RunHost(observers=[observer] if observer is not None else [], asker=asker)
+    with _signals_cancel(host), tags("planrun", f"plan:{plan['name']}"), \
+            trusted_as(Trust.LOCAL), held_inputs(plan.get("inputs") or {}, inputs) as params:
+        state = await host.flow().with_options(flow_run_name=plan["name"])(
+            plan, params, return_state=True)
+    return _report(host, str(state.state_details.flow_run_id), state)
+
+
+@contextmanager
+def _signals_cancel(host: RunHost) -> Iterator[None]:
+    """SIGINT and SIGTERM cancel the host's runs while this block runs."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, host.sessions.cancel_all)
     try:
-        with tags("planrun", f"plan:{plan['name']}"), trusted_as(Trust.LOCAL), \
-                held_inputs(plan.get("inputs") or {}, inputs) as params:
-            state = await host.flow().with_options(flow_run_name=plan["name"])(
-                plan, params, return_state=True)
-        report = host.reports.pop(str(state.state_details.flow_run_id), None)
-        if report is None:
-            raise PlanrunError(f"the flow run ended {state.type.value} without a report: "
-                               f"{state.message}")
-        return report
+        yield
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
 
 
-async def retry_plan(run_id: str, observer: RunObserver | None = None) -> dict[str, Any]:
+def _report(host: RunHost, run_id: str, state: Any) -> dict[str, Any]:
+    """The report the run left with ``host``; an error when it ended without one."""
+    report = host.reports.pop(run_id, None)
+    if report is None:
+        raise PlanrunError(f"the flow run ended {state.type.value} without a report: "
+                           f"{state.message}")
+    return report
+
+
+async def retry_plan(run_id: str, observer: RunObserver | None = None,
+                     asker: GateAsker | None = None) -> dict[str, Any]:
     """Retry an ended run of ``planrun run`` in this process, as the same flow run: its
     completed steps keep their outputs, the others run again (docs/retry.md); its report.
-    ``Conflict`` when it cannot be retried; a run of the deployment is the runner's."""
+    ``Conflict`` when it cannot be retried; a run of the deployment is the runner's.
+    ``asker``: as for ``run_plan``."""
     from uuid import UUID
 
     from prefect.client.orchestration import get_client
@@ -89,11 +105,8 @@ async def retry_plan(run_id: str, observer: RunObserver | None = None) -> dict[s
     check_retry(found)
     if found.deployed:
         raise Conflict(f"run {run_id} is a run of the stack: its runner retries it")
-    host = RunHost(observers=[observer] if observer is not None else [])
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, host.sessions.cancel_all)
-    try:
+    host = RunHost(observers=[observer] if observer is not None else [], asker=asker)
+    with _signals_cancel(host):
         async with get_client() as client:
             await client.update_flow_run_labels(UUID(run_id), {RETRY_LABEL: retry_request()})
             await client.set_flow_run_state(UUID(run_id), Scheduled(message="retried by a person"),
@@ -102,11 +115,4 @@ async def retry_plan(run_id: str, observer: RunObserver | None = None) -> dict[s
         with trusted_as(Trust.LOCAL):
             state = await run_flow_async(host.flow(), flow_run=flow_run,
                                          parameters=flow_run.parameters, return_type="state")
-        report = host.reports.pop(run_id, None)
-        if report is None:
-            message = getattr(state, "message", None)
-            raise PlanrunError(f"the retry of run {run_id} ended without a report: {message}")
-        return report
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+    return _report(host, run_id, state)

@@ -199,3 +199,23 @@ async def test_a_start_after_the_end_without_a_new_request_ends_as_it_had() -> N
     run.switches.calls.clear()
     third = await run.run()  # the same request again: taken already, nothing runs
     assert third["status"] == "completed" and run.switches.calls == []
+
+
+@fast
+async def test_a_retry_asks_again_at_a_gate_that_was_rejected() -> None:
+    run = Retried(GATED, "other", can_ask=True)
+    with pytest.raises(Pause):
+        await run.run()  # call completes, other fails, ship asks
+    run.memory.control.answers["ship"] = (False, "not today")
+    first = await run.run()
+    assert statuses(first) == {"call": "completed", "ship": "skipped", "other": "failed"}
+    assert first["steps"]["ship"]["reason"] == "rejected: not today"
+
+    run.switches.broken.clear()
+    with pytest.raises(Pause):
+        await run.retry()  # the old "no" does not count: ship is asked again
+    assert run.memory.control.asked == ["ship"]
+    run.memory.control.answers["ship"] = (True, "")
+    retried = await run.run()
+    assert statuses(retried) == {"call": "completed", "ship": "completed",
+                                 "other": "completed"}
