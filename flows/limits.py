@@ -77,8 +77,20 @@ class Ask:
     def of(cls, tool: str, params: Any, run_id: str, step_id: str,
            run_limits: Mapping[str, LimitSettings]) -> Ask:
         """The ask of a call of ``tool`` with its rendered ``params``."""
-        return cls(tool, url_host(params) if tool == "http.request" else None, run_id,
-                   step_id, run_limits)
+        return cls(tool, url_host(params) if tool == "http.request" else
+                   _tool_host(tool, params), run_id, step_id, run_limits)
+
+
+def _tool_host(tool: str, params: Any) -> str | None:
+    """The host another network tool reaches (its adapter knows: the search provider's,
+    a message channel's), lower case; None when it names none."""
+    from planrun.adapters.registry import default_registry
+
+    registry = default_registry()
+    if tool not in registry or not isinstance(params, Mapping):
+        return None
+    host = registry.get(tool).call_host(params)
+    return host.lower().rstrip(".") if host else None
 
 
 def url_host(params: Any) -> str | None:
@@ -140,7 +152,7 @@ def limit_keys(ask: Ask, limits: OperatorLimits) -> tuple[dict[str, int], dict[s
     if limits.concurrency is not None:
         slots["all"] = limits.concurrency
     add(f"tool:{ask.tool}", limits.tool(ask.tool))
-    if ask.tool == "http.request" and ask.host:
+    if ask.host:
         add(f"host:{ask.host.lower().rstrip('.')}", limits.host(ask.host))
     add(f"run:{ask.run_id}:tool:{ask.tool}", ask.run_limits.get(ask.tool))
     return slots, rates
