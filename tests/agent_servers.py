@@ -105,8 +105,8 @@ def brave_error(status: int, code: str, detail: str) -> bytes:
 
 
 class WebhookHandler(_Handler):
-    """Accepts JSON POSTs on any path and records them; ``/fail-once`` answers 503 to its
-    first call."""
+    """Accepts JSON POSTs on any path and records them (``behaviour.fail`` answers come
+    first); paths under ``/slack`` answer ``ok`` as Slack does."""
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
@@ -117,7 +117,8 @@ class WebhookHandler(_Handler):
             self.server.record({"path": self.path, "body": body, "status": status})
             return self._send(status, payload, headers)
         self.server.record({"path": self.path, "body": body, "status": 200,
-                            "content_type": self.headers.get("Content-Type")})
+                            "content_type": self.headers.get("Content-Type"),
+                            "idempotency_key": self.headers.get("Idempotency-Key")})
         if self.path.startswith("/slack"):
             return self._send(200, b"ok", content_type="text/plain")
         self._send(200, b'{"received": true}')
@@ -136,3 +137,77 @@ def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[_Server]:
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+# -- SMTP (aiosmtpd) -----------------------------------------------------------------------
+
+SMTP_USER = "planrun"
+SMTP_PASSWORD = "smtp-pass-Xy7-long"
+
+
+class Mailbox:
+    """An aiosmtpd handler: keeps what it accepts; ``defer_data`` answers that many DATA
+    commands ``451`` first; addresses starting ``refused`` are refused (550)."""
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+        self.defer_data = 0
+        self.data_commands = 0
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          rcpt_options: list[str]) -> str:
+        if address.startswith("refused"):
+            return "550 5.1.1 mailbox unavailable"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.data_commands += 1
+        if self.defer_data:
+            self.defer_data -= 1
+            return "451 4.3.0 try again later"
+        self.messages.append(envelope)
+        return "250 Message accepted for delivery"
+
+
+def _authenticate(server: Any, session: Any, envelope: Any, mechanism: str,
+                  auth_data: Any) -> Any:
+    from aiosmtpd.smtp import AuthResult, LoginPassword
+
+    ok = isinstance(auth_data, LoginPassword) and auth_data.login == SMTP_USER.encode() \
+        and auth_data.password == SMTP_PASSWORD.encode()
+    return AuthResult(success=ok, handled=False)  # handled=False: aiosmtpd answers 535
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def smtp_server(security: str = "plain", tls: Any = None) -> Iterator[tuple[Mailbox, int]]:
+    """aiosmtpd on 127.0.0.1 requiring a login: ``plain``, ``starttls`` (required) or
+    ``ssl`` (implicit TLS), with ``tls`` the server's ssl.SSLContext."""
+    from aiosmtpd.controller import Controller
+
+    mailbox = Mailbox()
+    port = free_port()
+    # Over plain SMTP, AUTH is offered (and checked) but not required: aiosmtpd warns
+    # about requiring it without TLS. Over implicit TLS, aiosmtpd does not count the
+    # session as TLS (only STARTTLS), so it must not require TLS for AUTH either.
+    starttls = security == "starttls"
+    options: dict[str, Any] = {"authenticator": _authenticate, "auth_required": starttls,
+                               "auth_require_tls": starttls}
+    if security == "starttls":
+        options.update(tls_context=tls, require_starttls=True)
+    if security == "ssl":
+        options["ssl_context"] = tls
+    controller = Controller(mailbox, hostname="127.0.0.1", port=port, **options)
+    controller.start()
+    try:
+        yield mailbox, port
+    finally:
+        controller.stop()
