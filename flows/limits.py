@@ -8,8 +8,10 @@ gives it back as soon as the call returns, so a retry's delay holds nothing. In 
    attempt waits, unless no other step of this process has been let through (a run always
    makes progress: under pressure a process runs one step at a time).
 2. **Slots**: a turn in the shared queue (``flows.limit_store``) of every concurrency key
-   that applies: ``all`` (the policy's ``limits.concurrency``), the tool, the host of an
-   ``http.request``, and the run's own limit of the tool (the plan's ``limits.tools``).
+   that applies: ``all`` (the policy's ``limits.concurrency``), the tool, the host the
+   call reaches (an ``http.request``'s URL host, or the host a network tool's adapter
+   names: ``Adapter.call_host``), and the run's own limit of the tool (the plan's
+   ``limits.tools``).
 3. **Rate**: one reservation over every rate key that applies (tool, host, the run's);
    the attempt sleeps until its exact moment, its slot kept (a slot given back here would
    only let the same tool's next call wait for the same clock).
@@ -64,7 +66,7 @@ class LimitSettings(Protocol):
 
 @dataclass(frozen=True)
 class Ask:
-    """What one attempt asks to start: its tool, the host it calls (``http.request``), its
+    """What one attempt asks to start: its tool, the host it calls (network tools), its
     run and step, and the run's own limits by tool (the plan's ``limits.tools``)."""
 
     tool: str
