@@ -21,7 +21,7 @@ import asyncio
 import smtplib
 import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from email.message import EmailMessage
 from email.utils import formatdate
 from typing import Annotated, Any
@@ -55,6 +55,8 @@ from planrun.policy import LevelPolicy, Trust
 from planrun.redact import Redactor
 
 Recipients = list[str]
+#: Records a delivery's confirmation and returns it.
+Confirm = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 def _one_line(value: str) -> str:
@@ -119,36 +121,48 @@ class MessageSend(Adapter[MessageParams]):
             return {**recorded, "replayed": True}
         scrub = Redactor(list(secrets.values()))
         policy = _endpoint_policy(channel, ctx.policy)
+        base = {"channel": params.channel, "type": channel.type, "delivered": True,
+                "idempotency_key": key}
+
+        def confirm(result: dict[str, Any]) -> dict[str, Any]:
+            # Recorded the moment the server said yes: a timeout or a cancel that strikes
+            # later (while the SMTP session says QUIT) cannot make a retry send it again.
+            confirmation = {**base, **result}
+            log.record(key, confirmation)
+            return confirmation
+
         try:
             if isinstance(channel, EmailChannel):
-                result = await self._email(channel, policy, ctx.trust, params, to, key,
-                                           secrets.get("password"))
+                confirmation = await self._email(channel, policy, ctx.trust, params, to, key,
+                                                 secrets.get("password"), confirm)
             else:
-                result = await self._webhook(channel, policy, ctx.trust, params, to, key,
-                                             secrets.get("url") or channel.url or "")
+                confirmation = confirm(await self._webhook(
+                    channel, policy, ctx.trust, params, to, key,
+                    secrets.get("url") or channel.url or ""))
         except StepError as exc:
             raise scrub.scrub_error(exc) from exc.__cause__
         except Exception as exc:  # noqa: BLE001 - the edge: translated, secrets scrubbed
             raise scrub.scrub_error(self.classify(exc)) from exc
-        confirmation = {"channel": params.channel, "type": channel.type, "delivered": True,
-                        "idempotency_key": key, **result}
-        log.record(key, confirmation)
         return {**confirmation, "replayed": False}
 
     # -- email ---------------------------------------------------------------------------
 
     async def _email(self, channel: EmailChannel, policy: LevelPolicy, trust: Trust,
-                     params: MessageParams, to: list[str], key: str,
-                     password: str | None) -> dict[str, Any]:
+                     params: MessageParams, to: list[str], key: str, password: str | None,
+                     confirm: Confirm) -> dict[str, Any]:
         port = channel.default_port()
         addresses = await check_url(f"smtp://{_bracketed(channel.host)}:{port}", policy, trust)
         message = _email_message(channel, params, to, key)
-        refused = await asyncio.to_thread(_smtp_send, channel, port, addresses, password,
-                                          message, to)
-        return {"server": f"{channel.host}:{port}", "message_id": message["Message-ID"],
+
+        def sent(refused: dict[str, tuple[int, bytes]]) -> dict[str, Any]:
+            return confirm({
+                "server": f"{channel.host}:{port}", "message_id": message["Message-ID"],
                 "accepted": [a for a in to if a not in refused],
                 "refused": {a: f"{code} {text.decode(errors='replace')}"
-                            for a, (code, text) in refused.items()}}
+                            for a, (code, text) in refused.items()}})
+
+        return await asyncio.to_thread(_smtp_send, channel, port, addresses, password,
+                                       message, to, sent)
 
     # -- webhooks ------------------------------------------------------------------------
 
@@ -300,10 +314,12 @@ class _GuardedSMTPSSL(smtplib.SMTP_SSL):
 
 
 def _smtp_send(channel: EmailChannel, port: int, addresses: list[Address],
-               password: str | None, message: EmailMessage,
-               to: list[str]) -> dict[str, tuple[int, bytes]]:
-    """Hand ``message`` to the server (the first checked address that connects); the
-    recipients it refused, by address (all refused raises SMTPRecipientsRefused)."""
+               password: str | None, message: EmailMessage, to: list[str],
+               sent: Callable[[dict[str, tuple[int, bytes]]], dict[str, Any]],
+               ) -> dict[str, Any]:
+    """Hand ``message`` to the server (the first checked address that connects) and pass
+    the recipients it refused to ``sent`` before saying QUIT (all refused raises
+    SMTPRecipientsRefused); what ``sent`` returns."""
     context = ssl.create_default_context(cafile=channel.ca_file)
     error: OSError | None = None
     for address in addresses:
@@ -323,8 +339,7 @@ def _smtp_send(channel: EmailChannel, port: int, addresses: list[Address],
                 client.starttls(context=context)
             if channel.username:
                 _login(client, channel.username, password or "")
-            refused = client.send_message(message, to_addrs=to)
-        return refused
+            return sent(client.send_message(message, to_addrs=to))
     assert error is not None
     raise error
 

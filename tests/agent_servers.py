@@ -153,6 +153,8 @@ class Mailbox:
         self.messages: list[Any] = []
         self.defer_data = 0
         self.data_commands = 0
+        #: Set: QUIT is answered only once it is set (a server that hangs after DATA).
+        self.quit_gate: threading.Event | None = None
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
                           rcpt_options: list[str]) -> str:
@@ -160,6 +162,13 @@ class Mailbox:
             return "550 5.1.1 mailbox unavailable"
         envelope.rcpt_tos.append(address)
         return "250 OK"
+
+    async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
+        import asyncio
+
+        if self.quit_gate is not None:
+            await asyncio.to_thread(self.quit_gate.wait, 30)
+        return "221 Bye"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         self.data_commands += 1

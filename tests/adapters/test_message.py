@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 import ssl
+import threading
 from collections.abc import Callable, Iterator
 from email import message_from_bytes
 from pathlib import Path
@@ -140,6 +141,25 @@ def test_a_deferred_message_is_retried_and_delivered_exactly_once(
     assert mailbox.data_commands == 2 and len(mailbox.messages) == 1
     assert second["replayed"] is False and third["replayed"] is True
     assert third["message_id"] == second["message_id"]
+
+
+def test_an_attempt_cut_short_after_the_server_accepted_is_not_sent_again(
+        configure: Any, tool: MessageSend, make_ctx: Any) -> None:
+    policy = LevelPolicy(allow_private=True)
+    with smtp_server("plain") as (mailbox, port):
+        # The client gives up waiting for the QUIT reply after 2 s (asyncio.run waits for
+        # its thread before returning).
+        configure({"ops": email_channel(port, timeout_s=2)})
+        mailbox.quit_gate = threading.Event()  # the server accepts DATA, then hangs
+        ctx = make_ctx(trust=Trust.LOCAL, policy=policy)
+        with pytest.raises(TransientError, match="did not finish within its timeout"):
+            asyncio.run(tool.run({"channel": "ops", "to": ["a@example.org"], "body": "b"},
+                                 ctx, 1.0))
+        mailbox.quit_gate.set()
+        retry = send(tool, make_ctx(trust=Trust.LOCAL, policy=policy, attempt=2),
+                     channel="ops", to=["a@example.org"], body="b")
+    assert retry["replayed"] is True and retry["accepted"] == ["a@example.org"]
+    assert mailbox.data_commands == 1 and len(mailbox.messages) == 1
 
 
 def test_refused_recipients_are_reported_and_all_refused_is_configuration(
