@@ -226,3 +226,14 @@ def test_the_operators_host_limit_of_the_provider_applies_to_every_search(
     limits = OperatorLimits.model_validate({"hosts": {"search.internal": {"rate": 2}}})
     _, rates = limit_keys(Ask.of("search.web", {"query": "x"}, "r", "s", {}), limits)
     assert rates["host:search.internal"].per_s == 2
+
+
+def test_the_environment_alone_can_configure_the_provider(
+        server: Any, tool: SearchWeb, ctx: StepContext, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PLANRUN_TOOLS", raising=False)
+    monkeypatch.setenv("PLANRUN_HOME", str(tmp_path / "home"))  # no tools.yaml there
+    monkeypatch.setenv("PLANRUN_SEARCH_PROVIDER", "searxng")
+    monkeypatch.setenv("PLANRUN_SEARCH_URL", server.url)
+    assert search(tool, ctx, query="x")["provider"] == "searxng"
+    assert server.requests[0]["path"] == "/search"
