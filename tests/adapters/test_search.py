@@ -237,3 +237,12 @@ def test_the_environment_alone_can_configure_the_provider(
     monkeypatch.setenv("PLANRUN_SEARCH_URL", server.url)
     assert search(tool, ctx, query="x")["provider"] == "searxng"
     assert server.requests[0]["path"] == "/search"
+
+
+def test_after_a_resource_error_the_retry_asks_for_half_the_results(
+        server: Any, configure: Any, tool: SearchWeb, make_ctx: Any) -> None:
+    configure("brave", server.url + BRAVE_PATH, api_key_secret="BRAVE_KEY")
+    ctx = make_ctx(trust=Trust.LOCAL, policy=LevelPolicy(allow_private=True), attempt=2,
+                   previous_error=ResourceError("429"))
+    out = search(tool, ctx, query="less please", max_results=8)
+    assert server.requests[0]["query"]["count"] == "4" and out["count"] == 2
