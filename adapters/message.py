@@ -34,7 +34,7 @@ from planrun.adapters.base import Adapter, Health, Params, StepContext
 from planrun.adapters.content_filter import refusal
 from planrun.adapters.delivery_log import DeliveryLog, idempotency_key
 from planrun.adapters.http import parse_retry_after
-from planrun.adapters.netguard import Address, check_url, guarded_transport
+from planrun.adapters.netguard import Address, check_url, guarded_transport, literal_problem
 from planrun.adapters.tool_config import (
     DOC,
     EmailChannel,
@@ -51,7 +51,7 @@ from planrun.errors import (
     StepError,
     TransientError,
 )
-from planrun.policy import LevelPolicy, Trust
+from planrun.policy import LevelPolicy, Trust, current_trust, load_policy
 from planrun.redact import Redactor
 
 Recipients = list[str]
@@ -213,8 +213,10 @@ class MessageSend(Adapter[MessageParams]):
         return super().classify(exc)
 
     async def health(self) -> Health:
-        """Healthy when the configuration reads and names at least one channel (whether
-        a server answers is the breaker's business: a check must not send mail)."""
+        """Healthy when the configuration reads, names at least one channel, and the
+        policy of this trust level does not refuse a channel's server by its address or
+        name (whether a server answers is the breaker's business: a check must not send
+        mail)."""
         try:
             config = load_tools_config()
         except ConfigurationError as exc:
@@ -222,6 +224,12 @@ class MessageSend(Adapter[MessageParams]):
         if not config.channels:
             return Health(ok=False, detail=f"no channel is configured (tools.yaml channels:, "
                                            f"{DOC})")
+        trust = current_trust()
+        level = load_policy().level(trust)
+        for name, channel in sorted(config.channels.items()):
+            problem = _channel_problem(channel, _endpoint_policy(channel, level), trust)
+            if problem:
+                return Health(ok=False, detail=f"channel {name}: {problem}")
         names = ", ".join(f"{n} ({c.type})" for n, c in sorted(config.channels.items()))
         return Health(ok=True, detail=f"channels: {names}")
 
@@ -272,6 +280,18 @@ async def _channel_secrets(channel: EmailChannel | WebhookChannel) -> dict[str, 
             raise ConfigurationError("message.send: the webhook channel has no url",
                                      hint=f"the operator sets url or url_secret ({DOC})")
     return found
+
+
+def _channel_problem(channel: EmailChannel | WebhookChannel, policy: LevelPolicy,
+                     trust: Trust) -> str | None:
+    """What the policy says of the channel's server from its address or name alone."""
+    if isinstance(channel, EmailChannel):
+        url = f"http://{_bracketed(channel.host)}:{channel.default_port()}"
+    elif channel.url:
+        url = channel.url
+    else:
+        return None  # a URL from a secret: checked where the step runs
+    return literal_problem(url, policy, trust)
 
 
 def _endpoint_policy(channel: Endpoint, policy: LevelPolicy) -> LevelPolicy:

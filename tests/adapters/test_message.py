@@ -18,7 +18,7 @@ from planrun.adapters.base import StepContext
 from planrun.adapters.delivery_log import DeliveryLog
 from planrun.adapters.message import MessageSend
 from planrun.errors import AccessError, ConfigurationError, ResourceError, TransientError
-from planrun.policy import LevelPolicy, Trust
+from planrun.policy import LevelPolicy, Trust, trusted_as
 from planrun.redact import Redactor, watch_logs
 from tests.agent_servers import (
     SMTP_PASSWORD,
@@ -272,7 +272,12 @@ def test_health_names_the_channels_and_the_channel_host_is_limited(
     assert not asyncio.run(tool.health()).ok
     configure({"ops": email_channel(25), "hook": {"type": "webhook",
                                                   "url": "https://Hooks.Example.org/x"}})
-    health = asyncio.run(tool.health())
+    with trusted_as(Trust.LOCAL):
+        health = asyncio.run(tool.health())
     assert health.ok and health.detail == "channels: hook (webhook), ops (email)"
+    with trusted_as(Trust.SUBMITTED):  # 127.0.0.1 without the channel's allow_private
+        health = asyncio.run(tool.health())
+    assert not health.ok and health.detail.startswith(
+        "channel ops: blocked by policy: 127.0.0.1 is a loopback address")
     assert tool.call_host({"channel": "ops"}) == "127.0.0.1"
     assert tool.call_host({"channel": "hook"}) == "hooks.example.org"
