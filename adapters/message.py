@@ -213,10 +213,10 @@ class MessageSend(Adapter[MessageParams]):
         return super().classify(exc)
 
     async def health(self) -> Health:
-        """Healthy when the configuration reads, names at least one channel, and the
-        policy of this trust level does not refuse a channel's server by its address or
-        name (whether a server answers is the breaker's business: a check must not send
-        mail)."""
+        """Healthy when the configuration reads and names a channel whose server the
+        policy of this trust level does not refuse by its address or name; the refused
+        ones are named (whether a server answers is the breaker's business: a check must
+        not send mail)."""
         try:
             config = load_tools_config()
         except ConfigurationError as exc:
@@ -226,12 +226,15 @@ class MessageSend(Adapter[MessageParams]):
                                            f"{DOC})")
         trust = current_trust()
         level = load_policy().level(trust)
-        for name, channel in sorted(config.channels.items()):
-            problem = _channel_problem(channel, _endpoint_policy(channel, level), trust)
-            if problem:
-                return Health(ok=False, detail=f"channel {name}: {problem}")
-        names = ", ".join(f"{n} ({c.type})" for n, c in sorted(config.channels.items()))
-        return Health(ok=True, detail=f"channels: {names}")
+        refused = {name: problem for name, channel in sorted(config.channels.items())
+                   if (problem := _channel_problem(channel, _endpoint_policy(channel, level),
+                                                   trust))}
+        words = "; ".join(f"channel {name}: {problem}" for name, problem in refused.items())
+        if len(refused) == len(config.channels):  # one refused channel spoils no other
+            return Health(ok=False, detail=words)
+        names = ", ".join(f"{n} ({c.type})" for n, c in sorted(config.channels.items())
+                          if n not in refused)
+        return Health(ok=True, detail=f"channels: {names}" + (f"; {words}" if words else ""))
 
 
 # -- checks before sending ---------------------------------------------------------------
