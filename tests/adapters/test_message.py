@@ -285,3 +285,16 @@ def test_health_names_the_channels_and_the_channel_host_is_limited(
     with trusted_as(Trust.SUBMITTED):
         health = asyncio.run(tool.health())
     assert not health.ok and health.detail.startswith("channel ops: blocked by policy")
+
+
+def test_the_example_tools_configuration_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    from planrun.adapters.tool_config import load_tools_config
+    from tests.helpers import ROOT
+
+    monkeypatch.setenv("PLANRUN_TOOLS", str(ROOT / "examples" / "tools.yaml"))
+    for name in ("PLANRUN_SEARCH_PROVIDER", "PLANRUN_SEARCH_URL", "PLANRUN_SEARCH_KEY_SECRET"):
+        monkeypatch.delenv(name, raising=False)
+    config = load_tools_config()
+    assert config.search is not None and config.search.endpoint() == \
+        "https://api.search.brave.com/res/v1/web/search"
+    assert sorted(config.channels) == ["audit", "chat", "team-email"]
