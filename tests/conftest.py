@@ -29,6 +29,7 @@ FULL_STACK = {
     "tests.test_cli_run", "tests.test_control", "tests.test_examples", "tests.test_restart",
     "tests.test_server", "tests.test_stack", "tests.test_resources_run",
     "tests.test_retry_runs", "tests.flows.test_breaker_runs", "tests.flows.test_limit_runs",
+    "tests.test_agent_tools_run",
     "tests.flows.test_prefect_ui_graph",
     "tests.progress_bridge.test_guardrail_events", "tests.progress_bridge.test_upstream",
     "tests.progress_bridge.test_view",
