@@ -67,7 +67,8 @@ def _one_line(value: str) -> str:
 
 class MessageParams(Params):
     channel: str = Field(pattern=r"^[a-z][a-z0-9_-]*$", max_length=63,
-                         description="A channel the operator configured (tools.yaml).")
+                         description="A channel the operator configured (tools.yaml); "
+                                     "'email' or 'webhook' names the only one of that type.")
     to: Recipients = Field(default_factory=list, max_length=1000,
                            description="Recipients: email addresses for an email channel; "
                                        "passed on in a webhook's JSON.")
@@ -96,7 +97,7 @@ class MessageSend(Adapter[MessageParams]):
     def call_host(self, params: Mapping[str, Any]) -> str | None:
         """The channel's SMTP server or webhook host: ``limits.hosts`` limits it."""
         try:
-            channel = load_tools_config().channels.get(str(params.get("channel")))
+            channel = load_tools_config().channel(str(params.get("channel")))
         except ConfigurationError:
             return None
         if isinstance(channel, EmailChannel):

@@ -141,13 +141,18 @@ class ToolsConfig(_Model):
     message: MessageConfig = Field(default_factory=lambda: MessageConfig.model_validate({}))
 
     def channel(self, name: str) -> EmailChannel | WebhookChannel:
-        """The channel ``name``, or a ConfigurationError naming the configured ones."""
-        if name not in self.channels:
-            known = ", ".join(sorted(self.channels)) or "none"
-            raise ConfigurationError(
-                f"message.send: no channel named '{name}' (configured: {known})",
-                hint=f"use a channel the operator configured, or ask them to add it ({DOC})")
-        return self.channels[name]
+        """The channel ``name``; else, for ``email`` or ``webhook``, the one channel of
+        that type; else a ConfigurationError naming the configured ones."""
+        if name in self.channels:
+            return self.channels[name]
+        of_type = [c for c in self.channels.values() if c.type == name]
+        if len(of_type) == 1:
+            return of_type[0]
+        known = ", ".join(sorted(self.channels)) or "none"
+        several = f"; {len(of_type)} are of type {name}: name one" if of_type else ""
+        raise ConfigurationError(
+            f"message.send: no channel named '{name}' (configured: {known}){several}",
+            hint=f"use a channel the operator configured, or ask them to add it ({DOC})")
 
 
 def config_file() -> Path | None:

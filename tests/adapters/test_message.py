@@ -214,6 +214,18 @@ def test_the_content_filter_refuses_blocked_text_and_credentials(
     assert "hunter2" not in caught.value.message and SMTP_PASSWORD not in caught.value.message
 
 
+def test_email_and_webhook_name_the_only_channel_of_that_type(
+        configure: Any, tool: MessageSend, ctx: StepContext, webhook: Any) -> None:
+    with smtp_server("plain") as (mailbox, port):
+        configure({"ops": email_channel(port),
+                   "hook": {"type": "webhook", "url": webhook.url + "/a"},
+                   "hook2": {"type": "webhook", "url": webhook.url + "/b"}})
+        assert send(tool, ctx, channel="email", to=["a@example.org"], body="b")["delivered"]
+        with pytest.raises(ConfigurationError, match="2 are of type webhook: name one"):
+            send(tool, ctx, channel="webhook", body="b")
+    assert len(mailbox.messages) == 1 and webhook.requests == []
+
+
 def test_a_json_webhook_gets_the_message_and_its_idempotency_key(
         configure: Any, tool: MessageSend, ctx: StepContext, webhook: Any) -> None:
     configure({"hook": {"type": "webhook", "url": webhook.url + "/planrun"}})
