@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
@@ -140,6 +141,11 @@ class Adapter(ABC, Generic[P]):
                 hint="ask the tool for less (fewer results, a smaller page, max_output_bytes),"
                      " or ask the operator to raise output_bytes")
         return output
+
+    def call_host(self, params: Mapping[str, Any]) -> str | None:
+        """The host a call with ``params`` reaches, for the operator's per-host limits
+        (docs/limits.md); None when the tool reaches no host of its own choosing."""
+        return None
 
     async def refresh_credentials(self) -> None:
         """Called before retrying a ``permission`` error; adapters with tokens renew them."""

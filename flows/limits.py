@@ -8,8 +8,10 @@ gives it back as soon as the call returns, so a retry's delay holds nothing. In 
    attempt waits, unless no other step of this process has been let through (a run always
    makes progress: under pressure a process runs one step at a time).
 2. **Slots**: a turn in the shared queue (``flows.limit_store``) of every concurrency key
-   that applies: ``all`` (the policy's ``limits.concurrency``), the tool, the host of an
-   ``http.request``, and the run's own limit of the tool (the plan's ``limits.tools``).
+   that applies: ``all`` (the policy's ``limits.concurrency``), the tool, the host the
+   call reaches (an ``http.request``'s URL host, or the host a network tool's adapter
+   names: ``Adapter.call_host``), and the run's own limit of the tool (the plan's
+   ``limits.tools``).
 3. **Rate**: one reservation over every rate key that applies (tool, host, the run's);
    the attempt sleeps until its exact moment, its slot kept (a slot given back here would
    only let the same tool's next call wait for the same clock).
@@ -64,7 +66,7 @@ class LimitSettings(Protocol):
 
 @dataclass(frozen=True)
 class Ask:
-    """What one attempt asks to start: its tool, the host it calls (``http.request``), its
+    """What one attempt asks to start: its tool, the host it calls (network tools), its
     run and step, and the run's own limits by tool (the plan's ``limits.tools``)."""
 
     tool: str
@@ -77,8 +79,20 @@ class Ask:
     def of(cls, tool: str, params: Any, run_id: str, step_id: str,
            run_limits: Mapping[str, LimitSettings]) -> Ask:
         """The ask of a call of ``tool`` with its rendered ``params``."""
-        return cls(tool, url_host(params) if tool == "http.request" else None, run_id,
-                   step_id, run_limits)
+        return cls(tool, url_host(params) if tool == "http.request" else
+                   _tool_host(tool, params), run_id, step_id, run_limits)
+
+
+def _tool_host(tool: str, params: Any) -> str | None:
+    """The host another network tool reaches (its adapter knows: the search provider's,
+    a message channel's), lower case; None when it names none."""
+    from planrun.adapters.registry import default_registry
+
+    registry = default_registry()
+    if tool not in registry or not isinstance(params, Mapping):
+        return None
+    host = registry.get(tool).call_host(params)
+    return host.lower().rstrip(".") if host else None
 
 
 def url_host(params: Any) -> str | None:
@@ -140,7 +154,7 @@ def limit_keys(ask: Ask, limits: OperatorLimits) -> tuple[dict[str, int], dict[s
     if limits.concurrency is not None:
         slots["all"] = limits.concurrency
     add(f"tool:{ask.tool}", limits.tool(ask.tool))
-    if ask.tool == "http.request" and ask.host:
+    if ask.host:
         add(f"host:{ask.host.lower().rstrip('.')}", limits.host(ask.host))
     add(f"run:{ask.run_id}:tool:{ask.tool}", ask.run_limits.get(ask.tool))
     return slots, rates

@@ -86,7 +86,8 @@ class OperatorLimits(BaseModel):
     concurrency: int | None = Field(None, ge=1, le=100_000)
     #: Per tool, laid over ``default_tools()``.
     tools: dict[ToolName, ToolLimits] = Field(default_factory=dict)
-    #: Per host ``http.request`` calls (the URL's host, exactly as written, lower case).
+    #: Per host: ``http.request`` calls (the URL's host, exactly as written, lower case),
+    #: and the calls of other network tools to the host they name (``Adapter.call_host``).
     hosts: dict[HostName, ToolLimits] = Field(default_factory=dict)
     load: LoadLimits = Field(default_factory=lambda: LoadLimits.model_validate({}))
 

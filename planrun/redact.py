@@ -211,6 +211,12 @@ class MaskingFilter(logging.Filter):
 _FILTER = MaskingFilter()
 
 
+def holds_watched_secret(text: str) -> bool:
+    """Whether ``text`` contains a secret value of a run of this process (a watched
+    redactor's): what a tool must not send out of planrun (``message.send``)."""
+    return any(redactor.text(text) != text for redactor in list(_FILTER.redactors) if redactor)
+
+
 def watch_logs(redactor: Redactor) -> None:
     """Mask ``redactor``'s values in every log record of this process from now on, on
     every handler there is now (Prefect's API log handler and console included).

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,3 +34,19 @@ def test_example_runs(tmp_path: Path, example: str, code: int, status: str) -> N
         assert report["steps"]["note_lint"]["status"] == "completed"
         numbers = (tmp_path / "ws" / "numbers.txt").read_text().split()
         assert numbers == sorted(numbers, key=int) and len(numbers) == 20
+
+
+def test_the_agent_tools_example_searches_mails_and_posts_offline(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "agent-tools" / "run.py"), "--json"],
+        capture_output=True, text=True, timeout=180, cwd=ROOT,
+        env={**os.environ, "PLANRUN_WORKSPACE": str(tmp_path / "ws")})
+    report = json.loads(proc.stdout)
+    assert (proc.returncode, report["status"]) == (0, "completed"), proc.stderr
+    results = report["steps"]["search"]["output"]["results"]
+    assert [r["url"] for r in results][:2] == ["https://www.prefect.io/pricing",
+                                               "https://docs.prefect.io/v3/get-started"]
+    assert "javascript:" not in proc.stdout and "<script>" not in json.dumps(results)
+    assert "Pricing | Prefect" in (tmp_path / "ws" / "brief.md").read_text()
+    assert "mail to team@example.org" in proc.stderr
+    assert "chat: *Brief ready*\nprefect pricing: mailed to team@example.org" in proc.stderr

@@ -10,7 +10,8 @@ from planrun.adapters.registry import Registry, load_registry
 from planrun.errors import DuplicateTool, UnknownTool
 
 CORE_TOOLS = ["core.echo", "core.fail", "core.sleep", "file.delete", "file.list", "file.read",
-              "file.write", "http.request", "shell.run"]
+              "file.write", "http.request", "message.send", "search.web",
+              "shell.run"]
 
 
 def test_the_installed_entry_points_provide_every_core_tool(
