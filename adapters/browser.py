@@ -1,0 +1,744 @@
+"""The ``browser.open`` tool: a page opened in headless Chromium through Playwright
+(docs/browser.md).
+
+One browser per process (``SharedBrowser``): started on first use, reused by every step,
+started again after it crashed; it lives in a thread of its own with its own event loop,
+so that every run of the process (each with its own loop) can use it. Each step gets a
+fresh browser context (no cookies or storage from another step), closed when it ends.
+
+Where the step's policy checks connections (``netguard.needs_guard``), every request the
+page makes goes through ``RequestGuard``: the page's own request, each redirect,
+subresources, fetches, WebSockets. Its host is resolved and checked by the network guard
+of ``http.request``, and the request is made by httpx to a checked address; a denied one
+never leaves, and the step fails with category ``configuration``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import psutil
+from pydantic import Field
+
+from planrun.adapters.base import Adapter, Health, Params, StepContext
+from planrun.adapters.files import write_workspace_file
+from planrun.adapters.http import HttpUrlText
+from planrun.adapters.netguard import check_url, guarded_transport, needs_guard
+from planrun.adapters.workspace import RelativePath
+from planrun.contract.records import Resources
+from planrun.errors import (
+    AccessError,
+    ConfigurationError,
+    LogicError,
+    ResourceError,
+    StepError,
+    TransientError,
+)
+from planrun.policy import LevelPolicy, Trust
+from planrun.redact import redact_url
+
+__all__ = ["BrowserOpen", "BrowserParams", "SharedBrowser", "chromium_path", "shared_browser"]
+
+T = TypeVar("T")
+#: Where Debian's ``chromium`` package puts its browser; ``PLANRUN_CHROMIUM`` overrides it.
+CHROMIUM_ENV = "PLANRUN_CHROMIUM"
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+VIEWPORT = {"width": 1280, "height": 800}
+#: How often the browser's processes are measured while a step runs.
+SAMPLE_INTERVAL_S = 0.2
+#: How long ``health()`` and a step wait for the browser to start.
+LAUNCH_TIMEOUT_S = 60.0
+#: A response larger than this is not handed to the page (guarded requests are buffered).
+MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+PAGE_ERRORS_KEPT = 5
+MAX_REDIRECTS = 20
+#: Response headers httpx has already dealt with (it decodes the body).
+_DROPPED_HEADERS = {"content-encoding", "content-length", "transfer-encoding", "connection",
+                    "keep-alive"}
+
+
+def chromium_path() -> str | None:
+    """The Chromium the tool starts: ``$PLANRUN_CHROMIUM``, else the first of Debian's and
+    Google's names on PATH; None when there is none (Playwright's own download is then
+    tried)."""
+    configured = os.environ.get(CHROMIUM_ENV, "").strip()
+    if configured:
+        return configured
+    for name in CHROMIUM_NAMES:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+class BrowserParams(Params):
+    url: HttpUrlText = Field(description="The http:// or https:// page to open.")
+    wait_for: str | None = Field(
+        default=None, min_length=1,
+        description="A CSS selector to wait for once the page has loaded (missing: the step "
+                    "fails, category logic). Absent: wait for the network to be idle, at "
+                    "most `idle_timeout` seconds, then take the page as it is.")
+    screenshot: bool | RelativePath = Field(
+        default=True,
+        description="Where to store a PNG screenshot, relative to the workspace root; true: "
+                    "screenshots/<step id>.png; false: none.")
+    full_page: bool = Field(default=False,
+                            description="Screenshot the whole page, not only the viewport.")
+    load_timeout: float = Field(default=30.0, gt=0, le=600,
+                                description="Seconds the page may take to load (transient "
+                                            "error after that).")
+    wait_timeout: float = Field(default=10.0, gt=0, le=600,
+                                description="Seconds to wait for the `wait_for` selector.")
+    idle_timeout: float = Field(default=5.0, ge=0, le=600,
+                                description="Seconds to wait for network idle when there is "
+                                            "no `wait_for` (settled: false after that).")
+    max_text_chars: int = Field(default=100_000, ge=0, le=10_000_000,
+                                description="Keep at most this many characters of the "
+                                            "page's text (text_truncated: true).")
+    allow_error_status: bool = Field(
+        default=False,
+        description="Return pages answered with HTTP 4xx/5xx instead of failing the step.")
+
+
+# -- the shared browser ------------------------------------------------------------------------
+
+class SharedBrowser:
+    """This process's Chromium, driven by Playwright in a thread with its own event loop.
+
+    ``call(factory)`` runs ``factory(browser)`` there and waits for it from any loop;
+    cancelling the wait cancels the work. The browser is started on first use and again
+    when it has crashed or been closed. ``marker`` is a command-line switch given to
+    Chromium, by which its processes are found (``processes``).
+    """
+
+    def __init__(self, executable: str | None = None) -> None:
+        self.executable = executable
+        self.marker = f"--planrun-browser={uuid.uuid4().hex}"
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._starting: asyncio.Lock | None = None
+        self._launching: asyncio.Future[None] | None = None
+        self._playwright: Any = None
+        self._browser: Any = None
+        self._main: psutil.Process | None = None
+        #: How many times the browser was started (a crash makes one more).
+        self.launches = 0
+
+    # - the thread --------------------------------------------------------------------------
+
+    def _thread_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, daemon=True,
+                                 name="planrun-browser").start()
+                self._loop = loop
+                atexit.register(self.close_now)
+            return self._loop
+
+    async def call(self, work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+        """``work(browser)`` on the browser's thread; its result or its exception."""
+        async def run() -> T:
+            return await work(await self.browser())
+
+        future = asyncio.run_coroutine_threadsafe(run(), self._thread_loop())
+        return await asyncio.wrap_future(future)
+
+    # - the browser (on its thread) ----------------------------------------------------------
+
+    async def browser(self) -> Any:
+        """The running browser, started (again) when there is none. A start goes on when
+        the step that asked for it is cancelled: the next step uses it."""
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:  # one check and at most one start at a time
+            alive = self._browser is not None and self._browser.is_connected() and \
+                await asyncio.to_thread(self.main_process) is not None  # not crashed
+            if not alive and (self._launching is None or self._launching.done()):
+                self._launching = asyncio.ensure_future(self._launch())
+            launching = self._launching
+        if launching is not None:
+            await asyncio.shield(launching)  # a start that failed raises its error
+        return self._browser
+
+    async def _launch(self) -> None:
+        from playwright.async_api import async_playwright
+
+        await self._stop()
+        self._playwright = await async_playwright().start()
+        executable = self.executable if self.executable is not None else chromium_path()
+        self._browser = await self._playwright.chromium.launch(
+            executable_path=executable, headless=True, timeout=LAUNCH_TIMEOUT_S * 1000,
+            args=[self.marker, "--disable-dev-shm-usage", "--disable-background-networking",
+                  "--no-first-run", "--no-default-browser-check"])
+        self.launches += 1
+
+    async def _stop(self) -> None:
+        browser, playwright = self._browser, self._playwright
+        self._browser = self._playwright = None
+        if browser is not None:
+            with contextlib.suppress(Exception):
+                await browser.close()
+        if playwright is not None:
+            with contextlib.suppress(Exception):
+                await playwright.stop()
+
+    def close_now(self, timeout: float = 10.0) -> None:
+        """Close the browser (at exit, or when a test is done with it)."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or not loop.is_running():
+            return
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self._stop(), loop).result(timeout)
+
+    # - its processes -------------------------------------------------------------------------
+
+    def main_process(self) -> psutil.Process | None:
+        """Chromium's browser process (the one without ``--type=``), if it runs."""
+        known = self._main
+        if known is not None and known.is_running() and known.status() != psutil.STATUS_ZOMBIE:
+            return known
+        self._main = None
+        for proc in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                cmdline = proc.cmdline()
+                if self.marker in cmdline and not any(a.startswith("--type=") for a in cmdline):
+                    self._main = proc
+                    return proc
+        return None
+
+    def processes(self) -> list[psutil.Process]:
+        """The browser process and all its descendants (renderers, GPU, utilities)."""
+        main = self.main_process()
+        if main is None:
+            return []
+        with contextlib.suppress(psutil.Error):
+            return [main, *main.children(recursive=True)]
+        return [main]
+
+
+_SHARED: dict[int, SharedBrowser] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_browser() -> SharedBrowser:
+    """This process's browser (a forked child gets its own: threads do not survive a fork)."""
+    with _SHARED_LOCK:
+        browser = _SHARED.get(os.getpid())
+        if browser is None:
+            browser = _SHARED[os.getpid()] = SharedBrowser()
+        return browser
+
+
+# -- what the browser's processes use ----------------------------------------------------------
+
+class ProcessMeter:
+    """The browser's processes measured while one step runs: the highest total memory seen
+    (proportional set size where the kernel gives it: a page shared by N processes counts
+    1/N; else the resident set) and the CPU time they used meanwhile."""
+
+    def __init__(self, browser: SharedBrowser) -> None:
+        self.browser = browser
+        self.peak = 0
+        self._cpu_first: dict[int, float] = {}
+        self._cpu_last: dict[int, float] = {}
+
+    def sample(self) -> None:
+        total = 0
+        for proc in self.browser.processes():
+            try:
+                total += _memory(proc)
+                times = proc.cpu_times()
+            except psutil.Error:
+                continue
+            cpu = times.user + times.system
+            self._cpu_first.setdefault(proc.pid, cpu if not self._cpu_last else 0.0)
+            self._cpu_last[proc.pid] = cpu
+        self.peak = max(self.peak, total)
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(last - self._cpu_first.get(pid, 0.0) for pid, last in self._cpu_last.items())
+
+    async def sampling(self, interval: float = SAMPLE_INTERVAL_S) -> None:
+        """Sample every ``interval`` seconds until cancelled."""
+        while True:
+            await asyncio.to_thread(self.sample)
+            await asyncio.sleep(interval)
+
+
+def _memory(proc: psutil.Process) -> int:
+    try:
+        with open(f"/proc/{proc.pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(proc.memory_info().rss)
+
+
+# -- the policy on every request ---------------------------------------------------------------
+
+@dataclass
+class RequestGuard:
+    """Makes each request of the page through httpx with the network guard's transport, so
+    that only checked addresses are reached; remembers the first refusal. A redirect goes
+    back to the page as it came, so the browser's next request is checked in turn."""
+
+    policy: LevelPolicy
+    trust: Trust
+    blocked: list[StepError] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    #: Whether the next main-frame navigation is the step's own.
+    expecting: bool = False
+    #: Where the step's page redirected (checked): the step opens it next.
+    redirect_to: str | None = None
+
+    async def install(self, context: Any) -> None:
+        self.client = httpx.AsyncClient(transport=guarded_transport(self.policy, self.trust),
+                                        follow_redirects=False,
+                                        timeout=httpx.Timeout(None, connect=10.0))
+        await context.route("**/*", self.handle)
+        await context.route_web_socket("**/*", self.handle_socket)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    def expect_page(self) -> None:
+        """The next main-frame navigation is the step's own (``page.goto``)."""
+        self.expecting, self.redirect_to = True, None
+
+    async def handle(self, route: Any, request: Any) -> None:
+        ours = self.expecting and request.is_navigation_request() and _main_frame(request)
+        if ours:
+            self.expecting = False
+        try:
+            headers = {k: v for k, v in (await request.all_headers()).items()
+                       if not k.startswith(":") and k.lower() not in ("host", "content-length")}
+            # The step's page stops at a redirect, which the step then opens itself (a new
+            # request, checked in turn: Playwright does not route redirects); anything
+            # else has its redirects followed here, each one checked.
+            response = await self.client.request(
+                request.method, request.url, headers=headers,
+                content=request.post_data_buffer, follow_redirects=not ours)
+            location = response.headers.get("location")
+            if ours and response.is_redirect and location:
+                target = str(response.url.join(location))
+                await check_url(target, self.policy, self.trust)
+                self.redirect_to = target
+                await _quietly(route.abort("aborted"))
+                return
+        except StepError as exc:  # the network guard's refusal
+            self.blocked.append(exc)
+            await _quietly(route.abort("blockedbyclient"))
+            return
+        except httpx.HTTPError as exc:
+            self.failed.append(f"{redact_url(request.url)}: {type(exc).__name__}: {exc}")
+            await _quietly(route.abort(_abort_code(exc)))
+            return
+        if len(response.content) > MAX_RESPONSE_BYTES:
+            self.failed.append(f"{redact_url(request.url)}: larger than "
+                               f"{MAX_RESPONSE_BYTES} bytes")
+            await _quietly(route.abort("failed"))
+            return
+        await _quietly(route.fulfill(status=response.status_code, body=response.content,
+                                     headers=_fulfilled_headers(response.headers)))
+
+    async def handle_socket(self, socket: Any) -> None:
+        try:
+            await check_url(_http_form(socket.url), self.policy, self.trust)
+        except StepError as exc:
+            self.blocked.append(exc)
+            await _quietly(socket.close(code=1008, reason="blocked by policy"))
+            return
+        socket.connect_to_server()
+
+
+def _main_frame(request: Any) -> bool:
+    try:
+        return request.frame.parent_frame is None
+    except Exception:  # noqa: BLE001 - a worker's request has no frame
+        return False
+
+
+def _http_form(url: str) -> str:
+    return "http" + url[2:] if url.startswith("ws") else url
+
+
+def _abort_code(exc: httpx.HTTPError) -> str:
+    text = str(exc).lower()
+    if "resolve" in text or "name or service" in text:
+        return "namenotresolved"
+    if isinstance(exc, httpx.ConnectError):
+        return "connectionrefused"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timedout"
+    return "failed"
+
+
+def _fulfilled_headers(headers: httpx.Headers) -> dict[str, str]:
+    kept: dict[str, str] = {}
+    for name, value in headers.multi_items():
+        name = name.lower()
+        if name in _DROPPED_HEADERS:
+            continue
+        kept[name] = f"{kept[name]}\n{value}" if name in kept else value
+    return kept
+
+
+async def _quietly(action: Awaitable[Any]) -> None:
+    with contextlib.suppress(Exception):  # the page may be gone already (the step ended)
+        await action
+
+
+# -- one visit ---------------------------------------------------------------------------------
+
+@dataclass
+class Visit:
+    """What one step saw of its page."""
+
+    title: str
+    final_url: str
+    status: int | None
+    html: str
+    inner_text: str
+    settled: bool
+    page_errors: list[str]
+    png: bytes | None
+    blocked: list[StepError]
+
+
+async def visit(browser: Any, params: BrowserParams, guard: RequestGuard | None) -> Visit:
+    """Open ``params.url`` in a fresh context of ``browser``, closed when done."""
+    context = await browser.new_context(viewport=VIEWPORT, service_workers="block",
+                                        accept_downloads=False)
+    try:
+        if guard is not None:
+            await guard.install(context)
+        return await _in_page(await context.new_page(), params, guard)
+    finally:
+        await _quietly(context.close())
+        if guard is not None:
+            await guard.close()
+
+
+async def _in_page(page: Any, params: BrowserParams, guard: RequestGuard | None) -> Visit:
+    from playwright.async_api import TimeoutError as PlaywrightTimeout
+
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        response = await _navigate(page, params, guard)
+    except PlaywrightTimeout as exc:
+        _raise_blocked(guard)
+        raise TransientError(
+            f"browser.open: {redact_url(params.url)} did not load within "
+            f"{params.load_timeout:g}s",
+            hint="the site is slow or unreachable; it was retried - raise the step's "
+                 "load_timeout if the page needs longer") from exc
+    except StepError:
+        raise
+    except Exception as exc:
+        _raise_blocked(guard)
+        raise _navigation_error(params.url, exc, guard) from exc
+    settled = await _waited(page, params)
+    _raise_blocked(guard)
+    png = None
+    if params.screenshot is not False:
+        png = await page.screenshot(type="png", full_page=params.full_page,
+                                    timeout=params.load_timeout * 1000)
+    inner = await page.evaluate("() => document.body ? document.body.innerText : ''")
+    return Visit(title=await page.title(), final_url=page.url,
+                 status=response.status if response is not None else None,
+                 html=await page.content(), inner_text=inner or "", settled=settled,
+                 page_errors=errors[:PAGE_ERRORS_KEPT], png=png,
+                 blocked=list(guard.blocked) if guard else [])
+
+
+async def _navigate(page: Any, params: BrowserParams, guard: RequestGuard | None) -> Any:
+    """``page.goto`` the step's URL within ``load_timeout``; under the guard, each redirect
+    it checked is opened in turn, up to ``MAX_REDIRECTS``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + params.load_timeout
+    url = params.url
+    for _ in range(MAX_REDIRECTS + 1):
+        left_ms = max(deadline - loop.time(), 0.001) * 1000
+        if guard is None:
+            return await page.goto(url, wait_until="load", timeout=left_ms)
+        guard.expect_page()
+        try:
+            return await page.goto(url, wait_until="load", timeout=left_ms)
+        except Exception:
+            if guard.redirect_to is None or guard.blocked:
+                raise
+            url = guard.redirect_to
+    raise ConfigurationError(f"browser.open: {redact_url(params.url)} redirects more than "
+                             f"{MAX_REDIRECTS} times",
+                             hint="the URL redirects in a loop; check it")
+
+
+async def _waited(page: Any, params: BrowserParams) -> bool:
+    """Wait for the selector (a logic error when it never appears), or for network idle
+    (False when it is not reached in ``idle_timeout``: the page is taken as it is)."""
+    from playwright.async_api import TimeoutError as PlaywrightTimeout
+
+    if params.wait_for is not None:
+        try:
+            await page.wait_for_selector(params.wait_for, state="attached",
+                                         timeout=params.wait_timeout * 1000)
+        except PlaywrightTimeout as exc:
+            raise LogicError(
+                f"browser.open: the selector {params.wait_for!r} did not appear on "
+                f"{redact_url(page.url)} within {params.wait_timeout:g}s",
+                hint="check the selector against the page (it may be named differently, "
+                     "or shown only after a login), or raise wait_timeout") from exc
+        except Exception as exc:
+            if "selector" in str(exc).lower() and "closed" not in str(exc).lower():
+                raise ConfigurationError(
+                    f"browser.open: {params.wait_for!r} is not a valid selector: "
+                    f"{str(exc).splitlines()[0]}",
+                    hint="write a CSS selector, like '#main' or 'article h1'") from exc
+            raise
+        return True
+    if params.idle_timeout == 0:
+        return False
+    try:
+        await page.wait_for_load_state("networkidle", timeout=params.idle_timeout * 1000)
+    except PlaywrightTimeout:
+        return False
+    return True
+
+
+def _raise_blocked(guard: RequestGuard | None) -> None:
+    if guard is not None and guard.blocked:
+        first = guard.blocked[0]
+        more = f" ({len(guard.blocked) - 1} more request(s) blocked)" \
+            if len(guard.blocked) > 1 else ""
+        raise ConfigurationError(f"browser.open: a request of the page was {first.message}"
+                                 f"{more}", hint=first.hint)
+
+
+def _navigation_error(url: str, exc: Exception, guard: RequestGuard | None) -> StepError:
+    """The error of a page that could not be opened, from Chromium's ``net::ERR_*``."""
+    text = str(exc)
+    shown = redact_url(url)
+    failed = f" ({guard.failed[0]})" if guard is not None and guard.failed else ""
+    if "ERR_NAME_NOT_RESOLVED" in text:
+        return TransientError(f"browser.open: cannot resolve the host of {shown}{failed}",
+                              hint="check the host name in the URL; it was retried in case "
+                                   "the resolver failed for a moment")
+    if "ERR_CONNECTION_REFUSED" in text:
+        return TransientError(f"browser.open: the connection to {shown} was refused{failed}",
+                              hint="check the port in the URL and that the site is up")
+    if "ERR_" in text and "net::" in text:
+        code = text.split("net::", 1)[1].split()[0]
+        return TransientError(f"browser.open: could not open {shown}: {code}{failed}",
+                              hint="a network or server problem; it was retried - try the "
+                                   "page in a browser if it persists")
+    if _closed(text):
+        return TransientError(
+            f"browser.open: the browser closed while opening {shown}: "
+            f"{text.splitlines()[0]}",
+            hint="the browser crashed or was stopped; it is started again for the retry")
+    if "invalid url" in text.lower():
+        return ConfigurationError(f"browser.open: invalid URL {shown}",
+                                  hint="use an http:// or https:// URL with a host name")
+    return TransientError(f"browser.open: could not open {shown}: {text.splitlines()[0]}",
+                          hint="an unexpected browser error; it was retried")
+
+
+def _closed(text: str) -> bool:
+    lowered = text.lower()
+    return "has been closed" in lowered or "target crashed" in lowered or \
+        "browser closed" in lowered or "connection closed" in lowered
+
+
+def _status_error(url: str, status: int) -> StepError:
+    said = f"browser.open: {redact_url(url)} answered HTTP {status}"
+    details = {"status": status, "url": redact_url(url)}
+    hint = "set allow_error_status: true to take the page as it is"
+    if status == 429:
+        return ResourceError(f"{said}: too many requests", details=details,
+                             hint=f"the site is rate limiting; {hint}")
+    if status == 408 or status >= 500:
+        return TransientError(f"{said}: a server-side failure", details=details,
+                              hint=f"the site failed; it was retried - {hint}")
+    if status in (401, 403):
+        return AccessError(f"{said}: access refused", details=details,
+                           hint=f"the page needs credentials; {hint}")
+    return ConfigurationError(f"{said}: check the URL", details=details,
+                              hint=f"the site refused the request; {hint}")
+
+
+# -- text --------------------------------------------------------------------------------------
+
+def readable_text(html: str, inner_text: str) -> tuple[str, str]:
+    """The page's main text (trafilatura: no menus, footers, scripts) and where it came
+    from; the page's whole visible text (``innerText``) when trafilatura finds none."""
+    try:
+        import trafilatura
+    except ImportError:  # an install without it
+        return inner_text.strip(), "inner_text"
+    extracted = trafilatura.extract(html, include_comments=False, favor_recall=True) \
+        if html else None
+    if extracted and extracted.strip():
+        return extracted.strip(), "readable"
+    return inner_text.strip(), "inner_text"
+
+
+# -- the Prefect artifact ----------------------------------------------------------------------
+
+#: Publishes a markdown artifact: ``(markdown, description)``.
+Publisher = Callable[[str, str], Awaitable[None]]
+
+
+async def prefect_markdown(markdown: str, description: str) -> None:
+    """A markdown artifact on the current Prefect task run; nothing outside a run."""
+    from prefect.artifacts import acreate_markdown_artifact
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if TaskRunContext.get() is None and FlowRunContext.get() is None:
+        return
+    await acreate_markdown_artifact(markdown, description=description)
+
+
+def screenshot_markdown(output: dict[str, Any], where: Path) -> str:
+    """The artifact: what was opened and where its screenshot is."""
+    def cell(value: Any) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    rows = [("page", f"[{cell(output['title'] or output['final_url'])}]"
+                     f"({cell(output['final_url'])})"),
+            ("status", cell(output["status"])),
+            ("screenshot", f"`{cell(output['screenshot'])}` (in the workspace: "
+                           f"[{cell(where)}]({where.as_uri()}))")]
+    return "### browser.open\n\n| | |\n|---|---|\n" + \
+        "\n".join(f"| {name} | {value} |" for name, value in rows) + "\n"
+
+
+# -- the adapter -------------------------------------------------------------------------------
+
+class BrowserOpen(Adapter[BrowserParams]):
+    """Opens a page: ``{"url", "final_url", "status", "title", "text", "text_source",
+    "text_truncated", "settled", "page_errors", "screenshot"}``.
+
+    ``browser`` is the shared browser to use (this process's by default) and ``publish``
+    what attaches the screenshot to the Prefect run; tests inject their own.
+    """
+
+    name = "browser.open"
+    Params = BrowserParams
+    summary = "open a web page in headless Chromium: text, title, screenshot"
+    default_estimate_s = 3.0
+    default_timeout_s = 120.0
+    in_process = False  # the work is the browser's processes, which the tool measures
+
+    def __init__(self, browser: SharedBrowser | None = None,
+                 publish: Publisher | None = None) -> None:
+        self._browser = browser
+        self._publish = publish or prefect_markdown
+
+    @property
+    def browser(self) -> SharedBrowser:
+        return self._browser or shared_browser()
+
+    def estimate(self, params: BrowserParams) -> float:
+        return self.default_estimate_s
+
+    async def execute(self, params: BrowserParams, ctx: StepContext) -> dict[str, Any]:
+        target = self._screenshot_path(params, ctx)
+        guard = RequestGuard(ctx.policy, ctx.trust) if needs_guard(ctx.policy, ctx.trust) \
+            else None
+        meter = ProcessMeter(self.browser)
+        sampler: asyncio.Task[None] | None = None
+
+        async def work(browser: Any) -> Visit:
+            nonlocal sampler
+            sampler = asyncio.ensure_future(meter.sampling())
+            try:
+                return await visit(browser, params, guard)
+            finally:
+                sampler.cancel()
+                await asyncio.to_thread(meter.sample)
+
+        started = time.monotonic()
+        try:
+            seen = await self.browser.call(work)
+        finally:
+            ctx.usage.ran(Resources(peak_memory_bytes=meter.peak, cpu_s=round(meter.cpu_s, 3),
+                                    written_bytes=0))
+        if seen.status is not None and seen.status >= 400 and not params.allow_error_status:
+            raise _status_error(seen.final_url, seen.status)
+        text, source = await asyncio.to_thread(readable_text, seen.html, seen.inner_text)
+        output: dict[str, Any] = {
+            "url": redact_url(params.url), "final_url": redact_url(seen.final_url),
+            "status": seen.status, "title": seen.title,
+            "text": text[:params.max_text_chars], "text_source": source,
+            "text_truncated": len(text) > params.max_text_chars, "settled": seen.settled,
+            "page_errors": seen.page_errors, "screenshot": None,
+            "duration_s": round(time.monotonic() - started, 3)}
+        if target is not None and seen.png is not None:
+            rel, path = target
+            await write_workspace_file(ctx, "browser.open", path, seen.png)
+            output["screenshot"] = rel
+            await self._attach(output, path, ctx)
+        return output
+
+    def _screenshot_path(self, params: BrowserParams, ctx: StepContext
+                         ) -> tuple[str, Path] | None:
+        if params.screenshot is False:
+            return None
+        rel = f"screenshots/{ctx.step_id}.png" if params.screenshot is True \
+            else params.screenshot
+        return rel, ctx.workspace.resolve(rel)  # refused before the page is opened
+
+    async def _attach(self, output: dict[str, Any], path: Path, ctx: StepContext) -> None:
+        markdown = ctx.redactor.text(screenshot_markdown(output, path))
+        try:
+            await self._publish(markdown, ctx.redactor.text(
+                f"{ctx.step_id}: screenshot of {output['final_url']}"))
+        except Exception as exc:  # noqa: BLE001 - the artifact is a view; the step succeeded
+            ctx.logger.warning("could not attach the screenshot artifact: %s", exc)
+
+    def classify(self, exc: Exception) -> StepError:
+        text = str(exc)
+        if _closed(text):
+            return TransientError(f"browser.open: the browser closed: {text.splitlines()[0]}",
+                                  hint="the browser crashed or was stopped; it is started "
+                                       "again for the retry")
+        if "Executable doesn't exist" in text or isinstance(exc, FileNotFoundError):
+            return ConfigurationError(
+                f"browser.open: cannot start Chromium: {text.splitlines()[0]}",
+                hint="install Debian's chromium package (scripts/install does), or set "
+                     f"{CHROMIUM_ENV} to a Chromium binary")
+        return super().classify(exc)
+
+    async def health(self) -> Health:
+        """Chromium starts (or already runs) and answers."""
+        executable = self.browser.executable or chromium_path()
+        if executable is None:
+            return Health(ok=False, detail=f"no Chromium found ({', '.join(CHROMIUM_NAMES)} "
+                                           f"on PATH, or {CHROMIUM_ENV})")
+
+        async def version(browser: Any) -> str:
+            return str(browser.version)
+
+        try:
+            found = await self.browser.call(version)
+        except Exception as exc:  # noqa: BLE001 - reported as the health it is
+            return Health(ok=False, detail=f"Chromium ({executable}) does not start: "
+                                           f"{str(exc).splitlines()[0]}")
+        return Health(ok=True, detail=f"Chromium {found} ({executable})")
