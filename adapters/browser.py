@@ -58,8 +58,10 @@ CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrom
 VIEWPORT = {"width": 1280, "height": 800}
 #: How often the browser's processes are measured while a step runs.
 SAMPLE_INTERVAL_S = 0.2
-#: How long ``health()`` and a step wait for the browser to start.
+#: How long a start of the browser may take before it fails.
 LAUNCH_TIMEOUT_S = 60.0
+#: How long ``health()`` waits for a start (under the health check's own 5 s).
+HEALTH_WAIT_S = 4.0
 #: A response larger than this is not handed to the page (guarded requests are buffered).
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 PAGE_ERRORS_KEPT = 5
@@ -252,25 +254,33 @@ class ProcessMeter:
     def __init__(self, browser: SharedBrowser) -> None:
         self.browser = browser
         self.peak = 0
+        self._lock = threading.Lock()  # a sample in a thread may outlive its cancelled task
+        self._sampled = False
         self._cpu_first: dict[int, float] = {}
         self._cpu_last: dict[int, float] = {}
 
     def sample(self) -> None:
-        total = 0
-        for proc in self.browser.processes():
-            try:
-                total += _memory(proc)
-                times = proc.cpu_times()
-            except psutil.Error:
-                continue
-            cpu = times.user + times.system
-            self._cpu_first.setdefault(proc.pid, cpu if not self._cpu_last else 0.0)
-            self._cpu_last[proc.pid] = cpu
-        self.peak = max(self.peak, total)
+        """Read the browser's processes once: their memory together, and each one's CPU
+        time (those running at the first sample count from there, later ones whole)."""
+        with self._lock:
+            first, self._sampled = not self._sampled, True
+            total = 0
+            for proc in self.browser.processes():
+                try:
+                    total += _memory(proc)
+                    times = proc.cpu_times()
+                except psutil.Error:
+                    continue
+                cpu = times.user + times.system
+                self._cpu_first.setdefault(proc.pid, cpu if first else 0.0)
+                self._cpu_last[proc.pid] = cpu
+            self.peak = max(self.peak, total)
 
     @property
     def cpu_s(self) -> float:
-        return sum(last - self._cpu_first.get(pid, 0.0) for pid, last in self._cpu_last.items())
+        with self._lock:
+            return sum(last - self._cpu_first.get(pid, 0.0)
+                       for pid, last in self._cpu_last.items())
 
     async def sampling(self, interval: float = SAMPLE_INTERVAL_S) -> None:
         """Sample every ``interval`` seconds until cancelled."""
@@ -418,7 +428,6 @@ class Visit:
     settled: bool
     page_errors: list[str]
     png: bytes | None
-    blocked: list[StepError]
 
 
 async def visit(browser: Any, params: BrowserParams, guard: RequestGuard | None) -> Visit:
@@ -464,8 +473,7 @@ async def _in_page(page: Any, params: BrowserParams, guard: RequestGuard | None)
     return Visit(title=await page.title(), final_url=page.url,
                  status=response.status if response is not None else None,
                  html=await page.content(), inner_text=inner or "", settled=settled,
-                 page_errors=errors[:PAGE_ERRORS_KEPT], png=png,
-                 blocked=list(guard.blocked) if guard else [])
+                 page_errors=errors[:PAGE_ERRORS_KEPT], png=png)
 
 
 async def _navigate(page: Any, params: BrowserParams, guard: RequestGuard | None) -> Any:
@@ -655,9 +663,6 @@ class BrowserOpen(Adapter[BrowserParams]):
     def browser(self) -> SharedBrowser:
         return self._browser or shared_browser()
 
-    def estimate(self, params: BrowserParams) -> float:
-        return self.default_estimate_s
-
     async def execute(self, params: BrowserParams, ctx: StepContext) -> dict[str, Any]:
         target = self._screenshot_path(params, ctx)
         guard = RequestGuard(ctx.policy, ctx.trust) if needs_guard(ctx.policy, ctx.trust) \
@@ -737,7 +742,12 @@ class BrowserOpen(Adapter[BrowserParams]):
             return str(browser.version)
 
         try:
-            found = await self.browser.call(version)
+            # The start goes on past the wait: on a loaded machine it may take longer than
+            # a health check may (flows/health.py), and a slow start is not a broken one.
+            found = await asyncio.wait_for(asyncio.shield(self.browser.call(version)),
+                                           HEALTH_WAIT_S)
+        except TimeoutError:
+            return Health(ok=True, detail=f"Chromium ({executable}) is starting")
         except Exception as exc:  # noqa: BLE001 - reported as the health it is
             return Health(ok=False, detail=f"Chromium ({executable}) does not start: "
                                            f"{str(exc).splitlines()[0]}")

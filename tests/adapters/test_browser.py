@@ -84,6 +84,10 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return None
+        if path == "/embeds":
+            return self._send(200, "<html><head><title>Embeds</title></head><body><p>A "
+                                   f"picture:</p><img src='{self.server.redirect_to}'></body>"
+                                   "</html>")
         if path == "/gone":
             return self._send(404, "<html><title>Not here</title><body>nothing</body></html>")
         return self._send(200, PAGES.get(path, "<html><title>x</title></html>"))
@@ -269,6 +273,29 @@ def test_a_redirect_to_a_denied_host_is_blocked_before_any_request_reaches_it(
     assert error.category == "configuration"
     assert "blocked by policy" in error.message and other_site.host in error.message
     assert site.requests == ["/away"] and other_site.requests == []
+
+
+def test_a_subresource_on_a_denied_host_is_blocked_and_fails_the_step(
+        tool: BrowserOpen, make_ctx: Callable[..., StepContext], site: Site,
+        other_site: Site) -> None:
+    site.redirect_to = other_site.url("/pixel.png")
+    ctx = make_ctx(trust=Trust.SUBMITTED,
+                   policy=LevelPolicy(allow_private=True, hosts=[site.host]))
+    error = failure(tool, ctx, url=site.url("/embeds"))
+    assert error.category == "configuration" and other_site.host in error.message
+    assert "/embeds" in site.requests and other_site.requests == []
+
+
+def test_the_runs_secrets_are_masked_in_the_artifact(
+        tool: BrowserOpen, make_ctx: Callable[..., StepContext], site: Site,
+        published: Published) -> None:
+    from planrun.redact import Redactor
+
+    ctx = make_ctx(trust=Trust.LOCAL, policy=LevelPolicy(allow_private=True),
+                   redactor=Redactor(["hunter2-secret"]))
+    open_page(tool, ctx, url=site.url("/?account=hunter2-secret"))
+    [(markdown, description)] = published.artifacts
+    assert "hunter2-secret" not in markdown + description and "***" in markdown
 
 
 def test_a_redirect_to_an_allowed_host_that_refuses_is_transient_and_the_browser_lives_on(
