@@ -128,6 +128,7 @@ class SharedBrowser:
     def __init__(self, executable: str | None = None) -> None:
         self.executable = executable
         self.marker = f"--planrun-browser={uuid.uuid4().hex}"
+        self._pid = os.getpid()
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._starting: asyncio.Lock | None = None
@@ -200,7 +201,8 @@ class SharedBrowser:
     def close_now(self, timeout: float = 10.0) -> None:
         """Close the browser (at exit, or when a test is done with it)."""
         loop = self._loop
-        if loop is None or loop.is_closed() or not loop.is_running():
+        if loop is None or loop.is_closed() or not loop.is_running() or \
+                os.getpid() != self._pid:  # a forked child: the thread stayed in its parent
             return
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(self._stop(), loop).result(timeout)
@@ -210,8 +212,10 @@ class SharedBrowser:
     def main_process(self) -> psutil.Process | None:
         """Chromium's browser process (the one without ``--type=``), if it runs."""
         known = self._main
-        if known is not None and known.is_running() and known.status() != psutil.STATUS_ZOMBIE:
-            return known
+        with contextlib.suppress(psutil.Error):
+            if known is not None and known.is_running() and \
+                    known.status() != psutil.STATUS_ZOMBIE:
+                return known
         self._main = None
         for proc in psutil.Process().children(recursive=True):
             with contextlib.suppress(psutil.Error):
@@ -305,11 +309,14 @@ def _memory(proc: psutil.Process) -> int:
 @dataclass
 class RequestGuard:
     """Makes each request of the page through httpx with the network guard's transport, so
-    that only checked addresses are reached; remembers the first refusal. A redirect goes
-    back to the page as it came, so the browser's next request is checked in turn."""
+    that only checked addresses are reached, and remembers every refusal. The step's own
+    page stops at a redirect, whose target is checked and then opened by the step as a new
+    request (``redirect_to``); other requests have their redirects followed by httpx, each
+    one checked. ``timeout_s`` bounds each request's reads."""
 
     policy: LevelPolicy
     trust: Trust
+    timeout_s: float = 30.0
     blocked: list[StepError] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     #: Whether the next main-frame navigation is the step's own.
@@ -320,7 +327,8 @@ class RequestGuard:
     async def install(self, context: Any) -> None:
         self.client = httpx.AsyncClient(transport=guarded_transport(self.policy, self.trust),
                                         follow_redirects=False,
-                                        timeout=httpx.Timeout(None, connect=10.0))
+                                        timeout=httpx.Timeout(self.timeout_s,
+                                                              connect=min(self.timeout_s, 10)))
         await context.route("**/*", self.handle)
         await context.route_web_socket("**/*", self.handle_socket)
 
@@ -665,8 +673,8 @@ class BrowserOpen(Adapter[BrowserParams]):
 
     async def execute(self, params: BrowserParams, ctx: StepContext) -> dict[str, Any]:
         target = self._screenshot_path(params, ctx)
-        guard = RequestGuard(ctx.policy, ctx.trust) if needs_guard(ctx.policy, ctx.trust) \
-            else None
+        guard = RequestGuard(ctx.policy, ctx.trust, params.load_timeout) \
+            if needs_guard(ctx.policy, ctx.trust) else None
         meter = ProcessMeter(self.browser)
         sampler: asyncio.Task[None] | None = None
 

@@ -88,6 +88,10 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(200, "<html><head><title>Embeds</title></head><body><p>A "
                                    f"picture:</p><img src='{self.server.redirect_to}'></body>"
                                    "</html>")
+        if path == "/socket":
+            return self._send(200, "<html><head><title>Socket</title></head><body><script>"
+                                   f"new WebSocket('{self.server.redirect_to}')</script>"
+                                   "</body></html>")
         if path == "/gone":
             return self._send(404, "<html><title>Not here</title><body>nothing</body></html>")
         return self._send(200, PAGES.get(path, "<html><title>x</title></html>"))
@@ -284,6 +288,17 @@ def test_a_subresource_on_a_denied_host_is_blocked_and_fails_the_step(
     error = failure(tool, ctx, url=site.url("/embeds"))
     assert error.category == "configuration" and other_site.host in error.message
     assert "/embeds" in site.requests and other_site.requests == []
+
+
+def test_a_websocket_to_a_denied_host_is_blocked_and_fails_the_step(
+        tool: BrowserOpen, make_ctx: Callable[..., StepContext], site: Site,
+        other_site: Site) -> None:
+    site.redirect_to = f"ws://{other_site.host}/live"
+    ctx = make_ctx(trust=Trust.SUBMITTED,
+                   policy=LevelPolicy(allow_private=True, hosts=[site.host]))
+    error = failure(tool, ctx, url=site.url("/socket"))
+    assert error.category == "configuration" and other_site.host in error.message
+    assert other_site.requests == []
 
 
 def test_the_runs_secrets_are_masked_in_the_artifact(
