@@ -34,8 +34,8 @@ from tests.helpers import cli
 PLANS = Path(__file__).resolve().parent / "plans"
 INVALID = sorted((PLANS / "invalid").glob("*.yaml"))
 VALID = sorted((PLANS / "valid").glob("*.yaml"))
-TOOLS = ["core.echo", "core.fail", "core.sleep", "file.delete", "file.list", "file.read",
-         "file.write", "http.request", "shell.run"]
+TOOLS = ["browser.open", "core.echo", "core.fail", "core.sleep", "file.delete", "file.list",
+         "file.read", "file.write", "http.request", "shell.run"]
 
 
 @dataclass
@@ -353,7 +353,7 @@ def test_committed_plan_schema_matches_the_code() -> None:
     assert committed == plan_schema(default_registry()), "run scripts/gen-schema"
 
 
-def test_cli_tools_lists_the_nine_tools(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_tools_lists_the_ten_tools(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PLANRUN_ALLOWED_TOOLS", raising=False)
     proc = cli("tools")
     assert proc.returncode == 0, proc.stderr
