@@ -66,6 +66,8 @@ HEALTH_WAIT_S = 4.0
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 PAGE_ERRORS_KEPT = 5
 MAX_REDIRECTS = 20
+#: Request headers httpx sets itself: it asks only for the encodings it can decode.
+_NOT_FORWARDED = {"host", "content-length", "accept-encoding", "connection"}
 #: Response headers httpx has already dealt with (it decodes the body).
 _DROPPED_HEADERS = {"content-encoding", "content-length", "transfer-encoding", "connection",
                     "keep-alive"}
@@ -345,7 +347,7 @@ class RequestGuard:
             self.expecting = False
         try:
             headers = {k: v for k, v in (await request.all_headers()).items()
-                       if not k.startswith(":") and k.lower() not in ("host", "content-length")}
+                       if not k.startswith(":") and k.lower() not in _NOT_FORWARDED}
             # The step's page stops at a redirect, which the step then opens itself (a new
             # request, checked in turn: Playwright does not route redirects); anything
             # else has its redirects followed here, each one checked.
@@ -400,6 +402,8 @@ def _abort_code(exc: httpx.HTTPError) -> str:
     text = str(exc).lower()
     if "resolve" in text or "name or service" in text:
         return "namenotresolved"
+    if "ssl" in text or "certificate" in text:
+        return "connectionfailed"
     if isinstance(exc, httpx.ConnectError):
         return "connectionrefused"
     if isinstance(exc, httpx.TimeoutException):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -57,6 +58,7 @@ class Site(ThreadingHTTPServer):
         self.requests: list[str] = []
         self.release = threading.Event()
         self.redirect_to = ""
+        self.cookies = ""
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}{path}"
@@ -92,6 +94,21 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(200, "<html><head><title>Socket</title></head><body><script>"
                                    f"new WebSocket('{self.server.redirect_to}')</script>"
                                    "</body></html>")
+        if path == "/gzip":
+            body = gzip.compress(ARTICLE.replace(
+                "</body>", "<script>fetch('/cookies')</script></body>").encode())
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Set-Cookie", "a=1; Path=/")
+            self.send_header("Set-Cookie", "b=2; Path=/")
+            self.end_headers()
+            self.wfile.write(body)
+            return None
+        if path == "/cookies":
+            self.server.cookies = self.headers.get("Cookie", "")
+            return self._send(200, "<html><title>Cookies</title></html>")
         if path == "/gone":
             return self._send(404, "<html><title>Not here</title><body>nothing</body></html>")
         return self._send(200, PAGES.get(path, "<html><title>x</title></html>"))
@@ -332,6 +349,17 @@ def test_a_submitted_plan_reaches_allowed_hosts_through_the_guard(
                    policy=LevelPolicy(allow_private=True, hosts=[site.host]))
     out = open_page(tool, ctx, url=site.url("/"))
     assert out["title"] == "Planrun test page" and out["status"] == 200
+
+
+def test_through_the_guard_a_compressed_page_reads_and_its_cookies_stay_in_the_context(
+        tool: BrowserOpen, make_ctx: Callable[..., StepContext], site: Site) -> None:
+    ctx = make_ctx(trust=Trust.SUBMITTED,
+                   policy=LevelPolicy(allow_private=True, hosts=[site.host]))
+    out = open_page(tool, ctx, url=site.url("/gzip"), screenshot=False)
+    assert out["title"] == "Planrun test page" and "harbour was quiet" in out["text"]
+    assert site.cookies == "a=1; b=2"  # both Set-Cookie headers reached the page's fetch
+    open_page(tool, ctx, url=site.url("/cookies"), screenshot=False)
+    assert site.cookies == ""  # a fresh context per step: the last step's cookies are gone
 
 
 def test_a_submitted_plan_cannot_open_a_loopback_page_by_default(
