@@ -1,41 +1,37 @@
 """The ``browser.open`` tool: a page opened in headless Chromium through Playwright
 (docs/browser.md).
 
-One browser per process (``SharedBrowser``): started on first use, reused by every step,
-started again after it crashed; it lives in a thread of its own with its own event loop,
-so that every run of the process (each with its own loop) can use it. Each step gets a
-fresh browser context (no cookies or storage from another step), closed when it ends.
-
-Where the step's policy checks connections (``netguard.needs_guard``), every request the
-page makes goes through ``RequestGuard``: the page's own request, each redirect,
-subresources, fetches, WebSockets. Its host is resolved and checked by the network guard
-of ``http.request``, and the request is made by httpx to a checked address; a denied one
-never leaves, and the step fails with category ``configuration``.
+One browser per process (``adapters/chromium.py``), a fresh browser context per step
+(no cookies or storage from another step), closed when the step ends. Where the step's
+policy checks connections (``netguard.needs_guard``), every request of the page goes
+through ``RequestGuard`` (``adapters/pageguard.py``); the page's own redirects are opened
+here one by one, each checked.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
-import contextlib
-import os
-import shutil
-import threading
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import httpx
-import psutil
 from pydantic import Field
 
 from planrun.adapters.base import Adapter, Health, Params, StepContext
+from planrun.adapters.chromium import (
+    CHROMIUM_ENV,
+    CHROMIUM_NAMES,
+    ProcessMeter,
+    SharedBrowser,
+    chromium_path,
+    shared_browser,
+)
 from planrun.adapters.files import write_workspace_file
 from planrun.adapters.http import HttpUrlText
-from planrun.adapters.netguard import check_url, guarded_transport, needs_guard
+from planrun.adapters.netguard import needs_guard
+from planrun.adapters.pageguard import RequestGuard, quietly
 from planrun.adapters.workspace import RelativePath
 from planrun.contract.records import Resources
 from planrun.errors import (
@@ -46,45 +42,15 @@ from planrun.errors import (
     StepError,
     TransientError,
 )
-from planrun.policy import LevelPolicy, Trust
 from planrun.redact import redact_url
 
 __all__ = ["BrowserOpen", "BrowserParams", "SharedBrowser", "chromium_path", "shared_browser"]
 
-T = TypeVar("T")
-#: Where Debian's ``chromium`` package puts its browser; ``PLANRUN_CHROMIUM`` overrides it.
-CHROMIUM_ENV = "PLANRUN_CHROMIUM"
-CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 VIEWPORT = {"width": 1280, "height": 800}
-#: How often the browser's processes are measured while a step runs.
-SAMPLE_INTERVAL_S = 0.2
-#: How long a start of the browser may take before it fails.
-LAUNCH_TIMEOUT_S = 60.0
 #: How long ``health()`` waits for a start (under the health check's own 5 s).
 HEALTH_WAIT_S = 4.0
-#: A response larger than this is not handed to the page (guarded requests are buffered).
-MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 PAGE_ERRORS_KEPT = 5
 MAX_REDIRECTS = 20
-#: Request headers httpx sets itself: it asks only for the encodings it can decode.
-_NOT_FORWARDED = {"host", "content-length", "accept-encoding", "connection"}
-#: Response headers httpx has already dealt with (it decodes the body).
-_DROPPED_HEADERS = {"content-encoding", "content-length", "transfer-encoding", "connection",
-                    "keep-alive"}
-
-
-def chromium_path() -> str | None:
-    """The Chromium the tool starts: ``$PLANRUN_CHROMIUM``, else the first of Debian's and
-    Google's names on PATH; None when there is none (Playwright's own download is then
-    tried)."""
-    configured = os.environ.get(CHROMIUM_ENV, "").strip()
-    if configured:
-        return configured
-    for name in CHROMIUM_NAMES:
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
 
 
 class BrowserParams(Params):
@@ -116,316 +82,6 @@ class BrowserParams(Params):
         description="Return pages answered with HTTP 4xx/5xx instead of failing the step.")
 
 
-# -- the shared browser ------------------------------------------------------------------------
-
-class SharedBrowser:
-    """This process's Chromium, driven by Playwright in a thread with its own event loop.
-
-    ``call(factory)`` runs ``factory(browser)`` there and waits for it from any loop;
-    cancelling the wait cancels the work. The browser is started on first use and again
-    when it has crashed or been closed. ``marker`` is a command-line switch given to
-    Chromium, by which its processes are found (``processes``).
-    """
-
-    def __init__(self, executable: str | None = None) -> None:
-        self.executable = executable
-        self.marker = f"--planrun-browser={uuid.uuid4().hex}"
-        self._pid = os.getpid()
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._starting: asyncio.Lock | None = None
-        self._launching: asyncio.Future[None] | None = None
-        self._playwright: Any = None
-        self._browser: Any = None
-        self._main: psutil.Process | None = None
-        #: How many times the browser was started (a crash makes one more).
-        self.launches = 0
-
-    # - the thread --------------------------------------------------------------------------
-
-    def _thread_loop(self) -> asyncio.AbstractEventLoop:
-        with self._lock:
-            if self._loop is None:
-                loop = asyncio.new_event_loop()
-                threading.Thread(target=loop.run_forever, daemon=True,
-                                 name="planrun-browser").start()
-                self._loop = loop
-                atexit.register(self.close_now)
-            return self._loop
-
-    async def call(self, work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
-        """``work(browser)`` on the browser's thread; its result or its exception."""
-        async def run() -> T:
-            return await work(await self.browser())
-
-        future = asyncio.run_coroutine_threadsafe(run(), self._thread_loop())
-        return await asyncio.wrap_future(future)
-
-    # - the browser (on its thread) ----------------------------------------------------------
-
-    async def browser(self) -> Any:
-        """The running browser, started (again) when there is none. A start goes on when
-        the step that asked for it is cancelled: the next step uses it."""
-        if self._starting is None:
-            self._starting = asyncio.Lock()
-        async with self._starting:  # one check and at most one start at a time
-            alive = self._browser is not None and self._browser.is_connected() and \
-                await asyncio.to_thread(self.main_process) is not None  # not crashed
-            if not alive and (self._launching is None or self._launching.done()):
-                self._launching = asyncio.ensure_future(self._launch())
-            launching = self._launching
-        if launching is not None:
-            await asyncio.shield(launching)  # a start that failed raises its error
-        return self._browser
-
-    async def _launch(self) -> None:
-        from playwright.async_api import async_playwright
-
-        await self._stop()
-        self._playwright = await async_playwright().start()
-        executable = self.executable if self.executable is not None else chromium_path()
-        self._browser = await self._playwright.chromium.launch(
-            executable_path=executable, headless=True, timeout=LAUNCH_TIMEOUT_S * 1000,
-            args=[self.marker, "--disable-dev-shm-usage", "--disable-background-networking",
-                  "--no-first-run", "--no-default-browser-check"])
-        self.launches += 1
-
-    async def _stop(self) -> None:
-        browser, playwright = self._browser, self._playwright
-        self._browser = self._playwright = None
-        if browser is not None:
-            with contextlib.suppress(Exception):
-                await browser.close()
-        if playwright is not None:
-            with contextlib.suppress(Exception):
-                await playwright.stop()
-
-    def close_now(self, timeout: float = 10.0) -> None:
-        """Close the browser (at exit, or when a test is done with it)."""
-        loop = self._loop
-        if loop is None or loop.is_closed() or not loop.is_running() or \
-                os.getpid() != self._pid:  # a forked child: the thread stayed in its parent
-            return
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(self._stop(), loop).result(timeout)
-
-    # - its processes -------------------------------------------------------------------------
-
-    def main_process(self) -> psutil.Process | None:
-        """Chromium's browser process (the one without ``--type=``), if it runs."""
-        known = self._main
-        with contextlib.suppress(psutil.Error):
-            if known is not None and known.is_running() and \
-                    known.status() != psutil.STATUS_ZOMBIE:
-                return known
-        self._main = None
-        for proc in psutil.Process().children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                cmdline = proc.cmdline()
-                if self.marker in cmdline and not any(a.startswith("--type=") for a in cmdline):
-                    self._main = proc
-                    return proc
-        return None
-
-    def processes(self) -> list[psutil.Process]:
-        """The browser process and all its descendants (renderers, GPU, utilities)."""
-        main = self.main_process()
-        if main is None:
-            return []
-        with contextlib.suppress(psutil.Error):
-            return [main, *main.children(recursive=True)]
-        return [main]
-
-
-_SHARED: dict[int, SharedBrowser] = {}
-_SHARED_LOCK = threading.Lock()
-
-
-def shared_browser() -> SharedBrowser:
-    """This process's browser (a forked child gets its own: threads do not survive a fork)."""
-    with _SHARED_LOCK:
-        browser = _SHARED.get(os.getpid())
-        if browser is None:
-            browser = _SHARED[os.getpid()] = SharedBrowser()
-        return browser
-
-
-# -- what the browser's processes use ----------------------------------------------------------
-
-class ProcessMeter:
-    """The browser's processes measured while one step runs: the highest total memory seen
-    (proportional set size where the kernel gives it: a page shared by N processes counts
-    1/N; else the resident set) and the CPU time they used meanwhile."""
-
-    def __init__(self, browser: SharedBrowser) -> None:
-        self.browser = browser
-        self.peak = 0
-        self._lock = threading.Lock()  # a sample in a thread may outlive its cancelled task
-        self._sampled = False
-        self._cpu_first: dict[int, float] = {}
-        self._cpu_last: dict[int, float] = {}
-
-    def sample(self) -> None:
-        """Read the browser's processes once: their memory together, and each one's CPU
-        time (those running at the first sample count from there, later ones whole)."""
-        with self._lock:
-            first, self._sampled = not self._sampled, True
-            total = 0
-            for proc in self.browser.processes():
-                try:
-                    total += _memory(proc)
-                    times = proc.cpu_times()
-                except psutil.Error:
-                    continue
-                cpu = times.user + times.system
-                self._cpu_first.setdefault(proc.pid, cpu if first else 0.0)
-                self._cpu_last[proc.pid] = cpu
-            self.peak = max(self.peak, total)
-
-    @property
-    def cpu_s(self) -> float:
-        with self._lock:
-            return sum(last - self._cpu_first.get(pid, 0.0)
-                       for pid, last in self._cpu_last.items())
-
-    async def sampling(self, interval: float = SAMPLE_INTERVAL_S) -> None:
-        """Sample every ``interval`` seconds until cancelled."""
-        while True:
-            await asyncio.to_thread(self.sample)
-            await asyncio.sleep(interval)
-
-
-def _memory(proc: psutil.Process) -> int:
-    try:
-        with open(f"/proc/{proc.pid}/smaps_rollup", "rb") as f:
-            for line in f:
-                if line.startswith(b"Pss:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(proc.memory_info().rss)
-
-
-# -- the policy on every request ---------------------------------------------------------------
-
-@dataclass
-class RequestGuard:
-    """Makes each request of the page through httpx with the network guard's transport, so
-    that only checked addresses are reached, and remembers every refusal. The step's own
-    page stops at a redirect, whose target is checked and then opened by the step as a new
-    request (``redirect_to``); other requests have their redirects followed by httpx, each
-    one checked. ``timeout_s`` bounds each request's reads."""
-
-    policy: LevelPolicy
-    trust: Trust
-    timeout_s: float = 30.0
-    blocked: list[StepError] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
-    #: Whether the next main-frame navigation is the step's own.
-    expecting: bool = False
-    #: Where the step's page redirected (checked): the step opens it next.
-    redirect_to: str | None = None
-
-    async def install(self, context: Any) -> None:
-        self.client = httpx.AsyncClient(transport=guarded_transport(self.policy, self.trust),
-                                        follow_redirects=False,
-                                        timeout=httpx.Timeout(self.timeout_s,
-                                                              connect=min(self.timeout_s, 10)))
-        await context.route("**/*", self.handle)
-        await context.route_web_socket("**/*", self.handle_socket)
-
-    async def close(self) -> None:
-        await self.client.aclose()
-
-    def expect_page(self) -> None:
-        """The next main-frame navigation is the step's own (``page.goto``)."""
-        self.expecting, self.redirect_to = True, None
-
-    async def handle(self, route: Any, request: Any) -> None:
-        ours = self.expecting and request.is_navigation_request() and _main_frame(request)
-        if ours:
-            self.expecting = False
-        try:
-            headers = {k: v for k, v in (await request.all_headers()).items()
-                       if not k.startswith(":") and k.lower() not in _NOT_FORWARDED}
-            # The step's page stops at a redirect, which the step then opens itself (a new
-            # request, checked in turn: Playwright does not route redirects); anything
-            # else has its redirects followed here, each one checked.
-            response = await self.client.request(
-                request.method, request.url, headers=headers,
-                content=request.post_data_buffer, follow_redirects=not ours)
-            location = response.headers.get("location")
-            if ours and response.is_redirect and location:
-                target = str(response.url.join(location))
-                await check_url(target, self.policy, self.trust)
-                self.redirect_to = target
-                await _quietly(route.abort("aborted"))
-                return
-        except StepError as exc:  # the network guard's refusal
-            self.blocked.append(exc)
-            await _quietly(route.abort("blockedbyclient"))
-            return
-        except httpx.HTTPError as exc:
-            self.failed.append(f"{redact_url(request.url)}: {type(exc).__name__}: {exc}")
-            await _quietly(route.abort(_abort_code(exc)))
-            return
-        if len(response.content) > MAX_RESPONSE_BYTES:
-            self.failed.append(f"{redact_url(request.url)}: larger than "
-                               f"{MAX_RESPONSE_BYTES} bytes")
-            await _quietly(route.abort("failed"))
-            return
-        await _quietly(route.fulfill(status=response.status_code, body=response.content,
-                                     headers=_fulfilled_headers(response.headers)))
-
-    async def handle_socket(self, socket: Any) -> None:
-        try:
-            await check_url(_http_form(socket.url), self.policy, self.trust)
-        except StepError as exc:
-            self.blocked.append(exc)
-            await _quietly(socket.close(code=1008, reason="blocked by policy"))
-            return
-        socket.connect_to_server()
-
-
-def _main_frame(request: Any) -> bool:
-    try:
-        return request.frame.parent_frame is None
-    except Exception:  # noqa: BLE001 - a worker's request has no frame
-        return False
-
-
-def _http_form(url: str) -> str:
-    return "http" + url[2:] if url.startswith("ws") else url
-
-
-def _abort_code(exc: httpx.HTTPError) -> str:
-    text = str(exc).lower()
-    if "resolve" in text or "name or service" in text:
-        return "namenotresolved"
-    if "ssl" in text or "certificate" in text:
-        return "connectionfailed"
-    if isinstance(exc, httpx.ConnectError):
-        return "connectionrefused"
-    if isinstance(exc, httpx.TimeoutException):
-        return "timedout"
-    return "failed"
-
-
-def _fulfilled_headers(headers: httpx.Headers) -> dict[str, str]:
-    kept: dict[str, str] = {}
-    for name, value in headers.multi_items():
-        name = name.lower()
-        if name in _DROPPED_HEADERS:
-            continue
-        kept[name] = f"{kept[name]}\n{value}" if name in kept else value
-    return kept
-
-
-async def _quietly(action: Awaitable[Any]) -> None:
-    with contextlib.suppress(Exception):  # the page may be gone already (the step ended)
-        await action
-
-
 # -- one visit ---------------------------------------------------------------------------------
 
 @dataclass
@@ -451,7 +107,7 @@ async def visit(browser: Any, params: BrowserParams, guard: RequestGuard | None)
             await guard.install(context)
         return await _in_page(await context.new_page(), params, guard)
     finally:
-        await _quietly(context.close())
+        await quietly(context.close())
         if guard is not None:
             await guard.close()
 
