@@ -236,6 +236,21 @@ def test_a_slow_page_times_out_as_transient(tool: BrowserOpen, local: StepContex
     assert "did not load within 1s" in error.message and "load_timeout" in error.hint
 
 
+def test_a_step_stopped_by_its_timeout_closes_its_context_and_the_browser_serves_on(
+        tool: BrowserOpen, local: StepContext, site: Site,
+        wait_until: Callable[..., None]) -> None:
+    with pytest.raises(StepError) as caught:
+        open_page(tool, local, timeout=1.5, url=site.url("/slow"))
+    assert caught.value.category == "transient" and "timeout of 1.5s" in caught.value.message
+
+    async def contexts(browser: Any) -> int:
+        return len(browser.contexts)
+
+    wait_until(lambda: asyncio.run(tool.browser.call(contexts)) == 0, within=10,
+               what="the stopped step's context to close")
+    assert open_page(tool, local, url=site.url("/"), screenshot=False)["status"] == 200
+
+
 def test_a_missing_element_is_a_logic_error_naming_the_selector(
         tool: BrowserOpen, local: StepContext, site: Site) -> None:
     error = failure(tool, local, url=site.url("/"), wait_for="#results .item", wait_timeout=1)
