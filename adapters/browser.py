@@ -11,6 +11,7 @@ here one by one, each checked.
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -51,6 +52,10 @@ VIEWPORT = {"width": 1280, "height": 800}
 HEALTH_WAIT_S = 4.0
 PAGE_ERRORS_KEPT = 5
 MAX_REDIRECTS = 20
+#: The image in the Prefect artifact: the viewport as a JPEG of this quality, left out when
+#: larger than ``THUMBNAIL_MAX_BYTES`` (it is stored in Prefect's database).
+THUMBNAIL_QUALITY = 45
+THUMBNAIL_MAX_BYTES = 256 * 1024
 
 
 class BrowserParams(Params):
@@ -96,6 +101,8 @@ class Visit:
     settled: bool
     page_errors: list[str]
     png: bytes | None
+    #: The viewport as a small JPEG, for the Prefect UI (None without a screenshot).
+    thumbnail: bytes | None = None
 
 
 async def visit(browser: Any, params: BrowserParams, guard: RequestGuard | None) -> Visit:
@@ -133,15 +140,17 @@ async def _in_page(page: Any, params: BrowserParams, guard: RequestGuard | None)
         raise _navigation_error(params.url, exc, guard) from exc
     settled = await _waited(page, params)
     _raise_blocked(guard)
-    png = None
+    png = thumbnail = None
     if params.screenshot is not False:
         png = await page.screenshot(type="png", full_page=params.full_page,
                                     timeout=params.load_timeout * 1000)
+        thumbnail = await page.screenshot(type="jpeg", quality=THUMBNAIL_QUALITY,
+                                          timeout=params.load_timeout * 1000)
     inner = await page.evaluate("() => document.body ? document.body.innerText : ''")
     return Visit(title=await page.title(), final_url=page.url,
                  status=response.status if response is not None else None,
                  html=await page.content(), inner_text=inner or "", settled=settled,
-                 page_errors=errors[:PAGE_ERRORS_KEPT], png=png)
+                 page_errors=errors[:PAGE_ERRORS_KEPT], png=png, thumbnail=thumbnail)
 
 
 async def _navigate(page: Any, params: BrowserParams, guard: RequestGuard | None) -> Any:
@@ -291,8 +300,11 @@ async def prefect_markdown(markdown: str, description: str) -> None:
     await acreate_markdown_artifact(markdown, description=description)
 
 
-def screenshot_markdown(output: dict[str, Any], where: Path) -> str:
-    """The artifact: what was opened and where its screenshot is."""
+def screenshot_markdown(output: dict[str, Any], where: Path,
+                        thumbnail: bytes | None = None) -> str:
+    """The artifact: what was opened and where its screenshot is, and the viewport as an
+    image the Prefect UI shows (a data URI: the UI cannot reach the workspace), unless it
+    is larger than ``THUMBNAIL_MAX_BYTES``."""
     def cell(value: Any) -> str:
         return str(value).replace("|", "\\|").replace("\n", " ")
 
@@ -301,8 +313,12 @@ def screenshot_markdown(output: dict[str, Any], where: Path) -> str:
             ("status", cell(output["status"])),
             ("screenshot", f"`{cell(output['screenshot'])}` (in the workspace: "
                            f"[{cell(where)}]({where.as_uri()}))")]
-    return "### browser.open\n\n| | |\n|---|---|\n" + \
+    markdown = "### browser.open\n\n| | |\n|---|---|\n" + \
         "\n".join(f"| {name} | {value} |" for name, value in rows) + "\n"
+    if thumbnail is not None and len(thumbnail) <= THUMBNAIL_MAX_BYTES:
+        image = base64.b64encode(thumbnail).decode("ascii")
+        markdown += f"\n![the page as the step saw it](data:image/jpeg;base64,{image})\n"
+    return markdown
 
 
 # -- the adapter -------------------------------------------------------------------------------
@@ -367,7 +383,7 @@ class BrowserOpen(Adapter[BrowserParams]):
             rel, path = target
             await write_workspace_file(ctx, "browser.open", path, seen.png)
             output["screenshot"] = rel
-            await self._attach(output, path, ctx)
+            await self._attach(output, path, seen.thumbnail, ctx)
         return output
 
     def _screenshot_path(self, params: BrowserParams, ctx: StepContext
@@ -378,8 +394,9 @@ class BrowserOpen(Adapter[BrowserParams]):
             else params.screenshot
         return rel, ctx.workspace.resolve(rel)  # refused before the page is opened
 
-    async def _attach(self, output: dict[str, Any], path: Path, ctx: StepContext) -> None:
-        markdown = ctx.redactor.text(screenshot_markdown(output, path))
+    async def _attach(self, output: dict[str, Any], path: Path, thumbnail: bytes | None,
+                      ctx: StepContext) -> None:
+        markdown = ctx.redactor.text(screenshot_markdown(output, path, thumbnail))
         try:
             await self._publish(markdown, ctx.redactor.text(
                 f"{ctx.step_id}: screenshot of {output['final_url']}"))

@@ -75,6 +75,7 @@ def test_planrun_run_opens_the_page_and_keeps_its_text_and_screenshot(
     [artifact] = asyncio.run(markdown())
     assert "screenshots/open_page.png" in str(artifact.data)
     assert "Harbour weather" in str(artifact.data)
+    assert "](data:image/jpeg;base64," in str(artifact.data)  # the image the UI shows
 
 
 def test_a_selector_that_never_appears_fails_the_run_naming_it(site: str,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import json
 import threading
@@ -200,6 +201,8 @@ def test_a_page_gives_its_title_text_status_and_a_png_screenshot(
     [(markdown, description)] = published.artifacts
     assert "screenshots/page.png" in markdown and "Planrun test page" in markdown
     assert description.startswith("page: screenshot of ")
+    image = markdown.split("](data:image/jpeg;base64,", 1)[1].split(")", 1)[0]
+    assert base64.b64decode(image).startswith(b"\xff\xd8\xff")  # a JPEG the UI shows
 
 
 def test_the_browsers_processes_are_the_steps_resource_use(
@@ -449,6 +452,7 @@ def test_a_run_in_a_flow_attaches_the_screenshot_as_an_artifact(
 
     found = [a for a in asyncio.run(artifacts()) if a.type == "markdown"]
     assert len(found) == 1 and "screenshots/front.png" in str(found[0].data)
+    assert "](data:image/jpeg;base64," in str(found[0].data)
     assert found[0].task_run_id is not None  # on the step's task run
     json.dumps(report)
 
