@@ -215,6 +215,24 @@ def test_the_browsers_processes_are_the_steps_resource_use(
     assert tool.browser.processes(), "the browser stays up for the next step"
 
 
+def test_steps_at_once_share_the_one_browser_each_in_its_own_context(
+        tool: BrowserOpen, make_ctx: Callable[..., StepContext], site: Site) -> None:
+    open_page(tool, make_ctx(trust=Trust.LOCAL, policy=LevelPolicy(allow_private=True)),
+              url=site.url("/"), screenshot=False)
+    launches = tool.browser.launches
+    contexts = [make_ctx(step_id=f"s{i}", trust=Trust.LOCAL,
+                         policy=LevelPolicy(allow_private=True)) for i in range(4)]
+
+    async def together() -> list[Any]:
+        return await asyncio.gather(*(tool.run({"url": site.url("/")}, ctx, 60)
+                                      for ctx in contexts))
+
+    outs = asyncio.run(together())
+    assert [o["screenshot"] for o in outs] == [f"screenshots/s{i}.png" for i in range(4)]
+    assert all(o["title"] == "Planrun test page" for o in outs)
+    assert tool.browser.launches == launches  # no browser of their own
+
+
 def test_a_screenshot_goes_where_the_step_says_and_nowhere_when_it_says_false(
         tool: BrowserOpen, local: StepContext, site: Site, published: Published) -> None:
     out = open_page(tool, local, url=site.url("/"), screenshot="shots/front.png",
