@@ -47,6 +47,7 @@ from planrun.redact import redact_url
 
 __all__ = ["BrowserOpen", "BrowserParams", "SharedBrowser", "chromium_path", "shared_browser"]
 
+MIB = 1024 * 1024
 VIEWPORT = {"width": 1280, "height": 800}
 #: How long ``health()`` waits for a start (under the health check's own 5 s).
 HEALTH_WAIT_S = 4.0
@@ -251,6 +252,15 @@ def _closed(text: str) -> bool:
         "browser closed" in lowered or "connection closed" in lowered
 
 
+def _over_memory(limit_mb: int, growth: int) -> ResourceError:
+    return ResourceError(
+        f"browser.open: stopped at its memory limit of {limit_mb} MiB: the browser's "
+        f"processes grew by {growth // MIB} MiB while the step ran",
+        hint="raise the step's memory_mb (or the plan's limits.memory_mb), or open a lighter "
+             "page; the growth is the whole browser's, other steps' pages included "
+             "(docs/browser.md, \"Resources\")")
+
+
 def _status_error(url: str, status: int) -> StepError:
     said = f"browser.open: {redact_url(url)} answered HTTP {status}"
     details = {"status": status, "url": redact_url(url)}
@@ -352,13 +362,26 @@ class BrowserOpen(Adapter[BrowserParams]):
         guard = RequestGuard(ctx.policy, ctx.trust, params.load_timeout) \
             if needs_guard(ctx.policy, ctx.trust) else None
         meter = ProcessMeter(self.browser)
-        sampler: asyncio.Task[None] | None = None
+        limit = ctx.memory_mb * MIB if ctx.memory_mb else None
 
         async def work(browser: Any) -> Visit:
-            nonlocal sampler
-            sampler = asyncio.ensure_future(meter.sampling())
+            task, stopped = asyncio.current_task(), False
+            assert task is not None
+
+            def over() -> None:
+                nonlocal stopped
+                stopped = True
+                task.cancel("over its memory limit")
+
+            await asyncio.to_thread(meter.sample)  # the baseline, before the step's context
+            sampler = asyncio.ensure_future(meter.sampling(limit, over))
             try:
                 return await visit(browser, params, guard)
+            except asyncio.CancelledError:
+                if not stopped:
+                    raise
+                task.uncancel()
+                raise _over_memory(ctx.memory_mb or 0, meter.growth) from None
             finally:
                 sampler.cancel()
                 await asyncio.to_thread(meter.sample)

@@ -193,6 +193,8 @@ class ProcessMeter:
         self.peak = 0
         self._lock = threading.Lock()  # a sample in a thread may outlive its cancelled task
         self._sampled = False
+        #: The memory at the first sample: growth is measured from there.
+        self.baseline = 0
         self._cpu_first: dict[int, float] = {}
         self._cpu_last: dict[int, float] = {}
 
@@ -212,6 +214,8 @@ class ProcessMeter:
                 self._cpu_first.setdefault(proc.pid, cpu if first else 0.0)
                 self._cpu_last[proc.pid] = cpu
             self.peak = max(self.peak, total)
+            if first:
+                self.baseline = total
 
     @property
     def cpu_s(self) -> float:
@@ -219,10 +223,21 @@ class ProcessMeter:
             return sum(last - self._cpu_first.get(pid, 0.0)
                        for pid, last in self._cpu_last.items())
 
-    async def sampling(self, interval: float = SAMPLE_INTERVAL_S) -> None:
-        """Sample every ``interval`` seconds until cancelled."""
+    @property
+    def growth(self) -> int:
+        """How much more the processes held at their peak than at the first sample."""
+        return max(self.peak - self.baseline, 0)
+
+    async def sampling(self, limit_bytes: int | None = None,
+                       over: Callable[[], object] | None = None,
+                       interval: float = SAMPLE_INTERVAL_S) -> None:
+        """Sample every ``interval`` seconds until cancelled; call ``over`` once the
+        growth passes ``limit_bytes``."""
         while True:
             await asyncio.to_thread(self.sample)
+            if limit_bytes is not None and over is not None and self.growth > limit_bytes:
+                over()
+                return
             await asyncio.sleep(interval)
 
 

@@ -41,6 +41,9 @@ PAGES = {
     "/never-settles": "<html><head><title>Busy</title></head><body><p>Always polling.</p>"
                       "<script>setInterval(() => fetch('/hang?' + Math.random()), 100)"
                       "</script></body></html>",
+    "/hog": "<html><head><title>Hog</title></head><body><script>window.keep = [];"
+            "for (let i = 0; i < 24; i++) { const a = new Float64Array(1 << 20); a.fill(i);"
+            " window.keep.push(a) }</script><p>Heavy.</p></body></html>",
     "/late": "<html><head><title>Late</title></head><body><script>setTimeout(() => {"
              "const d = document.createElement('div'); d.id = 'ready'; d.textContent = "
              "'Ready now'; document.body.appendChild(d)}, 300)</script></body></html>",
@@ -231,6 +234,17 @@ def test_steps_at_once_share_the_one_browser_each_in_its_own_context(
     assert [o["screenshot"] for o in outs] == [f"screenshots/s{i}.png" for i in range(4)]
     assert all(o["title"] == "Planrun test page" for o in outs)
     assert tool.browser.launches == launches  # no browser of their own
+
+
+def test_a_page_that_grows_the_browser_past_the_steps_memory_limit_fails_as_resource(
+        tool: BrowserOpen, make_ctx: Callable[..., StepContext], site: Site) -> None:
+    ctx = make_ctx(trust=Trust.LOCAL, policy=LevelPolicy(allow_private=True), memory_mb=64)
+    error = failure(tool, ctx, url=site.url("/hog"), screenshot=False)  # 192 MiB of arrays
+    assert error.category == "resource" and "memory limit of 64 MiB" in error.message
+    assert ctx.usage.programs is not None
+    assert ctx.usage.programs.peak_memory_bytes > 64 * 1024 * 1024
+    light = make_ctx(trust=Trust.LOCAL, policy=LevelPolicy(allow_private=True), memory_mb=1024)
+    assert open_page(tool, light, url=site.url("/"), screenshot=False)["status"] == 200
 
 
 def test_a_screenshot_goes_where_the_step_says_and_nowhere_when_it_says_false(
