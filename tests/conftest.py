@@ -55,7 +55,7 @@ LONGEST = {
     "tests.flows.test_prefect_ui_graph": 20, "tests.progress_bridge.test_upstream": 20,
     "tests.progress_bridge.test_view": 19, "tests.flows.test_prefect_visibility": 17,
     # Measured on a loaded machine (2026-12-03, load ≈ 4 on 2 CPUs): Chromium's starts.
-    "tests.adapters.test_browser": 50, "tests.test_browser_run": 22,
+    "tests.adapters.test_browser": 66, "tests.test_browser_run": 18,
 }
 
 
