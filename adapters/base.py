@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from planrun.adapters.usage import StepUsage
 from planrun.errors import ConfigurationError, ResourceError, StepError, TransientError
 from planrun.policy import LevelPolicy, Trust, current_trust, load_policy
+from planrun.redact import Redactor
 
 if TYPE_CHECKING:
     from planrun.adapters.workspace import Workspace
@@ -46,6 +47,7 @@ class StepContext:
     the operator's rules for that trust level (docs/policy.md): adapters check what they
     reach against it where the step executes. ``usage`` takes what the tool measures of
     its own work (a program's process tree, bytes it wrote: docs/resources.md).
+    ``redactor`` masks the run's secrets in what a tool publishes itself (an artifact).
     """
 
     run_id: str
@@ -59,6 +61,7 @@ class StepContext:
     logger: logging.Logger | logging.LoggerAdapter[Any] = field(
         default_factory=lambda: logging.getLogger("planrun.step"))
     usage: StepUsage = field(default_factory=StepUsage)
+    redactor: Redactor = field(default_factory=Redactor)
 
     @property
     def reduce_usage(self) -> bool:

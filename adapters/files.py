@@ -206,24 +206,33 @@ class FileWrite(_FileTool[WriteParams]):
         return {"path": _display(params.path), "bytes": len(data)}
 
 
-def _write(ctx: StepContext, path: Path, data: bytes, append: bool) -> None:
+async def write_workspace_file(ctx: StepContext, tool: str, path: Path, data: bytes) -> None:
+    """Write ``data`` at ``path`` (already resolved in ``ctx.workspace``) for ``tool``, as
+    ``file.write`` does: within the run's quota and the disk's room, recorded for a
+    rollback, atomically, counted as the step's."""
+    await _to_completion(_write, ctx, path, data, False, tool)
+
+
+def _write(ctx: StepContext, path: Path, data: bytes, append: bool,
+           tool: str = "file.write") -> None:
     with ctx.workspace.locked():  # one write at a time: each sees the others' bytes
-        _check_room(ctx, path, data, append)
+        _check_room(ctx, path, data, append, tool)
         _write_locked(ctx.workspace, path, data, append)
         ctx.usage.wrote(len(data))
 
 
-def _check_room(ctx: StepContext, path: Path, data: bytes, append: bool) -> None:
+def _check_room(ctx: StepContext, path: Path, data: bytes, append: bool,
+                tool: str = "file.write") -> None:
     """Refuse the write before anything changes: over the run's quota (what the step
     adds counts), or leaving too little free space (what the disk takes: the new file, the
     backup of the old one, and for an append the old bytes rewritten)."""
-    ctx.usage.may_write("file.write", len(data), ctx.policy.workspace_quota_mb)
+    ctx.usage.may_write(tool, len(data), ctx.policy.workspace_quota_mb)
     try:
         old = os.stat(path).st_size
     except OSError:
         old = 0
     need = len(data) + old + (old if append else 0)
-    ensure_room("file.write", path.parent, need, ctx.policy)
+    ensure_room(tool, path.parent, need, ctx.policy)
 
 
 def _write_locked(ws: Workspace, path: Path, data: bytes, append: bool) -> None:

@@ -234,7 +234,8 @@ class StepJob:
     def _context(self, number: int, log: Any) -> StepContext:
         return StepContext(run_id=self.run_id, step_id=self.step.id, workspace=self.workspace,
                            attempt=number, previous_error=self.last_error,
-                           memory_mb=self.memory_mb, logger=log, usage=StepUsage(self.writes))
+                           memory_mb=self.memory_mb, logger=log, usage=StepUsage(self.writes),
+                           redactor=self.redactor)
 
     async def _metered(self, adapter: Adapter, params: Any, number: int, log: Any,
                        timeout: float | None) -> Any:

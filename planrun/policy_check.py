@@ -2,10 +2,11 @@
 
 What a plan states literally is judged here, when it is validated (``planrun validate``,
 ``run``, ``submit``, ``POST /v1/runs``) and again where it runs (``flows.plan_flow``): the
-tools it uses, the programs ``shell.run`` starts, the hosts ``http.request`` reaches (an
-address, ``localhost``, a host outside ``hosts``), and the limits it asks for against the
-level's ceilings. A templated value is judged where the step executes, by the tool. A
-limit the plan leaves out gets the ceiling there (``tightest``): a plan can only tighten.
+tools it uses, the programs ``shell.run`` starts, the hosts ``http.request`` and
+``browser.open`` reach (an address, ``localhost``, a host outside ``hosts``), and the limits
+it asks for against the level's ceilings. A templated value is judged where the step
+executes, by the tool. A limit the plan leaves out gets the ceiling there (``tightest``): a
+plan can only tighten.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from planrun.policy import LevelPolicy, Trust
 from planrun.policy_limits import OperatorLimits
 
 DOC = "(docs/policy.md)"
+#: Tools whose ``url`` parameter is judged against the level's hosts.
+NETWORK_TOOLS = ("http.request", "browser.open")
 
 #: Tool parameters capped by a ceiling: tool → parameter → the ceiling's field.
 PARAMETER_CEILINGS: dict[str, dict[str, str]] = {
@@ -75,11 +78,11 @@ def _call_problems(source: Source, base: Path_, call: dict[str, Any], level: Lev
         message = program and executable_problem(program, level, trust)
         if message:
             yield source.problem((*where, "argv", 0), f"{message} {DOC}")
-    if tool == "http.request":
+    if tool in NETWORK_TOOLS:
         url = _literal(params.get("url"))
         message = url and literal_problem(url, level, trust)
         if message:
-            yield source.problem((*where, "url"), f"http.request is {message} {DOC}")
+            yield source.problem((*where, "url"), f"{tool} is {message} {DOC}")
     if "timeout" in call:
         yield from _timeout_problems(source, (*base, "timeout"), call["timeout"], level, trust)
     for name, ceiling in PARAMETER_CEILINGS.get(tool, {}).items():

@@ -1,7 +1,7 @@
 """Browser fixtures for the tests: Debian's headless Chromium driven by Playwright.
 
-``scripts/install --test`` installs ``/usr/bin/chromium``; without it the browser tests are
-skipped (Playwright's own browser download needs the internet).
+``scripts/install`` installs ``/usr/bin/chromium`` (browser.open uses it too); without it the
+browser tests are skipped (Playwright's own browser download needs the internet).
 """
 
 from __future__ import annotations

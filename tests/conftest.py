@@ -37,6 +37,7 @@ FULL_STACK = {
     "tests.security.test_bad_input", "tests.security.test_bridge", "tests.security.test_gates",
     "tests.security.test_policy", "tests.security.test_secrets", "tests.security.test_shell",
     "tests.security.test_templates", "tests.security.test_workspace",
+    "tests.adapters.test_browser", "tests.test_browser_run",
 }
 
 
@@ -52,11 +53,13 @@ LONGEST = {
     "tests.security.test_workspace": 51, "tests.test_validate_properties": 48,
     "tests.test_server": 46, "tests.test_validate": 45, "tests.security.test_templates": 38,
     "tests.security.test_policy": 32, "tests.flows.test_semantics": 32,
-    "tests.test_policy": 29, "tests.test_examples": 28, "tests.security.test_gates": 24,
+    "tests.test_policy": 29, "tests.test_examples": 37, "tests.security.test_gates": 24,
     "tests.security.test_bridge": 21, "tests.security.test_bad_input": 21,
     "tests.flows.test_prefect_ui_graph": 20, "tests.progress_bridge.test_upstream": 20,
     "tests.progress_bridge.test_view": 19, "tests.flows.test_prefect_visibility": 17,
     "tests.test_terminal": 34, "tests.flows.test_prefect_ui_gate": 22,
+    # Measured on a loaded machine (2026-12-03, load ≈ 4 on 2 CPUs): Chromium's starts.
+    "tests.adapters.test_browser": 66, "tests.test_browser_run": 18,
 }
 
 

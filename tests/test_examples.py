@@ -50,3 +50,21 @@ def test_the_agent_tools_example_searches_mails_and_posts_offline(tmp_path: Path
     assert "Pricing | Prefect" in (tmp_path / "ws" / "brief.md").read_text()
     assert "mail to team@example.org" in proc.stderr
     assert "chat: *Brief ready*\nprefect pricing: mailed to team@example.org" in proc.stderr
+
+
+def test_the_browser_example_serves_its_page_and_runs_against_it(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from planrun.adapters.browser import chromium_path
+
+    if chromium_path() is None:
+        pytest.skip("no Chromium: `scripts/install` installs Debian's chromium")
+    proc = subprocess.run([sys.executable, str(ROOT / "examples/browser/run.py"), "--json"],
+                          capture_output=True, text=True, timeout=240, cwd=ROOT,
+                          env={**os.environ, "PLANRUN_WORKSPACE": str(tmp_path / "ws")})
+    report = json.loads(proc.stdout)
+    assert (proc.returncode, report["status"]) == (0, "completed"), proc.stderr
+    assert report["steps"]["open_page"]["output"]["title"] == "Harbour weather"
+    assert (tmp_path / "ws/screenshots/open_page.png").stat().st_size > 1000

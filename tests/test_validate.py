@@ -34,8 +34,8 @@ from tests.helpers import cli
 PLANS = Path(__file__).resolve().parent / "plans"
 INVALID = sorted((PLANS / "invalid").glob("*.yaml"))
 VALID = sorted((PLANS / "valid").glob("*.yaml"))
-TOOLS = ["core.echo", "core.fail", "core.sleep", "file.delete", "file.list", "file.read",
-         "file.write", "http.request", "message.send", "search.web", "shell.run"]
+TOOLS = ["browser.open", "core.echo", "core.fail", "core.sleep", "file.delete", "file.list",
+         "file.read", "file.write", "http.request", "message.send", "search.web", "shell.run"]
 
 
 @dataclass

@@ -22,7 +22,7 @@ def ws(tmp_path: Path) -> Workspace:
 def make_ctx(ws: Workspace) -> Callable[..., StepContext]:
     """A factory of step contexts on ``ws``; keyword arguments set StepContext fields."""
     def make(**fields: object) -> StepContext:
-        return StepContext(run_id="r", step_id="s", workspace=ws, **fields)  # type: ignore[arg-type]
+        return StepContext(**{"run_id": "r", "step_id": "s", "workspace": ws, **fields})  # type: ignore[arg-type]
     return make
 
 

@@ -9,8 +9,8 @@ from planrun.adapters.fake import fake_tool
 from planrun.adapters.registry import Registry, load_registry
 from planrun.errors import DuplicateTool, UnknownTool
 
-CORE_TOOLS = ["core.echo", "core.fail", "core.sleep", "file.delete", "file.list", "file.read",
-              "file.write", "http.request", "message.send", "search.web",
+CORE_TOOLS = ["browser.open", "core.echo", "core.fail", "core.sleep", "file.delete", "file.list",
+              "file.read", "file.write", "http.request", "message.send", "search.web",
               "shell.run"]
 
 

@@ -1,0 +1,462 @@
+"""The ``browser.open`` tool: a page opened in headless Chromium through Playwright
+(docs/browser.md).
+
+One browser per process (``adapters/chromium.py``), a fresh browser context per step
+(no cookies or storage from another step), closed when the step ends. Where the step's
+policy checks connections (``netguard.needs_guard``), every request of the page goes
+through ``RequestGuard`` (``adapters/pageguard.py``); the page's own redirects are opened
+here one by one, each checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from planrun.adapters.base import Adapter, Health, Params, StepContext
+from planrun.adapters.chromium import (
+    CHROMIUM_ENV,
+    CHROMIUM_NAMES,
+    ProcessMeter,
+    SharedBrowser,
+    chromium_path,
+    shared_browser,
+)
+from planrun.adapters.files import write_workspace_file
+from planrun.adapters.http import HttpUrlText
+from planrun.adapters.netguard import needs_guard
+from planrun.adapters.pageguard import RequestGuard, quietly
+from planrun.adapters.workspace import RelativePath
+from planrun.contract.records import Resources
+from planrun.errors import (
+    AccessError,
+    ConfigurationError,
+    LogicError,
+    ResourceError,
+    StepError,
+    TransientError,
+)
+from planrun.redact import redact_url
+
+__all__ = ["BrowserOpen", "BrowserParams", "SharedBrowser", "chromium_path", "shared_browser"]
+
+MIB = 1024 * 1024
+VIEWPORT = {"width": 1280, "height": 800}
+#: How long ``health()`` waits for a start (under the health check's own 5 s).
+HEALTH_WAIT_S = 4.0
+PAGE_ERRORS_KEPT = 5
+MAX_REDIRECTS = 20
+#: The image in the Prefect artifact: the viewport as a JPEG of this quality, left out when
+#: larger than ``THUMBNAIL_MAX_BYTES`` (it is stored in Prefect's database).
+THUMBNAIL_QUALITY = 45
+THUMBNAIL_MAX_BYTES = 256 * 1024
+
+
+class BrowserParams(Params):
+    url: HttpUrlText = Field(description="The http:// or https:// page to open.")
+    wait_for: str | None = Field(
+        default=None, min_length=1,
+        description="A CSS selector to wait for once the page has loaded (missing: the step "
+                    "fails, category logic). Absent: wait for the network to be idle, at "
+                    "most `idle_timeout` seconds, then take the page as it is.")
+    screenshot: bool | RelativePath = Field(
+        default=True,
+        description="Where to store a PNG screenshot, relative to the workspace root; true: "
+                    "screenshots/<step id>.png; false: none.")
+    full_page: bool = Field(default=False,
+                            description="Screenshot the whole page, not only the viewport.")
+    load_timeout: float = Field(default=30.0, gt=0, le=600,
+                                description="Seconds the page may take to load (transient "
+                                            "error after that).")
+    wait_timeout: float = Field(default=10.0, gt=0, le=600,
+                                description="Seconds to wait for the `wait_for` selector.")
+    idle_timeout: float = Field(default=5.0, ge=0, le=600,
+                                description="Seconds to wait for network idle when there is "
+                                            "no `wait_for` (settled: false after that).")
+    max_text_chars: int = Field(default=100_000, ge=0, le=10_000_000,
+                                description="Keep at most this many characters of the "
+                                            "page's text (text_truncated: true).")
+    allow_error_status: bool = Field(
+        default=False,
+        description="Return pages answered with HTTP 4xx/5xx instead of failing the step.")
+
+
+# -- one visit ---------------------------------------------------------------------------------
+
+@dataclass
+class Visit:
+    """What one step saw of its page."""
+
+    title: str
+    final_url: str
+    status: int | None
+    html: str
+    inner_text: str
+    settled: bool
+    page_errors: list[str]
+    png: bytes | None
+    #: The viewport as a small JPEG, for the Prefect UI (None without a screenshot).
+    thumbnail: bytes | None = None
+
+
+async def visit(browser: Any, params: BrowserParams, guard: RequestGuard | None) -> Visit:
+    """Open ``params.url`` in a fresh context of ``browser``, closed when done."""
+    context = await browser.new_context(viewport=VIEWPORT, service_workers="block",
+                                        accept_downloads=False)
+    try:
+        if guard is not None:
+            await guard.install(context)
+        return await _in_page(await context.new_page(), params, guard)
+    finally:
+        await quietly(context.close())
+        if guard is not None:
+            await guard.close()
+
+
+async def _in_page(page: Any, params: BrowserParams, guard: RequestGuard | None) -> Visit:
+    from playwright.async_api import TimeoutError as PlaywrightTimeout
+
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        response = await _navigate(page, params, guard)
+    except PlaywrightTimeout as exc:
+        _raise_blocked(guard)
+        raise TransientError(
+            f"browser.open: {redact_url(params.url)} did not load within "
+            f"{params.load_timeout:g}s",
+            hint="the site is slow or unreachable; it was retried - raise the step's "
+                 "load_timeout if the page needs longer") from exc
+    except StepError:
+        raise
+    except Exception as exc:
+        _raise_blocked(guard)
+        raise _navigation_error(params.url, exc, guard) from exc
+    settled = await _waited(page, params)
+    _raise_blocked(guard)
+    png = thumbnail = None
+    if params.screenshot is not False:
+        png = await page.screenshot(type="png", full_page=params.full_page,
+                                    timeout=params.load_timeout * 1000)
+        thumbnail = await page.screenshot(type="jpeg", quality=THUMBNAIL_QUALITY,
+                                          timeout=params.load_timeout * 1000)
+    inner = await page.evaluate("() => document.body ? document.body.innerText : ''")
+    return Visit(title=await page.title(), final_url=page.url,
+                 status=response.status if response is not None else None,
+                 html=await page.content(), inner_text=inner or "", settled=settled,
+                 page_errors=errors[:PAGE_ERRORS_KEPT], png=png, thumbnail=thumbnail)
+
+
+async def _navigate(page: Any, params: BrowserParams, guard: RequestGuard | None) -> Any:
+    """``page.goto`` the step's URL within ``load_timeout``; under the guard, each redirect
+    it checked is opened in turn, up to ``MAX_REDIRECTS``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + params.load_timeout
+    url = params.url
+    for _ in range(MAX_REDIRECTS + 1):
+        left_ms = max(deadline - loop.time(), 0.001) * 1000
+        if guard is None:
+            return await page.goto(url, wait_until="load", timeout=left_ms)
+        guard.expect_page()
+        try:
+            return await page.goto(url, wait_until="load", timeout=left_ms)
+        except Exception:
+            if guard.redirect_to is None or guard.blocked:
+                raise
+            url = guard.redirect_to
+    raise ConfigurationError(f"browser.open: {redact_url(params.url)} redirects more than "
+                             f"{MAX_REDIRECTS} times",
+                             hint="the URL redirects in a loop; check it")
+
+
+async def _waited(page: Any, params: BrowserParams) -> bool:
+    """Wait for the selector (a logic error when it never appears), or for network idle
+    (False when it is not reached in ``idle_timeout``: the page is taken as it is)."""
+    from playwright.async_api import TimeoutError as PlaywrightTimeout
+
+    if params.wait_for is not None:
+        try:
+            await page.wait_for_selector(params.wait_for, state="attached",
+                                         timeout=params.wait_timeout * 1000)
+        except PlaywrightTimeout as exc:
+            raise LogicError(
+                f"browser.open: the selector {params.wait_for!r} did not appear on "
+                f"{redact_url(page.url)} within {params.wait_timeout:g}s",
+                hint="check the selector against the page (it may be named differently, "
+                     "or shown only after a login), or raise wait_timeout") from exc
+        except Exception as exc:
+            if "selector" in str(exc).lower() and "closed" not in str(exc).lower():
+                raise ConfigurationError(
+                    f"browser.open: {params.wait_for!r} is not a valid selector: "
+                    f"{str(exc).splitlines()[0]}",
+                    hint="write a CSS selector, like '#main' or 'article h1'") from exc
+            raise
+        return True
+    if params.idle_timeout == 0:
+        return False
+    try:
+        await page.wait_for_load_state("networkidle", timeout=params.idle_timeout * 1000)
+    except PlaywrightTimeout:
+        return False
+    return True
+
+
+def _raise_blocked(guard: RequestGuard | None) -> None:
+    if guard is not None and guard.blocked:
+        first = guard.blocked[0]
+        more = f" ({len(guard.blocked) - 1} more request(s) blocked)" \
+            if len(guard.blocked) > 1 else ""
+        raise ConfigurationError(f"browser.open: a request of the page was {first.message}"
+                                 f"{more}", hint=first.hint)
+
+
+def _navigation_error(url: str, exc: Exception, guard: RequestGuard | None) -> StepError:
+    """The error of a page that could not be opened, from Chromium's ``net::ERR_*``."""
+    text = str(exc)
+    shown = redact_url(url)
+    failed = f" ({guard.failed[0]})" if guard is not None and guard.failed else ""
+    if "ERR_NAME_NOT_RESOLVED" in text:
+        return TransientError(f"browser.open: cannot resolve the host of {shown}{failed}",
+                              hint="check the host name in the URL; it was retried in case "
+                                   "the resolver failed for a moment")
+    if "ERR_CONNECTION_REFUSED" in text:
+        return TransientError(f"browser.open: the connection to {shown} was refused{failed}",
+                              hint="check the port in the URL and that the site is up")
+    if "ERR_" in text and "net::" in text:
+        code = text.split("net::", 1)[1].split()[0]
+        return TransientError(f"browser.open: could not open {shown}: {code}{failed}",
+                              hint="a network or server problem; it was retried - try the "
+                                   "page in a browser if it persists")
+    if _closed(text):
+        return TransientError(
+            f"browser.open: the browser closed while opening {shown}: "
+            f"{text.splitlines()[0]}",
+            hint="the browser crashed or was stopped; it is started again for the retry")
+    if "invalid url" in text.lower():
+        return ConfigurationError(f"browser.open: invalid URL {shown}",
+                                  hint="use an http:// or https:// URL with a host name")
+    return TransientError(f"browser.open: could not open {shown}: {text.splitlines()[0]}",
+                          hint="an unexpected browser error; it was retried")
+
+
+def _closed(text: str) -> bool:
+    lowered = text.lower()
+    return "has been closed" in lowered or "target crashed" in lowered or \
+        "browser closed" in lowered or "connection closed" in lowered
+
+
+def _over_memory(limit_mb: int, growth: int) -> ResourceError:
+    return ResourceError(
+        f"browser.open: stopped at its memory limit of {limit_mb} MiB: the browser's "
+        f"processes grew by {growth // MIB} MiB while the step ran",
+        hint="raise the step's memory_mb (or the plan's limits.memory_mb), or open a lighter "
+             "page; the growth is the whole browser's, other steps' pages included "
+             "(docs/browser.md, \"Resources\")")
+
+
+def _status_error(url: str, status: int) -> StepError:
+    said = f"browser.open: {redact_url(url)} answered HTTP {status}"
+    details = {"status": status, "url": redact_url(url)}
+    hint = "set allow_error_status: true to take the page as it is"
+    if status == 429:
+        return ResourceError(f"{said}: too many requests", details=details,
+                             hint=f"the site is rate limiting; {hint}")
+    if status == 408 or status >= 500:
+        return TransientError(f"{said}: a server-side failure", details=details,
+                              hint=f"the site failed; it was retried - {hint}")
+    if status in (401, 403):
+        return AccessError(f"{said}: access refused", details=details,
+                           hint=f"the page needs credentials; {hint}")
+    return ConfigurationError(f"{said}: check the URL", details=details,
+                              hint=f"the site refused the request; {hint}")
+
+
+# -- text --------------------------------------------------------------------------------------
+
+def readable_text(html: str, inner_text: str) -> tuple[str, str]:
+    """The page's main text (trafilatura: no menus, footers, scripts) and where it came
+    from; the page's whole visible text (``innerText``) when trafilatura finds none."""
+    try:
+        import trafilatura
+    except ImportError:  # an install without it
+        return inner_text.strip(), "inner_text"
+    extracted = trafilatura.extract(html, include_comments=False, favor_recall=True) \
+        if html else None
+    if extracted and extracted.strip():
+        return extracted.strip(), "readable"
+    return inner_text.strip(), "inner_text"
+
+
+# -- the Prefect artifact ----------------------------------------------------------------------
+
+#: Publishes a markdown artifact: ``(markdown, description)``.
+Publisher = Callable[[str, str], Awaitable[None]]
+
+
+async def prefect_markdown(markdown: str, description: str) -> None:
+    """A markdown artifact on the current Prefect task run; nothing outside a run."""
+    from prefect.artifacts import acreate_markdown_artifact
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if TaskRunContext.get() is None and FlowRunContext.get() is None:
+        return
+    await acreate_markdown_artifact(markdown, description=description)
+
+
+def screenshot_markdown(output: dict[str, Any], where: Path,
+                        thumbnail: bytes | None = None) -> str:
+    """The artifact: what was opened and where its screenshot is, and the viewport as an
+    image the Prefect UI shows (a data URI: the UI cannot reach the workspace), unless it
+    is larger than ``THUMBNAIL_MAX_BYTES``."""
+    def cell(value: Any) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    rows = [("page", f"[{cell(output['title'] or output['final_url'])}]"
+                     f"({cell(output['final_url'])})"),
+            ("status", cell(output["status"])),
+            ("screenshot", f"`{cell(output['screenshot'])}` (in the workspace: "
+                           f"[{cell(where)}]({where.as_uri()}))")]
+    markdown = "### browser.open\n\n| | |\n|---|---|\n" + \
+        "\n".join(f"| {name} | {value} |" for name, value in rows) + "\n"
+    if thumbnail is not None and len(thumbnail) <= THUMBNAIL_MAX_BYTES:
+        image = base64.b64encode(thumbnail).decode("ascii")
+        markdown += f"\n![the page as the step saw it](data:image/jpeg;base64,{image})\n"
+    return markdown
+
+
+# -- the adapter -------------------------------------------------------------------------------
+
+class BrowserOpen(Adapter[BrowserParams]):
+    """Opens a page: ``{"url", "final_url", "status", "title", "text", "text_source",
+    "text_truncated", "settled", "page_errors", "screenshot"}``.
+
+    ``browser`` is the shared browser to use (this process's by default) and ``publish``
+    what attaches the screenshot to the Prefect run; tests inject their own.
+    """
+
+    name = "browser.open"
+    Params = BrowserParams
+    summary = "open a web page in headless Chromium: text, title, screenshot"
+    default_estimate_s = 3.0
+    default_timeout_s = 120.0
+    in_process = False  # the work is the browser's processes, which the tool measures
+
+    def __init__(self, browser: SharedBrowser | None = None,
+                 publish: Publisher | None = None) -> None:
+        self._browser = browser
+        self._publish = publish or prefect_markdown
+
+    @property
+    def browser(self) -> SharedBrowser:
+        return self._browser or shared_browser()
+
+    async def execute(self, params: BrowserParams, ctx: StepContext) -> dict[str, Any]:
+        target = self._screenshot_path(params, ctx)
+        guard = RequestGuard(ctx.policy, ctx.trust, params.load_timeout) \
+            if needs_guard(ctx.policy, ctx.trust) else None
+        meter = ProcessMeter(self.browser)
+        limit = ctx.memory_mb * MIB if ctx.memory_mb else None
+
+        async def work(browser: Any) -> Visit:
+            task, stopped = asyncio.current_task(), False
+            assert task is not None
+
+            def over() -> None:
+                nonlocal stopped
+                stopped = True
+                task.cancel("over its memory limit")
+
+            await asyncio.to_thread(meter.sample)  # the baseline, before the step's context
+            sampler = asyncio.ensure_future(meter.sampling(limit, over))
+            try:
+                return await visit(browser, params, guard)
+            except asyncio.CancelledError:
+                if not stopped:
+                    raise
+                task.uncancel()
+                raise _over_memory(ctx.memory_mb or 0, meter.growth) from None
+            finally:
+                sampler.cancel()
+                await asyncio.to_thread(meter.sample)
+
+        started = time.monotonic()
+        try:
+            seen = await self.browser.call(work)
+        finally:
+            ctx.usage.ran(Resources(peak_memory_bytes=meter.peak, cpu_s=round(meter.cpu_s, 3),
+                                    written_bytes=0))
+        if seen.status is not None and seen.status >= 400 and not params.allow_error_status:
+            raise _status_error(seen.final_url, seen.status)
+        text, source = await asyncio.to_thread(readable_text, seen.html, seen.inner_text)
+        output: dict[str, Any] = {
+            "url": redact_url(params.url), "final_url": redact_url(seen.final_url),
+            "status": seen.status, "title": seen.title,
+            "text": text[:params.max_text_chars], "text_source": source,
+            "text_truncated": len(text) > params.max_text_chars, "settled": seen.settled,
+            "page_errors": seen.page_errors, "screenshot": None,
+            "duration_s": round(time.monotonic() - started, 3)}
+        if target is not None and seen.png is not None:
+            rel, path = target
+            await write_workspace_file(ctx, "browser.open", path, seen.png)
+            output["screenshot"] = rel
+            await self._attach(output, path, seen.thumbnail, ctx)
+        return output
+
+    def _screenshot_path(self, params: BrowserParams, ctx: StepContext
+                         ) -> tuple[str, Path] | None:
+        if params.screenshot is False:
+            return None
+        rel = f"screenshots/{ctx.step_id}.png" if params.screenshot is True \
+            else params.screenshot
+        return rel, ctx.workspace.resolve(rel)  # refused before the page is opened
+
+    async def _attach(self, output: dict[str, Any], path: Path, thumbnail: bytes | None,
+                      ctx: StepContext) -> None:
+        markdown = ctx.redactor.text(screenshot_markdown(output, path, thumbnail))
+        try:
+            await self._publish(markdown, ctx.redactor.text(
+                f"{ctx.step_id}: screenshot of {output['final_url']}"))
+        except Exception as exc:  # noqa: BLE001 - the artifact is a view; the step succeeded
+            ctx.logger.warning("could not attach the screenshot artifact: %s", exc)
+
+    def classify(self, exc: Exception) -> StepError:
+        text = str(exc)
+        if _closed(text):
+            return TransientError(f"browser.open: the browser closed: {text.splitlines()[0]}",
+                                  hint="the browser crashed or was stopped; it is started "
+                                       "again for the retry")
+        if "Executable doesn't exist" in text or isinstance(exc, FileNotFoundError):
+            return ConfigurationError(
+                f"browser.open: cannot start Chromium: {text.splitlines()[0]}",
+                hint="install Debian's chromium package (scripts/install does), or set "
+                     f"{CHROMIUM_ENV} to a Chromium binary")
+        return super().classify(exc)
+
+    async def health(self) -> Health:
+        """Chromium starts (or already runs) and answers."""
+        executable = self.browser.executable or chromium_path()
+        if executable is None:
+            return Health(ok=False, detail=f"no Chromium found ({', '.join(CHROMIUM_NAMES)} "
+                                           f"on PATH, or {CHROMIUM_ENV})")
+
+        async def version(browser: Any) -> str:
+            return str(browser.version)
+
+        try:
+            # The start goes on past the wait: on a loaded machine it may take longer than
+            # a health check may (flows/health.py), and a slow start is not a broken one.
+            found = await asyncio.wait_for(asyncio.shield(self.browser.call(version)),
+                                           HEALTH_WAIT_S)
+        except TimeoutError:
+            return Health(ok=True, detail=f"Chromium ({executable}) is starting")
+        except Exception as exc:  # noqa: BLE001 - reported as the health it is
+            return Health(ok=False, detail=f"Chromium ({executable}) does not start: "
+                                           f"{str(exc).splitlines()[0]}")
+        return Health(ok=True, detail=f"Chromium {found} ({executable})")
