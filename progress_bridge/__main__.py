@@ -23,7 +23,7 @@ import uvicorn
 from planrun import bridge_token
 from planrun.errors import PlanrunError
 from planrun.progress_bridge.admission import Admission
-from planrun.progress_bridge.app import create_app
+from planrun.progress_bridge.app import BridgeServer, create_app
 from planrun.progress_bridge.hub import Hub
 from planrun.progress_bridge.ratelimit import DEFAULT_BURST, DEFAULT_PER_S
 from planrun.progress_bridge.store import MessageStore
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
                          submit=submit_deployment, admission=admission)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                 timeout_graceful_shutdown=5, ws_max_size=1 << 16)
-        asyncio.run(uvicorn.Server(config).serve())
+        asyncio.run(BridgeServer(config).serve())
     finally:
         store.close()
 

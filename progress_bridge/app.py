@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
+import uvicorn
 from fastapi import APIRouter, FastAPI
 
 from planrun.loader import MAX_PLAN_BYTES
@@ -92,6 +94,22 @@ def create_app(store: MessageStore, hub: Hub, token: str, *,
     apidocs.install(app)
     _guard(app, settings)
     return app
+
+
+#: How long a stopping bridge waits for its clients to be told before uvicorn closes them.
+CLOSE_WAIT_S = 2.0
+
+
+class BridgeServer(uvicorn.Server):
+    """uvicorn's server, stopping as the bridge should: its streams are closed first (a
+    WebSocket with 1001 "the bridge is stopping", docs/stream.md), then uvicorn closes
+    the connections (it would close a WebSocket with 1012, before the app's shutdown)."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        state = getattr(getattr(self.config.app, "state", None), "bridge", None)
+        if isinstance(state, BridgeState):
+            await state.hub.close_all_and_wait("the bridge is stopping", CLOSE_WAIT_S)
+        await super().shutdown(sockets)
 
 
 def _guard(app: FastAPI, settings: Settings) -> None:

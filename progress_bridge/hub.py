@@ -39,6 +39,9 @@ class Subscription:
         self._items: deque[Message] = deque()
         self._ready = asyncio.Event()  # set while there is something to take (or closed)
         self.closed = asyncio.Event()
+        #: Set by whoever serves the subscription once its client has been told the end
+        #: (a WebSocket's close frame sent, an SSE stream ended).
+        self.finished = asyncio.Event()
         self.reason: str | None = None
         self.code = GOING_AWAY_CODE
 
@@ -128,13 +131,25 @@ class Hub:
                 self._cut_off(sub)
         return delivered
 
-    def close_all(self, reason: str = "the bridge is stopping") -> None:
-        """Cut every subscriber off. Call it before stopping the server: WebSockets close
-        with 1001 and SSE streams end at once instead of holding up the shutdown."""
+    def close_all(self, reason: str = "the bridge is stopping") -> list[Subscription]:
+        """Cut every subscriber off (the ones cut). Call it before stopping the server:
+        WebSockets close with 1001 and SSE streams end at once instead of holding up the
+        shutdown."""
+        cut = []
         for subs in list(self._subs.values()):
             for sub in list(subs):
                 sub.close(reason)
                 self.unsubscribe(sub)
+                cut.append(sub)
+        return cut
+
+    async def close_all_and_wait(self, reason: str, timeout_s: float) -> None:
+        """``close_all``, then wait (up to ``timeout_s``) until every client was told."""
+        waits = [asyncio.ensure_future(sub.finished.wait()) for sub in self.close_all(reason)]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=timeout_s)
+            for wait in pending:
+                wait.cancel()
 
     def _cut_off(self, sub: Subscription) -> None:
         sub.close(TOO_SLOW, TOO_SLOW_CODE)

@@ -58,4 +58,5 @@ async def _events(state: BridgeState, run_id: str, after: int) -> AsyncIterator[
         yield ServerSentEvent(comment=exc.reason)
     finally:
         state.hub.unsubscribe(sub)
+        sub.finished.set()
         clients.dec()

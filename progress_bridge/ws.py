@@ -49,6 +49,7 @@ async def run_socket(websocket: WebSocket, run_id: str, after: int = 0) -> None:
                 await asyncio.wait_for(websocket.close(*close), state.settings.close_timeout_s)
     finally:
         state.hub.unsubscribe(sub)
+        sub.finished.set()
         clients.dec()
 
 

@@ -19,7 +19,7 @@ import pytest
 import uvicorn
 
 from planrun.contract.stream import Draft, Message
-from planrun.progress_bridge.app import create_app
+from planrun.progress_bridge.app import BridgeServer, create_app
 from planrun.progress_bridge.hub import Hub
 from planrun.progress_bridge.runs import RunView
 from planrun.progress_bridge.source import FakeEventSource, Incoming
@@ -57,7 +57,7 @@ class ServedBridge:
         self._sock.bind(("127.0.0.1", 0))
         self.port: int = self._sock.getsockname()[1]
         config = uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
+        self.server = BridgeServer(config)
         self._thread = threading.Thread(target=self._serve, name="bridge-under-test")
 
     @property
@@ -78,8 +78,7 @@ class ServedBridge:
         return self
 
     def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.hub.close_all)
-        self.server.should_exit = True
+        self.server.should_exit = True  # as a signal does: BridgeServer closes the streams
         self._thread.join(15)
         assert not self._thread.is_alive(), "uvicorn did not stop"
         self.store.close()
