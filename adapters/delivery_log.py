@@ -19,7 +19,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-from planrun.home import data_dir
+from planrun.home import data_dir, machine_db
 
 FILE_NAME = "messages.sqlite3"
 #: Deliveries older than this are forgotten.
@@ -46,10 +46,7 @@ class DeliveryLog:
         self.path = path or data_dir() / FILE_NAME
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute(SCHEMA)
-        return db
+        return machine_db(self.path, SCHEMA)
 
     def delivered(self, key: str) -> dict[str, Any] | None:
         """The confirmation recorded for ``key``, or None when it was never delivered."""

@@ -18,7 +18,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-from planrun.home import data_dir
+from planrun.home import data_dir, machine_db
 
 FILE_NAME = "search-cache.sqlite3"
 SCHEMA = """
@@ -48,10 +48,7 @@ class SearchCache:
         self.path = path or data_dir() / FILE_NAME
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute(SCHEMA)
-        return db
+        return machine_db(self.path, SCHEMA)
 
     def get(self, key: str, wanted: int, ttl_s: float) -> list[dict[str, Any]] | None:
         """The stored results for ``key`` if fresh and enough for ``wanted``; else None."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
 
@@ -21,3 +22,12 @@ def backup_dir(run_id: str) -> Path:
     """Where the run ``run_id`` keeps the originals of the files it changes (its rollback
     journal), from one process of the run to the next."""
     return data_dir() / "runs" / run_id / "backup"
+
+
+def machine_db(path: Path, schema: str) -> sqlite3.Connection:
+    """A SQLite file the processes of the machine share (in WAL mode, autocommit, waiting
+    up to 10 s for another's write), with ``schema`` (``CREATE TABLE IF NOT EXISTS``) run."""
+    db = sqlite3.connect(path, timeout=10.0, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(schema)
+    return db
