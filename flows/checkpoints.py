@@ -13,6 +13,8 @@ default cache key, which includes the flow run id and the task's inputs. It is w
 before the step's finish is announced, so nothing announced as finished is run again.
 A checkpoint that was written but cannot be read back (a storage error, or data that does
 not validate) stops the run (``CheckpointUnreadable``) instead of running its step again.
+In local storage a checkpoint is written whole or not at all (a new file renamed over the
+old one), in the event loop: a small file costs less than a hop to a worker thread.
 
 A run that had ended and whose flow body starts again under a new retry request (the
 ``planrun.retry`` label that ``planrun retry`` and the bridge's ``/retry`` set before they
@@ -33,7 +35,9 @@ import asyncio
 import inspect
 import json
 import logging
+import os
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from planrun.contract.checkpoint import GateCheckpoint, RunCheckpoint, StepCheckpoint
@@ -157,7 +161,13 @@ class Checkpoints:
 
     async def _write(self, name: str, data: dict[str, Any]) -> None:
         content = json.dumps(data, default=str).encode()
-        await _call(await self._storage_block(), "write_path", name, content)
+        from prefect.filesystems import LocalFileSystem
+
+        block = await self._storage_block()
+        if isinstance(block, LocalFileSystem):
+            _replace(Path(block.basepath or ".").expanduser() / name, content)
+        else:
+            await _call(block, "write_path", name, content)
 
     async def _read(self, name: str) -> dict[str, Any] | None:
         """The JSON object kept under ``name``; None if nothing was ever written there."""
@@ -184,6 +194,14 @@ def _missing(exc: Exception) -> bool:
         return True
     name = type(exc).__name__
     return "NotFound" in name or "NoSuchKey" in name or "does not exist" in str(exc)
+
+
+def _replace(path: Path, content: bytes) -> None:
+    """Write ``content`` to ``path`` whole: a crash leaves the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_bytes(content)
+    os.replace(partial, path)
 
 
 async def _call(block: Any, method: str, *args: Any) -> Any:

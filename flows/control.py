@@ -52,6 +52,10 @@ from planrun.flows.scheduler import Scheduler
 log = logging.getLogger("planrun.control")
 
 POLL_S = 0.5
+#: A read of the run's state begun when a step's tool call returned still counts for the
+#: steps starting this soon after: they start once that step's task run has ended and its
+#: checkpoint is written, and the read goes on meanwhile (``RunControl.settled``).
+OVERLAP_S = 0.1
 #: How often a running run says it is alive (``planrun.run.heartbeat``).
 HEARTBEAT_S = 5.0
 
@@ -150,6 +154,11 @@ class RunControl:
         self.gates = Checkpoints(run_id)
         self._read: asyncio.Future[None] | None = None
         self._read_started = 0.0
+        self._returned = float("-inf")  # when a step's tool call last returned
+        #: The Prefect client ``watch`` holds open while the run goes on: ``news`` reads
+        #: with it before every step (a new client costs a new connection, about 35 ms a
+        #: read on a loaded 2-core machine against 12 ms: BENCHMARKS.md).
+        self._watching: Any = None
 
     def attach(self, scheduler: Scheduler, beat: Callable[[], None] | None = None) -> None:
         """Tell ``scheduler`` what people ask of the run; ``beat`` is called every
@@ -166,8 +175,12 @@ class RunControl:
     async def news(self) -> None:
         """Take in the run's state as it is now, before a step starts: a pause accepted
         before this call takes effect before that step (the poll alone would leave a
-        window of ``poll_s``). Steps asking at once share one read of the flow run."""
-        asked = time.monotonic()
+        window of ``poll_s``). A step starting right after another's tool call returned
+        takes the read begun at that return (``settled``): a pause accepted before it
+        holds the step back, and the step does not wait for a read of its own. Steps
+        asking at once share one read of the flow run."""
+        now = time.monotonic()
+        asked = self._returned if now - self._returned <= OVERLAP_S else now
         while True:
             reading = self._read
             if reading is not None and self._read_started >= asked:
@@ -176,12 +189,26 @@ class RunControl:
             if reading is not None and not reading.done():
                 await asyncio.shield(reading)  # began before we asked: wait, then read anew
                 continue
-            self._read_started = time.monotonic()
-            self._read = asyncio.ensure_future(self._read_state())
+            self._begin_read()
+
+    def settled(self) -> None:
+        """A step's tool call returned: read the run's state now, alongside the end of
+        that step (its task run's end, its checkpoint), for the steps it lets start. While
+        a read is under way, the next ``news`` reads once more after it."""
+        self._returned = time.monotonic()
+        if self._read is None or self._read.done():
+            self._begin_read()
+
+    def _begin_read(self) -> None:
+        self._read_started = time.monotonic()
+        self._read = asyncio.ensure_future(self._read_state())
 
     async def _read_state(self) -> None:
         from prefect.client.orchestration import get_client
 
+        if self._watching is not None:
+            await self._react_to(self._watching)
+            return
         async with get_client() as client:
             await self._react_to(client)
 
@@ -217,12 +244,16 @@ class RunControl:
         loop = asyncio.get_running_loop()
         last_beat = loop.time()
         async with get_client() as client:
-            while True:
-                if self.beat is not None and loop.time() - last_beat >= HEARTBEAT_S:
-                    self.beat()
-                    last_beat = loop.time()
-                await self._react_to(client)
-                await asyncio.sleep(self.poll_s)
+            self._watching = client
+            try:
+                while True:
+                    if self.beat is not None and loop.time() - last_beat >= HEARTBEAT_S:
+                        self.beat()
+                        last_beat = loop.time()
+                    await self._react_to(client)
+                    await asyncio.sleep(self.poll_s)
+            finally:
+                self._watching = None
 
     def _react(self, state: Any) -> None:
         kind = state.type.value

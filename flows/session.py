@@ -325,7 +325,8 @@ class RunSession:
                        memory_mb=node.memory_mb, context=self._context,
                        notify=self._notify, fallback=node.fallback,
                        redactor=self.run.redactor, writes=self.writes, limits=self.parts.limits,
-                       run_limits=self.graph.limits.tools, on_wait=self._waiting)
+                       run_limits=self.graph.limits.tools, on_wait=self._waiting,
+                       on_returned=self.parts.control.settled)
 
 
 async def _uncancelled(write: Coroutine[Any, Any, None]) -> None:

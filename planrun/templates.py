@@ -47,6 +47,17 @@ def has_template(value: str) -> bool:
     return "{{" in value or "{%" in value
 
 
+def templated(value: Any) -> bool:
+    """Whether any text in ``value`` (nested in mappings and lists) is a template."""
+    if isinstance(value, str):
+        return has_template(value)
+    if isinstance(value, dict):
+        return any(templated(item) for item in value.values())
+    if isinstance(value, list):
+        return any(templated(item) for item in value)
+    return False
+
+
 def condition(when: str) -> str:
     """A ``when`` as a template: ``steps.a.status == 'failed'`` means ``{{ ... }}``."""
     return when if has_template(when) else "{{ " + when + " }}"
@@ -199,6 +210,8 @@ async def render_async(value: Any, context: dict[str, Any], path: TemplatePath =
     It ends within ``seconds`` (at most MAX_RENDER_S) or once ``stop()`` is true. A caller
     that stops waiting (its timeout, a cancel) makes the thread stop at its next step.
     """
+    if not templated(value):  # nothing to render: no worker thread (a copy, as render makes)
+        return _render(value, context, path)
     limit = limits.MAX_RENDER_S if seconds is None else min(seconds, limits.MAX_RENDER_S)
     spent = limits.Budget(seconds=limit, stop=stop)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +75,27 @@ def test_a_storage_saying_not_found_its_own_way_is_a_missing_checkpoint() -> Non
 
     restored, _ = load({}, {"a": FileNotFoundError("gone"), "b": NoSuchKey("b")})
     assert restored == []
+
+
+def test_a_local_checkpoint_is_replaced_whole_and_read_back(tmp_path: Path) -> None:
+    """Prefect's local storage: written in place of the old file (never truncated first,
+    so a crash leaves one or the other), leaving nothing else beside it."""
+    from prefect.filesystems import LocalFileSystem
+
+    store = Checkpoints("r")
+    store._storage = LocalFileSystem(basepath=str(tmp_path))
+    record = StepRecord(id="a", tool="core.echo", status=StepStatus.FAILED, attempts=1)
+
+    async def go() -> dict[str, StepRecord]:
+        await store.save(record)
+        first = (tmp_path / key("r", "a")).read_bytes()
+        record.status, record.attempts = StepStatus.COMPLETED, 2
+        await store.save(record)
+        assert (tmp_path / key("r", "a")).read_bytes() != first
+        records = {"a": StepRecord(id="a", tool="core.echo")}
+        await store.load(records)
+        return records
+
+    records = asyncio.run(go())
+    assert records["a"].status == StepStatus.COMPLETED and records["a"].attempts == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [key("r", "a")]
