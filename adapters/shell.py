@@ -133,14 +133,20 @@ class ShellRun(Adapter[ShellParams]):
                                ctx)
         options = (sandbox.bwrap_options(workspace=root, cwd=cwd, env=params.env,
                                          policy=ctx.policy) if sandboxed else None)
-        # Made here, not in a thread (< 1 ms): a cancel cannot leave one made and lost.
+        # Taken here, not in a thread (a spare made ahead, or < 1 ms to make): a cancel
+        # cannot leave one made and lost. The next step's spare is made while this
+        # step's program starts.
         group = cgroups.make_step_group(limits.memory_bytes, limits.processes)
+        if group is not None:
+            asyncio.get_running_loop().call_soon(cgroups.make_spare)
         start = Start(argv, env, cwd, _launcher_limits(limits, group), options,
                       group.procs_files() if group is not None else [])
         try:
             return await _run(params, start, _Watched(limits, group), ctx)
         finally:
-            if group is not None:
+            # Empty once the launcher has reaped the tree: removed at once; else what is
+            # left is killed, in a thread that waits for it to go.
+            if group is not None and not group.remove(within=0):
                 await asyncio.to_thread(group.remove)
 
     def classify(self, exc: Exception) -> StepError:

@@ -111,3 +111,51 @@ def test_a_group_without_its_files_answers_none(tmp_path: Path) -> None:
     assert (group.peak_memory(), group.cpu_s(), group.oom_kills(), group.pids()) == \
         (None, None, 0, [])
     assert not group.lower_weight()
+
+
+def test_a_spare_made_ahead_is_the_next_steps_group_and_used_once() -> None:
+    _group().remove()  # skips where no group can be made
+    cgroups._spares.clear()
+    cgroups.make_spare()
+    cgroups.make_spare()  # one is kept, not two
+    assert len(cgroups._spares) == 1
+    spare = dict(cgroups._spares[0][1])
+    group = make_step_group(64 * MIB, 5)
+    assert group is not None
+    try:
+        assert dict(group.dirs) == spare and not cgroups._spares
+        assert group.memory_limited  # the step's own limits are set on the spare
+        assert (group.dirs["pids"] / "pids.max").read_text().strip() == "7"
+        other = _group()
+        assert set(other.dirs.values()).isdisjoint(spare.values())  # a new one after it
+        assert other.remove()
+    finally:
+        assert group.remove()
+
+
+def test_a_spare_is_not_taken_by_a_forked_child_nor_under_another_root(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _group().remove()
+    cgroups._spares.clear()
+    cgroups.make_spare()
+    spare = cgroups._spares[0][1]
+    try:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: a group of its own, not its parent's spare
+            group = make_step_group()
+            ok = group is not None and set(group.dirs.values()).isdisjoint(spare.values())
+            if group is not None:
+                group.remove()
+            os.write(write, b"1" if ok else b"0")
+            os._exit(0)
+        os.close(write)
+        assert os.read(read, 1) == b"1"
+        os.waitpid(pid, 0)
+        os.close(read)
+        assert all(path.is_dir() for path in spare.values())  # still there for us
+        monkeypatch.setenv(cgroups.ROOT_ENV, "/nonexistent")
+        assert make_step_group() is None  # the spare was made under the real root
+    finally:
+        cgroups._remove_spares()
+    assert not any(path.exists() for path in spare.values())
