@@ -1,6 +1,6 @@
 """Stand-ins for the internet on 127.0.0.1, for the offline examples and for the tests: a
-search server speaking SearXNG's JSON API, a static web site, and an SMTP server that asks
-for a login. Each records what it received.
+search server speaking SearXNG's JSON API, a static web site, a Slack-style webhook, and an
+SMTP server that asks for a login. Each records what it received.
 
 The SMTP server is aiosmtpd, which comes with the test extras (``scripts/install --test``).
 The examples import this module by adding ``examples/`` to ``sys.path``; the tests import
@@ -21,7 +21,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 __all__ = ["SMTP_PASSWORD", "SMTP_USER", "JsonHandler", "LocalServer", "Mailbox",
-           "SearxngHandler", "free_port", "searxng_answer", "serving", "site", "smtp_server"]
+           "SearxngHandler", "SlackHandler", "free_port", "searxng_answer", "serving", "site",
+           "smtp_server"]
 
 
 def free_port() -> int:
@@ -54,6 +55,11 @@ class LocalServer(ThreadingHTTPServer):
     def record(self, entry: dict[str, Any]) -> None:
         with self.lock:
             self.requests.append(entry)
+
+    def results_for(self, query: str) -> list[dict[str, Any]]:
+        """The results a ``SearxngHandler`` answers ``query`` with: ``results`` (set
+        another function here for answers that depend on the query)."""
+        return self.results
 
     def closing(self) -> None:
         """Called before the server stops: let blocked answers go (subclasses)."""
@@ -92,7 +98,7 @@ def searxng_answer(query: str, results: list[dict[str, Any]]) -> dict[str, Any]:
 
 class SearxngHandler(JsonHandler):
     """SearXNG's JSON API: ``GET /search?q=&format=json`` answers the server's
-    ``results``; without ``format=json`` it answers 403, as an instance that has not
+    ``results_for(q)``; without ``format=json`` it answers 403, as an instance that has not
     enabled the format does. ``HEAD`` (the health check) answers 200."""
 
     def do_HEAD(self) -> None:
@@ -106,8 +112,22 @@ class SearxngHandler(JsonHandler):
         self.server.record({"path": url.path, "query": query})
         if url.path != "/search" or query.get("format") != "json":
             return self._send(403, b"Forbidden", content_type="text/html")
-        answer = searxng_answer(query.get("q", ""), self.server.results)
+        asked = query.get("q", "")
+        answer = searxng_answer(asked, self.server.results_for(asked))
         self._send(200, json.dumps(answer).encode())
+
+
+class SlackHandler(JsonHandler):
+    """A Slack-style incoming webhook: records each JSON ``POST`` body and answers ``ok``
+    as Slack does."""
+
+    def do_POST(self) -> None:
+        import json
+
+        length = int(self.headers.get("Content-Length") or 0)
+        self.server.record({"path": self.path, "body": json.loads(self.rfile.read(length)),
+                            "idempotency_key": self.headers.get("Idempotency-Key")})
+        self._send(200, b"ok", content_type="text/plain")
 
 
 class _SiteHandler(SimpleHTTPRequestHandler):
