@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email import message_from_bytes
 from email.policy import default as email_policy
@@ -16,8 +17,9 @@ from typing import Any
 from uuid import UUID
 
 import pytest
+from playwright.sync_api import Page, expect
 
-from tests.helpers import ROOT, cli_json
+from tests.helpers import ROOT, cli_json, wait_for
 
 
 @pytest.mark.parametrize(
@@ -135,13 +137,11 @@ def test_the_agent_mode_example_searches_opens_the_top_result_and_mails_a_summar
     assert f"the run in the Prefect UI: {report['prefect_url']}" in agent_mode.stderr
 
 
-def test_the_agent_mode_run_shows_its_screenshot_in_the_prefect_ui(
-        agent_mode: AgentModeRun) -> None:
+def screenshot_artifacts(run_id: UUID) -> tuple[list[Any], Any]:
+    """The markdown artifacts of flow run ``run_id`` (Prefect's API), and the task run of
+    the first."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    report = agent_mode.report
-    run_id = UUID(report["run_id"])
 
     async def read() -> tuple[list[Any], Any]:
         async with get_client() as client:
@@ -151,7 +151,16 @@ def test_the_agent_mode_run_shows_its_screenshot_in_the_prefect_ui(
             task = await client.read_task_run(shots[0].task_run_id) if shots else None
         return shots, task
 
-    shots, task_run = asyncio.run(read())
+    # In a thread of its own: Playwright's sync API runs an event loop in this one.
+    with ThreadPoolExecutor(1) as thread:
+        return thread.submit(asyncio.run, read()).result()
+
+
+def test_the_agent_mode_run_has_its_screenshot_as_an_artifact_in_prefect(
+        agent_mode: AgentModeRun) -> None:
+    report = agent_mode.report
+    run_id = UUID(report["run_id"])
+    shots, task_run = screenshot_artifacts(run_id)
     assert len(shots) == 1, shots
     [artifact] = shots
     page = report["steps"]["read_top"]["output"]["final_url"]
@@ -164,3 +173,22 @@ def test_the_agent_mode_run_shows_its_screenshot_in_the_prefect_ui(
     image = data.split("](data:image/jpeg;base64,", 1)[1].split(")", 1)[0]
     assert base64.b64decode(image).startswith(b"\xff\xd8\xff")  # embeds the page as a JPEG
     assert report["prefect_url"].endswith(f"/runs/flow-run/{run_id}")
+
+
+def test_the_prefect_ui_shows_the_agent_mode_screenshot(agent_mode: AgentModeRun,
+                                                        page: Page) -> None:
+    """The artifact's page in the Prefect UI, in Chromium: the image is drawn. With
+    ``PLANRUN_SCREENSHOTS=1`` it also refreshes ``docs/prefect-ui-agent-tools.png``."""
+    [artifact], _ = screenshot_artifacts(UUID(agent_mode.report["run_id"]))
+    ui = agent_mode.report["prefect_url"].split("/runs/flow-run/")[0]
+    page.set_viewport_size({"width": 1280, "height": 860})
+    page.goto(f"{ui}/artifacts/artifact/{artifact.id}")
+    image = page.get_by_role("img", name="the page as the step saw it")
+    expect(image).to_be_visible(timeout=60_000)
+    expect(page.get_by_role("link", name="Harbour ferry: today's sailings")).to_be_visible()
+    expect(page.get_by_text("In the workspace:")).to_be_visible()
+    drawn = wait_for(lambda: image.evaluate("i => i.complete && i.naturalWidth"), 30,
+                     "the screenshot to be decoded")
+    assert drawn == 1280  # the step's viewport, as the browser drew it
+    if os.environ.get("PLANRUN_SCREENSHOTS") == "1":
+        page.screenshot(path=str(ROOT / "docs" / "prefect-ui-agent-tools.png"))
