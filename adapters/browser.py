@@ -312,19 +312,20 @@ async def prefect_markdown(markdown: str, description: str) -> None:
 
 def screenshot_markdown(output: dict[str, Any], where: Path,
                         thumbnail: bytes | None = None) -> str:
-    """The artifact: what was opened and where its screenshot is, and the viewport as an
-    image the Prefect UI shows (a data URI: the UI cannot reach the workspace), unless it
-    is larger than ``THUMBNAIL_MAX_BYTES``."""
+    """The artifact: what was opened, where its screenshot is (a path, not a link), and
+    the viewport as an image the Prefect UI shows (a data URI: the UI cannot reach the
+    workspace), unless it is larger than ``THUMBNAIL_MAX_BYTES``."""
     def cell(value: Any) -> str:
         return str(value).replace("|", "\\|").replace("\n", " ")
 
-    rows = [("page", f"[{cell(output['title'] or output['final_url'])}]"
-                     f"({cell(output['final_url'])})"),
-            ("status", cell(output["status"])),
-            ("screenshot", f"`{cell(output['screenshot'])}` (in the workspace: "
-                           f"[{cell(where)}]({where.as_uri()}))")]
-    markdown = "### browser.open\n\n| | |\n|---|---|\n" + \
-        "\n".join(f"| {name} | {value} |" for name, value in rows) + "\n"
+    page = f"[{cell(output['title'] or output['final_url'])}]({cell(output['final_url'])})"
+    rows = [("status", cell(output["status"])),
+            ("screenshot", f"`{cell(output['screenshot'])}`")]
+    # The table is narrow in the UI and a path does not wrap: the full path below it, as
+    # text (a browser does not follow a file:// link from a web page).
+    markdown = f"### browser.open\n\n| page | {page} |\n|---|---|\n" + \
+        "\n".join(f"| {name} | {value} |" for name, value in rows) + \
+        f"\n\nIn the workspace: `{where}`\n"
     if thumbnail is not None and len(thumbnail) <= THUMBNAIL_MAX_BYTES:
         image = base64.b64encode(thumbnail).decode("ascii")
         markdown += f"\n![the page as the step saw it](data:image/jpeg;base64,{image})\n"

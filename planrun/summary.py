@@ -9,7 +9,8 @@ MAX_CHARS = 80
 
 def summarize(output: Any) -> str | None:
     """A short line about ``output``: the shapes planrun's tools return get their own words
-    (HTTP status, exit code, bytes written, result counts); anything else its size or text."""
+    (HTTP status, a page's title, exit code, bytes written, result counts, the recipients
+    of a message); anything else its size or text."""
     if output is None:
         return None
     if isinstance(output, dict):
@@ -20,6 +21,10 @@ def summarize(output: Any) -> str | None:
 
 
 def _shaped(out: dict[str, Any]) -> str | None:
+    if out.get("delivered") is True and "channel" in out:
+        return _delivered(out)
+    if isinstance(out.get("status"), int) and "final_url" in out and out.get("title"):
+        return _clip(f"HTTP {out['status']}: {out['title']}")  # browser.open
     if isinstance(out.get("status"), int) and "url" in out:
         body = out.get("json")
         found = _results(body) if isinstance(body, dict | list) else None
@@ -39,6 +44,19 @@ def _shaped(out: dict[str, Any]) -> str | None:
     if "value" in out and len(out) == 1:
         return summarize(out["value"])
     return _results(out)
+
+
+def _delivered(out: dict[str, Any]) -> str:
+    """message.send's confirmation: who got it, or the webhook's answer."""
+    if isinstance(out.get("accepted"), list):
+        said = "sent to " + ", ".join(map(str, out["accepted"]))
+        refused = out.get("refused")
+        if isinstance(refused, dict) and refused:
+            said += f" ({len(refused)} refused)"
+    else:
+        said = f"posted to {out['channel']}" + \
+            (f": HTTP {out['status']}" if isinstance(out.get("status"), int) else "")
+    return _clip(said + (", already sent" if out.get("replayed") else ""))
 
 
 def _results(body: dict[str, Any] | list[Any]) -> str | None:

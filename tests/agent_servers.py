@@ -1,6 +1,8 @@
 """Real servers on 127.0.0.1 for the agent tools' tests: a search API speaking SearXNG's
 and Brave's JSON (fixtures in tests/fixtures/search/, in the providers' documented
-formats) and a webhook receiver. Each counts what it received."""
+formats) and a webhook receiver, with failure modes. Each counts what it received. The
+SMTP server and the HTTP server they are built on are the examples' own
+(examples/local_servers.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,24 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from examples import local_servers
+from examples.local_servers import (
+    SMTP_PASSWORD,
+    SMTP_USER,
+    JsonHandler,
+    LocalServer,
+    Mailbox,
+    free_port,
+    smtp_server,
+)
+
+__all__ = ["BRAVE_KEY", "BRAVE_PATH", "SMTP_PASSWORD", "SMTP_USER", "Behaviour", "Mailbox",
+           "SearchHandler", "WebhookHandler", "brave_error", "free_port", "serving",
+           "smtp_server"]
 
 FIXTURES = Path(__file__).parent / "fixtures" / "search"
 BRAVE_PATH = "/res/v1/web/search"
@@ -29,41 +45,17 @@ class Behaviour:
     release: threading.Event = field(default_factory=threading.Event)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-
+class _Server(LocalServer):
     def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
-        super().__init__(("127.0.0.1", 0), handler)
-        self.requests: list[dict[str, Any]] = []
+        super().__init__(handler)
         self.behaviour = Behaviour()
-        self.lock = threading.Lock()
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-    def record(self, entry: dict[str, Any]) -> None:
-        with self.lock:
-            self.requests.append(entry)
+    def closing(self) -> None:
+        self.behaviour.release.set()
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JsonHandler):
     server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None,
-              content_type: str = "application/json") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
 
 
 class SearchHandler(_Handler):
@@ -127,96 +119,6 @@ class WebhookHandler(_Handler):
 @contextmanager
 def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[_Server]:
     """A server with ``handler`` on a free port of 127.0.0.1, for the ``with`` body."""
-    server = _Server(handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with local_servers.serving(handler, _Server) as server:
+        assert isinstance(server, _Server)
         yield server
-    finally:
-        server.behaviour.release.set()
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
-# -- SMTP (aiosmtpd) -----------------------------------------------------------------------
-
-SMTP_USER = "planrun"
-SMTP_PASSWORD = "smtp-pass-Xy7-long"
-
-
-class Mailbox:
-    """An aiosmtpd handler: keeps what it accepts; ``defer_data`` answers that many DATA
-    commands ``451`` first; addresses starting ``refused`` are refused (550)."""
-
-    def __init__(self) -> None:
-        self.messages: list[Any] = []
-        self.defer_data = 0
-        self.data_commands = 0
-        #: Set: QUIT is answered only once it is set (a server that hangs after DATA).
-        self.quit_gate: threading.Event | None = None
-
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
-                          rcpt_options: list[str]) -> str:
-        if address.startswith("refused"):
-            return "550 5.1.1 mailbox unavailable"
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
-        import asyncio
-
-        if self.quit_gate is not None:
-            await asyncio.to_thread(self.quit_gate.wait, 30)
-        return "221 Bye"
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.data_commands += 1
-        if self.defer_data:
-            self.defer_data -= 1
-            return "451 4.3.0 try again later"
-        self.messages.append(envelope)
-        return "250 Message accepted for delivery"
-
-
-def _authenticate(server: Any, session: Any, envelope: Any, mechanism: str,
-                  auth_data: Any) -> Any:
-    from aiosmtpd.smtp import AuthResult, LoginPassword
-
-    ok = isinstance(auth_data, LoginPassword) and auth_data.login == SMTP_USER.encode() \
-        and auth_data.password == SMTP_PASSWORD.encode()
-    return AuthResult(success=ok, handled=False)  # handled=False: aiosmtpd answers 535
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def smtp_server(security: str = "plain", tls: Any = None) -> Iterator[tuple[Mailbox, int]]:
-    """aiosmtpd on 127.0.0.1 requiring a login: ``plain``, ``starttls`` (required) or
-    ``ssl`` (implicit TLS), with ``tls`` the server's ssl.SSLContext."""
-    from aiosmtpd.controller import Controller
-
-    mailbox = Mailbox()
-    port = free_port()
-    # Over plain SMTP, AUTH is offered (and checked) but not required: aiosmtpd warns
-    # about requiring it without TLS. Over implicit TLS, aiosmtpd does not count the
-    # session as TLS (only STARTTLS), so it must not require TLS for AUTH either.
-    starttls = security == "starttls"
-    options: dict[str, Any] = {"authenticator": _authenticate, "auth_required": starttls,
-                               "auth_require_tls": starttls}
-    if security == "starttls":
-        options.update(tls_context=tls, require_starttls=True)
-    if security == "ssl":
-        options["ssl_context"] = tls
-    controller = Controller(mailbox, hostname="127.0.0.1", port=port, **options)
-    controller.start()
-    try:
-        yield mailbox, port
-    finally:
-        controller.stop()

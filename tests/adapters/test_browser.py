@@ -203,6 +203,8 @@ def test_a_page_gives_its_title_text_status_and_a_png_screenshot(
     assert local.usage.written_bytes == len(png)  # the screenshot is the step's write
     [(markdown, description)] = published.artifacts
     assert "screenshots/page.png" in markdown and "Planrun test page" in markdown
+    where = local.workspace.resolve("screenshots/page.png")
+    assert f"`{where}`" in markdown and "file://" not in markdown  # the UI cannot follow it
     assert description.startswith("page: screenshot of ")
     image = markdown.split("](data:image/jpeg;base64,", 1)[1].split(")", 1)[0]
     assert base64.b64decode(image).startswith(b"\xff\xd8\xff")  # a JPEG the UI shows
