@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import secrets
-import time
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 from uuid import UUID
@@ -38,6 +37,7 @@ from uuid import UUID
 from planrun.contract.control import (  # the names the bridge shares (docs/approvals.md)
     APPROVE,
     CONTROL_LABEL,
+    PAUSE_HEARD_LABEL,
     REJECT,
     RETRY_LABEL,
     answer_form,
@@ -52,10 +52,6 @@ from planrun.flows.scheduler import Scheduler
 log = logging.getLogger("planrun.control")
 
 POLL_S = 0.5
-#: A read of the run's state begun when a step's tool call returned still counts for the
-#: steps starting this soon after: they start once that step's task run has ended and its
-#: checkpoint is written, and the read goes on meanwhile (``RunControl.settled``).
-OVERLAP_S = 0.1
 #: How often a running run says it is alive (``planrun.run.heartbeat``).
 HEARTBEAT_S = 5.0
 
@@ -152,13 +148,8 @@ class RunControl:
         # write it, and not in the flow run, whose labels and states anything that reaches
         # the Prefect API can set. It outlives the process that suspends at the gate.
         self.gates = Checkpoints(run_id)
-        self._read: asyncio.Future[None] | None = None
-        self._read_started = 0.0
-        self._returned = float("-inf")  # when a step's tool call last returned
-        #: The Prefect client ``watch`` holds open while the run goes on: ``news`` reads
-        #: with it before every step (a new client costs a new connection, about 35 ms a
-        #: read on a loaded 2-core machine against 12 ms: BENCHMARKS.md).
-        self._watching: Any = None
+        self._heard: str | None = None  # the Paused state last acknowledged
+        self._acks: set[asyncio.Future[None]] = set()
 
     def attach(self, scheduler: Scheduler, beat: Callable[[], None] | None = None) -> None:
         """Tell ``scheduler`` what people ask of the run; ``beat`` is called every
@@ -173,44 +164,10 @@ class RunControl:
         return self._scheduler
 
     async def news(self) -> None:
-        """Take in the run's state as it is now, before a step starts: a pause accepted
-        before this call takes effect before that step (the poll alone would leave a
-        window of ``poll_s``). A step starting right after another's tool call returned
-        takes the read begun at that return (``settled``): a pause accepted before it
-        holds the step back, and the step does not wait for a read of its own. Steps
-        asking at once share one read of the flow run."""
-        now = time.monotonic()
-        asked = self._returned if now - self._returned <= OVERLAP_S else now
-        while True:
-            reading = self._read
-            if reading is not None and self._read_started >= asked:
-                await asyncio.shield(reading)  # began after we asked: it sees what we need
-                return
-            if reading is not None and not reading.done():
-                await asyncio.shield(reading)  # began before we asked: wait, then read anew
-                continue
-            self._begin_read()
-
-    def settled(self) -> None:
-        """A step's tool call returned: read the run's state now, alongside the end of
-        that step (its task run's end, its checkpoint), for the steps it lets start. While
-        a read is under way, the next ``news`` reads once more after it."""
-        self._returned = time.monotonic()
-        if self._read is None or self._read.done():
-            self._begin_read()
-
-    def _begin_read(self) -> None:
-        self._read_started = time.monotonic()
-        self._read = asyncio.ensure_future(self._read_state())
-
-    async def _read_state(self) -> None:
-        from prefect.client.orchestration import get_client
-
-        if self._watching is not None:
-            await self._react_to(self._watching)
-            return
-        async with get_client() as client:
-            await self._react_to(client)
+        """Nothing to read before a step starts: ``watch`` takes a pause in and says so on
+        the flow run (``PAUSE_HEARD_LABEL``), and the bridge answers a pause only once it
+        has (docs/http-api.md). A server round trip before every step would cost each step
+        a read behind the server's backlog of events (BENCHMARKS.md, cost per step)."""
 
     async def _react_to(self, client: Any) -> None:
         try:
@@ -244,26 +201,43 @@ class RunControl:
         loop = asyncio.get_running_loop()
         last_beat = loop.time()
         async with get_client() as client:
-            self._watching = client
-            try:
-                while True:
-                    if self.beat is not None and loop.time() - last_beat >= HEARTBEAT_S:
-                        self.beat()
-                        last_beat = loop.time()
-                    await self._react_to(client)
-                    await asyncio.sleep(self.poll_s)
-            finally:
-                self._watching = None
+            while True:
+                if self.beat is not None and loop.time() - last_beat >= HEARTBEAT_S:
+                    self.beat()
+                    last_beat = loop.time()
+                await self._react_to(client)
+                await asyncio.sleep(self.poll_s)
 
     def _react(self, state: Any) -> None:
         kind = state.type.value
         scheduler = self.scheduler
         if kind == "PAUSED":
             scheduler.pause(state.message or "paused by a person")
+            self._hear(state)
         elif kind == "RUNNING" and scheduler.pause_reason is not None and scheduler.gate is None:
             scheduler.unpause()  # a person's pause taken back (a gate waits for its answer)
         elif kind in ("CANCELLING", "CANCELLED"):
             scheduler.stop("cancelled by a person", cancelled=True)
+
+    def _hear(self, state: Any) -> None:
+        """Say on the flow run that the pause ``state`` is taken in (once per state):
+        written after the scheduler has stopped starting steps."""
+        heard = str(state.id) if state.id is not None else None
+        if heard is None or heard == self._heard or state.state_details.pause_key:
+            return  # a gate's own pause is the engine's: nobody waits for it to be heard
+        self._heard = heard
+        ack = asyncio.ensure_future(self._label_as({PAUSE_HEARD_LABEL: heard}))
+        self._acks.add(ack)
+        ack.add_done_callback(self._acks.discard)
+
+    async def _label_as(self, labels: dict[str, str]) -> None:
+        from prefect.client.orchestration import get_client
+
+        try:
+            async with get_client() as client:
+                await client.update_flow_run_labels(self.run_id, dict(labels))
+        except Exception as exc:  # noqa: BLE001 - the pause holds; only its answer waits
+            log.warning("cannot say run %s took its pause in: %s", self.run_id, exc)
 
     async def suspend(self, key: str, message: str, timeout_s: float | None = None) -> Any:
         """Make the paused flow run a suspended one (no process; a resume reschedules it)

@@ -127,8 +127,6 @@ class MemoryControl:
     retry: str | None = None
     asked: list[str] = field(default_factory=list)
     suspended: list[str] = field(default_factory=list)
-    #: How many tool calls have returned (``settled``), failed ones included.
-    returns: int = 0
     scheduler: Scheduler | None = None
     _arrived: asyncio.Event | None = None
 
@@ -149,10 +147,6 @@ class MemoryControl:
                 self.scheduler.pause("paused by a person")
             elif request == "cancel":
                 self.scheduler.stop("cancelled by a person", cancelled=True)
-
-    def settled(self) -> None:
-        """Counted (``returns``); nothing to read ahead: ``news`` takes requests in at once."""
-        self.returns += 1
 
     async def watch(self) -> None:
         self._arrived = asyncio.Event()

@@ -92,10 +92,6 @@ class ControlSource(Protocol):
         """Tell the scheduler what was asked up to now."""
         ...
 
-    def settled(self) -> None:
-        """A step's tool call returned: the steps it lets start will ask for ``news``."""
-        ...
-
     async def watch(self) -> None:
         """Tell the scheduler what is asked while the run goes, until cancelled."""
         ...

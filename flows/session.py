@@ -325,8 +325,7 @@ class RunSession:
                        memory_mb=node.memory_mb, context=self._context,
                        notify=self._notify, fallback=node.fallback,
                        redactor=self.run.redactor, writes=self.writes, limits=self.parts.limits,
-                       run_limits=self.graph.limits.tools, on_wait=self._waiting,
-                       on_returned=self.parts.control.settled)
+                       run_limits=self.graph.limits.tools, on_wait=self._waiting)
 
 
 async def _uncancelled(write: Coroutine[Any, Any, None]) -> None:

@@ -81,9 +81,6 @@ class StepJob:
     slots: RunSlots | None = None
     #: Told each time the pending step waits for a limit (its record, why).
     on_wait: Callable[[StepRecord, Waiting], None] | None = None
-    #: Told as soon as a tool call of the step returns (or raises): the run's control
-    #: reads what people asked meanwhile (``RunControl.settled``).
-    on_returned: Callable[[], None] | None = None
     last_error: StepError | None = None
     next_delay: float | None = field(default=None, repr=False)
     _began: float = field(default=0.0, repr=False)  # when the current attempt began
@@ -257,8 +254,6 @@ class StepJob:
             raise meter.stopped_error(adapter.name) from None
         finally:
             self.record.resources = combined(self.record.resources, meter.resources(ctx.usage))
-            if self.on_returned is not None:
-                self.on_returned()
 
     def log_used(self) -> None:
         """Say in the step's log what it used, once it has finished."""

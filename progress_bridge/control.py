@@ -138,8 +138,9 @@ CONFLICTS: dict[int | str, dict[str, Any]] = {
 async def pause(run_id: str, request: Request) -> Accepted:
     """Pause at the next step boundary: steps already running finish, nothing new starts,
     then the run is suspended and holds no process until it is resumed."""
+    state = state_of(request)
     async with _answered():
-        await state_of(request).control.pause(run_id)
+        await state.control.pause(run_id, ended=_ended(state, run_id))
     return Accepted(run_id=run_id, status="pausing")
 
 
@@ -156,8 +157,9 @@ async def resume(run_id: str, request: Request) -> Accepted:
 async def cancel(run_id: str, request: Request) -> Accepted:
     """Cancel the run: running commands are killed, nothing new starts, the files it
     changed are rolled back. A paused run is resumed to do so, and ends cancelled."""
+    state = state_of(request)
     async with _answered():
-        await state_of(request).control.cancel(run_id)
+        await state.control.cancel(run_id, ended=_ended(state, run_id))
     return Accepted(run_id=run_id, status="cancelling")
 
 
@@ -173,14 +175,19 @@ async def retry(run_id: str, request: Request) -> Retrying:
     """Run an ended run again from where it went wrong: its failed, skipped and cancelled
     steps run again; its completed steps keep their outputs and do not (docs/retry.md)."""
     state = state_of(request)
-    ended = state.views.get(run_id)
     async with _answered():  # the stream says it ended: its flow run ends in a moment
-        await state.control.retry(run_id, announced=ended is not None and ended.ended)
+        await state.control.retry(run_id, announced=_ended(state, run_id))
     view = state.views.get(run_id)
     again = [sid for sid, step in view.record.steps.items()
              if step.status != StepStatus.COMPLETED] if view is not None else []
     return Retrying(run_id=run_id, status="retrying", retry=again,
                     after=state.store.last_seq(run_id))
+
+
+def _ended(state: BridgeState, run_id: str) -> bool:
+    """Whether the run's stream says it has ended (its flow run ends a moment later)."""
+    view = state.views.get(run_id)
+    return view is not None and view.ended
 
 
 class Decision(BaseModel):

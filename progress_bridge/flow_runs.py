@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 from uuid import UUID
 
-from planrun.contract.control import RUN_TAG
+from planrun.contract.control import PAUSE_HEARD_LABEL, RUN_TAG
 from planrun.errors import NotFound
 from planrun.secrets import reference_of
 
@@ -33,6 +33,9 @@ class FlowRun:
     deployed: bool = True
     #: It had secret inputs (held or stored for it only until it ended).
     secret_inputs: bool = False
+    #: The id of its current state, and of the last pause its engine said it took in.
+    state_id: str | None = None
+    pause_heard: str | None = None
 
     @property
     def final(self) -> bool:
@@ -50,7 +53,9 @@ class FlowRuns(Protocol):
         it is not a planrun run."""
         ...
 
-    async def set_state(self, run_id: str, target: Target, message: str) -> None: ...
+    async def set_state(self, run_id: str, target: Target, message: str) -> str | None:
+        """Set the state; the new state's id."""
+        ...
 
     async def resume(self, run_id: str, answer: dict[str, Any] | None = None) -> None:
         """Resume a suspended flow run, with ``answer`` as its input when it waits for one."""
@@ -85,12 +90,14 @@ class PrefectFlowRuns:
         if state is None:
             return FlowRun(run_id, "SCHEDULED", deployed=deployed, secret_inputs=secret_inputs)
         details = state.state_details
+        heard = (found.labels or {}).get(PAUSE_HEARD_LABEL)
         return FlowRun(run_id, state.type.value, state.name,
                        waits_for_input=bool(details.run_input_keyset),
                        pause_key=details.pause_key, deployed=deployed,
-                       secret_inputs=secret_inputs)
+                       secret_inputs=secret_inputs, state_id=str(state.id),
+                       pause_heard=None if heard is None else str(heard))
 
-    async def set_state(self, run_id: str, target: Target, message: str) -> None:
+    async def set_state(self, run_id: str, target: Target, message: str) -> str | None:
         from prefect import states
         from prefect.client.orchestration import get_client
 
@@ -100,7 +107,9 @@ class PrefectFlowRuns:
             "CRASHED": states.Crashed}
         make = makers[target]
         async with get_client() as client:
-            await client.set_flow_run_state(UUID(run_id), make(message=message), force=True)
+            result = await client.set_flow_run_state(UUID(run_id), make(message=message),
+                                                     force=True)
+        return str(result.state.id) if result.state is not None else None
 
     async def resume(self, run_id: str, answer: dict[str, Any] | None = None) -> None:
         from prefect.flow_runs import aresume_flow_run
@@ -116,19 +125,24 @@ class PrefectFlowRuns:
 
 @dataclass
 class FakeFlowRuns:
-    """Flow runs in memory: ``runs`` by id; every change is recorded in ``calls``."""
+    """Flow runs in memory: ``runs`` by id; every change is recorded in ``calls``. A
+    pause is heard at once, as by a running engine, unless ``engines_hear`` is False."""
 
     runs: dict[str, FlowRun] = field(default_factory=dict)
     calls: list[tuple[Any, ...]] = field(default_factory=list)
+    engines_hear: bool = True
 
     async def read(self, run_id: str) -> FlowRun:
         if run_id not in self.runs:
             raise NotFound(f"no run {run_id}")
         return self.runs[run_id]
 
-    async def set_state(self, run_id: str, target: Target, message: str) -> None:
+    async def set_state(self, run_id: str, target: Target, message: str) -> str | None:
         self.calls.append(("set_state", run_id, target, message))
-        self.runs[run_id] = FlowRun(run_id, target)
+        state_id = f"state-{len(self.calls)}"
+        heard = state_id if target == "PAUSED" and self.engines_hear else None
+        self.runs[run_id] = FlowRun(run_id, target, state_id=state_id, pause_heard=heard)
+        return state_id
 
     async def resume(self, run_id: str, answer: dict[str, Any] | None = None) -> None:
         self.calls.append(("resume", run_id, answer))

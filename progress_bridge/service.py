@@ -22,24 +22,38 @@ from planrun.progress_bridge.flow_runs import FlowRun, FlowRuns
 #: How long an answer to an announced gate waits for the run to be suspended at it (the
 #: run announces the gate, then suspends: about a second later, more on a loaded machine).
 SUSPEND_WAIT_S = 30.0
+#: How long a pause waits for the run's engine to say it took the pause in (it reads the
+#: flow run's state every 0.5 s). A run without a living engine is answered after it.
+HEARD_WAIT_S = 15.0
 
 
 class ControlService:
     """Controls the runs behind ``flow_runs``."""
 
-    def __init__(self, flow_runs: FlowRuns, suspend_wait_s: float = SUSPEND_WAIT_S) -> None:
+    def __init__(self, flow_runs: FlowRuns, suspend_wait_s: float = SUSPEND_WAIT_S,
+                 heard_wait_s: float = HEARD_WAIT_S) -> None:
         self.flow_runs = flow_runs
         self.suspend_wait_s = suspend_wait_s
+        self.heard_wait_s = heard_wait_s
 
-    async def pause(self, run_id: str) -> None:
+    async def pause(self, run_id: str, ended: bool = False) -> None:
         """Pause at the next step boundary: steps already running finish, nothing new
-        starts, then the run is suspended and holds no process until it is resumed."""
+        starts, then the run is suspended and holds no process until it is resumed.
+        Returns once the run's engine has taken the pause in (it says so on the flow run):
+        no step starts after that. A run whose engine does not say so within
+        ``heard_wait_s`` (none is alive) is answered all the same. ``ended``: the run's
+        stream says it has ended (its flow run ends a moment later)."""
         found = await self.flow_runs.read(run_id)
+        if ended and not found.final:
+            raise Conflict(f"run {run_id} has ended: only a running run can be paused")
         if found.kind == "PAUSED":
             raise Conflict(f"run {run_id} is already paused")
         if found.kind != "RUNNING":
             raise Conflict(f"run {run_id} is {found.state}: only a running run can be paused")
-        await self.flow_runs.set_state(run_id, "PAUSED", "paused by a person")
+        paused = await self.flow_runs.set_state(run_id, "PAUSED", "paused by a person")
+        if paused is not None:
+            await self._once(run_id, lambda run: run.pause_heard == paused
+                             or run.state_id != paused, self.heard_wait_s)
 
     async def resume(self, run_id: str) -> None:
         """Resume a paused run in a new process; finished steps are not run again. A run
@@ -57,10 +71,13 @@ class ControlService:
                            "the step")
         await self.flow_runs.resume(run_id)
 
-    async def cancel(self, run_id: str) -> None:
+    async def cancel(self, run_id: str, ended: bool = False) -> None:
         """Cancel the run: running commands are killed, nothing new starts, the files it
-        changed are rolled back. A paused run is resumed to do so, and ends cancelled."""
+        changed are rolled back. A paused run is resumed to do so, and ends cancelled.
+        ``ended``: the run's stream says it has ended."""
         found = await self.flow_runs.read(run_id)
+        if ended and not found.final:
+            raise Conflict(f"run {run_id} has already ended")
         if found.final:
             raise Conflict(f"run {run_id} has already ended ({found.state})")
         if found.kind == "PAUSED":
@@ -107,10 +124,11 @@ class ControlService:
                            f"(it is {found.state})")
         await self.flow_runs.resume(run_id, answer_form(approved, comment))
 
-    async def _once(self, run_id: str, done: Callable[[FlowRun], bool]) -> FlowRun:
+    async def _once(self, run_id: str, done: Callable[[FlowRun], bool],
+                    wait_s: float | None = None) -> FlowRun:
         """The flow run once ``done`` says so of it, or as it is when the wait
-        (``suspend_wait_s``) is over."""
-        deadline = time.monotonic() + self.suspend_wait_s
+        (``wait_s``, by default ``suspend_wait_s``) is over."""
+        deadline = time.monotonic() + (self.suspend_wait_s if wait_s is None else wait_s)
         while True:
             found = await self.flow_runs.read(run_id)
             if done(found) or time.monotonic() >= deadline:

@@ -13,6 +13,7 @@ import httpx
 import psutil
 import pytest
 
+from planrun.contract.control import PAUSE_HEARD_LABEL
 from tests.helpers import unique_digits, wait_for
 from tests.stack import Stack, messages, running_stack
 
@@ -146,14 +147,25 @@ def test_prefects_own_pause_and_resume_work_the_same(stack: Stack, tmp_path: Pat
     run_id = submit(stack, tmp_path, held("ui", 3))
     wait_for(lambda: step_started(stack, run_id, "s1"), 60, "s1 to start")
 
-    async def pause_like_the_ui() -> None:  # the UI's "change state" forces a Paused state
+    async def pause_like_the_ui() -> str:  # the UI's "change state" forces a Paused state
         async with get_client() as client:
-            await client.set_flow_run_state(run_id, Paused(), force=True)
+            result = await client.set_flow_run_state(run_id, Paused(), force=True)
+        assert result.state is not None
+        return str(result.state.id)
+
+    async def heard() -> str | None:
+        async with get_client() as client:
+            labels = (await client.read_flow_run(run_id)).labels or {}
+        return labels.get(PAUSE_HEARD_LABEL)
 
     import asyncio
-    asyncio.run(pause_like_the_ui())
+    paused = asyncio.run(pause_like_the_ui())
+    # The engine takes it in at its next read of the run's state (every 0.5 s) and says so
+    # on the flow run; the Prefect UI shows that label. From then on nothing new starts.
+    wait_for(lambda: asyncio.run(heard()) == paused, 30, "the engine to hear the pause")
     release(stack, "ui")
     wait_status(stack, run_id, "paused")
+    assert lines(stack, "ui") == ["s1"]
     asyncio.run(aresume_flow_run(run_id))  # the UI's Resume button
     wait_status(stack, run_id, "completed")
     assert lines(stack, "ui") == ["s1", "s2", "s3"]

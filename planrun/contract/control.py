@@ -12,6 +12,10 @@ from typing import Any
 
 #: The flow-run label that tells a paused run, once resumed, to end cancelled.
 CONTROL_LABEL = "planrun.control"
+#: The flow-run label with which the engine says it has taken in a pause: the id of the
+#: ``Paused`` state it saw. The bridge answers a pause once it is there (docs/http-api.md):
+#: from then on no new step starts.
+PAUSE_HEARD_LABEL = "planrun.pause-heard"
 #: The flow-run label that asks a run that ended to be retried: a new value each time
 #: (docs/retry.md); the run's checkpoint keeps the last one it took.
 RETRY_LABEL = "planrun.retry"

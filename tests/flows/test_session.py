@@ -99,25 +99,6 @@ CHAIN = """
 
 
 @fast
-async def test_every_tool_call_that_returns_tells_the_control_at_once() -> None:
-    scenario = Scenario("""
-        version: 1
-        name: returns
-        steps:
-          - {id: a, tool: test.held, with: {label: a}}
-          - {id: b, tool: core.fail, needs: [a], with: {category: logic}}
-        """)
-    session = scenario.session()
-    running = asyncio.ensure_future(session.run_to_end())
-    await until(lambda: scenario.held.calls == ["a"])
-    assert scenario.memory.control.returns == 0  # a's call has not returned yet
-    scenario.held.release("a")
-    report = await running
-    assert report["steps"]["b"]["status"] == "failed"
-    assert scenario.memory.control.returns == 2  # a's return, and b's failed call
-
-
-@fast
 async def test_a_run_completes_and_keeps_its_files() -> None:
     scenario = Scenario(CHAIN)
     scenario.held.release("a")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from typing import Literal
 
 import pytest
@@ -219,3 +220,39 @@ def test_a_retry_of_a_run_its_stream_says_ended_waits_for_its_flow_run_to_end() 
     with pytest.raises(Conflict, match="run r is running: only a run that has ended"):
         asyncio.run(control.retry("r", announced=True))  # it never ended: refused in the end
     assert flow_runs.calls == []
+
+
+def test_a_pause_is_answered_once_the_runs_engine_has_heard_it() -> None:
+    async def go() -> tuple[float, float]:
+        control, flow_runs = service(FlowRun("r", "RUNNING"))
+        flow_runs.engines_hear = False
+        started = time.monotonic()
+        heard_at: list[float] = []
+
+        async def engine() -> None:  # it reads the state a little later, then says so
+            while flow_runs.runs["r"].kind != "PAUSED":
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)
+            paused = flow_runs.runs["r"]
+            flow_runs.runs["r"] = replace(paused, pause_heard=paused.state_id)
+            heard_at.append(time.monotonic())
+
+        hearing = asyncio.ensure_future(engine())
+        await control.pause("r")
+        answered = time.monotonic()
+        await hearing
+        return heard_at[0] - started, answered - heard_at[0]
+
+    heard, after = asyncio.run(go())
+    assert heard >= 0.3 and after >= 0  # not answered before the engine heard it
+
+
+def test_a_pause_no_engine_hears_is_answered_after_the_wait() -> None:
+    async def go() -> FlowRun:
+        flow_runs = FakeFlowRuns({"r": FlowRun("r", "RUNNING")}, engines_hear=False)
+        control = ControlService(flow_runs, heard_wait_s=0.2)
+        await control.pause("r")
+        return flow_runs.runs["r"]
+
+    left = asyncio.run(go())
+    assert left.kind == "PAUSED" and left.pause_heard is None
