@@ -68,6 +68,10 @@ def up(host: str, port: int, out: IO[str] = sys.stdout, production: Production |
     if server.port_taken(port, host):
         raise PlanrunError(f"{host}:{port} is already in use (another planrun up?): stop that "
                            "or pass --port")
+    limit = os.environ.get("PREFECT_RUNNER_PROCESS_LIMIT", "").strip()
+    if limit and not (limit.isdigit() and int(limit) > 0):
+        raise UsageError(f"PREFECT_RUNNER_PROCESS_LIMIT is the number of runs each runner "
+                         f"executes at once (a whole number of at least 1), not {limit!r}")
     if production is not None:
         production.check()
     home = server.data_dir()

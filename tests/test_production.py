@@ -122,3 +122,12 @@ def test_up_wants_a_whole_number_of_workers(workers: str) -> None:
     assert code == 2
     assert said.splitlines()[-1] == ("planrun: error: argument --workers: wants a whole "
                                   f"number of at least 1, not {workers!r}")
+
+
+def test_up_wants_a_whole_number_of_runs_per_runner() -> None:
+    done = cli("up", "--port", str(free_port()), timeout=60,
+               env={"PREFECT_RUNNER_PROCESS_LIMIT": "many"})
+    assert done.returncode == 2
+    assert done.stderr == ("planrun: PREFECT_RUNNER_PROCESS_LIMIT is the number of runs each "
+                           "runner executes at once (a whole number of at least 1), not "
+                           "'many'\n")
