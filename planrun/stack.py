@@ -128,16 +128,32 @@ def _start_server(production: Production, logs: Path) -> Child:
     api = f"http://{_reachable(bind)}:{port}/api"
     env = {**os.environ, **server.QUIET_ENV, **production.server_env(),
            "PREFECT_HOME": str(server.data_dir() / "prefect"), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_API_HOST": bind, "PREFECT_SERVER_API_PORT": str(port)}
+           "PREFECT_SERVER_API_HOST": bind, "PREFECT_SERVER_API_PORT": str(port),
+           "COLUMNS": "1000"}  # its messages on one line each, for _last_error
     child = _spawn("server", [sys.executable, "-m", "prefect", "server", "start", "--host", bind,
                               "--port", str(port)], env, logs)
     try:
         _wait_ready([child], {"server": f"{api}/health"}, [], server.START_TIMEOUT_S)
+    except PlanrunError:
+        _stop(child)
+        if child.process.returncode is None or child.process.returncode < 0:
+            raise  # it did not start in time: stopped here
+        raise PlanrunError(f"the Prefect server exited with status {child.process.returncode} "
+                           f"while starting: {_last_error(child)} (its log: {child.log})"
+                           ) from None
     except BaseException:
         _stop(child)
         raise
     os.environ["PREFECT_API_URL"] = api
     return child
+
+
+def _last_error(child: Child) -> str:
+    """The last line of ``child``'s log that names an error (a traceback's last line), or
+    its last line."""
+    lines = [line.strip() for line in child.tail(40).splitlines() if line.strip()]
+    named = [line for line in lines if "error" in line.lower()]
+    return (named or lines or ["no output"])[-1]
 
 
 def _tell_up(out: IO[str], bridge: str, token: str, api: str, logs: Path,

@@ -5,10 +5,13 @@ runs in tests/test_production_stack.py."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from planrun.errors import PlanrunError, UsageError
 from planrun.production import Production, database_url, shown
+from tests.databases import postgres_database
 from tests.helpers import cli
 from tests.stack import free_port
 
@@ -131,3 +134,17 @@ def test_up_wants_a_whole_number_of_runs_per_runner() -> None:
     assert done.stderr == ("planrun: PREFECT_RUNNER_PROCESS_LIMIT is the number of runs each "
                            "runner executes at once (a whole number of at least 1), not "
                            "'many'\n")
+
+
+def test_a_server_that_exits_while_starting_costs_one_line_naming_its_log(
+        tmp_path: Path) -> None:
+    """An address this machine does not have: Prefect's server exits at once."""
+    with postgres_database() as database:
+        done = cli("up", "--port", str(free_port()), "--database", database, timeout=120,
+                   env={"PREFECT_API_URL": "", "PLANRUN_HOME": str(tmp_path),
+                        "PLANRUN_SERVER_HOST": "192.0.2.1"})
+    assert done.returncode == 1
+    log = tmp_path / "logs" / "server.log"
+    assert done.stderr.startswith("planrun: the Prefect server exited with status 1 while "
+                                  "starting: ")
+    assert done.stderr.endswith(f" (its log: {log})\n") and done.stderr.count("\n") == 1
