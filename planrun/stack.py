@@ -28,6 +28,9 @@ from planrun.errors import PlanrunError, UsageError
 from planrun.production import Production, shown
 
 START_TIMEOUT_S = 60.0
+#: The stack's own server on PostgreSQL: its first start creates Prefect's tables (≈ 20 s on
+#: a quiet 2-core machine, over a minute on a loaded one).
+SERVER_START_TIMEOUT_S = 180.0
 STOP_GRACE_S = 10.0
 #: A child that exits more than MAX_RESTARTS times within RESTART_WINDOW_S stops the stack.
 MAX_RESTARTS = 5
@@ -133,7 +136,7 @@ def _start_server(production: Production, logs: Path) -> Child:
     child = _spawn("server", [sys.executable, "-m", "prefect", "server", "start", "--host", bind,
                               "--port", str(port)], env, logs)
     try:
-        _wait_ready([child], {"server": f"{api}/health"}, [], server.START_TIMEOUT_S)
+        _wait_ready([child], {"server": f"{api}/health"}, [], SERVER_START_TIMEOUT_S)
     except PlanrunError:
         _stop(child)
         if child.process.returncode is None or child.process.returncode < 0:
