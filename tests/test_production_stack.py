@@ -7,6 +7,7 @@ finished by another worker process, and no step that had completed runs again.""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,6 +62,16 @@ def ran(stack: Stack, name: str) -> list[str]:
     return path.read_text().split() if path.exists() else []
 
 
+def runner_of(stack: Stack, name: str) -> psutil.Process | None:
+    """The runner whose run is executing the command of ``held(name, …)`` now."""
+    for runner, runs in stack.runners().items():
+        for run in runs:
+            with contextlib.suppress(psutil.Error):
+                if any(f"{name}.go" in " ".join(p.cmdline()) for p in run.children(True)):
+                    return runner
+    return None
+
+
 def holding(stack: Stack) -> dict[int, int]:
     """How many runs each runner (by process id) executes now."""
     return {runner.pid: len(runs) for runner, runs in stack.runners().items()}
@@ -95,7 +106,7 @@ def test_a_worker_killed_mid_run_costs_no_run_and_no_completed_step_runs_twice(
     run_id = submit(stack, held("crash", 3, holding=[2]))
     wait_for(lambda: step_status(stack, run_id, "s2") == "running", 120, "s2 to run")
     assert ran(stack, "crash") == ["s1", "s2"]
-    [worker] = [runner for runner, runs in stack.runners().items() if runs]
+    worker = wait_for(lambda: runner_of(stack, "crash"), 30, "the runner of the run")
     host = [worker, *worker.children(recursive=True)]  # the runner, its run, the command
     for process in host:
         process.send_signal(signal.SIGKILL)
@@ -103,7 +114,7 @@ def test_a_worker_killed_mid_run_costs_no_run_and_no_completed_step_runs_twice(
 
     wait_for(lambda: ran(stack, "crash") == ["s1", "s2", "s2"], DEAD_AFTER_S + 120,
              "the run to be noticed silent, recovered and its s2 to run again")
-    [again] = [runner for runner, runs in stack.runners().items() if runs]
+    again = wait_for(lambda: runner_of(stack, "crash"), 30, "the runner of the run")
     assert again.pid != worker.pid
     release(stack, "crash")
     wait_for(lambda: stack.report(run_id)["status"] == "completed", 120,
