@@ -50,10 +50,19 @@ def fork_runs() -> None:
     prefect.flow_engine.multiprocessing = forks  # type: ignore[assignment]
 
 
+def run_limit() -> int | None:
+    """How many runs this runner executes at once: ``PREFECT_RUNNER_PROCESS_LIMIT`` when it
+    is set, else no limit. (``serve()`` ignores that setting: its ``limit`` defaults to
+    none.) A run over the limit stays Scheduled for another runner."""
+    given = os.environ.get("PREFECT_RUNNER_PROCESS_LIMIT", "").strip()
+    return int(given) if given else None
+
+
 def main() -> None:
     if os.environ.get("PLANRUN_SPAWN_RUNS") != "1":
         fork_runs()
     plan_flow.serve(name=DEPLOYMENT, tags=["planrun"], print_starting_message=False,
+                    limit=run_limit(),
                     description="Runs planrun plans submitted with `planrun submit` or "
                                 "POST /v1/runs; parameters: plan (data), inputs.")
 

@@ -58,6 +58,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="the bridge's address (127.0.0.1)")
     p.add_argument("--port", type=int, default=None,
                    help="the bridge's port (8765, or $PLANRUN_BRIDGE_PORT)")
+    p.add_argument("--database", default=os.environ.get("PLANRUN_DATABASE_URL"),
+                   metavar="URL", help="run the stack's own Prefect server on this PostgreSQL "
+                   "database (postgresql://user@host:5432/name, or $PLANRUN_DATABASE_URL); "
+                   "default: the local server on SQLite (docs/production.md)")
+    p.add_argument("--redis", default=os.environ.get("PLANRUN_REDIS_URL"), metavar="URL",
+                   help="with --database: the server's messaging in Redis "
+                   "(redis://host:6379/0, or $PLANRUN_REDIS_URL)")
+    p.add_argument("--workers", type=_count, default=1, metavar="N",
+                   help="how many runners execute submitted runs (1)")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("submit", help="submit a plan to the running stack; print the run id")
@@ -241,10 +250,22 @@ def _terminal_asker(display: Any) -> Any:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from planrun.production import Production
     from planrun.stack import up
 
     port = args.port or int(os.environ.get("PLANRUN_BRIDGE_PORT", "8765"))
-    return up(args.host, port)
+    if args.redis and not args.database:
+        raise UsageError("--redis goes with --database: Redis messaging is for a Prefect "
+                         "server on PostgreSQL")
+    production = Production.parse(args.database, args.redis) if args.database else None
+    return up(args.host, port, production=production, workers=args.workers)
+
+
+def _count(text: str) -> int:
+    """A positive whole number, for argparse."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"wants a whole number of at least 1, not {text!r}")
+    return int(text)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

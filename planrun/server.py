@@ -83,7 +83,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _free_port(preferred: int) -> int:
+def free_port(preferred: int) -> int:
+    """``preferred`` if nothing listens on it on 127.0.0.1, else a free port."""
     for port in (preferred, 0):
         with socket.socket() as sock:
             try:
@@ -148,7 +149,7 @@ def start(port: int | None = None) -> ServerInfo:
     if port is None:
         port = int(os.environ.get("PLANRUN_SERVER_PORT", DEFAULT_PORT))
     for _ in range(3):
-        info = _start_on(_free_port(port))
+        info = _start_on(free_port(port))
         if info is not None:
             _state_file().write_text(json.dumps({"url": info.url, "pid": info.pid}))
             return info

@@ -27,11 +27,13 @@ def free_port() -> int:
 
 
 class Stack:
-    """``planrun up`` in ``tmp``; ``env`` adds to (and ``drop`` removes from) the test
-    session's environment; ``port`` reuses a bridge port (a restart)."""
+    """``planrun up ARGS`` in ``tmp``; ``env`` adds to (and ``drop`` removes from) the test
+    session's environment; ``port`` reuses a bridge port (a restart); ``timeout``: how long
+    it may take to say it is up."""
 
     def __init__(self, tmp: Path, env: dict[str, str] | None = None, drop: tuple[str, ...] = (),
-                 port: int | None = None) -> None:
+                 port: int | None = None, args: tuple[str, ...] = (),
+                 timeout: float = 90) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**{k: v for k, v in os.environ.items() if k not in drop},
@@ -40,11 +42,11 @@ class Stack:
         self.out = tmp / "up.out"
         self.offset = self.out.stat().st_size if self.out.exists() else 0  # a restart appends
         with self.out.open("ab") as sink:
-            self.process = subprocess.Popen([*PLANRUN, "up", "--port", str(self.port)],
+            self.process = subprocess.Popen([*PLANRUN, "up", "--port", str(self.port), *args],
                                             cwd=tmp, env=self.env, stdout=sink,
                                             stderr=subprocess.STDOUT)
         wait_for(lambda: "planrun is up" in self.output() or self.process.poll() is not None,
-                 90, "planrun up to print its URLs")
+                 timeout, "planrun up to print its URLs")
         assert self.process.poll() is None, self.output()
 
     @property
@@ -85,6 +87,20 @@ class Stack:
         with contextlib.suppress(psutil.Error):
             return servers[0].children()
         return []
+
+    def runners(self) -> dict[psutil.Process, list[psutil.Process]]:
+        """Each runner of the stack (``--workers``) and its run processes, one per run in
+        flight: the forks of its own fork server."""
+        found: dict[psutil.Process, list[psutil.Process]] = {}
+        with contextlib.suppress(psutil.Error):
+            for runner in psutil.Process(self.process.pid).children():
+                if "planrun.flows.serve" not in " ".join(runner.cmdline()):
+                    continue
+                found[runner] = []
+                with contextlib.suppress(psutil.Error):
+                    for server in (p for p in runner.children() if _forkserver(p)):
+                        found[runner] += server.children()
+        return found
 
     def stop(self) -> int:
         if self.process.poll() is None:

@@ -18,6 +18,11 @@ from tests.helpers import wait_for
 CLOSED = "http://127.0.0.1:9"
 
 
+def nothing_answers() -> dict[str, str]:
+    """What ``planrun up`` waits for, at an address where nothing listens."""
+    return {"bridge": f"{CLOSED}/healthz", "runner": f"{CLOSED}/api/deployments"}
+
+
 @pytest.mark.parametrize(("host", "named"), [
     ("0.0.0.0", "127.0.0.1"), ("", "127.0.0.1"), ("::", "[::1]"), ("::1", "[::1]"),
     ("fd00::5", "[fd00::5]"), ("127.0.0.1", "127.0.0.1"), ("my-host", "my-host"),
@@ -36,7 +41,7 @@ def test_a_child_that_dies_while_starting_is_named_with_its_status_and_log(
     child = _child(tmp_path, "bridge", "print('address already in use'); raise SystemExit(3)")
     child.process.wait(10)
     with pytest.raises(PlanrunError) as caught:
-        stack._wait_ready([child], CLOSED, CLOSED + "/api", [])
+        stack._wait_ready([child], nothing_answers(), [])
     assert str(caught.value) == ("the bridge exited with status 3 while starting:\n"
                                  "address already in use")
 
@@ -48,7 +53,7 @@ def test_children_that_never_get_ready_are_named_with_where_their_logs_are(
     try:
         with pytest.raises(PlanrunError, match=f"the bridge and the runner did not start "
                                                f"within 0s; see the logs in {tmp_path}"):
-            stack._wait_ready([child], CLOSED, CLOSED + "/api", [])
+            stack._wait_ready([child], nothing_answers(), [])
     finally:
         stack._stop(child)
     assert child.process.returncode == -signal.SIGTERM

@@ -1,0 +1,125 @@
+"""``planrun up --database … --redis … --workers 2`` end to end, on the real PostgreSQL and
+Redis (tests/databases.py: skipped, saying why, where they are absent): runs submitted
+through the bridge's HTTP API run on both workers and complete; a worker killed with
+SIGKILL in the middle of a run (the runner, its fork server, the run's process and its
+command: a host that died) costs nothing: the run is noticed silent, scheduled again and
+finished by another worker process, and no step that had completed runs again."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.databases import postgres_database, redis_database
+from tests.helpers import wait_for
+from tests.stack import Stack, free_port
+from tests.test_control import held, release
+
+#: A run silent this long is marked crashed, then recovered (the heartbeat rule). Not
+#: shorter: on a loaded machine a run slow to send its first heartbeat would be taken
+#: for dead and started a second time beside itself.
+DEAD_AFTER_S = 20
+#: Runs each worker executes at once: four held runs must use both workers.
+PER_WORKER = 2
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("production")
+    with postgres_database() as database, redis_database() as redis:
+        env = {"PLANRUN_HOME": str(tmp / "home"), "PLANRUN_SERVER_PORT": str(free_port()),
+               "PLANRUN_DEAD_AFTER_S": str(DEAD_AFTER_S),
+               "PREFECT_RUNNER_PROCESS_LIMIT": str(PER_WORKER)}
+        running = Stack(tmp, env=env, drop=("PREFECT_API_URL",), timeout=240,
+                        args=("--database", database, "--redis", redis, "--workers", "2"))
+        try:
+            yield running
+        finally:
+            running.stop()
+
+
+def submit(stack: Stack, text: str) -> str:
+    """POST the plan to the bridge; the run's id."""
+    answer = httpx.post(f"{stack.url}/v1/runs", json={"plan": text}, headers=stack.auth,
+                        timeout=60)
+    assert answer.status_code == 201, answer.text
+    return str(answer.json()["run_id"])
+
+
+def step_status(stack: Stack, run_id: str, step: str) -> str | None:
+    return stack.report(run_id)["steps"].get(step, {}).get("status")
+
+
+def ran(stack: Stack, name: str) -> list[str]:
+    """The steps of ``held(name, …)`` that ran, in order, as they wrote them."""
+    path = Path(stack.env["PLANRUN_WORKSPACE"]) / f"{name}.txt"
+    return path.read_text().split() if path.exists() else []
+
+
+def runner_of(stack: Stack, name: str) -> psutil.Process | None:
+    """The runner whose run is executing the command of ``held(name, …)`` now."""
+    for runner, runs in stack.runners().items():
+        for run in runs:
+            with contextlib.suppress(psutil.Error):
+                if any(f"{name}.go" in " ".join(p.cmdline()) for p in run.children(True)):
+                    return runner
+    return None
+
+
+def holding(stack: Stack) -> dict[int, int]:
+    """How many runs each runner (by process id) executes now."""
+    return {runner.pid: len(runs) for runner, runs in stack.runners().items()}
+
+
+def test_up_says_where_the_server_keeps_its_state_and_how_many_runners_serve(
+        stack: Stack) -> None:
+    text = stack.output()
+    assert "  database    postgresql+asyncpg://postgres@" in text
+    assert "  messaging   redis://" in text
+    assert "  runners     2 serving planrun/plan-runner" in text
+    assert len(stack.runners()) == 2
+
+
+def test_runs_submitted_through_the_api_run_on_both_workers_and_complete(
+        stack: Stack) -> None:
+    names = [f"spread{i}" for i in range(2 * PER_WORKER)]
+    runs = {name: submit(stack, held(name, 2, holding=[1])) for name in names}
+    wait_for(lambda: all(step_status(stack, run_id, "s1") == "running"
+                         for run_id in runs.values()), 120, "every run's first step to run")
+    # Each worker takes at most PER_WORKER runs: the four in flight are two on each.
+    assert sorted(holding(stack).values()) == [PER_WORKER, PER_WORKER]
+    for name in names:
+        release(stack, name)
+    wait_for(lambda: all(stack.report(run_id)["status"] == "completed"
+                         for run_id in runs.values()), 120, "every run to complete")
+    assert all(ran(stack, name) == ["s1", "s2"] for name in names)
+
+
+def test_a_worker_killed_mid_run_costs_no_run_and_no_completed_step_runs_twice(
+        stack: Stack) -> None:
+    run_id = submit(stack, held("crash", 3, holding=[2]))
+    wait_for(lambda: step_status(stack, run_id, "s2") == "running", 120, "s2 to run")
+    assert ran(stack, "crash") == ["s1", "s2"]
+    worker = wait_for(lambda: runner_of(stack, "crash"), 30, "the runner of the run")
+    host = [worker, *worker.children(recursive=True)]  # the runner, its run, the command
+    for process in host:
+        process.send_signal(signal.SIGKILL)
+    psutil.wait_procs(host, timeout=10)
+
+    wait_for(lambda: ran(stack, "crash") == ["s1", "s2", "s2"], DEAD_AFTER_S + 120,
+             "the run to be noticed silent, recovered and its s2 to run again")
+    again = wait_for(lambda: runner_of(stack, "crash"), 30, "the runner of the run")
+    assert again.pid != worker.pid
+    release(stack, "crash")
+    wait_for(lambda: stack.report(run_id)["status"] == "completed", 120,
+             "the recovered run to complete")
+    # s1 had completed before the kill: kept; s2 was in flight: it ran again.
+    assert ran(stack, "crash") == ["s1", "s2", "s2", "s3"]
+    report = stack.report(run_id)
+    assert [report["steps"][s]["status"] for s in ("s1", "s2", "s3")] == ["completed"] * 3
