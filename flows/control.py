@@ -5,8 +5,10 @@ Prefect UI's own buttons all work the same way:
 
 - **pause**: a ``Paused`` state (``POST /v1/runs/{id}/pause`` sets one; so does the
   Prefect UI's "change state"). Prefect itself ignores a Paused state set from outside; the
-  engine watches for it, starts nothing new, lets running steps finish, then suspends the
-  flow run (``Suspended``: a pause that holds no process) and its process exits.
+  engine watches for it (every ``POLL_S``), starts nothing new, says so on the flow run
+  (the label ``planrun.pause-heard``, after which the bridge answers the pause), lets
+  running steps finish, then suspends the flow run (``Suspended``: a pause that holds no
+  process) and its process exits.
 - **resume**: Prefect's resume of the suspended run (``POST .../resume``, the UI's Resume
   button) schedules it; a runner starts the flow again in a new process, which restores
   the finished steps from their checkpoints (``flows.checkpoints``) and goes on. A resume
