@@ -29,12 +29,17 @@ steps:
     with: {argv: [sh, -c, "echo second >> crash.txt; sleep 2"]}
   - {id: third, tool: shell.run, needs: [second], with: {argv: [sh, -c, "echo third >> crash.txt"]}}
 """
+#: ``second`` runs until the test has seen it running (the page may open late on a loaded
+#: machine): it waits for ``three-steps.go`` in the workspace.
 THREE_STEPS = """
 version: 1
 name: three-steps
 steps:
   - {id: first, tool: core.sleep, with: {seconds: 1}}
-  - {id: second, tool: core.sleep, needs: [first], with: {seconds: 2}}
+  - id: second
+    tool: shell.run
+    needs: [first]
+    with: {argv: [sh, -c, "until [ -e three-steps.go ]; do sleep 0.05; done"]}
   - {id: third, tool: core.echo, needs: [second], with: {value: done}}
 """
 
@@ -141,18 +146,24 @@ def test_a_submitted_run_shows_on_the_live_page_in_the_terminal_and_in_prefect(
     watcher = subprocess.Popen([*PLANRUN, "watch", run_id], env={**os.environ,
                                "PLANRUN_BRIDGE_URL": stack.url}, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    page.goto(f"{stack.url}/v1/runs/{run_id}/view?token={stack.token}")
-    expect(page.locator("#title")).to_have_text("three-steps", timeout=30_000)
-    expect(page.locator("[data-step]")).to_have_count(3)
-    expect(page.locator('[data-step="second"]')).to_have_attribute("data-status", "running",
-                                                                     timeout=20_000)
-    expect(page.locator('[data-step="first"]')).to_have_attribute("data-status", "completed")
-    expect(page.locator('[data-step="third"]')).to_have_attribute("data-status", "pending")
-    expect(page.locator("#estimate")).to_contain_text("left")
-    expect(page.locator("#run-status")).to_have_attribute("data-status", "completed",
-                                                          timeout=20_000)
-    expect(page.locator("#progress")).to_have_text("3 of 3 steps · 100 %")
-
+    try:
+        page.goto(f"{stack.url}/v1/runs/{run_id}/view?token={stack.token}")
+        expect(page.locator("#title")).to_have_text("three-steps", timeout=30_000)
+        expect(page.locator("[data-step]")).to_have_count(3)
+        expect(page.locator('[data-step="second"]')).to_have_attribute(
+            "data-status", "running", timeout=60_000)  # the run's process starts first
+        expect(page.locator('[data-step="first"]')).to_have_attribute("data-status",
+                                                                      "completed")
+        expect(page.locator('[data-step="third"]')).to_have_attribute("data-status", "pending")
+        expect(page.locator("#estimate")).to_contain_text("left")
+        (Path(stack.env["PLANRUN_WORKSPACE"]) / "three-steps.go").touch()
+        expect(page.locator("#run-status")).to_have_attribute("data-status", "completed",
+                                                              timeout=60_000)
+        expect(page.locator("#progress")).to_have_text("3 of 3 steps · 100 %")
+    except BaseException:  # not left running, its pipes open, to fail a later test
+        watcher.kill()
+        watcher.communicate()
+        raise
     out, err = watcher.communicate(timeout=60)
     assert watcher.returncode == 0, err
     assert "second completed attempt 1" in err and out.strip().endswith("completed")
