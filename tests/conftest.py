@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.stack import Stack, shared, stop_shared
+
 pytest_plugins = ["tests.browser"]  # browser, context, page
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,6 +103,14 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ.setdefault(key, value)
 
 
+@pytest.fixture
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
+    """``planrun up`` in the default configuration, shared by the tests of every module
+    that asks for it (tests/stack.py ``shared``). A module that needs another
+    configuration starts a stack of its own, which stops this one first."""
+    return shared(tmp_path_factory)
+
+
 def _untraced(start):
     """Start the session's Prefect server outside coverage.py: it runs Prefect's code
     only, which coverage does not report, and tracing it slowed every full-stack test by
@@ -115,6 +125,8 @@ def _untraced(start):
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     from planrun import server
+
+    stop_shared()  # before the Prefect server it uses
 
     if "prefect" in sys.modules:  # send buffered logs and events before the server goes
         from prefect.events.worker import EventsWorker

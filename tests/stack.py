@@ -9,7 +9,7 @@ import os
 import signal
 import socket
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +29,16 @@ def free_port() -> int:
 class Stack:
     """``planrun up ARGS`` in ``tmp``; ``env`` adds to (and ``drop`` removes from) the test
     session's environment; ``port`` reuses a bridge port (a restart); ``timeout``: how long
-    it may take to say it is up."""
+    it may take to say it is up.
+
+    A stack on the session's Prefect server first stops the shared one (:func:`shared`):
+    two runners serving the same deployment would take each other's runs."""
 
     def __init__(self, tmp: Path, env: dict[str, str] | None = None, drop: tuple[str, ...] = (),
                  port: int | None = None, args: tuple[str, ...] = (),
-                 timeout: float = 90) -> None:
+                 timeout: float = 90, *, _shared: bool = False) -> None:
+        if not _shared and "PREFECT_API_URL" not in drop:
+            stop_shared()
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**{k: v for k, v in os.environ.items() if k not in drop},
@@ -117,11 +122,24 @@ def _forkserver(process: psutil.Process) -> bool:
         return False
 
 
-def running_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """A module's stack: started, yielded, stopped with Ctrl-C even if a test failed."""
-    running = Stack(tmp_path_factory.mktemp("stack"))
-    yield running
-    if running.process.poll() is None:
+_SHARED: dict[str, Stack] = {}
+
+
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Stack:
+    """The worker's stack in the default configuration, shared by every test that uses
+    it (a start costs seconds: two processes import Prefect). Started on first use, and
+    again after another stack stopped it. Its tests use runs and workspace files of their
+    own, so they do not depend on the order they run in."""
+    running = _SHARED.get("stack")
+    if running is None or running.process.poll() is not None:
+        running = _SHARED["stack"] = Stack(tmp_path_factory.mktemp("stack"), _shared=True)
+    return running
+
+
+def stop_shared() -> None:
+    """Stop the shared stack, if it runs (with Ctrl-C, as a person would)."""
+    running = _SHARED.pop("stack", None)
+    if running is not None and running.process.poll() is None:
         running.stop()
 
 

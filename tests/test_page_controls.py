@@ -18,7 +18,7 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Expect, Locator, Page
 
 from tests.helpers import wait_for
-from tests.stack import Stack, running_stack
+from tests.stack import Stack
 from tests.test_control import held, hold, lines, release, submit, wait_status
 
 #: This module's own ``expect`` (``set_options`` would change every module's): a run's
@@ -53,11 +53,6 @@ steps:
     approval: {prompt: "Ship it?"}
     with: {argv: [sh, -c, "echo ship >> gated.txt"]}
 """
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    yield from running_stack(tmp_path_factory)
 
 
 @pytest.fixture

@@ -9,12 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from websockets.asyncio.client import connect
 
 from tests.helpers import cli, cli_json, wait_for
@@ -84,15 +82,6 @@ def test_a_retry_in_another_workspace_is_refused_and_the_run_can_be_retried_in_i
     check_retried(first, second, workspace)
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    running = Stack(tmp_path_factory.mktemp("retry"))
-    try:
-        yield running
-    finally:
-        running.stop()
-
-
 def submit_failing(stack: Stack, tmp_path: Path) -> dict[str, Any]:
     submitted = stack.cli("submit", plan_file(tmp_path))
     assert submitted.returncode == 0, submitted.stderr
@@ -120,6 +109,7 @@ async def messages(stack: Stack, run_id: str, until: str) -> list[dict[str, Any]
 def test_the_bridge_retries_a_run_of_the_stack_and_its_stream_goes_on(
         stack: Stack, tmp_path: Path) -> None:
     workspace = Path(stack.env["PLANRUN_WORKSPACE"])
+    (workspace / "ready.txt").unlink(missing_ok=True)
     first = submit_failing(stack, tmp_path)
     run_id = first["run_id"]
     last_seq = first["last_seq"]

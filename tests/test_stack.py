@@ -8,7 +8,6 @@ import json
 import os
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -17,7 +16,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tests.helpers import PLANRUN, ROOT, cli, wait_for
-from tests.stack import Stack, messages, running_stack
+from tests.stack import Stack, messages
 
 CRASHING = """
 version: 1
@@ -30,19 +29,19 @@ steps:
     with: {argv: [sh, -c, "echo second >> crash.txt; sleep 2"]}
   - {id: third, tool: shell.run, needs: [second], with: {argv: [sh, -c, "echo third >> crash.txt"]}}
 """
+#: ``second`` runs until the test has seen it running (the page may open late on a loaded
+#: machine): it waits for ``three-steps.go`` in the workspace.
 THREE_STEPS = """
 version: 1
 name: three-steps
 steps:
   - {id: first, tool: core.sleep, with: {seconds: 1}}
-  - {id: second, tool: core.sleep, needs: [first], with: {seconds: 2}}
+  - id: second
+    tool: shell.run
+    needs: [first]
+    with: {argv: [sh, -c, "until [ -e three-steps.go ]; do sleep 0.05; done"]}
   - {id: third, tool: core.echo, needs: [second], with: {value: done}}
 """
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    yield from running_stack(tmp_path_factory)
 
 
 def test_up_prints_where_the_bridge_the_docs_and_the_prefect_ui_are(stack: Stack) -> None:
@@ -111,13 +110,15 @@ def test_a_run_whose_process_is_killed_is_recovered_and_only_the_step_in_flight_
         stack: Stack, tmp_path: Path) -> None:
     plan = tmp_path / "crash.yaml"
     plan.write_text(CRASHING)
+    others = set(stack.run_processes())  # the shared stack's earlier runs may be exiting
     run_id = stack.cli("submit", str(plan)).stdout.strip()
     marks = Path(stack.env["PLANRUN_WORKSPACE"]) / "crash.txt"
 
     wait_for(lambda: marks.exists() and marks.read_text().split() == ["first", "second"], 60,
              "the second step to be in flight")
     # The runner starts each run in a process of its own (a fork of its fork server).
-    engine = wait_for(stack.run_processes, 10, "the run's process")
+    engine = wait_for(lambda: list(set(stack.run_processes()) - others), 10,
+                      "the run's process")
     assert len(engine) == 1
     orphans = engine[0].children(recursive=True)  # the step's `sleep`, in its own group
     engine[0].kill()
@@ -145,18 +146,24 @@ def test_a_submitted_run_shows_on_the_live_page_in_the_terminal_and_in_prefect(
     watcher = subprocess.Popen([*PLANRUN, "watch", run_id], env={**os.environ,
                                "PLANRUN_BRIDGE_URL": stack.url}, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    page.goto(f"{stack.url}/v1/runs/{run_id}/view?token={stack.token}")
-    expect(page.locator("#title")).to_have_text("three-steps", timeout=30_000)
-    expect(page.locator("[data-step]")).to_have_count(3)
-    expect(page.locator('[data-step="second"]')).to_have_attribute("data-status", "running",
-                                                                     timeout=20_000)
-    expect(page.locator('[data-step="first"]')).to_have_attribute("data-status", "completed")
-    expect(page.locator('[data-step="third"]')).to_have_attribute("data-status", "pending")
-    expect(page.locator("#estimate")).to_contain_text("left")
-    expect(page.locator("#run-status")).to_have_attribute("data-status", "completed",
-                                                          timeout=20_000)
-    expect(page.locator("#progress")).to_have_text("3 of 3 steps · 100 %")
-
+    try:
+        page.goto(f"{stack.url}/v1/runs/{run_id}/view?token={stack.token}")
+        expect(page.locator("#title")).to_have_text("three-steps", timeout=30_000)
+        expect(page.locator("[data-step]")).to_have_count(3)
+        expect(page.locator('[data-step="second"]')).to_have_attribute(
+            "data-status", "running", timeout=60_000)  # the run's process starts first
+        expect(page.locator('[data-step="first"]')).to_have_attribute("data-status",
+                                                                      "completed")
+        expect(page.locator('[data-step="third"]')).to_have_attribute("data-status", "pending")
+        expect(page.locator("#estimate")).to_contain_text("left")
+        (Path(stack.env["PLANRUN_WORKSPACE"]) / "three-steps.go").touch()
+        expect(page.locator("#run-status")).to_have_attribute("data-status", "completed",
+                                                              timeout=60_000)
+        expect(page.locator("#progress")).to_have_text("3 of 3 steps · 100 %")
+    except BaseException:  # not left running, its pipes open, to fail a later test
+        watcher.kill()
+        watcher.communicate()
+        raise
     out, err = watcher.communicate(timeout=60)
     assert watcher.returncode == 0, err
     assert "second completed attempt 1" in err and out.strip().endswith("completed")
@@ -172,6 +179,7 @@ def test_a_submitted_run_shows_on_the_live_page_in_the_terminal_and_in_prefect(
 
 
 def test_ctrl_c_stops_the_runner_and_the_bridge(stack: Stack) -> None:
+    """The shared stack: the next test that asks for it starts it again."""
     children = stack.children()
     assert children
     assert stack.stop() == 0

@@ -14,7 +14,7 @@ from uuid import UUID
 import pytest
 
 from tests.helpers import PLANRUN, cli_json
-from tests.stack import Stack, running_stack
+from tests.stack import Stack
 from tests.terminal import Terminal
 
 PLAN = """
@@ -29,11 +29,6 @@ PLAN = """
         with: {path: shipped.txt, content: shipped}
     """
 ASKED = r"run ([0-9a-f-]{36}) waits for approval of step ship: Ship it\?"
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    yield from running_stack(tmp_path_factory)
 
 
 @pytest.fixture

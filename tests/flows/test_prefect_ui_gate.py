@@ -10,17 +10,15 @@ from __future__ import annotations
 import logging
 import os
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import pytest
 from playwright.sync_api import Page, expect
 
 from planrun.contract.control import is_asking_of
 from tests.helpers import ROOT, wait_for
-from tests.stack import Stack, running_stack
+from tests.stack import Stack
 
 SCREENSHOT = ROOT / "docs" / "prefect-ui-gate-form.png"
 PLAN = """
@@ -34,11 +32,6 @@ PLAN = """
         approval: {prompt: "Ship version 2 to production?"}
         with: {value: shipped}
     """
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    yield from running_stack(tmp_path_factory)
 
 
 def flow_run(run_id: str) -> Any:
