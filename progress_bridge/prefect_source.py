@@ -94,6 +94,7 @@ class PrefectEventSource:
         #: Events read from Prefect's REST API (not its stream), by run id ("" for events
         #: about no run): what a start, a reconciliation or a recall cost.
         self.read: Counter[str] = Counter()
+        self.start_reads = 0  # how many times the runs in flight were read (:meth:`start_read`)
         #: The first start's time (epoch s): no reconciliation reads from before it, as
         #: the runs in flight then were read whole (:meth:`start_read`).
         self._floor: float | None = None
@@ -106,8 +107,10 @@ class PrefectEventSource:
         while True:
             try:
                 # No reconnects inside Prefect's client: every reconnect must reconcile.
-                async with get_events_subscriber(filter=_live_filter(),
-                                                 reconnection_attempts=0) as events:
+                subscriber = get_events_subscriber(filter=_live_filter(),
+                                                   reconnection_attempts=0)
+                _from_now(subscriber)
+                async with subscriber as events:
                     self.connects += 1
                     # With no cursor yet the runs in flight are read, not the history: also
                     # once the persister has flushed, lest a later reconciliation of the
@@ -164,6 +167,7 @@ class PrefectEventSource:
             runs = await _flow_runs(client, _not_ended())
             runs += await _flow_runs(client, _crashed_since(began - self.settings.lookback_s))
             new = await self._read_runs(client, runs)
+        self.start_reads += 1
         log.info("start: read %d event(s) of %d run(s) in flight in %.2f s, %d new",
                  self.read.total() - read_before, len(runs), time.time() - began, new)
         return new
@@ -290,6 +294,17 @@ def incoming(event: Event) -> Incoming | None:
         return None
     return RunEvent(str(event.id), event.event, event.resource.id.removeprefix(RUN_PREFIX),
                     occurred, payload)
+
+
+def _from_now(subscriber: Any) -> None:
+    """Ask Prefect's stream for events from now on. Its subscriber asks for the last
+    minute's first (a backfill), which on a busy server is thousands of events of runs
+    that have ended, sent before the first live one; the bridge reads what it missed
+    itself (:meth:`PrefectEventSource.start_read`, or since its cursor). The subscriber
+    keeps the time in a private attribute: without it (another Prefect), the backfill
+    stays, which costs time but loses nothing."""
+    if hasattr(subscriber, "_backfill_since"):
+        subscriber._backfill_since = datetime.now(UTC)
 
 
 def _run_of(event: Event) -> str:
