@@ -311,6 +311,10 @@ class PrefectUpstream(Upstream):
         return self.prefect.connects
 
     @property
+    def start_reads(self) -> int:
+        return self.prefect.start_reads
+
+    @property
     def read(self) -> Counter[str]:
         """Events read from Prefect's REST API, by run id (the stream's not counted)."""
         return self.prefect.read

@@ -1,0 +1,147 @@
+"""A bridge's first start on a Prefect server with a long history of ended runs: it reads
+the runs in flight, not the history, serves them whole, and still serves a run that ended
+before it started, read from Prefect when a client asks for it. Real Prefect server, the
+bridge under uvicorn, real WebSocket and HTTP clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+
+from planrun.contract.status import StepStatus
+from planrun.progress_bridge.upstream import PrefectUpstream, UpstreamSettings
+from planrun.runner import run_plan
+from tests.helpers import plan_data, run_yaml
+
+from .conftest import BridgeFactory, ServedBridge, wait_for
+from .ended_runs import copy_ended_run
+from .test_upstream import by_type, follow
+
+#: The default lookback (an hour): the history below is younger, so a bridge that read
+#: the last hour would read all of it.
+SETTINGS = UpstreamSettings(settle_s=3.0, tick_s=0.5, grace_s=1.0)
+#: Copies of an ended run's events in the server's history (≈ 8 events each).
+COPIES = 150
+
+ENDED = """
+version: 1
+name: start-ended
+steps:
+  - {id: a, tool: core.echo, with: {value: 1}}
+  - {id: b, tool: core.echo, needs: [a], with: {value: 2}}
+"""
+
+GOING = """
+version: 1
+name: start-going
+steps:
+  - {id: a, tool: core.sleep, with: {seconds: 0.5}}
+  - {id: b, tool: core.sleep, needs: [a], with: {seconds: 1.5}}
+  - {id: c, tool: core.sleep, needs: [b], with: {seconds: 1.5}}
+  - {id: d, tool: core.sleep, needs: [c], with: {seconds: 1.5}}
+"""
+
+
+@dataclass(frozen=True)
+class History:
+    real: list[str]  # runs that really ran and ended
+    copies: list[str]  # their events again under new ids: runs with no flow run
+
+    @property
+    def ended(self) -> set[str]:
+        return {*self.real, *self.copies}
+
+
+@pytest.fixture(scope="module")
+def history() -> History:
+    real = [run_yaml(ENDED)["run_id"] for _ in range(2)]
+    return History(real, asyncio.run(copy_ended_run(real[0], COPIES)))
+
+
+class Going:
+    """Tells the run's id and when its first step has completed."""
+
+    def __init__(self) -> None:
+        self.run_id = ""
+        self.first_done = asyncio.Event()
+
+    def changed(self, run: Any, step: Any) -> None:
+        self.run_id = run.run_id
+        if step is not None and step.status == StepStatus.COMPLETED:
+            self.first_done.set()
+
+
+def fresh_bridge(factory: BridgeFactory, directory: Path, **options: Any) -> ServedBridge:
+    """A bridge with the real upstream over a new message log, once it is connected."""
+    upstream = PrefectUpstream(SETTINGS)
+    bridge = factory(directory, upstream=upstream, **options)
+    wait_for(upstream.connected.is_set, 30, "the upstream to subscribe")
+    return bridge
+
+
+def test_a_fresh_bridge_serves_a_run_in_flight_whole_and_reads_no_ended_run(
+        bridge_factory: BridgeFactory, tmp_path: Path, history: History) -> None:
+    async def main() -> tuple[ServedBridge, str, dict[str, Any], list[dict[str, Any]]]:
+        going = Going()  # run in this loop, as ``planrun run`` runs it
+        run = asyncio.ensure_future(run_plan(plan_data(GOING), {}, going))
+        await asyncio.wait_for(going.first_done.wait(), 60)
+        bridge = await asyncio.to_thread(fresh_bridge, bridge_factory, tmp_path / "bridge")
+        got = await follow(bridge, going.run_id, timeout=60)
+        return bridge, going.run_id, await run, got
+
+    bridge, run_id, report, got = asyncio.run(main())
+    upstream: PrefectUpstream = bridge.upstream
+    assert report["status"] == "completed"
+    assert [m["seq"] for m in got] == list(range(1, len(got) + 1))
+    assert got[0]["type"] == "run.started" and got[-1]["type"] == "run.completed"
+    assert [m["step_id"] for m in by_type(got, "step.completed")] == ["a", "b", "c", "d"]
+    # Both start reads (at connect, and once Prefect's persister has flushed) are over.
+    wait_for(lambda: upstream.start_reads >= 2, 30, "the second start read")
+    assert upstream.read[run_id] > 0, "the run in flight was read at start"
+    assert not set(upstream.read) & history.ended, "an ended run's events were read"
+    assert not set(bridge.state.views) & history.ended
+
+
+def test_a_run_that_ended_before_the_bridge_started_is_served_whole(
+        bridge_factory: BridgeFactory, tmp_path: Path, history: History) -> None:
+    bridge = fresh_bridge(bridge_factory, tmp_path / "bridge")
+    upstream: PrefectUpstream = bridge.upstream
+    first, second = history.real
+    assert first not in upstream.read and second not in upstream.read
+
+    report = httpx.get(f"{bridge.http}/v1/runs/{first}", headers=bridge.auth, timeout=30)
+    assert report.status_code == 200, report.text
+    assert report.json()["status"] == "completed"
+    got = asyncio.run(follow(bridge, first))
+    assert [m["seq"] for m in got] == list(range(1, report.json()["last_seq"] + 1))
+    assert got[0]["type"] == "run.started" and got[-1]["type"] == "run.completed"
+    assert [m["step_id"] for m in by_type(got, "step.completed")] == ["a", "b"]
+
+    # A stream asked first (no report before it) gets the whole run too.
+    streamed = asyncio.run(follow(bridge, second))
+    assert [m["type"] for m in streamed] == [m["type"] for m in got]
+    assert set(upstream.read) & history.ended == {first, second}
+
+
+def test_a_run_prefect_does_not_know_is_404_and_its_stream_waits_for_it(
+        bridge_factory: BridgeFactory, tmp_path: Path, history: History) -> None:
+    bridge = fresh_bridge(bridge_factory, tmp_path / "bridge", heartbeat_s=0.2)
+    with httpx.Client(base_url=bridge.http, headers=bridge.auth, timeout=30) as http:
+        for run_id in (str(uuid.uuid4()), "not-a-run", history.copies[0]):
+            answer = http.get(f"/v1/runs/{run_id}")
+            assert answer.status_code == 404, answer.text
+            assert "no run" in answer.json()["detail"]
+
+    async def first_message() -> dict[str, Any]:
+        async with connect(bridge.ws_url(str(uuid.uuid4())), proxy=None) as ws:
+            return dict(json.loads(await asyncio.wait_for(ws.recv(), 30)))
+
+    assert asyncio.run(first_message())["type"] == "heartbeat"
