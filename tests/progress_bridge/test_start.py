@@ -26,8 +26,9 @@ from .ended_runs import copy_ended_run
 from .test_upstream import by_type, follow
 
 #: The default lookback (an hour): the history below is younger, so a bridge that read
-#: the last hour would read all of it.
-SETTINGS = UpstreamSettings(settle_s=3.0, tick_s=0.5, grace_s=1.0)
+#: the last hour would read all of it. The default settle_s too: the second start read
+#: must come after Prefect's persister has flushed (every 5 s) what the first missed.
+SETTINGS = UpstreamSettings(settle_s=6.0, tick_s=0.5, grace_s=1.0)
 #: Copies of an ended run's events in the server's history (≈ 8 events each).
 COPIES = 150
 
@@ -102,7 +103,8 @@ def test_a_fresh_bridge_serves_a_run_in_flight_whole_and_reads_no_ended_run(
     assert report["status"] == "completed"
     assert [m["seq"] for m in got] == list(range(1, len(got) + 1))
     assert got[0]["type"] == "run.started" and got[-1]["type"] == "run.completed"
-    assert [m["step_id"] for m in by_type(got, "step.completed")] == ["a", "b", "c", "d"]
+    assert [m["step_id"] for m in by_type(got, "step.completed")] == ["a", "b", "c", "d"], [
+        (m["type"], m["step_id"], m["ts"]) for m in got]
     # Both start reads (at connect, and once Prefect's persister has flushed) are over.
     wait_for(lambda: upstream.start_reads >= 2, 30, "the second start read")
     assert upstream.read[run_id] > 0, "the run in flight was read at start"
