@@ -91,6 +91,7 @@ class PrefectEventSource:
         self._cursor: Cursor = lambda: None
         self._last_n: dict[str, int] = {}
         self._recheck: asyncio.Task[Any] | None = None
+        self._gaps: set[str] = set()  # runs whose event numbers jumped, to read again
         #: Events read from Prefect's REST API (not its stream), by run id ("" for events
         #: about no run): what a start, a reconciliation or a recall cost.
         self.read: Counter[str] = Counter()
@@ -261,14 +262,22 @@ class PrefectEventSource:
         if last is None or n > last:
             self._last_n[run_id] = n
         same_process = last is not None and n // SEGMENT == last // SEGMENT
-        if same_process and last is not None and n > last + 1 and self._recheck is None:
+        if same_process and last is not None and n > last + 1:
             log.warning("events %d..%d of run %s are missing; reconciling", last + 1, n - 1,
                         run_id)
-            self._recheck = self.later.soon(self.settings.settle_s, self._gap_reconcile)
+            self._gaps.add(run_id)
+            if self._recheck is None:
+                self._recheck = self.later.soon(self.settings.settle_s, self._gap_reconcile)
 
     async def _gap_reconcile(self) -> None:
+        """Read the events since the cursor again, and the whole of each run with a gap:
+        its missing events may be older than the window (a run in flight at the first
+        start whose events Prefect had not stored yet)."""
         try:
+            runs, self._gaps = self._gaps, set()
             await self.reconcile()
+            for run_id in runs:
+                await self.recall(run_id)
         finally:
             self._recheck = None
 

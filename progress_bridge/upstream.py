@@ -77,6 +77,7 @@ class Upstream:
         self.later = later or Later()
         self._recalls: dict[str, asyncio.Task[Any]] = {}  # runs being read, by run id
         self._recalled: dict[str, float] = {}  # when each run was read last (monotonic s)
+        self._held: dict[str, list[RunEvent]] = {}  # events that came while their run was read
 
     @property
     def connected(self) -> asyncio.Event:
@@ -113,10 +114,16 @@ class Upstream:
             return self._breaker_changed(event)
         self.deadlines.seen_alive(event.run_id, event.occurred)
         view, now = self.state.views.get(event.run_id), time.time()
-        if view is None and not isinstance(event.payload, RunStarted):
-            self._recall_soon(event.run_id)  # a run going on that the bridge has not seen start
         if event.name == HEARTBEAT:
+            if view is None:
+                self._recall_soon(event.run_id)  # a run going on that the bridge has not seen
             return False  # a sign of life only
+        if view is None and not isinstance(event.payload, RunStarted):
+            # A run going on that the bridge has not seen start: read it, and apply this
+            # event after what the reading brings (it may not be stored in Prefect yet).
+            if self._recall_soon(event.run_id) is not None:
+                self._held.setdefault(event.run_id, []).append(event)
+                return False
         applied = apply(view, event, now)
         if isinstance(event.payload, RunStarted):
             applied = told_of_breakers(applied, self.state.breakers.not_closed(),
@@ -204,6 +211,8 @@ class Upstream:
                 self._recalled = {k: t for k, t in self._recalled.items()
                                   if now - t < RECALL_AGAIN_S}
             self._recalled[run_id] = now
+            for held in sorted(self._held.pop(run_id, []), key=lambda e: e.payload.n):
+                self.handle(held)  # in the run's order, after what the reading brought
         view = self.state.views.get(run_id)
         if view is not None and not view.ended:
             # A run still going: its latest events may still wait in Prefect's persister.

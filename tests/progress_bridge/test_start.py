@@ -23,6 +23,7 @@ from tests.helpers import plan_data, run_yaml
 
 from .conftest import BridgeFactory, ServedBridge, wait_for
 from .ended_runs import copy_ended_run
+from .events import nth
 from .test_upstream import by_type, follow
 
 #: The default lookback (an hour): the history below is younger, so a bridge that read
@@ -147,3 +148,33 @@ def test_a_run_prefect_does_not_know_is_404_and_its_stream_waits_for_it(
             return dict(json.loads(await asyncio.wait_for(ws.recv(), 30)))
 
     assert asyncio.run(first_message())["type"] == "heartbeat"
+
+
+def test_an_event_of_a_run_not_seen_starting_waits_for_the_run_to_be_read(
+        bridge: ServedBridge) -> None:
+    """A fake source: events 1 and 2 are in Prefect but were not seen live; event 3 comes
+    live first, before Prefect has stored it (so reading the run does not bring it). It is
+    held while the run is read, then applied after 1 and 2."""
+    run_id = str(uuid.uuid4())
+
+    async def live() -> bool:
+        bridge.source.pushed.extend([nth(run_id, 1), nth(run_id, 2)])
+        deliver = bridge.source._deliver
+        assert deliver is not None
+        return deliver(nth(run_id, 3))
+
+    async def main() -> bool:
+        return await bridge.call(live())
+
+    assert asyncio.run(main()) is False, "event 3 was applied before the run was read"
+    wait_for(lambda: bridge.store.last_seq(run_id) >= 3, 10, "the run's three messages")
+
+    async def stored() -> list[Any]:
+        return await bridge.call(bridge.store.after(run_id, 0))
+
+    messages = asyncio.run(stored())
+    assert [m.seq for m in messages] == [1, 2, 3]
+    assert messages[0].type == "run.started"
+    assert [(m.step_id, m.summary) for m in messages[1:]] == [("s2", "event 2"),
+                                                              ("s3", "event 3")]
+    assert bridge.source.recalled == [run_id]
