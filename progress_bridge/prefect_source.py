@@ -110,7 +110,7 @@ class PrefectEventSource:
                 # No reconnects inside Prefect's client: every reconnect must reconcile.
                 subscriber = get_events_subscriber(filter=_live_filter(),
                                                    reconnection_attempts=0)
-                _from_now(subscriber)
+                _from_now(subscriber, self.settings.settle_s)
                 async with subscriber as events:
                     self.connects += 1
                     # With no cursor yet the runs in flight are read, not the history: also
@@ -305,15 +305,18 @@ def incoming(event: Event) -> Incoming | None:
                     occurred, payload)
 
 
-def _from_now(subscriber: Any) -> None:
-    """Ask Prefect's stream for events from now on. Its subscriber asks for the last
-    minute's first (a backfill), which on a busy server is thousands of events of runs
-    that have ended, sent before the first live one; the bridge reads what it missed
-    itself (:meth:`PrefectEventSource.start_read`, or since its cursor). The subscriber
-    keeps the time in a private attribute: without it (another Prefect), the backfill
-    stays, which costs time but loses nothing."""
+def _from_now(subscriber: Any, window_s: float) -> None:
+    """Ask Prefect's stream for events from ``window_s`` ago on, not from a minute ago.
+    The subscriber asks for the last minute's events first (a backfill), which on a busy
+    server is thousands of events of runs that have ended, sent before the first live one;
+    the bridge reads what it missed itself (:meth:`PrefectEventSource.start_read`, or
+    since its cursor). The same time also bounds the live stream: an event that occurred
+    before it is not sent even if it reaches the server after the subscription, so it is
+    not "now" but a persister flush earlier. The subscriber keeps the time in a private
+    attribute: without it (another Prefect), the backfill stays, which costs time but
+    loses nothing."""
     if hasattr(subscriber, "_backfill_since"):
-        subscriber._backfill_since = datetime.now(UTC)
+        subscriber._backfill_since = datetime.now(UTC) - timedelta(seconds=window_s)
 
 
 def _run_of(event: Event) -> str:

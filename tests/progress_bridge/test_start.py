@@ -22,7 +22,7 @@ from planrun.runner import run_plan
 from tests.helpers import plan_data, run_yaml
 
 from .conftest import BridgeFactory, ServedBridge, wait_for
-from .ended_runs import copy_ended_run
+from .ended_runs import copy_ended_run, run_events
 from .events import nth
 from .test_upstream import by_type, follow
 
@@ -46,7 +46,7 @@ version: 1
 name: start-going
 steps:
   - {id: a, tool: core.sleep, with: {seconds: 0.5}}
-  - {id: b, tool: core.sleep, needs: [a], with: {seconds: 1.5}}
+  - {id: b, tool: core.sleep, needs: [a], with: {seconds: 3}}
   - {id: c, tool: core.sleep, needs: [b], with: {seconds: 1.5}}
   - {id: d, tool: core.sleep, needs: [c], with: {seconds: 1.5}}
 """
@@ -81,6 +81,15 @@ class Going:
             self.first_done.set()
 
 
+async def stored(run_id: str, name: str, step_id: str, timeout: float) -> None:
+    """Wait until Prefect's API has the run's event ``name`` about ``step_id``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not any(e.event == name and e.payload.get("step_id") == step_id
+                  for e in await run_events(run_id)):
+        assert asyncio.get_running_loop().time() < deadline, f"{name} of {step_id} not stored"
+        await asyncio.sleep(0.1)
+
+
 def fresh_bridge(factory: BridgeFactory, directory: Path, **options: Any) -> ServedBridge:
     """A bridge with the real upstream over a new message log, once it is connected."""
     upstream = PrefectUpstream(SETTINGS)
@@ -95,6 +104,10 @@ def test_a_fresh_bridge_serves_a_run_in_flight_whole_and_reads_no_ended_run(
         going = Going()  # run in this loop, as ``planrun run`` runs it
         run = asyncio.ensure_future(run_plan(plan_data(GOING), {}, going))
         await asyncio.wait_for(going.first_done.wait(), 60)
+        # The run's events so far are stored in Prefect (its persister lags by up to 5 s):
+        # an event that occurred before the bridge subscribed and is not stored yet would
+        # reach it only with the second start read, after the later ones.
+        await stored(going.run_id, "planrun.step.running", "b", 30)
         bridge = await asyncio.to_thread(fresh_bridge, bridge_factory, tmp_path / "bridge")
         got = await follow(bridge, going.run_id, timeout=60)
         return bridge, going.run_id, await run, got
