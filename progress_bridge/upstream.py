@@ -214,8 +214,9 @@ class Upstream:
             for held in sorted(self._held.pop(run_id, []), key=lambda e: e.payload.n):
                 self.handle(held)  # in the run's order, after what the reading brought
         view = self.state.views.get(run_id)
-        if view is not None and not view.ended:
-            # A run still going: its latest events may still wait in Prefect's persister.
+        if view is None or not view.ended:
+            # A run going on, or one that has just ended: its latest events (or all of
+            # them) may still wait in Prefect's persister. Read it once more after a flush.
             self.later.soon(self.settings.settle_s, lambda: self._read_run(run_id))
 
     async def _read_run(self, run_id: str) -> None:
