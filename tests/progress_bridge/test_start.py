@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,12 @@ class History:
 @pytest.fixture(scope="module")
 def history() -> History:
     real = [run_yaml(ENDED)["run_id"] for _ in range(2)]
-    return History(real, asyncio.run(copy_ended_run(real[0], COPIES)))
+    ended_at = time.time()
+    made = History(real, asyncio.run(copy_ended_run(real[0], COPIES)))
+    # A bridge's reads may reach settle_s before its start (the window of Prefect's
+    # stream, a reconciliation after a gap): the history must be older than that.
+    wait_for(lambda: time.time() - ended_at > SETTINGS.settle_s + 1, 30, "the history to age")
+    return made
 
 
 class Going:
