@@ -364,8 +364,8 @@ def start_bridge(srv: Server, *, port: int | None = None, settle_s: float = 7.0,
             bridge.stop()
             raise RuntimeError(f"the bridge did not answer /healthz within 60 s; see {log}")
         time.sleep(0.2)
-    # The upstream reads the last hour's events once connected, and again settle_s after
-    # that read ends: wait for both to be over.
+    # The upstream reads the runs in flight once connected, and again settle_s after that
+    # read ends (docs/architecture.md, "The bridge's first start"): wait for both.
     watch = Server(url=bridge.url, pid=bridge.pid)
     wait_idle(watch, min_s=1.0, max_s=60.0, threshold=3.0)
     time.sleep(settle_s)

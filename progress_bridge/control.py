@@ -112,12 +112,13 @@ async def report(run_id: str, request: Request) -> dict[str, Any]:
     """The run report (docs/run-report.md) with ``progress`` and ``estimate``, and ``last_seq``: the
     seq of the run's last message, to follow it from there."""
     state = state_of(request)
+    await state.known(run_id)  # a run that ended before the bridge started: read it first
     view = state.views.get(run_id)
     if view is None:
         stored = state.store.run_state(run_id)
         if stored is None:
             raise HTTPException(404, f"no run {run_id} is known to this bridge: it may not "
-                                "have started yet, or it ran before the bridge's records")
+                                "have started yet, or Prefect keeps no events of it")
         view = RunView.from_json(stored)
     result = view.report(time.time())
     result["last_seq"] = state.store.last_seq(run_id)
@@ -175,6 +176,7 @@ async def retry(run_id: str, request: Request) -> Retrying:
     """Run an ended run again from where it went wrong: its failed, skipped and cancelled
     steps run again; its completed steps keep their outputs and do not (docs/retry.md)."""
     state = state_of(request)
+    await state.known(run_id)  # its stream goes on after its last message (``after``)
     async with _answered():  # the stream says it ended: its flow run ends in a moment
         await state.control.retry(run_id, announced=_ended(state, run_id))
     view = state.views.get(run_id)

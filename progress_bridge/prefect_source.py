@@ -14,6 +14,14 @@ subscriber that was away when it passed, in the live stream. So after every (re)
 the source reads the events since the cursor (the newest event committed, minus a margin)
 from ``POST /events/filter``, page by page, and again once the persister has flushed; and
 when a run's event numbers jump (a dropped event) it reads them again.
+
+A bridge with no cursor yet (its first start, a new message store) does not read the
+server's history: it lists the planrun flow runs that have not ended (and those that
+crashed within ``lookback_s``, to recover them) and reads the events of those runs only,
+so its start costs what the runs in flight cost, whatever the server ran before
+(:meth:`PrefectEventSource.start_read`). Any other run is read when the bridge first needs
+it (:meth:`PrefectEventSource.recall`): a client asks for it, or one of its events comes
+before the bridge has seen it start (docs/architecture.md, "The bridge's first start").
 """
 
 from __future__ import annotations
@@ -21,9 +29,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
 from pydantic import BaseModel
 
@@ -38,6 +48,9 @@ from planrun.progress_bridge.timers import Later
 from planrun.progress_bridge.upstream_settings import UpstreamSettings
 
 if TYPE_CHECKING:
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import FlowRunFilter
+    from prefect.client.schemas.objects import FlowRun
     from prefect.events import Event
     from prefect.events.filters import EventFilter
 
@@ -48,6 +61,10 @@ PLANRUN_TAG = f"prefect.tag.{RUN_TAG}"
 FLOW_RUN_ENDS = frozenset({"CRASHED", "FAILED", "CANCELLED", "COMPLETED"})
 PAGE = 50  # POST /events/filter answers at most 50 events a page
 VARIABLES_PAGE = 200  # POST /variables/filter answers at most 200 a page
+FLOW_RUNS_PAGE = 200  # POST /flow_runs/filter answers at most 200 a page
+RUNS_AT_ONCE = 50  # runs whose events one POST /events/filter asks for
+#: The flow-run state types of a run still going (or yet to start).
+NOT_ENDED = ("SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING")
 TURN = 16  # events handled between two turns given to the senders
 
 
@@ -74,6 +91,14 @@ class PrefectEventSource:
         self._cursor: Cursor = lambda: None
         self._last_n: dict[str, int] = {}
         self._recheck: asyncio.Task[Any] | None = None
+        self._gaps: set[str] = set()  # runs whose event numbers jumped, to read again
+        #: Events read from Prefect's REST API (not its stream), by run id ("" for events
+        #: about no run): what a start, a reconciliation or a recall cost.
+        self.read: Counter[str] = Counter()
+        self.start_reads = 0  # how many times the runs in flight were read (:meth:`start_read`)
+        #: The first start's time (epoch s): no reconciliation reads from before it, as
+        #: the runs in flight then were read whole (:meth:`start_read`).
+        self._floor: float | None = None
 
     async def follow(self, deliver: Deliver, cursor: Cursor) -> None:
         from prefect.events.clients import get_events_subscriber
@@ -83,11 +108,17 @@ class PrefectEventSource:
         while True:
             try:
                 # No reconnects inside Prefect's client: every reconnect must reconcile.
-                async with get_events_subscriber(filter=_live_filter(),
-                                                 reconnection_attempts=0) as events:
+                subscriber = get_events_subscriber(filter=_live_filter(),
+                                                   reconnection_attempts=0)
+                _stream_from(subscriber, self.settings.settle_s)
+                async with subscriber as events:
                     self.connects += 1
-                    await self.reconcile()
-                    self.later.soon(self.settings.settle_s, self.reconcile)
+                    # With no cursor yet the runs in flight are read, not the history: also
+                    # once the persister has flushed, lest a later reconciliation of the
+                    # window before the cursor read the runs that had ended.
+                    catch_up = self.start_read if self._cursor() is None else self.reconcile
+                    await catch_up()
+                    self.later.soon(self.settings.settle_s, catch_up)
                     self.connected.set()
                     delay = self.settings.retry_s
                     async for count, event in _numbered(events):
@@ -110,24 +141,82 @@ class PrefectEventSource:
 
     async def reconcile(self) -> int:
         """Deliver every event since the cursor (minus the margin) from Prefect's REST
-        API; how many were new."""
+        API; how many were new. With no cursor yet, the runs in flight (:meth:`start_read`)."""
         from prefect.client.orchestration import get_client
 
         cursor = self._cursor()
-        since = (cursor - self.settings.margin_s if cursor is not None
-                 else time.time() - self.settings.lookback_s)
-        new = 0
+        if cursor is None:
+            return await self.start_read()
+        since = cursor - self.settings.margin_s
+        if self._floor is not None:
+            since = max(since, self._floor)
         async with get_client() as client:
-            page = await client.read_events(filter=_query_filter(since), limit=PAGE)
-            while True:
-                for event in page.events:
-                    new += self._take(event)
-                if not page.next_page or not page.events:
-                    break
-                page = await client.read_events_page(str(page.next_page))
+            new = await self._read(client, _query_filter(since))
         if new:
             log.info("reconciled %d event(s) from Prefect's API", new)
         return new
+
+    async def start_read(self) -> int:
+        """Deliver the events of every planrun run that has not ended (and of those that
+        crashed within ``lookback_s``, to recover them); how many were new."""
+        from prefect.client.orchestration import get_client
+
+        began, read_before = time.time(), self.read.total()
+        if self._floor is None:
+            self._floor = began - self.settings.settle_s
+        async with get_client() as client:
+            runs = await _flow_runs(client, _not_ended())
+            runs += await _flow_runs(client, _crashed_since(began - self.settings.lookback_s))
+            new = await self._read_runs(client, runs)
+        self.start_reads += 1
+        log.info("start: read %d event(s) of %d run(s) in flight in %.2f s, %d new",
+                 self.read.total() - read_before, len(runs), time.time() - began, new)
+        return new
+
+    async def recall(self, run_id: str) -> int:
+        """Deliver every event of the planrun run ``run_id`` (a run the bridge has not
+        followed); how many were new. Nothing for an id that is not a UUID or a flow run
+        that is not a planrun run."""
+        from prefect.client.orchestration import get_client
+        from prefect.exceptions import ObjectNotFound
+
+        try:
+            flow_run_id = UUID(run_id)
+        except ValueError:
+            return 0
+        async with get_client() as client:
+            try:
+                found = await client.read_flow_run(flow_run_id)
+            except ObjectNotFound:
+                return 0
+            if RUN_TAG not in (found.tags or []):
+                return 0
+            new = await self._read_runs(client, [found])
+        if new:
+            log.info("recalled %d event(s) of run %s from Prefect's API", new, run_id)
+        return new
+
+    async def _read_runs(self, client: PrefectClient, runs: Iterable[FlowRun]) -> int:
+        """Deliver the events of ``runs``, a batch of runs at a time, oldest first."""
+        new, unique = 0, list({str(run.id): run for run in runs}.values())
+        for first in range(0, len(unique), RUNS_AT_ONCE):
+            batch = unique[first:first + RUNS_AT_ONCE]
+            since = min(run.created or run.expected_start_time or _EPOCH
+                        for run in batch).timestamp() - self.settings.margin_s
+            new += await self._read(client, _runs_filter([str(r.id) for r in batch], since))
+        return new
+
+    async def _read(self, client: PrefectClient, query: EventFilter) -> int:
+        """Deliver every event ``query`` finds, page by page; how many were new."""
+        new = 0
+        page = await client.read_events(filter=query, limit=PAGE)
+        while True:
+            for event in page.events:
+                self.read[_run_of(event)] += 1
+                new += self._take(event)
+            if not page.next_page or not page.events:
+                return new
+            page = await client.read_events_page(str(page.next_page))
 
     async def breakers(self) -> list[BreakerChange]:
         """Every breaker's state from its Prefect Variable (failures and claims, also
@@ -173,14 +262,22 @@ class PrefectEventSource:
         if last is None or n > last:
             self._last_n[run_id] = n
         same_process = last is not None and n // SEGMENT == last // SEGMENT
-        if same_process and last is not None and n > last + 1 and self._recheck is None:
+        if same_process and last is not None and n > last + 1:
             log.warning("events %d..%d of run %s are missing; reconciling", last + 1, n - 1,
                         run_id)
-            self._recheck = self.later.soon(self.settings.settle_s, self._gap_reconcile)
+            self._gaps.add(run_id)
+            if self._recheck is None:
+                self._recheck = self.later.soon(self.settings.settle_s, self._gap_reconcile)
 
     async def _gap_reconcile(self) -> None:
+        """Read the events since the cursor again, and the whole of each run with a gap:
+        its missing events may be older than the window (a run in flight at the first
+        start whose events Prefect had not stored yet)."""
         try:
+            runs, self._gaps = self._gaps, set()
             await self.reconcile()
+            for run_id in runs:
+                await self.recall(run_id)
         finally:
             self._recheck = None
 
@@ -206,6 +303,70 @@ def incoming(event: Event) -> Incoming | None:
         return None
     return RunEvent(str(event.id), event.event, event.resource.id.removeprefix(RUN_PREFIX),
                     occurred, payload)
+
+
+def _stream_from(subscriber: Any, window_s: float) -> None:
+    """Ask Prefect's stream for events from ``window_s`` ago on, not from a minute ago.
+    The subscriber asks for the last minute's events first (a backfill), which on a busy
+    server is thousands of events of runs that have ended, sent before the first live one;
+    the bridge reads what it missed itself (:meth:`PrefectEventSource.start_read`, or
+    since its cursor). The same time also bounds the live stream: an event that occurred
+    before it is not sent even if it reaches the server after the subscription, so it is
+    not "now" but a persister flush earlier. The subscriber keeps the time in a private
+    attribute: without it (another Prefect), the backfill stays, which costs time but
+    loses nothing."""
+    if hasattr(subscriber, "_backfill_since"):
+        subscriber._backfill_since = datetime.now(UTC) - timedelta(seconds=window_s)
+
+
+def _run_of(event: Event) -> str:
+    """The run an event is about ("" for none): its planrun run or its flow run."""
+    resource = event.resource.id
+    for prefix in (RUN_PREFIX, FLOW_RUN_PREFIX):
+        if resource.startswith(prefix):
+            return resource.removeprefix(prefix)
+    return ""
+
+
+async def _flow_runs(client: PrefectClient, query: FlowRunFilter) -> list[FlowRun]:
+    """Every flow run ``query`` finds, page by page."""
+    found: list[FlowRun] = []
+    while True:
+        page = await client.read_flow_runs(flow_run_filter=query, limit=FLOW_RUNS_PAGE,
+                                           offset=len(found))
+        found += page
+        if len(page) < FLOW_RUNS_PAGE:
+            return found
+
+
+def _not_ended() -> FlowRunFilter:
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        FlowRunFilterTags,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    return FlowRunFilter(tags=FlowRunFilterTags(all_=[RUN_TAG]), state=FlowRunFilterState(
+        type=FlowRunFilterStateType(any_=[StateType(kind) for kind in NOT_ENDED])))
+
+
+def _crashed_since(since: float) -> FlowRunFilter:
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterEndTime,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        FlowRunFilterTags,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    return FlowRunFilter(
+        tags=FlowRunFilterTags(all_=[RUN_TAG]),
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CRASHED])),
+        end_time=FlowRunFilterEndTime.model_validate(
+            {"after_": datetime.fromtimestamp(since, UTC).isoformat()}))
 
 
 def _breaker(value: Any) -> BreakerChange | None:
@@ -241,9 +402,27 @@ def _live_filter() -> EventFilter:
 
 
 def _query_filter(since: float) -> EventFilter:
-    from prefect.events.filters import EventFilter, EventOccurredFilter, EventOrder
+    from prefect.events.filters import EventFilter, EventOrder
 
-    window = {"since": datetime.fromtimestamp(since, UTC).isoformat(),
-              "until": (datetime.now(UTC) + timedelta(days=1)).isoformat()}
-    return EventFilter(event=_names(), order=EventOrder.ASC,
-                       occurred=EventOccurredFilter.model_validate(window))
+    return EventFilter(event=_names(), order=EventOrder.ASC, occurred=_window(since))
+
+
+def _runs_filter(run_ids: list[str], since: float) -> EventFilter:
+    """The planrun events and flow-run events of ``run_ids`` since ``since``."""
+    from prefect.events.filters import EventFilter, EventOrder, EventResourceFilter
+
+    resources = [f"{prefix}{run_id}" for run_id in run_ids
+                 for prefix in (RUN_PREFIX, FLOW_RUN_PREFIX)]
+    return EventFilter(event=_names(), order=EventOrder.ASC, occurred=_window(since),
+                       resource=EventResourceFilter(id=resources))
+
+
+def _window(since: float) -> Any:
+    from prefect.events.filters import EventOccurredFilter
+
+    return EventOccurredFilter.model_validate({
+        "since": datetime.fromtimestamp(since, UTC).isoformat(),
+        "until": (datetime.now(UTC) + timedelta(days=1)).isoformat()})
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -35,6 +35,11 @@ class EventSource(Protocol):
         """Deliver again the events since the bridge's cursor; how many were new."""
         ...
 
+    async def recall(self, run_id: str) -> int:
+        """Deliver every event of the run ``run_id`` (one the bridge has not followed);
+        how many were new."""
+        ...
+
     async def breakers(self) -> list[BreakerChange]:
         """The state of every breaker now (empty when it cannot be read)."""
         ...
@@ -42,13 +47,14 @@ class EventSource(Protocol):
 
 class FakeEventSource:
     """Events a test hands in, on the bridge's loop: :meth:`push` delivers one at once,
-    :meth:`reconcile` delivers every event pushed so far again; ``known_breakers`` are
-    the breakers' state the bridge reads as it starts."""
+    :meth:`reconcile` delivers every event pushed so far again (:meth:`recall`, those of one
+    run); ``known_breakers`` are the breakers' state the bridge reads as it starts."""
 
     def __init__(self, known_breakers: list[BreakerChange] | None = None) -> None:
         self.connected = asyncio.Event()
         self.pushed: list[Incoming] = []
         self.known_breakers = list(known_breakers or [])
+        self.recalled: list[str] = []  # the runs asked for with :meth:`recall`
         self._deliver: Deliver | None = None
         self._stop: asyncio.Event | None = None
 
@@ -71,6 +77,12 @@ class FakeEventSource:
     async def reconcile(self) -> int:
         assert self._deliver is not None
         return sum(self._deliver(event) for event in list(self.pushed))
+
+    async def recall(self, run_id: str) -> int:
+        assert self._deliver is not None
+        self.recalled.append(run_id)
+        return sum(self._deliver(event) for event in list(self.pushed)
+                   if getattr(event, "run_id", None) == run_id)
 
     async def breakers(self) -> list[BreakerChange]:
         return list(self.known_breakers)

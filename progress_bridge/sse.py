@@ -40,6 +40,7 @@ def _seq(last_event_id: str | None) -> int:
 
 
 async def _events(state: BridgeState, run_id: str, after: int) -> AsyncIterator[ServerSentEvent]:
+    await state.known(run_id)  # a run that ended before the bridge started: read it first
     sub = state.hub.subscribe(run_id)
     clients = state.metrics.clients.labels(transport="sse")
     sent = state.metrics.sent.labels(transport="sse")

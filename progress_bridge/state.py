@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,22 @@ if TYPE_CHECKING:
 
 #: Starts a run of a validated plan (data) with its inputs; returns the run id.
 Submit = Callable[[dict[str, Any], dict[str, Any]], Awaitable[str]]
+
+
+#: How a run id looks (a Prefect flow run id): only such ids are looked up in Prefect.
+RUN_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+class Recall:
+    """Brings a run the bridge has not followed from Prefect's history, for a client who
+    asks for it; the upstream sets :attr:`read` as it starts (none: nothing to read)."""
+
+    def __init__(self) -> None:
+        self.read: Callable[[str], Awaitable[None]] | None = None
+
+    async def __call__(self, views: dict[str, RunView], run_id: str) -> None:
+        if self.read is not None and run_id not in views and RUN_ID.fullmatch(run_id):
+            await self.read(run_id)
 
 
 @dataclass(frozen=True)
@@ -56,7 +73,8 @@ class BridgeState:
     """The store, hub, metrics and settings of one bridge app; ``control`` pauses, resumes,
     cancels and answers runs; ``views`` are the runs the upstream follows, by run id;
     ``submit`` starts runs (None: this bridge cannot); ``admission`` says when it must
-    wait; ``breakers`` is what the bridge knows of the tools' circuit breakers."""
+    wait; ``breakers`` is what the bridge knows of the tools' circuit breakers;
+    ``recall`` reads a run it does not know from Prefect (:meth:`known`)."""
 
     store: MessageStore
     hub: Hub
@@ -67,6 +85,12 @@ class BridgeState:
     submit: Submit | None = None
     admission: Admission = field(default_factory=Admission)
     breakers: BreakerBoard = field(default_factory=BreakerBoard)
+    recall: Recall = field(default_factory=Recall)
+
+    async def known(self, run_id: str) -> None:
+        """Before serving ``run_id``: if the bridge has not followed it (it ended before the
+        bridge's first start), read it from Prefect's history first, if it is there."""
+        await self.recall(self.views, run_id)
 
     def queued(self) -> int:
         """Runs submitted here whose engine has not announced them yet."""

@@ -18,6 +18,12 @@ active run whose plan uses the tool, one commit per run, and each run's view rec
 it was told, so a change that comes again tells no run twice; a run that starts while a
 breaker of its tools is open is told in the commit of its ``run.started``
 (``progress_bridge.breakers``).
+
+A run the bridge has not followed (it ended before the bridge's first start, or one of its
+events comes before the bridge saw it start) is read whole from Prefect when a client asks
+for it or when such an event comes (:meth:`Upstream.recall`; docs/architecture.md, "The
+bridge's first start"). A run that crashed longer than ``lookback_s`` ago is not recovered
+when the bridge learns of it so late: it is ended as Prefect ended it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
+from typing import Any
 
 from planrun.contract.events import HEARTBEAT, RunStarted, StepChanged
 from planrun.contract.status import StepStatus
@@ -51,6 +59,11 @@ from planrun.progress_bridge.upstream_settings import UpstreamSettings
 
 log = logging.getLogger("planrun.bridge")
 
+#: A run read from Prefect lately (found or not) is not read again for this long.
+RECALL_AGAIN_S = 30.0
+#: How long a client's request waits for its run to be read from Prefect.
+RECALL_WAIT_S = 15.0
+
 __all__ = ["PrefectUpstream", "Upstream", "UpstreamSettings", "wait_connected"]
 
 
@@ -62,6 +75,9 @@ class Upstream:
         self.source = source
         self.settings = settings or UpstreamSettings()
         self.later = later or Later()
+        self._recalls: dict[str, asyncio.Task[Any]] = {}  # runs being read, by run id
+        self._recalled: dict[str, float] = {}  # when each run was read last (monotonic s)
+        self._held: dict[str, list[RunEvent]] = {}  # events that came while their run was read
 
     @property
     def connected(self) -> asyncio.Event:
@@ -73,6 +89,7 @@ class Upstream:
         self.deadlines = Deadlines(state.views, state.control, self.later,
                                    self.settings.dead_after_s)
         self.history = HistoryReader(state.views, self.later, enabled=self.settings.history)
+        state.recall.read = self.recall
         for run_id, text in state.store.run_states().items():
             state.views[run_id] = view = RunView.from_json(text)
             self.deadlines.watch(run_id, view)  # deadlines set before a restart
@@ -96,9 +113,17 @@ class Upstream:
         if isinstance(event, BreakerChanged):
             return self._breaker_changed(event)
         self.deadlines.seen_alive(event.run_id, event.occurred)
-        if event.name == HEARTBEAT:
-            return False  # a sign of life only
         view, now = self.state.views.get(event.run_id), time.time()
+        if event.name == HEARTBEAT:
+            if view is None:
+                self._recall_soon(event.run_id)  # a run going on that the bridge has not seen
+            return False  # a sign of life only
+        if view is None and not isinstance(event.payload, RunStarted):
+            # A run going on that the bridge has not seen start: read it, and apply this
+            # event after what the reading brings (it may not be stored in Prefect yet).
+            if self._recall_soon(event.run_id) is not None:
+                self._held.setdefault(event.run_id, []).append(event)
+                return False
         applied = apply(view, event, now)
         if isinstance(event.payload, RunStarted):
             applied = told_of_breakers(applied, self.state.breakers.not_closed(),
@@ -155,6 +180,52 @@ class Upstream:
         for change in await self.source.breakers():
             self.state.breakers.update(change)
 
+    # Runs the bridge has not followed ------------------------------------------------
+
+    async def recall(self, run_id: str) -> None:
+        """Read the run ``run_id`` from Prefect, unless the bridge knows it or read it in
+        the last ``RECALL_AGAIN_S``; waits for the reading (up to ``RECALL_WAIT_S``)."""
+        task = self._recall_soon(run_id)
+        if task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), RECALL_WAIT_S)
+
+    def _recall_soon(self, run_id: str) -> asyncio.Task[Any] | None:
+        """The reading of ``run_id`` under way, or a new one (None: no need)."""
+        if run_id in self._recalls:
+            return self._recalls[run_id]
+        last = self._recalled.get(run_id)
+        if run_id in self.state.views or (
+                last is not None and time.monotonic() - last < RECALL_AGAIN_S):
+            return None
+        task = self._recalls[run_id] = self.later.soon(0.0, lambda: self._recall(run_id))
+        return task
+
+    async def _recall(self, run_id: str) -> None:
+        try:
+            await self._read_run(run_id)
+        finally:
+            self._recalls.pop(run_id, None)
+            now = time.monotonic()
+            if len(self._recalled) > 10_000:  # a client asking for many ids: forget old ones
+                self._recalled = {k: t for k, t in self._recalled.items()
+                                  if now - t < RECALL_AGAIN_S}
+            self._recalled[run_id] = now
+            for held in sorted(self._held.pop(run_id, []), key=lambda e: e.payload.n):
+                self.handle(held)  # in the run's order, after what the reading brought
+        view = self.state.views.get(run_id)
+        if view is None or not view.ended:
+            # A run going on, or one that has just ended: its latest events (or all of
+            # them) may still wait in Prefect's persister. Read it once more after a flush.
+            self.later.soon(self.settings.settle_s, lambda: self._read_run(run_id))
+
+    async def _read_run(self, run_id: str) -> None:
+        try:
+            await self.source.recall(run_id)
+        except Exception as exc:  # noqa: BLE001 - the run stays unknown; a client may ask again
+            log.warning("run %s could not be read from Prefect (%s: %s)", run_id,
+                        type(exc).__name__, exc)
+
     # Runs Prefect ended ---------------------------------------------------------------
 
     def _flow_run_ended(self, event: FlowRunEnded) -> bool:
@@ -176,7 +247,10 @@ class Upstream:
     async def _end(self, event: FlowRunEnded) -> None:
         run_id = event.run_id
         view = self.state.views.get(run_id)
-        if (event.state == "CRASHED" and view is not None and not view.ended
+        # A crash learnt of long after (a run read from Prefect's history) is not recovered.
+        crashed = (event.state == "CRASHED"
+                   and time.time() - event.occurred <= self.settings.lookback_s)
+        if (crashed and view is not None and not view.ended
                 and view.recoveries < self.settings.recover_attempts):
             # At once, without waiting for a late end event of the run: an engine that had
             # ended before its process died ends again as it had (flows/checkpoints.py).
@@ -186,13 +260,15 @@ class Upstream:
             # planrun's end event should have come first: it was lost, or the process
             # died. Read what Prefect has once its persister has flushed, then decide.
             await asyncio.sleep(max(0.0, self.settings.settle_s - self.settings.grace_s))
+            if view is None:
+                await self.recall(run_id)  # a run that started before the bridge did
             await self.source.reconcile()
             view = self.state.views.get(run_id)
             if view is not None and view.ended:
                 return
         if view is None:  # it ended before its engine announced it (an invalid plan...)
             view = RunView.unstarted(run_id)
-        if event.state == "CRASHED" and view.recoveries < self.settings.recover_attempts:
+        if crashed and view.recoveries < self.settings.recover_attempts:
             await self._recover(run_id, view, event.message)
             return
         applied = end_by_flow_run(view, event, time.time())
@@ -243,6 +319,15 @@ class PrefectUpstream(Upstream):
     @property
     def connects(self) -> int:
         return self.prefect.connects
+
+    @property
+    def start_reads(self) -> int:
+        return self.prefect.start_reads
+
+    @property
+    def read(self) -> Counter[str]:
+        """Events read from Prefect's REST API, by run id (the stream's not counted)."""
+        return self.prefect.read
 
     async def reconcile(self) -> int:
         return await self.prefect.reconcile()

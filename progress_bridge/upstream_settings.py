@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class UpstreamSettings:
-    """lookback_s: how far back a bridge with no cursor yet reads (its first start).
+    """lookback_s: how long ago a run may have crashed and still be recovered when the
+        bridge first learns of it (its first start reads the runs in flight and those
+        that crashed this recently, not the server's history).
     margin_s: how far before its cursor a reconnect reads again (late and skewed events).
     settle_s: when to reconcile a second time after a connect (Prefect's persister flush).
     tick_s: the longest gap between messages while a step runs.

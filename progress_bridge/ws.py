@@ -39,6 +39,7 @@ async def run_socket(websocket: WebSocket, run_id: str, after: int = 0) -> None:
     """Every message of the run with seq > ``after``, then live ones, with heartbeats."""
     state = state_of(websocket)  # the token, Host and Origin: checked by auth.Guard
     await websocket.accept()
+    await state.known(run_id)  # a run that ended before the bridge started: read it first
     sub = state.hub.subscribe(run_id)
     clients = state.metrics.clients.labels(transport="ws")
     clients.inc()
