@@ -158,18 +158,25 @@ class PrefectEventSource:
 
     async def start_read(self) -> int:
         """Deliver the events of every planrun run that has not ended (and of those that
-        crashed within ``lookback_s``, to recover them); how many were new."""
+        crashed within ``lookback_s``, to recover them, or ended within two ``settle_s``
+        of the first start); how many were new."""
         from prefect.client.orchestration import get_client
 
         began, read_before = time.time(), self.read.total()
         if self._floor is None:
             self._floor = began - self.settings.settle_s
+        # A run that ended just before the first start may have events that occurred
+        # within the stream's backfill but were stored after it (the persister): the
+        # stream has the rest of that run, so it is read whole, here and once settled.
+        just_ended = self._floor - self.settings.settle_s
         async with get_client() as client:
             runs = await _flow_runs(client, _not_ended())
-            runs += await _flow_runs(client, _crashed_since(began - self.settings.lookback_s))
+            runs += await _flow_runs(client, _ended_since(began - self.settings.lookback_s,
+                                                          crashed_only=True))
+            runs += await _flow_runs(client, _ended_since(just_ended))
             new = await self._read_runs(client, runs)
         self.start_reads += 1
-        log.info("start: read %d event(s) of %d run(s) in flight in %.2f s, %d new",
+        log.info("start: read %d event(s) of %d run(s) in flight or just ended in %.2f s, %d new",
                  self.read.total() - read_before, len(runs), time.time() - began, new)
         return new
 
@@ -352,7 +359,8 @@ def _not_ended() -> FlowRunFilter:
         type=FlowRunFilterStateType(any_=[StateType(kind) for kind in NOT_ENDED])))
 
 
-def _crashed_since(since: float) -> FlowRunFilter:
+def _ended_since(since: float, *, crashed_only: bool = False) -> FlowRunFilter:
+    """The planrun flow runs that ended (crashed, with ``crashed_only``) after ``since``."""
     from prefect.client.schemas.filters import (
         FlowRunFilter,
         FlowRunFilterEndTime,
@@ -362,9 +370,10 @@ def _crashed_since(since: float) -> FlowRunFilter:
     )
     from prefect.client.schemas.objects import StateType
 
+    state = FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CRASHED])) \
+        if crashed_only else None
     return FlowRunFilter(
-        tags=FlowRunFilterTags(all_=[RUN_TAG]),
-        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CRASHED])),
+        tags=FlowRunFilterTags(all_=[RUN_TAG]), state=state,
         end_time=FlowRunFilterEndTime.model_validate(
             {"after_": datetime.fromtimestamp(since, UTC).isoformat()}))
 
