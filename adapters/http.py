@@ -21,7 +21,7 @@ import httpx
 from pydantic import AfterValidator, Field, model_validator
 
 from planrun.adapters.base import Adapter, Health, Params, StepContext
-from planrun.adapters.netguard import guarded_transport
+from planrun.adapters.netguard import guarded_transport, tls_context
 from planrun.errors import (
     AccessError,
     ConfigurationError,
@@ -109,7 +109,8 @@ class HttpRequest(Adapter[HttpParams]):
         cap = min(params.max_bytes, ctx.policy.ceilings.output_bytes or params.max_bytes)
         try:
             async with httpx.AsyncClient(
-                transport=transport, follow_redirects=params.follow_redirects,
+                transport=transport, verify=tls_context(),
+                follow_redirects=params.follow_redirects,
                 timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S),
             ) as client, client.stream(
                 params.method, params.url, headers=params.headers,

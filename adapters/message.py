@@ -34,7 +34,13 @@ from planrun.adapters.base import Adapter, Health, Params, StepContext
 from planrun.adapters.content_filter import refusal
 from planrun.adapters.delivery_log import DeliveryLog, idempotency_key
 from planrun.adapters.http import parse_retry_after
-from planrun.adapters.netguard import Address, check_url, guarded_transport, literal_problem
+from planrun.adapters.netguard import (
+    Address,
+    check_url,
+    guarded_transport,
+    literal_problem,
+    tls_context,
+)
 from planrun.adapters.tool_config import (
     DOC,
     EmailChannel,
@@ -176,7 +182,8 @@ class MessageSend(Adapter[MessageParams]):
             {"channel": params.channel, "to": to, "subject": params.subject,
              "body": params.body, "idempotency_key": key})
         transport = self._transport or guarded_transport(policy, trust)
-        async with httpx.AsyncClient(transport=transport, timeout=channel.timeout_s,
+        async with httpx.AsyncClient(transport=transport, verify=tls_context(),
+                                     timeout=channel.timeout_s,
                                      follow_redirects=False) as client:
             response = await client.post(url, json=payload, headers={"Idempotency-Key": key})
         if not 200 <= response.status_code < 300:

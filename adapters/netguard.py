@@ -20,9 +20,11 @@ which is not retried.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import os
 import socket
+import ssl
 import sys
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -319,16 +321,24 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """The process's TLS context for every HTTP client of the tools (``verify=`` or a
+    transport's). Made once: making one reads the CA bundle, ≈ 50 ms here, and a step made
+    two (httpx's transport and its pool), ≈ 100 ms of every HTTP call."""
+    return httpx.create_ssl_context()
+
+
 class GuardedTransport(httpx.AsyncHTTPTransport):
     """httpx's own transport whose every new connection goes through ``backend``."""
 
     def __init__(self, backend: GuardedBackend) -> None:
-        super().__init__()
+        super().__init__(verify=tls_context())
         limits = httpx.Limits(max_connections=100, max_keepalive_connections=20,
                               keepalive_expiry=5.0)
         # httpx takes no network backend; its pool is replaced by one that has it.
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(), network_backend=backend,
+            ssl_context=tls_context(), network_backend=backend,
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry)

@@ -24,7 +24,7 @@ from pydantic import Field
 
 from planrun.adapters.base import Adapter, Health, Params, StepContext
 from planrun.adapters.http import parse_retry_after
-from planrun.adapters.netguard import guarded_transport
+from planrun.adapters.netguard import guarded_transport, tls_context
 from planrun.adapters.search_cache import SearchCache, cache_key
 from planrun.adapters.tool_config import (
     DOC,
@@ -100,7 +100,8 @@ class SearchWeb(Adapter[SearchParams]):
         transport = self._transport or guarded_transport(_endpoint_policy(search, policy),
                                                          trust)
         try:
-            async with httpx.AsyncClient(transport=transport, timeout=search.timeout_s,
+            async with httpx.AsyncClient(transport=transport, verify=tls_context(),
+                                         timeout=search.timeout_s,
                                          follow_redirects=False) as client:
                 response = await client.send(client.build_request(**request))
         except Exception as exc:  # noqa: BLE001 - the edge: translated, the key scrubbed
@@ -131,7 +132,8 @@ class SearchWeb(Adapter[SearchParams]):
                 await _api_key(search)
             policy = _endpoint_policy(search, load_policy().level(current_trust()))
             transport = self._transport or guarded_transport(policy, current_trust())
-            async with httpx.AsyncClient(transport=transport, timeout=5.0) as client:
+            async with httpx.AsyncClient(transport=transport, verify=tls_context(),
+                                         timeout=5.0) as client:
                 response = await client.head(search.endpoint())
         except StepError as exc:
             return Health(ok=False, detail=exc.message)
