@@ -8,14 +8,20 @@ from pathlib import Path
 
 
 def data_dir() -> Path:
-    """planrun's data directory: ``PLANRUN_HOME``, else ``$XDG_DATA_HOME/planrun``."""
-    if os.environ.get("PLANRUN_HOME"):
-        root = Path(os.environ["PLANRUN_HOME"])
-    else:
-        base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-        root = Path(base) / "planrun"
+    """planrun's data directory (made if missing): see :func:`data_root`."""
+    root = data_root()
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def data_root() -> Path:
+    """Where planrun's data directory is: ``PLANRUN_HOME``, else
+    ``$XDG_DATA_HOME/planrun``. Not made: for a look that must not cost a ``mkdir`` (the
+    policy file is looked for several times a step)."""
+    if os.environ.get("PLANRUN_HOME"):
+        return Path(os.environ["PLANRUN_HOME"])
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "planrun"
 
 
 def backup_dir(run_id: str) -> Path:

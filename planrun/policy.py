@@ -231,9 +231,9 @@ def policy_file() -> Path | None:
     named = os.environ.get(POLICY_ENV, "").strip()
     if named:
         return Path(named)
-    from planrun.server import data_dir
+    from planrun.home import data_root
 
-    default = data_dir() / "policy.yaml"
+    default = data_root() / "policy.yaml"
     return default if default.exists() else None
 
 
