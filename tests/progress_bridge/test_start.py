@@ -17,6 +17,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
+from planrun.adapters.workspace import default_workspace_root
 from planrun.contract.status import StepStatus
 from planrun.progress_bridge.upstream import PrefectUpstream, UpstreamSettings
 from planrun.runner import run_plan
@@ -42,14 +43,19 @@ steps:
   - {id: b, tool: core.echo, needs: [a], with: {value: 2}}
 """
 
-GOING = """
+def going_plan(go: str) -> str:
+    """A run whose step b ends only once the file ``go`` exists in the workspace: the test
+    makes it after the bridge has subscribed, so b's end is not an event that occurred
+    before the subscription and was not stored yet (docs/architecture.md: such an event
+    comes late)."""
+    return f"""
 version: 1
 name: start-going
 steps:
-  - {id: a, tool: core.sleep, with: {seconds: 0.5}}
-  - {id: b, tool: core.sleep, needs: [a], with: {seconds: 3}}
-  - {id: c, tool: core.sleep, needs: [b], with: {seconds: 1.5}}
-  - {id: d, tool: core.sleep, needs: [c], with: {seconds: 1.5}}
+  - {{id: a, tool: core.sleep, with: {{seconds: 0.5}}}}
+  - {{id: b, tool: shell.run, needs: [a], with: {{argv: [sh, -c, "until [ -e {go} ]; do sleep 0.05; done"]}}}}
+  - {{id: c, tool: core.sleep, needs: [b], with: {{seconds: 1.5}}}}
+  - {{id: d, tool: core.sleep, needs: [c], with: {{seconds: 1.5}}}}
 """
 
 
@@ -69,8 +75,10 @@ def history() -> History:
     ended_at = time.time()
     made = History(real, asyncio.run(copy_ended_run(real[0], COPIES)))
     # A bridge's reads may reach settle_s before its start (the window of Prefect's
-    # stream, a reconciliation after a gap): the history must be older than that.
-    wait_for(lambda: time.time() - ended_at > SETTINGS.settle_s + 1, 30, "the history to age")
+    # stream, a reconciliation after a gap), and its start reads the runs that ended
+    # within two settle_s of it: the history must be older than that.
+    wait_for(lambda: time.time() - ended_at > 2 * SETTINGS.settle_s + 1, 60,
+             "the history to age")
     return made
 
 
@@ -108,14 +116,20 @@ def test_a_fresh_bridge_serves_a_run_in_flight_whole_and_reads_no_ended_run(
         bridge_factory: BridgeFactory, tmp_path: Path, history: History) -> None:
     async def main() -> tuple[ServedBridge, str, dict[str, Any], list[dict[str, Any]]]:
         going = Going()  # run in this loop, as ``planrun run`` runs it
-        run = asyncio.ensure_future(run_plan(plan_data(GOING), {}, going))
+        name = f"start-going-{uuid.uuid4().hex}.go"
+        go = default_workspace_root() / name
+        run = asyncio.ensure_future(run_plan(plan_data(going_plan(name)), {}, going))
         await asyncio.wait_for(going.first_done.wait(), 60)
         # The run's events so far are stored in Prefect (its persister lags by up to 5 s):
         # an event that occurred before the bridge subscribed and is not stored yet would
         # reach it only with the second start read, after the later ones.
         await stored(going.run_id, "planrun.step.running", "b", 30)
         bridge = await asyncio.to_thread(fresh_bridge, bridge_factory, tmp_path / "bridge")
-        got = await follow(bridge, going.run_id, timeout=60)
+        go.touch()
+        try:
+            got = await follow(bridge, going.run_id, timeout=60)
+        finally:
+            go.unlink()
         return bridge, going.run_id, await run, got
 
     bridge, run_id, report, got = asyncio.run(main())
