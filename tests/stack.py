@@ -39,6 +39,7 @@ class Stack:
                  timeout: float = 90, *, _shared: bool = False) -> None:
         if not _shared and "PREFECT_API_URL" not in drop:
             stop_shared()
+        self.own_server = "PREFECT_API_URL" in drop
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**{k: v for k, v in os.environ.items() if k not in drop},
@@ -50,8 +51,12 @@ class Stack:
             self.process = subprocess.Popen([*PLANRUN, "up", "--port", str(self.port), *args],
                                             cwd=tmp, env=self.env, stdout=sink,
                                             stderr=subprocess.STDOUT)
-        wait_for(lambda: "planrun is up" in self.output() or self.process.poll() is not None,
-                 timeout, "planrun up to print its URLs")
+        try:
+            wait_for(lambda: "planrun is up" in self.output() or self.process.poll() is not None,
+                     timeout, "planrun up to print its URLs")
+        except AssertionError as error:
+            self.kill()  # a stack left running would load every test after this one
+            raise AssertionError(f"{error}; planrun up printed:\n{self.output()}") from None
         assert self.process.poll() is None, self.output()
 
     @property
@@ -106,6 +111,22 @@ class Stack:
                     for server in (p for p in runner.children() if _forkserver(p)):
                         found[runner] += server.children()
         return found
+
+    def kill(self) -> None:
+        """SIGKILL planrun up, everything it started and the Prefect server it started
+        (a stack without the session's server starts its own)."""
+        victims: list[psutil.Process] = []
+        with contextlib.suppress(psutil.Error):
+            victims += [psutil.Process(self.process.pid), *self.children()]
+        if self.own_server:
+            with contextlib.suppress(OSError, ValueError, KeyError, psutil.Error):
+                server = Path(self.env["PLANRUN_HOME"]) / "server.json"
+                victims.append(psutil.Process(json.loads(server.read_text())["pid"]))
+        for process in victims:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        psutil.wait_procs(victims, timeout=10)
+        self.process.wait(10)
 
     def stop(self) -> int:
         if self.process.poll() is None:

@@ -47,7 +47,7 @@ def test_a_paused_run_stays_paused_and_a_running_one_is_recovered_after_sigkill_
     home = tmp_path / "home"
     env = {"PLANRUN_HOME": str(home), "PLANRUN_SERVER_PORT": str(free_port()),
            "PLANRUN_DEAD_AFTER_S": "12"}
-    stack = Stack(tmp_path, env=env, drop=("PREFECT_API_URL",))
+    stack = Stack(tmp_path, env=env, drop=("PREFECT_API_URL",), timeout=240)
     try:
         (tmp_path / "paused.yaml").write_text(held("paused", 4))
         # s2 of this one waits for running.go: it is in flight when everything dies.
@@ -61,9 +61,13 @@ def test_a_paused_run_stays_paused_and_a_running_one_is_recovered_after_sigkill_
         running = stack.cli("submit", str(tmp_path / "running.yaml")).stdout.strip()
         wait_for(lambda: report(stack, running)["steps"].get("s2", {}).get("status")
                  == "running", 60, "s2 of the second run to run")
+        # Its command has started, not only its task (under load the process starts later).
+        wait_for(lambda: (tmp_path / "workspace" / "running.txt").read_text().split()
+                 == ["s1", "s2"], 60, "s2's command to write")
 
         kill_everything(stack, home)
-        stack = Stack(tmp_path, env=env, drop=("PREFECT_API_URL",), port=stack.port)
+        stack = Stack(tmp_path, env=env, drop=("PREFECT_API_URL",), port=stack.port,
+                      timeout=240)
 
         assert status_is(stack, paused, "paused")  # still paused, from the bridge's records
         wait_for(lambda: (tmp_path / "workspace" / "running.txt").read_text().split()

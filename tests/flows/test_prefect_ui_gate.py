@@ -110,6 +110,10 @@ def test_a_gate_says_in_the_runs_log_what_is_asked_and_its_form_needs_a_decision
     if os.environ.get("PLANRUN_SCREENSHOTS") == "1":
         page.screenshot(path=str(SCREENSHOT))
     form.get_by_role("button", name="Submit").click()
-    final = wait_for(lambda: (r := stack.report(run_id))["status"] == "completed" and r, 90,
-                     "the approved run to complete")
+    try:
+        final = wait_for(lambda: (r := stack.report(run_id))["status"] == "completed" and r, 90,
+                         "the approved run to complete")
+    except AssertionError as error:  # what the run was doing, for whoever reads the failure
+        raise AssertionError(f"{error}: Prefect says {flow_run(run_id).state!r}, the bridge "
+                             f"{stack.report(run_id)}") from None
     assert final["steps"]["ship"]["output"] == {"value": "shipped"}
