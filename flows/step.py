@@ -41,6 +41,7 @@ from planrun.flows.prefect_compat import TaskRunShown, call_after, new_task_run_
 from planrun.flows.resources import Metering, default_metering
 from planrun.flows.run_slots import RunSlots
 from planrun.plan_schemas.model import Step
+from planrun.policy import one_policy
 from planrun.redact import Redactor, redact
 from planrun.report import StepRecord
 from planrun.sizes import describe
@@ -275,7 +276,8 @@ async def run_step(job: StepJob) -> Any:
     context = TaskRunContext.get()
     number = context.task_run.run_count if context and context.task_run else 1
     try:
-        return await job.attempt(number)
+        with one_policy():  # the operator's policy is looked for once an attempt
+            return await job.attempt(number)
     except asyncio.CancelledError:
         # Stopped on purpose (a critical failure elsewhere, the deadline, a person): end
         # the task run Cancelled rather than Crashed; the caller passes the cancel on.

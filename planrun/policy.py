@@ -237,12 +237,43 @@ def policy_file() -> Path | None:
     return default if default.exists() else None
 
 
+#: Within :func:`one_policy`: the policy in effect, once it was first looked up there.
+_PINNED: contextvars.ContextVar[list[Policy] | None] = contextvars.ContextVar(
+    "planrun_pinned_policy", default=None)
+
+
+@contextmanager
+def one_policy() -> Iterator[None]:
+    """Within the body, :func:`load_policy` with no path looks for the file once (at its
+    first call) and then answers the same. A step's attempt is such a body: its context,
+    limits, breaker and tool each ask, and every look is syscalls on the event loop that
+    wait for the GIL behind Prefect's threads (BENCHMARKS.md). A changed file applies
+    from the next attempt."""
+    token = _PINNED.set([])
+    try:
+        yield
+    finally:
+        _PINNED.reset(token)
+
+
 def load_policy(path: str | Path | None = None) -> Policy:
     """The operator's policy from ``path`` (else ``policy_file()``), or the defaults when
     there is no file. A file that is missing (when named), unreadable or malformed raises
     PolicyInvalid listing every problem at its ``file:line:col``. Read once per change
-    of the file (its path, modification time and size)."""
-    where = Path(path) if path is not None else policy_file()
+    of the file (its path, modification time and size); looked for once in
+    :func:`one_policy`."""
+    if path is None:
+        pinned = _PINNED.get()
+        if pinned:
+            return pinned[0]
+        policy = _load_policy(policy_file())
+        if pinned is not None:
+            pinned.append(policy)
+        return policy
+    return _load_policy(Path(path))
+
+
+def _load_policy(where: Path | None) -> Policy:
     if where is None:
         return Policy()
     try:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from planrun import policy as policy_module
 from planrun.adapters.base import StepContext
 from planrun.adapters.workspace import Workspace
 from planrun.errors import PlanInvalid, PolicyInvalid
@@ -111,6 +112,16 @@ def test_the_file_is_read_again_only_when_it_changes(policy_file: Path) -> None:
     write(policy_file, "submitted: {tools: ['core.echo', 'http.request']}\n")
     os.utime(policy_file, ns=(1, 1))  # a different modification time, whatever the clock
     assert load_policy().submitted.tools == ["core.echo", "http.request"]
+
+
+def test_within_one_policy_the_file_is_looked_for_once(policy_file: Path) -> None:
+    write(policy_file, "submitted: {tools: ['core.*']}\n")
+    with policy_module.one_policy():
+        first = load_policy()
+        write(policy_file, "submitted: {tools: ['http.*', 'core.echo']}\n")  # another size
+        assert load_policy() is first
+        assert load_policy(policy_file).submitted.tools == ["http.*", "core.echo"]  # named
+    assert load_policy().submitted.tools == ["http.*", "core.echo"]  # the next attempt's
 
 
 def test_a_step_context_takes_the_policy_of_the_current_trust_level(policy_file: Path,

@@ -8,6 +8,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from planrun.adapters.core import Echo
 from planrun.adapters.fake import Script, fake_tool
 from planrun.adapters.registry import Registry
@@ -88,3 +90,26 @@ def test_cancelled_steps_stop_at_once_when_a_critical_step_fails(tmp_path: Path)
     assert report["steps"]["slow"]["status"] == "cancelled"
     assert report["duration_s"] < 10
     assert isinstance(slow_script, Script) and len(slow_script.calls) == 1
+
+
+def test_each_step_looks_for_the_operator_policy_once(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step's context, limits, breaker and tool each ask for the policy; the attempt
+    looks for the file once (flows/step.py, planrun/policy.one_policy)."""
+    from planrun import policy
+
+    looks: list[object] = []
+    real = policy.policy_file
+    monkeypatch.setattr(policy, "policy_file", lambda: looks.append(1) or real())
+
+    def looks_for(steps: int) -> int:
+        looks.clear()
+        chain = "".join(f"\n          - {{id: s{i}, tool: core.echo, with: {{value: {i}}}"
+                        + (f", needs: [s{i - 1}]}}" if i else "}")
+                        for i in range(steps))
+        report = run_with(Registry([Echo]), "version: 1\nname: fake\nsteps:" + chain,
+                          tmp_path)
+        assert [s["status"] for s in report["steps"].values()] == ["completed"] * steps
+        return len(looks)
+
+    assert looks_for(3) - looks_for(1) == 2
