@@ -14,44 +14,37 @@ undoing that run's file is worse than keeping ours (docs/approvals.md, "Workspac
 
 A rollback keeps what the run had left at each path it put back (a hard link, or the fact
 that the path was absent or a directory), and ``redo`` puts that back when the run is
-retried, so the retry goes on from the files as the run left them (docs/retry.md).
+retried, so the retry goes on from the files as the run left them (docs/retry.md). The
+journal's storage (the backup directory, the copies, putting them back) is
+``adapters/workspace_journal.py``; this module decides when, under the locks.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
-import json
 import logging
 import os
-import secrets
 import shutil
-import stat
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, replace
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import AfterValidator, Field
 
-from planrun.adapters.atomic import atomic_copy, atomic_write, fsync_file
+from planrun.adapters.workspace_journal import Journal, Original, Undone, fingerprint
+from planrun.errors import ConfigurationError, PlanrunError, ResourceError
 
 if TYPE_CHECKING:
     from planrun.policy import LevelPolicy
 
-from planrun.errors import ConfigurationError, PlanrunError, ResourceError
-
-__all__ = ["JOURNAL", "SAFE_PATH_PATTERN", "RelativePath", "Workspace", "atomic_copy",
-           "atomic_write", "default_workspace_root", "path_problem"]
+__all__ = ["SAFE_PATH_PATTERN", "RelativePath", "Workspace", "default_workspace_root",
+           "path_problem"]
 
 WORKSPACE_ENV = "PLANRUN_WORKSPACE"
-JOURNAL = "journal.json"
-#: What the last rollback undid, for ``redo``: a directory inside the backup directory.
-REDO = "redo"
 #: How long a change or a rollback waits for another run's turn with the workspace.
 LOCK_WAIT_S = 30.0
 
@@ -106,30 +99,6 @@ RelativePath = Annotated[
 ]
 
 
-@dataclass(frozen=True)
-class _Undone:
-    """What a rollback found at a path it put back (the run's version), and what it left
-    there (``restored``, a fingerprint): ``redo`` puts the run's version back only over
-    exactly that."""
-
-    kind: Literal["absent", "file", "dir"]
-    restored: str
-    backup: str | None = None  # file name inside the redo directory
-    mode: int | None = None
-
-
-@dataclass(frozen=True)
-class _Original:
-    """What a recorded path was before the run changed it."""
-
-    kind: Literal["absent", "file", "dir"]
-    backup: str | None = None  # file name inside the backup directory
-    mode: int | None = None
-    #: What this run left there (``_fingerprint``); None: unknown (a change cut short),
-    #: and a rollback then puts the original back whatever is there.
-    written: str | None = None
-
-
 class Workspace:
     """A root directory that confines file tools, with a journal to roll a run back.
 
@@ -142,10 +111,9 @@ class Workspace:
         self.root = Path(root).absolute()
         self.root.mkdir(parents=True, exist_ok=True)
         self.real_root = Path(os.path.realpath(self.root))
-        self._backup_dir = Path(backup_dir).absolute() if backup_dir is not None else None
-        self._own_backup_dir = backup_dir is None
         self._lock = threading.Lock()
-        self._originals: dict[str, _Original] = self._load_journal()
+        #: The originals of the paths the run changed (``adapters/workspace_journal.py``).
+        self.journal = Journal(self.real_root, backup_dir)
         #: Paths the last rollback left because another run changed them since.
         self.left: list[str] = []
 
@@ -191,22 +159,22 @@ class Workspace:
         """
         rel = self.relative(path)
         with self._lock:
-            if rel in self._originals:
+            if rel in self.journal.originals:
                 return
-            self._originals[rel] = self._snapshot(self.real_root / rel)
-            self._save_journal()
+            self.journal.originals[rel] = self._snapshot(self.real_root / rel)
+            self.journal.save()
 
     def wrote(self, path: Path) -> None:
         """Remember what this run left at ``path`` after a change ``record`` preceded: a
         rollback puts the original back only while the path is still exactly that."""
         rel = self.relative(path)
         with self._lock:
-            original = self._originals.get(rel)
+            original = self.journal.originals.get(rel)
             if original is None:
                 return
-            self._originals[rel] = replace(original,
-                                           written=_fingerprint(self.real_root / rel))
-            self._save_journal()
+            self.journal.originals[rel] = replace(
+                original, written=fingerprint(self.real_root / rel))
+            self.journal.save()
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -239,7 +207,7 @@ class Workspace:
     def recorded(self) -> list[str]:
         """The root-relative paths recorded so far, sorted."""
         with self._lock:
-            return sorted(self._originals)
+            return sorted(self.journal.originals)
 
     def rollback(self) -> list[str]:
         """Put every recorded path back as it was; return those that changed, sorted.
@@ -251,33 +219,33 @@ class Workspace:
         """
         with self.locked(), self._lock:
             restored, failed, self.left = [], [], []
-            undone: dict[str, _Undone] = {}
+            undone: dict[str, Undone] = {}
             # Deepest first: files a run created go before the directories it created.
-            for rel in sorted(self._originals, key=lambda r: (-r.count("/"), r)):
-                original = self._originals[rel]
+            for rel in sorted(self.journal.originals, key=lambda r: (-r.count("/"), r)):
+                original = self.journal.originals[rel]
                 try:
                     if original.written is not None \
-                            and _fingerprint(self.real_root / rel) != original.written:
+                            and fingerprint(self.real_root / rel) != original.written:
                         log.warning("rollback left %s: another run changed it since", rel)
                         self.left.append(rel)
                         continue
-                    found = self._keep_for_redo(rel)
-                    if self._restore(rel, original):
+                    found = self.journal.keep_for_redo(rel)
+                    if self.journal.restore(rel, original):
                         restored.append(rel)
                         if found is not None:
                             undone[rel] = replace(found,
-                                                  restored=_fingerprint(self.real_root / rel))
+                                                  restored=fingerprint(self.real_root / rel))
                     elif found is not None and found.backup:
-                        (self._redo_dir() / found.backup).unlink()
+                        (self.journal.redo_dir() / found.backup).unlink()
                 except OSError as exc:
                     log.warning("rollback of %s failed: %s", rel, exc)
                     failed.append(f"{rel} ({exc.strerror or exc})")
             if failed:
                 raise PlanrunError(f"rollback could not restore: {', '.join(failed)}; "
-                                   f"the originals are kept in {self._backup_dir}")
+                                   f"the originals are kept in {self.journal.backup_dir}")
             if undone:  # else an earlier rollback's, not redone yet, stays
-                self._save_redo(undone)
-            self._discard()
+                self.journal.save_redo(undone)
+            self.journal.discard()
         return sorted(restored)
 
     def redo(self) -> list[str]:
@@ -285,7 +253,7 @@ class Workspace:
         files as it left them), at each path that is still exactly as the rollback left it;
         the others are listed in ``left``. Their originals are recorded again, so a later
         rollback undoes them once more. The paths put back, sorted."""
-        undone = self._load_redo()
+        undone = self.journal.load_redo()
         if not undone:
             return []
         with self.locked(), self._lock:
@@ -293,18 +261,18 @@ class Workspace:
             # Shallowest first: directories the run made before the files in them.
             for rel in sorted(undone, key=lambda r: (r.count("/"), r)):
                 entry, target = undone[rel], self.real_root / rel
-                if _fingerprint(target) != entry.restored:
+                if fingerprint(target) != entry.restored:
                     log.warning("retry left %s as it is: changed since the rollback", rel)
                     self.left.append(rel)
                     continue
-                if rel not in self._originals:
-                    self._originals[rel] = self._snapshot(target)
-                self._put_back(target, entry)
-                self._originals[rel] = replace(self._originals[rel],
-                                               written=_fingerprint(target))
+                if rel not in self.journal.originals:
+                    self.journal.originals[rel] = self._snapshot(target)
+                self.journal.put_back(target, entry)
+                self.journal.originals[rel] = replace(self.journal.originals[rel],
+                                                      written=fingerprint(target))
                 redone.append(rel)
-            self._save_journal()
-            shutil.rmtree(self._redo_dir(), ignore_errors=True)
+            self.journal.save()
+            shutil.rmtree(self.journal.redo_dir(), ignore_errors=True)
         return sorted(redone)
 
     def left_note(self) -> str | None:
@@ -317,187 +285,13 @@ class Workspace:
     def commit(self) -> None:
         """Keep the changes: forget every recorded original and delete the backups."""
         with self._lock:
-            self._discard()
+            self.journal.discard()
 
-    def _snapshot(self, path: Path) -> _Original:
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return _Original("absent")
-        if stat.S_ISDIR(st.st_mode):
-            return _Original("dir")
-        if not stat.S_ISREG(st.st_mode):
+    def _snapshot(self, path: Path) -> Original:
+        original = self.journal.snapshot(path)
+        if original is None:
             raise ConfigurationError(
                 f"refused to change {self.relative(path)!r}: it is not a regular file",
                 hint="file tools change regular files only",
             )
-        name = f"{secrets.token_hex(8)}.orig"
-        shutil.copyfile(path, self._backups() / name, follow_symlinks=False)
-        fsync_file(self._backups() / name)
-        return _Original("file", name, stat.S_IMODE(st.st_mode))
-
-    def _restore(self, rel: str, original: _Original) -> bool:
-        target = self.real_root / rel
-        if not Path(os.path.realpath(target.parent)).is_relative_to(self.real_root):
-            raise OSError(0, "its directory now leads outside the workspace", str(target))
-        if original.kind == "absent":
-            return _remove(target)
-        if original.kind == "dir":
-            if os.path.lexists(target):
-                return False
-            target.mkdir(parents=True)
-            return True
-        assert original.backup is not None
-        backup = self._backups() / original.backup
-        if _same_file(target, backup, original.mode):
-            return False
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.is_dir() and not target.is_symlink():
-            target.rmdir()  # fails (and is reported) if the run filled it
-        atomic_copy(backup, target, mode=original.mode)
-        return True
-
-    def _keep_for_redo(self, rel: str) -> _Undone | None:
-        """What the run left at ``rel``, kept for ``redo``: a file as a hard link (the
-        rollback replaces the path, so the link keeps the run's bytes). None for what is
-        neither a regular file nor a directory (a symbolic link is not followed, ever)."""
-        path = self.real_root / rel
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return _Undone("absent", "")
-        if stat.S_ISDIR(st.st_mode):
-            return _Undone("dir", "")
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        name = f"{secrets.token_hex(8)}.run"
-        try:
-            os.link(path, self._redo_dir() / name, follow_symlinks=False)
-        except OSError:  # another file system, or no hard links there
-            shutil.copyfile(path, self._redo_dir() / name, follow_symlinks=False)
-        return _Undone("file", "", name, stat.S_IMODE(st.st_mode))
-
-    def _put_back(self, target: Path, entry: _Undone) -> None:
-        if entry.kind == "absent":
-            _remove(target)
-        elif entry.kind == "dir":
-            target.mkdir(parents=True, exist_ok=True)
-        else:
-            assert entry.backup is not None
-            target.parent.mkdir(parents=True, exist_ok=True)
-            atomic_copy(self._redo_dir() / entry.backup, target, mode=entry.mode)
-
-    def _redo_dir(self) -> Path:
-        path = self._backups() / REDO
-        path.mkdir(exist_ok=True)
-        return path
-
-    def _save_redo(self, undone: dict[str, _Undone]) -> None:
-        data = {"root": str(self.real_root), "entries": {r: asdict(u) for r, u in undone.items()}}
-        atomic_write(self._redo_dir() / JOURNAL, json.dumps(data, indent=1).encode())
-
-    def _load_redo(self) -> dict[str, _Undone]:
-        if self._backup_dir is None:
-            return {}
-        try:
-            data = json.loads((self._backup_dir / REDO / JOURNAL).read_bytes())
-        except FileNotFoundError:
-            return {}
-        if data.get("root") != str(self.real_root):
-            raise PlanrunError(f"the run's files were rolled back in the workspace "
-                               f"{data.get('root')}, not {self.real_root}: retry it with "
-                               "that workspace (--workspace, or PLANRUN_WORKSPACE)")
-        return {rel: _Undone(**u) for rel, u in data["entries"].items()}
-
-    def _backups(self) -> Path:
-        if self._backup_dir is None:
-            self._backup_dir = Path(tempfile.mkdtemp(prefix="planrun-backup-"))
-        self._backup_dir.mkdir(parents=True, exist_ok=True)
-        return self._backup_dir
-
-    def _save_journal(self) -> None:
-        entries = {rel: asdict(o) for rel, o in self._originals.items()}
-        data = {"root": str(self.real_root), "entries": entries}
-        atomic_write(self._backups() / JOURNAL, json.dumps(data, indent=1).encode())
-
-    def _load_journal(self) -> dict[str, _Original]:
-        if self._backup_dir is None:
-            return {}
-        try:
-            data = json.loads((self._backup_dir / JOURNAL).read_bytes())
-        except FileNotFoundError:
-            return {}
-        if data.get("root") != str(self.real_root):
-            raise PlanrunError(f"the backup directory {self._backup_dir} belongs to the "
-                               f"workspace {data.get('root')}, not {self.real_root}")
-        return {rel: _Original(**o) for rel, o in data["entries"].items()}
-
-    def _discard(self) -> None:
-        if self._backup_dir is not None and self._backup_dir.exists():
-            if self._own_backup_dir:
-                shutil.rmtree(self._backup_dir, ignore_errors=True)
-                self._backup_dir = None
-            else:
-                for original in self._originals.values():
-                    if original.backup:
-                        with suppress(FileNotFoundError):
-                            (self._backup_dir / original.backup).unlink()
-                with suppress(FileNotFoundError):
-                    (self._backup_dir / JOURNAL).unlink()
-                with suppress(OSError):
-                    self._backup_dir.rmdir()
-        self._originals = {}
-
-
-def _fingerprint(path: Path) -> str:
-    """What is at ``path`` now, exactly enough to tell another run's change: kind, inode
-    (a write replaces the file, so even the same bytes written by another run differ),
-    size, modification time and the SHA-256 of a file's bytes."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return "absent"
-    if stat.S_ISDIR(st.st_mode):
-        return f"dir:{st.st_ino}"
-    if not stat.S_ISREG(st.st_mode):
-        return f"other:{st.st_ino}:{st.st_mode}"
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 16), b""):
-            digest.update(chunk)
-    return f"file:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{digest.hexdigest()}"
-
-
-def _remove(path: Path) -> bool:
-    """Remove what a run created at ``path``: a file or link, or an empty directory."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    if stat.S_ISDIR(st.st_mode):
-        try:
-            path.rmdir()
-        except OSError:
-            log.warning("rollback kept %s: the directory is not empty", path)
-            return False
-        return True
-    path.unlink()
-    return True
-
-
-def _same_file(target: Path, backup: Path, mode: int | None) -> bool:
-    try:
-        st = os.lstat(target)
-    except FileNotFoundError:
-        return False
-    if not stat.S_ISREG(st.st_mode) or (mode is not None and stat.S_IMODE(st.st_mode) != mode):
-        return False
-    if st.st_size != os.path.getsize(backup):
-        return False
-    with open(target, "rb") as a, open(backup, "rb") as b:
-        while True:
-            chunk = a.read(1 << 16)
-            if chunk != b.read(1 << 16):
-                return False
-            if not chunk:
-                return True
+        return original

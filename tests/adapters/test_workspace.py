@@ -11,15 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from planrun.adapters.atomic import atomic_copy, atomic_write
 from planrun.adapters.workspace import (
-    JOURNAL,
     SAFE_PATH_PATTERN,
     Workspace,
-    atomic_copy,
-    atomic_write,
     default_workspace_root,
     path_problem,
 )
+from planrun.adapters.workspace_journal import JOURNAL
 from planrun.errors import ConfigurationError, PlanrunError
 from tests.helpers import wait_for
 
@@ -245,7 +244,7 @@ def test_a_temporary_backup_dir_is_made_and_removed(tmp_path: Path) -> None:
     ws = Workspace(tmp_path / "ws")
     (ws.root / "a.txt").write_text("x")
     ws.record(ws.root / "a.txt")
-    backup_dir = ws._backup_dir
+    backup_dir = ws.journal.backup_dir
     assert backup_dir is not None and backup_dir.is_dir()
     assert not backup_dir.is_relative_to(ws.real_root)
     ws.commit()
