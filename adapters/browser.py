@@ -5,7 +5,8 @@ One browser per process (``adapters/chromium.py``), a fresh browser context per 
 (no cookies or storage from another step), closed when the step ends. Where the step's
 policy checks connections (``netguard.needs_guard``), every request of the page goes
 through ``RequestGuard`` (``adapters/pageguard.py``); the page's own redirects are opened
-here one by one, each checked.
+here one by one, each checked. Failures become planrun's errors in
+``adapters/browser_errors.py``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,17 @@ from typing import Any
 from pydantic import Field
 
 from planrun.adapters.base import Adapter, Health, Params, StepContext
+from planrun.adapters.browser_errors import (
+    MIB,
+    browser_error,
+    invalid_selector,
+    load_timeout,
+    navigation_error,
+    over_memory,
+    raise_blocked,
+    selector_missing,
+    status_error,
+)
 from planrun.adapters.chromium import (
     CHROMIUM_ENV,
     CHROMIUM_NAMES,
@@ -35,19 +47,11 @@ from planrun.adapters.netguard import needs_guard
 from planrun.adapters.pageguard import RequestGuard, quietly
 from planrun.adapters.workspace import RelativePath
 from planrun.contract.records import Resources
-from planrun.errors import (
-    AccessError,
-    ConfigurationError,
-    LogicError,
-    ResourceError,
-    StepError,
-    TransientError,
-)
+from planrun.errors import ConfigurationError, StepError
 from planrun.redact import redact_url
 
 __all__ = ["BrowserOpen", "BrowserParams", "SharedBrowser", "chromium_path", "shared_browser"]
 
-MIB = 1024 * 1024
 VIEWPORT = {"width": 1280, "height": 800}
 #: How long ``health()`` waits for a start (under the health check's own 5 s).
 HEALTH_WAIT_S = 4.0
@@ -128,19 +132,15 @@ async def _in_page(page: Any, params: BrowserParams, guard: RequestGuard | None)
     try:
         response = await _navigate(page, params, guard)
     except PlaywrightTimeout as exc:
-        _raise_blocked(guard)
-        raise TransientError(
-            f"browser.open: {redact_url(params.url)} did not load within "
-            f"{params.load_timeout:g}s",
-            hint="the site is slow or unreachable; it was retried - raise the step's "
-                 "load_timeout if the page needs longer") from exc
+        raise_blocked(guard)
+        raise load_timeout(params.url, params.load_timeout) from exc
     except StepError:
         raise
     except Exception as exc:
-        _raise_blocked(guard)
-        raise _navigation_error(params.url, exc, guard) from exc
+        raise_blocked(guard)
+        raise navigation_error(params.url, exc, guard) from exc
     settled = await _waited(page, params)
-    _raise_blocked(guard)
+    raise_blocked(guard)
     png = thumbnail = None
     if params.screenshot is not False:
         png = await page.screenshot(type="png", full_page=params.full_page,
@@ -186,17 +186,11 @@ async def _waited(page: Any, params: BrowserParams) -> bool:
             await page.wait_for_selector(params.wait_for, state="attached",
                                          timeout=params.wait_timeout * 1000)
         except PlaywrightTimeout as exc:
-            raise LogicError(
-                f"browser.open: the selector {params.wait_for!r} did not appear on "
-                f"{redact_url(page.url)} within {params.wait_timeout:g}s",
-                hint="check the selector against the page (it may be named differently, "
-                     "or shown only after a login), or raise wait_timeout") from exc
+            raise selector_missing(params.wait_for, page.url, params.wait_timeout) from exc
         except Exception as exc:
-            if "selector" in str(exc).lower() and "closed" not in str(exc).lower():
-                raise ConfigurationError(
-                    f"browser.open: {params.wait_for!r} is not a valid selector: "
-                    f"{str(exc).splitlines()[0]}",
-                    hint="write a CSS selector, like '#main' or 'article h1'") from exc
+            invalid = invalid_selector(params.wait_for, exc)
+            if invalid is not None:
+                raise invalid from exc
             raise
         return True
     if params.idle_timeout == 0:
@@ -206,76 +200,6 @@ async def _waited(page: Any, params: BrowserParams) -> bool:
     except PlaywrightTimeout:
         return False
     return True
-
-
-def _raise_blocked(guard: RequestGuard | None) -> None:
-    if guard is not None and guard.blocked:
-        first = guard.blocked[0]
-        more = f" ({len(guard.blocked) - 1} more request(s) blocked)" \
-            if len(guard.blocked) > 1 else ""
-        raise ConfigurationError(f"browser.open: a request of the page was {first.message}"
-                                 f"{more}", hint=first.hint)
-
-
-def _navigation_error(url: str, exc: Exception, guard: RequestGuard | None) -> StepError:
-    """The error of a page that could not be opened, from Chromium's ``net::ERR_*``."""
-    text = str(exc)
-    shown = redact_url(url)
-    failed = f" ({guard.failed[0]})" if guard is not None and guard.failed else ""
-    if "ERR_NAME_NOT_RESOLVED" in text:
-        return TransientError(f"browser.open: cannot resolve the host of {shown}{failed}",
-                              hint="check the host name in the URL; it was retried in case "
-                                   "the resolver failed for a moment")
-    if "ERR_CONNECTION_REFUSED" in text:
-        return TransientError(f"browser.open: the connection to {shown} was refused{failed}",
-                              hint="check the port in the URL and that the site is up")
-    if "ERR_" in text and "net::" in text:
-        code = text.split("net::", 1)[1].split()[0]
-        return TransientError(f"browser.open: could not open {shown}: {code}{failed}",
-                              hint="a network or server problem; it was retried - try the "
-                                   "page in a browser if it persists")
-    if _closed(text):
-        return TransientError(
-            f"browser.open: the browser closed while opening {shown}: "
-            f"{text.splitlines()[0]}",
-            hint="the browser crashed or was stopped; it is started again for the retry")
-    if "invalid url" in text.lower():
-        return ConfigurationError(f"browser.open: invalid URL {shown}",
-                                  hint="use an http:// or https:// URL with a host name")
-    return TransientError(f"browser.open: could not open {shown}: {text.splitlines()[0]}",
-                          hint="an unexpected browser error; it was retried")
-
-
-def _closed(text: str) -> bool:
-    lowered = text.lower()
-    return "has been closed" in lowered or "target crashed" in lowered or \
-        "browser closed" in lowered or "connection closed" in lowered
-
-
-def _over_memory(limit_mb: int, growth: int) -> ResourceError:
-    return ResourceError(
-        f"browser.open: stopped at its memory limit of {limit_mb} MiB: the browser's "
-        f"processes grew by {growth // MIB} MiB while the step ran",
-        hint="raise the step's memory_mb (or the plan's limits.memory_mb), or open a lighter "
-             "page; the growth is the whole browser's, other steps' pages included "
-             "(docs/browser.md, \"Resources\")")
-
-
-def _status_error(url: str, status: int) -> StepError:
-    said = f"browser.open: {redact_url(url)} answered HTTP {status}"
-    details = {"status": status, "url": redact_url(url)}
-    hint = "set allow_error_status: true to take the page as it is"
-    if status == 429:
-        return ResourceError(f"{said}: too many requests", details=details,
-                             hint=f"the site is rate limiting; {hint}")
-    if status == 408 or status >= 500:
-        return TransientError(f"{said}: a server-side failure", details=details,
-                              hint=f"the site failed; it was retried - {hint}")
-    if status in (401, 403):
-        return AccessError(f"{said}: access refused", details=details,
-                           hint=f"the page needs credentials; {hint}")
-    return ConfigurationError(f"{said}: check the URL", details=details,
-                              hint=f"the site refused the request; {hint}")
 
 
 # -- text --------------------------------------------------------------------------------------
@@ -382,7 +306,7 @@ class BrowserOpen(Adapter[BrowserParams]):
                 if not stopped:
                     raise
                 task.uncancel()
-                raise _over_memory(ctx.memory_mb or 0, meter.growth) from None
+                raise over_memory(ctx.memory_mb or 0, meter.growth) from None
             finally:
                 sampler.cancel()
                 await asyncio.to_thread(meter.sample)
@@ -394,7 +318,7 @@ class BrowserOpen(Adapter[BrowserParams]):
             ctx.usage.ran(Resources(peak_memory_bytes=meter.peak, cpu_s=round(meter.cpu_s, 3),
                                     written_bytes=0))
         if seen.status is not None and seen.status >= 400 and not params.allow_error_status:
-            raise _status_error(seen.final_url, seen.status)
+            raise status_error(seen.final_url, seen.status)
         text, source = await asyncio.to_thread(readable_text, seen.html, seen.inner_text)
         output: dict[str, Any] = {
             "url": redact_url(params.url), "final_url": redact_url(seen.final_url),
@@ -428,17 +352,8 @@ class BrowserOpen(Adapter[BrowserParams]):
             ctx.logger.warning("could not attach the screenshot artifact: %s", exc)
 
     def classify(self, exc: Exception) -> StepError:
-        text = str(exc)
-        if _closed(text):
-            return TransientError(f"browser.open: the browser closed: {text.splitlines()[0]}",
-                                  hint="the browser crashed or was stopped; it is started "
-                                       "again for the retry")
-        if "Executable doesn't exist" in text or isinstance(exc, FileNotFoundError):
-            return ConfigurationError(
-                f"browser.open: cannot start Chromium: {text.splitlines()[0]}",
-                hint="install Debian's chromium package (scripts/install does), or set "
-                     f"{CHROMIUM_ENV} to a Chromium binary")
-        return super().classify(exc)
+        found = browser_error(exc)
+        return found if found is not None else super().classify(exc)
 
     async def health(self) -> Health:
         """Chromium starts (or already runs) and answers."""
