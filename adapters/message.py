@@ -12,7 +12,8 @@ recorded confirmation (``replayed: true``) and sends nothing; webhooks also get 
 ``Idempotency-Key`` header. Errors: a connection failure, a timeout, an SMTP 4xx reply or
 an HTTP 5xx is ``transient``; rejected credentials (SMTP 535, HTTP 401/403)
 ``permission``; HTTP 429 ``resource``; an SMTP 5xx reply or another HTTP 4xx
-``configuration``.
+``configuration``. The SMTP side (the message, the guarded client, its errors) is
+``adapters/smtp.py``.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ import smtplib
 import socket
 import ssl
 from collections.abc import Callable, Mapping
-from email.message import EmailMessage
-from email.utils import formatdate
 from typing import Annotated, Any
 
 import httpx
@@ -35,12 +34,12 @@ from planrun.adapters.content_filter import refusal
 from planrun.adapters.delivery_log import DeliveryLog, idempotency_key
 from planrun.adapters.http import parse_retry_after
 from planrun.adapters.netguard import (
-    Address,
     check_url,
     guarded_transport,
     literal_problem,
     tls_context,
 )
+from planrun.adapters.smtp import bracketed, email_message, smtp_error, smtp_send
 from planrun.adapters.tool_config import (
     DOC,
     EmailChannel,
@@ -158,8 +157,8 @@ class MessageSend(Adapter[MessageParams]):
                      params: MessageParams, to: list[str], key: str, password: str | None,
                      confirm: Confirm) -> dict[str, Any]:
         port = channel.default_port()
-        addresses = await check_url(f"smtp://{_bracketed(channel.host)}:{port}", policy, trust)
-        message = _email_message(channel, params, to, key)
+        addresses = await check_url(f"smtp://{bracketed(channel.host)}:{port}", policy, trust)
+        message = email_message(channel, params.subject, params.body, to, key)
 
         def sent(refused: dict[str, tuple[int, bytes]]) -> dict[str, Any]:
             return confirm({
@@ -168,7 +167,7 @@ class MessageSend(Adapter[MessageParams]):
                 "refused": {a: f"{code} {text.decode(errors='replace')}"
                             for a, (code, text) in refused.items()}})
 
-        return await asyncio.to_thread(_smtp_send, channel, port, addresses, password,
+        return await asyncio.to_thread(smtp_send, channel, port, addresses, password,
                                        message, to, sent)
 
     # -- webhooks ------------------------------------------------------------------------
@@ -193,19 +192,9 @@ class MessageSend(Adapter[MessageParams]):
     def classify(self, exc: Exception) -> StepError:
         if isinstance(exc, StepError):
             return exc
-        if isinstance(exc, smtplib.SMTPAuthenticationError):
-            return AccessError(f"message.send: the SMTP server refused the login "
-                               f"({exc.smtp_code})",
-                               hint=f"the operator must check the channel's username and "
-                                    f"password secret ({DOC})")
-        if isinstance(exc, smtplib.SMTPRecipientsRefused):
-            return _smtp_reply_error("refused every recipient", *_first_reply(exc.recipients))
-        if isinstance(exc, smtplib.SMTPNotSupportedError):
-            return ConfigurationError(f"message.send: the SMTP server does not support "
-                                      f"what the channel asks: {exc}",
-                                      hint=f"check the channel's security and login ({DOC})")
-        if isinstance(exc, smtplib.SMTPResponseException):
-            return _smtp_reply_error("answered", exc.smtp_code, exc.smtp_error)
+        replied = smtp_error(exc)
+        if replied is not None:
+            return replied
         if isinstance(exc, ssl.SSLCertVerificationError):
             return ConfigurationError(f"message.send: the server's certificate is not "
                                       f"trusted: {exc.verify_message}",
@@ -297,7 +286,7 @@ def _channel_problem(channel: EmailChannel | WebhookChannel, policy: LevelPolicy
                      trust: Trust) -> str | None:
     """What the policy says of the channel's server from its address or name alone."""
     if isinstance(channel, EmailChannel):
-        url = f"http://{_bracketed(channel.host)}:{channel.default_port()}"
+        url = f"http://{bracketed(channel.host)}:{channel.default_port()}"
     elif channel.url:
         url = channel.url
     else:
@@ -309,100 +298,6 @@ def _endpoint_policy(channel: Endpoint, policy: LevelPolicy) -> LevelPolicy:
     if channel.allow_private and not policy.allow_private:
         return policy.model_copy(update={"allow_private": True})
     return policy
-
-
-# -- SMTP ----------------------------------------------------------------------------------
-
-def _email_message(channel: EmailChannel, params: MessageParams, to: list[str],
-                   key: str) -> EmailMessage:
-    message = EmailMessage()
-    message["From"] = channel.sender
-    message["To"] = ", ".join(to)
-    message["Subject"] = params.subject
-    message["Date"] = formatdate(localtime=False, usegmt=True)
-    domain = channel.sender.rpartition("@")[2] or "planrun"
-    message["Message-ID"] = f"<planrun.{key[:32]}@{domain}>"  # the same on every attempt
-    message.set_content(params.body)
-    return message
-
-
-class _GuardedSMTP(smtplib.SMTP):
-    """smtplib's client connecting to an address the network guard checked, while TLS
-    and the greeting keep the host name."""
-
-    address = ""
-
-    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
-        return socket.create_connection((self.address, port), timeout, self.source_address)
-
-
-class _GuardedSMTPSSL(smtplib.SMTP_SSL):
-    address = ""
-
-    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
-        sock = socket.create_connection((self.address, port), timeout, self.source_address)
-        return self.context.wrap_socket(sock, server_hostname=self._host)  # type: ignore[attr-defined]
-
-
-def _smtp_send(channel: EmailChannel, port: int, addresses: list[Address],
-               password: str | None, message: EmailMessage, to: list[str],
-               sent: Callable[[dict[str, tuple[int, bytes]]], dict[str, Any]],
-               ) -> dict[str, Any]:
-    """Hand ``message`` to the server (the first checked address that connects) and pass
-    the recipients it refused to ``sent`` before saying QUIT (all refused raises
-    SMTPRecipientsRefused); what ``sent`` returns."""
-    context = ssl.create_default_context(cafile=channel.ca_file)
-    error: OSError | None = None
-    for address in addresses:
-        client: smtplib.SMTP = (
-            _GuardedSMTPSSL(local_hostname=socket.gethostname(), timeout=channel.timeout_s,
-                            context=context) if channel.security == "ssl" else
-            _GuardedSMTP(local_hostname=socket.gethostname(), timeout=channel.timeout_s))
-        client.address = str(address)  # type: ignore[attr-defined]
-        client._host = channel.host  # type: ignore[attr-defined]  # TLS checks the name
-        try:
-            client.connect(channel.host, port)
-        except (ConnectionRefusedError, TimeoutError) as exc:
-            error = exc
-            continue
-        with client:
-            if channel.security == "starttls":
-                client.starttls(context=context)
-            if channel.username:
-                _login(client, channel.username, password or "")
-            return sent(client.send_message(message, to_addrs=to))
-    assert error is not None
-    raise error
-
-
-def _login(client: smtplib.SMTP, username: str, password: str) -> None:
-    """Log in with PLAIN when offered (one try: smtplib's ``login`` goes on to the next
-    mechanism after a refusal), else as smtplib chooses."""
-    client.ehlo_or_helo_if_needed()
-    if "PLAIN" not in client.esmtp_features.get("auth", "").upper().split():
-        client.login(username, password)
-        return
-    client.user, client.password = username, password
-    code, reply = client.auth("PLAIN", client.auth_plain)
-    if code not in (235, 503):
-        raise smtplib.SMTPAuthenticationError(code, reply)
-
-
-def _bracketed(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-def _first_reply(recipients: dict[str, tuple[int, bytes]]) -> tuple[int, bytes]:
-    return next(iter(recipients.values()), (550, b"refused"))
-
-
-def _smtp_reply_error(what: str, code: int, text: bytes | str) -> StepError:
-    said = text.decode(errors="replace") if isinstance(text, bytes) else str(text)
-    message = f"message.send: the SMTP server {what}: {code} {said}"
-    if 400 <= code < 500:
-        return TransientError(message, hint="the server deferred the message; it was retried")
-    return ConfigurationError(message, hint="the server rejected the message or a recipient: "
-                                            "check the addresses and the content")
 
 
 # -- webhooks ------------------------------------------------------------------------------
