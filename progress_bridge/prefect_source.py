@@ -13,7 +13,8 @@ server's persister (up to ``flush_interval``, 5 s) is neither in the backfill no
 subscriber that was away when it passed, in the live stream. So after every (re)connect
 the source reads the events since the cursor (the newest event committed, minus a margin)
 from ``POST /events/filter``, page by page, and again once the persister has flushed; and
-when a run's event numbers jump (a dropped event) it reads them again.
+when a run's event numbers jump (a dropped event) it reads them again. What it asks
+Prefect for (the event and flow-run filters) is ``progress_bridge/prefect_queries.py``.
 
 A bridge with no cursor yet (its first start, a new message store) does not read the
 server's history: it lists the planrun flow runs that have not ended (and those that
@@ -43,28 +44,32 @@ from planrun.contract.control import RUN_TAG
 from planrun.contract.events import RUN_PREFIX, SEGMENT, read_payload
 from planrun.errors import ContractError
 from planrun.progress_bridge.apply import BreakerChanged, FlowRunEnded, RunEvent
+from planrun.progress_bridge.prefect_queries import (
+    FLOW_RUN_PREFIX,
+    ended_since,
+    flow_runs,
+    live_filter,
+    not_ended,
+    query_filter,
+    runs_filter,
+)
 from planrun.progress_bridge.source import Cursor, Deliver, Incoming
 from planrun.progress_bridge.timers import Later
 from planrun.progress_bridge.upstream_settings import UpstreamSettings
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
-    from prefect.client.schemas.filters import FlowRunFilter
     from prefect.client.schemas.objects import FlowRun
     from prefect.events import Event
     from prefect.events.filters import EventFilter
 
 log = logging.getLogger("planrun.bridge")
 
-FLOW_RUN_PREFIX = "prefect.flow-run."
 PLANRUN_TAG = f"prefect.tag.{RUN_TAG}"
 FLOW_RUN_ENDS = frozenset({"CRASHED", "FAILED", "CANCELLED", "COMPLETED"})
 PAGE = 50  # POST /events/filter answers at most 50 events a page
 VARIABLES_PAGE = 200  # POST /variables/filter answers at most 200 a page
-FLOW_RUNS_PAGE = 200  # POST /flow_runs/filter answers at most 200 a page
 RUNS_AT_ONCE = 50  # runs whose events one POST /events/filter asks for
-#: The flow-run state types of a run still going (or yet to start).
-NOT_ENDED = ("SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING")
 TURN = 16  # events handled between two turns given to the senders
 
 
@@ -108,7 +113,7 @@ class PrefectEventSource:
         while True:
             try:
                 # No reconnects inside Prefect's client: every reconnect must reconcile.
-                subscriber = get_events_subscriber(filter=_live_filter(),
+                subscriber = get_events_subscriber(filter=live_filter(),
                                                    reconnection_attempts=0)
                 _stream_from(subscriber, self.settings.settle_s)
                 async with subscriber as events:
@@ -151,7 +156,7 @@ class PrefectEventSource:
         if self._floor is not None:
             since = max(since, self._floor)
         async with get_client() as client:
-            new = await self._read(client, _query_filter(since))
+            new = await self._read(client, query_filter(since))
         if new:
             log.info("reconciled %d event(s) from Prefect's API", new)
         return new
@@ -170,10 +175,10 @@ class PrefectEventSource:
         # stream has the rest of that run, so it is read whole, here and once settled.
         just_ended = self._floor - self.settings.settle_s
         async with get_client() as client:
-            runs = await _flow_runs(client, _not_ended())
-            runs += await _flow_runs(client, _ended_since(began - self.settings.lookback_s,
-                                                          crashed_only=True))
-            runs += await _flow_runs(client, _ended_since(just_ended))
+            runs = await flow_runs(client, not_ended())
+            runs += await flow_runs(client, ended_since(began - self.settings.lookback_s,
+                                                        crashed_only=True))
+            runs += await flow_runs(client, ended_since(just_ended))
             new = await self._read_runs(client, runs)
         self.start_reads += 1
         log.info("start: read %d event(s) of %d run(s) in flight or just ended in %.2f s, %d new",
@@ -210,7 +215,7 @@ class PrefectEventSource:
             batch = unique[first:first + RUNS_AT_ONCE]
             since = min(run.created or run.expected_start_time or _EPOCH
                         for run in batch).timestamp() - self.settings.margin_s
-            new += await self._read(client, _runs_filter([str(r.id) for r in batch], since))
+            new += await self._read(client, runs_filter([str(r.id) for r in batch], since))
         return new
 
     async def _read(self, client: PrefectClient, query: EventFilter) -> int:
@@ -335,49 +340,6 @@ def _run_of(event: Event) -> str:
     return ""
 
 
-async def _flow_runs(client: PrefectClient, query: FlowRunFilter) -> list[FlowRun]:
-    """Every flow run ``query`` finds, page by page."""
-    found: list[FlowRun] = []
-    while True:
-        page = await client.read_flow_runs(flow_run_filter=query, limit=FLOW_RUNS_PAGE,
-                                           offset=len(found))
-        found += page
-        if len(page) < FLOW_RUNS_PAGE:
-            return found
-
-
-def _not_ended() -> FlowRunFilter:
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterState,
-        FlowRunFilterStateType,
-        FlowRunFilterTags,
-    )
-    from prefect.client.schemas.objects import StateType
-
-    return FlowRunFilter(tags=FlowRunFilterTags(all_=[RUN_TAG]), state=FlowRunFilterState(
-        type=FlowRunFilterStateType(any_=[StateType(kind) for kind in NOT_ENDED])))
-
-
-def _ended_since(since: float, *, crashed_only: bool = False) -> FlowRunFilter:
-    """The planrun flow runs that ended (crashed, with ``crashed_only``) after ``since``."""
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterEndTime,
-        FlowRunFilterState,
-        FlowRunFilterStateType,
-        FlowRunFilterTags,
-    )
-    from prefect.client.schemas.objects import StateType
-
-    state = FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CRASHED])) \
-        if crashed_only else None
-    return FlowRunFilter(
-        tags=FlowRunFilterTags(all_=[RUN_TAG]), state=state,
-        end_time=FlowRunFilterEndTime.model_validate(
-            {"after_": datetime.fromtimestamp(since, UTC).isoformat()}))
-
-
 def _breaker(value: Any) -> BreakerChange | None:
     """A breaker Variable's value as a change; None for a failure, a claim, or a value
     that does not read (logged)."""
@@ -395,43 +357,6 @@ async def _numbered(events: Any) -> AsyncIterator[tuple[int, Event]]:
     async for event in events:
         count += 1
         yield count, event
-
-
-def _names() -> Any:
-    from prefect.events.filters import EventNameFilter
-
-    return EventNameFilter(prefix=["planrun.", FLOW_RUN_PREFIX],
-                           exclude_name=["prefect.flow-run.heartbeat"])
-
-
-def _live_filter() -> EventFilter:
-    from prefect.events.filters import EventFilter
-
-    return EventFilter(event=_names())
-
-
-def _query_filter(since: float) -> EventFilter:
-    from prefect.events.filters import EventFilter, EventOrder
-
-    return EventFilter(event=_names(), order=EventOrder.ASC, occurred=_window(since))
-
-
-def _runs_filter(run_ids: list[str], since: float) -> EventFilter:
-    """The planrun events and flow-run events of ``run_ids`` since ``since``."""
-    from prefect.events.filters import EventFilter, EventOrder, EventResourceFilter
-
-    resources = [f"{prefix}{run_id}" for run_id in run_ids
-                 for prefix in (RUN_PREFIX, FLOW_RUN_PREFIX)]
-    return EventFilter(event=_names(), order=EventOrder.ASC, occurred=_window(since),
-                       resource=EventResourceFilter(id=resources))
-
-
-def _window(since: float) -> Any:
-    from prefect.events.filters import EventOccurredFilter
-
-    return EventOccurredFilter.model_validate({
-        "since": datetime.fromtimestamp(since, UTC).isoformat(),
-        "until": (datetime.now(UTC) + timedelta(days=1)).isoformat()})
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
