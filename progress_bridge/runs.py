@@ -5,8 +5,8 @@ step, a gate or pause deadline, and the estimate's inputs. ``progress_bridge.app
 a copy of it per event; its ``on_*`` methods change the view they are called on and return
 the messages (drafts) the change makes, each with the run's progress and an estimate as of
 the ``now`` they are given: nothing here reads a clock. The view is saved as the contract's
-versioned JSON (:class:`SavedView`) with every change, so a restarted bridge goes on from
-where it stopped (docs/stream.md).
+versioned JSON (:class:`SavedView`, ``progress_bridge/saved_view.py``) with every change,
+so a restarted bridge goes on from where it stopped (docs/stream.md).
 """
 
 from __future__ import annotations
@@ -14,12 +14,9 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
-
-from pydantic import BaseModel
+from typing import Any
 
 from planrun.contract.breakers import BreakerChange, BreakerState
-from planrun.contract.checkpoint import StepCheckpoint
 from planrun.contract.estimate import Estimate
 from planrun.contract.events import (
     Impact,
@@ -35,9 +32,9 @@ from planrun.contract.records import ErrorInfo
 from planrun.contract.status import RunStatus, StepStatus
 from planrun.contract.stream import Draft, MessageType
 from planrun.contract.times import epoch, iso
-from planrun.contract.version import Versioned
 from planrun.errors import step_error
 from planrun.progress_bridge.estimate import StepDurations, estimate
+from planrun.progress_bridge.saved_view import Gate, PauseDeadline, SavedStep, SavedView
 from planrun.report import RunRecord, StepRecord
 
 STEP_TYPES = {
@@ -60,57 +57,6 @@ ESTIMATE_EVERY_S = 0.25
 #: How Prefect's terminal flow-run states end a run whose engine could not say so itself.
 FLOW_RUN_ENDS = {"CRASHED": RunStatus.FAILED, "FAILED": RunStatus.FAILED,
                  "CANCELLED": RunStatus.CANCELLED, "COMPLETED": RunStatus.COMPLETED}
-
-
-class Gate(BaseModel):
-    """The gate a run waits at: its step, the prompt, and when it times out (epoch s)."""
-
-    step_id: str
-    prompt: str | None = None
-    deadline: float | None = None
-
-
-class PauseDeadline(BaseModel):
-    """When a pause times out (epoch s) and what then happens."""
-
-    deadline: float
-    action: Literal["cancel", "resume"] = "cancel"
-
-
-class SavedStep(StepCheckpoint):
-    """One step of a saved view: the plan's step and its checkpoint."""
-
-    id: str
-    tool: str
-    name: str | None = None
-    needs: list[str] = []
-    critical: bool = True
-    estimate_s: float = 0.0
-    note: str | None = None
-
-
-class SavedView(Versioned):
-    """A run view as the bridge's store keeps it."""
-
-    run_id: str
-    plan: str
-    status: RunStatus
-    reason: str | None = None
-    started_at: float | None = None
-    ended_at: float | None = None
-    prefect_url: str | None = None
-    rolled_back: list[str] = []
-    max_parallel: int = 16
-    recoveries: int = 0
-    retries: int = 0
-    gate: Gate | None = None
-    pause_deadline: PauseDeadline | None = None
-    waiting_since: float | None = None
-    step_n: dict[str, int] = {}
-    summaries: dict[str, str | None] = {}
-    waiting: dict[str, str] = {}
-    told: dict[str, tuple[int, int]] = {}
-    steps: list[SavedStep] = []
 
 
 @dataclass

@@ -15,7 +15,8 @@ from planrun.contract.control import RETRY_LABEL, TIMED_OUT, answer_form, asking
 from planrun.contract.status import RunStatus
 from planrun.errors import Conflict, NotFound
 from planrun.progress_bridge.flow_runs import FakeFlowRuns, FlowRun
-from planrun.progress_bridge.runs import Gate, PauseDeadline, RunView
+from planrun.progress_bridge.runs import RunView
+from planrun.progress_bridge.saved_view import Gate, PauseDeadline
 from planrun.progress_bridge.service import ControlService
 from planrun.progress_bridge.timers import Deadlines, Later
 
