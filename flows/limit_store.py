@@ -21,8 +21,10 @@ and moves it on by one emission interval, in one transaction for all the call's 
 call that must wait is counted only by the keys that make it wait, and asks the others
 again when its moment comes.
 
-``LimitStore`` is the interface the limiter uses: a store for several machines (Postgres,
-issue 12) would implement the same five operations.
+``LimitStore`` is the interface the limiter uses; ``PostgresLimitStore``
+(``flows.limit_store_pg``) implements it for a stack of several machines. What a store
+decides is pure and shared by both: ``grant_pass`` (one pass over the queue) and
+``conform`` (GCRA over several keys); a store only reads and writes the rows.
 """
 
 from __future__ import annotations
@@ -38,14 +40,17 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import psutil
 
+from planrun.errors import LimitStoreUnusable
+
 #: The file, in planrun's data directory.
 FILE_NAME = "limits.sqlite3"
-#: What a store raises when it cannot be used (a full disk, a file it may not write).
-STORE_ERRORS = (sqlite3.Error, OSError)
+#: What a store raises when it cannot be used (a full disk, a file it may not write, a
+#: database that is down).
+STORE_ERRORS = (sqlite3.Error, OSError, LimitStoreUnusable)
 #: A turn whose process has not renewed it for this long is taken back.
 LEASE_S = 60.0
 SCHEMA = """
@@ -91,8 +96,32 @@ class Queue:
     waiting: dict[int, Place] = field(default_factory=dict)
 
 
+class Turn(NamedTuple):
+    """One row of the queue, as every store keeps it."""
+
+    ticket: int
+    keys: Mapping[str, int]  # each key with the limit its process asked for
+    owner: str  # the store (one per process) that asked
+    pid: int
+    pid_start: float  # the process's start time: a reused pid is not it
+    place: str  # host and PID namespace, where the pid means something
+    granted: bool
+    expires: float
+
+
+@dataclass
+class Pass:
+    """What one pass over the queue decided: the turns to take back, those to grant now,
+    and what it means for one store's turns."""
+
+    gone: set[int]
+    newly: list[int]
+    queue: Queue
+
+
 class LimitStore(Protocol):
-    """Shared concurrency queues and rate clocks (``SqliteLimitStore``)."""
+    """Shared concurrency queues and rate clocks (``SqliteLimitStore``,
+    ``PostgresLimitStore``)."""
 
     def join(self, keys: Mapping[str, int], label: str) -> tuple[int, Queue]:
         """Queue a turn for ``keys`` (each with its limit): its ticket, and the queue."""
@@ -116,7 +145,8 @@ class LimitStore(Protocol):
         ...
 
 
-def _place() -> str:
+def this_place() -> str:
+    """Where this process's pid means something: its host and PID namespace."""
     try:
         namespace = os.readlink("/proc/self/ns/pid")
     except OSError:
@@ -171,24 +201,15 @@ class SqliteLimitStore:
             return self._pass(db)
 
     def reserve(self, rates: Mapping[str, Rate]) -> tuple[float, dict[str, Rate]]:
-        """GCRA over every key: when the call conforms to all of them now, it is counted
-        in each and goes now. Otherwise only the keys that hold it back longest count it,
-        at the moment they allow; the others are left to ask again then (counting the
-        call now on a key that would let it go now would hold back that key's other calls,
-        of other hosts, behind this one's wait)."""
         with self._write() as db:
             now = time.time()
-            clocks = {key: now for key in rates}
             marks = ",".join("?" * len(rates))
-            for key, tat in db.execute(f"SELECT key, tat FROM rates WHERE key IN ({marks})",
-                                       list(rates)):
-                clocks[key] = max(float(tat), now)
-            allowed = {k: clocks[k] - (r.burst - 1) / r.per_s for k, r in rates.items()}
-            go = max([now, *allowed.values()])
-            counted = {k: r for k, r in rates.items() if go <= now or allowed[k] >= go}
+            tats = {key: float(tat) for key, tat in db.execute(
+                f"SELECT key, tat FROM rates WHERE key IN ({marks})", list(rates))}
+            go, counted, rest = conform(rates, tats, now)
             db.executemany("INSERT OR REPLACE INTO rates (key, tat) VALUES (?, ?)",
-                           [(k, max(clocks[k], go) + 1 / r.per_s) for k, r in counted.items()])
-            return go, {k: r for k, r in rates.items() if k not in counted}
+                           counted.items())
+            return go, rest
 
     # -- one pass over the queue -----------------------------------------------------------
 
@@ -196,39 +217,16 @@ class SqliteLimitStore:
         """Reclaim dead turns, then grant in ticket order; what it means for ours."""
         rows = db.execute("SELECT ticket, keys, owner, pid, pid_start, place, granted, expires "
                           "FROM turns ORDER BY ticket").fetchall()
-        now, here = time.time(), self._here
-        dead = {(pid, start) for pid, start in {(row[3], row[4]) for row in rows
-                                                if row[5] == here} if not _alive(pid, start)}
-        gone = {row[0] for row in rows if row[7] < now or (row[3], row[4]) in dead}
-        if gone:
-            db.executemany("DELETE FROM turns WHERE ticket = ?", [(t,) for t in gone])
-            self._keys = {t: k for t, k in self._keys.items() if t not in gone}
-        live = [row for row in rows if row[0] not in gone]
-        held: Counter[str] = Counter()
-        for ticket, keys, *_, granted, _ in live:
-            if granted:
-                held.update(self._parsed(ticket, keys).keys())
-        queue = Queue(granted={row[0] for row in live if row[2] == self.owner and row[6]})
-        newly: list[int] = []
-        ahead: Counter[str] = Counter()
-        for ticket, text, owner, *_, granted, _ in live:
-            if granted:
-                continue
-            keys = self._parsed(ticket, text)
-            full = [key for key, limit in keys.items() if held[key] >= limit]
-            if not full:
-                newly.append(ticket)
-                held.update(keys.keys())
-                if owner == self.owner:
-                    queue.granted.add(ticket)
-                continue
-            if owner == self.owner:
-                queue.waiting[ticket] = Place(full[0], keys[full[0]], ahead[full[0]])
-            ahead.update(keys.keys())
-        if newly:
+        turns = [Turn(ticket, self._parsed(ticket, keys), *rest)
+                 for ticket, keys, *rest in rows]
+        decided = grant_pass(turns, self.owner, self._here, time.time())
+        if decided.gone:
+            db.executemany("DELETE FROM turns WHERE ticket = ?", [(t,) for t in decided.gone])
+            self._keys = {t: k for t, k in self._keys.items() if t not in decided.gone}
+        if decided.newly:
             db.executemany("UPDATE turns SET granted = 1 WHERE ticket = ?",
-                           [(t,) for t in newly])
-        return queue
+                           [(t,) for t in decided.newly])
+        return decided.queue
 
     def _parsed(self, ticket: int, keys: str) -> dict[str, int]:
         found = self._keys.get(ticket)
@@ -252,7 +250,7 @@ class SqliteLimitStore:
                 db.execute("PRAGMA synchronous=NORMAL")
                 db.executescript(SCHEMA)
             self._db, self._pid = db, os.getpid()
-            self._started, self._here = psutil.Process().create_time(), _place()
+            self._started, self._here = psutil.Process().create_time(), this_place()
         return self._db
 
     def _write(self) -> _Transaction:
@@ -276,6 +274,56 @@ class _Transaction:
 
     def __exit__(self, kind: object, *rest: object) -> None:
         self.db.execute("ROLLBACK" if kind is not None else "COMMIT")
+
+
+def grant_pass(turns: list[Turn], owner: str, here: str, now: float) -> Pass:
+    """One pass over ``turns`` (in ticket order) at ``now``: take back those whose lease
+    ran out and those of ``here`` whose process has died, then grant in arrival order every
+    waiting turn whose keys all have fewer holders than its limits; what that means for
+    ``owner``'s turns (granted, or where each waits)."""
+    dead = {(pid, start) for pid, start in {(t.pid, t.pid_start) for t in turns
+                                            if t.place == here} if not _alive(pid, start)}
+    gone = {t.ticket for t in turns if t.expires < now or (t.pid, t.pid_start) in dead}
+    live = [t for t in turns if t.ticket not in gone]
+    held: Counter[str] = Counter()
+    for turn in live:
+        if turn.granted:
+            held.update(turn.keys.keys())
+    queue = Queue(granted={t.ticket for t in live if t.owner == owner and t.granted})
+    newly: list[int] = []
+    ahead: Counter[str] = Counter()
+    for turn in live:
+        if turn.granted:
+            continue
+        full = [key for key, limit in turn.keys.items() if held[key] >= limit]
+        if not full:
+            newly.append(turn.ticket)
+            held.update(turn.keys.keys())
+            if turn.owner == owner:
+                queue.granted.add(turn.ticket)
+            continue
+        if turn.owner == owner:
+            queue.waiting[turn.ticket] = Place(full[0], turn.keys[full[0]], ahead[full[0]])
+        ahead.update(turn.keys.keys())
+    return Pass(gone, newly, queue)
+
+
+def conform(rates: Mapping[str, Rate], tats: Mapping[str, float],
+            now: float) -> tuple[float, dict[str, float], dict[str, Rate]]:
+    """GCRA over every key of ``rates`` (``tats``: the theoretical arrival times stored,
+    by key): when the call may go, the new clocks of the keys that count it, and the keys
+    it must ask again at that moment.
+
+    When the call conforms to every key now, it is counted in each and goes now. Otherwise
+    only the keys that hold it back longest count it, at the moment they allow; the others
+    are left to ask again then (counting the call now on a key that would let it go now
+    would hold back that key's other calls, of other hosts, behind this one's wait)."""
+    clocks = {key: max(tats.get(key, now), now) for key in rates}
+    allowed = {k: clocks[k] - (r.burst - 1) / r.per_s for k, r in rates.items()}
+    go = max([now, *allowed.values()])
+    counted = {k: max(clocks[k], go) + 1 / r.per_s for k, r in rates.items()
+               if go <= now or allowed[k] >= go}
+    return go, counted, {k: r for k, r in rates.items() if k not in counted}
 
 
 def _alive(pid: int, started: float) -> bool:

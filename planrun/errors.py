@@ -11,6 +11,7 @@
      ├── CheckpointUnreadable     a step's checkpoint exists but cannot be read: the run stops
      ├── NotFound                 no such run (or not a planrun run): HTTP 404
      ├── Conflict                 the run's state does not allow this control now: HTTP 409
+     ├── LimitStoreUnusable       the limits' shared database cannot be used: calls go unlimited
      └── StepError                one attempt of a step failed; carries category, hint,
           │                       step_id, tool and retry_after as fields
           ├── TransientError      timeout, connection reset, HTTP 5xx       → retried with backoff
@@ -134,6 +135,12 @@ class CheckpointUnreadable(PlanrunError):
 
 class NotFound(PlanrunError):
     """No run by that id, or it is not a planrun run; the message says which."""
+
+
+class LimitStoreUnusable(PlanrunError):
+    """The limits' shared store (its PostgreSQL database) cannot be used now: down, full,
+    refusing the login. The limiter lets the call go unlimited with a warning (limits never
+    stop a run for their own failure). The message names the server, never its password."""
 
 
 class Conflict(PlanrunError):
