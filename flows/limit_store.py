@@ -145,6 +145,40 @@ class LimitStore(Protocol):
         ...
 
 
+class Asker:
+    """What a store's turns say of the process that asked: ``owner`` (one per store), its
+    pid, start time and place (taken as the store connects, and again after a fork); and
+    when it last renewed their leases."""
+
+    def __init__(self, lease_s: float) -> None:
+        self.lease_s = lease_s
+        self.owner = uuid.uuid4().hex
+        self._pid = -1
+        self._started = 0.0
+        self._here = ""
+        self._renewed = 0.0  # on the store's clock
+
+    def _forked(self) -> bool:
+        """Whether this process is not the one the store connected in."""
+        return self._pid != os.getpid()
+
+    def _connected(self) -> None:
+        self._pid, self._started, self._here = (os.getpid(), psutil.Process().create_time(),
+                                                this_place())
+
+    def _asking(self, keys: object, label: str, now: float) -> tuple[object, ...]:
+        """A new turn's row from ``keys`` on: keys, owner, pid, pid_start, place, label,
+        expires."""
+        return keys, self.owner, self._pid, self._started, self._here, label, now + self.lease_s
+
+    def _renewal_due(self, now: float) -> bool:
+        """Whether our leases are due for renewal at ``now`` (then taken as renewed)."""
+        if now - self._renewed <= self.lease_s / 4:
+            return False
+        self._renewed = now
+        return True
+
+
 def this_place() -> str:
     """Where this process's pid means something: its host and PID namespace."""
     try:
@@ -154,17 +188,12 @@ def this_place() -> str:
     return f"{socket.gethostname()}/{namespace}"
 
 
-class SqliteLimitStore:
+class SqliteLimitStore(Asker):
     """The limits' state in the SQLite file ``path``, as seen by this process."""
 
     def __init__(self, path: Path, *, lease_s: float = LEASE_S) -> None:
+        super().__init__(lease_s)
         self.path = path
-        self.lease_s = lease_s
-        self.owner = uuid.uuid4().hex
-        self._pid = -1
-        self._started = 0.0
-        self._here = ""
-        self._renewed = 0.0
         self._db: sqlite3.Connection | None = None
         self._keys: dict[int, dict[str, int]] = {}  # parsed ``keys`` by ticket
 
@@ -175,8 +204,7 @@ class SqliteLimitStore:
             cursor = db.execute(
                 "INSERT INTO turns (keys, owner, pid, pid_start, place, label, expires) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (json.dumps(dict(keys)), self.owner, self._pid, self._started, self._here, label,
-                 time.time() + self.lease_s))
+                self._asking(json.dumps(dict(keys)), label, time.time()))
             ticket = int(cursor.lastrowid or 0)
             return ticket, self._pass(db)
 
@@ -194,10 +222,9 @@ class SqliteLimitStore:
     def sweep(self) -> Queue:
         with self._write() as db:
             now = time.time()
-            if now - self._renewed > self.lease_s / 4:
+            if self._renewal_due(now):
                 db.execute("UPDATE turns SET expires = ? WHERE owner = ?",
                            (now + self.lease_s, self.owner))
-                self._renewed = now
             return self._pass(db)
 
     def reserve(self, rates: Mapping[str, Rate]) -> tuple[float, dict[str, Rate]]:
@@ -237,7 +264,7 @@ class SqliteLimitStore:
     # -- the connection --------------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
-        if self._db is None or self._pid != os.getpid():  # never share one across a fork
+        if self._db is None or self._forked():  # never share one across a fork
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, isolation_level=None, timeout=30,
                                  check_same_thread=False)
@@ -249,8 +276,8 @@ class SqliteLimitStore:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")
                 db.executescript(SCHEMA)
-            self._db, self._pid = db, os.getpid()
-            self._started, self._here = psutil.Process().create_time(), this_place()
+            self._db = db
+            self._connected()
         return self._db
 
     def _write(self) -> _Transaction:

@@ -7,7 +7,8 @@ with the settings of Prefect's scaled self-hosted set-up: the database in
 ``postgresql://`` one is converted), and with Redis the message broker, its cache, the
 events' causal ordering, concurrency leases and the background services' coordination
 (Docket) in Redis, through the ``prefect-redis`` package. Only that server gets these
-settings: runners and the bridge talk to its API.
+settings: runners and the bridge talk to its API. Runners get the database's URL for one
+thing, the limits' store (``Production.runner_env``, docs/limits.md).
 
 Both are checked before anything starts, so a mistyped URL or a database that is down
 costs one line, not a server that fails in its log.
@@ -24,6 +25,9 @@ from planrun.errors import PlanrunError, UsageError
 
 #: How long the reachability checks wait for an answer.
 CONNECT_TIMEOUT_S = 5.0
+#: The stack's database, for ``planrun up`` and for every planrun process of the stack:
+#: their limits' store lives there too (docs/limits.md).
+DATABASE_ENV = "PLANRUN_DATABASE_URL"
 DATABASE_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg")
 REDIS_SCHEMES = ("redis", "rediss")
 
@@ -58,6 +62,11 @@ class Production:
                     "PREFECT_SERVER_DOCKET_URL": self.redis}
         return env
 
+    def runner_env(self) -> dict[str, str]:
+        """What each runner (and so each of its runs) gets: the database, where the limits'
+        store of every machine of the stack lives (docs/limits.md)."""
+        return {DATABASE_ENV: self.database}
+
     def check(self) -> None:
         """Raise ``PlanrunError`` with one line when the database or Redis cannot be used."""
         asyncio.run(_check_database(self.database))
@@ -75,6 +84,11 @@ def database_url(text: str) -> str:
         raise UsageError(f"--database names no host or no database: {shown(text)} "
                          "(postgresql://user@host:5432/name)")
     return urlunsplit(parts._replace(scheme="postgresql+asyncpg"))
+
+
+def libpq_url(url: str) -> str:
+    """``url`` as libpq (asyncpg's checks, psycopg) takes it: ``postgresql://``."""
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
 
 
 def redis_url(text: str) -> str:
@@ -108,10 +122,9 @@ def _split(text: str, option: str) -> SplitResult:
 async def _check_database(url: str) -> None:
     import asyncpg
 
-    dsn = url.replace("postgresql+asyncpg://", "postgresql://", 1)
     at = f"PostgreSQL at {where(url)}"
     try:
-        connection = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT_S)
+        connection = await asyncpg.connect(libpq_url(url), timeout=CONNECT_TIMEOUT_S)
     except asyncpg.InvalidCatalogNameError as exc:
         raise PlanrunError(f"{at}: {exc}: create it first (createdb)") from exc
     except (asyncpg.InvalidAuthorizationSpecificationError,
