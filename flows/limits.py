@@ -7,7 +7,8 @@ gives it back as soon as the call returns, so a retry's delay holds nothing. In 
 1. **Load**: while the machine is over a threshold of the policy (``flows.load``), the
    attempt waits, unless no other step of this process has been let through (a run always
    makes progress: under pressure a process runs one step at a time).
-2. **Slots**: a turn in the shared queue (``flows.limit_store``) of every concurrency key
+2. **Slots**: a turn in the shared queue (``flows.limit_store``: a SQLite file per machine,
+   or ``flows.limit_store_pg`` in the stack's PostgreSQL database) of every concurrency key
    that applies: ``all`` (the policy's ``limits.concurrency``), the tool, the host the
    call reaches (an ``http.request``'s URL host, or the host a network tool's adapter
    names: ``Adapter.call_host``), and the run's own limit of the tool (the plan's
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -355,6 +357,16 @@ def _policy_limits() -> OperatorLimits:
 
 
 def _default_store() -> LimitStore:
+    """The stack's PostgreSQL database when ``PLANRUN_DATABASE_URL`` names one (every
+    machine of the stack shares it: docs/production.md), else the SQLite file of this
+    machine's data directory."""
+    from planrun.production import DATABASE_ENV
+
+    url = os.environ.get(DATABASE_ENV, "").strip()
+    if url:
+        from planrun.flows.limit_store_pg import PostgresLimitStore
+
+        return PostgresLimitStore(url)
     from planrun.flows.limit_store import SqliteLimitStore
     from planrun.home import data_dir
 

@@ -97,9 +97,11 @@ def up(host: str, port: int, out: IO[str] = sys.stdout, production: Production |
                # runs name their live page in their log at a gate (docs/prefect-ui.md)
                "PLANRUN_BRIDGE_URL": os.environ.get("PLANRUN_BRIDGE_URL", bridge)}
         runner = [sys.executable, "-m", "planrun.flows.serve"]
+        # Runs keep their limits in the stack's database, shared by all its machines.
+        runner_env = {**env, **(production.runner_env() if production is not None else {})}
         # The server, when the stack has its own, stops last: after those that use it.
         children[:0] = [
-            *(_spawn(name, runner, env, logs) for name in _runner_names(workers)),
+            *(_spawn(name, runner, runner_env, logs) for name in _runner_names(workers)),
             _spawn("bridge", [sys.executable, "-m", "planrun.progress_bridge", "--host", host,
                               "--port", str(port), "--data", str(home / "bridge")], env, logs),
         ]

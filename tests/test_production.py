@@ -60,6 +60,11 @@ def test_the_server_gets_prefects_redis_settings_only_with_redis() -> None:
     assert both["PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"] == "prefect_redis.lease_storage"
 
 
+def test_runners_get_the_database_for_the_limits_store() -> None:
+    assert Production.parse(PG, "redis://127.0.0.1:6379/3").runner_env() == {
+        "PLANRUN_DATABASE_URL": "postgresql+asyncpg://postgres@127.0.0.1:5432/test"}
+
+
 def test_prefect_redis_provides_the_modules_the_settings_name() -> None:
     import importlib
 

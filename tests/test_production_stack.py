@@ -3,7 +3,9 @@ Redis (tests/databases.py: skipped, saying why, where they are absent): runs sub
 through the bridge's HTTP API run on both workers and complete; a worker killed with
 SIGKILL in the middle of a run (the runner, its fork server, the run's process and its
 command: a host that died) costs nothing: the run is noticed silent, scheduled again and
-finished by another worker process, and no step that had completed runs again."""
+finished by another worker process, and no step that had completed runs again. A step's
+limits live in the stack's database (docs/limits.md): its turn is a row there while it
+runs."""
 
 from __future__ import annotations
 
@@ -30,9 +32,15 @@ PER_WORKER = 2
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def database() -> Iterator[str]:
+    with postgres_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, database: str) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("production")
-    with postgres_database() as database, redis_database() as redis:
+    with redis_database() as redis:
         env = {"PLANRUN_HOME": str(tmp / "home"), "PLANRUN_SERVER_PORT": str(free_port()),
                "PLANRUN_DEAD_AFTER_S": str(DEAD_AFTER_S),
                "PREFECT_RUNNER_PROCESS_LIMIT": str(PER_WORKER)}
@@ -99,6 +107,26 @@ def test_runs_submitted_through_the_api_run_on_both_workers_and_complete(
     wait_for(lambda: all(stack.report(run_id)["status"] == "completed"
                          for run_id in runs.values()), 120, "every run to complete")
     assert all(ran(stack, name) == ["s1", "s2"] for name in names)
+
+
+def turns(database: str) -> list[tuple[str, bool]]:
+    """The limits' turns in the stack's database: each one's run/step, and whether granted."""
+    import psycopg
+
+    with psycopg.connect(database) as connection:
+        rows = connection.execute("SELECT label, granted FROM planrun_turns ORDER BY ticket")
+        return [(str(label), bool(granted)) for label, granted in rows]
+
+
+def test_a_running_step_holds_its_slot_in_the_stacks_database(stack: Stack,
+                                                                database: str) -> None:
+    # shell.run is held to twice the cores by default: every call of it takes a turn.
+    run_id = submit(stack, held("slot", 1))
+    wait_for(lambda: step_status(stack, run_id, "s1") == "running", 120, "s1 to run")
+    assert (f"{run_id}/s1", True) in turns(database)
+    release(stack, "slot")
+    wait_for(lambda: stack.report(run_id)["status"] == "completed", 120, "the run to complete")
+    assert [turn for turn in turns(database) if turn[0].startswith(run_id)] == []
 
 
 def test_a_worker_killed_mid_run_costs_no_run_and_no_completed_step_runs_twice(

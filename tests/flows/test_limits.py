@@ -1,7 +1,9 @@
 """The limiter (flows/limits.py) on a real SQLite store: calls held to their concurrency in
 arrival order, waiters woken by a release in this process or in another (a second limiter
 on the same file stands for another process), notes that say what a call waits for, load
-pressure that holds calls back, and a store that cannot be used limiting nothing."""
+pressure that holds calls back, and a store that cannot be used limiting nothing (a SQLite
+file that cannot be made, a PostgreSQL that does not answer). Which store a process uses:
+the stack's PostgreSQL when ``PLANRUN_DATABASE_URL`` names one."""
 
 from __future__ import annotations
 
@@ -15,10 +17,12 @@ from typing import Any
 import pytest
 
 from planrun.flows.limit_store import SqliteLimitStore
+from planrun.flows.limit_store_pg import PostgresLimitStore
 from planrun.flows.limits import Ask, Limiter, Waiting, limit_keys
 from planrun.flows.load import LoadGauge
 from planrun.plan_schemas.model import ToolLimit
 from planrun.policy_limits import LoadLimits, OperatorLimits
+from tests.stack import free_port
 
 
 def limits(**data: Any) -> OperatorLimits:
@@ -225,3 +229,31 @@ def test_load_thresholds_can_be_turned_off() -> None:
     gauge = LoadGauge(lambda: LoadLimits(memory_percent=None, cpu_per_core=0.5),
                       memory=lambda: 100.0, cpu=lambda: 1000.0)
     assert gauge.pressure() is not None and gauge.pressure().startswith("CPU load ")
+
+
+@bounded
+async def test_a_postgres_store_that_cannot_be_reached_limits_nothing_and_hides_the_password(
+        caplog: pytest.LogCaptureFixture) -> None:
+    port = free_port()  # nothing listens there
+    store = PostgresLimitStore(f"postgresql+asyncpg://planrun:s3cr%40t@127.0.0.1:{port}/x")
+    settings = limits(**SHELL_2)
+    lim = Limiter(lambda: store, lambda: settings,
+                  LoadGauge(lambda: settings.load, memory=lambda: 10.0, cpu=lambda: 0.0))
+    ran = False
+    with caplog.at_level(logging.WARNING, "planrun.limits"):
+        async with lim.hold(Ask("shell.run"), lambda w: None):
+            ran = True
+    assert ran
+    assert f"the limits' store cannot be used (PostgreSQL at 127.0.0.1:{port}: " in caplog.text
+    assert "goes ahead unlimited" in caplog.text
+    assert "s3cr" not in caplog.text
+
+
+def test_the_store_is_the_stacks_postgres_database_when_planrun_database_url_names_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    url = "postgresql+asyncpg://planrun@db.example:5432/planrun"
+    monkeypatch.setenv("PLANRUN_DATABASE_URL", url)
+    store = Limiter().store
+    assert isinstance(store, PostgresLimitStore) and store.url == url
+    monkeypatch.delenv("PLANRUN_DATABASE_URL")
+    assert isinstance(Limiter().store, SqliteLimitStore)
