@@ -3,7 +3,8 @@
 The policy file's ``limits:`` section: a concurrency limit over every step of the machine,
 per-tool and per-host (``http.request``'s URL host) concurrency and rate limits, and the
 machine's load thresholds above which new steps wait. They hold across every run and every
-process that shares planrun's data directory (``flows/limits.py``). A plan may tighten a
+process that shares planrun's data directory, or the stack's PostgreSQL database
+(``flows/limits.py``, docs/limits.md). A plan may tighten a
 tool's limits for its own run (``limits.tools`` in the plan), never loosen them.
 """
 
