@@ -120,8 +120,9 @@ class Stack:
             victims += [psutil.Process(self.process.pid), *self.children()]
         if self.own_server:
             with contextlib.suppress(OSError, ValueError, KeyError, psutil.Error):
-                server = Path(self.env["PLANRUN_HOME"]) / "server.json"
-                victims.append(psutil.Process(json.loads(server.read_text())["pid"]))
+                info = Path(self.env["PLANRUN_HOME"]) / "server.json"
+                server = psutil.Process(json.loads(info.read_text())["pid"])
+                victims += [server, *server.children(recursive=True)]
         for process in victims:
             with contextlib.suppress(psutil.Error):
                 process.kill()

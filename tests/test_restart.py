@@ -28,20 +28,6 @@ def _is_runner(process: psutil.Process) -> bool:
         return False
 
 
-def kill_everything(stack: Stack, home: Path) -> None:
-    """SIGKILL planrun up, its runner, bridge and runs, and the Prefect server: no cleanup."""
-    server = json.loads((home / "server.json").read_text())["pid"]
-    victims = [psutil.Process(stack.process.pid), *stack.children(), psutil.Process(server),
-               *psutil.Process(server).children(recursive=True)]
-    for process in victims:
-        try:
-            process.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    stack.process.wait(10)
-    psutil.wait_procs(victims, timeout=10)
-
-
 def test_a_paused_run_stays_paused_and_a_running_one_is_recovered_after_sigkill_of_all(
         tmp_path: Path) -> None:
     home = tmp_path / "home"
@@ -65,7 +51,7 @@ def test_a_paused_run_stays_paused_and_a_running_one_is_recovered_after_sigkill_
         wait_for(lambda: (tmp_path / "workspace" / "running.txt").read_text().split()
                  == ["s1", "s2"], 60, "s2's command to write")
 
-        kill_everything(stack, home)
+        stack.kill()  # planrun up, its runner, bridge and runs, and the Prefect server
         stack = Stack(tmp_path, env=env, drop=("PREFECT_API_URL",), port=stack.port,
                       timeout=240)
 
