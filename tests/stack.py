@@ -78,6 +78,12 @@ class Stack:
         return cli(*args, env={"PLANRUN_BRIDGE_URL": self.url,
                                "PLANRUN_HOME": self.env["PLANRUN_HOME"]}, timeout=timeout)
 
+    def post(self, path: str, **kwargs: Any) -> httpx.Response:
+        """A request to this stack's bridge, waited for as ``planrun``'s client waits
+        (30 s): a pause answers once the run's engine has taken it in, which on a loaded
+        machine takes longer than httpx's default 5 s."""
+        return httpx.post(f"{self.url}{path}", headers=self.auth, timeout=30, **kwargs)
+
     def report(self, run_id: str) -> dict[str, Any]:
         """The run's report from the bridge: what ``planrun status --json`` prints (that
         command has its own tests); a poll here costs no process start."""

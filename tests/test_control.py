@@ -127,11 +127,10 @@ def test_control_requests_the_state_does_not_allow_answer_409_with_the_reason(
     for action, words in (("pause", "only a running run can be paused"),
                           ("resume", "only a paused or crashed run can be resumed"),
                           ("cancel", "has already ended")):
-        answer = httpx.post(f"{stack.url}/v1/runs/{run_id}/{action}", headers=stack.auth)
+        answer = stack.post(f"/v1/runs/{run_id}/{action}")
         assert answer.status_code == 409
         assert words in answer.json()["detail"]
-    assert httpx.post(f"{stack.url}/v1/runs/not-a-uuid/pause",
-                      headers=stack.auth).status_code == 404
+    assert stack.post("/v1/runs/not-a-uuid/pause").status_code == 404
     refused = stack.cli("resume", run_id)
     assert refused.returncode == 1 and "409" in refused.stderr
 
@@ -175,13 +174,11 @@ def test_pauses_racing_with_step_ends_lose_and_repeat_nothing(stack: Stack,
     for _ in range(3):
         if report(stack, run_id)["status"] != "running":
             break
-        httpx.post(f"{stack.url}/v1/runs/{run_id}/pause",
-                   headers=stack.auth)  # 409 if it just ended: fine
+        stack.post(f"/v1/runs/{run_id}/pause")  # 409 if it just ended: fine
         status = wait_for(lambda: report(stack, run_id)["status"] in ("paused", "completed")
                           and report(stack, run_id)["status"], 30, "the pause or the end")
         if status == "paused":
-            assert httpx.post(f"{stack.url}/v1/runs/{run_id}/resume",
-                              headers=stack.auth).status_code == 202
+            assert stack.post(f"/v1/runs/{run_id}/resume").status_code == 202
             wait_for(lambda: report(stack, run_id)["status"] != "paused", 30, "the resume")
     wait_status(stack, run_id, "completed")
     assert lines(stack, "race") == [f"s{i}" for i in range(1, 13)]
@@ -298,8 +295,7 @@ def test_gates_are_asked_one_by_one_and_approve_reject_and_timeout_decide(
                                                                   "approval timed out")
     assert steps["never_asked"]["reason"] == "upstream broken failed"
     assert sorted(lines(stack, "gates")) == ["approve_me", "start"]
-    refused = httpx.post(f"{stack.url}/v1/runs/{run_id}/steps/approve_me/approve",
-                         headers=stack.auth)
+    refused = stack.post(f"/v1/runs/{run_id}/steps/approve_me/approve")
     assert refused.status_code == 409 and "not waiting for an approval" in refused.text
 
 
@@ -319,9 +315,9 @@ steps:
 
     def answer(message: dict[str, Any]) -> None:
         if message["type"] == "run.awaiting_approval":
-            answers.append(httpx.post(
-                f"{stack.url}/v1/runs/{run_id}/steps/{message['step_id']}/approve",
-                headers=stack.auth, json={"comment": "at once"}, timeout=60))
+            answers.append(stack.post(
+                f"/v1/runs/{run_id}/steps/{message['step_id']}/approve",
+                json={"comment": "at once"}))
 
     stream = messages(stack, run_id, timeout=120, on=answer)
     assert [a.status_code for a in answers] == [202], [a.text for a in answers]
@@ -389,6 +385,6 @@ def test_resume_starts_a_crashed_run_again(stack: Stack) -> None:
             return str((await client.read_flow_run(run_id)).state.type.value)  # type: ignore[arg-type,union-attr]
 
     run_id = asyncio.run(crashed_run())
-    answer = httpx.post(f"{stack.url}/v1/runs/{run_id}/resume", headers=stack.auth)
+    answer = stack.post(f"/v1/runs/{run_id}/resume")
     assert answer.status_code == 202 and answer.json()["status"] == "resuming"
     assert asyncio.run(state_of(run_id)) == "SCHEDULED"  # a runner takes it from here
