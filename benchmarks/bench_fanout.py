@@ -8,7 +8,7 @@ Against one Prefect server (``PREFECT_API_URL``, else planrun's local server und
 ``PLANRUN_HOME``, by default /tmp/bench-home, started if needed):
 
 - the bridge, ``python -m planrun.progress_bridge``, runs as a subprocess with a new message log;
-- a warm plan-running subprocess (``_common.serve_runs``) runs a plan of ``--steps``
+- a warm plan-running subprocess (``_plan_runner.serve_runs``) runs a plan of ``--steps``
   independent ``core.sleep`` steps of 0.05-0.3 s with ``max_parallel: --max-parallel``
   through ``planrun.runner.run_plan``;
 - ``--client-procs`` client processes (asyncio, ``websockets``, ``proxy=None``,
@@ -34,7 +34,7 @@ bridge logged ("events a..b of run R are missing; reconciling").
 
 Before the first run, the same clients connect to a run id with no messages and leave
 again: the bridge's RSS then is the cost of idle connections. ``--trace`` runs the bridge
-through ``_common.traced_bridge`` and adds how far its upstream fell behind Prefect's
+through ``_bridge.traced_bridge`` and adds how far its upstream fell behind Prefect's
 stream, what handling each event cost, and the time from a message's commit to the first,
 median and last client.
 """
@@ -54,26 +54,24 @@ import time
 from array import array
 from typing import Any
 
+from _bridge import Bridge, _raise_nofile, start_bridge
 from _common import (
     BENCH,
     ROOT,
     RUN_END_TYPES,
     TOKEN,
-    Bridge,
-    PlanRunner,
     Server,
-    _raise_nofile,
     machine,
     median,
     other_prefect_servers,
     percentile,
     plan_data,
     setup,
-    start_bridge,
     table,
     ts_epoch,
     wait_idle,
 )
+from _plan_runner import PlanRunner
 
 BIN_S = 0.1  # throughput histogram bin
 
@@ -626,7 +624,7 @@ def main() -> int:
     parser.add_argument("--drain-timeout", type=float, default=120.0)
     parser.add_argument("--port", type=int, help="the bridge's port (default: a free one)")
     parser.add_argument("--trace", action="store_true",
-                        help="time the bridge's upstream (_common.traced_bridge)")
+                        help="time the bridge's upstream (_bridge.traced_bridge)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)

@@ -9,7 +9,7 @@ Against one Prefect server (``PREFECT_API_URL``, else planrun's local server und
 
 - the bridge, ``python -m planrun.progress_bridge``, runs as a subprocess with a new message log;
 - a warm plan-running subprocess runs each plan through ``planrun.runner.run_plan``
-  (``_common.serve_runs``). Two shapes of 40 ``core.sleep`` steps of 0.05-0.2 s, run
+  (``_plan_runner.serve_runs``). Two shapes of 40 ``core.sleep`` steps of 0.05-0.2 s, run
   round-robin: 4x10 (4 parallel chains of 10: the changes are spread out) and 20x2 (20
   chains of 2, ``max_parallel`` 20: 20 steps start together, then finish in bursts);
 - this process holds only the receivers, on one event loop, each stamping the wall-clock
@@ -35,7 +35,7 @@ Breakdown of latency_bridge: engine = ``occurred`` of planrun's ``planrun.step.<
 event - t0 (the engine emits it after Prefect's state change); Prefect = (c)'s receive time
 - that ``occurred``; bridge = (b)'s receive time - (c)'s receive time (the bridge's own
 subscription, view, estimate, SQLite commit and send). ``--trace`` runs the bridge through
-``_common.traced_bridge`` and splits that last part further.
+``_bridge.traced_bridge`` and splits that last part further.
 """
 
 from __future__ import annotations
@@ -49,10 +49,9 @@ import time
 from collections import defaultdict
 from typing import Any
 
+from _bridge import Bridge, start_bridge
 from _common import (
     RUN_END_TYPES,
-    Bridge,
-    PlanRunner,
     Server,
     machine,
     median,
@@ -60,10 +59,10 @@ from _common import (
     percentile,
     plan_data,
     setup,
-    start_bridge,
     table,
     wait_idle,
 )
+from _plan_runner import PlanRunner
 
 SLEEPS = (0.05, 0.2, 0.1, 0.15)
 KINDS = (("running", "Running", "step.running"), ("completed", "Completed", "step.completed"))
@@ -366,7 +365,7 @@ def main() -> int:
                              "(changes spread out) and 20x2 (20 steps change together)")
     parser.add_argument("--port", type=int, help="the bridge's port (default: a free one)")
     parser.add_argument("--trace", action="store_true",
-                        help="time the bridge's upstream (_common.traced_bridge) and split "
+                        help="time the bridge's upstream (_bridge.traced_bridge) and split "
                              "its part of the latency")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args()
