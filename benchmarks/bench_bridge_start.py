@@ -36,7 +36,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _bridge
 import _common
+import _plan_runner
 
 sys.path.insert(0, str(_common.ROOT))
 
@@ -71,7 +73,7 @@ async def add_history(real_run: str, have: int, want: int) -> None:
         await copy_ended_run(real_run, want - have, timeout=600)
 
 
-def start_bridge(cwd: Path, srv: _common.Server) -> tuple[_common.Bridge, float]:
+def start_bridge(cwd: Path, srv: _common.Server) -> tuple[_bridge.Bridge, float]:
     """A bridge process over a new message log; it and the wall time just before it started."""
     import os
 
@@ -85,10 +87,10 @@ def start_bridge(cwd: Path, srv: _common.Server) -> tuple[_common.Bridge, float]
         proc = subprocess.Popen([sys.executable, "-m", "planrun.progress_bridge", "--host",
                                  "127.0.0.1", "--port", str(port), "--data", str(data)],
                                 cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    return _common.Bridge(port=port, proc=proc, data=data, log=log), t0
+    return _bridge.Bridge(port=port, proc=proc, data=data, log=log), t0
 
 
-async def healthz_at(bridge: _common.Bridge, deadline: float) -> float:
+async def healthz_at(bridge: _bridge.Bridge, deadline: float) -> float:
     import httpx
 
     async with httpx.AsyncClient(timeout=2) as http:
@@ -102,7 +104,7 @@ async def healthz_at(bridge: _common.Bridge, deadline: float) -> float:
     raise RuntimeError(f"no /healthz 200 in time; see {bridge.log}")
 
 
-async def live_at(bridge: _common.Bridge, run_id: str, t0: float,
+async def live_at(bridge: _bridge.Bridge, run_id: str, t0: float,
                   deadline: float) -> tuple[float, float]:
     """When the client got its first message, and its first live one (``ts`` after t0)."""
     from websockets.asyncio.client import connect
@@ -145,7 +147,7 @@ async def one_start(cwd: Path, srv: _common.Server, run_id: str) -> dict[str, An
 
 
 async def measure(args: argparse.Namespace, srv: _common.Server) -> list[dict[str, Any]]:
-    runner = _common.PlanRunner()
+    runner = _plan_runner.PlanRunner()
     await runner.start()
     samples: list[dict[str, Any]] = []
     try:

@@ -9,7 +9,7 @@ Against one Prefect server (``PREFECT_API_URL``, else planrun's local server und
 
 - the bridge, ``python -m planrun.progress_bridge``, runs as a subprocess with a new message log;
 - a warm plan-running subprocess runs each plan through ``planrun.runner.run_plan``
-  (``_common.serve_runs``). Two shapes of 40 ``core.sleep`` steps of 0.05-0.2 s, run
+  (``_plan_runner.serve_runs``). Two shapes of 40 ``core.sleep`` steps of 0.05-0.2 s, run
   round-robin: 4x10 (4 parallel chains of 10: the changes are spread out) and 20x2 (20
   chains of 2, ``max_parallel`` 20: 20 steps start together, then finish in bursts);
 - this process holds only the receivers, on one event loop, each stamping the wall-clock
@@ -22,6 +22,7 @@ Against one Prefect server (``PREFECT_API_URL``, else planrun's local server und
       first step) until the client is connected;
   (c) for the breakdown only, a second raw subscriber to planrun's own events
       (``prefix=["planrun."]``), which are what the bridge follows.
+  The receivers are in ``_latency_receivers.py``.
 
 For every step change (running, completed), t0 = ``occurred`` of Prefect's task-run state
 event (``prefect.task-run.Running`` / ``.Completed`` of the task run named by the step id,
@@ -35,7 +36,7 @@ Breakdown of latency_bridge: engine = ``occurred`` of planrun's ``planrun.step.<
 event - t0 (the engine emits it after Prefect's state change); Prefect = (c)'s receive time
 - that ``occurred``; bridge = (b)'s receive time - (c)'s receive time (the bridge's own
 subscription, view, estimate, SQLite commit and send). ``--trace`` runs the bridge through
-``_common.traced_bridge`` and splits that last part further.
+``_bridge.traced_bridge`` and splits that last part further.
 """
 
 from __future__ import annotations
@@ -49,10 +50,8 @@ import time
 from collections import defaultdict
 from typing import Any
 
+from _bridge import Bridge, start_bridge
 from _common import (
-    RUN_END_TYPES,
-    Bridge,
-    PlanRunner,
     Server,
     machine,
     median,
@@ -60,10 +59,11 @@ from _common import (
     percentile,
     plan_data,
     setup,
-    start_bridge,
     table,
     wait_idle,
 )
+from _latency_receivers import Receivers, WsClient
+from _plan_runner import PlanRunner
 
 SLEEPS = (0.05, 0.2, 0.1, 0.15)
 KINDS = (("running", "Running", "step.running"), ("completed", "Completed", "step.completed"))
@@ -83,122 +83,6 @@ def latency_plan(chains: int, per: int) -> dict[str, Any]:
     return {"version": 1, "name": f"bench-latency-{chains}x{per}",
             "limits": {"max_parallel": chains},
             "steps": out}
-
-
-def flow_run_of(event: Any) -> str | None:
-    for related in event.related:
-        if related.role == "flow-run" and related.id.startswith("prefect.flow-run."):
-            return str(related.id.removeprefix("prefect.flow-run."))
-    return None
-
-
-class Receivers:
-    """Prefect subscribers (task-run events; planrun's events) in this process, keeping
-    the first receipt of each (run, step, state)."""
-
-    def __init__(self) -> None:
-        # (run_id, step_id, "Running"|"Completed") -> (occurred, received)
-        self.task_runs: dict[tuple[str, str, str], tuple[float, float]] = {}
-        # (run_id, step_id, "running"|"completed") -> (occurred, received)
-        self.planrun: dict[tuple[str, str, str], tuple[float, float]] = {}
-        self.duplicates = 0
-        self.ready = {"task-runs": asyncio.Event(), "planrun": asyncio.Event()}
-        self.tasks: list[asyncio.Task[None]] = []
-
-    def start(self) -> None:
-        self.tasks = [asyncio.ensure_future(self._follow(["prefect.task-run."], "task-runs")),
-                      asyncio.ensure_future(self._follow(["planrun."], "planrun"))]
-
-    async def wait_ready(self) -> None:
-        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in self.ready.values())), 60)
-
-    async def _follow(self, prefixes: list[str], which: str) -> None:
-        from prefect.events.clients import get_events_subscriber
-        from prefect.events.filters import EventFilter, EventNameFilter
-
-        event_filter = EventFilter(event=EventNameFilter(prefix=prefixes))
-        async with get_events_subscriber(filter=event_filter,
-                                         reconnection_attempts=0) as events:
-            self.ready[which].set()
-            async for event in events:
-                received = time.time()
-                if which == "task-runs":
-                    self._task_run(event, received)
-                else:
-                    self._planrun(event, received)
-        raise RuntimeError(f"Prefect closed the {which} event stream")
-
-    def _task_run(self, event: Any, received: float) -> None:
-        state = event.event.removeprefix("prefect.task-run.")
-        if state not in ("Running", "Completed"):
-            return
-        run_id = flow_run_of(event)
-        name = event.resource.get("prefect.resource.name")
-        if run_id is None or name is None:
-            return
-        key = (run_id, str(name), state)
-        if key in self.task_runs:
-            self.duplicates += 1
-            return
-        self.task_runs[key] = (event.occurred.timestamp(), received)
-
-    def _planrun(self, event: Any, received: float) -> None:
-        if not event.event.startswith("planrun.step."):
-            return
-        payload = event.payload
-        key = (str(payload.get("run_id")), str(payload.get("step_id")),
-               str(payload.get("status")))
-        self.planrun.setdefault(key, (event.occurred.timestamp(), received))
-
-    def stop(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                raise RuntimeError("a subscriber failed") from task.exception()
-
-
-class WsClient:
-    """One WebSocket client of the bridge for one run: receipt time of every message."""
-
-    def __init__(self, bridge: Bridge, run_id: str) -> None:
-        self.url = bridge.ws_url(run_id, after=0)
-        self.first: dict[tuple[str, str], float] = {}  # (step_id, type) -> received
-        self.seqs: list[int] = []
-        self.ended = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
-        self.connected_at = 0.0
-
-    async def connect(self) -> None:
-        from websockets.asyncio.client import connect
-
-        ws = await connect(self.url, proxy=None, open_timeout=30, max_size=None)
-        self.connected_at = time.time()
-        self.task = asyncio.ensure_future(self._read(ws))
-
-    async def _read(self, ws: Any) -> None:
-        try:
-            async for text in ws:
-                received = time.time()
-                message = json.loads(text)
-                kind = message["type"]
-                if kind == "heartbeat":
-                    continue
-                self.seqs.append(message["seq"])
-                if message.get("step_id") is not None:
-                    self.first.setdefault((message["step_id"], kind), received)
-                if kind in RUN_END_TYPES:
-                    self.ended.set()
-                    break
-        finally:
-            await ws.close()
-
-    def check(self) -> dict[str, int]:
-        """Sequence check: seq 1..N, no gap, no duplicate."""
-        last = max(self.seqs, default=0)
-        return {"messages": len(self.seqs), "last_seq": last,
-                "duplicates": len(self.seqs) - len(set(self.seqs)),
-                "missing": len(set(range(1, last + 1)) - set(self.seqs))}
 
 
 async def one_run(runner: PlanRunner, bridge: Bridge, receivers: Receivers,
@@ -366,7 +250,7 @@ def main() -> int:
                              "(changes spread out) and 20x2 (20 steps change together)")
     parser.add_argument("--port", type=int, help="the bridge's port (default: a free one)")
     parser.add_argument("--trace", action="store_true",
-                        help="time the bridge's upstream (_common.traced_bridge) and split "
+                        help="time the bridge's upstream (_bridge.traced_bridge) and split "
                              "its part of the latency")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args()
