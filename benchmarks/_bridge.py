@@ -134,10 +134,14 @@ def traced_bridge(path: str) -> None:
         parts.clear()
         enter, cpu = time.time(), time.thread_time()
         new = handle(self, event)
-        payload = event.payload if isinstance(event.payload, dict) else {}
-        records.append({"event": event.event, "run_id": payload.get("run_id"),
-                        "step_id": payload.get("step_id"), "status": payload.get("status"),
-                        "occurred": event.occurred.timestamp(), "enter": enter,
+        # A RunEvent (planrun's own events), FlowRunEnded or BreakerChanged.
+        payload = getattr(event, "payload", None)
+        status = getattr(payload, "status", None) or getattr(event, "state", None)
+        records.append({"event": getattr(event, "name", type(event).__name__),
+                        "run_id": getattr(event, "run_id", None),
+                        "step_id": getattr(payload, "step_id", None),
+                        "status": getattr(status, "value", status),
+                        "occurred": getattr(event, "occurred", enter), "enter": enter,
                         "exit": time.time(), "cpu_ms": (time.thread_time() - cpu) * 1e3,
                         "new": new, **{f"{k}_ms": v for k, v in parts.items()}})
         return new
