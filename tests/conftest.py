@@ -43,25 +43,27 @@ FULL_STACK = {
 }
 
 
-#: The longest modules, in seconds (``scripts/test --durations=0``, summed per module, on
-#: a quiet machine, 2026-12-03): they run first, longest first, so that the workers end on
-#: short modules together instead of one of them on a long module while the others are
-#: idle. Only the order depends on these numbers; a module missing here runs after them.
+#: The longest modules, in seconds (``scripts/test --durations=0``, summed per module,
+#: 2026-12-03, a helper's small benchmark runs beside it for part of the time): they run
+#: first, longest first, so that the workers end on short modules together instead of one
+#: of them on a long module while the others are idle. Only the order depends on these
+#: numbers; a module missing here runs after them.
 LONGEST = {
-    "tests.test_cli_run": 147, "tests.test_control": 125, "tests.test_restart": 94,
-    "tests.flows.test_limit_runs": 84, "tests.flows.test_breaker_runs": 81,
-    "tests.test_stack": 67, "tests.test_retry_runs": 73, "tests.test_page_controls": 65,
-    "tests.security.test_secrets": 60,
-    "tests.security.test_workspace": 51, "tests.test_validate_properties": 48,
-    "tests.test_server": 46, "tests.test_validate": 45, "tests.security.test_templates": 38,
-    "tests.security.test_policy": 32, "tests.flows.test_semantics": 32,
-    "tests.test_policy": 29, "tests.test_examples": 37, "tests.security.test_gates": 24,
-    "tests.security.test_bridge": 21, "tests.security.test_bad_input": 21,
-    "tests.flows.test_prefect_ui_graph": 20, "tests.progress_bridge.test_upstream": 20,
-    "tests.progress_bridge.test_view": 19, "tests.flows.test_prefect_visibility": 17,
-    "tests.test_terminal": 34, "tests.flows.test_prefect_ui_gate": 22,
-    # Measured on a loaded machine (2026-12-03, load ≈ 4 on 2 CPUs): Chromium's starts.
-    "tests.adapters.test_browser": 66, "tests.test_browser_run": 18,
+    "tests.test_cli_run": 239, "tests.test_control": 204, "tests.test_retry_runs": 160,
+    "tests.test_restart": 156, "tests.flows.test_breaker_runs": 121,
+    "tests.flows.test_limit_runs": 97, "tests.test_page_controls": 95,
+    "tests.test_examples": 95, "tests.test_terminal": 93, "tests.test_production_stack": 90,
+    "tests.security.test_workspace": 85, "tests.adapters.test_browser": 84,
+    "tests.test_validate": 64, "tests.test_server": 53, "tests.security.test_secrets": 52,
+    "tests.security.test_templates": 52, "tests.test_stack": 51,
+    "tests.test_validate_properties": 46, "tests.test_policy": 46,
+    "tests.progress_bridge.test_upstream": 34, "tests.security.test_gates": 32,
+    "tests.security.test_policy": 31, "tests.security.test_bridge": 31,
+    "tests.flows.test_semantics": 31, "tests.test_browser_run": 28,
+    "tests.progress_bridge.test_start": 28, "tests.progress_bridge.test_view": 21,
+    "tests.flows.test_prefect_ui_gate": 19, "tests.flows.test_prefect_ui_graph": 17,
+    "tests.flows.test_limit_store": 17, "tests.security.test_bad_input": 17,
+    "tests.test_production": 16, "tests.test_resources_run": 15,
 }
 
 
