@@ -85,9 +85,11 @@ def test_a_turn_of_a_killed_process_is_taken_back(made: Stores) -> None:
 
 def test_a_turn_whose_lease_was_not_renewed_is_taken_back(made: Stores) -> None:
     # Its process may live in another PID namespace or machine, where its pid means nothing.
-    gone = made.open(lease_s=0.05)
+    # Both stores are open before the lease starts, and the lease is long beside the one
+    # call between the joins (opening a PostgreSQL connection on a loaded machine took
+    # longer than a 50 ms lease, so the turn was taken back before the test looked).
+    gone, store = made.open(lease_s=1.0), made.open()
     stale, _ = gone.join({"tool:x": 1}, "held")
-    store = made.open()
     mine, queue = store.join({"tool:x": 1}, "waiting")
     assert mine in queue.waiting
     assert wait_for(lambda: mine in store.sweep().granted, 10, "the lease to run out")
