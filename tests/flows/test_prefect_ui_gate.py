@@ -109,11 +109,17 @@ def test_a_gate_says_in_the_runs_log_what_is_asked_and_its_form_needs_a_decision
     form.locator("textarea").fill("checked the release notes")
     if os.environ.get("PLANRUN_SCREENSHOTS") == "1":
         page.screenshot(path=str(SCREENSHOT))
+    resumes: list[str] = []  # what the UI's resume request got, for a failure's message
+    page.on("response", lambda r: resumes.append(f"{r.request.method} {r.url} {r.status}")
+            if "/resume" in r.url else None)
     form.get_by_role("button", name="Submit").click()
     try:
+        expect(form).to_be_hidden(timeout=60_000)  # taken: the form closes
         final = wait_for(lambda: (r := stack.report(run_id))["status"] == "completed" and r, 90,
                          "the approved run to complete")
     except AssertionError as error:  # what the run was doing, for whoever reads the failure
-        raise AssertionError(f"{error}: Prefect says {flow_run(run_id).state!r}, the bridge "
+        shown = form.inner_text() if form.is_visible() else "(closed)"
+        raise AssertionError(f"{error}: the form shows {shown!r}, the UI's resume requests "
+                             f"{resumes}, Prefect says {flow_run(run_id).state!r}, the bridge "
                              f"{stack.report(run_id)}") from None
     assert final["steps"]["ship"]["output"] == {"value": "shipped"}
