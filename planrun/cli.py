@@ -112,7 +112,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``planrun`` console script."""
+    """Entry point of the ``planrun`` console script. ``planrun run`` from the command
+    line runs in a fork of the user's warm run host where one answers, and otherwise here,
+    then starts one for the next run (``planrun.run_host``)."""
+    env = dict(os.environ)
+    from_shell = argv is None and sys.argv[1:2] == ["run"]
+    if from_shell:
+        from planrun import run_host
+
+        code = run_host.run_through_host(sys.argv[1:])
+        if code is not None:
+            return code
+    code = _dispatch(argv)
+    if from_shell and code != EXIT_USAGE:
+        run_host.start(env)
+    return code
+
+
+def _dispatch(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:

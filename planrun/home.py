@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Mapping
 from pathlib import Path
 
 
@@ -14,13 +15,15 @@ def data_dir() -> Path:
     return root
 
 
-def data_root() -> Path:
-    """Where planrun's data directory is: ``PLANRUN_HOME``, else
-    ``$XDG_DATA_HOME/planrun``. Not made: for a look that must not cost a ``mkdir`` (the
-    policy file is looked for several times a step)."""
-    if os.environ.get("PLANRUN_HOME"):
-        return Path(os.environ["PLANRUN_HOME"])
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+def data_root(env: Mapping[str, str] | None = None) -> Path:
+    """Where planrun's data directory is (for a process with the environment ``env``, by
+    default this one's): ``PLANRUN_HOME``, else ``$XDG_DATA_HOME/planrun``. Not made: for a
+    look that must not cost a ``mkdir`` (the policy file is looked for several times a step)."""
+    env = os.environ if env is None else env
+    if env.get("PLANRUN_HOME"):
+        return Path(env["PLANRUN_HOME"])
+    home = env.get("HOME") or str(Path.home())
+    base = env.get("XDG_DATA_HOME") or os.path.join(home, ".local", "share")
     return Path(base) / "planrun"
 
 
