@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from planrun import prefect_template
 from planrun.errors import PlanrunError
 from planrun.home import data_dir as data_dir  # where the server keeps its database
 
@@ -39,6 +40,10 @@ QUIET_ENV = {
 
 class ServerError(PlanrunError):
     """The local Prefect server could not be started or reached."""
+
+
+class ServerExited(ServerError):
+    """The local Prefect server's process ended while starting."""
 
 
 @dataclass(frozen=True)
@@ -129,7 +134,7 @@ def ensure_server() -> str:
 def _start_telling() -> ServerInfo:
     """``start()``, saying so on stderr (a terminal or a pipe): the first start on a new
     machine creates the server's database and takes tens of seconds."""
-    first = not (data_dir() / "prefect").exists()
+    first = not ((data_dir() / "prefect").exists() or prefect_template.template_path().exists())
     why = " (its first start creates the database: ≈ 30 s)" if first else ""
     print(f"planrun: starting the local Prefect server{why}; log: {data_dir() / 'server.log'}",
           file=sys.stderr, flush=True)
@@ -158,8 +163,25 @@ def start(port: int | None = None) -> ServerInfo:
 
 
 def _start_on(port: int) -> ServerInfo | None:
-    """Our server on ``port``, or None if it exited because the port was taken."""
+    """Our server on ``port``, or None if it exited because the port was taken. A new
+    database starts as a copy of the migrated template, or becomes the template once the
+    server has migrated it (``planrun.prefect_template``)."""
     home = data_dir()
+    new = not (home / "prefect" / prefect_template.DB_NAME).exists()
+    seeded = new and prefect_template.seed(home / "prefect")
+    try:
+        info = _start_server(home, port)
+    except ServerExited:
+        if not seeded:
+            raise
+        prefect_template.discard(home / "prefect")  # migrate a new one instead
+        return _start_on(port)
+    if new and not seeded and info is not None:
+        prefect_template.save(home / "prefect" / prefect_template.DB_NAME)
+    return info
+
+
+def _start_server(home: Path, port: int) -> ServerInfo | None:
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, **QUIET_ENV, "PREFECT_HOME": str(home / "prefect"),
            "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port),
@@ -173,7 +195,7 @@ def _start_on(port: int) -> ServerInfo | None:
         if exited is not None:
             if port_taken(port):
                 return None
-            raise ServerError(f"the Prefect server exited with status {exited}; "
+            raise ServerExited(f"the Prefect server exited with status {exited}; "
                               f"see {home / 'server.log'}")
         # A healthy answer counts only from our own process: another server may hold the port.
         if _listens(pid, port) and healthy(url, timeout=1.0):

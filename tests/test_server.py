@@ -5,17 +5,33 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
+from contextlib import closing
 from pathlib import Path
 
 import psutil
 
+from planrun import prefect_template
 from tests.helpers import PLANRUN
 
 
-def _env(home: Path) -> dict[str, str]:
+def _env(home: Path, cache: Path | None = None) -> dict[str, str]:
+    """A new data directory's environment; ``cache``: where the database template is kept
+    (by default beside ``home``, empty: the first start migrates)."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    return {**env, "PLANRUN_HOME": str(home), "PLANRUN_SERVER_PORT": "0"}
+    return {**env, "PLANRUN_HOME": str(home), "PLANRUN_SERVER_PORT": "0",
+            "XDG_CACHE_HOME": str(cache or home.parent / "cache")}
+
+
+def _tables(db: Path) -> set[str]:
+    with closing(sqlite3.connect(db)) as conn:
+        return {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+
+
+def _server(action: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*PLANRUN, "server", action], capture_output=True, text=True,
+                          env=env, timeout=180)
 
 
 def test_first_run_starts_a_local_server_and_later_runs_reuse_it(tmp_path: Path) -> None:
@@ -33,6 +49,9 @@ def test_first_run_starts_a_local_server_and_later_runs_reuse_it(tmp_path: Path)
         assert "planrun: the Prefect server is up at http://127.0.0.1:" in first.stderr
         state = json.loads((home / "server.json").read_text())
         assert (home / "prefect" / "prefect.db").exists(), "SQLite under the data directory"
+        templates = list((tmp_path / "cache" / "planrun").glob("prefect-*.db"))
+        assert len(templates) == 1 and "alembic_version" in _tables(templates[0]), \
+            "the migrated database is kept for the next new data directory"
         assert json.loads(first.stdout)["prefect_url"].startswith(state["url"].removesuffix("/api"))
 
         second = subprocess.run([*PLANRUN, "run", str(plan), "--json"], capture_output=True,
@@ -51,3 +70,35 @@ def test_first_run_starts_a_local_server_and_later_runs_reuse_it(tmp_path: Path)
     assert stop.stdout.strip() == "stopped"
     assert not psutil.pid_exists(state["pid"]) or \
         psutil.Process(state["pid"]).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_new_data_directory_starts_its_server_from_the_migrated_template(
+        tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    (cache / "planrun").mkdir(parents=True)
+    template = prefect_template.template_path({"XDG_CACHE_HOME": str(cache)})
+    with closing(sqlite3.connect(template)) as conn:  # a template no server starts from...
+        conn.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        conn.execute("INSERT INTO alembic_version VALUES ('0000deadbeef')")  # no such migration
+        conn.commit()
+    env = _env(tmp_path / "first", cache)
+    try:
+        first = _server("start", env)
+        assert first.returncode == 0, first.stderr  # ...is thrown away: migrated instead
+    finally:
+        _server("stop", env)
+    with closing(sqlite3.connect(template)) as conn:
+        (revision,), = conn.execute("SELECT version_num FROM alembic_version")
+    assert revision != "0000deadbeef", "a good template in its place"
+    with closing(sqlite3.connect(template)) as conn:
+        conn.execute("CREATE TABLE planrun_marker (x)")  # to tell a copy by
+        conn.commit()
+
+    env = _env(tmp_path / "second", cache)
+    try:
+        second = _server("start", env)
+        assert second.returncode == 0, second.stderr
+        assert "creates the database" not in second.stderr
+    finally:
+        _server("stop", env)
+    assert "planrun_marker" in _tables(tmp_path / "second" / "prefect" / "prefect.db")
