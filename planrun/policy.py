@@ -275,7 +275,7 @@ def load_policy(path: str | Path | None = None) -> Policy:
 
 def _load_policy(where: Path | None) -> Policy:
     if where is None:
-        return Policy()
+        return _DEFAULTS()
     try:
         stat = where.stat()
     except OSError as exc:
@@ -283,6 +283,10 @@ def _load_policy(where: Path | None) -> Policy:
                                          f"{exc.strerror or exc} (set {POLICY_ENV} to an "
                                          "existing file, or unset it)"]) from None
     return _read_policy(str(where), stat.st_mtime_ns, stat.st_size)
+
+
+#: The policy without a file, made once (it is frozen).
+_DEFAULTS = lru_cache(maxsize=1)(Policy)
 
 
 @lru_cache(maxsize=8)
