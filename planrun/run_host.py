@@ -191,7 +191,7 @@ def _serve(listener: socket.socket, lock: IO[str]) -> None:
     idle_s = float(os.environ.get(f"{ENV}_IDLE_S") or IDLE_S)
     last = time.monotonic()
     while time.monotonic() - last < idle_s:
-        if local is not None and not _alive(local.pid):
+        if local is not None and not server.alive(local.pid):
             return
         try:
             conn, _ = listener.accept()
@@ -200,16 +200,6 @@ def _serve(listener: socket.socket, lock: IO[str]) -> None:
         last = time.monotonic()
         with conn:
             _take(conn, (listener, lock), api_url)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _preload() -> None:

@@ -78,7 +78,8 @@ def _read_state() -> ServerInfo | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -113,7 +114,7 @@ def _locked() -> Iterator[None]:
 def running() -> ServerInfo | None:
     """The local server recorded in the data directory, if it is alive and healthy."""
     info = _read_state()
-    if info and _alive(info.pid) and healthy(info.url):
+    if info and alive(info.pid) and healthy(info.url):
         return info
     return None
 
@@ -248,7 +249,7 @@ def _reap(pid: int) -> int | None:
     try:
         done, status = os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
-        return None if _alive(pid) else -1
+        return None if alive(pid) else -1
     return os.waitstatus_to_exitcode(status) if done else None
 
 
@@ -257,7 +258,7 @@ def stop_pid(pid: int, grace_s: float = 10.0) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and _alive(pid):
+    while time.monotonic() < deadline and alive(pid):
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
         time.sleep(0.05)
@@ -269,7 +270,7 @@ def stop() -> bool:
     """Stop the recorded local server; False if none was running."""
     with _locked():
         info = _read_state()
-        if not info or not _alive(info.pid):
+        if not info or not alive(info.pid):
             return False
         stop_pid(info.pid)
         _state_file().unlink(missing_ok=True)

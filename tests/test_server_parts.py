@@ -50,4 +50,4 @@ def test_a_process_that_is_gone_listens_nowhere_and_reaps_as_gone() -> None:
 
 def test_a_live_process_that_is_not_our_child_is_not_reaped() -> None:
     assert server._reap(os.getpid()) is None
-    assert server._alive(os.getpid())
+    assert server.alive(os.getpid())
