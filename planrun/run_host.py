@@ -47,6 +47,7 @@ IDLE_S = 600.0
 TICK_S = 2.0
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _KEYED = ("HOME", "XDG_DATA_HOME")
+_MAX_REQUEST = 1 << 20  # bytes: a command's arguments and environment
 _SUN_PATH = 108  # the size of sockaddr_un's sun_path, its closing NUL included
 
 
@@ -95,7 +96,9 @@ def run_through_host(argv: list[str]) -> int | None:
         conn.settimeout(60.0)  # a host just started is still importing
         conn.connect(str(path))
         request = {"argv": argv, "env": env, "cwd": os.getcwd(), "umask": _umask()}
-        socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
+        message = json.dumps(request).encode() + b"\n"
+        sent = socket.send_fds(conn, [message], [0, 1, 2])
+        conn.sendall(message[sent:])  # a large environment takes more than one send
         lines = conn.makefile("rb")
         hello = _message(lines)
         conn.settimeout(None)
@@ -221,11 +224,19 @@ def _take(conn: socket.socket, hosts: tuple[socket.socket, IO[str]], api_url: st
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _, uid, _ = struct.unpack("3i", creds)
     conn.settimeout(10.0)
+    fds: list[int] = []
+    data = b""
     try:
-        data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+        data, fds, _, _ = socket.recv_fds(conn, _MAX_REQUEST, 3)
+        while data and not data.endswith(b"\n") and len(data) < _MAX_REQUEST:
+            more = conn.recv(_MAX_REQUEST)  # the rest of a large request (its environment)
+            if not more:
+                break
+            data += more
     except OSError:
-        return
-    if uid != os.getuid() or len(fds) != 3 or not data.endswith(b"\n"):
+        data = b""
+    request = _request(data) if uid == os.getuid() and len(fds) == 3 else None
+    if request is None:
         for fd in fds:
             os.close(fd)
         return
@@ -234,9 +245,22 @@ def _take(conn: socket.socket, hosts: tuple[socket.socket, IO[str]], api_url: st
         for held in hosts:  # the listener and the lock stay the host's
             held.close()
         conn.settimeout(None)
-        _run(conn, json.loads(data), fds, api_url)  # exits
+        _run(conn, request, fds, api_url)  # exits
     for fd in fds:
         os.close(fd)
+
+
+def _request(data: bytes) -> dict[str, Any] | None:
+    """A command's request (one JSON line: argv, env, cwd, umask), or None if it is not one."""
+    try:
+        request = json.loads(data) if data.endswith(b"\n") else None
+    except ValueError:
+        return None
+    if not isinstance(request, dict) or not isinstance(request.get("argv"), list) or \
+            not isinstance(request.get("env"), dict) or not isinstance(request.get("cwd"), str) \
+            or not isinstance(request.get("umask"), int):
+        return None
+    return request
 
 
 def _run(conn: socket.socket, request: dict[str, Any], fds: list[int], api_url: str) -> None:

@@ -187,12 +187,19 @@ def test_another_environment_gets_another_host_and_zero_turns_it_off() -> None:
     assert run_host.enabled({})
 
 
-def test_an_idle_host_exits_and_a_second_host_for_one_address_steps_aside(
+def test_garbage_is_refused_an_idle_host_exits_and_a_second_host_steps_aside(
         env: dict[str, str]) -> None:
-    environ = {**env, "PLANRUN_RUN_HOST_IDLE_S": "1"}
+    environ = {**env, "PLANRUN_RUN_HOST_IDLE_S": "3"}
     first = subprocess.Popen([*PLANRUN[:2], "planrun.run_host"], env=environ)
     try:
         wait_for(lambda: answers(environ), 60, "the host to listen")
+        for garbage in (b"not json\n", b'{"argv": "run"}\n', b"\xff" * 100):
+            with socket.socket(socket.AF_UNIX) as peer:
+                peer.connect(str(run_host.address(environ)))
+                socket.send_fds(peer, [garbage], [0, 1, 2])
+                peer.shutdown(socket.SHUT_WR)
+                assert peer.recv(100) == b""  # closed without a word; nothing forked
+        assert first.poll() is None
         second = subprocess.run([*PLANRUN[:2], "planrun.run_host"], env=environ, timeout=60)
         assert second.returncode == 0 and first.poll() is None
         path = run_host.address(environ)
@@ -201,3 +208,21 @@ def test_an_idle_host_exits_and_a_second_host_for_one_address_steps_aside(
     finally:
         first.kill()
     assert not answers(environ) and not path.exists()
+
+
+def test_a_large_environment_reaches_the_run(env: dict[str, str], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             capfd: pytest.CaptureFixture[str]) -> None:
+    """Asked from this process (its streams are pytest's): an environment larger than one
+    read of the socket still arrives whole, and the run sees it."""
+    env["PLANRUN_WORKSPACE"] = str(tmp_path / "ws")
+    warm(env, tmp_path)
+    for name, value in {**env, "BIG": "x" * 300_000}.items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / "big.yaml").write_text(
+        "version: 1\nname: big\nsteps:\n"
+        "  - {id: w, tool: file.write, with: {path: big.txt, content: arrived}}\n")
+    code = run_host.run_through_host(["run", str(tmp_path / "big.yaml"), "--json"])
+    assert code == 0, capfd.readouterr().err  # None: no host took it
+    assert json.loads(capfd.readouterr().out)["status"] == "completed"
+    assert (tmp_path / "ws" / "big.txt").read_text() == "arrived"
