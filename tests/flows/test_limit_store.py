@@ -108,13 +108,22 @@ def test_a_turn_whose_pid_now_belongs_to_another_process_is_taken_back(made: Sto
 def test_a_rate_lets_its_burst_go_at_once_then_spaces_calls_exactly(made: Stores) -> None:
     one, two = made.open(), made.open()
     rate = {"tool:http.request": Rate(per_s=10, burst=3)}
-    before = time.time()
-    times = [store.reserve(rate)[0] for store in (one, two, one, two, one, two)]
-    after = time.time()
-    assert all(before <= at <= after for at in times[:3])  # the burst: each goes as it asks
-    start = times[0]
-    assert [at - start for at in times[3:]] == [pytest.approx(0.1 * n, abs=made.precision)
-                                               for n in (1, 2, 3)]
+    calls = []  # (asked, may go at, answered)
+    for store in (one, two, one, two, one, two):
+        asked = time.time()
+        calls.append((asked, store.reserve(rate)[0], time.time()))
+    # GCRA with a 0.1 s interval and a 0.2 s tolerance, from the times the stores gave: a
+    # call due later than it was answered waits until exactly then; any other goes as it
+    # asks (on a loaded machine a call may ask late, and then need not wait).
+    eps, theoretical = made.precision, calls[0][1]
+    for n, (asked, at, answered) in enumerate(calls):
+        due = theoretical - 0.2
+        if due > answered:
+            assert at == pytest.approx(due, abs=eps), (n, calls)
+        else:
+            assert asked - eps <= at <= answered + eps, (n, calls)
+        assert n < 3 or at >= calls[0][1] + 0.1 * (n - 2) - eps, (n, calls)  # never early
+        theoretical = max(theoretical, at) + 0.1
 
 
 def test_a_call_under_two_rates_waits_for_the_stricter_and_asks_the_other_then(
