@@ -120,7 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if from_shell:
         from planrun import run_host
 
-        code = run_host.run_through_host(sys.argv[1:])
+        try:
+            code = run_host.run_through_host(sys.argv[1:])
+        except KeyboardInterrupt:  # before the run's process took the signals over
+            print("planrun: interrupted", file=sys.stderr)
+            return 4
         if code is not None:
             return code
     code = _dispatch(argv)

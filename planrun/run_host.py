@@ -102,7 +102,7 @@ def run_through_host(argv: list[str]) -> int | None:
         lines = conn.makefile("rb")
         hello = _message(lines)
         conn.settimeout(None)
-    except (OSError, ValueError):
+    except OSError:
         conn.close()
         return None
     if "pid" not in hello:  # the host could not take it (its server changed): ourselves
@@ -130,8 +130,12 @@ def _forward(pid: int, sig: int) -> None:
 
 
 def _message(lines: Any) -> dict[str, Any]:
-    line = lines.readline()
-    return json.loads(line) if line else {}
+    """The next line from the host or its fork; {} at the end (or a line cut short)."""
+    try:
+        message = json.loads(lines.readline() or b"{}")
+    except ValueError:
+        return {}
+    return message if isinstance(message, dict) else {}
 
 
 def _umask() -> int:
