@@ -29,7 +29,6 @@ import os
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -146,16 +145,16 @@ def _umask() -> int:
 
 def start(env: Mapping[str, str]) -> None:
     """Start this user's host for commands run with ``env`` (detached; its log in planrun's
-    data directory). A host already there keeps the address; the new one exits."""
+    data directory). A host already there keeps the address; the new one exits. Where it
+    cannot be started, the next run runs in its own process, as this one did."""
     if not enabled(env):
         return
     from planrun.home import data_dir
+    from planrun.server import spawn_detached
 
-    log = open(data_dir() / "run-host.log", "ab")  # noqa: SIM115 - the child's now
-    with log:
-        subprocess.Popen([sys.executable, "-m", "planrun.run_host"], env=dict(env),
-                         stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                         start_new_session=True, close_fds=True)
+    with contextlib.suppress(OSError):
+        spawn_detached([sys.executable, "-m", "planrun.run_host"], dict(env),
+                       data_dir() / "run-host.log")
 
 
 # The host's side ------------------------------------------------------------------------

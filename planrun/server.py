@@ -187,7 +187,7 @@ def _start_server(home: Path, port: int) -> ServerInfo | None:
     env = {**os.environ, **QUIET_ENV, "PREFECT_HOME": str(home / "prefect"),
            "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port),
            "PREFECT_API_URL": url}
-    pid = _spawn([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+    pid = spawn_detached([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                   "--port", str(port)], env, home / "server.log")
     deadline = time.monotonic() + START_TIMEOUT_S
     delay = 0.1
@@ -232,7 +232,7 @@ def port_taken(port: int, host: str = "127.0.0.1") -> bool:
     return False
 
 
-def _spawn(argv: list[str], env: dict[str, str], log: Path) -> int:
+def spawn_detached(argv: list[str], env: dict[str, str], log: Path) -> int:
     """Start ``argv`` detached in its own session, output appended to ``log``."""
     return os.posix_spawn(
         argv[0], argv, env, setsid=True,
