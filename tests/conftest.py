@@ -19,7 +19,7 @@ import pytest
 
 from tests.stack import Stack, shared, stop_shared
 
-pytest_plugins = ["tests.browser"]  # browser, context, page
+pytest_plugins = ["tests.browser"]  # browser, context, page, prefect_ui_page
 
 ROOT = Path(__file__).resolve().parent.parent
 PLANS = Path(__file__).resolve().parent / "plans"

@@ -62,7 +62,8 @@ def logs(run_id: str) -> list[tuple[int, str]]:
 
 
 def test_a_gate_says_in_the_runs_log_what_is_asked_and_its_form_needs_a_decision(
-        stack: Stack, page: Page, tmp_path: Path) -> None:
+        stack: Stack, prefect_ui_page: Page, tmp_path: Path) -> None:
+    page = prefect_ui_page
     plan = tmp_path / "ui-gate.yaml"
     plan.write_text(textwrap.dedent(PLAN))
     submitted = stack.cli("submit", str(plan))

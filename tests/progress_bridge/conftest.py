@@ -117,6 +117,14 @@ class ServedBridge:
     def _serve(self) -> None:
         asyncio.set_event_loop(self.loop)
         self.loop.run_until_complete(self.server.serve(sockets=[self._sock]))
+        # On a loaded machine the graceful shutdown can time out with connections still
+        # open; close their transports here, or they are collected later as "unclosed
+        # transport" warnings in whichever test runs then.
+        for connection in list(self.server.server_state.connections):
+            transport = getattr(connection, "transport", None)
+            if transport is not None and not transport.is_closing():
+                transport.close()
+        self.loop.run_until_complete(asyncio.sleep(0.05))  # their connection_lost callbacks
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
