@@ -90,9 +90,12 @@ def alive(pid: int) -> bool:
 
 
 def free_port(preferred: int) -> int:
-    """``preferred`` if nothing listens on it on 127.0.0.1, else a free port."""
+    """``preferred`` if nothing listens on it on 127.0.0.1, else a free port. Probed as
+    the server binds (``SO_REUSEADDR``): connections of a server just stopped, still in
+    TIME_WAIT, do not move its successor off ``preferred``."""
     for port in (preferred, 0):
         with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 from contextlib import closing
@@ -102,3 +103,25 @@ def test_a_new_data_directory_starts_its_server_from_the_migrated_template(
     finally:
         _server("stop", env)
     assert "planrun_marker" in _tables(tmp_path / "second" / "prefect" / "prefect.db")
+
+
+def test_a_port_left_in_time_wait_by_a_stopped_server_is_taken_again() -> None:
+    """`planrun server stop` then start: the port the old server's connections left in
+    TIME_WAIT is free for the new one (it binds with SO_REUSEADDR), so it keeps 4200 and
+    the examples' URLs keep working; a port something listens on is still refused."""
+    from planrun.server import free_port
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert free_port(port) != port  # listening: taken
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()  # the server side closes first: its end waits in TIME_WAIT
+        client.close()
+    waiting = [c for c in psutil.net_connections("tcp")
+               if c.laddr and c.laddr.port == port and c.status == psutil.CONN_TIME_WAIT]
+    assert waiting, "the test made no TIME_WAIT connection"
+    assert free_port(port) == port
