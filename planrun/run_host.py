@@ -4,7 +4,7 @@ CPU before the run's first step; BENCHMARKS.md, "Whole process, one step").
 
 ``planrun run`` looks for its host on a Unix socket in planrun's data directory (a folder
 only this user can open, which no sandboxed step sees), named after what the host's
-imports depend on (the ``PLANRUN_*`` and ``PREFECT_*`` environment, ``HOME``,
+imports depend on (the ``PLANRUN_*`` and ``PREFECT_*`` environment but the workspace, ``HOME``,
 ``XDG_DATA_HOME``, the interpreter and planrun's own files). It hands over its arguments,
 environment, working directory and its standard input, output and error (the file
 descriptors themselves: a terminal stays a terminal); the host forks, and the fork runs the
@@ -46,6 +46,9 @@ IDLE_S = 600.0
 TICK_S = 2.0
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _KEYED = ("HOME", "XDG_DATA_HOME")
+#: Read only while a command runs, never on import (``--workspace`` sets it in the same
+#: process): commands that differ only in these share a host.
+_UNKEYED = ("PLANRUN_WORKSPACE", "PLANRUN_POLICY")
 _MAX_REQUEST = 1 << 20  # bytes: a command's arguments and environment
 _SUN_PATH = 108  # the size of sockaddr_un's sun_path, its closing NUL included
 
@@ -59,7 +62,8 @@ def address(env: Mapping[str, str]) -> Path | None:
     which only this user (and no sandboxed step) can reach; None where its path would be
     too long for a Unix socket."""
     keyed = sorted((k, v) for k, v in env.items()
-                   if k.startswith(("PLANRUN_", "PREFECT_")) or k in _KEYED)
+                   if k.startswith(("PLANRUN_", "PREFECT_")) and k not in _UNKEYED
+                   or k in _KEYED)
     digest = hashlib.sha256(json.dumps([sys.executable, _code_stamp(), keyed]).encode())
     path = data_root(env) / "run-host" / f"{digest.hexdigest()[:16]}.sock"
     return path if len(os.fsencode(path)) < _SUN_PATH else None

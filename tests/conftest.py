@@ -92,9 +92,10 @@ def pytest_configure(config: pytest.Config) -> None:
     home = Path(tempfile.mkdtemp(prefix="planrun-test-home-"))
     os.environ["PLANRUN_HOME"] = str(home)
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-    # Every `planrun run` here runs in its own process, whose children the tests look at;
-    # tests/test_run_host.py turns the warm run host on for its own runs.
-    os.environ.setdefault("PLANRUN_RUN_HOST", "0")
+    # `planrun run` goes through the warm run host, as for a user (the first run of an
+    # environment in its own process): a quarter of the suite's CPU was runs importing Prefect.
+    # A host of an environment whose server is not the session's exits when idle this long.
+    os.environ.setdefault("PLANRUN_RUN_HOST_IDLE_S", "20")
     _STARTED["home"] = home
     if not os.environ.get("PREFECT_API_URL"):
         from planrun import server

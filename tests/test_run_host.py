@@ -178,6 +178,7 @@ def test_another_environment_gets_another_host_and_zero_turns_it_off() -> None:
     base = {"PATH": "/usr/bin", "HOME": "/root", "PLANRUN_HOME": "/tmp/a"}
     same = run_host.address(base)
     assert run_host.address({**base, "PATH": "/bin"}) == same  # read when used, not imported
+    assert run_host.address({**base, "PLANRUN_WORKSPACE": "/w", "PLANRUN_POLICY": "/p"}) == same
     assert run_host.address({**base, "PLANRUN_HOME": "/tmp/b"}) != same
     assert run_host.address({**base, "PREFECT_API_URL": "http://127.0.0.1:1/api"}) != same
     assert run_host.address({**base, "HOME": "/home/x"}) != same
@@ -226,3 +227,25 @@ def test_a_large_environment_reaches_the_run(env: dict[str, str], tmp_path: Path
     assert code == 0, capfd.readouterr().err  # None: no host took it
     assert json.loads(capfd.readouterr().out)["status"] == "completed"
     assert (tmp_path / "ws" / "big.txt").read_text() == "arrived"
+
+
+def test_a_run_through_a_host_follows_its_own_policy_and_workspace(env: dict[str, str],
+                                                                   tmp_path: Path) -> None:
+    """A host serves commands that differ in ``PLANRUN_POLICY`` and ``PLANRUN_WORKSPACE``
+    (one address): each run reads its own, never the host's."""
+    warm(env, tmp_path)  # the host's own environment names no policy and no workspace
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("local: {tools: ['core.*']}\n")
+    (tmp_path / "write.yaml").write_text(
+        "version: 1\nname: writes\nsteps:\n"
+        "  - {id: w, tool: file.write, with: {path: out.txt, content: hi}}\n")
+    narrowed = {**env, "PLANRUN_POLICY": str(policy), "PLANRUN_WORKSPACE": str(tmp_path / "a")}
+    assert run_host.address(narrowed) == run_host.address(env)
+    refused = cli("run", "write.yaml", cwd=tmp_path, env=narrowed)
+    assert refused.returncode == 2 and "file.write" in refused.stderr, refused.stderr
+    assert not (tmp_path / "a" / "out.txt").exists()
+    allowed = cli("run", "write.yaml", cwd=tmp_path,
+                  env={**env, "PLANRUN_WORKSPACE": str(tmp_path / "b")})
+    assert allowed.returncode == 0, allowed.stderr
+    assert (tmp_path / "b" / "out.txt").read_text() == "hi"
+    assert len(hosts(env)) == 1, "all three commands on the one host"

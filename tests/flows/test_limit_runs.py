@@ -154,7 +154,8 @@ def test_two_hundred_steps_at_a_limit_of_four_never_have_more_than_four_in_fligh
 
 
 def test_two_processes_share_a_limit_of_one(tmp_path: Path, service: Counting) -> None:
-    env = {**os.environ, **policy(tmp_path, "{tools: {http.request: {concurrency: 1}}}")}
+    env = {**os.environ, **policy(tmp_path, "{tools: {http.request: {concurrency: 1}}}"),
+           "PLANRUN_RUN_HOST": "0"}  # each run in the process whose pid the store holds
     started = time.time()
     service.gate.clear()  # the first request to arrive waits until the other process waits
     runs = [subprocess.Popen(
