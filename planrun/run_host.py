@@ -3,12 +3,17 @@ Prefect and planrun once, instead of a new interpreter that imports them again (
 CPU before the run's first step; BENCHMARKS.md, "Whole process, one step").
 
 ``planrun run`` looks for its host on a Unix socket in planrun's data directory (a folder
-only this user can open, which no sandboxed step sees), named after what the host's
-imports depend on (the ``PLANRUN_*`` and ``PREFECT_*`` environment but the workspace, ``HOME``,
-``XDG_DATA_HOME``, the interpreter and planrun's own files). It hands over its arguments,
-environment, working directory and its standard input, output and error (the file
-descriptors themselves: a terminal stays a terminal); the host forks, and the fork runs the
-command exactly as ``planrun run`` runs it in its own process, then says its exit code.
+only this user can open, which no sandboxed step sees), named after what the host read
+before any command came: the ``PREFECT_*`` environment (Prefect's settings), ``PLANRUN_HOME``,
+``HOME`` and ``XDG_DATA_HOME`` (the data directory and its server), the interpreter and
+planrun's own files. planrun reads the rest of its environment (``PLANRUN_POLICY``,
+``PLANRUN_WORKSPACE``, the bridge, secrets, …) only while a command runs: in the fork, from
+the command's own environment, so commands that differ there share a host.
+
+The command hands over its arguments, environment, working directory and its standard
+input, output and error (the file descriptors themselves: a terminal stays a terminal); the
+host forks, and the fork runs the command exactly as ``planrun run`` runs it in its own
+process, then says its exit code.
 The command forwards SIGINT, SIGTERM and SIGHUP to the fork (a run cancels on them,
 README, "Command line"); if the command itself dies, the fork cancels its run as on SIGTERM.
 
@@ -45,10 +50,9 @@ IDLE_S = 600.0
 #: How often an idle host looks whether its Prefect server is still there.
 TICK_S = 2.0
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-_KEYED = ("HOME", "XDG_DATA_HOME")
-#: Read only while a command runs, never on import (``--workspace`` sets it in the same
-#: process): commands that differ only in these share a host.
-_UNKEYED = ("PLANRUN_WORKSPACE", "PLANRUN_POLICY")
+#: With ``PREFECT_*``, what the host reads before a command comes (no module of planrun
+#: reads the environment on import).
+_KEYED = ("PLANRUN_HOME", "HOME", "XDG_DATA_HOME")
 _MAX_REQUEST = 1 << 20  # bytes: a command's arguments and environment
 _SUN_PATH = 108  # the size of sockaddr_un's sun_path, its closing NUL included
 
@@ -61,9 +65,7 @@ def address(env: Mapping[str, str]) -> Path | None:
     """The host's socket for a command run with ``env``: in planrun's data directory,
     which only this user (and no sandboxed step) can reach; None where its path would be
     too long for a Unix socket."""
-    keyed = sorted((k, v) for k, v in env.items()
-                   if k.startswith(("PLANRUN_", "PREFECT_")) and k not in _UNKEYED
-                   or k in _KEYED)
+    keyed = sorted((k, v) for k, v in env.items() if k.startswith("PREFECT_") or k in _KEYED)
     digest = hashlib.sha256(json.dumps([sys.executable, _code_stamp(), keyed]).encode())
     path = data_root(env) / "run-host" / f"{digest.hexdigest()[:16]}.sock"
     return path if len(os.fsencode(path)) < _SUN_PATH else None

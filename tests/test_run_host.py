@@ -178,7 +178,9 @@ def test_another_environment_gets_another_host_and_zero_turns_it_off() -> None:
     base = {"PATH": "/usr/bin", "HOME": "/root", "PLANRUN_HOME": "/tmp/a"}
     same = run_host.address(base)
     assert run_host.address({**base, "PATH": "/bin"}) == same  # read when used, not imported
-    assert run_host.address({**base, "PLANRUN_WORKSPACE": "/w", "PLANRUN_POLICY": "/p"}) == same
+    for read_by_the_fork in ("PLANRUN_WORKSPACE", "PLANRUN_POLICY", "PLANRUN_BRIDGE_URL",
+                             "PLANRUN_TOKEN", "PLANRUN_SECRET_KEY"):
+        assert run_host.address({**base, read_by_the_fork: "x"}) == same
     assert run_host.address({**base, "PLANRUN_HOME": "/tmp/b"}) != same
     assert run_host.address({**base, "PREFECT_API_URL": "http://127.0.0.1:1/api"}) != same
     assert run_host.address({**base, "HOME": "/home/x"}) != same
