@@ -24,9 +24,6 @@ import psutil
 KINDS: list[tuple[str, tuple[str, ...]]] = [
     ("prefect server", ("prefect", "server", "start")),
     ("run host and its forks", ("planrun.run_host",)),
-    ("planrun up", ("planrun.cli", "up")),
-    ("planrun run", ("planrun.cli", "run")),
-    ("planrun (other commands)", ("planrun.cli",)),
     ("progress bridge", ("planrun.progress_bridge",)),
     ("runner (flows.serve)", ("planrun.flows.serve",)),
     ("run fork server", ("multiprocessing.forkserver",)),
@@ -39,6 +36,9 @@ KINDS: list[tuple[str, tuple[str, ...]]] = [
 
 
 def kind(cmdline: list[str]) -> str:
+    if "planrun.cli" in cmdline[:3]:  # python -m planrun.cli COMMAND ...
+        after = cmdline[cmdline.index("planrun.cli") + 1:]
+        return f"planrun {after[0] if after else ''}".strip()
     text = " ".join(cmdline)
     for name, words in KINDS:
         if all(word in text for word in words):
