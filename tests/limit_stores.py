@@ -31,7 +31,8 @@ class Stores:
     @property
     def precision(self) -> float:
         """How exactly a reserved moment comes back on this host's clock: Postgres's is
-        the database's clock, moved onto ours by an answer's latency (under load, ms)."""
+        the database's clock, moved onto ours by an offset measured on connecting (within
+        half the shortest of five round trips)."""
         return 1e-6 if self.kind == "sqlite" else 0.02
 
     def open(self, lease_s: float = LEASE_S) -> LimitStore:
