@@ -153,12 +153,18 @@ def test_ctrl_c_or_sigterm_cancels_the_run_kills_its_command_and_exits_4(
     proc = subprocess.Popen([*PLANRUN, "run", plan, "--json"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PLANRUN_WORKSPACE": str(workspace)})
-    wait_for(marker.exists, timeout=60, what="the command to start")
-    sleepers = [p for p in psutil.process_iter(["cmdline"])
-                if p.info["cmdline"] == ["sleep", seconds]]
-    assert sleepers
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=60)
+    try:
+        wait_for(marker.exists, timeout=60, what="the command to start")
+        # The marker is made just before the shell execs sleep: wait for the exec.
+        sleepers = wait_for(lambda: [p for p in psutil.process_iter(["cmdline"])
+                                     if p.info["cmdline"] == ["sleep", seconds]],
+                            timeout=30, what="the shell to exec sleep")
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # a failed wait above: leave no command behind
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 4, err
     report = json.loads(out)
     assert report["status"] == "cancelled"
