@@ -65,13 +65,13 @@ def discard(prefect_home: Path) -> None:
 def build() -> Path:
     """Make the template if there is none: migrate a new database with Prefect's own
     command (``prefect server database upgrade``), as a server's first start would."""
-    from planrun.server import QUIET_ENV
+    from planrun.server import prefect_env
 
     target = template_path()
     if target.exists():
         return target
     with tempfile.TemporaryDirectory(prefix="planrun-template-") as home:
-        env = {**os.environ, **QUIET_ENV, "PREFECT_HOME": home}
+        env = prefect_env(PREFECT_HOME=home)
         env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)  # the SQLite file under home
         subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],
                        env=env, check=True, stdout=subprocess.DEVNULL)

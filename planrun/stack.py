@@ -131,10 +131,10 @@ def _start_server(production: Production, logs: Path) -> Child:
     port = server.free_port(int(os.environ.get("PLANRUN_SERVER_PORT", server.DEFAULT_PORT)))
     bind = os.environ.get("PLANRUN_SERVER_HOST", "127.0.0.1")
     api = f"http://{_reachable(bind)}:{port}/api"
-    env = {**os.environ, **server.QUIET_ENV, **production.server_env(),
-           "PREFECT_HOME": str(server.data_dir() / "prefect"), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_API_HOST": bind, "PREFECT_SERVER_API_PORT": str(port),
-           "COLUMNS": "1000"}  # its messages on one line each, for _last_error
+    env = server.prefect_env(**production.server_env(),
+                             PREFECT_HOME=str(server.data_dir() / "prefect"), PREFECT_API_URL=api,
+                             PREFECT_SERVER_API_HOST=bind, PREFECT_SERVER_API_PORT=str(port),
+                             COLUMNS="1000")  # its messages on one line each, for _last_error
     child = _spawn("server", [sys.executable, "-m", "prefect", "server", "start", "--host", bind,
                               "--port", str(port)], env, logs)
     try:

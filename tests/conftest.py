@@ -100,7 +100,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if not os.environ.get("PREFECT_API_URL"):
         from planrun import server
 
-        info = _untraced(server.start)
+        info = server.start(port=0)  # untraced by coverage.py: server.prefect_env
         _STARTED["pid"] = info.pid
         os.environ["PREFECT_API_URL"] = info.url
     from planrun.server import QUIET_ENV
@@ -115,18 +115,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
     that asks for it (tests/stack.py ``shared``). A module that needs another
     configuration starts a stack of its own, which stops this one first."""
     return shared(tmp_path_factory)
-
-
-def _untraced(start):
-    """Start the session's Prefect server outside coverage.py: it runs Prefect's code
-    only, which coverage does not report, and tracing it slowed every full-stack test by
-    about a half (the server is most of the suite's CPU)."""
-    config = os.environ.pop("COVERAGE_PROCESS_CONFIG", None)
-    try:
-        return start(port=0)
-    finally:
-        if config is not None:
-            os.environ["COVERAGE_PROCESS_CONFIG"] = config
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

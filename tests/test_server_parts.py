@@ -26,6 +26,17 @@ def test_the_ui_address_is_the_api_address_without_api() -> None:
     assert info.ui_url == "http://127.0.0.1:4200"
 
 
+def test_a_prefect_process_inherits_the_environment_but_not_coverage_tracing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COVERAGE_PROCESS_CONFIG", "{}")
+    monkeypatch.setenv("COVERAGE_PROCESS_START", "pyproject.toml")
+    monkeypatch.setenv("PLANRUN_TEST_KEPT", "1")
+    env = server.prefect_env(PREFECT_HOME="/srv/prefect")
+    assert not set(server.COVERAGE_VARS) & set(env)
+    assert env["PLANRUN_TEST_KEPT"] == "1" and env["PREFECT_HOME"] == "/srv/prefect"
+    assert env["DO_NOT_TRACK"] == "1", "quiet, as every Prefect process planrun starts"
+
+
 def test_a_record_of_a_server_that_died_is_neither_running_nor_stopped(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PLANRUN_HOME", str(tmp_path))
