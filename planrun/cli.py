@@ -113,8 +113,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``planrun`` console script. ``planrun run`` from the command
-    line runs in a fork of the user's warm run host where one answers, and otherwise here,
-    then starts one for the next run (``planrun.run_host``)."""
+    line runs in a fork of the user's warm run host, started first where none answers; it
+    runs here when the local server must start first or no host could, and then starts one
+    for the next run (``planrun.run_host``)."""
     env = dict(os.environ)
     from_shell = argv is None and sys.argv[1:2] == ["run"]
     if from_shell:
@@ -122,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             code = run_host.run_through_host(sys.argv[1:])
+            if code is None and run_host.start_first(env):
+                code = run_host.run_through_host(sys.argv[1:], wait_s=run_host.BIND_WAIT_S)
         except KeyboardInterrupt:  # before the run's process took the signals over
             print("planrun: interrupted", file=sys.stderr)
             return 4

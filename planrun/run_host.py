@@ -17,10 +17,13 @@ process, then says its exit code.
 The command forwards SIGINT, SIGTERM and SIGHUP to the fork (a run cancels on them,
 README, "Command line"); if the command itself dies, the fork cancels its run as on SIGTERM.
 
-Where no host answers, ``planrun run`` runs in its own process and then starts one
-(detached) for the next run. A host serves only its own user (the peer's credentials are
-checked), exits after ``IDLE_S`` without a run, or when the local Prefect server it was
-started against stops. ``PLANRUN_RUN_HOST=0`` turns all of this off.
+Where no host answers, ``planrun run`` starts one (detached), waits up to ``BIND_WAIT_S``
+for it to listen and runs through it: Prefect is imported once, in the host. It runs in its
+own process instead, then starts a host for the next run, when planrun's local server must
+start first (the command says so on its terminal) or the host does not listen in time. A
+host serves only its own user (the peer's credentials are checked), exits after ``IDLE_S``
+without a run, or when the local Prefect server it was started against stops.
+``PLANRUN_RUN_HOST=0`` turns all of this off.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ ENV = "PLANRUN_RUN_HOST"
 IDLE_S = 600.0
 #: How often an idle host looks whether its Prefect server is still there.
 TICK_S = 2.0
+#: How long a command waits for a host it started to listen (seconds).
+BIND_WAIT_S = 10.0
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 #: With ``PREFECT_*``, what the host reads before a command comes (no module of planrun
 #: reads the environment on import).
@@ -87,9 +92,9 @@ def _code_stamp() -> list[int]:
 
 # The command's side ---------------------------------------------------------------------
 
-def run_through_host(argv: list[str]) -> int | None:
+def run_through_host(argv: list[str], wait_s: float = 0.0) -> int | None:
     """Run ``planrun <argv>`` in a fork of this user's host; its exit code, or None when
-    no host answered (the caller runs the command itself)."""
+    no host answered within ``wait_s`` (the caller runs the command itself)."""
     env = dict(os.environ)
     if not enabled(env):
         return None
@@ -99,7 +104,7 @@ def run_through_host(argv: list[str]) -> int | None:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.settimeout(60.0)  # a host just started is still importing
-        conn.connect(str(path))
+        _connect(conn, path, wait_s)
         request = {"argv": argv, "env": env, "cwd": os.getcwd(), "umask": _umask()}
         message = json.dumps(request).encode() + b"\n"
         sent = socket.send_fds(conn, [message], [0, 1, 2])
@@ -127,6 +132,21 @@ def run_through_host(argv: list[str]) -> int | None:
     return 1
 
 
+def _connect(conn: socket.socket, path: Path, wait_s: float) -> None:
+    """Connect to the host at ``path``, trying again for ``wait_s`` while none listens
+    there (a host just started binds in a fraction of a second; a dead one leaves its
+    socket file behind)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            conn.connect(str(path))
+            return
+        except (FileNotFoundError, ConnectionRefusedError):
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.02)
+
+
 def _forward(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
@@ -149,18 +169,35 @@ def _umask() -> int:
     return mask
 
 
-def start(env: Mapping[str, str]) -> None:
+def start(env: Mapping[str, str]) -> bool:
     """Start this user's host for commands run with ``env`` (detached; its log in planrun's
-    data directory). A host already there keeps the address; the new one exits. Where it
-    cannot be started, the next run runs in its own process, as this one did."""
+    data directory); whether it was started. A host already there keeps the address; the
+    new one exits. Where none can be started, runs run in their own processes."""
     if not enabled(env):
-        return
+        return False
     from planrun.home import data_dir
     from planrun.server import spawn_detached
 
-    with contextlib.suppress(OSError):
+    try:
         spawn_detached([sys.executable, "-m", "planrun.run_host"], dict(env),
                        data_dir() / "run-host.log")
+    except OSError:
+        return False
+    return True
+
+
+def start_first(env: Mapping[str, str]) -> bool:
+    """Start a host for commands run with ``env``, for a command that found none, so that
+    a first run too is a fork of it (Prefect imported once, not in the command and again in
+    the host). Not when the run must first start planrun's local server: the command does
+    that itself, saying so on its terminal. Whether one was started."""
+    if not enabled(env) or address(env) is None:
+        return False
+    from planrun import server
+
+    if not env.get("PREFECT_API_URL") and server.running() is None:
+        return False
+    return start(env)
 
 
 # The host's side ------------------------------------------------------------------------
