@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             code = run_host.run_through_host(sys.argv[1:])
-            if code is None and run_host.start_first(env):
+            if code is None and run_host.start_served(env):
                 code = run_host.run_through_host(sys.argv[1:], wait_s=run_host.BIND_WAIT_S)
         except KeyboardInterrupt:  # before the run's process took the signals over
             print("planrun: interrupted", file=sys.stderr)
@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return code
     code = _dispatch(argv)
     if from_shell and code != EXIT_USAGE:
-        run_host.start(env)
+        run_host.start_served(env)
     return code
 
 

@@ -186,17 +186,19 @@ def start(env: Mapping[str, str]) -> bool:
     return True
 
 
-def start_first(env: Mapping[str, str]) -> bool:
-    """Start a host for commands run with ``env``, for a command that found none, so that
-    a first run too is a fork of it (Prefect imported once, not in the command and again in
-    the host). Not when the run must first start planrun's local server: the command does
-    that itself, saying so on its terminal. Whether one was started."""
+def start_served(env: Mapping[str, str]) -> bool:
+    """Start a host for commands run with ``env`` where their Prefect server answers (the
+    given one, or planrun's local one already running); whether one was started. A command
+    that found no host calls it first, so that a first run too is a fork of the host
+    (Prefect imported once, not in the command and again in the host); one that ran itself
+    (it had to start the local server, saying so on its terminal) calls it after its run."""
     if not enabled(env) or address(env) is None:
         return False
     from planrun import server
 
-    if not env.get("PREFECT_API_URL") and server.running() is None:
-        return False
+    given = env.get("PREFECT_API_URL")
+    if not (server.healthy(given) if given else server.running() is not None):
+        return False  # the command says what is wrong, or starts the local server
     return start(env)
 
 
@@ -366,4 +368,9 @@ def _cancel_when_gone(reply: socket.socket, ended: threading.Event) -> None:
 
 
 if __name__ == "__main__":
-    serve()
+    from planrun.errors import PlanrunError
+
+    try:
+        serve()
+    except PlanrunError as error:  # its server is gone: one line in the log, no traceback
+        sys.exit(f"planrun run host: {error}")

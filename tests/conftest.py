@@ -95,7 +95,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # `planrun run` goes through the warm run host, as for a user (the first run of an
     # environment in its own process): a quarter of the suite's CPU was runs importing Prefect.
     # A host of an environment whose server is not the session's exits when idle this long.
-    os.environ.setdefault("PLANRUN_RUN_HOST_IDLE_S", "20")
+    os.environ.setdefault("PLANRUN_RUN_HOST_IDLE_S", "60")
     _STARTED["home"] = home
     if not os.environ.get("PREFECT_API_URL"):
         from planrun import server

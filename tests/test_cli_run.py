@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from planrun import run_host
 from tests.helpers import PLANRUN, cli, cli_json, wait_for
 
 
@@ -282,7 +283,11 @@ def test_a_failed_command_reports_its_exit_code_and_stderr_in_the_error_details(
 
 def test_an_unreachable_prefect_api_is_a_clear_error(tmp_path: Path) -> None:
     plan = write(tmp_path, "version: 1\nname: x\nsteps: [{id: a, tool: core.echo}]\n")
-    proc = cli("run", plan, env={"PREFECT_API_URL": "http://127.0.0.1:9/api"})
+    env = {"PREFECT_API_URL": "http://127.0.0.1:9/api", "PLANRUN_HOME": str(tmp_path / "home")}
+    proc = cli("run", plan, env=env)
     assert proc.returncode == 1
     assert "cannot reach the Prefect API at http://127.0.0.1:9/api" in proc.stderr
     assert "Traceback" not in proc.stderr
+    host = run_host.address({**os.environ, **env})
+    assert host is not None and not host.with_suffix(".lock").exists(), \
+        "a run host was started for a server that does not answer"
