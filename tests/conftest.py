@@ -2,7 +2,7 @@
 
 The server is started once per session, before anything imports Prefect, and every
 test process and CLI subprocess points at it through PREFECT_API_URL. Under pytest-xdist
-(``scripts/test`` runs three workers) each worker has its own server and home: two stacks on
+(``scripts/test`` runs four workers) each worker has its own server and home: two stacks on
 one server would serve each other's runs. Set PREFECT_API_URL yourself to run the suite
 against another server (then run it without workers).
 """
