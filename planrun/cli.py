@@ -118,12 +118,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for the next run (``planrun.run_host``)."""
     env = dict(os.environ)
     from_shell = argv is None and sys.argv[1:2] == ["run"]
+    started = False  # a host for this command's environment, by this command
     if from_shell:
         from planrun import run_host
 
         try:
             code = run_host.run_through_host(sys.argv[1:])
-            if code is None and run_host.start_served(env):
+            if code is None and (started := run_host.start_served(env)):
                 code = run_host.run_through_host(sys.argv[1:], wait_s=run_host.BIND_WAIT_S)
         except KeyboardInterrupt:  # before the run's process took the signals over
             print("planrun: interrupted", file=sys.stderr)
@@ -131,8 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if code is not None:
             return code
     code = _dispatch(argv)
-    if from_shell and code != EXIT_USAGE:
-        run_host.start_served(env)
+    if from_shell and not started and code != EXIT_USAGE:
+        run_host.start_served(env)  # for the next run (this one started the local server)
     return code
 
 

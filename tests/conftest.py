@@ -92,9 +92,9 @@ def pytest_configure(config: pytest.Config) -> None:
     home = Path(tempfile.mkdtemp(prefix="planrun-test-home-"))
     os.environ["PLANRUN_HOME"] = str(home)
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-    # `planrun run` goes through the warm run host, as for a user (the first run of an
-    # environment in its own process): a quarter of the suite's CPU was runs importing Prefect.
-    # A host of an environment whose server is not the session's exits when idle this long.
+    # `planrun run` goes through the warm run host, as for a user: a quarter of the suite's
+    # CPU was runs importing Prefect. A host of an environment whose server is not the
+    # session's exits when idle this long (the session's own hosts, when their server stops).
     os.environ.setdefault("PLANRUN_RUN_HOST_IDLE_S", "60")
     _STARTED["home"] = home
     if not os.environ.get("PREFECT_API_URL"):
