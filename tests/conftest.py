@@ -29,7 +29,7 @@ _STARTED: dict[str, object] = {}
 #: so that ``scripts/test -m "not slow"`` is a fast inner loop of the rest.
 FULL_STACK = {
     "tests.test_cli_run", "tests.test_control", "tests.test_examples", "tests.test_restart",
-    "tests.test_page_controls",
+    "tests.test_page_controls", "tests.test_run_host",
     "tests.test_server", "tests.test_stack", "tests.test_resources_run",
     "tests.test_retry_runs", "tests.flows.test_breaker_runs", "tests.flows.test_limit_runs",
     "tests.flows.test_prefect_ui_graph", "tests.flows.test_prefect_ui_gate", "tests.test_terminal",
@@ -43,27 +43,27 @@ FULL_STACK = {
 }
 
 
-#: The longest modules, in seconds (``scripts/test --durations=0``, summed per module,
-#: 2026-12-03, a helper's small benchmark runs beside it for part of the time): they run
-#: first, longest first, so that the workers end on short modules together instead of one
-#: of them on a long module while the others are idle. Only the order depends on these
-#: numbers; a module missing here runs after them.
+#: The longest modules, in seconds (each test's wall time summed per module, 2026-12-04,
+#: ``scripts/test`` beside a one-core busy loop): they run first, longest first, so that the
+#: workers end on short modules together instead of one of them on a long module while the
+#: others are idle. Only the order depends on these numbers; a module missing here runs
+#: after them.
 LONGEST = {
-    "tests.test_cli_run": 239, "tests.test_control": 204, "tests.test_retry_runs": 160,
-    "tests.test_restart": 156, "tests.flows.test_breaker_runs": 121,
-    "tests.flows.test_limit_runs": 97, "tests.test_page_controls": 95,
-    "tests.test_examples": 95, "tests.test_terminal": 93, "tests.test_production_stack": 90,
-    "tests.security.test_workspace": 85, "tests.adapters.test_browser": 84,
-    "tests.test_validate": 64, "tests.test_server": 53, "tests.security.test_secrets": 52,
-    "tests.security.test_templates": 52, "tests.test_stack": 51,
-    "tests.test_validate_properties": 46, "tests.test_policy": 46,
-    "tests.progress_bridge.test_upstream": 34, "tests.security.test_gates": 32,
-    "tests.security.test_policy": 31, "tests.security.test_bridge": 31,
-    "tests.flows.test_semantics": 31, "tests.test_browser_run": 28,
-    "tests.progress_bridge.test_start": 28, "tests.progress_bridge.test_view": 21,
-    "tests.flows.test_prefect_ui_gate": 19, "tests.flows.test_prefect_ui_graph": 17,
-    "tests.flows.test_limit_store": 17, "tests.security.test_bad_input": 17,
-    "tests.test_production": 16, "tests.test_resources_run": 15,
+    "tests.test_control": 184, "tests.test_retry_runs": 115, "tests.test_restart": 106,
+    "tests.test_validate": 96, "tests.adapters.test_browser": 77,
+    "tests.test_production_stack": 76, "tests.test_server": 70, "tests.test_cli_run": 67,
+    "tests.test_page_controls": 67, "tests.test_run_host": 64,
+    "tests.flows.test_breaker_runs": 61, "tests.test_terminal": 58, "tests.test_stack": 57,
+    "tests.flows.test_limit_runs": 50, "tests.security.test_secrets": 44,
+    "tests.security.test_bridge": 43, "tests.security.test_workspace": 43,
+    "tests.test_examples": 41, "tests.progress_bridge.test_upstream": 38,
+    "tests.flows.test_semantics": 31, "tests.test_policy": 31,
+    "tests.progress_bridge.test_start": 31, "tests.test_validate_properties": 30,
+    "tests.flows.test_limit_store": 29, "tests.flows.test_prefect_ui_gate": 25,
+    "tests.security.test_gates": 22, "tests.security.test_policy": 20,
+    "tests.test_production": 20, "tests.progress_bridge.test_view": 19,
+    "tests.security.test_templates": 16, "tests.test_browser_run": 15,
+    "tests.security.test_bad_input": 14,
 }
 
 
