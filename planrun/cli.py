@@ -154,6 +154,10 @@ def _dispatch(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         print("planrun: interrupted", file=sys.stderr)
         return 4
+    except BrokenPipeError:  # stdout's reader stopped reading (`planrun tools | head -1`):
+        # quietly, as other commands do; stdout points nowhere so the exit's flush is quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from planrun import client, server
 from planrun.cli import main
+from tests.helpers import PLANRUN
 
 
 def test_an_unknown_flag_prints_the_usage_and_exits_2(
@@ -78,3 +80,13 @@ def test_submitting_a_plan_file_that_is_not_there_exits_2_naming_it(
     assert main(["submit", str(missing)]) == 2
     err = capsys.readouterr().err
     assert err.strip() == f"{missing}:0:0: plan: cannot read the file: No such file or directory"
+
+
+def test_a_reader_that_stops_reading_gets_no_traceback() -> None:
+    """``planrun schema | head -1``: stdout's pipe is closed before the command writes."""
+    proc = subprocess.Popen([*PLANRUN, "schema"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert (proc.wait(60), err) == (1, "")
