@@ -110,14 +110,19 @@ class Visit:
     thumbnail: bytes | None = None
 
 
-async def visit(browser: Any, params: BrowserParams, guard: RequestGuard | None) -> Visit:
-    """Open ``params.url`` in a fresh context of ``browser``, closed when done."""
+async def visit(browser: Any, params: BrowserParams, guard: RequestGuard | None,
+                before_close: Callable[[], Awaitable[object]] | None = None) -> Visit:
+    """Open ``params.url`` in a fresh context of ``browser``, closed when done (after
+    ``before_close``, while the page still holds what it loaded)."""
     context = await browser.new_context(viewport=VIEWPORT, service_workers="block",
                                         accept_downloads=False)
     try:
         if guard is not None:
             await guard.install(context)
-        return await _in_page(await context.new_page(), params, guard)
+        seen = await _in_page(await context.new_page(), params, guard)
+        if before_close is not None:
+            await before_close()
+        return seen
     finally:
         await quietly(context.close())
         if guard is not None:
@@ -289,6 +294,13 @@ class BrowserOpen(Adapter[BrowserParams]):
         meter = ProcessMeter(self.browser)
         limit = ctx.memory_mb * MIB if ctx.memory_mb else None
 
+        async def last_look() -> None:
+            """The page at its end, before its context closes: a page that still holds
+            more than the limit fails even if it grew between two samples."""
+            await asyncio.to_thread(meter.sample)
+            if limit is not None and meter.growth > limit:
+                raise over_memory(ctx.memory_mb or 0, meter.growth)
+
         async def work(browser: Any) -> Visit:
             task, stopped = asyncio.current_task(), False
             assert task is not None
@@ -301,7 +313,7 @@ class BrowserOpen(Adapter[BrowserParams]):
             await asyncio.to_thread(meter.sample)  # the baseline, before the step's context
             sampler = asyncio.ensure_future(meter.sampling(limit, over))
             try:
-                return await visit(browser, params, guard)
+                return await visit(browser, params, guard, last_look)
             except asyncio.CancelledError:
                 if not stopped:
                     raise

@@ -17,6 +17,7 @@ import pytest
 
 from planrun.adapters.base import StepContext
 from planrun.adapters.browser import BrowserOpen, SharedBrowser, chromium_path
+from planrun.adapters.chromium import ProcessMeter
 from planrun.errors import StepError
 from planrun.policy import LevelPolicy, Trust, trusted_as
 
@@ -247,6 +248,20 @@ def test_a_page_that_grows_the_browser_past_the_steps_memory_limit_fails_as_reso
     assert ctx.usage.programs.peak_memory_bytes > 64 * 1024 * 1024
     light = make_ctx(trust=Trust.LOCAL, policy=LevelPolicy(allow_private=True), memory_mb=1024)
     assert open_page(tool, light, url=site.url("/"), screenshot=False)["status"] == 200
+
+
+def test_a_page_over_its_limit_at_its_end_fails_though_no_sample_saw_it_grow(
+        tool: BrowserOpen, make_ctx: Callable[..., StepContext], site: Site,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The samples every 0.2 s can fall before and after a page's growth (a loaded machine):
+    the look at the page's end, before its context closes, still catches it."""
+    async def never(*args: object, **kwargs: object) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(ProcessMeter, "sampling", never)
+    ctx = make_ctx(trust=Trust.LOCAL, policy=LevelPolicy(allow_private=True), memory_mb=64)
+    error = failure(tool, ctx, url=site.url("/hog"), screenshot=False)  # 192 MiB of arrays
+    assert error.category == "resource" and "memory limit of 64 MiB" in error.message
 
 
 def test_a_screenshot_goes_where_the_step_says_and_nowhere_when_it_says_false(
