@@ -18,6 +18,8 @@ from playwright.sync_api import Page, expect
 from tests.helpers import PLANRUN, ROOT, cli, wait_for
 from tests.stack import Stack, messages
 
+#: ``second`` is in flight until the test has killed the run's process: it waits for
+#: ``crash.go`` in the workspace (a fixed sleep could end first on a loaded machine).
 CRASHING = """
 version: 1
 name: crashing
@@ -26,7 +28,7 @@ steps:
   - id: second
     tool: shell.run
     needs: [first]
-    with: {argv: [sh, -c, "echo second >> crash.txt; sleep 2"]}
+    with: {argv: [sh, -c, "echo second >> crash.txt; until [ -e crash.go ]; do sleep 0.05; done"]}
   - {id: third, tool: shell.run, needs: [second], with: {argv: [sh, -c, "echo third >> crash.txt"]}}
 """
 #: ``second`` runs until the test has seen it running (the page may open late on a loaded
@@ -125,6 +127,7 @@ def test_a_run_whose_process_is_killed_is_recovered_and_only_the_step_in_flight_
     for process in orphans:  # a sandboxed step dies with the engine (--die-with-parent)
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
+    marks.with_name("crash.go").touch()  # the step, run again, now ends
 
     watched = stack.cli("watch", run_id, timeout=120)
     assert watched.returncode == 0, watched.stderr
