@@ -294,11 +294,15 @@ class BrowserOpen(Adapter[BrowserParams]):
         meter = ProcessMeter(self.browser)
         limit = ctx.memory_mb * MIB if ctx.memory_mb else None
 
+        looked = False  # a sample costs ≈ 30 ms (smaps of every browser process): one at the end
+
         async def last_look() -> None:
             """The page at its end, before its context closes: a page that still holds
             more than the limit fails even if it grew between two samples."""
+            nonlocal looked
             await asyncio.to_thread(meter.sample)
-            if limit is not None and meter.growth > limit:
+            looked = True
+            if meter.beyond(limit):
                 raise over_memory(ctx.memory_mb or 0, meter.growth)
 
         async def work(browser: Any) -> Visit:
@@ -321,7 +325,8 @@ class BrowserOpen(Adapter[BrowserParams]):
                 raise over_memory(ctx.memory_mb or 0, meter.growth) from None
             finally:
                 sampler.cancel()
-                await asyncio.to_thread(meter.sample)
+                if not looked:  # the page failed before its end: the last reading is here
+                    await asyncio.to_thread(meter.sample)
 
         started = time.monotonic()
         try:

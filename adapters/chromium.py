@@ -228,6 +228,10 @@ class ProcessMeter:
         """How much more the processes held at their peak than at the first sample."""
         return max(self.peak - self.baseline, 0)
 
+    def beyond(self, limit_bytes: int | None) -> bool:
+        """Whether the processes have grown by more than ``limit_bytes`` (None: no limit)."""
+        return limit_bytes is not None and self.growth > limit_bytes
+
     async def sampling(self, limit_bytes: int | None = None,
                        over: Callable[[], object] | None = None,
                        interval: float = SAMPLE_INTERVAL_S) -> None:
@@ -235,7 +239,7 @@ class ProcessMeter:
         growth passes ``limit_bytes``."""
         while True:
             await asyncio.to_thread(self.sample)
-            if limit_bytes is not None and over is not None and self.growth > limit_bytes:
+            if over is not None and self.beyond(limit_bytes):
                 over()
                 return
             await asyncio.sleep(interval)
