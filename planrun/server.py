@@ -192,6 +192,9 @@ def _start_on(port: int) -> ServerInfo | None:
         if not seeded:
             raise
         prefect_template.discard(home / "prefect")  # migrate a new one instead
+        print(f"planrun: the server could not start from a copy of the database template "
+              f"({prefect_template.template_path()}): the template is thrown away and a new "
+              f"database created (≈ 30 s)", file=sys.stderr, flush=True)
         return _start_on(port)
     if new and not seeded and info is not None:
         prefect_template.save(home / "prefect" / prefect_template.DB_NAME)

@@ -26,8 +26,12 @@ def _env(home: Path, cache: Path | None = None) -> dict[str, str]:
 
 
 def _tables(db: Path) -> set[str]:
+    return {str(name) for (name,) in _query(db, "SELECT name FROM sqlite_master")}
+
+
+def _query(db: Path, sql: str) -> list[tuple[object, ...]]:
     with closing(sqlite3.connect(db)) as conn:
-        return {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+        return conn.execute(sql).fetchall()
 
 
 def _server(action: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -35,24 +39,40 @@ def _server(action: str, env: dict[str, str]) -> subprocess.CompletedProcess[str
                           env=env, timeout=180)
 
 
+def _bad_template(cache: Path) -> Path:
+    """A template no server starts from: its migration is not one of Prefect's."""
+    (cache / "planrun").mkdir(parents=True)
+    template = prefect_template.template_path({"XDG_CACHE_HOME": str(cache)})
+    with closing(sqlite3.connect(template)) as conn:
+        conn.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        conn.execute("INSERT INTO alembic_version VALUES ('0000deadbeef')")
+        conn.commit()
+    return template
+
+
 def test_first_run_starts_a_local_server_and_later_runs_reuse_it(tmp_path: Path) -> None:
+    """One database migration for the whole story (it costs tens of seconds): the first
+    run's server cannot start from the template in the cache, throws it away, migrates a
+    new database and keeps it as the template; later runs reuse the server; a new data
+    directory's server starts from the template."""
     home = tmp_path / "home"
     plan = tmp_path / "plan.yaml"
     plan.write_text("version: 1\nname: embedded\nsteps: [{id: a, tool: core.echo, with: {value: 1}}]\n")
+    template = _bad_template(tmp_path / "cache")
     env = _env(home)
     try:
         first = subprocess.run([*PLANRUN, "run", str(plan), "--json"], capture_output=True,
                                text=True, env=env, timeout=180)
         assert first.returncode == 0, first.stderr
-        # Said at once, through a pipe too: the first start takes tens of seconds.
-        assert first.stderr.startswith("planrun: starting the local Prefect server (its first "
-                                       "start creates the database"), first.stderr
+        # Said at once, through a pipe too: a migration takes tens of seconds.
+        assert first.stderr.startswith("planrun: starting the local Prefect server"), first.stderr
+        assert (f"could not start from a copy of the database template ({template}): the "
+                "template is thrown away and a new database created") in first.stderr
         assert "planrun: the Prefect server is up at http://127.0.0.1:" in first.stderr
         state = json.loads((home / "server.json").read_text())
         assert (home / "prefect" / "prefect.db").exists(), "SQLite under the data directory"
-        templates = list((tmp_path / "cache" / "planrun").glob("prefect-*.db"))
-        assert len(templates) == 1 and "alembic_version" in _tables(templates[0]), \
-            "the migrated database is kept for the next new data directory"
+        (revision,), = _query(template, "SELECT version_num FROM alembic_version")
+        assert revision != "0000deadbeef", "the migrated database is kept as the template"
         assert json.loads(first.stdout)["prefect_url"].startswith(state["url"].removesuffix("/api"))
 
         second = subprocess.run([*PLANRUN, "run", str(plan), "--json"], capture_output=True,
@@ -72,34 +92,14 @@ def test_first_run_starts_a_local_server_and_later_runs_reuse_it(tmp_path: Path)
     assert not psutil.pid_exists(state["pid"]) or \
         psutil.Process(state["pid"]).status() == psutil.STATUS_ZOMBIE
 
-
-def test_a_new_data_directory_starts_its_server_from_the_migrated_template(
-        tmp_path: Path) -> None:
-    cache = tmp_path / "cache"
-    (cache / "planrun").mkdir(parents=True)
-    template = prefect_template.template_path({"XDG_CACHE_HOME": str(cache)})
-    with closing(sqlite3.connect(template)) as conn:  # a template no server starts from...
-        conn.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
-        conn.execute("INSERT INTO alembic_version VALUES ('0000deadbeef')")  # no such migration
-        conn.commit()
-    env = _env(tmp_path / "first", cache)
-    try:
-        first = _server("start", env)
-        assert first.returncode == 0, first.stderr  # ...is thrown away: migrated instead
-    finally:
-        _server("stop", env)
-    with closing(sqlite3.connect(template)) as conn:
-        (revision,), = conn.execute("SELECT version_num FROM alembic_version")
-    assert revision != "0000deadbeef", "a good template in its place"
     with closing(sqlite3.connect(template)) as conn:
         conn.execute("CREATE TABLE planrun_marker (x)")  # to tell a copy by
         conn.commit()
-
-    env = _env(tmp_path / "second", cache)
+    env = _env(tmp_path / "second")
     try:
-        second = _server("start", env)
-        assert second.returncode == 0, second.stderr
-        assert "creates the database" not in second.stderr
+        new_home = _server("start", env)
+        assert new_home.returncode == 0, new_home.stderr
+        assert "database" not in new_home.stderr, "no migration, no template thrown away"
     finally:
         _server("stop", env)
     assert "planrun_marker" in _tables(tmp_path / "second" / "prefect" / "prefect.db")

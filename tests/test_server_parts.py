@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from planrun import server
+from planrun import prefect_template, server
 
 
 def _dead_pid() -> int:
@@ -62,3 +62,25 @@ def test_a_process_that_is_gone_listens_nowhere_and_reaps_as_gone() -> None:
 def test_a_live_process_that_is_not_our_child_is_not_reaped() -> None:
     assert server._reap(os.getpid()) is None
     assert server.alive(os.getpid())
+
+
+def test_the_first_start_on_a_machine_says_it_creates_the_database(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """With neither a database nor a template, the person is told at once why the start
+    takes tens of seconds; with a template, not. (The start is faked here:
+    tests/test_server.py migrates a real database.)"""
+    monkeypatch.setenv("PLANRUN_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(server, "start", lambda: server.ServerInfo(
+        url="http://127.0.0.1:4999/api", pid=1))
+    server._start_telling()
+    told = capsys.readouterr().err
+    assert told.startswith("planrun: starting the local Prefect server (its first start "
+                           "creates the database: ≈ 30 s); log: "), told
+    assert "planrun: the Prefect server is up at http://127.0.0.1:4999 (0 s)" in told
+
+    template = prefect_template.template_path()
+    template.parent.mkdir(parents=True)
+    template.touch()
+    server._start_telling()
+    assert "creates the database" not in capsys.readouterr().err
