@@ -312,19 +312,19 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_tools(args: argparse.Namespace) -> int:
     from planrun.adapters.registry import default_registry
 
-    async def health() -> list[dict[str, Any]]:
-        rows = []
-        for adapter in default_registry().adapters():
-            try:
-                status = await asyncio.wait_for(adapter.health(), timeout=5)
-                ok, detail = status.ok, status.detail
-            except Exception as exc:  # noqa: BLE001 - a broken health check is reported
-                ok, detail = False, f"health check failed: {exc}"
-            rows.append({"tool": adapter.name, "summary": adapter.summary, "healthy": ok,
-                         "detail": detail, "parameters": adapter.parameter_schema()})
-        return rows
+    async def health(adapter: Any) -> dict[str, Any]:
+        try:
+            status = await asyncio.wait_for(adapter.health(), timeout=5)
+            ok, detail = status.ok, status.detail
+        except Exception as exc:  # noqa: BLE001 - a broken health check is reported
+            ok, detail = False, f"health check failed: {exc}"
+        return {"tool": adapter.name, "summary": adapter.summary, "healthy": ok,
+                "detail": detail, "parameters": adapter.parameter_schema()}
 
-    rows = asyncio.run(health())
+    async def every_health() -> list[dict[str, Any]]:  # at once: one slow check, not the sum
+        return list(await asyncio.gather(*map(health, default_registry().adapters())))
+
+    rows = asyncio.run(every_health())
     breakers = _breakers_by_tool()
     for row in rows:
         row["breakers"] = breakers.get(row["tool"], [])

@@ -90,3 +90,37 @@ def test_a_reader_that_stops_reading_gets_no_traceback() -> None:
     err = proc.stderr.read().decode()
     proc.stderr.close()
     assert (proc.wait(60), err) == (1, "")
+
+
+def test_planrun_tools_checks_every_tools_health_at_once(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two health checks that each wait for the other to have started: run one after the
+    other, the first would wait out its 5 s and be reported unhealthy."""
+    import asyncio
+
+    from planrun.adapters import registry
+    from planrun.adapters.base import Health
+    from planrun.adapters.fake import fake_tool
+
+    started: list[str] = []
+
+    def waiting(name: str) -> type:
+        cls, _ = fake_tool(name)
+
+        async def health(self: object) -> Health:
+            started.append(name)
+            while len(started) < 2:
+                await asyncio.sleep(0.01)
+            return Health(ok=True, detail="the other check has started")
+
+        cls.health = health  # type: ignore[method-assign]
+        return cls
+
+    tools = registry.Registry([waiting("slow.one"), waiting("slow.two")])
+    monkeypatch.setattr(registry, "default_registry", lambda: tools)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PLANRUN_HOME", str(Path(os.environ["PLANRUN_HOME"]) / "no-server"))
+    assert main(["tools", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(row["tool"], row["healthy"]) for row in rows] == [("slow.one", True),
+                                                               ("slow.two", True)]
