@@ -42,6 +42,7 @@ from planrun.inputs import resolve_inputs
 from planrun.loader import Source
 from planrun.plan_schemas.model import Plan
 from planrun.policy import current_trust, load_policy
+from planrun.prefect_ui import flow_run_url
 from planrun.report import RunObserver
 from planrun.secrets import RunSecrets, forget, input_blocks
 from planrun.secrets import load as load_secrets
@@ -144,7 +145,8 @@ async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
     session = RunSession(graph, run_id, parts, inputs=inputs, secrets=secrets,
                          observers=host.observers,
                          can_ask=durable and (_deployed() or asker is not None),
-                         started_at=_started_at(), flow_run_url=_ui_url(run_id))
+                         started_at=_started_at(),
+                         flow_run_url=None if run_id == "local" else flow_run_url(run_id))
     with host.sessions.running(session), _sigterm_cancels(host):
         return await session.run_to_end()
 
@@ -206,10 +208,3 @@ def _started_at() -> float:
     context = FlowRunContext.get()
     start = context.flow_run.start_time if context and context.flow_run else None
     return start.timestamp() if start is not None else time.time()
-
-
-def _ui_url(run_id: str) -> str | None:
-    from prefect.settings import get_current_settings
-
-    ui = get_current_settings().ui_url
-    return f"{ui}/runs/flow-run/{run_id}" if ui and run_id != "local" else None

@@ -26,6 +26,7 @@ from planrun.errors import Conflict, NotFound, PlanInvalid, PolicyInvalid, Usage
 from planrun.inputs import resolve_inputs
 from planrun.loader import Source
 from planrun.policy import Trust, trusted_as
+from planrun.prefect_ui import flow_run_url
 from planrun.progress_bridge.runs import RunView
 from planrun.progress_bridge.state import BridgeState, state_of
 from planrun.validate import ValidPlan, validate_data, validate_text
@@ -98,7 +99,7 @@ async def _submit(state: BridgeState, request: Request) -> Any:
         raise HTTPException(503, "this bridge cannot start runs: start it with `planrun up`")
     run_id = await state.submit(valid.source.data, inputs)
     if run_id not in state.views:  # known from now on: pending until its engine starts it
-        view = RunView.unstarted(run_id, valid.plan.name)
+        view = RunView.unstarted(run_id, valid.plan.name, flow_run_url(run_id))
         state.store.commit(run_id, [], view.to_json())
         state.views[run_id] = view
     base = f"/v1/runs/{run_id}"

@@ -120,9 +120,11 @@ class RunView:
                                   summary=record.plan, plan=tuple(p.steps))]
 
     @classmethod
-    def unstarted(cls, run_id: str, plan: str = "") -> RunView:
-        """A run Prefect knows of whose engine never announced it (it failed first)."""
-        return cls(RunRecord(run_id=run_id, plan=plan, steps={}, status=RunStatus.PENDING))
+    def unstarted(cls, run_id: str, plan: str = "", flow_run_url: str | None = None) -> RunView:
+        """A run Prefect knows of whose engine has not announced it (yet: it was just
+        submitted; or never: it failed first)."""
+        return cls(RunRecord(run_id=run_id, plan=plan, steps={}, status=RunStatus.PENDING,
+                             flow_run_url=flow_run_url))
 
     def on_step(self, p: StepChanged, now: float) -> list[Draft]:
         """Apply a ``planrun.step.<status>`` event; no message when it is stale."""

@@ -3,6 +3,7 @@ run is a recording stand-in here; tests/test_stack.py submits to the real runner
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import httpx
@@ -66,10 +67,12 @@ def test_a_valid_plan_is_submitted_with_typed_inputs_and_defaults(
     assert plan["name"] == "greet" and plan["steps"][0]["with"]["value"] == "hello {{ inputs.who }}"
     assert inputs == {"who": "world", "times": 2}
 
-    # Known at once, pending until its engine starts it.
+    # Known at once, pending until its engine starts it; its page in the Prefect UI too.
     report = httpx.get(f"{submitting.http}/v1/runs/run-1", headers=submitting.auth).json()
     assert (report["run_id"], report["plan"], report["status"]) == ("run-1", "greet", "pending")
     assert report["last_seq"] == 0
+    ui = os.environ["PREFECT_API_URL"].removesuffix("/api")
+    assert report["prefect_url"] == f"{ui}/runs/flow-run/run-1"
 
 
 def test_a_plan_given_as_an_object_is_validated_the_same_way(
