@@ -44,6 +44,7 @@ from planrun.contract.events import (
     RunAwaitingApproval,
     RunEnded,
     RunPaused,
+    RunProcess,
     RunResumed,
     RunStarted,
     StepChanged,
@@ -71,9 +72,11 @@ def resource(run_id: str, plan: str) -> dict[str, str]:
 class RunEvents:
     """Emits the events of one run; its ``changed`` is called on every change."""
 
-    def __init__(self, plan: Plan, run: RunRecord, segment: int = 1) -> None:
+    def __init__(self, plan: Plan, run: RunRecord, segment: int = 1,
+                 process: RunProcess | None = None) -> None:
         self.plan = plan
         self.run = run
+        self.process = process  # told with run.started, run.resumed and every heartbeat
         self.resource = resource(run.run_id, plan.name)
         # n goes on across the processes of one run (a resume, a recovery): segment k
         # numbers its events from k * SEGMENT + 1.
@@ -89,14 +92,14 @@ class RunEvents:
             started_at=iso(run.started_at), prefect_url=run.flow_run_url,
             steps=[PlanStep(id=s.id, name=s.name, tool=s.tool, needs=tuple(s.needs),
                             critical=s.critical, estimate_s=s.estimate_s)
-                   for s in run.steps.values()]))
+                   for s in run.steps.values()], process=self.process))
 
     def resumed(self, restored: list[str], retry: int | None = None) -> None:
         """The run goes on in a new process (after a pause or a crash, or, with ``retry``
         its number, after it had ended); ``restored`` are the steps that had finished and
         will not run again."""
         self._emit(RUN_RESUMED, RunResumed(**self._head(), restored=restored, retry=retry,
-                                           progress=self.run.progress()))
+                                           progress=self.run.progress(), process=self.process))
 
     def paused(self, reason: str, timeout_s: float | None = None,
                on_timeout: Literal["cancel", "resume"] = "cancel") -> None:
@@ -115,7 +118,7 @@ class RunEvents:
     def heartbeat(self) -> None:
         """A sign of life: the bridge takes a run whose process has stopped sending them
         for long to have crashed with its host, and recovers it."""
-        self._emit(HEARTBEAT, Heartbeat(**self._head()))
+        self._emit(HEARTBEAT, Heartbeat(**self._head(), process=self.process))
 
     def changed(self, step: StepRecord) -> None:
         """Emit the step's event if its status or attempt changed since the last one."""

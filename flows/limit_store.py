@@ -32,7 +32,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import socket
 import sqlite3
 import time
 import uuid
@@ -42,9 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
-import psutil
-
 from planrun.errors import LimitStoreUnusable
+from planrun.processes import alive, started, this_place
 
 #: The file, in planrun's data directory.
 FILE_NAME = "limits.sqlite3"
@@ -163,8 +161,7 @@ class Asker:
         return self._pid != os.getpid()
 
     def _connected(self) -> None:
-        self._pid, self._started, self._here = (os.getpid(), psutil.Process().create_time(),
-                                                this_place())
+        self._pid, self._started, self._here = (os.getpid(), started(), this_place())
 
     def _asking(self, keys: object, label: str, now: float) -> tuple[object, ...]:
         """A new turn's row from ``keys`` on: keys, owner, pid, pid_start, place, label,
@@ -177,15 +174,6 @@ class Asker:
             return False
         self._renewed = now
         return True
-
-
-def this_place() -> str:
-    """Where this process's pid means something: its host and PID namespace."""
-    try:
-        namespace = os.readlink("/proc/self/ns/pid")
-    except OSError:
-        namespace = "?"
-    return f"{socket.gethostname()}/{namespace}"
 
 
 class SqliteLimitStore(Asker):
@@ -309,7 +297,7 @@ def grant_pass(turns: list[Turn], owner: str, here: str, now: float) -> Pass:
     waiting turn whose keys all have fewer holders than its limits; what that means for
     ``owner``'s turns (granted, or where each waits)."""
     dead = {(pid, start) for pid, start in {(t.pid, t.pid_start) for t in turns
-                                            if t.place == here} if not _alive(pid, start)}
+                                            if t.place == here} if not alive(pid, start)}
     gone = {t.ticket for t in turns if t.expires < now or (t.pid, t.pid_start) in dead}
     live = [t for t in turns if t.ticket not in gone]
     held: Counter[str] = Counter()
@@ -351,16 +339,3 @@ def conform(rates: Mapping[str, Rate], tats: Mapping[str, float],
     counted = {k: max(clocks[k], go) + 1 / r.per_s for k, r in rates.items()
                if go <= now or allowed[k] >= go}
     return go, counted, {k: r for k, r in rates.items() if k not in counted}
-
-
-def _alive(pid: int, started: float) -> bool:
-    """Whether the process ``pid`` that started at ``started`` still runs (a zombie does
-    not: it has exited, only its parent has not looked yet)."""
-    try:
-        process = psutil.Process(pid)
-        return abs(process.create_time() - started) < 0.01 and \
-            process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.Error:
-        return True  # it exists, but we may not look at it: assume it is the one

@@ -11,6 +11,7 @@ source, and the workspace with its backups under the data directory.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import threading
 import time
@@ -24,6 +25,7 @@ from prefect.states import Cancelled, Completed, Failed, State
 
 from planrun.adapters.registry import Registry, default_registry
 from planrun.adapters.workspace import Workspace, default_workspace_root
+from planrun.contract.events import RunProcess
 from planrun.contract.status import RunStatus
 from planrun.errors import PlanInvalid, PolicyInvalid, UsageError
 from planrun.flows import prefect_compat
@@ -43,6 +45,7 @@ from planrun.loader import Source
 from planrun.plan_schemas.model import Plan
 from planrun.policy import current_trust, load_policy
 from planrun.prefect_ui import flow_run_url
+from planrun.processes import started, this_place
 from planrun.report import RunObserver
 from planrun.secrets import RunSecrets, forget, input_blocks
 from planrun.secrets import load as load_secrets
@@ -159,7 +162,7 @@ def real_parts(graph: RunGraph, run_id: str, secrets: RunSecrets,
         checkpoints=Checkpoints(run_id, secrets.redactor),
         control=RunControl(run_id, asker=asker, waits_here=asker is not None),
         workspace=workspace or _workspace(run_id), steps=TaskRuns(),
-        events=lambda run, segment: RunEvents(graph.plan, run, segment),
+        events=lambda run, segment: RunEvents(graph.plan, run, segment, _this_process()),
         artifacts=RunArtifacts, limits=default_limiter())
 
 
@@ -201,6 +204,14 @@ def _deployed() -> bool:
 def _is_this_flow_run(run_id: str) -> bool:
     context = FlowRunContext.get()
     return bool(context and context.flow_run and str(context.flow_run.id) == run_id)
+
+
+def _this_process() -> RunProcess:
+    """This process, and the Prefect Running state its flow run started under here."""
+    context = FlowRunContext.get()
+    state = context.flow_run.state if context and context.flow_run else None
+    return RunProcess(place=this_place(), pid=os.getpid(), started=started(),
+                      state_id=str(state.id) if state is not None else None)
 
 
 def _started_at() -> float:

@@ -141,7 +141,9 @@ class FakeFlowRuns:
         self.calls.append(("set_state", run_id, target, message))
         state_id = f"state-{len(self.calls)}"
         heard = state_id if target == "PAUSED" and self.engines_hear else None
-        self.runs[run_id] = FlowRun(run_id, target, state_id=state_id, pause_heard=heard)
+        run = self.runs.get(run_id) or FlowRun(run_id, target)  # a new state, the same run
+        self.runs[run_id] = FlowRun(run_id, target, state_id=state_id, pause_heard=heard,
+                                    deployed=run.deployed, secret_inputs=run.secret_inputs)
         return state_id
 
     async def resume(self, run_id: str, answer: dict[str, Any] | None = None) -> None:

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable
 
 from planrun.contract.control import CONTROL_LABEL, RETRY_LABEL, answer_form, is_asking_of
-from planrun.errors import Conflict
+from planrun.errors import Conflict, NotFound
 from planrun.progress_bridge.flow_runs import FlowRun, FlowRuns
 
 #: How long an answer to an announced gate waits for the run to be suspended at it (the
@@ -135,14 +135,27 @@ class ControlService:
                 return found
             await asyncio.sleep(0.1)
 
-    async def declare_crashed(self, run_id: str, message: str) -> bool:
+    async def declare_crashed(self, run_id: str, message: str,
+                              state_id: str | None = None) -> bool:
         """Mark a run Crashed that is Running or Pending without a sign of life (a
-        Scheduled run waits for a runner: left alone); whether it was marked."""
+        Scheduled run waits for a runner: left alone); with ``state_id``, only while that
+        is its state (a process that has exited is taken for the run's only while the
+        Running state it started under is the run's); whether it was marked."""
         found = await self.flow_runs.read(run_id)
         if found.kind not in ("RUNNING", "PENDING"):
             return False
+        if state_id is not None and found.state_id != state_id:
+            return False
         await self.flow_runs.set_state(run_id, "CRASHED", message)
         return True
+
+    async def recoverable(self, run_id: str) -> bool:
+        """Whether a runner can start the run again: it belongs to a deployment (a run of
+        ``planrun run`` ran in that command's process)."""
+        try:
+            return (await self.flow_runs.read(run_id)).deployed
+        except NotFound:
+            return False
 
     async def recover(self, run_id: str, message: str) -> None:
         """Schedule a crashed run again: a runner starts it in a new process, which keeps

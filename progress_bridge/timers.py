@@ -1,6 +1,7 @@
 """The bridge's timers: background jobs run later, and the rules that act on time through
 the control service: a pause that timed out (``limits.pause_timeout``), a gate no one
-answered in time, and a run whose process stopped sending heartbeats.
+answered in time, and a run whose process stopped sending heartbeats or, on this machine,
+has exited.
 
 A control the run's state no longer allows (a :class:`~planrun.errors.Conflict`) is
 logged: the run moved on meanwhile.
@@ -12,14 +13,22 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from planrun.contract.control import TIMED_OUT
+from planrun.contract.events import RunProcess
+from planrun.contract.status import RunStatus
 from planrun.errors import Conflict, NotFound
+from planrun.processes import alive, this_place
 from planrun.progress_bridge.runs import RunView
 from planrun.progress_bridge.service import ControlService
 
 log = logging.getLogger("planrun.bridge")
+
+#: How often the bridge looks whether a running run's process, if it runs on this machine,
+#: still does.
+PROCESS_LOOK_S = 1.0
 
 
 class Later:
@@ -57,10 +66,15 @@ class Deadlines:
         self.later = later
         self.dead_after_s = dead_after_s
         self.alive: dict[str, float] = {}  # the last sign of life of each run (epoch s)
+        self.here = this_place()
+        self.processes: dict[str, _Process] = {}  # the process each run last said runs it
+        self.exited: dict[str, set[RunProcess]] = {}  # found gone: a late word is old news
 
     def watch(self, run_id: str, view: RunView) -> None:
         """Time the view's pause and gate, if it has them."""
         if view.ended:
+            for known in (self.alive, self.processes, self.exited):
+                known.pop(run_id, None)
             return
         if view.pause_deadline is not None:
             wait = max(0.0, view.pause_deadline.deadline - time.time())
@@ -91,34 +105,69 @@ class Deadlines:
         await self._control(run_id, "rejection", self.control.answer(
             run_id, step_id, approved=False, comment=TIMED_OUT))
 
-    def seen_alive(self, run_id: str, at: float) -> None:
+    def seen_alive(self, run_id: str, at: float, process: RunProcess | None = None) -> None:
+        """A sign of life of the run at ``at``, from ``process`` when the event names it."""
         self.alive[run_id] = max(self.alive.get(run_id, 0.0), at)
+        known = self.processes.get(run_id)
+        if process is not None and process not in self.exited.get(run_id, ()) and (
+                known is None or at >= known.at):
+            self.processes[run_id] = _Process(process, at, looked=known.looked if known
+                                              and known.process == process else 0.0)
 
     def check_alive(self, run_id: str, view: RunView, now: float) -> None:
         """A running run sends a heartbeat every few seconds; one silent for
         ``dead_after_s`` lost its process with its host (or everything was killed at once,
         Prefect's server included): it is marked Crashed, and so recovered. So is a run a
-        runner took (Pending) but did not start in that time."""
+        runner took (Pending) but did not start in that time. A running run whose process
+        ran here and has exited is marked Crashed at once."""
         if not view.record.status.holds_process:
+            self.processes.pop(run_id, None)  # suspended: its next process says so
             return  # a paused run, or one waiting at a gate, holds no process
         last = self.alive.setdefault(run_id, now)  # first seen now: give it time
+        exited = self._exited(run_id, view, now)
+        if exited is not None:
+            self.later.soon(0, lambda: self._declare_crashed(
+                run_id, f"its process {exited.pid} has exited", exited.state_id))
+            return
         if now - last < self.dead_after_s:
             return
         self.alive[run_id] = now  # once per silence
-        silent = now - last
-        self.later.soon(0, lambda: self._declare_crashed(run_id, silent))
+        self.later.soon(0, lambda: self._declare_crashed(
+            run_id, f"no sign of life for {now - last:.0f}s"))
 
-    async def _declare_crashed(self, run_id: str, silent_s: float) -> None:
-        message = f"no sign of life for {silent_s:.0f}s"
-        if await self.control.declare_crashed(run_id, message):
-            log.warning("run %s has not been heard of for %.0fs: marked crashed", run_id,
-                        silent_s)
+    def _exited(self, run_id: str, view: RunView, now: float) -> RunProcess | None:
+        """The running run's process, if it ran here and has exited (looked at once a
+        ``PROCESS_LOOK_S``); then forgotten, so that it is acted on once."""
+        known = self.processes.get(run_id)
+        if (known is None or view.record.status != RunStatus.RUNNING
+                or known.process.place != self.here or now - known.looked < PROCESS_LOOK_S):
+            return None
+        known.looked = now
+        if alive(known.process.pid, known.process.started):
+            return None
+        del self.processes[run_id]
+        self.exited.setdefault(run_id, set()).add(known.process)
+        return known.process
+
+    async def _declare_crashed(self, run_id: str, message: str,
+                               state_id: str | None = None) -> None:
+        if await self.control.declare_crashed(run_id, message, state_id):
+            log.warning("run %s: %s: marked crashed", run_id, message)
 
     async def _control(self, run_id: str, what: str, action: Awaitable[None]) -> None:
         try:
             await action
         except (Conflict, NotFound) as exc:
             log.info("run %s: no %s after its deadline: %s", run_id, what, exc)
+
+
+@dataclass
+class _Process:
+    """The process a run last said runs it, said at ``at``; when it was last looked at."""
+
+    process: RunProcess
+    at: float
+    looked: float = 0.0
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:

@@ -35,7 +35,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from planrun.contract.events import HEARTBEAT, RunStarted, StepChanged
+from planrun.contract.events import HEARTBEAT, Heartbeat, RunResumed, RunStarted, StepChanged
 from planrun.contract.status import StepStatus
 from planrun.progress_bridge.apply import (
     BreakerChanged,
@@ -112,7 +112,9 @@ class Upstream:
             return self._flow_run_ended(event)
         if isinstance(event, BreakerChanged):
             return self._breaker_changed(event)
-        self.deadlines.seen_alive(event.run_id, event.occurred)
+        payload = event.payload
+        self.deadlines.seen_alive(event.run_id, event.occurred, payload.process if isinstance(
+            payload, (Heartbeat, RunStarted, RunResumed)) else None)
         view, now = self.state.views.get(event.run_id), time.time()
         if event.name == HEARTBEAT:
             if view is None:
@@ -247,9 +249,11 @@ class Upstream:
     async def _end(self, event: FlowRunEnded) -> None:
         run_id = event.run_id
         view = self.state.views.get(run_id)
-        # A crash learnt of long after (a run read from Prefect's history) is not recovered.
+        # A crash learnt of long after (a run read from Prefect's history) is not recovered,
+        # nor one of a run no runner can start again (it ran in `planrun run`'s process).
         crashed = (event.state == "CRASHED"
-                   and time.time() - event.occurred <= self.settings.lookback_s)
+                   and time.time() - event.occurred <= self.settings.lookback_s
+                   and await self.state.control.recoverable(run_id))
         if (crashed and view is not None and not view.ended
                 and view.recoveries < self.settings.recover_attempts):
             # At once, without waiting for a late end event of the run: an engine that had

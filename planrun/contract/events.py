@@ -60,24 +60,42 @@ class Payload(Versioned):
     n: int
 
 
+class RunProcess(BaseModel):
+    """The process running the run now: its pid and start time mean something only at
+    ``place`` (host and PID namespace: ``planrun.processes``); ``state_id`` is the Prefect
+    Running state it started under. A bridge at the same place marks the run crashed as
+    soon as that process has exited while that state is the run's (docs/production.md)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    place: str
+    pid: int
+    started: float
+    state_id: str | None = None
+
+
 class RunStarted(Payload):
-    """``planrun.run.started``: the plan's steps, their needs and first estimates."""
+    """``planrun.run.started``: the plan's steps, their needs and first estimates;
+    ``process``: the process that runs it."""
 
     plan: str
     max_parallel: int = 16
     started_at: str | None = None
     prefect_url: str | None = None
     steps: list[PlanStep] = []
+    process: RunProcess | None = None
 
 
 class RunResumed(Payload):
-    """``planrun.run.resumed``: the run goes on in a new process; ``restored`` are the
-    steps that had finished and will not run again. ``retry``: the run had ended and is
-    retried (its number, from 1); its other steps run again (docs/retry.md)."""
+    """``planrun.run.resumed``: the run goes on in a new process (``process``);
+    ``restored`` are the steps that had finished and will not run again. ``retry``: the
+    run had ended and is retried (its number, from 1); its other steps run again
+    (docs/retry.md)."""
 
     restored: list[str] = []
     progress: Progress | None = None
     retry: int | None = None
+    process: RunProcess | None = None
 
 
 class RunPaused(Payload):
@@ -102,6 +120,8 @@ class RunAwaitingApproval(Payload):
 
 class Heartbeat(Payload):
     """``planrun.run.heartbeat``: a sign of life of the run's process."""
+
+    process: RunProcess | None = None
 
 
 class StepChanged(Payload):

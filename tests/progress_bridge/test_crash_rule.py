@@ -1,0 +1,98 @@
+"""The bridge's crash rule through its one path (a fake event source, fake flow runs, the
+real upstream with its timer): a run whose process ran here and has exited is marked
+crashed within a second or two, not after ``dead_after_s``; then a run of a deployment is
+scheduled again, and a run of ``planrun run`` (no runner can start it again) ends failed."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+from planrun.contract.events import RunProcess, RunStarted
+from planrun.contract.status import RunStatus
+from planrun.processes import this_place
+from planrun.progress_bridge.apply import FlowRunEnded, RunEvent
+from planrun.progress_bridge.flow_runs import FakeFlowRuns, FlowRun
+from planrun.progress_bridge.hub import Hub
+from planrun.progress_bridge.metrics import Metrics
+from planrun.progress_bridge.service import ControlService
+from planrun.progress_bridge.source import FakeEventSource
+from planrun.progress_bridge.state import BridgeState, Settings
+from planrun.progress_bridge.store import MessageStore
+from planrun.progress_bridge.upstream import Upstream
+from planrun.progress_bridge.upstream_settings import UpstreamSettings
+
+from .events import started
+
+#: The timer on, the silence rule out of reach: only the process rule can act here.
+SETTINGS = UpstreamSettings(history=False, ticks=True, dead_after_s=3600, settle_s=0.5,
+                            grace_s=0.2)
+
+
+def exited_process(state_id: str) -> RunProcess:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        began = psutil.Process(child.pid).create_time()
+    finally:
+        child.kill()
+        child.wait(10)
+    return RunProcess(place=this_place(), pid=child.pid, started=began, state_id=state_id)
+
+
+def started_in(run_id: str, process: RunProcess) -> RunEvent:
+    event = started(run_id, steps=2)
+    assert isinstance(event.payload, RunStarted)
+    return RunEvent(event.id, event.name, run_id, time.time(),
+                    event.payload.model_copy(update={"process": process}))
+
+
+async def until(condition: Callable[[], object], what: str) -> None:
+    try:
+        async with asyncio.timeout(20):
+            while not condition():
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"no {what} within 20 s") from None
+
+
+def test_a_run_whose_process_has_exited_is_crashed_at_once_then_recovered_if_it_can_be(
+        tmp_path: Path) -> None:
+    flow_runs = FakeFlowRuns({
+        "deployed": FlowRun("deployed", "RUNNING", state_id="s1"),
+        "local": FlowRun("local", "RUNNING", state_id="s1", deployed=False)})
+
+    def states(run_id: str) -> list[str]:
+        return [call[2] for call in flow_runs.calls if call[:2] == ("set_state", run_id)]
+
+    async def main() -> None:
+        store, source = MessageStore(tmp_path), FakeEventSource()
+        state = BridgeState(store, Hub(), Metrics(), ControlService(flow_runs),
+                            Settings(token="t"))
+        task = asyncio.ensure_future(Upstream(source, SETTINGS)(state))
+        try:
+            for run_id in ("deployed", "local"):
+                assert await source.push(started_in(run_id, exited_process("s1")))
+                await until(lambda r=run_id: states(r) == ["CRASHED"], f"crash of {run_id}")
+                # What Prefect then says: the flow run ended crashed.
+                assert await source.push(FlowRunEnded(f"{run_id}-crash", run_id, time.time(),
+                                                      "CRASHED", "its process has exited"))
+            await until(lambda: states("deployed") == ["CRASHED", "SCHEDULED"],
+                        "the deployed run scheduled again")
+            await until(lambda: state.views["local"].record.status == RunStatus.FAILED,
+                        "the local run to end")
+            assert states("local") == ["CRASHED"]  # no runner could start it again
+            assert state.views["deployed"].record.status == RunStatus.RUNNING
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            store.close()
+
+    asyncio.run(main())
+    message = [call[3] for call in flow_runs.calls if call[1] == "deployed"][0]
+    assert message.startswith("its process ") and message.endswith(" has exited")
