@@ -149,13 +149,16 @@ class ControlService:
         await self.flow_runs.set_state(run_id, "CRASHED", message)
         return True
 
-    async def recoverable(self, run_id: str) -> bool:
-        """Whether a runner can start the run again: it belongs to a deployment (a run of
-        ``planrun run`` ran in that command's process)."""
+    async def recoverable(self, run_id: str) -> bool | None:
+        """After a crash: whether a runner can start the run again (it belongs to a
+        deployment; a run of ``planrun run`` ran in that command's process); None when it
+        is no longer crashed (recovered already: a second report of one crash, or a person
+        resumed it)."""
         try:
-            return (await self.flow_runs.read(run_id)).deployed
+            found = await self.flow_runs.read(run_id)
         except NotFound:
             return False
+        return found.deployed if found.kind == "CRASHED" else None
 
     async def recover(self, run_id: str, message: str) -> None:
         """Schedule a crashed run again: a runner starts it in a new process, which keeps

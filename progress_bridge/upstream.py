@@ -252,8 +252,12 @@ class Upstream:
         # A crash learnt of long after (a run read from Prefect's history) is not recovered,
         # nor one of a run no runner can start again (it ran in `planrun run`'s process).
         crashed = (event.state == "CRASHED"
-                   and time.time() - event.occurred <= self.settings.lookback_s
-                   and await self.state.control.recoverable(run_id))
+                   and time.time() - event.occurred <= self.settings.lookback_s)
+        if crashed:
+            recoverable = await self.state.control.recoverable(run_id)
+            if recoverable is None:
+                return  # no longer crashed: recovered already, or resumed by a person
+            crashed = recoverable
         if (crashed and view is not None and not view.ended
                 and view.recoveries < self.settings.recover_attempts):
             # At once, without waiting for a late end event of the run: an engine that had

@@ -96,3 +96,41 @@ def test_a_run_whose_process_has_exited_is_crashed_at_once_then_recovered_if_it_
     asyncio.run(main())
     message = [call[3] for call in flow_runs.calls if call[1] == "deployed"][0]
     assert message.startswith("its process ") and message.endswith(" has exited")
+
+
+class CountingReads(FakeFlowRuns):
+    reads = 0
+
+    async def read(self, run_id: str) -> FlowRun:
+        self.reads += 1
+        return await super().read(run_id)
+
+
+def test_two_reports_of_one_crash_schedule_the_run_again_once(tmp_path: Path) -> None:
+    """The runner and the bridge may both mark a run Crashed (its process died under
+    both): the second report finds the run scheduled again already and is left alone, so
+    the run is never scheduled twice (a second process beside the first)."""
+    flow_runs = CountingReads({"r": FlowRun("r", "CRASHED", state_id="s1")})
+
+    async def main() -> None:
+        store, source = MessageStore(tmp_path), FakeEventSource()
+        state = BridgeState(store, Hub(), Metrics(), ControlService(flow_runs),
+                            Settings(token="t"))
+        task = asyncio.ensure_future(Upstream(source, SETTINGS)(state))
+        try:
+            this = psutil.Process()
+            assert await source.push(started_in("r", RunProcess(
+                place=this_place(), pid=this.pid, started=this.create_time(), state_id="s1")))
+            for n in (1, 2):
+                assert await source.push(FlowRunEnded(f"crash-{n}", "r", time.time(),
+                                                      "CRASHED", "the process died"))
+                # Each report reads the flow run once, and is then done with it.
+                await until(lambda n=n: flow_runs.reads == n, f"report {n} to be handled")
+            assert state.views["r"].record.status == RunStatus.RUNNING
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            store.close()
+
+    asyncio.run(main())
+    assert [call[2] for call in flow_runs.calls] == ["SCHEDULED"]
