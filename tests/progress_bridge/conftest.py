@@ -11,7 +11,8 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,10 +21,13 @@ import uvicorn
 
 from planrun.contract.stream import Draft, Message
 from planrun.progress_bridge.app import BridgeServer, create_app
+from planrun.progress_bridge.flow_runs import FakeFlowRuns
 from planrun.progress_bridge.hub import Hub
+from planrun.progress_bridge.metrics import Metrics
 from planrun.progress_bridge.runs import RunView
+from planrun.progress_bridge.service import ControlService
 from planrun.progress_bridge.source import FakeEventSource, Incoming
-from planrun.progress_bridge.state import BridgeState
+from planrun.progress_bridge.state import BridgeState, Settings
 from planrun.progress_bridge.store import MessageStore
 from planrun.progress_bridge.upstream import Upstream, UpstreamSettings
 
@@ -33,6 +37,26 @@ from .events import nth
 QUIET = UpstreamSettings(history=False, ticks=False)
 
 T = TypeVar("T")
+
+
+@asynccontextmanager
+async def fed_upstream(directory: Path, *, hub: Hub | None = None,
+                       flow_runs: FakeFlowRuns | None = None,
+                       settings: UpstreamSettings = QUIET
+                       ) -> AsyncIterator[tuple[BridgeState, FakeEventSource]]:
+    """The production upstream over a store in ``directory``, fed by a fake event source:
+    the bridge's state and that source, once connected."""
+    store, source = MessageStore(directory), FakeEventSource()
+    state = BridgeState(store, hub or Hub(), Metrics(),
+                        ControlService(flow_runs or FakeFlowRuns()), Settings(token="t"))
+    task = asyncio.ensure_future(Upstream(source, settings)(state))
+    await source.connected.wait()
+    try:
+        yield state, source
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        store.close()
 
 
 class ServedBridge:

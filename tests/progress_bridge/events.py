@@ -4,16 +4,22 @@ a fake event source: each event below makes exactly one message."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+
+import psutil
 
 from planrun.contract.events import (
     PlanStep,
     RunEnded,
+    RunProcess,
     RunStarted,
     StepChanged,
     run_ended_event,
     step_event,
 )
 from planrun.contract.status import RunStatus, StepStatus
+from planrun.processes import this_place
 from planrun.progress_bridge.apply import RunEvent
 
 #: Steps of the runs these events are about: step events cycle through them.
@@ -51,3 +57,21 @@ def ended(run_id: str, n: int, status: RunStatus = RunStatus.COMPLETED) -> RunEv
     return RunEvent(f"{run_id}-{n}", run_ended_event(status), run_id, T0 + n,
                     RunEnded(run_id=run_id, n=n, status=status,
                              ended_at="2026-01-01T00:10:00Z"))
+
+
+def exited_process(state_id: str | None = "s1") -> RunProcess:
+    """A run's process of this machine that has exited: a real one, started and killed."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        began = psutil.Process(child.pid).create_time()
+    finally:
+        child.kill()
+        child.wait(10)
+    return RunProcess(place=this_place(), pid=child.pid, started=began, state_id=state_id)
+
+
+def this_process(state_id: str | None = None) -> RunProcess:
+    """This test's own process, as a run's process that still runs."""
+    this = psutil.Process()
+    return RunProcess(place=this_place(), pid=this.pid, started=this.create_time(),
+                      state_id=state_id)

@@ -6,43 +6,22 @@ scheduled again, and a run of ``planrun run`` (no runner can start it again) end
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import psutil
-
 from planrun.contract.events import RunProcess, RunStarted
 from planrun.contract.status import RunStatus
-from planrun.processes import this_place
 from planrun.progress_bridge.apply import FlowRunEnded, RunEvent
 from planrun.progress_bridge.flow_runs import FakeFlowRuns, FlowRun
-from planrun.progress_bridge.hub import Hub
-from planrun.progress_bridge.metrics import Metrics
-from planrun.progress_bridge.service import ControlService
-from planrun.progress_bridge.source import FakeEventSource
-from planrun.progress_bridge.state import BridgeState, Settings
-from planrun.progress_bridge.store import MessageStore
-from planrun.progress_bridge.upstream import Upstream
 from planrun.progress_bridge.upstream_settings import UpstreamSettings
 
-from .events import started
+from .conftest import fed_upstream
+from .events import exited_process, started, this_process
 
 #: The timer on, the silence rule out of reach: only the process rule can act here.
 SETTINGS = UpstreamSettings(history=False, ticks=True, dead_after_s=3600, settle_s=0.5,
                             grace_s=0.2)
-
-
-def exited_process(state_id: str) -> RunProcess:
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        began = psutil.Process(child.pid).create_time()
-    finally:
-        child.kill()
-        child.wait(10)
-    return RunProcess(place=this_place(), pid=child.pid, started=began, state_id=state_id)
 
 
 def started_in(run_id: str, process: RunProcess) -> RunEvent:
@@ -71,11 +50,8 @@ def test_a_run_whose_process_has_exited_is_crashed_at_once_then_recovered_if_it_
         return [call[2] for call in flow_runs.calls if call[:2] == ("set_state", run_id)]
 
     async def main() -> None:
-        store, source = MessageStore(tmp_path), FakeEventSource()
-        state = BridgeState(store, Hub(), Metrics(), ControlService(flow_runs),
-                            Settings(token="t"))
-        task = asyncio.ensure_future(Upstream(source, SETTINGS)(state))
-        try:
+        async with fed_upstream(tmp_path, flow_runs=flow_runs, settings=SETTINGS) as (
+                state, source):
             for run_id in ("deployed", "local"):
                 assert await source.push(started_in(run_id, exited_process("s1")))
                 await until(lambda r=run_id: states(r) == ["CRASHED"], f"crash of {run_id}")
@@ -88,10 +64,6 @@ def test_a_run_whose_process_has_exited_is_crashed_at_once_then_recovered_if_it_
                         "the local run to end")
             assert states("local") == ["CRASHED"]  # no runner could start it again
             assert state.views["deployed"].record.status == RunStatus.RUNNING
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            store.close()
 
     asyncio.run(main())
     message = [call[3] for call in flow_runs.calls if call[1] == "deployed"][0]
@@ -113,24 +85,15 @@ def test_two_reports_of_one_crash_schedule_the_run_again_once(tmp_path: Path) ->
     flow_runs = CountingReads({"r": FlowRun("r", "CRASHED", state_id="s1")})
 
     async def main() -> None:
-        store, source = MessageStore(tmp_path), FakeEventSource()
-        state = BridgeState(store, Hub(), Metrics(), ControlService(flow_runs),
-                            Settings(token="t"))
-        task = asyncio.ensure_future(Upstream(source, SETTINGS)(state))
-        try:
-            this = psutil.Process()
-            assert await source.push(started_in("r", RunProcess(
-                place=this_place(), pid=this.pid, started=this.create_time(), state_id="s1")))
+        async with fed_upstream(tmp_path, flow_runs=flow_runs, settings=SETTINGS) as (
+                state, source):
+            assert await source.push(started_in("r", this_process(state_id="s1")))
             for n in (1, 2):
                 assert await source.push(FlowRunEnded(f"crash-{n}", "r", time.time(),
                                                       "CRASHED", "the process died"))
                 # Each report reads the flow run once, and is then done with it.
                 await until(lambda n=n: flow_runs.reads == n, f"report {n} to be handled")
             assert state.views["r"].record.status == RunStatus.RUNNING
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            store.close()
 
     asyncio.run(main())
     assert [call[2] for call in flow_runs.calls] == ["SCHEDULED"]

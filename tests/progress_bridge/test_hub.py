@@ -3,43 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
-from planrun.progress_bridge.flow_runs import FakeFlowRuns
 from planrun.progress_bridge.follow import follow
 from planrun.progress_bridge.hub import TOO_SLOW, Disconnected, Hub, Subscription
-from planrun.progress_bridge.metrics import Metrics
-from planrun.progress_bridge.service import ControlService
-from planrun.progress_bridge.source import FakeEventSource
-from planrun.progress_bridge.state import BridgeState, Settings
-from planrun.progress_bridge.store import MessageStore
-from planrun.progress_bridge.upstream import Upstream
 
 from .clients import draft
-from .conftest import QUIET
+from .conftest import fed_upstream
 from .events import nth
-
-
-@asynccontextmanager
-async def upstream_of(directory: Path, hub: Hub) -> AsyncIterator[
-        tuple[FakeEventSource, MessageStore]]:
-    """The production upstream over a store in ``directory`` and ``hub``, fed by the fake
-    source it yields with the store."""
-    store, source = MessageStore(directory), FakeEventSource()
-    state = BridgeState(store, hub, Metrics(), ControlService(FakeFlowRuns()),
-                        Settings(token="t"))
-    task = asyncio.ensure_future(Upstream(source, QUIET)(state))
-    await source.connected.wait()
-    try:
-        yield source, store
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        store.close()
 
 
 def test_a_full_queue_cuts_that_subscriber_off_and_no_other() -> None:
@@ -72,7 +45,8 @@ def test_replay_then_live_has_no_gap_and_no_duplicate(tmp_path: Path) -> None:
 
     async def main() -> None:
         hub = Hub()
-        async with upstream_of(tmp_path, hub) as (source, store):
+        async with fed_upstream(tmp_path, hub=hub) as (state, source):
+            store = state.store
             for i in range(1, 51):
                 await source.push(nth("r", i))
             sub = hub.subscribe("r")
@@ -95,7 +69,7 @@ def test_replay_then_live_has_no_gap_and_no_duplicate(tmp_path: Path) -> None:
 def test_concurrently_delivered_events_keep_a_run_in_order(tmp_path: Path) -> None:
     async def main() -> None:
         hub = Hub()
-        async with upstream_of(tmp_path, hub) as (source, _store):
+        async with fed_upstream(tmp_path, hub=hub) as (_state, source):
             sub = hub.subscribe("r")
             await asyncio.gather(*(source.push(nth("r", i)) for i in range(1, 51)))
             assert [m.seq for m in [sub.get_nowait() for _ in range(50)] if m] == list(range(1, 51))

@@ -5,26 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Literal
 
-import psutil
 import pytest
 
 from planrun.contract.control import RETRY_LABEL, TIMED_OUT, answer_form, asking_key
-from planrun.contract.events import RunProcess
 from planrun.contract.status import RunStatus
 from planrun.errors import Conflict, NotFound
-from planrun.processes import this_place
 from planrun.progress_bridge.flow_runs import FakeFlowRuns, FlowRun
 from planrun.progress_bridge.runs import RunView
 from planrun.progress_bridge.saved_view import Gate, PauseDeadline
 from planrun.progress_bridge.service import ControlService
 from planrun.progress_bridge.timers import Deadlines, Later
+
+from .events import exited_process, this_process
 
 NONCE = "0123456789abcdef0123456789abcdef"
 
@@ -174,17 +171,6 @@ def test_a_running_run_silent_too_long_is_declared_crashed() -> None:
     assert flow_runs.calls == [("set_state", "r", "CRASHED", "no sign of life for 6s")]
 
 
-def _exited_process(state_id: str | None = "s1") -> RunProcess:
-    """A process of this machine that has exited: a real one, started and killed."""
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        started = psutil.Process(child.pid).create_time()
-    finally:
-        child.kill()
-        child.wait(10)
-    return RunProcess(place=this_place(), pid=child.pid, started=started, state_id=state_id)
-
-
 def _running(run_id: str = "r") -> RunView:
     view = RunView.unstarted(run_id)
     view.record.status = RunStatus.RUNNING
@@ -209,7 +195,7 @@ def _checked(deadlines_at: Callable[[Deadlines], None], *runs: FlowRun,
 def test_a_running_run_whose_process_here_has_exited_is_declared_crashed_at_once() -> None:
     """No waiting out ``dead_after_s`` (60 s here): the process is gone, so is the run's
     engine. Looked at once a second, acted on once."""
-    gone, view = _exited_process(), _running()
+    gone, view = exited_process(), _running()
 
     def look(deadlines: Deadlines) -> None:
         deadlines.seen_alive("r", 100.0, gone)
@@ -227,10 +213,9 @@ def test_a_process_that_runs_elsewhere_or_still_runs_or_is_an_old_attempt_is_lef
     """Only the silence rule decides for a process of another machine (its pid means
     nothing here); a live process is alive; a dead one whose Running state is no longer
     the run's was an earlier attempt (the run goes on in a new process)."""
-    gone = _exited_process()
+    gone = exited_process()
     views = {run: _running(run) for run in ("elsewhere", "live", "old")}
-    this = psutil.Process()
-    live = RunProcess(place=this_place(), pid=this.pid, started=this.create_time())
+    live = this_process()
 
     def look(deadlines: Deadlines) -> None:
         deadlines.seen_alive("elsewhere", 100.0, gone.model_copy(update={"place": "far/away"}))
@@ -248,10 +233,8 @@ def test_a_process_that_runs_elsewhere_or_still_runs_or_is_an_old_attempt_is_lef
 def test_a_suspended_run_forgets_its_process_and_its_next_one_is_judged_alone() -> None:
     """A pause ends the run's process: that is no crash, and the process the run goes on
     in after the resume is the one looked at."""
-    gone, view = _exited_process(), _running()
-    this = psutil.Process()
-    next_one = RunProcess(place=this_place(), pid=this.pid, started=this.create_time(),
-                          state_id="s2")
+    gone, view = exited_process(), _running()
+    next_one = this_process(state_id="s2")
 
     def look(deadlines: Deadlines) -> None:
         deadlines.seen_alive("r", 100.0, gone)
