@@ -40,6 +40,7 @@ from planrun.adapters.chromium import (
     SharedBrowser,
     chromium_path,
     shared_browser,
+    version_problem,
 )
 from planrun.adapters.files import write_workspace_file
 from planrun.adapters.http import HttpUrlText
@@ -378,6 +379,10 @@ class BrowserOpen(Adapter[BrowserParams]):
         if executable is None:
             return Health(ok=False, detail=f"no Chromium found ({', '.join(CHROMIUM_NAMES)} "
                                            f"on PATH, or {CHROMIUM_ENV})")
+
+        problem = await version_problem(executable, HEALTH_WAIT_S)
+        if problem is not None:
+            return Health(ok=False, detail=f"Chromium ({executable}) does not start: {problem}")
 
         async def version(browser: Any) -> str:
             return str(browser.version)

@@ -47,6 +47,29 @@ def chromium_path() -> str | None:
     return None
 
 
+async def version_problem(executable: str, timeout_s: float) -> str | None:
+    """Why ``executable --version`` fails (it cannot be run, or exits non-zero): a start
+    through Playwright would fail too, but only once Playwright's own driver has started,
+    seconds on a loaded machine. None when it answers, or is still going after
+    ``timeout_s`` (slow is not broken)."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            executable, "--version", stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    try:
+        said, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return None
+    if proc.returncode == 0:
+        return None
+    last = said.decode("utf-8", "replace").strip().splitlines()[-1:] or ["(nothing)"]
+    return f"`--version` exited with {proc.returncode}: {last[0]}"
+
+
 # -- the shared browser ------------------------------------------------------------------------
 
 class SharedBrowser:
