@@ -134,7 +134,8 @@ def test_a_worker_killed_mid_run_costs_no_run_and_no_completed_step_runs_twice(
         stack: Stack) -> None:
     run_id = submit(stack, held("crash", 3, holding=[2]))
     wait_for(lambda: step_status(stack, run_id, "s2") == "running", 120, "s2 to run")
-    assert ran(stack, "crash") == ["s1", "s2"]
+    # Its command has started, not only its task (under load the program starts later).
+    wait_for(lambda: ran(stack, "crash") == ["s1", "s2"], 60, "s2's command to write")
     worker = wait_for(lambda: runner_of(stack, "crash"), 30, "the runner of the run")
     host = [worker, *worker.children(recursive=True)]  # the runner, its run, the command
     for process in host:
