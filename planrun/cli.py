@@ -332,11 +332,14 @@ def cmd_tools(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
     for row in rows:
-        mark = "ok" if row["healthy"] else f"UNHEALTHY {row['detail']}"
         params = ", ".join(
             f"{k}{'' if k in row['parameters'].get('required', []) else '?'}"
             for k in row["parameters"].get("properties", {}))
-        print(f"{row['tool']:<14} {mark:<4} {row['summary']}\n{'':<19}with: {params}")
+        if row["healthy"]:
+            print(f"{row['tool']:<14} ok   {row['summary']}")
+        else:  # the problem on a line of its own, not run into the summary
+            print(f"{row['tool']:<14} UNHEALTHY {row['summary']}\n{'':<19}{row['detail']}")
+        print(f"{'':<19}with: {params}")
         for breaker in row["breakers"]:
             if breaker["state"] != "closed":
                 print(f"{'':<19}breaker {breaker['state']}: {breaker['message']}")

@@ -124,3 +124,29 @@ def test_planrun_tools_checks_every_tools_health_at_once(
     rows = json.loads(capsys.readouterr().out)
     assert [(row["tool"], row["healthy"]) for row in rows] == [("slow.one", True),
                                                                ("slow.two", True)]
+
+
+def test_planrun_tools_says_an_unhealthy_tools_problem_on_a_line_of_its_own(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from planrun.adapters import registry
+    from planrun.adapters.base import Health
+    from planrun.adapters.fake import fake_tool
+
+    sick, _ = fake_tool("sick.tool")
+
+    async def health(self: object) -> Health:
+        return Health(ok=False, detail="its service does not answer")
+
+    sick.health = health  # type: ignore[method-assign]
+    well, _ = fake_tool("well.tool")
+    tools = registry.Registry([sick, well])
+    monkeypatch.setattr(registry, "default_registry", lambda: tools)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PLANRUN_HOME", str(Path(os.environ["PLANRUN_HOME"]) / "no-server"))
+    assert main(["tools"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "sick.tool      UNHEALTHY a scripted tool for tests",
+        "                   its service does not answer",
+        "                   with: label?",
+        "well.tool      ok   a scripted tool for tests",
+        "                   with: label?"]

@@ -175,7 +175,8 @@ def test_a_run_using_an_unhealthy_tool_fails_its_steps_early_with_the_hint(
     env = {"PLANRUN_POLICY": write(tmp_path / "policy.yaml",
                                    "local: {hosts: []}\nsubmitted: {hosts: []}\n")}
     proc = cli("tools", env=env)
-    assert "http.request   UNHEALTHY the policy allows no host (hosts: [])" in proc.stdout
+    assert ("http.request   UNHEALTHY send an HTTP request\n"
+            "                   the policy allows no host (hosts: [])\n") in proc.stdout
     plan_file = write(tmp_path / "sick.yaml", """
         version: 1
         name: sick
