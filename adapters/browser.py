@@ -380,7 +380,7 @@ class BrowserOpen(Adapter[BrowserParams]):
             return Health(ok=False, detail=f"no Chromium found ({', '.join(CHROMIUM_NAMES)} "
                                            f"on PATH, or {CHROMIUM_ENV})")
 
-        problem = await version_problem(executable, HEALTH_WAIT_S)
+        problem = None if self.browser.started else await version_problem(executable, HEALTH_WAIT_S)
         if problem is not None:
             return Health(ok=False, detail=f"Chromium ({executable}) does not start: {problem}")
 

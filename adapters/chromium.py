@@ -95,6 +95,11 @@ class SharedBrowser:
         #: How many times the browser was started (a crash makes one more).
         self.launches = 0
 
+    @property
+    def started(self) -> bool:
+        """Whether this process has started a browser (it may have crashed since)."""
+        return self._browser is not None
+
     # - the thread --------------------------------------------------------------------------
 
     def _thread_loop(self) -> asyncio.AbstractEventLoop:

@@ -311,18 +311,13 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def cmd_tools(args: argparse.Namespace) -> int:
     from planrun.adapters.registry import default_registry
-
-    async def health(adapter: Any) -> dict[str, Any]:
-        try:
-            status = await asyncio.wait_for(adapter.health(), timeout=5)
-            ok, detail = status.ok, status.detail
-        except Exception as exc:  # noqa: BLE001 - a broken health check is reported
-            ok, detail = False, f"health check failed: {exc}"
-        return {"tool": adapter.name, "summary": adapter.summary, "healthy": ok,
-                "detail": detail, "parameters": adapter.parameter_schema()}
+    from planrun.flows.health import check
 
     async def every_health() -> list[dict[str, Any]]:  # at once: one slow check, not the sum
-        return list(await asyncio.gather(*map(health, default_registry().adapters())))
+        adapters = default_registry().adapters()
+        found = await asyncio.gather(*map(check, adapters))  # as before a run (docs/policy.md)
+        return [{"tool": a.name, "summary": a.summary, "healthy": h.ok, "detail": h.detail,
+                 "parameters": a.parameter_schema()} for a, h in zip(adapters, found, strict=True)]
 
     rows = asyncio.run(every_health())
     breakers = _breakers_by_tool()

@@ -108,11 +108,13 @@ class Deadlines:
     def seen_alive(self, run_id: str, at: float, process: RunProcess | None = None) -> None:
         """A sign of life of the run at ``at``, from ``process`` when the event names it."""
         self.alive[run_id] = max(self.alive.get(run_id, 0.0), at)
+        if process is None or process in self.exited.get(run_id, ()):
+            return
         known = self.processes.get(run_id)
-        if process is not None and process not in self.exited.get(run_id, ()) and (
-                known is None or at >= known.at):
-            self.processes[run_id] = _Process(process, at, looked=known.looked if known
-                                              and known.process == process else 0.0)
+        if known is not None and known.process == process:
+            known.at = max(known.at, at)
+        elif known is None or at >= known.at:  # a newer process (a late word of an older one: not)
+            self.processes[run_id] = _Process(process, at)
 
     def check_alive(self, run_id: str, view: RunView, now: float) -> None:
         """A running run sends a heartbeat every few seconds; one silent for
