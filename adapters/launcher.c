@@ -9,16 +9,22 @@
  * sandbox's PID 1 it adopts as a subreaper) and writes
  * "usage:<cpu s>:<largest resident bytes>:<write_bytes of /proc/self/io, or -1>".
  * A failure before the program runs is "<limits|exec>:<errno>:<message>" and exit 127.
+ * When planrun's process dies first (SIGKILL: it could not stop the step), the status pipe
+ * loses its reader; this process then kills the program's groups and its own process
+ * group, itself included, so that no program outlives its run (a recovered run runs the
+ * step again).
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/time.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -68,6 +74,56 @@ static void exec_searching(char **program) {
         if (saved == 0 && last != ENOENT && last != ENOTDIR) saved = last;
     }
     errno = saved != 0 ? saved : last;
+}
+
+/* SIGKILL every process listed in a cgroup.procs file; how many there were. */
+static int kill_listed(const char *path) {
+    FILE *listed = fopen(path, "r");
+    int pid, count = 0;
+    if (listed == NULL) return 0;
+    while (fscanf(listed, "%d", &pid) == 1) {
+        kill(pid, SIGKILL);
+        count++;
+    }
+    fclose(listed);
+    return count;
+}
+
+/* planrun is gone: kill everything the step started. Its control groups first (a program
+ * may have left the process group; cgroup v1 has no cgroup.kill, so until they are empty,
+ * or for 1 s), then the process group, this process with it; bubblewrap dies with its
+ * parent (--die-with-parent). */
+static void orphaned(const char *procs) {
+    char paths[8192];
+    struct timespec pause = {0, 10000000};
+    for (int round = 0; round < 100; round++) {
+        int left = 0;
+        snprintf(paths, sizeof paths, "%s", procs);
+        for (char *path = strtok(paths, "\n"); path != NULL; path = strtok(NULL, "\n"))
+            left += kill_listed(path);
+        if (left == 0) break;
+        nanosleep(&pause, NULL);
+    }
+    kill(0, SIGKILL);
+    _exit(137);
+}
+
+/* Wait until the child has exited (it is left to be reaped), or until the status pipe's
+ * reader is gone (poll reports an error on our write end): then `orphaned`. Without pidfds
+ * (Linux < 5.3) only the child is waited for. */
+static void wait_watching(pid_t child, int status, const char *procs) {
+    int pidfd = (int)syscall(SYS_pidfd_open, child, 0);
+    if (pidfd < 0) return;
+    struct pollfd watched[2] = {{pidfd, POLLIN, 0}, {status, 0, 0}};
+    for (;;) {
+        if (poll(watched, 2, -1) < 0) {
+            if (errno == EINTR) continue;
+            break;
+        }
+        if (watched[1].revents & (POLLERR | POLLHUP)) orphaned(procs);
+        if (watched[0].revents) break;
+    }
+    close(pidfd);
 }
 
 static double seconds(struct timeval t) { return (double)t.tv_sec + t.tv_usec / 1e6; }
@@ -120,6 +176,7 @@ int main(int argc, char **argv) {
     signal(SIGTERM, SIG_IGN);  /* a stop signals the whole group: outlive it, to report */
     signal(SIGINT, SIG_IGN);
     signal(SIGHUP, SIG_IGN);
+    wait_watching(child, status, procs);
     int code = 0;
     struct rusage used;
     while (wait4(child, &code, 0, &used) < 0 && errno == EINTR) {}

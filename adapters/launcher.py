@@ -16,7 +16,11 @@ The launcher is ``adapters/launcher.c``, compiled once per machine into the data
 ``PLANRUN_LAUNCHER=python``, the same launcher in Python (``LAUNCHER``) runs instead.
 
 The launcher ignores SIGTERM, SIGINT and SIGHUP: stopping a step signals its whole process
-group, and the launcher should outlive the program long enough to report. The status pipe
+group, and the launcher should outlive the program long enough to report. When planrun's
+process dies without stopping the step (SIGKILL, a crash), the status pipe loses its only
+reader: the launcher sees that (an error on its write end) and kills the step's control
+groups and its own process group, so no program outlives its run; a recovered run would
+otherwise run the step again beside it. The status pipe
 carries lines ``stage:errno:message`` (stage ``limits`` or ``exec``: the program did not
 start) and ``usage:cpu_s:maxrss_bytes:written_bytes`` (written -1: not counted here).
 """
@@ -81,6 +85,34 @@ if child == 0:
         os._exit(127)
 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
     signal.signal(sig, signal.SIG_IGN)
+try:  # planrun gone (the status pipe has no reader): kill what the step started, and us
+    pidfd = os.pidfd_open(child)
+except OSError:
+    pidfd = None
+if pidfd is not None:
+    import contextlib, select
+    watched = select.poll()
+    watched.register(pidfd, select.POLLIN)
+    watched.register(status, 0)
+    while pidfd not in (ready := dict(watched.poll())):
+        if ready.get(status, 0) & (select.POLLERR | select.POLLHUP):
+            for _ in range(100):  # the step's groups until empty (cgroup v1: no cgroup.kill)
+                left = 0
+                for path in procs.split("\n") if procs else ():
+                    try:
+                        with open(path) as group:
+                            pids = [int(pid) for pid in group.read().split()]
+                    except OSError:
+                        pids = []
+                    for pid in pids:
+                        with contextlib.suppress(OSError):
+                            os.kill(pid, signal.SIGKILL)
+                    left += len(pids)
+                if not left:
+                    break
+                time.sleep(0.01)
+            os.kill(0, signal.SIGKILL)
+    os.close(pidfd)
 _, code, used = os.wait4(child, 0)
 cpu_s, maxrss = used.ru_utime + used.ru_stime, used.ru_maxrss
 deadline = time.monotonic() + 0.5

@@ -3,6 +3,7 @@ reaped tree used, with real processes."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +17,8 @@ from planrun.adapters.cgroups import make_step_group
 from planrun.adapters.launcher import CHOICE_ENV, Report, launch_argv, launcher_command, read_report
 from planrun.adapters.sandbox import Limits
 from planrun.home import data_dir
+from planrun.processes import alive, started
+from tests.helpers import wait_for
 
 MIB = 1024 * 1024
 
@@ -111,3 +114,65 @@ def test_a_live_launcher_is_not_waited_for() -> None:
     finally:
         os.close(read)
         os.close(write)
+
+
+#: A run process: starts the launcher as shell.run does (its own session, the status pipe's
+#: write end passed), prints the launcher's pid and waits, holding the read end.
+RUN_PROCESS = """
+import json, os, subprocess, sys, time
+from planrun.adapters.launcher import launch_argv
+from planrun.adapters.sandbox import Limits
+argv, procs = json.loads(sys.argv[1])
+read, write = os.pipe()
+launcher = subprocess.Popen(launch_argv(argv, Limits(), write, procs), pass_fds=(write,),
+                            start_new_session=True)
+os.close(write)
+print(launcher.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def orphan(tmp_path: Path, program: list[str], procs: list[str]) -> list[tuple[int, float]]:
+    """Start ``program`` (which writes its pid to ``tmp_path/pid``) through a run process,
+    SIGKILL that process once the program runs; the launcher and the program, as
+    (pid, start time)."""
+    with subprocess.Popen([sys.executable, "-c", RUN_PROCESS, json.dumps([program, procs])],
+                          stdout=subprocess.PIPE, text=True) as parent:
+        try:
+            assert parent.stdout is not None
+            launcher = int(parent.stdout.readline())
+            pid_file = tmp_path / "pid"
+            pids = [launcher, int(wait_for(
+                lambda: pid_file.exists() and pid_file.read_text().strip(),
+                what="the program's pid"))]
+            processes = [(pid, started(pid)) for pid in pids]
+        finally:
+            parent.kill()
+    return processes
+
+
+def test_a_program_whose_run_process_died_is_killed(tmp_path: Path) -> None:
+    """A run process killed with SIGKILL cannot stop its steps; its launcher sees the status
+    pipe lose its reader and kills the program: a recovered run must not run a step again
+    beside the old program."""
+    processes = orphan(tmp_path, ["sh", "-c", f"echo $$ > {tmp_path / 'pid'}; exec sleep 600"],
+                       [])
+    wait_for(lambda: not any(alive(*process) for process in processes), timeout=10,
+             what="the launcher and the program gone")
+
+
+def test_a_program_that_left_the_process_group_is_killed_through_its_control_group(
+        tmp_path: Path) -> None:
+    group = make_step_group()
+    if group is None:
+        pytest.skip("no control group can be made here: the process group is all there is")
+    try:
+        script = f"echo $$ > {tmp_path / 'pid'}; exec sleep 600"
+        processes = orphan(tmp_path, ["setsid", "sh", "-c", script], group.procs_files())
+        launcher, program = processes[0][0], processes[1][0]
+        assert os.getsid(program) != os.getsid(launcher)  # out of the launcher's session
+        wait_for(lambda: not any(alive(*process) for process in processes), timeout=10,
+                 what="the launcher and the program gone")
+    finally:
+        wait_for(lambda: not group.pids(), timeout=10, what="the step group empty")
+        group.remove()
