@@ -64,7 +64,19 @@ def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "c
         time.sleep(0.02)
 
 
+def ended(process: Any) -> bool:
+    """Whether the ``psutil.Process`` has exited (a zombie has: only its parent has not
+    looked yet)."""
+    import psutil
+
+    try:
+        return bool(process.status() == psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return True
+
+
 def unique_digits() -> str:
     """Digits no other process of this machine's test runs will pick: for a command line
     (``sleep 31.<digits>``) that a test finds among all processes by its text."""
     return f"{os.getpid()}{time.monotonic_ns() % 10**9:09d}"
+

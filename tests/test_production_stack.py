@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from tests.databases import postgres_database, redis_database
-from tests.helpers import wait_for
+from tests.helpers import ended, wait_for
 from tests.stack import Stack, free_port
 from tests.test_control import held, release
 
@@ -137,13 +137,17 @@ def test_a_worker_killed_mid_run_costs_no_run_and_no_completed_step_runs_twice(
     # Its command has started, not only its task (under load the program starts later).
     wait_for(lambda: ran(stack, "crash") == ["s1", "s2"], 60, "s2's command to write")
     worker = wait_for(lambda: runner_of(stack, "crash"), 30, "the runner of the run")
-    host = [worker, *worker.children(recursive=True)]  # the runner, its run, the command
-    for process in host:
+    tree = [worker, *worker.children(recursive=True)]  # the runner, its run, the command
+    # The runner and its run die; the command's launcher sees it and kills the command.
+    killed = [process for process in tree if Path(process.exe()).name.startswith("python")]
+    command = [process for process in tree if process not in killed]
+    for process in killed:
         try:
             process.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:  # a child that died with the runner before its turn
             pass
-    psutil.wait_procs(host, timeout=10)
+    psutil.wait_procs(killed, timeout=10)
+    wait_for(lambda: all(map(ended, command)), 10, "the killed run's command to end")
 
     wait_for(lambda: ran(stack, "crash") == ["s1", "s2", "s2"], 120,
              "the run to be found without its process, recovered and its s2 to run again")

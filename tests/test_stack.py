@@ -3,7 +3,6 @@ Prefect server; ``submit``, ``watch`` and ``status`` as a person would type them
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -15,7 +14,7 @@ import psutil
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.helpers import PLANRUN, ROOT, cli, wait_for
+from tests.helpers import PLANRUN, ROOT, cli, ended, wait_for
 from tests.stack import Stack, messages
 
 #: ``second`` is in flight until the test has killed the run's process: it waits for
@@ -122,11 +121,10 @@ def test_a_run_whose_process_is_killed_is_recovered_and_only_the_step_in_flight_
     engine = wait_for(lambda: list(set(stack.run_processes()) - others), 10,
                       "the run's process")
     assert len(engine) == 1
-    orphans = engine[0].children(recursive=True)  # the step's `sleep`, in its own group
+    started = engine[0].children(recursive=True)  # the step's launcher and its `sleep`
     engine[0].kill()
-    for process in orphans:  # a sandboxed step dies with the engine (--die-with-parent)
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
+    # The launchers see their run's process gone and kill what they started.
+    wait_for(lambda: all(map(ended, started)), 10, "the killed run's programs to end")
     marks.with_name("crash.go").touch()  # the step, run again, now ends
 
     watched = stack.cli("watch", run_id, timeout=120)
