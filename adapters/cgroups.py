@@ -10,15 +10,14 @@ planrun's group delegates them) are both read; v1 is what the machine this was b
 has. Where no group can be made (not root, no delegation) every method here answers
 None and the callers fall back to rlimits and sampling.
 
-Making a group costs about a millisecond, so a process keeps one empty group made ahead
-(``make_spare``, called while a step's program starts): the next step takes it instead of
-making its own. A group is used once (its counters start at zero); spares are removed when
-the process exits.
+A step's group is made ahead, with the launcher that will start its program already in
+it (``adapters/warm.py``): the first move of a process into a group waits for the kernel
+(an RCU grace period under cgroup v1). A group is used once (its counters start at
+zero).
 """
 
 from __future__ import annotations
 
-import atexit
 import os
 import secrets
 import signal
@@ -135,61 +134,26 @@ class StepGroup:
 def make_step_group(memory_bytes: int = 0, processes: int = 0) -> StepGroup | None:
     """A new group for one step, limited to ``memory_bytes`` and ``processes`` (plus
     bubblewrap's own) where given; None where no group can be made here."""
-    made = _take_spare() or _make_dirs()
+    made = _make_dirs()
     if made is None:
         return None
-    dirs, v2 = made
-    group = StepGroup(dirs, v2)
-    if processes > 0 and not group._write("pids", str(processes + BWRAP_PROCESSES)):
-        group.remove(within=0)
-        return None  # the caller falls back to RLIMIT_NPROC
-    if memory_bytes > 0 and _limit_memory(group, memory_bytes):
-        return StepGroup(dirs, v2, memory_limited=True)
+    group = limit(StepGroup(*made), memory_bytes, processes)
+    if group is None:
+        StepGroup(*made).remove(within=0)
     return group
 
 
-#: How many empty groups a process keeps made ahead.
-SPARES = 1
-#: The spares: where each was made (the process and the hierarchy's root), its
-#: directories by controller, and whether it is v2.
-_spares: list[tuple[tuple[int, str], dict[str, Path], bool]] = []
-
-
-def make_spare() -> None:
-    """Make an empty group ahead of the next step's need, off that step's path (while a
-    program starts); nothing where one is kept already or none can be made."""
-    if sum(where == _where() for where, _, _ in _spares) >= SPARES:
-        return
-    made = _make_dirs()
-    if made is not None:
-        if not _spares:
-            atexit.register(_remove_spares)
-        _spares.append((_where(), *made))
-
-
-def _where() -> tuple[int, str]:
-    return os.getpid(), os.environ.get(ROOT_ENV, "")
-
-
-def _take_spare() -> tuple[dict[str, Path], bool] | None:
-    """A spare made by this process under the current root, if there is one. A forked
-    child's copy of its parent's spares is not its own: it is forgotten, not used."""
-    here = _where()
-    _spares[:] = [spare for spare in _spares if spare[0][0] == here[0]]
-    for i, (where, dirs, v2) in enumerate(_spares):
-        if where == here:
-            del _spares[i]
-            if all(path.is_dir() for path in dirs.values()):
-                return dirs, v2
-            return None
-    return None
-
-
-def _remove_spares() -> None:
-    for where, dirs, v2 in _spares:
-        if where[0] == os.getpid():
-            StepGroup(dirs, v2).remove(within=0)
-    _spares.clear()
+def limit(group: StepGroup, memory_bytes: int = 0, processes: int = 0) -> StepGroup | None:
+    """``group`` limited to ``memory_bytes`` and ``processes`` (plus bubblewrap's own) where
+    given; None where it has a pids controller whose limit cannot be set (the caller
+    removes it, and falls back to RLIMIT_NPROC). Without that controller, RLIMIT_NPROC
+    limits the processes (adapters/shell.py)."""
+    if processes > 0 and "pids" in group.dirs and \
+            not group._write("pids", str(processes + BWRAP_PROCESSES)):
+        return None
+    if memory_bytes > 0 and _limit_memory(group, memory_bytes):
+        return StepGroup(group.dirs, group.v2, memory_limited=True)
+    return group
 
 
 def _make_dirs() -> tuple[dict[str, Path], bool] | None:

@@ -1,12 +1,19 @@
-/* The launcher of adapters/launcher.py, in C: the same arguments, the same status lines,
- * the same exit; what it saves is the start of a Python interpreter (≈ 20 ms a step,
+/* The launcher of adapters/launcher.py, in C: the same arguments, the same protocol, the
+ * same exit; what it saves is the start of a Python interpreter (≈ 20 ms a step,
  * BENCHMARKS.md, "Resources per step"). Built once per machine by launcher.py; where no C
  * compiler is found, the Python launcher is used.
  *
- * argv: status_fd memory_bytes cpu_seconds file_bytes processes procs sandboxed program...
- * The child joins the groups whose cgroup.procs files are the lines of `procs`, sets the
- * rlimits and execs the program; this process reaps it with wait4 (and, sandboxed, the
- * sandbox's PID 1 it adopts as a subreaper) and writes
+ * argv: status_fd go_fd procs sandboxed
+ * The child joins the groups whose cgroup.procs files are the lines of `procs` at once, so
+ * that a launcher started ahead of its step has paid for that (the first move into a
+ * cgroup v1 group waits for an RCU grace period: 3-20 ms), then reads its program from
+ * `go_fd` until EOF: NUL-terminated fields memory_bytes, cpu_seconds, file_bytes,
+ * processes, cwd, then a count and that many of argv, of the environment and of
+ * bubblewrap's options (given: passed in a memfd as `--args FD` after argv[0]). Nothing
+ * read: it exits quietly (a launcher started ahead and not needed). It sets the rlimits,
+ * changes to cwd and execs the program (argv[0] searched on the environment's PATH, unless
+ * sandboxed). This process reaps it with wait4 (and, sandboxed, the sandbox's PID 1 it
+ * adopts as a subreaper) and writes
  * "usage:<cpu s>:<largest resident bytes>:<write_bytes of /proc/self/io, or -1>".
  * A failure before the program runs is "<limits|exec>:<errno>:<message>" and exit 127.
  * When planrun's process dies first (SIGKILL: it could not stop the step), the status pipe
@@ -22,6 +29,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
@@ -59,17 +67,19 @@ static void join_groups(int status, char *procs) {
 
 /* execvp as Python's os.execvp: PATH searched, but a file that is not a program is an
  * error (ENOEXEC), not handed to /bin/sh as glibc's execvp does. */
-static void exec_searching(char **program) {
+static void exec_searching(char **program, char **env) {
     if (strchr(program[0], '/') != NULL) {
-        execv(program[0], program);
+        execve(program[0], program, env);
         return;
     }
-    const char *path = getenv("PATH");
+    const char *path = NULL;
+    for (char **entry = env; *entry != NULL; entry++)
+        if (strncmp(*entry, "PATH=", 5) == 0) path = *entry + 5;
     char *dirs = strdup(path != NULL ? path : "/bin:/usr/bin"), full[4096];
     int saved = 0, last = ENOENT;
     for (char *dir = strtok(dirs, ":"); dir != NULL; dir = strtok(NULL, ":")) {
         snprintf(full, sizeof full, "%s/%s", dir, program[0]);
-        execv(full, program);
+        execve(full, program, env);
         last = errno;
         if (saved == 0 && last != ENOENT && last != ENOTDIR) saved = last;
     }
@@ -145,34 +155,88 @@ static long long written_bytes(void) {
     return value;
 }
 
+/* The whole of `fd` until EOF, NUL-terminated fields split into `fields` (at most `most`);
+ * how many, or -1 on a read error. */
+static int read_fields(int fd, char **fields, int most) {
+    size_t size = 0, room = 65536;
+    char *data = malloc(room);
+    for (;;) {
+        if (size + 1 >= room) data = realloc(data, room *= 2);
+        if (data == NULL) return -1;
+        ssize_t got = read(fd, data + size, room - size - 1);
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0) return -1;
+        if (got == 0) break;
+        size += (size_t)got;
+    }
+    int count = 0;
+    data[size] = '\0';
+    for (size_t at = 0; at < size && count < most; at += strlen(data + at) + 1)
+        fields[count++] = data + at;
+    return count;
+}
+
+/* The child: read the program from `go`, set its limits and exec it. */
+static void start_program(int status, int go, int sandboxed) {
+    static char *fields[1 << 16];
+    int count = read_fields(go, fields, (int)(sizeof fields / sizeof *fields) - 4);
+    close(go);
+    if (count == 0) _exit(0);  /* started ahead, not needed */
+    if (count < 6) fail(status, "exec", EINVAL);
+    int at = 5, argc_ = atoi(fields[at]);
+    if (argc_ < 1 || at + 1 + argc_ >= count) fail(status, "exec", EINVAL);
+    char **program = fields + at + 1;
+    at += 1 + argc_;
+    int envc = atoi(fields[at]);
+    if (envc < 0 || at + 1 + envc >= count) fail(status, "exec", EINVAL);
+    char **env = fields + at + 1;
+    at += 1 + envc;
+    int optc = atoi(fields[at]);
+    if (optc < 0 || at + 1 + optc > count) fail(status, "exec", EINVAL);
+    char **options = fields + at + 1;
+    if (set_limit(RLIMIT_AS, atoll(fields[0]), 0) || set_limit(RLIMIT_CPU, atoll(fields[1]), 1) ||
+        set_limit(RLIMIT_FSIZE, atoll(fields[2]), 0) || set_limit(RLIMIT_NPROC, atoll(fields[3]), 0))
+        fail(status, "limits", errno);
+    if (chdir(fields[4]) != 0) fail(status, "exec", errno);
+    /* NULL-terminate argv and env in place: each is followed by a count field we no longer need. */
+    program[argc_] = NULL;
+    env[envc] = NULL;
+    char *with_args[argc_ + 3], fd_text[16];
+    if (optc > 0) {  /* bubblewrap's options in an anonymous file: --args FD */
+        int fd = memfd_create("bwrap-args", 0);
+        if (fd < 0) fail(status, "exec", errno);
+        for (int i = 0; i < optc; i++)
+            if (write(fd, options[i], strlen(options[i]) + 1) < 0) fail(status, "exec", errno);
+        lseek(fd, 0, SEEK_SET);
+        snprintf(fd_text, sizeof fd_text, "%d", fd);
+        with_args[0] = program[0];
+        with_args[1] = "--args";
+        with_args[2] = fd_text;
+        for (int i = 1; i <= argc_; i++) with_args[i + 2] = program[i];
+        program = with_args;
+    }
+    fcntl(status, F_SETFD, FD_CLOEXEC);
+    if (sandboxed) execve(program[0], program, env);
+    else exec_searching(program, env);
+    fail(status, "exec", errno);
+}
+
 int main(int argc, char **argv) {
-    if (argc < 9) {
-        fprintf(stderr, "usage: launcher status memory cpu fsize nproc procs sandboxed program...\n");
+    if (argc != 5) {
+        fprintf(stderr, "usage: launcher status_fd go_fd procs sandboxed\n");
         return 127;
     }
-    int status = atoi(argv[1]);
-    long long memory = atoll(argv[2]), cpu = atoll(argv[3]), fsize = atoll(argv[4]);
-    long long nproc = atoll(argv[5]);
-    char *procs = argv[6];
-    int sandboxed = strcmp(argv[7], "1") == 0;
-    char **program = argv + 8;
+    int status = atoi(argv[1]), go = atoi(argv[2]);
+    char *procs = argv[3];
+    int sandboxed = strcmp(argv[4], "1") == 0;
     if (sandboxed) prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);  /* bubblewrap's PID 1 is ours */
     pid_t child = fork();
     if (child < 0) fail(status, "limits", errno);
     if (child == 0) {
         join_groups(status, procs);
-        if (set_limit(RLIMIT_AS, memory, 0) || set_limit(RLIMIT_CPU, cpu, 1) ||
-            set_limit(RLIMIT_FSIZE, fsize, 0) || set_limit(RLIMIT_NPROC, nproc, 0))
-            fail(status, "limits", errno);
-        fcntl(status, F_SETFD, FD_CLOEXEC);
-        if (sandboxed) {
-            char *empty[] = {NULL};
-            execve(program[0], program, empty);
-        } else {
-            exec_searching(program);
-        }
-        fail(status, "exec", errno);
+        start_program(status, go, sandboxed);
     }
+    close(go);
     signal(SIGTERM, SIG_IGN);  /* a stop signals the whole group: outlive it, to report */
     signal(SIGINT, SIG_IGN);
     signal(SIGHUP, SIG_IGN);

@@ -38,7 +38,6 @@ from contextlib import suppress
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 from planrun.adapters import sandbox
 from planrun.adapters.process import stop
@@ -53,8 +52,7 @@ CHOICE_ENV = "PLANRUN_LAUNCHER"
 
 LAUNCHER = r"""
 import os, resource, signal, sys, time
-status, memory, cpu, fsize, nproc = (int(v) for v in sys.argv[1:6])
-procs, sandboxed, argv = sys.argv[6], sys.argv[7] == "1", sys.argv[8:]
+status, go, procs, sandboxed = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
 if sandboxed:  # bubblewrap leaves its PID 1 to be reaped by whoever adopts it: us
     import ctypes
     ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
@@ -65,24 +63,47 @@ if child == 0:
         for path in procs.split("\n") if procs else ():
             with open(path, "w") as group:
                 group.write(str(os.getpid()))
-        for which, value, extra in ((resource.RLIMIT_AS, memory, 0),
-                                    (resource.RLIMIT_CPU, cpu, 1),
-                                    (resource.RLIMIT_FSIZE, fsize, 0),
-                                    (resource.RLIMIT_NPROC, nproc, 0)):
+        stage, chunks = "exec", []
+        while chunk := os.read(go, 65536):
+            chunks.append(chunk)
+        os.close(go)
+        fields = b"".join(chunks).split(b"\0")[:-1]
+        if not fields:
+            os._exit(0)  # started ahead, not needed
+        count = int(fields[5])
+        argv, at = fields[6:6 + count], 6 + count
+        env = dict(entry.split(b"=", 1) for entry in fields[at + 1:at + 1 + int(fields[at])])
+        at += 1 + int(fields[at])
+        options = fields[at + 1:at + 1 + int(fields[at])]
+        if not argv or len(options) != int(fields[at]):
+            raise OSError(22, "Invalid argument")
+        stage = "limits"
+        for which, value, extra in ((resource.RLIMIT_AS, int(fields[0]), 0),
+                                    (resource.RLIMIT_CPU, int(fields[1]), 1),
+                                    (resource.RLIMIT_FSIZE, int(fields[2]), 0),
+                                    (resource.RLIMIT_NPROC, int(fields[3]), 0)):
             if value > 0:
                 hard = resource.getrlimit(which)[1]
                 top = value + extra
                 top = top if hard == resource.RLIM_INFINITY else min(top, hard)
                 resource.setrlimit(which, (min(value, top), top))
-        os.set_inheritable(status, False)
         stage = "exec"
+        os.chdir(fields[4])
+        if options:  # bubblewrap's options in an anonymous file: --args FD
+            fd = os.memfd_create("bwrap-args", 0)
+            os.set_inheritable(fd, True)
+            os.write(fd, b"".join(option + b"\0" for option in options))
+            os.lseek(fd, 0, os.SEEK_SET)
+            argv = [argv[0], b"--args", str(fd).encode(), *argv[1:]]
+        os.set_inheritable(status, False)
         if sandboxed:
-            os.execve(argv[0], argv, {})
-        os.execvp(argv[0], argv)
+            os.execve(argv[0], argv, env)
+        os.execvpe(argv[0], argv, env)
     except BaseException as exc:
         os.write(status, f"{stage}:{getattr(exc, 'errno', 0) or 0}:"
                          f"{getattr(exc, 'strerror', 0) or exc}\n".encode())
         os._exit(127)
+os.close(go)
 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
     signal.signal(sig, signal.SIG_IGN)
 try:  # planrun gone (the status pipe has no reader): kill what the step started, and us
@@ -144,16 +165,30 @@ os._exit(os.waitstatus_to_exitcode(code) if os.WIFEXITED(code) else 1)
 """
 
 
-def launch_argv(argv: list[str], limits: Limits, status_fd: int, procs: list[str], *,
+def launch_argv(status_fd: int, go_fd: int, procs: list[str], *,
                 sandboxed: bool = False) -> list[str]:
-    """The command that starts ``argv`` under ``limits`` in the groups whose
-    ``cgroup.procs`` files are ``procs``, reporting on ``status_fd``. ``sandboxed``:
-    ``argv`` is bubblewrap's, execed with an empty environment (so ``argv[0]`` must be an
-    absolute path), and the sandbox's PID 1, which bubblewrap does not reap, is adopted
-    and reaped too (its counts hold the program's)."""
-    return [*launcher_command(), str(status_fd),
-            str(limits.memory_bytes), str(limits.cpu_seconds), str(limits.file_bytes),
-            str(limits.processes), "\n".join(procs), "1" if sandboxed else "0", *argv]
+    """The command that starts a launcher whose child joins the groups whose
+    ``cgroup.procs`` files are ``procs`` at once, then waits for its program
+    (``program_message``) on ``go_fd``; it reports on ``status_fd``. ``sandboxed``: the
+    program is bubblewrap, execed as given (so ``argv[0]`` must be an absolute path), and
+    the sandbox's PID 1, which bubblewrap does not reap, is adopted and reaped too (its
+    counts hold the program's)."""
+    return [*launcher_command(), str(status_fd), str(go_fd), "\n".join(procs),
+            "1" if sandboxed else "0"]
+
+
+def program_message(argv: list[str], env: dict[str, str], cwd: Path | str, limits: Limits,
+                    options: list[str] | None = None) -> bytes:
+    """What a launcher's child reads on its go pipe: NUL-terminated fields (adapters/
+    launcher.c): the limits, cwd, then argv, the environment and bubblewrap's ``options``
+    (passed to ``argv[0]`` as ``--args FD``), each after its count."""
+    fields = [str(limits.memory_bytes), str(limits.cpu_seconds), str(limits.file_bytes),
+              str(limits.processes), str(cwd), str(len(argv)), *argv, str(len(env)),
+              *(f"{key}={value}" for key, value in env.items()), str(len(options or [])),
+              *(options or [])]
+    if any("\0" in field for field in fields):
+        raise ValueError("embedded null byte")  # as subprocess says
+    return b"".join(field.encode("utf-8", "surrogateescape") + b"\0" for field in fields)
 
 
 def launcher_command() -> list[str]:
@@ -248,10 +283,44 @@ class Start:
     procs: list[str]
 
 
-async def spawn_shielded(start: Start, stdin: bool) -> tuple[asyncio.subprocess.Process, int]:
+@dataclass(frozen=True)
+class Launched:
+    """A launcher whose child has joined its groups and waits for its program on ``go``."""
+
+    proc: asyncio.subprocess.Process
+    #: The read end of its status pipe, and the write end of its go pipe.
+    status: int
+    go: int
+    sandboxed: bool
+
+
+async def start_launcher(procs: list[str], sandboxed: bool) -> Launched:
+    """A launcher in a new session, its child in the groups of ``procs``, waiting for its
+    program. It runs in ``/`` with an empty environment: the program's come in its
+    message. Its stdin is a pipe, closed at once for a program given no input."""
+    status_read, status_write = os.pipe()
+    go_read, go_write = os.pipe()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *launch_argv(status_write, go_read, procs, sandboxed=sandboxed),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, cwd="/", env={}, start_new_session=True,
+            pass_fds=(status_write, go_read))
+    except BaseException:
+        os.close(status_read)
+        os.close(go_write)
+        raise
+    finally:
+        os.close(status_write)
+        os.close(go_read)
+    return Launched(proc, status_read, go_write, sandboxed)
+
+
+async def spawn_shielded(start: Start, stdin: bool, ready: Launched | None = None
+                         ) -> tuple[asyncio.subprocess.Process, int]:
     """``spawn``, finished even when cancelled: asyncio's own cancel of a starting
     process kills only the direct child; here the whole new group is stopped instead."""
-    spawning = asyncio.ensure_future(spawn(start, stdin))
+    spawning = asyncio.ensure_future(spawn(start, stdin, ready))
     try:
         return await asyncio.shield(spawning)
     except asyncio.CancelledError:
@@ -262,35 +331,30 @@ async def spawn_shielded(start: Start, stdin: bool) -> tuple[asyncio.subprocess.
         raise
 
 
-async def spawn(start: Start, stdin: bool) -> tuple[asyncio.subprocess.Process, int]:
-    """Start the launcher in a new session, and through it the program (in bubblewrap
-    when sandboxed); the process and the read end of its status pipe. bubblewrap starts
-    with an empty environment: it is the sandbox's PID 1, whose environment the program
-    could read."""
-    options: dict[str, Any] = {
-        "stdin": asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
-        "stdout": asyncio.subprocess.PIPE, "stderr": asyncio.subprocess.PIPE,
-        "cwd": start.cwd, "env": start.env, "start_new_session": True,
-    }
-    argv, fds = start.argv, []
-    if start.options is not None:
-        fds.append(sandbox.options_fd(start.options))
-        argv = [sandbox.bwrap_path(), "--args", str(fds[0]), "--", *argv]
-        options["env"] = {}
-    status_read, status_write = os.pipe()
-    fds.append(status_write)
+async def spawn(start: Start, stdin: bool, ready: Launched | None = None
+                ) -> tuple[asyncio.subprocess.Process, int]:
+    """The program of ``start`` through ``ready`` (a launcher started ahead in the step's
+    groups, adapters/warm.py) or a new launcher; the process and the read end of its status
+    pipe. Sandboxed, the program is bubblewrap with the sandbox's options, started with an
+    empty environment: it is the sandbox's PID 1, whose environment the program could
+    read."""
+    if start.options is None:
+        message = program_message(start.argv, start.env, start.cwd, start.limits)
+    else:
+        message = program_message([sandbox.bwrap_path(), "--", *start.argv], {}, start.cwd,
+                                  start.limits, start.options)
+    launched = ready or await start_launcher(start.procs, start.options is not None)
+    unsent = memoryview(message)  # the child reads it as it is written
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *launch_argv(argv, start.limits, status_write, start.procs,
-                         sandboxed=start.options is not None),
-            pass_fds=tuple(fds), **options)
-    except BaseException:
-        os.close(status_read)
-        raise
+        while unsent:
+            unsent = unsent[os.write(launched.go, unsent):]
+    except BrokenPipeError:
+        pass  # the child failed to join its groups: the status pipe says so
     finally:
-        for fd in fds:
-            os.close(fd)
-    return proc, status_read
+        os.close(launched.go)
+    if not stdin and launched.proc.stdin is not None:
+        launched.proc.stdin.close()
+    return launched.proc, launched.status
 
 
 def raise_start_failure(report: Report, program: str) -> None:

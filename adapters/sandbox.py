@@ -150,18 +150,6 @@ def sandbox_env(workspace: Path, extra: dict[str, str]) -> dict[str, str]:
     return env | extra
 
 
-def options_fd(options: list[str]) -> int:
-    """An anonymous file holding ``options`` NUL-separated, for ``bwrap --args FD``."""
-    fd = os.memfd_create("bwrap-args", 0)
-    try:
-        os.write(fd, b"".join(option.encode() + b"\0" for option in options))
-        os.lseek(fd, 0, os.SEEK_SET)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
 # -- is it there? ---------------------------------------------------------------------------
 
 _PROBED: dict[str, str | None] = {}

@@ -27,10 +27,16 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field
 
-from planrun.adapters import cgroups, sandbox
+from planrun.adapters import cgroups, sandbox, warm
 from planrun.adapters.base import Adapter, Health, Params, StepContext
 from planrun.adapters.executables import allowed_argv
-from planrun.adapters.launcher import Start, raise_start_failure, read_report, spawn_shielded
+from planrun.adapters.launcher import (
+    Launched,
+    Start,
+    raise_start_failure,
+    read_report,
+    spawn_shielded,
+)
 from planrun.adapters.process import communicate
 from planrun.adapters.sandbox import Limits
 from planrun.adapters.usage import ensure_room
@@ -133,16 +139,15 @@ class ShellRun(Adapter[ShellParams]):
                                ctx)
         options = (sandbox.bwrap_options(workspace=root, cwd=cwd, env=params.env,
                                          policy=ctx.policy) if sandboxed else None)
-        # Taken here, not in a thread (a spare made ahead, or < 1 ms to make): a cancel
-        # cannot leave one made and lost. The next step's spare is made while this
-        # step's program starts.
-        group = cgroups.make_step_group(limits.memory_bytes, limits.processes)
-        if group is not None:
-            asyncio.get_running_loop().call_soon(cgroups.make_spare)
+        # A launcher started ahead, in a group of its own (adapters/warm.py), or a new
+        # group; taken here, not in a thread, so that a cancel cannot lose one. The next
+        # step's launcher starts while this step's program runs.
+        ready, group = _ready(options is not None, limits)
+        warm.keep(options is not None)
         start = Start(argv, env, cwd, _launcher_limits(limits, group), options,
                       group.procs_files() if group is not None else [])
         try:
-            return await _run(params, start, _Watched(limits, group), ctx)
+            return await _run(params, start, _Watched(limits, group), ctx, ready)
         finally:
             # Empty once the launcher has reaped the tree: removed at once; else what is
             # left is killed, in a thread that waits for it to go.
@@ -237,10 +242,24 @@ def _child_env(extra: dict[str, str]) -> dict[str, str]:
     return env | extra
 
 
+def _ready(sandboxed: bool, limits: Limits) -> tuple[Launched | None, cgroups.StepGroup | None]:
+    """The launcher kept for this step and its group, limited to ``limits``; else no
+    launcher (a new one starts with the program) and a new group, or none."""
+    kept = warm.take(sandboxed)
+    if kept is None:
+        return None, cgroups.make_step_group(limits.memory_bytes, limits.processes)
+    ready, group = kept
+    limited = cgroups.limit(group, limits.memory_bytes, limits.processes) if group else None
+    if group is not None and limited is None:  # its process limit could not be set
+        warm.dismiss(ready, group)
+        return None, None
+    return ready, limited
+
+
 async def _run(params: ShellParams, start: Start, watched: _Watched,
-               ctx: StepContext) -> dict[str, Any]:
+               ctx: StepContext, ready: Launched | None) -> dict[str, Any]:
     started = time.monotonic()
-    proc, status = await spawn_shielded(start, stdin=params.stdin is not None)
+    proc, status = await spawn_shielded(start, params.stdin is not None, ready)
     watch = TreeWatch(proc.pid, watched.group, watched.limits.cpu_seconds)
     watching = asyncio.ensure_future(watch.watch())
     try:

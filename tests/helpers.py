@@ -80,3 +80,32 @@ def unique_digits() -> str:
     (``sleep 31.<digits>``) that a test finds among all processes by its text."""
     return f"{os.getpid()}{time.monotonic_ns() % 10**9:09d}"
 
+
+def launch(argv: list[str], limits: Any = None, procs: list[str] | None = None,
+           env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess[str], Any]:
+    """Run ``argv`` through the launcher (adapters/launcher.py) as a plain subprocess:
+    its result and the launcher's report."""
+    from planrun.adapters.launcher import launch_argv, program_message, read_report
+    from planrun.adapters.sandbox import Limits
+
+    message = program_message(argv, dict(os.environ) if env is None else env, os.getcwd(),
+                              limits or Limits())
+    status_read, status_write = os.pipe()
+    go_read, go_write = os.pipe()
+    try:
+        with subprocess.Popen(launch_argv(status_write, go_read, procs or []),
+                              pass_fds=(status_write, go_read), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True) as proc:
+            os.close(status_write)
+            os.close(go_read)
+            status_write = go_read = -1
+            with open(go_write, "wb") as go:
+                go_write = -1
+                go.write(message)
+            out, err = proc.communicate(timeout=60)
+        return (subprocess.CompletedProcess(proc.args, proc.returncode, out, err),
+                read_report(status_read))
+    finally:
+        for fd in (status_read, status_write, go_read, go_write):
+            if fd >= 0:
+                os.close(fd)

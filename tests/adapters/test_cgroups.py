@@ -3,8 +3,6 @@ delegated v2 tree); each test that needs one skips, saying why, where none can b
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,8 +10,7 @@ import pytest
 
 from planrun.adapters import cgroups
 from planrun.adapters.cgroups import StepGroup, make_step_group, remove_cgroup
-from planrun.adapters.launcher import launch_argv, read_report
-from planrun.adapters.sandbox import Limits
+from tests.helpers import launch
 
 MIB = 1024 * 1024
 
@@ -27,14 +24,7 @@ def _group(memory_bytes: int = 0, processes: int = 0) -> StepGroup:
 
 
 def _run_in(group: StepGroup, *argv: str) -> tuple[int, str]:
-    read, write = os.pipe()
-    try:
-        done = subprocess.run(launch_argv(list(argv), Limits(), write, group.procs_files()),
-                              pass_fds=(write,), capture_output=True, text=True, timeout=60)
-    finally:
-        os.close(write)
-    report = read_report(read)
-    os.close(read)
+    done, report = launch(list(argv), procs=group.procs_files())
     assert report.failure is None, report
     return done.returncode, done.stderr
 
@@ -113,49 +103,3 @@ def test_a_group_without_its_files_answers_none(tmp_path: Path) -> None:
     assert not group.lower_weight()
 
 
-def test_a_spare_made_ahead_is_the_next_steps_group_and_used_once() -> None:
-    _group().remove()  # skips where no group can be made
-    cgroups._spares.clear()
-    cgroups.make_spare()
-    cgroups.make_spare()  # one is kept, not two
-    assert len(cgroups._spares) == 1
-    spare = dict(cgroups._spares[0][1])
-    group = make_step_group(64 * MIB, 5)
-    assert group is not None
-    try:
-        assert dict(group.dirs) == spare and not cgroups._spares
-        assert group.memory_limited  # the step's own limits are set on the spare
-        assert (group.dirs["pids"] / "pids.max").read_text().strip() == "7"
-        other = _group()
-        assert set(other.dirs.values()).isdisjoint(spare.values())  # a new one after it
-        assert other.remove()
-    finally:
-        assert group.remove()
-
-
-def test_a_spare_is_not_taken_by_a_forked_child_nor_under_another_root(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    _group().remove()
-    cgroups._spares.clear()
-    cgroups.make_spare()
-    spare = cgroups._spares[0][1]
-    try:
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: a group of its own, not its parent's spare
-            group = make_step_group()
-            ok = group is not None and set(group.dirs.values()).isdisjoint(spare.values())
-            if group is not None:
-                group.remove()
-            os.write(write, b"1" if ok else b"0")
-            os._exit(0)
-        os.close(write)
-        assert os.read(read, 1) == b"1"
-        os.waitpid(pid, 0)
-        os.close(read)
-        assert all(path.is_dir() for path in spare.values())  # still there for us
-        monkeypatch.setenv(cgroups.ROOT_ENV, "/nonexistent")
-        assert make_step_group() is None  # the spare was made under the real root
-    finally:
-        cgroups._remove_spares()
-    assert not any(path.exists() for path in spare.values())

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 from planrun.adapters.cgroups import make_step_group
-from planrun.adapters.launcher import CHOICE_ENV, Report, launch_argv, launcher_command, read_report
+from planrun.adapters.launcher import CHOICE_ENV, Report, launcher_command, read_report
 from planrun.adapters.sandbox import Limits
 from planrun.home import data_dir
 from planrun.processes import alive, started
+from tests import helpers
 from tests.helpers import wait_for
 
 MIB = 1024 * 1024
@@ -41,16 +42,7 @@ def test_the_c_launcher_is_built_once_into_the_data_directory(which: str) -> Non
 
 def launch(*argv: str, limits: Limits | None = None, procs: list[str] | None = None
            ) -> tuple[subprocess.CompletedProcess[str], Report]:
-    read, write = os.pipe()
-    try:
-        done = subprocess.run(launch_argv(list(argv), limits or Limits(), write, procs or []),
-                              pass_fds=(write,), capture_output=True, text=True, timeout=60)
-    finally:
-        os.close(write)
-    try:
-        return done, read_report(read)
-    finally:
-        os.close(read)
+    return helpers.launch(list(argv), limits, procs)
 
 
 def test_the_report_counts_the_cpu_memory_and_writes_of_the_reaped_tree(
@@ -120,13 +112,17 @@ def test_a_live_launcher_is_not_waited_for() -> None:
 #: write end passed), prints the launcher's pid and waits, holding the read end.
 RUN_PROCESS = """
 import json, os, subprocess, sys, time
-from planrun.adapters.launcher import launch_argv
+from planrun.adapters.launcher import launch_argv, program_message
 from planrun.adapters.sandbox import Limits
 argv, procs = json.loads(sys.argv[1])
 read, write = os.pipe()
-launcher = subprocess.Popen(launch_argv(argv, Limits(), write, procs), pass_fds=(write,),
+go_read, go_write = os.pipe()
+launcher = subprocess.Popen(launch_argv(write, go_read, procs), pass_fds=(write, go_read),
                             start_new_session=True)
 os.close(write)
+os.close(go_read)
+os.write(go_write, program_message(argv, dict(os.environ), os.getcwd(), Limits()))
+os.close(go_write)
 print(launcher.pid, flush=True)
 time.sleep(600)
 """

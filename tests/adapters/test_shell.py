@@ -298,6 +298,27 @@ def test_where_bubblewrap_works_if_available_means_sandboxed(
     assert run(ctx, argv=["cat", "/proc/1/comm"])["stdout"].strip() == "bwrap"
 
 
+def test_the_program_and_its_environment_are_on_no_command_line(either: StepContext) -> None:
+    """The program, its environment and bubblewrap's options reach the launcher through
+    a pipe, and bubblewrap through an anonymous file: a secret in a step's env is on no
+    process's command line (which any user of the machine can read)."""
+    secret = f"s3cret-{unique_digits()}"
+    seen: list[list[str]] = []
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(ShellRun().run(
+            {"argv": ["sleep", "3"], "env": {"TOKEN": secret}}, either, timeout=20))
+        deadline = time.monotonic() + 10
+        while not _sleepers() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        seen.extend(p.info["cmdline"] or [] for p in psutil.process_iter(["cmdline"]))
+        assert (await task)["exit_code"] == 0
+
+    asyncio.run(scenario())
+    assert any(cmdline[:2] == ["sleep", "3"] for cmdline in seen)
+    assert not [cmdline for cmdline in seen if any(secret in arg for arg in cmdline)]
+
+
 # -- the process group ----------------------------------------------------------------------
 
 def test_a_timeout_kills_the_whole_process_group(either: StepContext,

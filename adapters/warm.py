@@ -1,0 +1,137 @@
+"""A launcher started ahead of the next ``shell.run`` step, already in that step's control
+groups, so that the step's program starts with a write to a pipe.
+
+The first move of a process into a cgroup v1 group waits for an RCU grace period: 3–20 ms
+on a 2-core machine, most of what measuring a program cost a step (BENCHMARKS.md,
+"Resources per step"). A launcher (``adapters/launcher.py``) whose child has made that
+move, in a new empty group, waits for its program instead: ``take`` hands it to a step,
+and ``keep`` starts the next one while that step's program runs. One is kept per event
+loop and sandbox mode, by a task; the one not taken is dismissed (its go pipe closed, so
+its child exits without running anything, and its group removed) when the loop shuts
+down and cancels its tasks, or when the process exits. A forked child does not take its
+parent's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import os
+from contextlib import suppress
+from dataclasses import dataclass
+
+from planrun.adapters import cgroups
+from planrun.adapters.cgroups import StepGroup
+from planrun.adapters.launcher import Launched, start_launcher
+
+log = logging.getLogger(__name__)
+#: How long a dismissed launcher may take to exit before it is killed.
+DISMISS_S = 2.0
+
+
+@dataclass
+class _Kept:
+    launched: Launched
+    group: StepGroup | None
+    loop: asyncio.AbstractEventLoop
+    #: The process and control-group root it was made for (``cgroups.ROOT_ENV``).
+    where: tuple[int, str]
+    #: Set when a step takes it: True if it was alive and is the step's now.
+    taken: asyncio.Future[bool]
+
+    def matches(self, loop: asyncio.AbstractEventLoop, sandboxed: bool) -> bool:
+        return self.loop is loop and self.launched.sandboxed == sandboxed and \
+            self.where == _where()
+
+
+_KEPT: list[_Kept] = []
+_STARTING: set[tuple[asyncio.AbstractEventLoop, bool]] = set()
+_TASKS: set[asyncio.Task[None]] = set()
+
+
+def take(sandboxed: bool) -> tuple[Launched, StepGroup | None] | None:
+    """The launcher kept for this loop and mode, with its group; None if there is none."""
+    loop = asyncio.get_running_loop()
+    for kept in [kept for kept in _KEPT if kept.matches(loop, sandboxed)]:
+        _KEPT.remove(kept)
+        alive = kept.launched.proc.returncode is None
+        kept.taken.set_result(alive)  # its task dismisses a dead one
+        if alive:
+            return kept.launched, kept.group
+    return None
+
+
+def keep(sandboxed: bool) -> None:
+    """Start the next launcher in the background, unless one is kept or starting."""
+    loop = asyncio.get_running_loop()
+    if (loop, sandboxed) in _STARTING or any(kept.matches(loop, sandboxed) for kept in _KEPT):
+        return
+    _STARTING.add((loop, sandboxed))
+    task = loop.create_task(_keep(loop, sandboxed))
+    _TASKS.add(task)
+    task.add_done_callback(_TASKS.discard)
+
+
+async def _keep(loop: asyncio.AbstractEventLoop, sandboxed: bool) -> None:
+    group = cgroups.make_step_group()
+    try:
+        launched = await start_launcher(group.procs_files() if group else [], sandboxed)
+    except Exception as exc:  # the step that takes none starts its own, and says why
+        log.debug("could not start a launcher ahead: %s", exc)
+        if group is not None:
+            await asyncio.to_thread(group.remove)
+        return
+    finally:
+        _STARTING.discard((loop, sandboxed))
+    kept = _Kept(launched, group, loop, _where(), loop.create_future())
+    if not _KEPT:
+        atexit.register(_dismiss_at_exit)
+    _KEPT.append(kept)
+    taken = False
+    try:
+        taken = await kept.taken
+    finally:
+        if not taken:
+            with suppress(ValueError):
+                _KEPT.remove(kept)
+            await _dismiss(kept.launched, kept.group)
+
+
+def dismiss(launched: Launched, group: StepGroup | None) -> None:
+    """Dismiss a launcher taken but not used, in the background."""
+    task = asyncio.get_running_loop().create_task(_dismiss(launched, group))
+    _TASKS.add(task)
+    task.add_done_callback(_TASKS.discard)
+
+
+async def _dismiss(launched: Launched, group: StepGroup | None) -> None:
+    """Close its go pipe (its child exits, then it does), reap it, remove its group."""
+    with suppress(OSError):
+        os.close(launched.go)
+    try:
+        await asyncio.wait_for(launched.proc.wait(), DISMISS_S)
+    except TimeoutError:
+        with suppress(ProcessLookupError):
+            launched.proc.kill()
+        await launched.proc.wait()
+    finally:
+        with suppress(OSError):
+            os.close(launched.status)
+        if group is not None:
+            await asyncio.to_thread(group.remove)
+
+
+def _dismiss_at_exit() -> None:
+    """The process exits with launchers kept: their children are told to go (EOF on the
+    go pipe) and their groups removed, killing what is left."""
+    for kept in [kept for kept in _KEPT if kept.where[0] == os.getpid()]:
+        with suppress(OSError):
+            os.close(kept.launched.go)
+        if kept.group is not None:
+            kept.group.remove(within=DISMISS_S)
+    _KEPT.clear()
+
+
+def _where() -> tuple[int, str]:
+    return os.getpid(), os.environ.get(cgroups.ROOT_ENV, "")
