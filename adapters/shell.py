@@ -140,10 +140,8 @@ class ShellRun(Adapter[ShellParams]):
         options = (sandbox.bwrap_options(workspace=root, cwd=cwd, env=params.env,
                                          policy=ctx.policy) if sandboxed else None)
         # A launcher started ahead, in a group of its own (adapters/warm.py), or a new
-        # group; taken here, not in a thread, so that a cancel cannot lose one. The next
-        # step's launcher starts while this step's program runs.
+        # group; taken here, not in a thread, so that a cancel cannot lose one.
         ready, group = _ready(options is not None, limits)
-        warm.keep(options is not None)
         start = Start(argv, env, cwd, _launcher_limits(limits, group), options,
                       group.procs_files() if group is not None else [])
         try:
@@ -260,6 +258,7 @@ async def _run(params: ShellParams, start: Start, watched: _Watched,
                ctx: StepContext, ready: Launched | None) -> dict[str, Any]:
     started = time.monotonic()
     proc, status = await spawn_shielded(start, params.stdin is not None, ready)
+    warm.keep(start.options is not None)  # the next step's, while this one's program runs
     watch = TreeWatch(proc.pid, watched.group, watched.limits.cpu_seconds)
     watching = asyncio.ensure_future(watch.watch())
     try:
