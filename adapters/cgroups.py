@@ -25,6 +25,7 @@ import time
 from collections.abc import Mapping
 from contextlib import suppress
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 ROOT = Path("/sys/fs/cgroup")
@@ -174,8 +175,19 @@ def _make_dirs() -> tuple[dict[str, Path], bool] | None:
 
 def own_groups() -> tuple[dict[str, Path], bool]:
     """planrun's own group directory per controller (v1), or its one v2 directory for
-    every controller; and whether it is v2. Empty where nothing is mounted."""
-    root = Path(os.environ.get(ROOT_ENV, "").strip() or ROOT)
+    every controller; and whether it is v2. Empty where nothing is mounted. Read once per
+    process and root (``ROOT_ENV``): a process stays in the groups it started in."""
+    bases, v2 = _own_groups(os.getpid(), os.environ.get(ROOT_ENV, "").strip() or str(ROOT))
+    return dict(bases), v2
+
+
+@lru_cache(maxsize=8)
+def _own_groups(pid: int, root_text: str) -> tuple[tuple[tuple[str, Path], ...], bool]:
+    found, v2 = _read_own_groups(Path(root_text))
+    return tuple(found.items()), v2
+
+
+def _read_own_groups(root: Path) -> tuple[dict[str, Path], bool]:
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:

@@ -319,8 +319,11 @@ async def start_launcher(procs: list[str], sandboxed: bool) -> Launched:
 async def spawn_shielded(start: Start, stdin: bool, ready: Launched | None = None
                          ) -> tuple[asyncio.subprocess.Process, int]:
     """``spawn``, finished even when cancelled: asyncio's own cancel of a starting
-    process kills only the direct child; here the whole new group is stopped instead."""
-    spawning = asyncio.ensure_future(spawn(start, stdin, ready))
+    process kills only the direct child; here the whole new group is stopped instead. A
+    ``ready`` launcher is handed its program at once: there is nothing to wait for."""
+    if ready is not None:
+        return go(ready, start, stdin)
+    spawning = asyncio.ensure_future(spawn(start, stdin))
     try:
         return await asyncio.shield(spawning)
     except asyncio.CancelledError:
@@ -331,21 +334,20 @@ async def spawn_shielded(start: Start, stdin: bool, ready: Launched | None = Non
         raise
 
 
-async def spawn(start: Start, stdin: bool, ready: Launched | None = None
-                ) -> tuple[asyncio.subprocess.Process, int]:
-    """The program of ``start`` through ``ready`` (a launcher started ahead in the step's
-    groups, adapters/warm.py) or a new launcher; the process and the read end of its status
-    pipe. Sandboxed, the program is bubblewrap with the sandbox's options, started with an
-    empty environment: it is the sandbox's PID 1, whose environment the program could
-    read."""
-    if start.options is None:
-        message = program_message(start.argv, start.env, start.cwd, start.limits)
-    else:
-        message = program_message([sandbox.bwrap_path(), "--", *start.argv], {}, start.cwd,
-                                  start.limits, start.options)
-    launched = ready or await start_launcher(start.procs, start.options is not None)
-    unsent = memoryview(message)  # the child reads it as it is written
-    try:
+async def spawn(start: Start, stdin: bool) -> tuple[asyncio.subprocess.Process, int]:
+    """The program of ``start`` through a new launcher; the process and the read end of its
+    status pipe."""
+    message = _message(start)  # before the launcher starts: an argument may be refused
+    return go(await start_launcher(start.procs, start.options is not None), start, stdin,
+              message)
+
+
+def go(launched: Launched, start: Start, stdin: bool, message: bytes | None = None
+       ) -> tuple[asyncio.subprocess.Process, int]:
+    """Hand ``launched`` the program of ``start``; the process and the read end of its
+    status pipe. Its stdin is closed at once when the program is given none."""
+    try:  # the child reads it as it is written; closed, it exits if nothing was sent
+        unsent = memoryview(message if message is not None else _message(start))
         while unsent:
             unsent = unsent[os.write(launched.go, unsent):]
     except BrokenPipeError:
@@ -355,6 +357,16 @@ async def spawn(start: Start, stdin: bool, ready: Launched | None = None
     if not stdin and launched.proc.stdin is not None:
         launched.proc.stdin.close()
     return launched.proc, launched.status
+
+
+def _message(start: Start) -> bytes:
+    """The program message of ``start``. Sandboxed, the program is bubblewrap with the
+    sandbox's options, started with an empty environment: it is the sandbox's PID 1, whose
+    environment the program could read."""
+    if start.options is None:
+        return program_message(start.argv, start.env, start.cwd, start.limits)
+    return program_message([sandbox.bwrap_path(), "--", *start.argv], {}, start.cwd,
+                           start.limits, start.options)
 
 
 def raise_start_failure(report: Report, program: str) -> None:

@@ -47,14 +47,23 @@ class TreeWatch:
         #: The tree was stopped for going over its CPU limit.
         self.cpu_exceeded = False
         self.lowered = False
+        self._timer: asyncio.TimerHandle | None = None
 
-    async def watch(self) -> None:
-        """Look at the tree until cancelled."""
-        started = time.monotonic()
+    def start(self) -> None:
+        """Look at the tree every interval until ``stop``: a timer on the running loop, not
+        a task, so that starting and stopping it costs the step no pass of the loop."""
+        loop, started = asyncio.get_running_loop(), time.monotonic()
         interval = SAMPLE_INTERVAL_S if self.sampling or self.cpu_limit_s else IDLE_INTERVAL_S
-        while True:
-            await asyncio.sleep(interval)
+
+        def tick() -> None:
+            self._timer = loop.call_later(interval, tick)
             self.look(time.monotonic() - started)
+
+        self._timer = loop.call_later(interval, tick)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
     def look(self, elapsed: float) -> None:
         """One look at the tree, ``elapsed`` seconds after its start."""

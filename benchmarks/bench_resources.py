@@ -14,7 +14,9 @@ shuffled order) so that the machine's load falls on every row alike:
   launcher for the next step starts while this one's program runs (``adapters/warm.py``),
   inside the step's time; a start still under way when the call returns is waited for
   outside any case's time, so that it does not land in the next case's. The same step
-  with no launcher ahead (it starts its own, as before) is the row beside it;
+  with no launcher ahead (it starts its own, as before) is the row beside it, and a
+  program that runs 20 ms (``sleep 0.02``) the pair after: the next launcher then starts
+  while the program runs, as it does for a real command;
 - the control groups alone: making a step's groups and removing them.
 """
 
@@ -69,9 +71,9 @@ async def _timed(call: Callable[[], Awaitable[Any]]) -> float:
     return time.perf_counter() - started
 
 
-async def _bare_true() -> None:
+async def _bare(*argv: str) -> None:
     proc = await asyncio.create_subprocess_exec(
-        "true", stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, start_new_session=True)
     await communicate(proc, None, 1024)
 
@@ -85,12 +87,15 @@ async def _groups() -> None:
 def cases(workspace: Workspace) -> dict[str, Callable[[], Awaitable[Any]]]:
     job = echo_job(workspace)
     params = {"value": 1}
-    shell, ctx_policy = ShellRun(), LevelPolicy(allow_private=True, sandbox="off")
+    shell_run, ctx_policy = ShellRun(), LevelPolicy(allow_private=True, sandbox="off")
 
-    async def shell_true() -> None:
+    async def shell(*argv: str) -> None:
         ctx = job._context(1, LOG)
         ctx.policy, ctx.trust = ctx_policy, Trust.LOCAL
-        await shell.run({"argv": ["true"]}, ctx, 30)
+        await shell_run.run({"argv": list(argv)}, ctx, 30)
+
+    async def shell_true() -> None:
+        await shell("true")
 
     async def shell_true_cold() -> None:
         with mock.patch.object(warm, "take", lambda sandboxed: None), \
@@ -100,9 +105,11 @@ def cases(workspace: Workspace) -> dict[str, Callable[[], Awaitable[Any]]]:
     return {
         "core.echo / bare": lambda: job.adapter.run(params, job._context(1, LOG), None),
         "core.echo / metered": lambda: job._metered(job.adapter, params, 1, LOG, None),
-        "true / bare exec": _bare_true,
+        "true / bare exec": lambda: _bare("true"),
         "true / shell.run measured": shell_true,
         "true / shell.run, no launcher ahead": shell_true_cold,
+        "sleep 0.02 / bare exec": lambda: _bare("sleep", "0.02"),
+        "sleep 0.02 / shell.run measured": lambda: shell("sleep", "0.02"),
         "control groups / make + remove": _groups,
     }
 
@@ -146,6 +153,8 @@ def main() -> None:
         "shell.run true (unconfined)": ("true / shell.run measured", "true / bare exec"),
         "shell.run true, no launcher ahead": ("true / shell.run, no launcher ahead",
                                               "true / bare exec"),
+        "shell.run sleep 0.02 (unconfined)": ("sleep 0.02 / shell.run measured",
+                                              "sleep 0.02 / bare exec"),
     }
     print(f"load average: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} CPUs")
     print(table(["case", "runs", "p50 ms", "p95 ms"], rows))
