@@ -23,6 +23,7 @@ from planrun.contract.events import (
     RunAwaitingApproval,
     RunEnded,
     RunPaused,
+    RunProcess,
     RunResumed,
     RunStarted,
     StepChanged,
@@ -83,6 +84,9 @@ class RunView:
     told: dict[str, tuple[int, int]] = field(default_factory=dict)
     #: When the run began to wait for a person (paused, or at a gate; epoch s).
     waiting_since: float | None = None
+    #: The process that said it runs the run (``run.started``, ``run.resumed``): kept, so
+    #: that a restarted bridge can tell at once that it has exited (progress_bridge/timers.py).
+    process: RunProcess | None = None
 
     @property
     def ended(self) -> bool:
@@ -115,7 +119,7 @@ class RunView:
                  for s in p.steps}
         record = RunRecord(run_id=run_id, plan=p.plan, steps=steps, status=RunStatus.RUNNING,
                            started_at=epoch(p.started_at) or now, flow_run_url=p.prefect_url)
-        view = cls(record, max_parallel=p.max_parallel)
+        view = cls(record, max_parallel=p.max_parallel, process=p.process)
         return view, [view._draft(MessageType.RUN_STARTED, now, status=str(record.status),
                                   summary=record.plan, plan=tuple(p.steps))]
 
@@ -227,6 +231,7 @@ class RunView:
             summary = f"retry {p.retry}: {again} step(s) run again, {summary}"
         self.record.status, self.record.reason, self.gate = RunStatus.RUNNING, None, None
         self.pause_deadline = self.waiting_since = None
+        self.process = p.process
         return [self._draft(MessageType.RUN_RESUMED, now, status=str(RunStatus.RUNNING),
                             summary=summary)]
 
@@ -335,8 +340,8 @@ class RunView:
             rolled_back=r.rolled_back, max_parallel=self.max_parallel,
             recoveries=self.recoveries, retries=self.retries, gate=self.gate,
             pause_deadline=self.pause_deadline, waiting_since=self.waiting_since,
-            step_n=self.step_n, summaries=self.summaries, waiting=self.waiting,
-            told=self.told,
+            process=self.process, step_n=self.step_n, summaries=self.summaries,
+            waiting=self.waiting, told=self.told,
             steps=[SavedStep(id=s.id, tool=s.tool, name=s.name, needs=s.needs,
                              critical=s.critical, estimate_s=s.estimate_s, note=s.note,
                              **dict(s.to_checkpoint())) for s in r.steps.values()],
@@ -361,7 +366,7 @@ class RunView:
                    summaries=saved.summaries, recoveries=saved.recoveries,
                    retries=saved.retries, gate=saved.gate,
                    pause_deadline=saved.pause_deadline, waiting=saved.waiting,
-                   told=saved.told, waiting_since=saved.waiting_since)
+                   told=saved.told, waiting_since=saved.waiting_since, process=saved.process)
 
 
 def _error(info: ErrorInfo | None) -> Any:

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from planrun.contract.checkpoint import StepCheckpoint
+from planrun.contract.events import RunProcess
 from planrun.contract.status import RunStatus
 from planrun.contract.version import Versioned
 
@@ -60,6 +61,7 @@ class SavedView(Versioned):
     gate: Gate | None = None
     pause_deadline: PauseDeadline | None = None
     waiting_since: float | None = None
+    process: RunProcess | None = None
     step_n: dict[str, int] = {}
     summaries: dict[str, str | None] = {}
     waiting: dict[str, str] = {}

@@ -116,6 +116,13 @@ class Deadlines:
         elif known is None or at >= known.at:  # a newer process (a late word of an older one: not)
             self.processes[run_id] = _Process(process, at)
 
+    def restored(self, run_id: str, view: RunView) -> None:
+        """A view saved before the bridge restarted: the process it named is looked at on
+        the next tick, as if it had just been heard from (it has not: no sign of life)."""
+        self.watch(run_id, view)
+        if view.process is not None and view.record.status.holds_process:
+            self.processes.setdefault(run_id, _Process(view.process, 0.0))
+
     def check_alive(self, run_id: str, view: RunView, now: float) -> None:
         """A running run sends a heartbeat every few seconds; one silent for
         ``dead_after_s`` lost its process with its host (or everything was killed at once,

@@ -92,7 +92,7 @@ class Upstream:
         state.recall.read = self.recall
         for run_id, text in state.store.run_states().items():
             state.views[run_id] = view = RunView.from_json(text)
-            self.deadlines.watch(run_id, view)  # deadlines set before a restart
+            self.deadlines.restored(run_id, view)  # deadlines set before a restart
         self.later.soon(0.0, self._load_breakers)
         ticker = asyncio.ensure_future(self._tick() if self.settings.ticks
                                        else asyncio.Event().wait())

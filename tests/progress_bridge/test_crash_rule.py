@@ -6,12 +6,17 @@ scheduled again, and a run of ``planrun run`` (no runner can start it again) end
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
+
 from planrun.contract.events import RunProcess, RunStarted
 from planrun.contract.status import RunStatus
+from planrun.processes import this_place
 from planrun.progress_bridge.apply import FlowRunEnded, RunEvent
 from planrun.progress_bridge.flow_runs import FakeFlowRuns, FlowRun
 from planrun.progress_bridge.upstream_settings import UpstreamSettings
@@ -97,3 +102,33 @@ def test_two_reports_of_one_crash_schedule_the_run_again_once(tmp_path: Path) ->
 
     asyncio.run(main())
     assert [call[2] for call in flow_runs.calls] == ["SCHEDULED"]
+
+
+def test_a_restarted_bridge_crashes_at_once_a_run_whose_process_exited_while_it_was_down(
+        tmp_path: Path) -> None:
+    """The process a run named is kept in its saved view: a bridge that starts again
+    looks at it on its first tick, without waiting for a word from the run."""
+    flow_runs = FakeFlowRuns({"run": FlowRun("run", "RUNNING", state_id="s1")})
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        process = RunProcess(place=this_place(), pid=sleeper.pid,
+                             started=psutil.Process(sleeper.pid).create_time(), state_id="s1")
+
+        async def before() -> None:
+            async with fed_upstream(tmp_path, flow_runs=flow_runs, settings=SETTINGS) as (
+                    state, source):
+                assert await source.push(started_in("run", process))
+                await until(lambda: "run" in state.views, "the run's view")
+        asyncio.run(before())
+    finally:
+        sleeper.kill()
+        sleeper.wait(10)
+    assert flow_runs.calls == []  # it was alive: left alone
+
+    async def after() -> None:
+        async with fed_upstream(tmp_path, flow_runs=flow_runs, settings=SETTINGS):
+            await until(lambda: [c[2] for c in flow_runs.calls if c[0] == "set_state"]
+                        == ["CRASHED"], "the run marked crashed")
+
+    asyncio.run(after())
+    assert [call[3] for call in flow_runs.calls][0] == f"its process {sleeper.pid} has exited"

@@ -11,6 +11,7 @@ from planrun.contract.events import (
     RunAwaitingApproval,
     RunEnded,
     RunPaused,
+    RunProcess,
     RunResumed,
     RunStarted,
     StepChanged,
@@ -168,6 +169,16 @@ def test_the_view_survives_saving_and_loading() -> None:
     assert again.report(NOW) | {"estimate": None} == view.report(NOW) | {"estimate": None}
     assert again.step_n == {"a": 2}
     assert apply(again, event(step(2, "a", "running")), NOW).drafts == []
+
+
+def test_the_process_a_run_named_is_kept_saved_and_replaced_on_resume() -> None:
+    first = RunProcess(place="host/pid:[1]", pid=42, started=1.5, state_id="s1")
+    view = RunView.started("r", STARTED.model_copy(update={"process": first}), NOW)[0]
+    assert RunView.from_json(view.to_json()).process == first
+    then = first.model_copy(update={"pid": 43, "state_id": "s2"})
+    resumed = RunResumed.read({"run_id": "r", "n": 2, "restored": []})
+    view.on_resumed(resumed.model_copy(update={"process": then}), NOW)
+    assert view.process == then
 
 
 def test_a_saved_view_of_an_unknown_version_is_refused_clearly() -> None:
