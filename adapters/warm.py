@@ -18,8 +18,10 @@ import asyncio
 import atexit
 import logging
 import os
+from collections.abc import Coroutine
 from contextlib import suppress
 from dataclasses import dataclass
+from typing import Any
 
 from planrun.adapters import cgroups
 from planrun.adapters.cgroups import StepGroup
@@ -68,9 +70,7 @@ def keep(sandboxed: bool) -> None:
     if (loop, sandboxed) in _STARTING or any(kept.matches(loop, sandboxed) for kept in _KEPT):
         return
     _STARTING.add((loop, sandboxed))
-    task = loop.create_task(_keep(loop, sandboxed))
-    _TASKS.add(task)
-    task.add_done_callback(_TASKS.discard)
+    _background(_keep(loop, sandboxed))
 
 
 async def _keep(loop: asyncio.AbstractEventLoop, sandboxed: bool) -> None:
@@ -85,8 +85,6 @@ async def _keep(loop: asyncio.AbstractEventLoop, sandboxed: bool) -> None:
     finally:
         _STARTING.discard((loop, sandboxed))
     kept = _Kept(launched, group, loop, _where(), loop.create_future())
-    if not _KEPT:
-        atexit.register(_dismiss_at_exit)
     _KEPT.append(kept)
     taken = False
     try:
@@ -100,7 +98,12 @@ async def _keep(loop: asyncio.AbstractEventLoop, sandboxed: bool) -> None:
 
 def dismiss(launched: Launched, group: StepGroup | None) -> None:
     """Dismiss a launcher taken but not used, in the background."""
-    task = asyncio.get_running_loop().create_task(_dismiss(launched, group))
+    _background(_dismiss(launched, group))
+
+
+def _background(job: Coroutine[Any, Any, None]) -> None:
+    """Run ``job`` as a task of the running loop, referenced until it is done."""
+    task = asyncio.get_running_loop().create_task(job)
     _TASKS.add(task)
     task.add_done_callback(_TASKS.discard)
 
@@ -122,6 +125,7 @@ async def _dismiss(launched: Launched, group: StepGroup | None) -> None:
             await asyncio.to_thread(group.remove)
 
 
+@atexit.register
 def _dismiss_at_exit() -> None:
     """The process exits with launchers kept: their children are told to go (EOF on the
     go pipe) and their groups removed, killing what is left."""
