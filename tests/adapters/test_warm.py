@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,11 +39,13 @@ def _kept() -> list[tuple[int, list[Path]]]:
 
 
 async def _until_kept() -> tuple[int, list[Path]]:
-    for _ in range(500):
-        if warm._KEPT:
-            return _kept()[0]
+    """The launcher kept after a step, once started (a loaded machine: up to 20 s)."""
+    deadline = time.monotonic() + 20
+    while not warm._KEPT:
+        if time.monotonic() > deadline:
+            raise AssertionError("no launcher was kept after a step within 20 s")
         await asyncio.sleep(0.01)
-    raise AssertionError("no launcher was kept after a step")
+    return _kept()[0]
 
 
 def test_the_next_step_starts_through_the_launcher_kept_in_its_group(
