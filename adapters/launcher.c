@@ -229,6 +229,7 @@ int main(int argc, char **argv) {
     int status = atoi(argv[1]), go = atoi(argv[2]);
     char *procs = argv[3];
     int sandboxed = strcmp(argv[4], "1") == 0;
+    if (chdir("/") != 0) fail(status, "limits", errno);  /* hold none of planrun's directories */
     if (sandboxed) prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);  /* bubblewrap's PID 1 is ours */
     pid_t child = fork();
     if (child < 0) fail(status, "limits", errno);

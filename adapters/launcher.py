@@ -7,8 +7,10 @@ bubblewrap); the launcher itself stays outside those groups, reaps the child wit
 largest resident set of any one process, and the bytes it had the kernel store
 (``write_bytes`` of ``/proc/self/io``, which gains a child's count, and its reaped
 descendants', when the child is reaped). It then ends as the child ended (the same exit
-code, or the same signal), so the caller sees the program's outcome. asyncio reaps its
-own children at once, so without this parent the tree's counts would be lost with it.
+code, or the same signal), so the caller sees the program's outcome. planrun reaps its
+own children at once (``adapters/process.py``), so without this parent the tree's counts
+would be lost with it. The launcher is started with ``os.posix_spawn``: nothing to
+await, so a cancel or a loop shutting down cannot catch it half started.
 
 The launcher is ``adapters/launcher.c``, compiled once per machine into the data directory
 (``launcher_command``): a Python interpreter's start costs ≈ 20 ms a step
@@ -27,20 +29,19 @@ start) and ``usage:cpu_s:maxrss_bytes:written_bytes`` (written -1: not counted h
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import os
 import shutil
 import subprocess
 import sys
-from contextlib import suppress
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from planrun.adapters import sandbox
-from planrun.adapters.process import stop
+from planrun.adapters.process import Child
+from planrun.adapters.process import spawn as spawn_child
 from planrun.adapters.sandbox import Limits
 from planrun.errors import ConfigurationError
 from planrun.home import data_dir
@@ -53,6 +54,7 @@ CHOICE_ENV = "PLANRUN_LAUNCHER"
 LAUNCHER = r"""
 import os, resource, signal, sys, time
 status, go, procs, sandboxed = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
+os.chdir("/")  # hold no directory of planrun's busy; the program's cwd is in its message
 if sandboxed:  # bubblewrap leaves its PID 1 to be reaped by whoever adopts it: us
     import ctypes
     ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
@@ -287,25 +289,28 @@ class Start:
 class Launched:
     """A launcher whose child has joined its groups and waits for its program on ``go``."""
 
-    proc: asyncio.subprocess.Process
+    proc: Child
     #: The read end of its status pipe, and the write end of its go pipe.
     status: int
     go: int
     sandboxed: bool
 
 
-async def start_launcher(procs: list[str], sandboxed: bool) -> Launched:
+#: The launcher's status and go pipes, as its descriptors (after stdin, stdout, stderr).
+STATUS_FD, GO_FD = 3, 4
+
+
+def start_launcher(procs: list[str], sandboxed: bool) -> Launched:
     """A launcher in a new session, its child in the groups of ``procs``, waiting for its
-    program. It runs in ``/`` with an empty environment: the program's come in its
-    message. Its stdin is a pipe, closed at once for a program given no input."""
+    program; started at once (``adapters/process.spawn``: nothing to await, so nothing a
+    cancel could leave half done). It runs in ``/`` with an empty environment: the
+    program's come in its message. Its stdin is a pipe, closed at once for a program given
+    no input."""
     status_read, status_write = os.pipe()
     go_read, go_write = os.pipe()
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *launch_argv(status_write, go_read, procs, sandboxed=sandboxed),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, cwd="/", env={}, start_new_session=True,
-            pass_fds=(status_write, go_read))
+        proc = spawn_child(launch_argv(STATUS_FD, GO_FD, procs, sandboxed=sandboxed), {},
+                           (status_write, go_read))
     except BaseException:
         os.close(status_read)
         os.close(go_write)
@@ -316,34 +321,17 @@ async def start_launcher(procs: list[str], sandboxed: bool) -> Launched:
     return Launched(proc, status_read, go_write, sandboxed)
 
 
-async def spawn_shielded(start: Start, stdin: bool, ready: Launched | None = None
-                         ) -> tuple[asyncio.subprocess.Process, int]:
-    """``spawn``, finished even when cancelled: asyncio's own cancel of a starting
-    process kills only the direct child; here the whole new group is stopped instead. A
-    ``ready`` launcher is handed its program at once: there is nothing to wait for."""
+def spawn(start: Start, stdin: bool, ready: Launched | None = None) -> tuple[Child, int]:
+    """The program of ``start`` through the ``ready`` launcher, else a new one; the
+    process and the read end of its status pipe."""
     if ready is not None:
         return go(ready, start, stdin)
-    spawning = asyncio.ensure_future(spawn(start, stdin))
-    try:
-        return await asyncio.shield(spawning)
-    except asyncio.CancelledError:
-        with suppress(Exception):
-            proc, status = await spawning
-            os.close(status)
-            await stop(proc, [])
-        raise
-
-
-async def spawn(start: Start, stdin: bool) -> tuple[asyncio.subprocess.Process, int]:
-    """The program of ``start`` through a new launcher; the process and the read end of its
-    status pipe."""
     message = _message(start)  # before the launcher starts: an argument may be refused
-    return go(await start_launcher(start.procs, start.options is not None), start, stdin,
-              message)
+    return go(start_launcher(start.procs, start.options is not None), start, stdin, message)
 
 
 def go(launched: Launched, start: Start, stdin: bool, message: bytes | None = None
-       ) -> tuple[asyncio.subprocess.Process, int]:
+       ) -> tuple[Child, int]:
     """Hand ``launched`` the program of ``start``; the process and the read end of its
     status pipe. Its stdin is closed at once when the program is given none."""
     try:  # the child reads it as it is written; closed, it exits if nothing was sent
@@ -354,8 +342,8 @@ def go(launched: Launched, start: Start, stdin: bool, message: bytes | None = No
         pass  # the child failed to join its groups: the status pipe says so
     finally:
         os.close(launched.go)
-    if not stdin and launched.proc.stdin is not None:
-        launched.proc.stdin.close()
+    if not stdin:
+        launched.proc.close_stdin()
     return launched.proc, launched.status
 
 

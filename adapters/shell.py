@@ -35,7 +35,7 @@ from planrun.adapters.launcher import (
     Start,
     raise_start_failure,
     read_report,
-    spawn_shielded,
+    spawn,
 )
 from planrun.adapters.process import communicate
 from planrun.adapters.sandbox import Limits
@@ -141,7 +141,7 @@ class ShellRun(Adapter[ShellParams]):
                                          policy=ctx.policy) if sandboxed else None)
         # A launcher started ahead, in a group of its own (adapters/warm.py), or a new
         # group; taken here, not in a thread, so that a cancel cannot lose one.
-        ready, group = _ready(options is not None, limits)
+        ready, group = _ready(await warm.take(options is not None), limits)
         start = Start(argv, env, cwd, _launcher_limits(limits, group), options,
                       group.procs_files() if group is not None else [])
         try:
@@ -257,10 +257,10 @@ def _remove_soon(group: cgroups.StepGroup) -> None:
     loop.call_soon(remove)
 
 
-def _ready(sandboxed: bool, limits: Limits) -> tuple[Launched | None, cgroups.StepGroup | None]:
-    """The launcher kept for this step and its group, limited to ``limits``; else no
+def _ready(kept: tuple[Launched, cgroups.StepGroup | None] | None, limits: Limits
+           ) -> tuple[Launched | None, cgroups.StepGroup | None]:
+    """The launcher ``kept`` for this step and its group, limited to ``limits``; else no
     launcher (a new one starts with the program) and a new group, or none."""
-    kept = warm.take(sandboxed)
     if kept is None:
         return None, cgroups.make_step_group(limits.memory_bytes, limits.processes)
     ready, group = kept
@@ -274,8 +274,11 @@ def _ready(sandboxed: bool, limits: Limits) -> tuple[Launched | None, cgroups.St
 async def _run(params: ShellParams, start: Start, watched: _Watched,
                ctx: StepContext, ready: Launched | None) -> dict[str, Any]:
     started = time.monotonic()
-    proc, status = await spawn_shielded(start, params.stdin is not None, ready)
-    warm.keep(start.options is not None)  # the next step's, while this one's program runs
+    proc, status = spawn(start, params.stdin is not None, ready)
+    sandboxed = start.options is not None
+    # The next step's launcher: while this program runs, if it runs long enough for the
+    # start to overlap it, else once it has ended (adapters/warm.py).
+    ahead = asyncio.get_running_loop().call_later(warm.AHEAD_AFTER_S, warm.keep, sandboxed)
     watch = TreeWatch(proc.pid, watched.group, watched.limits.cpu_seconds)
     watch.start()
     try:
@@ -283,12 +286,14 @@ async def _run(params: ShellParams, start: Start, watched: _Watched,
         (out, out_cut), (err, err_cut), code = await communicate(
             proc, stdin, params.max_output_bytes)
     finally:
+        ahead.cancel()
         watch.stop()
         report = read_report(status)
         os.close(status)
         ctx.usage.ran(watch.measured(report.usage))  # also when stopped: it ran until then
+    warm.keep(sandboxed)
     raise_start_failure(report, start.argv[0])
-    if start.options is not None:
+    if sandboxed:
         code = _bwrap_outcome(code, err)
     result = {
         "exit_code": code,

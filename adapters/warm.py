@@ -4,12 +4,15 @@ groups, so that the step's program starts with a write to a pipe.
 The first move of a process into a cgroup v1 group waits for an RCU grace period: 3–20 ms
 on a 2-core machine, most of what measuring a program cost a step (BENCHMARKS.md,
 "Resources per step"). A launcher (``adapters/launcher.py``) whose child has made that
-move, in a new empty group, waits for its program instead: ``take`` hands it to a step,
-and ``keep`` starts the next one while that step's program runs. One is kept per event
-loop and sandbox mode, by a task; the one not taken is dismissed (its go pipe closed, so
-its child exits without running anything, and its group removed) when the loop shuts
-down and cancels its tasks, or when the process exits. A forked child does not take its
-parent's.
+move, in a new empty group, waits for its program instead: ``take`` hands it to a step
+(waiting for one still starting: sooner than starting another), and ``keep`` starts the
+next one while that step's program runs, once it has run ``AHEAD_AFTER_S``, or when it
+ends if sooner: a start (≈ 1 ms, a fork on the event loop) during a program that ends
+at once delayed its step's end by ≈ 0.6 ms (BENCHMARKS.md, "Resources per step").
+One is kept per event loop and sandbox mode, by a task; the one not taken is dismissed
+(its go pipe closed, so its child exits without running anything, and its group
+removed) when the loop shuts down and cancels its tasks, or when the process exits. A
+forked child does not take its parent's.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from planrun.adapters.launcher import Launched, start_launcher
 log = logging.getLogger(__name__)
 #: How long a dismissed launcher may take to exit before it is killed.
 DISMISS_S = 2.0
+#: How long a step's program runs before the next step's launcher starts beside it.
+AHEAD_AFTER_S = 0.002
 
 
 @dataclass
@@ -48,13 +53,19 @@ class _Kept:
 
 
 _KEPT: list[_Kept] = []
-_STARTING: set[tuple[asyncio.AbstractEventLoop, bool]] = set()
+#: Launchers being started, by loop and mode: done once each is kept (or failed).
+_STARTING: dict[tuple[asyncio.AbstractEventLoop, bool], asyncio.Future[None]] = {}
 _TASKS: set[asyncio.Task[None]] = set()
 
 
-def take(sandboxed: bool) -> tuple[Launched, StepGroup | None] | None:
-    """The launcher kept for this loop and mode, with its group; None if there is none."""
+async def take(sandboxed: bool) -> tuple[Launched, StepGroup | None] | None:
+    """The launcher kept for this loop and mode, with its group, once one still starting
+    is ready; None if there is none. Taken without a pause after the wait, so that a
+    cancel cannot lose one."""
     loop = asyncio.get_running_loop()
+    starting = _STARTING.get((loop, sandboxed))
+    if starting is not None:
+        await asyncio.shield(starting)
     for kept in [kept for kept in _KEPT if kept.matches(loop, sandboxed)]:
         _KEPT.remove(kept)
         alive = kept.launched.proc.returncode is None
@@ -67,25 +78,34 @@ def take(sandboxed: bool) -> tuple[Launched, StepGroup | None] | None:
 def keep(sandboxed: bool) -> None:
     """Start the next launcher in the background, unless one is kept or starting."""
     loop = asyncio.get_running_loop()
-    if (loop, sandboxed) in _STARTING or any(kept.matches(loop, sandboxed) for kept in _KEPT):
+    key = (loop, sandboxed)
+    if key in _STARTING or any(kept.matches(loop, sandboxed) for kept in _KEPT):
         return
-    _STARTING.add((loop, sandboxed))
-    _background(_keep(loop, sandboxed))
+    _STARTING[key] = loop.create_future()
+    # Also when the task is cancelled before it runs (its loop shutting down): a step
+    # waiting in ``take`` then starts its own.
+    _background(_keep(loop, sandboxed)).add_done_callback(lambda _: _started(key))
+
+
+def _started(key: tuple[asyncio.AbstractEventLoop, bool]) -> None:
+    """The launcher of ``key`` is kept, or could not be started: a ``take`` may go on."""
+    started = _STARTING.pop(key, None)
+    if started is not None and not started.done():
+        started.set_result(None)
 
 
 async def _keep(loop: asyncio.AbstractEventLoop, sandboxed: bool) -> None:
     group = cgroups.make_step_group()
     try:
-        launched = await start_launcher(group.procs_files() if group else [], sandboxed)
+        launched = start_launcher(group.procs_files() if group else [], sandboxed)
     except Exception as exc:  # the step that takes none starts its own, and says why
         log.debug("could not start a launcher ahead: %s", exc)
         if group is not None:
             await asyncio.to_thread(group.remove)
         return
-    finally:
-        _STARTING.discard((loop, sandboxed))
     kept = _Kept(launched, group, loop, _where(), loop.create_future())
     _KEPT.append(kept)
+    _started((loop, sandboxed))
     taken = False
     try:
         taken = await kept.taken
@@ -101,11 +121,12 @@ def dismiss(launched: Launched, group: StepGroup | None) -> None:
     _background(_dismiss(launched, group))
 
 
-def _background(job: Coroutine[Any, Any, None]) -> None:
+def _background(job: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
     """Run ``job`` as a task of the running loop, referenced until it is done."""
     task = asyncio.get_running_loop().create_task(job)
     _TASKS.add(task)
     task.add_done_callback(_TASKS.discard)
+    return task
 
 
 async def _dismiss(launched: Launched, group: StepGroup | None) -> None:
@@ -115,12 +136,13 @@ async def _dismiss(launched: Launched, group: StepGroup | None) -> None:
     try:
         await asyncio.wait_for(launched.proc.wait(), DISMISS_S)
     except TimeoutError:
-        with suppress(ProcessLookupError):
-            launched.proc.kill()
+        launched.proc.kill()
         await launched.proc.wait()
     finally:
-        with suppress(OSError):
-            os.close(launched.status)
+        launched.proc.close_stdin()
+        for fd in (launched.status, launched.proc.stdout, launched.proc.stderr):
+            with suppress(OSError):
+                os.close(fd)
         if group is not None:
             await asyncio.to_thread(group.remove)
 

@@ -11,12 +11,13 @@ shuffled order) so that the machine's load falls on every row alike:
 - a ``shell.run`` of ``true``, unconfined: the adapter as it runs now (launcher, control
   groups, the watch, the report) against a bare exec of the same program read the same
   way (``adapters/process.communicate``): what measuring a program's tree costs. The
-  launcher for the next step starts while this one's program runs (``adapters/warm.py``),
-  inside the step's time; a start still under way when the call returns is waited for
-  outside any case's time, so that it does not land in the next case's. The same step
-  with no launcher ahead (it starts its own, as before) is the row beside it, and a
-  program that runs 20 ms (``sleep 0.02``) the pair after: the next launcher then starts
-  while the program runs, as it does for a real command;
+  launcher for the next step starts once this one's program has ended
+  (``adapters/warm.py``); a start still under way when the call returns is waited for
+  outside any case's time, so that it does not land in the next case's. So two rows show
+  what that start costs when it cannot be hidden: two steps back to back (the second
+  waits for the launcher the first one started), against two bare execs, and the same
+  step with no launcher ahead (it starts its own, the path before the launcher ahead).
+  A program that runs 20 ms (``sleep 0.02``) is the pair after;
 - the control groups alone: making a step's groups and removing them.
 """
 
@@ -28,6 +29,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -42,7 +44,7 @@ from _common import percentile, table  # noqa: E402
 
 from planrun.adapters import warm  # noqa: E402
 from planrun.adapters.cgroups import make_step_group  # noqa: E402
-from planrun.adapters.process import communicate  # noqa: E402
+from planrun.adapters.process import communicate, spawn  # noqa: E402
 from planrun.adapters.registry import default_registry  # noqa: E402
 from planrun.adapters.shell import ShellRun  # noqa: E402
 from planrun.adapters.workspace import Workspace  # noqa: E402
@@ -72,10 +74,9 @@ async def _timed(call: Callable[[], Awaitable[Any]]) -> float:
 
 
 async def _bare(*argv: str) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, start_new_session=True)
-    await communicate(proc, None, 1024)
+    program = shutil.which(argv[0])
+    assert program is not None, f"{argv[0]} is not on PATH"
+    await communicate(spawn([program, *argv[1:]], dict(os.environ)), None, 1024)
 
 
 async def _groups() -> None:
@@ -98,9 +99,20 @@ def cases(workspace: Workspace) -> dict[str, Callable[[], Awaitable[Any]]]:
         await shell("true")
 
     async def shell_true_cold() -> None:
-        with mock.patch.object(warm, "take", lambda sandboxed: None), \
+        async def none(sandboxed: bool) -> None:
+            return None
+
+        with mock.patch.object(warm, "take", none), \
                 mock.patch.object(warm, "keep", lambda sandboxed: None):
             await shell_true()
+
+    async def shell_true_twice() -> None:
+        await shell_true()
+        await shell_true()
+
+    async def bare_true_twice() -> None:
+        await _bare("true")
+        await _bare("true")
 
     return {
         "core.echo / bare": lambda: job.adapter.run(params, job._context(1, LOG), None),
@@ -108,6 +120,8 @@ def cases(workspace: Workspace) -> dict[str, Callable[[], Awaitable[Any]]]:
         "true / bare exec": lambda: _bare("true"),
         "true / shell.run measured": shell_true,
         "true / shell.run, no launcher ahead": shell_true_cold,
+        "true x2 back to back / bare exec": bare_true_twice,
+        "true x2 back to back / shell.run": shell_true_twice,
         "sleep 0.02 / bare exec": lambda: _bare("sleep", "0.02"),
         "sleep 0.02 / shell.run measured": lambda: shell("sleep", "0.02"),
         "control groups / make + remove": _groups,
@@ -153,6 +167,8 @@ def main() -> None:
         "shell.run true (unconfined)": ("true / shell.run measured", "true / bare exec"),
         "shell.run true, no launcher ahead": ("true / shell.run, no launcher ahead",
                                               "true / bare exec"),
+        "shell.run true x2 back to back (per pair)": ("true x2 back to back / shell.run",
+                                                      "true x2 back to back / bare exec"),
         "shell.run sleep 0.02 (unconfined)": ("sleep 0.02 / shell.run measured",
                                               "sleep 0.02 / bare exec"),
     }

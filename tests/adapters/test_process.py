@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import signal
 
-from planrun.adapters.process import stop
+import pytest
+
+from planrun.adapters.process import spawn, stop
 
 
 def test_a_program_stopped_before_anyone_read_from_it_is_killed_and_reaped() -> None:
-    async def stopped() -> int | None:
-        proc = await asyncio.create_subprocess_exec(
-            "sleep", "30", start_new_session=True, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
-        await stop(proc, [])  # no readers yet: it was cancelled while starting
-        return proc.returncode
+    sleep = shutil.which("sleep")
+    assert sleep is not None
 
-    assert asyncio.run(stopped()) is not None  # reaped: nothing left for the collector
+    async def stopped() -> tuple[int | None, list[int]]:
+        proc = spawn([sleep, "30"], {})
+        await stop(proc, [])  # no readers yet: it was cancelled while starting
+        return proc.returncode, [proc.stdout, proc.stderr]
+
+    code, pipes = asyncio.run(stopped())
+    assert code == -signal.SIGTERM  # reaped: no zombie left behind
+    for fd in pipes:  # and its pipes let go
+        with pytest.raises(OSError):
+            os.fstat(fd)
