@@ -280,8 +280,9 @@ class Upstream:
             await self._recover(run_id, view, event.message)
             return
         applied = end_by_flow_run(view, event, time.time())
-        if applied.view is not None:
-            self.committer.commit(run_id, applied.view, applied.drafts)
+        if applied.view is not None and self.committer.commit(run_id, applied.view,
+                                                              applied.drafts):
+            self.deadlines.watch(run_id, applied.view)  # ended: forgotten there too
 
     async def _recover(self, run_id: str, view: RunView, message: str | None) -> None:
         """Schedule a crashed run again; it announces itself with ``run.resumed``."""

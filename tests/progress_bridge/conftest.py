@@ -42,14 +42,17 @@ T = TypeVar("T")
 @asynccontextmanager
 async def fed_upstream(directory: Path, *, hub: Hub | None = None,
                        flow_runs: FakeFlowRuns | None = None,
-                       settings: UpstreamSettings = QUIET
+                       settings: UpstreamSettings = QUIET, upstream: Upstream | None = None
                        ) -> AsyncIterator[tuple[BridgeState, FakeEventSource]]:
-    """The production upstream over a store in ``directory``, fed by a fake event source:
-    the bridge's state and that source, once connected."""
-    store, source = MessageStore(directory), FakeEventSource()
+    """The production upstream (``upstream``, or a new one) over a store in ``directory``,
+    fed by a fake event source: the bridge's state and that source, once connected."""
+    store = MessageStore(directory)
+    upstream = upstream or Upstream(FakeEventSource(), settings)
+    source = upstream.source
+    assert isinstance(source, FakeEventSource)
     state = BridgeState(store, hub or Hub(), Metrics(),
                         ControlService(flow_runs or FakeFlowRuns()), Settings(token="t"))
-    task = asyncio.ensure_future(Upstream(source, settings)(state))
+    task = asyncio.ensure_future(upstream(state))
     await source.connected.wait()
     try:
         yield state, source

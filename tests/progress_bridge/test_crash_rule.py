@@ -19,6 +19,8 @@ from planrun.contract.status import RunStatus
 from planrun.processes import this_place
 from planrun.progress_bridge.apply import FlowRunEnded, RunEvent
 from planrun.progress_bridge.flow_runs import FakeFlowRuns, FlowRun
+from planrun.progress_bridge.source import FakeEventSource
+from planrun.progress_bridge.upstream import Upstream
 from planrun.progress_bridge.upstream_settings import UpstreamSettings
 
 from .conftest import fed_upstream
@@ -73,6 +75,25 @@ def test_a_run_whose_process_has_exited_is_crashed_at_once_then_recovered_if_it_
     asyncio.run(main())
     message = [call[3] for call in flow_runs.calls if call[1] == "deployed"][0]
     assert message.startswith("its process ") and message.endswith(" has exited")
+
+
+def test_a_run_ended_by_prefect_alone_is_forgotten_by_the_deadlines(tmp_path: Path) -> None:
+    """Its planrun end event lost, a run is ended by Prefect's word alone: its signs of life
+    and process are dropped as for any ended run, so nothing is left to grow run by run."""
+    upstream = Upstream(FakeEventSource(), SETTINGS)
+
+    async def main() -> None:
+        async with fed_upstream(tmp_path, settings=SETTINGS, upstream=upstream) as (
+                state, source):
+            assert await source.push(started_in("r", this_process(state_id="s1")))
+            await until(lambda: "r" in upstream.deadlines.processes, "the run's process")
+            assert await source.push(FlowRunEnded("r-end", "r", time.time(), "FAILED",
+                                                  "the engine raised"))
+            await until(lambda: state.views["r"].ended, "the run to end")
+            assert "r" not in upstream.deadlines.alive
+            assert "r" not in upstream.deadlines.processes
+
+    asyncio.run(main())
 
 
 class CountingReads(FakeFlowRuns):
