@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -110,3 +111,22 @@ def test_without_control_groups_a_launcher_is_still_kept(
         return kept
 
     assert asyncio.run(two_steps())[1] == []
+
+
+def test_a_loop_that_ends_as_the_next_launcher_starts_ends_at_once(ctx: StepContext) -> None:
+    """The next launcher starts as a short step ends; a loop shutting down right then
+    cancels that start, which must leave nothing waiting (asyncio's subprocess start,
+    cancelled half way, waited forever for pipes it never connected)."""
+    ended: list[float] = []
+
+    def steps() -> None:
+        for _ in range(10):
+            started = time.monotonic()
+            asyncio.run(ShellRun().run({"argv": ["true"]}, ctx, 20))
+            ended.append(time.monotonic() - started)
+
+    runner = threading.Thread(target=steps, daemon=True)
+    runner.start()
+    runner.join(60)
+    assert not runner.is_alive(), f"a loop did not end after its step ({len(ended)} of 10 did)"
+    assert not warm._KEPT and not warm._STARTING
