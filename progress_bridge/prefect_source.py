@@ -65,6 +65,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("planrun.bridge")
 
+
+def _import_prefect() -> None:
+    """Import the parts of Prefect the bridge's upstream and run control use."""
+    import prefect.client.orchestration
+    import prefect.events.clients
+    import prefect.events.filters
+    import prefect.exceptions  # noqa: F401
+
 PLANRUN_TAG = f"prefect.tag.{RUN_TAG}"
 FLOW_RUN_ENDS = frozenset({"CRASHED", "FAILED", "CANCELLED", "COMPLETED"})
 PAGE = 50  # POST /events/filter answers at most 50 events a page
@@ -104,6 +112,12 @@ class PrefectEventSource:
         #: The first start's time (epoch s): no reconciliation reads from before it, as
         #: the runs in flight then were read whole (:meth:`start_read`).
         self._floor: float | None = None
+
+    async def prepare(self) -> None:
+        """Prefect's client imported in a thread: 1–3 s during which the event loop
+        would otherwise stand still, answering neither ``/healthz`` nor its clients
+        (BENCHMARKS.md, "Bridge start")."""
+        await asyncio.to_thread(_import_prefect)
 
     async def follow(self, deliver: Deliver, cursor: Cursor) -> None:
         from prefect.events.clients import get_events_subscriber

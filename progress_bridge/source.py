@@ -26,6 +26,11 @@ class EventSource(Protocol):
     #: Set while the source is following (subscribed and reconciled).
     connected: asyncio.Event
 
+    async def prepare(self) -> None:
+        """Make ready what following needs, without holding up the loop (the bridge
+        serves its clients meanwhile)."""
+        ...
+
     async def follow(self, deliver: Deliver, cursor: Cursor) -> None:
         """Deliver every event from now on, and the ones since ``cursor`` missed while
         away; runs until cancelled."""
@@ -57,6 +62,9 @@ class FakeEventSource:
         self.recalled: list[str] = []  # the runs asked for with :meth:`recall`
         self._deliver: Deliver | None = None
         self._stop: asyncio.Event | None = None
+
+    async def prepare(self) -> None:
+        return None
 
     async def follow(self, deliver: Deliver, cursor: Cursor) -> None:
         self._deliver = deliver

@@ -93,6 +93,7 @@ class Upstream:
         for run_id, text in state.store.run_states().items():
             state.views[run_id] = view = RunView.from_json(text)
             self.deadlines.restored(run_id, view)  # deadlines set before a restart
+        await self.source.prepare()  # the views are in: the routes can answer meanwhile
         self.later.soon(0.0, self._load_breakers)
         ticker = asyncio.ensure_future(self._tick() if self.settings.ticks
                                        else asyncio.Event().wait())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from websockets.asyncio.client import connect
 
 from planrun.adapters.workspace import default_workspace_root
 from planrun.contract.status import StepStatus
+from planrun.progress_bridge import prefect_source
 from planrun.progress_bridge.upstream import PrefectUpstream, UpstreamSettings
 from planrun.runner import run_plan
 from tests.helpers import plan_data, run_yaml
@@ -211,3 +213,27 @@ def test_an_event_of_a_run_not_seen_starting_waits_for_the_run_to_be_read(
     assert [(m.step_id, m.summary) for m in messages[1:]] == [("s2", "event 2"),
                                                               ("s3", "event 3")]
     assert bridge.source.recalled == [run_id]
+
+
+def test_the_bridge_serves_while_prefects_client_is_imported(
+        bridge_factory: BridgeFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Importing Prefect's client takes 1–3 s: it runs in a thread, not on the bridge's
+    loop, so the bridge answers /healthz meanwhile, and follows Prefect once it is done."""
+    release = threading.Event()
+    importing: list[int] = []
+
+    def slow_import() -> None:
+        importing.append(threading.get_ident())
+        assert release.wait(30), "the test did not let the import end"
+
+    monkeypatch.setattr(prefect_source, "_import_prefect", slow_import)
+    upstream = PrefectUpstream(SETTINGS)
+    bridge = bridge_factory(tmp_path / "bridge", upstream=upstream)
+    try:
+        wait_for(lambda: importing, 10, "the import to start")
+        assert importing[0] != bridge._thread.ident, "Prefect imported on the bridge's loop"
+        assert httpx.get(f"{bridge.http}/healthz", timeout=5).status_code == 200
+        assert not upstream.connected.is_set()
+    finally:
+        release.set()
+    wait_for(upstream.connected.is_set, 30, "the upstream to subscribe")
