@@ -70,7 +70,13 @@ def warm(environ: dict[str, str], tmp_path: Path) -> None:
     plan.write_text(ECHO)
     first = cli("run", str(plan), env=environ)
     assert first.returncode == 0, first.stderr
-    wait_for(lambda: answers(environ), 60, "the run host to listen")
+    try:
+        wait_for(lambda: answers(environ), 60, "the run host to listen")
+    except AssertionError as exc:  # what the host said (it once took over 60 s in a suite)
+        log = Path(environ["PLANRUN_HOME"]) / "run-host.log"
+        said = log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"
+        raise AssertionError(f"{exc}; the first run said: {first.stderr[-2000:]!r}; "
+                             f"hosts: {[h.pid for h in hosts(environ)]}; {log}: {said}") from None
 
 
 @pytest.mark.parametrize("first", [True, False], ids=["first run", "later run"])
