@@ -29,6 +29,7 @@ start) and ``usage:cpu_s:maxrss_bytes:written_bytes`` (written -1: not counted h
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -333,18 +334,36 @@ def spawn(start: Start, stdin: bool, ready: Launched | None = None) -> tuple[Chi
 def go(launched: Launched, start: Start, stdin: bool, message: bytes | None = None
        ) -> tuple[Child, int]:
     """Hand ``launched`` the program of ``start``; the process and the read end of its
-    status pipe. Its stdin is closed at once when the program is given none."""
-    try:  # the child reads it as it is written; closed, it exits if nothing was sent
-        unsent = memoryview(message if message is not None else _message(start))
-        while unsent:
-            unsent = unsent[os.write(launched.go, unsent):]
-    except BrokenPipeError:
-        pass  # the child failed to join its groups: the status pipe says so
-    finally:
-        os.close(launched.go)
+    status pipe. Its stdin is closed at once when the program is given none. What does
+    not fit in the go pipe now (over 64 KiB: a long argv or environment) is written as
+    the child reads it, from the event loop, not waited for here: a new launcher's child
+    reads only once it has joined its groups (up to 20 ms on a loaded machine)."""
+    unsent = memoryview(message if message is not None else _message(start))
+    os.set_blocking(launched.go, False)
+    _send(launched.go, unsent, asyncio.get_running_loop())
     if not stdin:
         launched.proc.close_stdin()
     return launched.proc, launched.status
+
+
+def _send(fd: int, unsent: memoryview, loop: asyncio.AbstractEventLoop) -> None:
+    """Write ``unsent`` to the go pipe ``fd``, the rest once it can take more; then close
+    it (the child reads to its end). A child that failed to join its groups has closed
+    its end: the status pipe says why."""
+    try:
+        while unsent:
+            unsent = unsent[os.write(fd, unsent):]
+    except BlockingIOError:
+        loop.add_writer(fd, _send_more, fd, unsent, loop)
+        return
+    except BrokenPipeError:
+        pass
+    os.close(fd)
+
+
+def _send_more(fd: int, unsent: memoryview, loop: asyncio.AbstractEventLoop) -> None:
+    loop.remove_writer(fd)
+    _send(fd, unsent, loop)
 
 
 def _message(start: Start) -> bytes:

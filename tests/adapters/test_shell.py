@@ -431,3 +431,16 @@ def test_a_cancel_while_the_program_is_starting_stops_its_whole_group(
         assert asyncio.run(cancel_after(turns)) < 5
 
     wait_until(lambda: not _running(marker), within=5, what="the started group to be gone")
+
+
+def test_a_program_given_more_than_a_pipe_holds_gets_all_of_it(either: StepContext) -> None:
+    """Its argv and environment reach the launcher on a pipe (64 KiB): the rest is written
+    as the launcher's child reads, for a new launcher and for the one kept ahead."""
+    big, arg = "v" * 100_000, "a" * 100_000
+    params = {"argv": ["sh", "-c", 'printf "%s %s" "${#BIG}" "${#1}"', "sh", arg],
+              "env": {"BIG": big}}
+
+    async def twice() -> list[str]:  # the second through the launcher kept after the first
+        return [(await ShellRun().run(params, either, 30))["stdout"] for _ in range(2)]
+
+    assert asyncio.run(twice()) == ["100000 100000"] * 2
