@@ -136,6 +136,17 @@ static void wait_watching(pid_t child, int status, const char *procs) {
     close(pidfd);
 }
 
+/* Close every descriptor above `last`: posix_spawn, which starts this process, passes on
+ * whatever planrun's process holds without close-on-exec (a C library's socket, a
+ * descriptor planrun itself inherited); none of it is the program's. */
+static void close_others(int last) {
+#ifdef SYS_close_range
+    if (syscall(SYS_close_range, (unsigned)last + 1, ~0U, 0) == 0) return;
+#endif
+    long most = sysconf(_SC_OPEN_MAX);
+    for (long fd = last + 1; fd < (most > 0 ? most : 65536); fd++) close((int)fd);
+}
+
 static double seconds(struct timeval t) { return (double)t.tv_sec + t.tv_usec / 1e6; }
 
 static double monotonic(void) {
@@ -230,6 +241,7 @@ int main(int argc, char **argv) {
     char *procs = argv[3];
     int sandboxed = strcmp(argv[4], "1") == 0;
     if (chdir("/") != 0) fail(status, "limits", errno);  /* hold none of planrun's directories */
+    close_others(status > go ? status : go);
     if (sandboxed) prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);  /* bubblewrap's PID 1 is ours */
     pid_t child = fork();
     if (child < 0) fail(status, "limits", errno);

@@ -56,6 +56,7 @@ LAUNCHER = r"""
 import os, resource, signal, sys, time
 status, go, procs, sandboxed = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
 os.chdir("/")  # hold no directory of planrun's busy; the program's cwd is in its message
+os.closerange(max(status, go) + 1, os.sysconf("SC_OPEN_MAX"))  # nothing else is the program's
 if sandboxed:  # bubblewrap leaves its PID 1 to be reaped by whoever adopts it: us
     import ctypes
     ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER

@@ -3,20 +3,25 @@ reaped tree used, with real processes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from planrun.adapters.base import StepContext
 from planrun.adapters.cgroups import make_step_group
 from planrun.adapters.launcher import CHOICE_ENV, Report, launcher_command, read_report
 from planrun.adapters.sandbox import Limits
+from planrun.adapters.shell import ShellRun
 from planrun.home import data_dir
+from planrun.policy import LevelPolicy, Trust
 from planrun.processes import alive, started
 from tests import helpers
 from tests.helpers import wait_for
@@ -172,3 +177,20 @@ def test_a_program_that_left_the_process_group_is_killed_through_its_control_gro
     finally:
         wait_for(lambda: not group.pids(), timeout=10, what="the step group empty")
         group.remove()
+
+
+@pytest.mark.parametrize("sandbox", ["required", "off"])
+def test_a_program_inherits_no_descriptor_of_planruns_but_its_streams(
+        make_ctx: Callable[..., StepContext], sandbox: str) -> None:
+    """posix_spawn passes on what planrun holds without close-on-exec (a C library's
+    socket, a descriptor planrun inherited): the launcher closes it all."""
+    leaked = os.open("/dev/null", os.O_RDONLY)
+    os.set_inheritable(leaked, True)
+    try:
+        ctx = make_ctx(trust=Trust.LOCAL, policy=LevelPolicy(allow_private=True,
+                                                             sandbox=sandbox))
+        out = asyncio.run(ShellRun().run({"argv": ["ls", "/proc/self/fd"]}, ctx, 30))
+    finally:
+        os.close(leaked)
+    # 0-2, and the directory ls reads (3): nothing of planrun's
+    assert sorted(int(fd) for fd in out["stdout"].split()) == [0, 1, 2, 3]
