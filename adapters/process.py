@@ -27,8 +27,6 @@ from typing import Any
 import psutil
 
 KILL_GRACE_S = 1.0
-#: The lowest descriptor of our pipe ends: 0-4 are the places ``spawn`` moves them to.
-_LOW_FDS = 5
 _BACKGROUND: set[asyncio.Task[None]] = set()
 
 
@@ -76,14 +74,22 @@ class Child:
             os.close(self.stdin)
             self.stdin = None
 
+    def let_go(self) -> None:
+        """Close our ends of its pipes, none of them read (its stdin if still open)."""
+        self.close_stdin()
+        for fd in (self.stdout, self.stderr):
+            with suppress(OSError):
+                os.close(fd)
+
 
 def spawn(argv: Sequence[str], env: dict[str, str], extra_fds: Sequence[int] = ()) -> Child:
     """Start ``argv`` (``argv[0]`` a path) in a new session, in planrun's working
     directory, with pipes for its stdin, stdout and stderr; ``extra_fds`` become its
     descriptors 3, 4, … . Signals Python ignores (SIGPIPE, SIGXFSZ) are reset to their
     defaults, as ``subprocess`` does."""
-    stdin, stdout, stderr = _pipe(), _pipe(), _pipe()  # (read end, write end) each
-    lifted = [_high(fd, copy=True) for fd in extra_fds]
+    low = 3 + len(extra_fds)  # the descriptors the pipes and extra_fds are moved to
+    stdin, stdout, stderr = _pipe(low), _pipe(low), _pipe(low)  # (read end, write end)
+    lifted = [_high(fd, low, copy=True) for fd in extra_fds]
     theirs = [stdin[0], stdout[1], stderr[1]]
     try:
         moves = [(os.POSIX_SPAWN_DUP2, fd, to) for to, fd in enumerate([*theirs, *lifted])]
@@ -102,18 +108,18 @@ def spawn(argv: Sequence[str], env: dict[str, str], extra_fds: Sequence[int] = (
     return Child(pid, stdin[1], stdout[0], stderr[0])
 
 
-def _pipe() -> tuple[int, int]:
+def _pipe(low: int) -> tuple[int, int]:
     read, write = os.pipe()
-    return _high(read), _high(write)
+    return _high(read, low), _high(write, low)
 
 
-def _high(fd: int, copy: bool = False) -> int:
-    """``fd``, or a copy of it above the descriptors ``spawn`` moves pipes to (planrun
-    may have been started with some of 0–2 closed, and a pipe would take their place),
-    the original closed unless ``copy``."""
-    if fd >= _LOW_FDS:
+def _high(fd: int, low: int, copy: bool = False) -> int:
+    """``fd``, or a copy of it at ``low`` or above, out of the way of the descriptors
+    ``spawn`` moves pipes to (planrun may have been started with some of 0–2 closed, and a
+    pipe would take their place), the original closed unless ``copy``."""
+    if fd >= low:
         return fd
-    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, _LOW_FDS)
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, low)
     if not copy:
         os.close(fd)
     return moved
@@ -210,11 +216,8 @@ async def stop(proc: Child, tasks: list[asyncio.Future[Any]]) -> None:
     except TimeoutError:  # it ignored SIGTERM and left the group: kill it, then reap it
         proc.kill()
         await proc.wait()
-    if not tasks:  # nobody read them: let them go
-        for fd in (proc.stdout, proc.stderr):
-            with suppress(OSError):
-                os.close(fd)
-        proc.close_stdin()
+    if not tasks:  # nobody read them
+        proc.let_go()
 
 
 async def _terminate(proc: Child) -> None:

@@ -139,10 +139,9 @@ async def _dismiss(launched: Launched, group: StepGroup | None) -> None:
         launched.proc.kill()
         await launched.proc.wait()
     finally:
-        launched.proc.close_stdin()
-        for fd in (launched.status, launched.proc.stdout, launched.proc.stderr):
-            with suppress(OSError):
-                os.close(fd)
+        launched.proc.let_go()
+        with suppress(OSError):
+            os.close(launched.status)
         if group is not None:
             await asyncio.to_thread(group.remove)
 
