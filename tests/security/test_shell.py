@@ -75,6 +75,25 @@ def test_the_parents_environment_cannot_be_read_through_proc(
     assert "No such file or directory" in out["stderr"]  # the host's PIDs do not exist
 
 
+def test_a_file_planrun_holds_open_cannot_be_read_through_an_inherited_descriptor(
+        submitted: Callable[..., StepContext], tmp_path: Path) -> None:
+    """A descriptor planrun holds without close-on-exec (a C library's, one it inherited)
+    is closed before the program starts: reading every descriptor it might have finds
+    only its own streams."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text(CANARY)
+    held = os.open(secret, os.O_RDONLY)
+    os.set_inheritable(held, True)
+    try:
+        out = sh(submitted(), "for fd in 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 "
+                              f"{held}; do cat /proc/self/fd/$fd 2>/dev/null; done; "
+                              "ls /proc/self/fd; true")
+    finally:
+        os.close(held)
+    assert CANARY not in out["stdout"] + out["stderr"]
+    assert sorted(int(fd) for fd in out["stdout"].split()) == [0, 1, 2, 3]  # ls's own 3
+
+
 # -- the file system ------------------------------------------------------------------------
 
 def test_files_outside_the_workspace_cannot_be_read(
