@@ -23,6 +23,7 @@ from planrun.progress_bridge import apidocs, control, ops, sse, view, ws
 from planrun.progress_bridge.admission import Admission
 from planrun.progress_bridge.auth import Guard, Hosts
 from planrun.progress_bridge.flow_runs import FlowRuns, PrefectFlowRuns
+from planrun.progress_bridge.frames import FanoutProtocol
 from planrun.progress_bridge.hub import Hub, Subscription
 from planrun.progress_bridge.intake import Intake
 from planrun.progress_bridge.metrics import Metrics
@@ -103,7 +104,14 @@ CLOSE_WAIT_S = 2.0
 class BridgeServer(uvicorn.Server):
     """uvicorn's server, stopping as the bridge should: its streams are closed first (a
     WebSocket with 1001 "the bridge is stopping", docs/stream.md), then uvicorn closes
-    the connections (it would close a WebSocket with 1012, before the app's shutdown)."""
+    the connections (it would close a WebSocket with 1012, before the app's shutdown).
+    WebSockets are served by :class:`~progress_bridge.frames.FanoutProtocol` unless the
+    config names another protocol."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        if config.ws == "auto":
+            config.ws = FanoutProtocol
+        super().__init__(config)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         state = getattr(getattr(self.config.app, "state", None), "bridge", None)

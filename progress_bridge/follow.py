@@ -1,4 +1,8 @@
-"""One client's stream: replay, then live messages, with a heartbeat whenever it is idle."""
+"""One client's stream: replay, then live messages, with a heartbeat whenever it is idle.
+
+Messages come in batches: whatever is queued for the client when it gets its turn, so a
+client that fell a little behind catches up with one write instead of one per message.
+"""
 
 from __future__ import annotations
 
@@ -6,37 +10,52 @@ import asyncio
 from collections.abc import AsyncGenerator
 
 from planrun.contract.stream import Message, heartbeat
-from planrun.progress_bridge.hub import Subscription
+from planrun.progress_bridge.hub import Disconnected, Subscription
 from planrun.progress_bridge.store import MessageStore
 
-#: Messages sent to one client before it lets the other clients and the upstream have a turn
-#: (sending does not wait when the socket's buffer has room).
-TURN = 16
+#: The most messages in one batch; after a full batch the client lets the other clients
+#: and the upstream have a turn (a queue that is never empty would never let them run).
+BATCH = 64
 
 
 async def follow(sub: Subscription, store: MessageStore, after: int,
-                 heartbeat_s: float) -> AsyncGenerator[Message, None]:
-    """The run's stored messages with seq > ``after``, then live ones, with no gap and no
-    duplicate; a heartbeat after every ``heartbeat_s`` seconds without a message.
+                 heartbeat_s: float) -> AsyncGenerator[list[Message], None]:
+    """The run's stored messages with seq > ``after``, then live ones, in batches, with no
+    gap and no duplicate; a heartbeat (a batch of one) after every ``heartbeat_s`` seconds
+    without a message.
 
     ``sub`` must be subscribed before this starts: whatever is committed after the replay
     query is then already queued, and live messages already replayed are dropped by seq.
-    Raises :class:`~progress_bridge.hub.Disconnected` when the hub cuts the client off.
+    Raises :class:`~progress_bridge.hub.Disconnected` when the hub cuts the client off
+    (after the messages queued before the cut).
     """
-    last = after
-    for count, message in enumerate(await store.after(sub.run_id, after), 1):
-        last = message.seq
-        yield message
-        if count % TURN == 0:
-            await asyncio.sleep(0)
-    in_a_row = 0
+    stored = await store.after(sub.run_id, after)
+    last = stored[-1].seq if stored else after
+    for start in range(0, len(stored), BATCH):
+        yield stored[start:start + BATCH]
+        await asyncio.sleep(0)
     while True:
-        live = await sub.get(timeout=heartbeat_s)
-        if live is None:
-            yield heartbeat(sub.run_id, last)
-        elif live.seq > last:
-            last = live.seq
-            yield live
-        in_a_row += 1
-        if in_a_row % TURN == 0:  # a queue that is never empty would never let others run
+        first = await sub.get(timeout=heartbeat_s)
+        if first is None:
+            yield [heartbeat(sub.run_id, last)]
+            continue
+        batch: list[Message] = []
+        cut: Disconnected | None = None
+        message: Message | None = first
+        while message is not None:
+            if message.seq > last:
+                last = message.seq
+                batch.append(message)
+            if len(batch) == BATCH:
+                break
+            try:
+                message = sub.get_nowait()
+            except Disconnected as exc:
+                cut = exc
+                break
+        if batch:
+            yield batch
+        if cut is not None:
+            raise cut
+        if len(batch) == BATCH:
             await asyncio.sleep(0)

@@ -48,13 +48,14 @@ async def _events(state: BridgeState, run_id: str, after: int) -> AsyncIterator[
     stream = follow(sub, state.store, after, state.settings.heartbeat_s)
     try:
         async with contextlib.aclosing(stream):
-            async for message in stream:
-                if message.type == MessageType.HEARTBEAT:
-                    yield ServerSentEvent(data=message.wire, event=message.type)
-                else:
-                    yield ServerSentEvent(data=message.wire, event=message.type,
-                                          id=str(message.seq))
-                sent.inc()
+            async for batch in stream:
+                for message in batch:
+                    if message.type == MessageType.HEARTBEAT:
+                        yield ServerSentEvent(data=message.wire, event=message.type)
+                    else:
+                        yield ServerSentEvent(data=message.wire, event=message.type,
+                                              id=str(message.seq))
+                    sent.inc()
     except Disconnected as exc:
         yield ServerSentEvent(comment=exc.reason)
     finally:

@@ -18,8 +18,10 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect
+from uvicorn.protocols.utils import ClientDisconnected
 
 from planrun.progress_bridge.follow import follow
+from planrun.progress_bridge.frames import EXTENSION, FrameWriter, frame
 from planrun.progress_bridge.hub import Disconnected, Subscription
 from planrun.progress_bridge.state import BridgeState, state_of
 from planrun.progress_bridge.store import StoreError
@@ -72,16 +74,24 @@ async def _serve(websocket: WebSocket, sub: Subscription, state: BridgeState,
 async def _send(websocket: WebSocket, sub: Subscription, state: BridgeState,
                 after: int) -> Close:
     sent = state.metrics.sent.labels(transport="ws")
+    writer: FrameWriter | None = websocket.scope.get("extensions", {}).get(EXTENSION)
     stream = follow(sub, state.store, after, state.settings.heartbeat_s)
     try:
         async with contextlib.aclosing(stream):
-            async for message in stream:
-                await websocket.send_text(message.wire)
-                sent.inc()
+            async for batch in stream:
+                if writer is None:  # not served by the bridge's own protocol (tests' clients)
+                    for message in batch:
+                        await websocket.send_text(message.wire)
+                else:
+                    bits = writer.window_bits
+                    await writer.write(b"".join([frame(m.wire, bits) for m in batch]))
+                sent.inc(len(batch))
     except Disconnected as exc:
         return exc.code, exc.reason
     except StoreError:
         return INTERNAL_ERROR, "the message log is unavailable; try again later"
+    except ClientDisconnected:
+        return None
     return None
 
 

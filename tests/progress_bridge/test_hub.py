@@ -55,9 +55,9 @@ def test_replay_then_live_has_no_gap_and_no_duplicate(tmp_path: Path) -> None:
                 asyncio.gather(*(source.push(nth("r", i)) for i in range(51, 101))))
             got = []
             async with asyncio.timeout(10):
-                async for message in stream:
-                    got.append(message.seq)
-                    if message.seq == 100:
+                async for batch in stream:
+                    got.extend(message.seq for message in batch)
+                    if got[-1] == 100:
                         break
             await more
             await stream.aclose()
