@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_fanout.py [--clients 1000] [--client-procs 2]
         [--steps 200] [--max-parallel 20] [--runs 2] [--no-compression] [--trace]
-        [--json out.json]
+        [--client-kind raw|websockets] [--json out.json]
 
 Against one Prefect server (``PREFECT_API_URL``, else planrun's local server under
 ``PLANRUN_HOME``, by default /tmp/bench-home, started if needed):
@@ -11,9 +11,12 @@ Against one Prefect server (``PREFECT_API_URL``, else planrun's local server und
 - a warm plan-running subprocess (``_plan_runner.serve_runs``) runs a plan of ``--steps``
   independent ``core.sleep`` steps of 0.05-0.3 s with ``max_parallel: --max-parallel``
   through ``planrun.runner.run_plan``;
-- ``--client-procs`` client processes (asyncio, ``websockets``, ``proxy=None``,
-  permessage-deflate offered as browsers do unless ``--no-compression``, no pings) hold
-  ``--clients`` WebSocket clients in all.
+- ``--client-procs`` client processes hold ``--clients`` WebSocket clients in all,
+  permessage-deflate offered as browsers do unless ``--no-compression``. By default
+  (``--client-kind raw``) each is a bare asyncio connection that parses frames and inflates
+  by hand, light as a browser's native client is; ``websockets`` uses that library's client
+  (``proxy=None``, no pings), as the measurements before 2026-12-05 did. On 2 cores the
+  clients' CPU is taken from the bridge, so the lighter clients leave it more.
 
 Order, for each run: the runner starts the run and reports its id as soon as it is known
 (after ``planrun.run.started`` is emitted, before the first step) and holds its engine;
@@ -85,7 +88,8 @@ async def one_run(srv: Server, bridge: Bridge, runner: PlanRunner, data: dict[st
                   args: argparse.Namespace, subscriber: PlanrunEvents) -> dict[str, Any]:
     sizes = [args.clients // args.client_procs + (1 if i < args.clients % args.client_procs
                                                   else 0) for i in range(args.client_procs)]
-    workers = [Worker(n, bridge.port, not args.no_compression, args.concurrency)
+    workers = [Worker(n, bridge.port, not args.no_compression, args.concurrency,
+                      args.client_kind)
                for n in sizes]
     await asyncio.gather(*(w.start() for w in workers))
     before = await asyncio.to_thread(counters, bridge)
@@ -246,7 +250,8 @@ async def idle_probe(bridge: Bridge, args: argparse.Namespace) -> dict[str, floa
     replayed, nothing sent): the cost of an idle connection."""
     sizes = [args.clients // args.client_procs + (1 if i < args.clients % args.client_procs
                                                   else 0) for i in range(args.client_procs)]
-    workers = [Worker(n, bridge.port, not args.no_compression, args.concurrency)
+    workers = [Worker(n, bridge.port, not args.no_compression, args.concurrency,
+                      args.client_kind)
                for n in sizes]
     await asyncio.gather(*(w.start() for w in workers))
     before = await asyncio.to_thread(bridge.rss)
@@ -310,6 +315,10 @@ def main() -> int:
                         help="handshakes in flight per client process")
     parser.add_argument("--no-compression", action="store_true",
                         help="clients do not offer permessage-deflate")
+    parser.add_argument("--client-kind", choices=["raw", "websockets"], default="raw",
+                        help="raw: frames parsed and inflated by hand on bare asyncio "
+                             "connections (light, as a browser's C++ client); websockets: "
+                             "the websockets library's client (≈ 3× the CPU a message)")
     parser.add_argument("--drain-timeout", type=float, default=120.0)
     parser.add_argument("--port", type=int, help="the bridge's port (default: a free one)")
     parser.add_argument("--trace", action="store_true",
@@ -320,7 +329,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.worker:
         asyncio.run(client_worker(args.worker, args.port, args.out, not args.no_compression,
-                                  args.concurrency))
+                                  args.concurrency, args.client_kind))
         return 0
 
     started = time.monotonic()
