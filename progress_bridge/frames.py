@@ -73,15 +73,23 @@ class FrameWriter:
                 return extension.local_max_window_bits
         return None
 
+    def write_nowait(self, frames: bytes) -> bool:
+        """Write ``frames`` if the client's socket buffer has room now; False (nothing
+        written) when it is full or the client is gone or closing."""
+        protocol = self._protocol
+        if not protocol.writable.is_set() or protocol.disconnected or protocol.close_sent \
+                or protocol.transport.is_closing():
+            return False
+        protocol.transport.write(frames)
+        return True
+
     async def write(self, frames: bytes) -> None:
         """Write ``frames`` once the client's socket buffer has room, as uvicorn's own
         ``send`` does; raises uvicorn's ``ClientDisconnected`` when the client is gone or
         closing."""
-        protocol = self._protocol
-        await protocol.writable.wait()
-        if protocol.disconnected or protocol.close_sent or protocol.transport.is_closing():
+        await self._protocol.writable.wait()
+        if not self.write_nowait(frames):
             raise ClientDisconnected()
-        protocol.transport.write(frames)
 
 
 class FanoutProtocol(WebSocketsSansIOProtocol):

@@ -44,6 +44,15 @@ class Subscription:
         self.finished = asyncio.Event()
         self.reason: str | None = None
         self.code = GOING_AWAY_CODE
+        #: Set (by its sender) while the client is caught up: the hub hands it each loop
+        #: turn's messages directly instead of queueing them and waking the sender. False
+        #: from the sink (the client's socket is full) clears it and queues them instead.
+        self.sink: Callable[[list[Message]], bool] | None = None
+
+    @property
+    def empty(self) -> bool:
+        """Nothing queued."""
+        return not self._items
 
     def offer(self, message: Message) -> bool:
         """Queue ``message``; False (and nothing queued) when the queue is full."""
@@ -94,6 +103,7 @@ class Hub:
         self.queue_size = queue_size
         self._slow_listeners: list[Callable[[Subscription], None]] = []
         self._subs: dict[str, set[Subscription]] = {}
+        self._direct: dict[Subscription, list[Message]] = {}  # for sinks, until the turn ends
 
     def on_slow(self, listener: Callable[[Subscription], None]) -> None:
         """Call ``listener`` with each subscription cut off for being slow."""
@@ -122,14 +132,35 @@ class Hub:
 
     def publish(self, message: Message) -> int:
         """Offer ``message`` to every subscriber of its run without waiting; returns how
-        many took it. Subscribers whose queue is full are cut off."""
+        many took it. Subscribers whose queue is full are cut off. Subscribers with a sink
+        get the messages of this loop turn together, once it ends."""
         delivered = 0
+        direct = self._direct
         for sub in list(self._subs.get(message.run_id, ())):
-            if sub.offer(message):
+            if sub.sink is not None:
+                if not direct:
+                    asyncio.get_running_loop().call_soon(self._flush)
+                direct.setdefault(sub, []).append(message)
+                delivered += 1
+            elif sub.offer(message):
                 delivered += 1
             else:
                 self._cut_off(sub)
         return delivered
+
+    def _flush(self) -> None:
+        direct, self._direct = self._direct, {}
+        for sub, messages in direct.items():
+            if sub.sink is not None and sub.sink(messages):
+                continue
+            # Its socket is full (or it is leaving): its sender takes over from the queue,
+            # these first. Nothing was queued for it meanwhile: only this clears a sink.
+            sub.sink = None
+            for message in messages:
+                if not sub.offer(message):
+                    if not sub.closed.is_set():
+                        self._cut_off(sub)
+                    break
 
     def close_all(self, reason: str = "the bridge is stopping") -> list[Subscription]:
         """Cut every subscriber off (the ones cut). Call it before stopping the server:

@@ -20,6 +20,7 @@ from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect
 from uvicorn.protocols.utils import ClientDisconnected
 
+from planrun.contract.stream import Message
 from planrun.progress_bridge.follow import follow
 from planrun.progress_bridge.frames import EXTENSION, FrameWriter, frame
 from planrun.progress_bridge.hub import Disconnected, Subscription
@@ -75,7 +76,16 @@ async def _send(websocket: WebSocket, sub: Subscription, state: BridgeState,
                 after: int) -> Close:
     sent = state.metrics.sent.labels(transport="ws")
     writer: FrameWriter | None = websocket.scope.get("extensions", {}).get(EXTENSION)
-    stream = follow(sub, state.store, after, state.settings.heartbeat_s)
+
+    def direct(batch: list[Message]) -> bool:
+        assert writer is not None
+        if writer.write_nowait(b"".join([frame(m.wire, writer.window_bits) for m in batch])):
+            sent.inc(len(batch))
+            return True
+        return False
+
+    stream = follow(sub, state.store, after, state.settings.heartbeat_s,
+                    None if writer is None else direct)
     try:
         async with contextlib.aclosing(stream):
             async for batch in stream:
