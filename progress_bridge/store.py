@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import sqlite3
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 from planrun.contract.stream import Draft, Message
@@ -39,6 +40,8 @@ _SCHEMA = (
 )
 #: How long a seen event id is kept: far longer than any reconciliation looks back.
 SEEN_KEEP_S = 24 * 3600.0
+#: Parsed messages kept for replays (a few runs' worth).
+PARSED_KEEP = 4096
 
 
 class StoreError(RuntimeError):
@@ -67,6 +70,9 @@ class MessageStore:
         # Separate locks: a long replay read must not hold up commits on the event loop.
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
+        # Messages read lately, parsed, shared by every client that replays them: 1,000
+        # clients of one run then hold one ``run.started``, not 1,000 (held under _read_lock).
+        self._parsed: OrderedDict[tuple[str, int], Message] = OrderedDict()
         self._last: dict[str, int] = dict(
             self._writer.execute("SELECT run_id, MAX(seq) FROM messages GROUP BY run_id"))
         cursor = self._writer.execute("SELECT value FROM meta WHERE key = 'cursor'").fetchone()
@@ -159,6 +165,17 @@ class MessageStore:
             if self._closed:
                 raise StoreError("the message store is closed")
             rows = self._reader.execute(
-                "SELECT body FROM messages WHERE run_id = ? AND seq > ? ORDER BY seq",
+                "SELECT seq, body FROM messages WHERE run_id = ? AND seq > ? ORDER BY seq",
                 (run_id, seq)).fetchall()
-        return [Message.from_json(body) for (body,) in rows]
+            return [self._parse(run_id, number, body) for number, body in rows]
+
+    def _parse(self, run_id: str, seq: int, body: str) -> Message:
+        key = (run_id, seq)
+        message = self._parsed.get(key)
+        if message is None:
+            message = self._parsed[key] = Message.from_json(body)
+            if len(self._parsed) > PARSED_KEEP:
+                self._parsed.popitem(last=False)
+        else:
+            self._parsed.move_to_end(key)
+        return message

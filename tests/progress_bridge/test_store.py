@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from planrun.progress_bridge import store as store_module
 from planrun.progress_bridge.store import MessageStore, StoreError
 
 from .clients import draft
@@ -72,3 +73,20 @@ def test_a_closed_store_refuses_appends(tmp_path: Path) -> None:
     store.close()  # twice is harmless
     with pytest.raises(StoreError, match="closed"):
         store.commit("r", [draft(2)])[0]
+
+
+def test_replays_share_one_parsed_message_and_the_cache_is_bounded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1,000 clients replaying a large ``run.started`` hold one copy, not 1,000."""
+    monkeypatch.setattr(store_module, "PARSED_KEEP", 3)
+    store = MessageStore(tmp_path)
+    try:
+        store.commit("r", [draft(i) for i in range(1, 6)])
+        first = asyncio.run(store.after("r", 0))
+        again = asyncio.run(store.after("r", 2))
+        assert [m.seq for m in again] == [3, 4, 5]
+        assert all(a is b for a, b in zip(first[2:], again, strict=True))
+        assert [m.wire for m in first] == [m.wire for m in asyncio.run(store.after("r", 0))]
+        assert len(store._parsed) == 3  # noqa: SLF001 - the bound is the point
+    finally:
+        store.close()
