@@ -12,6 +12,11 @@ each commit waited for the GIL (5 ms switch interval), which capped one run at â
 messages/s. A synchronous commit also means a message is committed before anyone can see it,
 with nothing in between that could reorder or lose it. Replay reads run in a thread, on a
 connection of their own.
+
+:class:`~progress_bridge.store_pg.PgMessageStore` keeps the same log in PostgreSQL,
+for several bridges serving the same runs (``progress_bridge/replica.py``,
+docs/production.md): one of them commits, each commit notifies the others, and all of
+them replay from it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import sqlite3
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 from planrun.contract.stream import Draft, Message
 
@@ -60,28 +66,51 @@ def _connect(path: Path) -> sqlite3.Connection:
 class MessageStore:
     """Append-only message log per run, persisted to ``<directory>/bridge.sqlite3``."""
 
+    _SCHEMA: tuple[str, ...] = _SCHEMA
+    _PREFIX = ""  # of the table names
+    _ERRORS: tuple[type[Exception], ...] = (sqlite3.Error,)
+
     def __init__(self, directory: Path | str, *, filename: str = FILENAME) -> None:
         self.path = Path(directory) / filename
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = _connect(self.path)
-        for statement in _SCHEMA:
+        self._open()
+
+    def _open(self) -> None:
+        self._writer: Any = self._connect()
+        for statement in self._SCHEMA:
             self._writer.execute(statement)
-        self._reader = _connect(self.path)
+        self._reader: Any = self._connect()
         # Separate locks: a long replay read must not hold up commits on the event loop.
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
         # Messages read lately, parsed, shared by every client that replays them: 1,000
         # clients of one run then hold one ``run.started``, not 1,000 (held under _read_lock).
         self._parsed: OrderedDict[tuple[str, int], Message] = OrderedDict()
-        self._last: dict[str, int] = dict(
-            self._writer.execute("SELECT run_id, MAX(seq) FROM messages GROUP BY run_id"))
-        cursor = self._writer.execute("SELECT value FROM meta WHERE key = 'cursor'").fetchone()
-        self.cursor: float | None = float(cursor[0]) if cursor else None
-        if self.cursor is not None:
-            self._writer.execute("DELETE FROM seen WHERE occurred < ?",
-                                 (self.cursor - SEEN_KEEP_S,))
-        self._seen: set[str] = {row[0] for row in self._writer.execute("SELECT event_id FROM seen")}
         self._closed = False
+        self.reload()
+
+    def _connect(self) -> Any:
+        return _connect(self.path)
+
+    def _sql(self, text: str) -> str:
+        """``text`` with ``{p}`` the table prefix and ``?`` this backend's placeholder."""
+        return text.format(p=self._PREFIX)
+
+    def reload(self) -> None:
+        """Read the counters, the cursor and the seen events from the database again (a
+        bridge that takes over committing from another, on a shared store)."""
+        with self._write_lock:
+            db = self._writer
+            self._last: dict[str, int] = dict(db.execute(self._sql(
+                "SELECT run_id, MAX(seq) FROM {p}messages GROUP BY run_id")))
+            cursor = db.execute(self._sql(
+                "SELECT value FROM {p}meta WHERE key = 'cursor'")).fetchone()
+            self.cursor: float | None = float(cursor[0]) if cursor else None
+            if self.cursor is not None:
+                db.execute(self._sql("DELETE FROM {p}seen WHERE occurred < ?"),
+                           (self.cursor - SEEN_KEEP_S,))
+            self._seen: set[str] = {row[0] for row in db.execute(self._sql(
+                "SELECT event_id FROM {p}seen"))}
 
     def last_seq(self, run_id: str) -> int:
         """The seq of the run's last message, 0 when it has none."""
@@ -98,26 +127,34 @@ class MessageStore:
         """
         first = self._last.get(run_id, 0) + 1
         messages = [draft.numbered(run_id, seq) for seq, draft in enumerate(drafts, first)]
+        sql = self._sql
         with self._write_lock:
             if self._closed:
                 raise StoreError("the message store is closed")
             db = self._writer
             try:
                 db.execute("BEGIN")
-                db.executemany("INSERT INTO messages (run_id, seq, body) VALUES (?, ?, ?)",
-                               [(run_id, m.seq, m.wire) for m in messages])
+                rows = db.cursor()
+                rows.executemany(sql("INSERT INTO {p}messages (run_id, seq, body) "
+                                     "VALUES (?, ?, ?)"),
+                                 [(run_id, m.seq, m.wire) for m in messages])
+                rows.close()
                 if state is not None:
-                    db.execute("INSERT OR REPLACE INTO runs (run_id, state) VALUES (?, ?)",
+                    db.execute(sql("INSERT INTO {p}runs (run_id, state) VALUES (?, ?) "
+                                   "ON CONFLICT (run_id) DO UPDATE SET state = excluded.state"),
                                (run_id, state))
                 if event_id is not None and occurred is not None:
-                    db.execute("INSERT OR IGNORE INTO seen (event_id, occurred) VALUES (?, ?)",
-                               (event_id, occurred))
+                    db.execute(sql("INSERT INTO {p}seen (event_id, occurred) VALUES (?, ?) "
+                                   "ON CONFLICT DO NOTHING"), (event_id, occurred))
                     if self.cursor is None or occurred > self.cursor:
-                        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES "
-                                   "('cursor', ?)", (repr(occurred),))
+                        db.execute(sql("INSERT INTO {p}meta (key, value) VALUES ('cursor', ?) "
+                                       "ON CONFLICT (key) DO UPDATE SET value = excluded.value"),
+                                   (repr(occurred),))
+                if messages:
+                    self._announce(db, run_id, messages[-1].seq)
                 db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                with contextlib.suppress(sqlite3.Error):
+            except self._ERRORS as exc:
+                with contextlib.suppress(*self._ERRORS):
                     db.execute("ROLLBACK")
                 raise StoreError(f"writing messages of run {run_id} failed: {exc}") from exc
         if messages:
@@ -127,6 +164,14 @@ class MessageStore:
             self.cursor = max(occurred, self.cursor or occurred)
         return messages
 
+    def _announce(self, db: Any, run_id: str, seq: int) -> None:
+        """Within a commit: tell whoever shares the store (nobody shares a SQLite file)."""
+
+    def noted(self, run_id: str, seq: int) -> None:
+        """Another bridge committed the run's messages up to ``seq``."""
+        if seq > self._last.get(run_id, 0):
+            self._last[run_id] = seq
+
     def seen(self, event_id: str) -> bool:
         """Whether the Prefect event ``event_id`` was already committed."""
         return event_id in self._seen
@@ -134,14 +179,14 @@ class MessageStore:
     def run_state(self, run_id: str) -> str | None:
         """The run's stored state, or None."""
         with self._write_lock:
-            row = self._writer.execute("SELECT state FROM runs WHERE run_id = ?",
+            row = self._writer.execute(self._sql("SELECT state FROM {p}runs WHERE run_id = ?"),
                                        (run_id,)).fetchone()
         return row[0] if row else None
 
     def run_states(self) -> dict[str, str]:
         """Every run's stored state, by run id."""
         with self._write_lock:
-            return dict(self._writer.execute("SELECT run_id, state FROM runs"))
+            return dict(self._writer.execute(self._sql("SELECT run_id, state FROM {p}runs")))
 
     async def after(self, run_id: str, seq: int) -> list[Message]:
         """Every message of the run with a seq above ``seq``, in order."""
@@ -164,9 +209,12 @@ class MessageStore:
         with self._read_lock:
             if self._closed:
                 raise StoreError("the message store is closed")
-            rows = self._reader.execute(
-                "SELECT seq, body FROM messages WHERE run_id = ? AND seq > ? ORDER BY seq",
-                (run_id, seq)).fetchall()
+            try:
+                rows = self._reader.execute(self._sql(
+                    "SELECT seq, body FROM {p}messages WHERE run_id = ? AND seq > ? "
+                    "ORDER BY seq"), (run_id, seq)).fetchall()
+            except self._ERRORS as exc:
+                raise StoreError(f"reading messages of run {run_id} failed: {exc}") from exc
             return [self._parse(run_id, number, body) for number, body in rows]
 
     def _parse(self, run_id: str, seq: int, body: str) -> Message:
