@@ -16,7 +16,8 @@ import inspect
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import uvicorn
 
@@ -26,9 +27,12 @@ from planrun.progress_bridge.admission import Admission
 from planrun.progress_bridge.app import BridgeServer, create_app
 from planrun.progress_bridge.hub import Hub
 from planrun.progress_bridge.ratelimit import DEFAULT_BURST, DEFAULT_PER_S
-from planrun.progress_bridge.store import MessageStore
-from planrun.progress_bridge.upstream import PrefectUpstream, UpstreamSettings
+from planrun.progress_bridge.store import MessageStore, StoreError
+from planrun.progress_bridge.upstream import PrefectUpstream, Upstream, UpstreamSettings
 from planrun.secrets import forget, stored_inputs
+
+if TYPE_CHECKING:
+    from planrun.progress_bridge.replica import Replica
 
 DEFAULT_PORT = 8765
 WILDCARDS = ("0.0.0.0", "::", "")  # every address: its clients name it as they please
@@ -61,6 +65,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int,
                         default=int(os.environ.get("PLANRUN_BRIDGE_PORT", DEFAULT_PORT)))
     parser.add_argument("--data", type=Path, required=True, help="the message log's directory")
+    parser.add_argument("--store", default=os.environ.get("PLANRUN_BRIDGE_STORE"),
+                        help="the message log in PostgreSQL (postgresql://…), shared with "
+                             "every bridge given the same: one commits, all serve "
+                             "(docs/production.md); also $PLANRUN_BRIDGE_STORE")
     parser.add_argument("--allow-host", action="append", default=_env_list("PLANRUN_ALLOWED_HOSTS"),
                         help="a Host (name or name:port) accepted besides loopback "
                              "(also $PLANRUN_ALLOWED_HOSTS, comma-separated)")
@@ -82,21 +90,40 @@ def main(argv: list[str] | None = None) -> None:
     hosts = [*args.allow_host, *([args.host] if args.host not in WILDCARDS else [])]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call
-    store = MessageStore(args.data)
+    upstream = PrefectUpstream(UpstreamSettings(
+        recover_attempts=int(os.environ.get("PLANRUN_RECOVER_ATTEMPTS", "2")),
+        dead_after_s=float(os.environ.get("PLANRUN_DEAD_AFTER_S", "60"))))
+    try:
+        store, follower = _store(args.store, args.data, upstream)
+    except (PlanrunError, StoreError) as exc:
+        parser.exit(2, f"planrun bridge: {exc}\n")
     try:
         app = create_app(store, Hub(), token, allowed_hosts=hosts,
                          allowed_origins=args.allow_origin, rate_per_s=args.rate,
-                         rate_burst=args.burst,
-                         upstream=PrefectUpstream(UpstreamSettings(
-                             recover_attempts=int(os.environ.get("PLANRUN_RECOVER_ATTEMPTS",
-                                                                 "2")),
-                             dead_after_s=float(os.environ.get("PLANRUN_DEAD_AFTER_S", "60")))),
+                         rate_burst=args.burst, upstream=follower,
                          submit=submit_deployment, admission=admission)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                 timeout_graceful_shutdown=5, ws_max_size=1 << 16)
         asyncio.run(BridgeServer(config).serve())
     finally:
         store.close()
+
+
+def _store(url: str | None, data: Path, upstream: Upstream
+           ) -> tuple[MessageStore, Upstream | Replica]:
+    """The message log (``url``: PostgreSQL, shared; else SQLite under ``data``) and the
+    upstream that goes with it."""
+    if not url:
+        return MessageStore(data), upstream
+    from planrun.production import DATABASE_SCHEMES, libpq_url, shown
+    from planrun.progress_bridge.replica import Replica  # noqa: F811 - psycopg: only here
+    from planrun.progress_bridge.store_pg import PgMessageStore
+
+    if urlsplit(url).scheme not in DATABASE_SCHEMES:
+        raise PlanrunError(f"--store wants a PostgreSQL URL (postgresql://user@host:5432/name), "
+                           f"not {shown(url)}")
+    dsn = libpq_url(url)
+    return PgMessageStore(dsn), Replica(upstream, dsn)
 
 
 def _env_list(name: str) -> list[str]:

@@ -77,8 +77,7 @@ class MessageStore:
 
     def _open(self) -> None:
         self._writer: Any = self._connect()
-        for statement in self._SCHEMA:
-            self._writer.execute(statement)
+        self._create_tables(self._writer)
         self._reader: Any = self._connect()
         # Separate locks: a long replay read must not hold up commits on the event loop.
         self._write_lock = threading.Lock()
@@ -91,6 +90,10 @@ class MessageStore:
 
     def _connect(self) -> Any:
         return _connect(self.path)
+
+    def _create_tables(self, db: Any) -> None:
+        for statement in self._SCHEMA:
+            db.execute(statement)
 
     def _sql(self, text: str) -> str:
         """``text`` with ``{p}`` the table prefix and ``?`` this backend's placeholder."""

@@ -25,6 +25,8 @@ _PG_SCHEMA = (
         event_id TEXT PRIMARY KEY, occurred DOUBLE PRECISION NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS planrun_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)""",
 )
+#: The advisory lock taken while the tables are made ("planrun" in ASCII, plus one).
+SCHEMA_LOCK = 0x706C616E72756E + 1
 #: The channel a PostgreSQL store's commits are announced on: ``<run id> <last seq>``.
 CHANNEL = "planrun_messages"
 
@@ -43,10 +45,20 @@ class PgMessageStore(MessageStore):
         try:
             self._open()
         except psycopg.Error as exc:
+            for opened in (self.__dict__.get("_writer"), self.__dict__.get("_reader")):
+                if opened is not None:
+                    opened.close()
             raise StoreError(f"cannot use the message store in PostgreSQL: {exc}") from exc
 
     def _connect(self) -> Any:
         return psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
+
+    def _create_tables(self, db: Any) -> None:
+        # Bridges starting together would race on CREATE TABLE IF NOT EXISTS (PostgreSQL
+        # checks the name, then fails on the duplicate type): one at a time.
+        with db.transaction():
+            db.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+            super()._create_tables(db)
 
     def _sql(self, text: str) -> str:
         return super()._sql(text).replace("?", "%s")

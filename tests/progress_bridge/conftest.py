@@ -66,8 +66,9 @@ class ServedBridge:
     """One bridge served by uvicorn; ``push`` and ``emit`` hand events to its fake event
     source on the bridge's own loop."""
 
-    def __init__(self, directory: Path, queue_size: int = 1000, **app_options: Any) -> None:
-        self.store = MessageStore(directory)
+    def __init__(self, directory: Path, queue_size: int = 1000, *,
+                 store: MessageStore | None = None, **app_options: Any) -> None:
+        self.store = store or MessageStore(directory)
         self.hub = Hub(queue_size=queue_size)
         app_options.setdefault("freeze_gc", False)
         self.token: str = app_options.setdefault("token", secrets.token_urlsafe(16))

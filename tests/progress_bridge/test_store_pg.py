@@ -95,3 +95,19 @@ def test_a_failed_write_uses_no_seq_and_announces_nothing(dsn: str) -> None:
 def test_an_unusable_database_is_a_clear_error() -> None:
     with pytest.raises(StoreError, match="cannot use the message store in PostgreSQL"):
         PgMessageStore("postgresql://nobody@127.0.0.1:1/none")
+
+
+def test_bridges_that_open_a_new_store_together_all_open_it(dsn: str) -> None:
+    """They would race on creating the tables (a duplicate type error in PostgreSQL)."""
+    async def open_one() -> PgMessageStore:
+        return await asyncio.to_thread(PgMessageStore, dsn)
+
+    async def main() -> list[PgMessageStore]:
+        return list(await asyncio.gather(*(open_one() for _ in range(6))))
+
+    stores = asyncio.run(main())
+    try:
+        assert [store.commit("r", [draft(1)])[0].seq for store in stores[:1]] == [1]
+    finally:
+        for store in stores:
+            store.close()
