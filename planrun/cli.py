@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
                    "(redis://host:6379/0, or $PLANRUN_REDIS_URL)")
     p.add_argument("--workers", type=_count, default=1, metavar="N",
                    help="how many runners execute submitted runs (1)")
+    p.add_argument("--bridges", type=_count, default=1, metavar="N",
+                   help="with --database: how many bridges serve clients, on --port and the "
+                   "ports after it, sharing one message log (1)")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("submit", help="submit a plan to the running stack; print the run id")
@@ -187,7 +190,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise UsageError("--redis goes with --database: Redis messaging is for a Prefect "
                          "server on PostgreSQL")
     production = Production.parse(args.database, args.redis) if args.database else None
-    return up(args.host, port, production=production, workers=args.workers)
+    return up(args.host, port, production=production, workers=args.workers,
+              bridges=args.bridges)
 
 
 def _count(text: str) -> int:

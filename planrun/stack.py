@@ -54,13 +54,15 @@ class Child:
 
 
 def up(host: str, port: int, out: IO[str] = sys.stdout, production: Production | None = None,
-       workers: int = 1) -> int:
+       workers: int = 1, bridges: int = 1) -> int:
     """Start the stack, print where it is, and keep it up until a signal; the exit code.
 
     ``production``: the stack's own Prefect server on PostgreSQL (and Redis), instead of
     the local one on SQLite (docs/production.md). ``workers``: how many runners serve the
     deployment; each executes runs in processes of its own, and Prefect gives each
-    submitted run to one of them.
+    submitted run to one of them. ``bridges``: how many bridges serve clients, on
+    ``port`` and the ports after it; they share their message log in the production
+    database, so more than one needs ``production`` (docs/production.md).
     """
     from planrun.runner import prepare_prefect
 
@@ -68,9 +70,14 @@ def up(host: str, port: int, out: IO[str] = sys.stdout, production: Production |
     if production is not None and os.environ.get("PREFECT_API_URL"):
         raise UsageError("--database starts a Prefect server of the stack's own, and "
                          "PREFECT_API_URL names another one: unset it or drop --database")
-    if server.port_taken(port, host):
-        raise PlanrunError(f"{host}:{port} is already in use (another planrun up?): stop that "
-                           "or pass --port")
+    if bridges > 1 and production is None:
+        raise UsageError("--bridges needs --database: several bridges share their message log "
+                         "in PostgreSQL")
+    ports = list(range(port, port + bridges))
+    taken = [p for p in ports if server.port_taken(p, host)]
+    if taken:
+        raise PlanrunError(f"{host}:{taken[0]} is already in use (another planrun up?): stop "
+                           "that or pass --port")
     limit = os.environ.get("PREFECT_RUNNER_PROCESS_LIMIT", "").strip()
     if limit and not (limit.isdigit() and int(limit) > 0):
         raise UsageError(f"PREFECT_RUNNER_PROCESS_LIMIT is the number of runs each runner "
@@ -88,7 +95,8 @@ def up(host: str, port: int, out: IO[str] = sys.stdout, production: Production |
     try:
         api = prepare_prefect()
         stop = _on_signals()
-        bridge = f"http://{_reachable(host)}:{port}"
+        urls = [f"http://{_reachable(host)}:{p}" for p in ports]
+        bridge = urls[0]
         env = {**os.environ, **server.QUIET_ENV, "PREFECT_API_URL": api,
                "PREFECT_RUNNER_POLL_FREQUENCY": os.environ.get("PREFECT_RUNNER_POLL_FREQUENCY",
                                                                "1"),
@@ -101,15 +109,18 @@ def up(host: str, port: int, out: IO[str] = sys.stdout, production: Production |
         runner_env = {**env, **(production.runner_env() if production is not None else {})}
         # The server, when the stack has its own, stops last: after those that use it.
         children[:0] = [
-            *(_spawn(name, runner, runner_env, logs) for name in _runner_names(workers)),
-            _spawn("bridge", [sys.executable, "-m", "planrun.progress_bridge", "--host", host,
-                              "--port", str(port), "--data", str(home / "bridge")], env, logs),
+            *(_spawn(name, runner, runner_env, logs) for name in _names("runner", workers)),
+            *(_spawn(name, [sys.executable, "-m", "planrun.progress_bridge", "--host", host,
+                            "--port", str(p), "--data", str(home / "bridge"),
+                            *(["--store", production.database] if production else [])],
+                     env, logs) for name, p in zip(_names("bridge", bridges), ports, strict=True)),
         ]
-        _wait_ready(children, {"bridge": f"{bridge}/healthz",
+        _wait_ready(children, {**{name: f"{url}/healthz" for name, url
+                                  in zip(_names("bridge", bridges), urls, strict=True)},
                                "runner": f"{api}/deployments/name/planrun/plan-runner"}, stop)
         if stop:
             return 0
-        _tell_up(out, bridge, token, api, logs, production, workers)
+        _tell_up(out, urls, token, api, logs, production, workers)
         _keep_up(children, stop, out)
         print("stopping…", file=out, flush=True)
         return 0
@@ -120,8 +131,8 @@ def up(host: str, port: int, out: IO[str] = sys.stdout, production: Production |
             server.stop()
 
 
-def _runner_names(workers: int) -> list[str]:
-    return ["runner"] if workers == 1 else [f"runner-{i}" for i in range(1, workers + 1)]
+def _names(kind: str, count: int) -> list[str]:
+    return [kind] if count == 1 else [f"{kind}-{i}" for i in range(1, count + 1)]
 
 
 def _start_server(production: Production, logs: Path) -> Child:
@@ -161,12 +172,15 @@ def _last_error(child: Child) -> str:
     return (named or lines or ["no output"])[-1]
 
 
-def _tell_up(out: IO[str], bridge: str, token: str, api: str, logs: Path,
+def _tell_up(out: IO[str], bridges: list[str], token: str, api: str, logs: Path,
              production: Production | None, workers: int) -> None:
     ui = api.removesuffix("/api")
+    bridge = bridges[0]
     kept = ("from PLANRUN_TOKEN" if bridge_token.explicit() else
             f"kept in {bridge_token.path()}, which the CLI reads")
-    lines = [f"  bridge      {bridge}",
+    lines = [f"  bridge      {bridge}" if len(bridges) == 1 else
+             f"  bridges     {', '.join(bridges)} (one message log: any of them serves "
+             "any run)",
              f"  token       {token}  ({kept})",
              f"  live page   {bridge}/v1/runs/RUN/view?token={quote(token, safe='')}",
              f"  API docs    {bridge}/docs?token={quote(token, safe='')}",

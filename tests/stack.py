@@ -26,6 +26,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive free ports (``planrun up --bridges``)."""
+    for _ in range(50):
+        first = free_port()
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(first, first + count):
+                    sock = held.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return first
+    raise AssertionError(f"found no {count} consecutive free ports")
+
+
 class Stack:
     """``planrun up ARGS`` in ``tmp``; ``env`` adds to (and ``drop`` removes from) the test
     session's environment; ``port`` reuses a bridge port (a restart); ``timeout``: how long

@@ -10,18 +10,28 @@ runs."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
+import json
+import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
+import psycopg
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
+from planrun.contract.stream import RUN_ENDED
+from planrun.progress_bridge.replica import LOCK_NAME
 from tests.databases import postgres_database, redis_database
 from tests.helpers import ended, wait_for
-from tests.stack import Stack, free_port
+from tests.stack import Stack, free_port, free_ports
 from tests.test_control import held, release
 
 #: A run silent this long is marked crashed, then recovered (the heartbeat rule): longer
@@ -46,7 +56,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, database: str) -> Iterator[S
                "PLANRUN_DEAD_AFTER_S": str(DEAD_AFTER_S),
                "PREFECT_RUNNER_PROCESS_LIMIT": str(PER_WORKER)}
         running = Stack(tmp, env=env, drop=("PREFECT_API_URL",), timeout=240,
-                        args=("--database", database, "--redis", redis, "--workers", "2"))
+                        port=free_ports(2),
+                        args=("--database", database, "--redis", redis, "--workers", "2",
+                              "--bridges", "2"))
         try:
             yield running
         finally:
@@ -92,6 +104,8 @@ def test_up_says_where_the_server_keeps_its_state_and_how_many_runners_serve(
     assert "  database    postgresql+asyncpg://postgres@" in text
     assert "  messaging   redis://" in text
     assert "  runners     2 serving planrun/plan-runner" in text
+    assert (f"  bridges     {stack.url}, http://127.0.0.1:{stack.port + 1} (one message log: "
+            "any of them serves any run)") in text
     assert len(stack.runners()) == 2
 
 
@@ -112,8 +126,6 @@ def test_runs_submitted_through_the_api_run_on_both_workers_and_complete(
 
 def turns(database: str) -> list[tuple[str, bool]]:
     """The limits' turns in the stack's database: each one's run/step, and whether granted."""
-    import psycopg
-
     with psycopg.connect(database) as connection:
         rows = connection.execute("SELECT label, granted FROM planrun_turns ORDER BY ticket")
         return [(str(label), bool(granted)) for label, granted in rows]
@@ -160,3 +172,64 @@ def test_a_worker_killed_mid_run_costs_no_run_and_no_completed_step_runs_twice(
     assert ran(stack, "crash") == ["s1", "s2", "s2", "s3"]
     report = stack.report(run_id)
     assert [report["steps"][s]["status"] for s in ("s1", "s2", "s3")] == ["completed"] * 3
+
+
+def committing_bridge(database: str) -> int:
+    """The process id of the bridge that commits (0: none yet): it names the connection
+    that holds the lock (progress_bridge/replica.py)."""
+    with psycopg.connect(database) as connection:
+        rows = connection.execute(
+            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a "
+            "ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted").fetchall()
+    names = [str(name) for (name,) in rows if str(name).startswith(LOCK_NAME)]
+    return int(names[0].rsplit(" ", 1)[1]) if names else 0
+
+
+async def watch(stack: Stack, run_id: str, ports: list[int], got: list[dict[str, Any]]) -> None:
+    """Follow the run on the first bridge of ``ports``; when the connection drops, resume
+    with ``?after=`` on the next one, as a client of Agent Mode does; until the run ends."""
+    for port in itertools.cycle(ports):
+        after = got[-1]["seq"] if got else 0
+        url = f"ws://127.0.0.1:{port}/v1/runs/{run_id}/ws?after={after}&token={stack.token}"
+        with contextlib.suppress(ConnectionClosed, OSError):
+            async with connect(url, proxy=None, open_timeout=10) as ws:
+                async for text in ws:
+                    message = json.loads(text)
+                    if message["type"] != "heartbeat":
+                        got.append(message)
+                    if message["type"] in RUN_ENDED:
+                        return
+
+
+def test_a_bridge_killed_while_clients_watch_costs_them_no_message(stack: Stack,
+                                                                   database: str) -> None:
+    run_id = submit(stack, held("watched", 3, holding=[2]))
+    wait_for(lambda: step_status(stack, run_id, "s2") == "running", 120, "s2 to run")
+    pid = wait_for(lambda: committing_bridge(database), 30, "a bridge to hold the lock")
+    killed = next(port for port in (stack.port, stack.port + 1)
+                  if str(port) in psutil.Process(pid).cmdline())
+    other = stack.port + 1 if killed == stack.port else stack.port
+
+    async def main() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        on_killed: list[dict[str, Any]] = []
+        on_other: list[dict[str, Any]] = []
+        watchers = asyncio.gather(watch(stack, run_id, [killed, other], on_killed),
+                                  watch(stack, run_id, [other, killed], on_other))
+        async with asyncio.timeout(30):
+            while not (on_killed and on_other):  # both are watching
+                await asyncio.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)  # the bridge that commits, while its clients watch
+        release(stack, "watched")
+        async with asyncio.timeout(180):
+            await watchers
+        return on_killed, on_other
+
+    on_killed, on_other = asyncio.run(main())
+    seqs = [message["seq"] for message in on_other]
+    assert seqs == list(range(1, len(seqs) + 1)), seqs  # no gap, nothing twice
+    assert on_killed == on_other  # the client that moved missed nothing either
+    assert on_other[-1]["type"] == "run.completed"
+    steps = {(m["step_id"], m["type"]) for m in on_other if m["type"].startswith("step.")}
+    assert {(f"s{i}", "step.completed") for i in (1, 2, 3)} <= steps
+    new = wait_for(lambda: committing_bridge(database), 30, "a bridge to hold the lock")
+    assert new not in (0, pid)
