@@ -151,7 +151,10 @@ def _schedule(run: RunRecord, dists: Mapping[str, tuple[float, float]], max_para
         for need in needs:
             dependents[need].append(sid)
     rank = _scheduler_rank(run)
-    plan = _Plan(0.0, [], {sid: [n for n in s.needs if n in todo] for sid, s in todo.items()},
+    # A running step's needs are done, whatever the view has seen yet (its events can come
+    # out of order): the draws start it first, not after them.
+    plan = _Plan(0.0, [], {sid: [] if sid in elapsed else [n for n in s.needs if n in todo]
+                           for sid, s in todo.items()},
                  elapsed, max(max_parallel, len(elapsed)))
     events: list[tuple[float, int, str]] = []
     ready: list[tuple[float, int, str]] = []

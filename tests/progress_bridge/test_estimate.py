@@ -74,6 +74,19 @@ def test_running_steps_hold_their_slots() -> None:
     assert serial.remaining_s == pytest.approx(5.0 * MEAN, rel=0.01)
 
 
+def test_a_step_seen_running_before_its_need_was_seen_to_end_is_estimated() -> None:
+    """Events can come out of order (a reconnect, a reconciliation): the view may have a
+    step running before it has seen the step it needs start or end. That raised IndexError
+    in the draws, and ``GET /v1/runs/{id}`` answered 500, under 50 runs at once on
+    PostgreSQL (bench_load.py)."""
+    run = run_of(("a", [], 1.0), ("b", ["a"], 2.0), ("c", ["b"], 3.0))
+    start(run, "b", T0)  # a: not seen to start yet
+    left = estimate(run, 4, {}, T0)
+    assert 0 < left.low_s <= left.remaining_s <= left.high_s
+    # b has run since T0 (so a is done): b, then c.
+    assert left.remaining_s == pytest.approx((2.0 + 3.0) * MEAN, rel=0.01)
+
+
 def test_elapsed_time_reduces_what_a_running_step_has_left() -> None:
     run = run_of(("a", [], 10.0))
     start(run, "a", T0)
