@@ -12,11 +12,13 @@ while the queue is full or memory short answers 503 with ``Retry-After``
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio.to_thread
+import httpx
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
@@ -27,10 +29,12 @@ from planrun.inputs import resolve_inputs
 from planrun.loader import Source
 from planrun.policy import Trust, trusted_as
 from planrun.prefect_ui import flow_run_url
+from planrun.progress_bridge.admission import Refusal
 from planrun.progress_bridge.runs import RunView
 from planrun.progress_bridge.state import BridgeState, state_of
 from planrun.validate import ValidPlan, validate_data, validate_text
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/runs")  # behind progress_bridge.auth.Guard, as every route
 
 
@@ -54,9 +58,24 @@ class Invalid(BaseModel):
     errors: list[dict[str, Any]]
 
 
+#: How long a client waits before it submits again after Prefect refused a run.
+PREFECT_RETRY_AFTER_S = 5
+
+
+def prefect_unavailable(exc: httpx.HTTPStatusError | httpx.TransportError) -> Refusal:
+    """The refusal for a run Prefect's server could not create."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        answer = exc.response
+        why = f"answered {answer.status_code} {answer.reason_phrase}"
+    else:
+        why = f"could not be reached ({type(exc).__name__})"
+    return Refusal("prefect_unavailable", f"the Prefect server {why}, so the run was not "
+                   f"started; try again in {PREFECT_RETRY_AFTER_S} s", PREFECT_RETRY_AFTER_S)
+
+
 class Busy(BaseModel):
     detail: str = Field(description="what is full and when to try again, for a person")
-    reason: str = Field(description="`queue_full` or `memory`")
+    reason: str = Field(description="`queue_full`, `memory` or `prefect_unavailable`")
     retry_after_s: int = Field(description="the same as the Retry-After header")
 
 
@@ -64,9 +83,10 @@ class Busy(BaseModel):
              responses={422: {"model": Invalid, "description": "the plan or inputs are not "
                               "valid; every error is listed"},
                         413: {"description": "the plan is too large"},
-                        503: {"model": Busy, "description": "the queue is full or the "
-                              "machine short of memory (Retry-After says when to try "
-                              "again), or this bridge cannot start runs"}},
+                        503: {"model": Busy, "description": "the queue is full, the "
+                              "machine short of memory or the Prefect server unable to "
+                              "create the run (Retry-After says when to try again), or "
+                              "this bridge cannot start runs"}},
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/json": {"schema": Submission.model_json_schema()}}}})
 async def submit(request: Request) -> Any:
@@ -97,7 +117,15 @@ async def _submit(state: BridgeState, request: Request) -> Any:
     valid, inputs = checked
     if state.submit is None:
         raise HTTPException(503, "this bridge cannot start runs: start it with `planrun up`")
-    run_id = await state.submit(valid.source.data, inputs)
+    try:
+        run_id = await state.submit(valid.source.data, inputs)
+    except (httpx.HTTPStatusError, httpx.TransportError) as exc:
+        # Prefect's own client has retried already; nothing was started (a refused create).
+        refusal = prefect_unavailable(exc)
+        log.warning("a submission was refused: %s", refusal.detail)
+        state.metrics.refused.labels(reason=refusal.reason).inc()
+        return JSONResponse(status_code=503, content=refusal.body(),
+                            headers={"Retry-After": str(refusal.retry_after_s)})
     if run_id not in state.views:  # known from now on: pending until its engine starts it
         view = RunView.unstarted(run_id, valid.plan.name, flow_run_url(run_id))
         state.store.commit(run_id, [], view.to_json())

@@ -6,7 +6,10 @@ machine short of memory answers ``POST /v1/runs`` with 503 and Retry-After."""
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
+import socket
+import threading
 import time
 from typing import Any
 
@@ -185,3 +188,50 @@ def test_a_machine_over_its_memory_threshold_answers_503(bridge_factory: BridgeF
     assert refused.headers["retry-after"] == "30"
     assert refused.json()["reason"] == "memory"
     assert "the machine is short of memory" in refused.json()["detail"]
+
+
+class Unavailable(http.server.BaseHTTPRequestHandler):
+    """A Prefect server under SQLite lock contention: every request gets 503."""
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        self.send_response(503, "Service Unavailable")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_run_prefect_cannot_create_answers_503_with_retry_after_and_no_traceback(
+        bridge_factory: BridgeFactory) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    targets = [f"http://127.0.0.1:{server.server_address[1]}/api/deployments/d/create_flow_run",
+               f"http://127.0.0.1:{closed.getsockname()[1]}/api"]
+
+    async def create_flow_run(plan: dict[str, Any], inputs: dict[str, Any]) -> str:
+        async with httpx.AsyncClient() as client:  # as Prefect's client, after its retries
+            (await client.post(targets.pop(0), json={})).raise_for_status()
+        return "never"
+
+    try:
+        bridge = bridge_factory(submit=create_flow_run)
+        answers = [httpx.post(f"{bridge.http}/v1/runs", json={"plan": PLAN},
+                              headers=bridge.auth, timeout=10) for _ in range(2)]
+    finally:
+        server.shutdown()
+        server.server_close()
+        closed.close()
+    for answer in answers:
+        assert answer.status_code == 503, answer.text
+        assert answer.headers["retry-after"] == "5"
+        assert answer.json()["reason"] == "prefect_unavailable"
+    assert answers[0].json()["detail"] == ("the Prefect server answered 503 Service "
+                                           "Unavailable, so the run was not started; try "
+                                           "again in 5 s")
+    assert answers[1].json()["detail"].startswith("the Prefect server could not be reached "
+                                                  "(ConnectError)")
+    metrics = httpx.get(f"{bridge.http}/metrics", headers=bridge.auth, timeout=10).text
+    assert 'planrun_bridge_runs_refused_total{reason="prefect_unavailable"} 2.0' in metrics
