@@ -42,25 +42,29 @@ class Client:
         self.error: str | None = None
         self.closed: str | None = None
 
+    def record(self, text: str | bytes, received: float,
+               types: dict[int, tuple[str, str, str | None]]) -> None:
+        """Count one message received at ``received``; ``ended`` once it ends the run."""
+        message = json.loads(text)
+        kind = message["type"]
+        if kind == "heartbeat":
+            self.heartbeats += 1
+            return
+        seq = message["seq"]
+        self.seqs.append(seq)
+        self.times.append(received)
+        if seq not in types:
+            types[seq] = (kind, message["ts"], message.get("step_id"))
+        if kind in RUN_END_TYPES:
+            self.ended = True
+
     async def read(self, types: dict[int, tuple[str, str, str | None]]) -> None:
         from websockets.exceptions import ConnectionClosed
 
-        seqs, times = self.seqs, self.times
         try:
             async for text in self.ws:
-                received = time.time()
-                message = json.loads(text)
-                kind = message["type"]
-                if kind == "heartbeat":
-                    self.heartbeats += 1
-                    continue
-                seq = message["seq"]
-                seqs.append(seq)
-                times.append(received)
-                if seq not in types:
-                    types[seq] = (kind, message["ts"], message.get("step_id"))
-                if kind in RUN_END_TYPES:
-                    self.ended = True
+                self.record(text, time.time(), types)
+                if self.ended:
                     break
         except ConnectionClosed as exc:
             frame = exc.rcvd
@@ -135,7 +139,7 @@ class RawClient(Client, asyncio.Protocol):
             if opcode == 1:
                 if first & 0x40:
                     payload = self._inflate(payload)
-                self._message(payload, received)
+                self.record(payload, received, self.types)
             elif opcode == 9:  # ping: a masked pong with the same payload
                 self.transport.write(_masked(0x8A, payload))
             elif opcode == 8:
@@ -171,20 +175,6 @@ class RawClient(Client, asyncio.Protocol):
             if self.inflate is None:
                 self.inflate = inflate  # context kept from message to message
         return bytes(inflate.decompress(payload + b"\x00\x00\xff\xff"))
-
-    def _message(self, payload: bytes, received: float) -> None:
-        message = json.loads(payload)
-        kind = message["type"]
-        if kind == "heartbeat":
-            self.heartbeats += 1
-            return
-        seq = message["seq"]
-        self.seqs.append(seq)
-        self.times.append(received)
-        if seq not in self.types:
-            self.types[seq] = (kind, message["ts"], message.get("step_id"))
-        if kind in RUN_END_TYPES:
-            self.ended = True
 
     def _close(self) -> None:
         if not self.transport.is_closing():
