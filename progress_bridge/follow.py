@@ -41,18 +41,23 @@ async def follow(sub: Subscription, store: MessageStore, after: int, heartbeat_s
         await asyncio.sleep(0)
     del stored  # a long-lived stream keeps no copy of its replay
 
-    def deliver(messages: list[Message]) -> bool:
-        nonlocal last
-        fresh = [m for m in messages if m.seq > last]
-        if fresh and not direct(fresh):  # type: ignore[misc]  # set when this is used
-            return False
-        last = max(last, messages[-1].seq)
-        return True
+    sink = None
+    if direct is not None:
+        write = direct
+
+        def sink(messages: list[Message]) -> bool:
+            nonlocal last
+            fresh = messages if messages[0].seq > last else [m for m in messages
+                                                             if m.seq > last]
+            if fresh and not write(fresh):
+                return False
+            last = max(last, messages[-1].seq)
+            return True
 
     try:
         while True:
-            if direct is not None and sub.empty:
-                sub.sink = deliver  # the hub clears it when ``direct`` refuses
+            if sink is not None and sub.empty:
+                sub.sink = sink  # the hub clears it when ``direct`` refuses
             first = await sub.get(timeout=heartbeat_s)
             if first is None:
                 yield [heartbeat(sub.run_id, last)]

@@ -25,6 +25,8 @@ from websockets.extensions.permessage_deflate import (
 )
 from websockets.server import ServerProtocol
 
+from planrun.contract.stream import Message
+
 #: The ASGI scope extension under which :class:`FanoutProtocol` offers its writer.
 EXTENSION: Final = "planrun.frames"
 
@@ -63,15 +65,16 @@ class FrameWriter:
 
     def __init__(self, protocol: FanoutProtocol) -> None:
         self._protocol = protocol
+        #: The deflate window agreed in the handshake; None when the client did not offer
+        #: compression.
+        self.window_bits = next((extension.local_max_window_bits
+                                 for extension in protocol.conn.extensions
+                                 if isinstance(extension, PerMessageDeflate)
+                                 and extension.local_no_context_takeover), None)
 
-    @property
-    def window_bits(self) -> int | None:
-        """The deflate window agreed with this client; None when it did not offer
-        compression (or the handshake is not done)."""
-        for extension in self._protocol.conn.extensions:
-            if isinstance(extension, PerMessageDeflate) and extension.local_no_context_takeover:
-                return extension.local_max_window_bits
-        return None
+    def frames(self, messages: list[Message]) -> bytes:
+        """The frames of ``messages`` for this client, back to back."""
+        return b"".join([frame(message.wire, self.window_bits) for message in messages])
 
     def write_nowait(self, frames: bytes) -> bool:
         """Write ``frames`` if the client's socket buffer has room now; False (nothing
@@ -107,7 +110,7 @@ class FanoutProtocol(WebSocketsSansIOProtocol):
                                    logger=self.conn.logger)
 
     def handle_connect(self, event: Any) -> None:
-        super().handle_connect(event)
+        super().handle_connect(event)  # agrees on the extensions
         scope = getattr(self, "scope", None)  # only a handshake that can be accepted has one
         if scope is not None:
             scope["extensions"][EXTENSION] = FrameWriter(self)

@@ -85,13 +85,9 @@ class Replica:
         async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as listen:
             await listen.execute(f"LISTEN {CHANNEL}")
             while not await _try_lock(lock):
-                # Announced meanwhile: "<run id> <last seq>" per commit.
-                announced: dict[str, int] = {}
                 async for note in listen.notifies(timeout=TAKEOVER_S):
-                    run_id, _, seq = note.payload.rpartition(" ")
-                    announced[run_id] = max(int(seq), announced.get(run_id, 0))
-                    await self._catch_up(state, list(announced))
-                    announced.clear()
+                    run_id = note.payload.rpartition(" ")[0]  # "<run id> <last seq>"
+                    await self._catch_up(state, [run_id])
 
     async def _catch_up(self, state: BridgeState, run_ids: list[str]) -> None:
         """Publish the runs' messages committed since this bridge last published, in

@@ -22,7 +22,7 @@ from uvicorn.protocols.utils import ClientDisconnected
 
 from planrun.contract.stream import Message
 from planrun.progress_bridge.follow import follow
-from planrun.progress_bridge.frames import EXTENSION, FrameWriter, frame
+from planrun.progress_bridge.frames import EXTENSION, FrameWriter
 from planrun.progress_bridge.hub import Disconnected, Subscription
 from planrun.progress_bridge.state import BridgeState, state_of
 from planrun.progress_bridge.store import StoreError
@@ -77,24 +77,23 @@ async def _send(websocket: WebSocket, sub: Subscription, state: BridgeState,
     sent = state.metrics.sent.labels(transport="ws")
     writer: FrameWriter | None = websocket.scope.get("extensions", {}).get(EXTENSION)
 
-    def direct(batch: list[Message]) -> bool:
-        assert writer is not None
-        if writer.write_nowait(b"".join([frame(m.wire, writer.window_bits) for m in batch])):
-            sent.inc(len(batch))
-            return True
-        return False
+    direct = None
+    if writer is not None:
+        def direct(batch: list[Message]) -> bool:
+            written = writer.write_nowait(writer.frames(batch))
+            if written:
+                sent.inc(len(batch))
+            return written
 
-    stream = follow(sub, state.store, after, state.settings.heartbeat_s,
-                    None if writer is None else direct)
+    stream = follow(sub, state.store, after, state.settings.heartbeat_s, direct)
     try:
         async with contextlib.aclosing(stream):
             async for batch in stream:
-                if writer is None:  # not served by the bridge's own protocol (tests' clients)
+                if writer is None:  # a server other than BridgeServer (Starlette's TestClient)
                     for message in batch:
                         await websocket.send_text(message.wire)
                 else:
-                    bits = writer.window_bits
-                    await writer.write(b"".join([frame(m.wire, bits) for m in batch]))
+                    await writer.write(writer.frames(batch))
                 sent.inc(len(batch))
     except Disconnected as exc:
         return exc.code, exc.reason
