@@ -31,7 +31,7 @@ from planrun.errors import PlanInvalid, PolicyInvalid, UsageError
 from planrun.flows import prefect_compat
 from planrun.flows.artifacts import RunArtifacts
 from planrun.flows.checkpoints import Checkpoints
-from planrun.flows.control import RunControl
+from planrun.flows.control import FlowRunStates, RunControl
 from planrun.flows.events import RunEvents
 from planrun.flows.fakes import MemoryParts
 from planrun.flows.graph import RunGraph, compile_plan
@@ -64,7 +64,8 @@ class RunHost:
     runs for the caller to take (``reports``, by run id)."""
 
     def __init__(self, observers: Iterable[RunObserver] = (),
-                 cancel_on_sigterm: bool = True, asker: GateAsker | None = None) -> None:
+                 cancel_on_sigterm: bool = True, asker: GateAsker | None = None,
+                 states: FlowRunStates | None = None) -> None:
         self.sessions = Sessions()
         self.observers = list(observers)
         self.reports: dict[str, dict[str, Any]] = {}
@@ -74,6 +75,8 @@ class RunHost:
         #: counts, this one's or one given elsewhere, whichever comes first. Without it
         #: such a run has no one to ask: its gated steps are skipped.
         self.asker = asker
+        #: Where the runs read their flow runs' states (``flows.worker``: all together).
+        self.states = states
 
     def flow(self) -> Flow[[dict[str, Any], dict[str, Any]], Coroutine[Any, Any, State[Any]]]:
         """A ``planrun`` flow whose runs report here (to be called in this process)."""
@@ -143,7 +146,7 @@ async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
     host = host or RunHost()
     durable = _is_this_flow_run(run_id)  # checkpoints, control and events need one
     asker = None if _deployed() else host.asker  # a deployment's run suspends at gates
-    parts = real_parts(graph, run_id, secrets, workspace, asker) if durable else \
+    parts = real_parts(graph, run_id, secrets, workspace, asker, host.states) if durable else \
         _memory_parts(run_id, workspace)
     session = RunSession(graph, run_id, parts, inputs=inputs, secrets=secrets,
                          observers=host.observers,
@@ -155,12 +158,14 @@ async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
 
 
 def real_parts(graph: RunGraph, run_id: str, secrets: RunSecrets,
-               workspace: Workspace | None = None, asker: GateAsker | None = None) -> RunParts:
+               workspace: Workspace | None = None, asker: GateAsker | None = None,
+               states: FlowRunStates | None = None) -> RunParts:
     """The parts of a run inside its own Prefect flow run; with ``asker``, its gates wait
-    in this process and ``asker`` asks at them."""
+    in this process and ``asker`` asks at them; with ``states``, its state is read there
+    (``RunControl``)."""
     return RunParts(
         checkpoints=Checkpoints(run_id, secrets.redactor),
-        control=RunControl(run_id, asker=asker, waits_here=asker is not None),
+        control=RunControl(run_id, asker=asker, waits_here=asker is not None, states=states),
         workspace=workspace or _workspace(run_id), steps=TaskRuns(),
         events=lambda run, segment: RunEvents(graph.plan, run, segment, _this_process()),
         artifacts=RunArtifacts, limits=default_limiter())

@@ -12,6 +12,9 @@ the runner, has imported them once; each run is a fork of it (docs/prefect-notes
 BENCHMARKS.md, "Submit to first step"). It is single-threaded, so forking it is safe; it
 exits with the runner, and runs in flight go on as before. ``PLANRUN_SPAWN_RUNS=1``
 keeps Prefect's ``spawn``.
+
+``--in-process`` (or ``PLANRUN_RUNS_IN_PROCESS=1``) runs them all in this process instead,
+on one event loop: ``flows.loop_runner``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import sys
 from typing import Any
 
 import prefect.flow_engine
@@ -58,13 +62,21 @@ def run_limit() -> int | None:
     return int(given) if given else None
 
 
-def main() -> None:
+DESCRIPTION = ("Runs planrun plans submitted with `planrun submit` or POST /v1/runs; "
+               "parameters: plan (data), inputs.")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args == ["--in-process"] or os.environ.get("PLANRUN_RUNS_IN_PROCESS") == "1":
+        from planrun.flows.loop_runner import serve
+
+        serve(DEPLOYMENT, run_limit(), DESCRIPTION)
+        return
     if os.environ.get("PLANRUN_SPAWN_RUNS") != "1":
         fork_runs()
     plan_flow.serve(name=DEPLOYMENT, tags=["planrun"], print_starting_message=False,
-                    limit=run_limit(),
-                    description="Runs planrun plans submitted with `planrun submit` or "
-                                "POST /v1/runs; parameters: plan (data), inputs.")
+                    limit=run_limit(), description=DESCRIPTION)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bridges", type=_count, default=1, metavar="N",
                    help="with --database: how many bridges serve clients, on --port and the "
                    "ports after it, sharing one message log (1)")
+    p.add_argument("--in-process", action="store_true",
+                   help="each runner executes its runs in its own process, on one event loop "
+                   "(a waiting run costs kilobytes, not a process); default: a process per run")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("submit", help="submit a plan to the running stack; print the run id")
@@ -191,7 +194,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                          "server on PostgreSQL")
     production = Production.parse(args.database, args.redis) if args.database else None
     return up(args.host, port, production=production, workers=args.workers,
-              bridges=args.bridges)
+              bridges=args.bridges, in_process=args.in_process)
 
 
 def _count(text: str) -> int:

@@ -54,7 +54,7 @@ class Child:
 
 
 def up(host: str, port: int, out: IO[str] = sys.stdout, production: Production | None = None,
-       workers: int = 1, bridges: int = 1) -> int:
+       workers: int = 1, bridges: int = 1, in_process: bool = False) -> int:
     """Start the stack, print where it is, and keep it up until a signal; the exit code.
 
     ``production``: the stack's own Prefect server on PostgreSQL (and Redis), instead of
@@ -62,7 +62,9 @@ def up(host: str, port: int, out: IO[str] = sys.stdout, production: Production |
     deployment; each executes runs in processes of its own, and Prefect gives each
     submitted run to one of them. ``bridges``: how many bridges serve clients, on
     ``port`` and the ports after it; they share their message log in the production
-    database, so more than one needs ``production`` (docs/production.md).
+    database, so more than one needs ``production`` (docs/production.md). ``in_process``:
+    each runner executes its runs in its own process, on one event loop
+    (``flows.loop_runner``), instead of a process per run.
     """
     from planrun.runner import prepare_prefect
 
@@ -104,7 +106,8 @@ def up(host: str, port: int, out: IO[str] = sys.stdout, production: Production |
                                                                    "workspace")),
                # runs name their live page in their log at a gate (docs/prefect-ui.md)
                "PLANRUN_BRIDGE_URL": os.environ.get("PLANRUN_BRIDGE_URL", bridge)}
-        runner = [sys.executable, "-m", "planrun.flows.serve"]
+        runner = [sys.executable, "-m", "planrun.flows.serve",
+                  *(["--in-process"] if in_process else [])]
         # Runs keep their limits in the stack's database, shared by all its machines.
         runner_env = {**env, **(production.runner_env() if production is not None else {})}
         # The server, when the stack has its own, stops last: after those that use it.
@@ -120,7 +123,7 @@ def up(host: str, port: int, out: IO[str] = sys.stdout, production: Production |
                                "runner": f"{api}/deployments/name/planrun/plan-runner"}, stop)
         if stop:
             return 0
-        _tell_up(out, urls, token, api, logs, production, workers)
+        _tell_up(out, urls, token, api, logs, production, workers, in_process)
         _keep_up(children, stop, out)
         print("stopping…", file=out, flush=True)
         return 0
@@ -173,7 +176,7 @@ def _last_error(child: Child) -> str:
 
 
 def _tell_up(out: IO[str], bridges: list[str], token: str, api: str, logs: Path,
-             production: Production | None, workers: int) -> None:
+             production: Production | None, workers: int, in_process: bool) -> None:
     ui = api.removesuffix("/api")
     bridge = bridges[0]
     kept = ("from PLANRUN_TOKEN" if bridge_token.explicit() else
@@ -188,8 +191,10 @@ def _tell_up(out: IO[str], bridges: list[str], token: str, api: str, logs: Path,
     if production is not None:
         lines += [f"  database    {shown(production.database)}",
                   f"  messaging   {shown(production.redis) if production.redis else 'in memory'}"]
-    lines.append(f"  runner      serving planrun/plan-runner (logs in {logs})" if workers == 1
-                 else f"  runners     {workers} serving planrun/plan-runner (logs in {logs})")
+    how = "its runs in the runner's own process" if in_process else "a process per run"
+    lines.append(f"  runner      serving planrun/plan-runner, {how} (logs in {logs})"
+                 if workers == 1 else
+                 f"  runners     {workers} serving planrun/plan-runner, {how} (logs in {logs})")
     print("planrun is up\n" + "\n".join(lines) + "\n"
           "submit a plan with `planrun submit PLAN`, follow it with `planrun watch RUN` "
           "or on its live page; Ctrl-C stops", file=out, flush=True)

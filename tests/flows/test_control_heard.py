@@ -91,10 +91,10 @@ def test_news_reads_nothing_before_a_step() -> None:
     async def go() -> None:
         ctl, scheduler = control()
 
-        async def no_reads(client: Any) -> None:
+        async def no_reads(client: Any) -> Any:
             raise AssertionError("news read the flow run")
 
-        ctl._react_to = no_reads  # type: ignore[method-assign]
+        ctl._state = no_reads  # type: ignore[method-assign]
         await ctl.news()
 
     asyncio.run(go())
