@@ -1,12 +1,15 @@
 """Many runs at once (issue 12): N concurrent runs of a 10-step chain submitted to
 ``planrun up`` through ``POST /v1/runs``, on the local SQLite server and on PostgreSQL,
-process-per-run (planrun's runner: each run a fork of its fork server).
+process-per-run (planrun's runner: each run a fork of its fork server) and many runs per
+process (``planrun up --in-process``: each runner executes its runs on its own loop).
 
     .venv/bin/python benchmarks/bench_load.py [--runs 10,50] [--step-s 0,1] [--workers 2]
-        [--postgres postgresql://postgres@127.0.0.1:5432/test] [--baseline] [--json out.json]
+        [--modes process,in-process] [--postgres postgresql://postgres@127.0.0.1:5432/test]
+        [--baseline] [--json out.json]
 
-For each backend a new stack (``planrun up``, a new ``PLANRUN_HOME``; with PostgreSQL a
-new database, dropped afterwards, and ``--database``), then for each N and step length:
+For each backend and mode a new stack (``planrun up``, a new ``PLANRUN_HOME``; with
+PostgreSQL a new database, dropped afterwards, and ``--database``), then for each N and
+step length:
 the N runs are submitted at once, each run's report is read until every run ended.
 Reported per round:
 
@@ -18,11 +21,13 @@ Reported per round:
   answered 201 (503s and no answer within 120 s counted apart), runs not ``completed``;
 - memory per in-flight run: the runners' process trees' PSS (runners, fork servers, run
   processes), sampled every second; at the sample with the most runs in flight, what it
-  grew by since before the round, over those runs;
+  grew by since before the round, over those runs (with 1 s steps, a run in flight mostly
+  waits);
 - CPU s per run: the machine's busy CPU time over the round (every process: the server,
   runners, runs, bridge and this script) over N.
 
-``--baseline`` adds, after each round and against the same server, the same round of the
+``--baseline`` adds, after each round of the first mode and against the same server, the
+same round of the
 hand-written flow of ``handwritten_load.py`` (served the same way, submitted with
 ``run_deployment``): Prefect's own ceiling on this machine, so that planrun's figures are
 a ratio to it.
@@ -63,7 +68,7 @@ def chain(steps: int, seconds: float) -> str:
 class Stack:
     """``planrun up`` in a new home; ``database``: its Prefect server's PostgreSQL."""
 
-    def __init__(self, database: str | None, workers: int) -> None:
+    def __init__(self, database: str | None, workers: int, in_process: bool) -> None:
         self.home = Path(tempfile.mkdtemp(prefix="bench-load-"))
         self.port = _common.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -74,7 +79,8 @@ class Stack:
                # One client address sends every submit and poll: no per-address limit.
                "PLANRUN_RATE_PER_S": "0"}
         env.pop("PREFECT_API_URL", None)
-        args = ["--port", str(self.port), "--workers", str(workers)]
+        args = ["--port", str(self.port), "--workers", str(workers),
+                *(["--in-process"] if in_process else [])]
         if database:
             args += ["--database", database]
         self.out = self.home / "up.out"
@@ -286,17 +292,54 @@ def drop_database(base: str, url: str) -> None:
         connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def load_rounds(args: argparse.Namespace, label: str, base: str | None, in_process: bool,
+                baseline: bool) -> list[dict[str, Any]]:
+    """Every round on a new stack (on a new database made on ``base``, if given); with
+    ``baseline``, each followed by the hand-written flow's round on the same server."""
+    results = []
+    database = fresh_database(base) if base else None
+    try:
+        stack = Stack(database, args.workers, in_process)
+        api = stack.api()
+        reference = serve_baseline(api) if baseline else None
+        try:
+            for seconds in [float(s) for s in args.step_s.split(",")]:
+                for n in [int(r) for r in args.runs.split(",")]:
+                    row = asyncio.run(one_round(stack, n, args.steps, seconds))
+                    row["backend"] = label
+                    results.append(row)
+                    print(json.dumps(row), flush=True)
+                    if reference is None:
+                        continue
+                    row = asyncio.run(baseline_round(api, n, args.steps, seconds))
+                    row["backend"] = f"{label.split(',')[0]}, hand-written Prefect"
+                    results.append(row)
+                    print(json.dumps(row), flush=True)
+        finally:
+            if reference is not None:
+                reference.terminate()
+                reference.wait(30)
+            stack.stop()
+    finally:
+        if base and database:
+            drop_database(base, database)
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", default="10,50")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--step-s", default="0,1")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--modes", default="process,in-process",
+                        help="process: a process per run; in-process: runs on the runner's loop")
     parser.add_argument("--postgres", help="also on PostgreSQL: a server URL (a database is "
                         "made and dropped on it)")
     parser.add_argument("--only-postgres", action="store_true")
     parser.add_argument("--baseline", action="store_true",
-                        help="after each round, the same round of handwritten_load.py's flow")
+                        help="after each round of the first mode, the same round of "
+                        "handwritten_load.py's flow")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
     backends: list[tuple[str, str | None]] = [] if args.only_postgres else [("sqlite", None)]
@@ -304,33 +347,12 @@ def main() -> int:
         backends.append(("postgresql", args.postgres))
     print(f"machine {_common.machine()}", flush=True)
     results = []
+    modes = args.modes.split(",")
     for name, base in backends:
-        database = fresh_database(base) if base else None
-        try:
-            stack = Stack(database, args.workers)
-            api = stack.api()
-            reference = serve_baseline(api) if args.baseline else None
-            try:
-                for seconds in [float(s) for s in args.step_s.split(",")]:
-                    for n in [int(r) for r in args.runs.split(",")]:
-                        row = asyncio.run(one_round(stack, n, args.steps, seconds))
-                        row["backend"] = name
-                        results.append(row)
-                        print(json.dumps(row), flush=True)
-                        if reference is None:
-                            continue
-                        row = asyncio.run(baseline_round(api, n, args.steps, seconds))
-                        row["backend"] = f"{name}, hand-written Prefect"
-                        results.append(row)
-                        print(json.dumps(row), flush=True)
-            finally:
-                if reference is not None:
-                    reference.terminate()
-                    reference.wait(30)
-                stack.stop()
-        finally:
-            if base and database:
-                drop_database(base, database)
+        for mode in modes:
+            baseline = args.baseline and mode == modes[0]
+            results += load_rounds(args, f"{name}, {mode}", base, mode == "in-process",
+                                   baseline)
     print(_common.table(
         ["backend", "N", "step s", "runs/min", "steps/s", "submit answered p50 / p99 ms",
          "submit→s1 p50 / p99 ms", "after need p50 / p99 ms", "errors (503, timeouts)",

@@ -33,7 +33,7 @@ FULL_STACK = {
     "tests.test_server", "tests.test_stack", "tests.test_resources_run",
     "tests.test_retry_runs", "tests.flows.test_breaker_runs", "tests.flows.test_limit_runs",
     "tests.flows.test_prefect_ui_graph", "tests.flows.test_prefect_ui_gate", "tests.test_terminal",
-    "tests.test_agent_tools_run", "tests.test_production_stack",
+    "tests.test_agent_tools_run", "tests.test_production_stack", "tests.test_loop_runner",
     "tests.progress_bridge.test_guardrail_events", "tests.progress_bridge.test_upstream",
     "tests.progress_bridge.test_view",
     "tests.security.test_bad_input", "tests.security.test_bridge", "tests.security.test_gates",

@@ -103,7 +103,7 @@ def test_up_says_where_the_server_keeps_its_state_and_how_many_runners_serve(
     text = stack.output()
     assert "  database    postgresql+asyncpg://postgres@" in text
     assert "  messaging   redis://" in text
-    assert "  runners     2 serving planrun/plan-runner" in text
+    assert "  runners     2 serving planrun/plan-runner, a process per run" in text
     assert (f"  bridges     {stack.url}, http://127.0.0.1:{stack.port + 1} (one message log: "
             "any of them serves any run)") in text
     assert len(stack.runners()) == 2
