@@ -24,7 +24,8 @@ Reported per round:
   grew by since before the round, over those runs (with 1 s steps, a run in flight mostly
   waits);
 - CPU s per run: the machine's busy CPU time over the round (every process: the server,
-  runners, runs, bridge and this script) over N.
+  runners, runs, bridge and this script) over N; and that of the server, the runners
+  (with their run processes) and the bridges apart.
 
 ``--baseline`` adds, after each round of the first mode and against the same server, the
 same round of the
@@ -115,12 +116,39 @@ class Stack:
                     pass
         return total / 2**20
 
+    def cpu_s(self) -> dict[str, float]:
+        """CPU seconds so far of the stack's parts: the Prefect server, the runners (with
+        their run processes, those that exited included) and the bridges."""
+        parts: dict[str, list[psutil.Process]] = {"server": [], "runners": [], "bridges": []}
+        for child in psutil.Process(self.process.pid).children():
+            line = " ".join(child.cmdline())
+            part = ("runners" if "planrun.flows.serve" in line else
+                    "bridges" if "planrun.progress_bridge" in line else "server")
+            parts[part].append(child)
+        info = self.home / "server.json"  # the local server, when not the stack's child
+        if info.exists() and not parts["server"]:
+            parts["server"].append(psutil.Process(json.loads(info.read_text())["pid"]))
+        return {part: sum(_cpu_s(p) for p in processes) for part, processes in parts.items()}
+
     def stop(self) -> None:
         self.process.terminate()
         try:
             self.process.wait(60)
         except subprocess.TimeoutExpired:
             self.process.kill()
+
+
+def _cpu_s(process: psutil.Process) -> float:
+    """The CPU seconds of ``process`` and its descendants, the exited ones it waited for
+    included."""
+    total = 0.0
+    for one in [process, *process.children(recursive=True)]:
+        try:
+            times = one.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system + times.children_user + times.children_system
+    return total
 
 
 def busy_s() -> float:
@@ -131,6 +159,7 @@ def busy_s() -> float:
 async def one_round(stack: Stack, n: int, steps: int, seconds: float) -> dict[str, Any]:
     plan = chain(steps, seconds)
     idle_mb = await asyncio.to_thread(stack.pss_mb)
+    parts0 = stack.cpu_s()
     cpu0, started = busy_s(), time.time()
     async with httpx.AsyncClient(base_url=stack.url, headers=_common.AUTH, timeout=120) as http:
         async def submit() -> tuple[float, int, str | None, float]:
@@ -164,6 +193,7 @@ async def one_round(stack: Stack, n: int, steps: int, seconds: float) -> dict[st
                 memory.append((in_flight, await asyncio.to_thread(stack.pss_mb)))
             await asyncio.sleep(1.0)
     cpu = busy_s() - cpu0
+    parts = {part: (spent - parts0.get(part, 0.0)) / n for part, spent in stack.cpu_s().items()}
     first_step, after_need, ends = [], [], []
     completed = 0
     for run_id, report in reports.items():
@@ -194,7 +224,7 @@ async def one_round(stack: Stack, n: int, steps: int, seconds: float) -> dict[st
             "peak_in_flight": peak[0],
             "mb_per_run": (peak[1] - idle_mb) / peak[0] if peak[0] else float("nan"),
             "idle_mb": idle_mb,
-            "cpu_s_per_run": cpu / n}
+            "cpu_s_per_run": cpu / n, "cpu_s_per_run_by_part": parts}
 
 
 async def baseline_round(api: str, n: int, steps: int, seconds: float) -> dict[str, Any]:
@@ -356,7 +386,7 @@ def main() -> int:
     print(_common.table(
         ["backend", "N", "step s", "runs/min", "steps/s", "submit answered p50 / p99 ms",
          "submit→s1 p50 / p99 ms", "after need p50 / p99 ms", "errors (503, timeouts)",
-         "not completed", "MB / run in flight (runs)", "CPU s / run"],
+         "not completed", "MB / run in flight (runs)", "CPU s / run (server, runners, bridges)"],
         [[r["backend"], r["n"], r["step_s"], f"{r['runs_per_min']:.0f}",
           f"{r['steps_per_s']:.1f}",
           f"{r['submit_answer_ms']['p50']:.0f} / {r['submit_answer_ms']['p99']:.0f}",
@@ -364,7 +394,10 @@ def main() -> int:
           f"{r['after_need_ms']['p50']:.0f} / {r['after_need_ms']['p99']:.0f}",
           f"{r['submit_errors']} ({r['submit_503']}, {r['submit_timeouts']})",
           r["not_completed"],
-          f"{r['mb_per_run']:.0f} ({r['peak_in_flight']})", f"{r['cpu_s_per_run']:.1f}"]
+          f"{r['mb_per_run']:.0f} ({r['peak_in_flight']})",
+          f"{r['cpu_s_per_run']:.1f}" + ("" if "cpu_s_per_run_by_part" not in r else
+                                         " ({server:.2f}, {runners:.2f}, {bridges:.2f})".format(
+                                             **r["cpu_s_per_run_by_part"]))]
          for r in results]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

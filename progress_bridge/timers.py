@@ -60,12 +60,16 @@ class Deadlines:
     """Acts when a run's pause or gate times out, or its process falls silent."""
 
     def __init__(self, views: dict[str, RunView], control: ControlService, later: Later,
-                 dead_after_s: float) -> None:
+                 dead_after_s: float,
+                 recall: Callable[[str], Awaitable[int]] | None = None) -> None:
         self.views = views
         self.control = control
         self.later = later
         self.dead_after_s = dead_after_s
+        #: Reads a run's events from Prefect's API, delivering those not seen yet.
+        self.recall = recall
         self.alive: dict[str, float] = {}  # the last sign of life of each run (epoch s)
+        self._asking: set[str] = set()  # silent runs whose events are being read
         self.here = this_place()
         self.processes: dict[str, _Process] = {}  # the process each run last said runs it
         self.exited: dict[str, set[RunProcess]] = {}  # found gone: a late word is old news
@@ -129,6 +133,8 @@ class Deadlines:
         Prefect's server included): it is marked Crashed, and so recovered. So is a run a
         runner took (Pending) but did not start in that time. A running run whose process
         ran here and has exited is marked Crashed at once."""
+        if run_id in self._asking:
+            return
         if not view.record.status.holds_process:
             self.processes.pop(run_id, None)  # suspended: its next process says so
             return  # a paused run, or one waiting at a gate, holds no process
@@ -140,9 +146,29 @@ class Deadlines:
             return
         if now - last < self.dead_after_s:
             return
-        self.alive[run_id] = now  # once per silence
-        self.later.soon(0, lambda: self._declare_crashed(
-            run_id, f"no sign of life for {now - last:.0f}s"))
+        self._asking.add(run_id)
+        self.later.soon(0, lambda: self._silent(run_id, last, now))
+
+    async def _silent(self, run_id: str, last: float, now: float) -> None:
+        """The run has been silent from ``last`` to ``now``, as far as the stream says;
+        before it is taken for dead, its events are read from Prefect's API. A loaded server drops
+        events for a subscriber that falls behind (the bridge reads them back later), and
+        under 200 runs at once on 2 cores that took live runs for dead ones (BENCHMARKS.md,
+        "Many runs at once")."""
+        try:
+            if self.recall is not None:
+                try:
+                    await self.recall(run_id)
+                except Exception as exc:  # noqa: BLE001 - Prefect's API may blink: crashed
+                    log.warning("run %s: its events could not be read: %s", run_id, exc)
+                if self.alive.get(run_id, 0.0) > last:
+                    log.info("run %s: silent on the stream, but its events show it alive",
+                             run_id)
+                    return
+            self.alive[run_id] = now  # once per silence
+            await self._declare_crashed(run_id, f"no sign of life for {now - last:.0f}s")
+        finally:
+            self._asking.discard(run_id)
 
     def _exited(self, run_id: str, view: RunView, now: float) -> RunProcess | None:
         """The running run's process, if it ran here and has exited (looked at once a

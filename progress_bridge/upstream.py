@@ -87,7 +87,7 @@ class Upstream:
         self.state = state
         self.committer = Committer(state)
         self.deadlines = Deadlines(state.views, state.control, self.later,
-                                   self.settings.dead_after_s)
+                                   self.settings.dead_after_s, recall=self.source.recall)
         self.history = HistoryReader(state.views, self.later, enabled=self.settings.history)
         state.recall.read = self.recall
         for run_id, text in state.store.run_states().items():

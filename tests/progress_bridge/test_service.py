@@ -171,6 +171,39 @@ def test_a_running_run_silent_too_long_is_declared_crashed() -> None:
     assert flow_runs.calls == [("set_state", "r", "CRASHED", "no sign of life for 6s")]
 
 
+def test_a_silent_run_whose_events_in_prefect_show_it_alive_is_left_alone() -> None:
+    """The stream lost its heartbeats (a loaded server drops events for a subscriber that
+    falls behind): reading the run's events from Prefect's API finds them."""
+    def checked(heard_at: float | None) -> tuple[list[tuple[object, ...]], list[str]]:
+        control, flow_runs = service(FlowRun("r", "RUNNING"))
+        view, recalled = RunView.unstarted("r"), []
+
+        async def main() -> None:
+            later = Later()
+
+            async def recall(run_id: str) -> int:
+                recalled.append(run_id)
+                if heard_at is not None:
+                    deadlines.seen_alive(run_id, heard_at)  # as a delivered heartbeat does
+                return int(heard_at is not None)
+
+            deadlines = Deadlines({"r": view}, control, later, dead_after_s=5, recall=recall)
+            deadlines.seen_alive("r", 100.0)
+            deadlines.check_alive("r", view, 106.0)
+            deadlines.check_alive("r", view, 106.5)  # while its events are read: once
+            await asyncio.sleep(0.05)
+            await later.close()
+
+        asyncio.run(main())
+        return flow_runs.calls, recalled
+
+    assert checked(heard_at=104.0) == ([], ["r"])
+    calls, recalled = checked(heard_at=None)
+    assert recalled == ["r"]
+    assert len(calls) == 1 and calls[0][:3] == ("set_state", "r", "CRASHED")
+    assert str(calls[0][3]).startswith("no sign of life for ")
+
+
 def _running(run_id: str = "r") -> RunView:
     view = RunView.unstarted(run_id)
     view.record.status = RunStatus.RUNNING
