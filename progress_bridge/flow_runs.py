@@ -36,6 +36,8 @@ class FlowRun:
     #: The id of its current state, and of the last pause its engine said it took in.
     state_id: str | None = None
     pause_heard: str | None = None
+    #: When it entered its current state (epoch s, the server's clock).
+    since: float | None = None
 
     @property
     def final(self) -> bool:
@@ -95,7 +97,8 @@ class PrefectFlowRuns:
                        waits_for_input=bool(details.run_input_keyset),
                        pause_key=details.pause_key, deployed=deployed,
                        secret_inputs=secret_inputs, state_id=str(state.id),
-                       pause_heard=None if heard is None else str(heard))
+                       pause_heard=None if heard is None else str(heard),
+                       since=state.timestamp.timestamp() if state.timestamp else None)
 
     async def set_state(self, run_id: str, target: Target, message: str) -> str | None:
         from prefect import states

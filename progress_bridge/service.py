@@ -149,6 +149,13 @@ class ControlService:
         await self.flow_runs.set_state(run_id, "CRASHED", message)
         return True
 
+    async def state_since(self, run_id: str) -> float | None:
+        """When the run entered its current state (epoch s), if known."""
+        try:
+            return (await self.flow_runs.read(run_id)).since
+        except NotFound:
+            return None
+
     async def recoverable(self, run_id: str) -> bool | None:
         """After a crash: whether a runner can start the run again (it belongs to a
         deployment; a run of ``planrun run`` ran in that command's process); None when it

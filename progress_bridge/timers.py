@@ -165,6 +165,15 @@ class Deadlines:
                     log.info("run %s: silent on the stream, but its events show it alive",
                              run_id)
                     return
+            # Its events may not be in Prefect yet: a loaded server ingests them late (a
+            # run that had started 23 s before was taken for dead). A change of its state
+            # is a sign of life too.
+            changed = await self.control.state_since(run_id)
+            if changed is not None and changed > last:
+                self.alive[run_id] = changed
+                log.info("run %s: silent, but its state changed %.0f s ago", run_id,
+                         now - changed)
+                return
             self.alive[run_id] = now  # once per silence
             await self._declare_crashed(run_id, f"no sign of life for {now - last:.0f}s")
         finally:

@@ -171,11 +171,13 @@ def test_a_running_run_silent_too_long_is_declared_crashed() -> None:
     assert flow_runs.calls == [("set_state", "r", "CRASHED", "no sign of life for 6s")]
 
 
-def test_a_silent_run_whose_events_in_prefect_show_it_alive_is_left_alone() -> None:
+def test_a_silent_run_whose_events_or_state_in_prefect_show_it_alive_is_left_alone() -> None:
     """The stream lost its heartbeats (a loaded server drops events for a subscriber that
-    falls behind): reading the run's events from Prefect's API finds them."""
-    def checked(heard_at: float | None) -> tuple[list[tuple[object, ...]], list[str]]:
-        control, flow_runs = service(FlowRun("r", "RUNNING"))
+    falls behind): reading the run's events from Prefect's API finds them; or its state
+    changed since it was last heard from."""
+    def checked(heard_at: float | None, state_since: float | None = None
+                ) -> tuple[list[tuple[object, ...]], list[str]]:
+        control, flow_runs = service(FlowRun("r", "RUNNING", since=state_since))
         view, recalled = RunView.unstarted("r"), []
 
         async def main() -> None:
@@ -198,7 +200,10 @@ def test_a_silent_run_whose_events_in_prefect_show_it_alive_is_left_alone() -> N
         return flow_runs.calls, recalled
 
     assert checked(heard_at=104.0) == ([], ["r"])
-    calls, recalled = checked(heard_at=None)
+    # Nothing in Prefect's events yet (a loaded server ingests them late), but the run
+    # entered its state after it was last heard from: alive too.
+    assert checked(heard_at=None, state_since=103.0) == ([], ["r"])
+    calls, recalled = checked(heard_at=None, state_since=90.0)
     assert recalled == ["r"]
     assert len(calls) == 1 and calls[0][:3] == ("set_state", "r", "CRASHED")
     assert str(calls[0][3]).startswith("no sign of life for ")
