@@ -11,6 +11,7 @@ source, and the workspace with its backups under the data directory.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import threading
@@ -18,6 +19,7 @@ import time
 from collections.abc import Coroutine, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
+from uuid import UUID
 
 from prefect import Flow, flow
 from prefect.context import FlowRunContext
@@ -25,6 +27,7 @@ from prefect.states import Cancelled, Completed, Failed, State
 
 from planrun.adapters.registry import Registry, default_registry
 from planrun.adapters.workspace import Workspace, default_workspace_root
+from planrun.contract.control import PROCESS_LABEL
 from planrun.contract.events import RunProcess
 from planrun.contract.status import RunStatus
 from planrun.errors import PlanInvalid, PolicyInvalid, UsageError
@@ -153,8 +156,25 @@ async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
                          can_ask=durable and (_deployed() or asker is not None),
                          started_at=_started_at(),
                          flow_run_url=None if run_id == "local" else flow_run_url(run_id))
+    if durable and _deployed():
+        await _say_which_process(run_id)
     with host.sessions.running(session), _sigterm_cancels(host):
         return await session.run_to_end()
+
+
+async def _say_which_process(run_id: str) -> None:
+    """Name this process on the flow run (``PROCESS_LABEL``): a bridge on this machine
+    knows it even when the run's events reach Prefect late, and does not take the run for
+    dead while it runs. A failure only costs that."""
+    from prefect.client.orchestration import get_client
+
+    try:
+        async with get_client() as client:
+            await client.update_flow_run_labels(
+                UUID(run_id), {PROCESS_LABEL: _this_process().model_dump_json()})
+    except Exception as exc:  # noqa: BLE001 - the events say it too, later
+        logging.getLogger("planrun.flow").warning(
+            "cannot name this process on run %s: %s", run_id, exc)
 
 
 def real_parts(graph: RunGraph, run_id: str, secrets: RunSecrets,

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 from uuid import UUID
 
-from planrun.contract.control import PAUSE_HEARD_LABEL, RUN_TAG
+from planrun.contract.control import PAUSE_HEARD_LABEL, PROCESS_LABEL, RUN_TAG
+from planrun.contract.events import RunProcess
 from planrun.errors import NotFound
 from planrun.secrets import reference_of
 
@@ -38,6 +39,8 @@ class FlowRun:
     pause_heard: str | None = None
     #: When it entered its current state (epoch s, the server's clock).
     since: float | None = None
+    #: The process its engine said runs it (``PROCESS_LABEL``).
+    process: RunProcess | None = None
 
     @property
     def final(self) -> bool:
@@ -98,7 +101,8 @@ class PrefectFlowRuns:
                        pause_key=details.pause_key, deployed=deployed,
                        secret_inputs=secret_inputs, state_id=str(state.id),
                        pause_heard=None if heard is None else str(heard),
-                       since=state.timestamp.timestamp() if state.timestamp else None)
+                       since=state.timestamp.timestamp() if state.timestamp else None,
+                       process=_process((found.labels or {}).get(PROCESS_LABEL)))
 
     async def set_state(self, run_id: str, target: Target, message: str) -> str | None:
         from prefect import states
@@ -156,3 +160,14 @@ class FakeFlowRuns:
 
     async def label(self, run_id: str, labels: dict[str, Any]) -> None:
         self.calls.append(("label", run_id, labels))
+
+
+def _process(label: Any) -> RunProcess | None:
+    """The process a ``PROCESS_LABEL`` names; None for none, or one that does not parse
+    (anyone who reaches Prefect's API can write a label)."""
+    if not isinstance(label, str):
+        return None
+    try:
+        return RunProcess.model_validate_json(label)
+    except ValueError:
+        return None

@@ -149,10 +149,10 @@ class ControlService:
         await self.flow_runs.set_state(run_id, "CRASHED", message)
         return True
 
-    async def state_since(self, run_id: str) -> float | None:
-        """When the run entered its current state (epoch s), if known."""
+    async def flow_run(self, run_id: str) -> FlowRun | None:
+        """The run's flow run, or None when there is none."""
         try:
-            return (await self.flow_runs.read(run_id)).since
+            return await self.flow_runs.read(run_id)
         except NotFound:
             return None
 

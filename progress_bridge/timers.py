@@ -167,12 +167,20 @@ class Deadlines:
                     return
             # Its events may not be in Prefect yet: a loaded server ingests them late (a
             # run that had started 23 s before was taken for dead). A change of its state
-            # is a sign of life too.
-            changed = await self.control.state_since(run_id)
+            # is a sign of life too, and so is its process, named on its flow run, when it
+            # runs here and has not exited.
+            found = await self.control.flow_run(run_id)
+            changed = found.since if found is not None else None
             if changed is not None and changed > last:
                 self.alive[run_id] = changed
                 log.info("run %s: silent, but its state changed %.0f s ago", run_id,
                          now - changed)
+                return
+            process = found.process if found is not None else None
+            if process is not None and process.place == self.here and \
+                    alive(process.pid, process.started):
+                self.seen_alive(run_id, time.time(), process)
+                log.info("run %s: silent, but its process %d runs", run_id, process.pid)
                 return
             self.alive[run_id] = now  # once per silence
             await self._declare_crashed(run_id, f"no sign of life for {now - last:.0f}s")

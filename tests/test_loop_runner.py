@@ -7,14 +7,19 @@ restores their finished steps from their checkpoints."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+from uuid import UUID
 
 import psutil
 import pytest
 
+from planrun.contract.control import PROCESS_LABEL
 from tests.helpers import ended, wait_for
 from tests.stack import Stack
 from tests.test_control import (
@@ -64,6 +69,17 @@ def commands_of(process: psutil.Process, name: str) -> list[psutil.Process]:
     return found
 
 
+def process_of(run_id: str) -> int:
+    """The pid the run's flow run names as its process (``PROCESS_LABEL``)."""
+    from prefect.client.orchestration import get_client
+
+    async def read() -> Any:
+        async with get_client() as client:
+            return (await client.read_flow_run(UUID(run_id))).labels or {}
+
+    return int(json.loads(asyncio.run(read())[PROCESS_LABEL])["pid"])
+
+
 def test_up_says_its_runner_runs_them_in_its_own_process(stack: Stack) -> None:
     assert "runner      serving planrun/plan-runner, its runs in the runner's own process" \
         in stack.output()
@@ -83,6 +99,8 @@ def test_many_runs_run_at_once_in_the_runners_process_and_complete(
     assert stack.runners() == {the_runner: []}
     wait_for(lambda: all(commands_of(the_runner, name) for name in names), 60,
              "every run's command to run under the runner")
+    # Each run names the runner's process on its flow run, for the bridge's crash rule.
+    assert {process_of(run_id) for run_id in runs.values()} == {the_runner.pid}
     for name in names:
         release(stack, name)
     for run_id in runs.values():

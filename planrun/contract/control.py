@@ -19,6 +19,10 @@ PAUSE_HEARD_LABEL = "planrun.pause-heard"
 #: The flow-run label that asks a run that ended to be retried: a new value each time
 #: (docs/retry.md); the run's checkpoint keeps the last one it took.
 RETRY_LABEL = "planrun.retry"
+#: The flow-run label with which a run's process says which process it is as it starts
+#: (a ``RunProcess`` as JSON): written straight to the flow run, so a bridge knows it even
+#: when the run's events reach Prefect late (docs/production.md, "A worker that dies").
+PROCESS_LABEL = "planrun.process"
 #: The comment of a decision made because no one answered in time.
 TIMED_OUT = "approval timed out"
 #: The choices of a gate's form (``decision``): the step runs, or it is skipped.

@@ -13,6 +13,7 @@ from typing import Literal
 import pytest
 
 from planrun.contract.control import RETRY_LABEL, TIMED_OUT, answer_form, asking_key
+from planrun.contract.events import RunProcess
 from planrun.contract.status import RunStatus
 from planrun.errors import Conflict, NotFound
 from planrun.progress_bridge.flow_runs import FakeFlowRuns, FlowRun
@@ -175,9 +176,11 @@ def test_a_silent_run_whose_events_or_state_in_prefect_show_it_alive_is_left_alo
     """The stream lost its heartbeats (a loaded server drops events for a subscriber that
     falls behind): reading the run's events from Prefect's API finds them; or its state
     changed since it was last heard from."""
-    def checked(heard_at: float | None, state_since: float | None = None
+    def checked(heard_at: float | None, state_since: float | None = None,
+                process: RunProcess | None = None
                 ) -> tuple[list[tuple[object, ...]], list[str]]:
-        control, flow_runs = service(FlowRun("r", "RUNNING", since=state_since))
+        control, flow_runs = service(FlowRun("r", "RUNNING", since=state_since,
+                                             process=process))
         view, recalled = RunView.unstarted("r"), []
 
         async def main() -> None:
@@ -203,6 +206,10 @@ def test_a_silent_run_whose_events_or_state_in_prefect_show_it_alive_is_left_alo
     # Nothing in Prefect's events yet (a loaded server ingests them late), but the run
     # entered its state after it was last heard from: alive too.
     assert checked(heard_at=None, state_since=103.0) == ([], ["r"])
+    # Or the process its flow run names runs here (this test's own process).
+    assert checked(heard_at=None, state_since=90.0, process=this_process()) == ([], ["r"])
+    calls, _ = checked(heard_at=None, state_since=90.0, process=exited_process())
+    assert [call[:3] for call in calls] == [("set_state", "r", "CRASHED")]
     calls, recalled = checked(heard_at=None, state_since=90.0)
     assert recalled == ["r"]
     assert len(calls) == 1 and calls[0][:3] == ("set_state", "r", "CRASHED")
