@@ -183,7 +183,9 @@ class Deadlines:
                 log.info("run %s: silent, but its process %d runs", run_id, process.pid)
                 return
             self.alive[run_id] = now  # once per silence
-            await self._declare_crashed(run_id, f"no sign of life for {now - last:.0f}s")
+            # Only in the state looked at: one that came meanwhile is a sign of life.
+            await self._declare_crashed(run_id, f"no sign of life for {now - last:.0f}s",
+                                        found.state_id if found is not None else None)
         finally:
             self._asking.discard(run_id)
 
