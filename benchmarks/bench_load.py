@@ -47,6 +47,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -209,6 +210,12 @@ async def one_round(stack: Stack, n: int, steps: int, seconds: float) -> dict[st
                                    - _common.ts_epoch(need["ended_at"])) * 1e3)
     span = (max(ends) - started) if ends else float("nan")
     peak = max(memory, default=(0, 0.0))
+    # How the runs that did not complete ended: their status and reason, and their steps'
+    # errors (the three most frequent of each).
+    statuses = Counter(f"{r.get('status')}: {r.get('reason')}" for r in reports.values()
+                       if r.get("status") != "completed")
+    errors = Counter(str(step["error"].get("message"))[:160] for r in reports.values()
+                     for step in r.get("steps", {}).values() if step.get("error"))
     codes = [code for _, code, _, _ in submitted]
     answered = [took * 1e3 for _, code, _, took in submitted if code]
     return {"n": n, "step_s": seconds, "span_s": span,
@@ -224,7 +231,9 @@ async def one_round(stack: Stack, n: int, steps: int, seconds: float) -> dict[st
             "peak_in_flight": peak[0],
             "mb_per_run": (peak[1] - idle_mb) / peak[0] if peak[0] else float("nan"),
             "idle_mb": idle_mb,
-            "cpu_s_per_run": cpu / n, "cpu_s_per_run_by_part": parts}
+            "cpu_s_per_run": cpu / n, "cpu_s_per_run_by_part": parts,
+            "not_completed_as": dict(statuses.most_common(3)),
+            "step_errors": dict(errors.most_common(3))}
 
 
 async def baseline_round(api: str, n: int, steps: int, seconds: float) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from planrun.progress_bridge.upstream import Upstream
 from planrun.progress_bridge.upstream_settings import UpstreamSettings
 
 from .conftest import fed_upstream
-from .events import exited_process, started, this_process
+from .events import ended, exited_process, started, this_process
 
 #: The timer on, the silence rule out of reach: only the process rule can act here.
 SETTINGS = UpstreamSettings(history=False, ticks=True, dead_after_s=3600, settle_s=0.5,
@@ -153,3 +153,23 @@ def test_a_restarted_bridge_crashes_at_once_a_run_whose_process_exited_while_it_
 
     asyncio.run(after())
     assert [call[3] for call in flow_runs.calls][0] == f"its process {sleeper.pid} has exited"
+
+
+def test_a_run_whose_flow_run_completed_before_its_own_end_came_waits_for_it(
+        tmp_path: Path) -> None:
+    """A loaded server takes a run's events in late: its flow run's Completed state can
+    come well before the run's own ``run.completed``. The run is not ended failed by
+    Prefect's word meanwhile; its own end, once it comes, ends it completed."""
+    async def main() -> RunStatus:
+        async with fed_upstream(tmp_path, settings=SETTINGS) as (state, source):
+            assert await source.push(started_in("r", this_process(state_id="s1")))
+            assert await source.push(FlowRunEnded("r-end", "r", time.time(), "COMPLETED",
+                                                  "completed"))
+            # Past the grace and settle times (0.2 s, 0.5 s): still not ended by Prefect.
+            await asyncio.sleep(2.0)
+            assert not state.views["r"].ended
+            assert await source.push(ended("r", 2))
+            await until(lambda: state.views["r"].ended, "the run to end")
+            return state.views["r"].record.status
+
+    assert asyncio.run(main()) == RunStatus.COMPLETED
