@@ -68,7 +68,9 @@ DESCRIPTION = ("Runs planrun plans submitted with `planrun submit` or POST /v1/r
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    if args == ["--in-process"] or os.environ.get("PLANRUN_RUNS_IN_PROCESS") == "1":
+    if args not in ([], ["--in-process"]):
+        sys.exit(f"usage: python -m planrun.flows.serve [--in-process] (not {' '.join(args)})")
+    if args or os.environ.get("PLANRUN_RUNS_IN_PROCESS") == "1":
         from planrun.flows.loop_runner import serve
 
         serve(DEPLOYMENT, run_limit(), DESCRIPTION)

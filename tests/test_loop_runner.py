@@ -182,3 +182,15 @@ def test_a_runner_killed_with_runs_in_it_costs_none_of_them(stack: Stack,
         final = wait_status(stack, run_id, "completed", timeout=120)
         assert lines(stack, name) == ["s1", "s2", "s2", "s3"]  # s1 kept: it had completed
         assert [final["steps"][s]["status"] for s in ("s1", "s2", "s3")] == ["completed"] * 3
+
+
+def test_the_runner_refuses_an_argument_it_does_not_know() -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "planrun.flows.serve", "--in-proces"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "usage: python -m planrun.flows.serve [--in-process] (not --in-proces)" \
+        in proc.stderr
+    assert "Traceback" not in proc.stderr
