@@ -33,13 +33,14 @@ import logging
 import os
 import secrets
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 from uuid import UUID
 
 from planrun.contract.control import (  # the names the bridge shares (docs/approvals.md)
     APPROVE,
     CONTROL_LABEL,
     PAUSE_HEARD_LABEL,
+    PROCESS_LABEL,
     REJECT,
     RETRY_LABEL,
     answer_form,
@@ -47,6 +48,7 @@ from planrun.contract.control import (  # the names the bridge shares (docs/appr
     is_asking_of,
 )
 from planrun.contract.control import TIMED_OUT as TIMED_OUT  # flows.session still takes it here
+from planrun.contract.events import RunProcess
 from planrun.flows.checkpoints import Checkpoints
 from planrun.flows.parts import GateAsker
 from planrun.flows.scheduler import Scheduler
@@ -135,6 +137,22 @@ def asking_text(run_id: str, step_id: str, prompt: str, here: bool = False) -> s
 GOING_ON = ("RUNNING", "PENDING", "SCHEDULED")
 #: The most runs one read of ``FlowRunStates`` covers (the endpoint's own cap).
 STATES_PAGE = 1000
+#: The most runs one full read covers (the server's default cap on a filter).
+FULL_PAGE = 200
+#: How often ``FlowRunStates`` reads its runs in full, labels and all: which process
+#: runs each one (``PROCESS_LABEL``), for ``RunControl``'s fence.
+FULL_READ_S = 5.0
+#: The state types a running run's flow run is in only once this process no longer runs
+#: it: taken for dead (Crashed), scheduled again, claimed by a runner (Pending), or ended
+#: by another process (docs/production.md, "Crash recovery").
+TAKEN_OVER = ("CRASHED", "SCHEDULED", "PENDING", "COMPLETED", "FAILED")
+
+
+class Seen(NamedTuple):
+    """A flow run as a read saw it: its state, and its labels when the read had them."""
+
+    state: Any
+    labels: dict[str, Any] | None = None
 
 
 class FlowRunStates:
@@ -146,16 +164,19 @@ class FlowRunStates:
     Prefect UI's own, without the runs' parameters, which hold their plans). A run that
     goes on (``GOING_ON``) gets a bare state of its type, which is all ``RunControl``
     reads of it; only a run that was asked something (a pause, a cancel) is read in full.
+    Every ``full_read_s`` all of them are read in full, in one request, for their labels.
     """
 
-    def __init__(self, poll_s: float = POLL_S) -> None:
+    def __init__(self, poll_s: float = POLL_S, full_read_s: float = FULL_READ_S) -> None:
         self.poll_s = poll_s
-        self._asked: dict[UUID, list[asyncio.Future[Any]]] = {}
+        self.full_read_s = full_read_s
+        self._asked: dict[UUID, list[asyncio.Future[Seen | None]]] = {}
         self._poller: asyncio.Task[None] | None = None
+        self._last_full: float | None = None  # on the loop's clock
 
-    async def next(self, run_id: UUID) -> Any:
-        """The run's state at the next read, or None when it could not be read."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    async def next(self, run_id: UUID) -> Seen | None:
+        """The run as the next read sees it, or None when it could not be read."""
+        future: asyncio.Future[Seen | None] = asyncio.get_running_loop().create_future()
         self._asked.setdefault(run_id, []).append(future)
         if self._poller is None or self._poller.done():
             self._poller = asyncio.create_task(self._poll())
@@ -164,35 +185,55 @@ class FlowRunStates:
     async def _poll(self) -> None:
         from prefect.client.orchestration import get_client
 
+        loop = asyncio.get_running_loop()
+        if self._last_full is None:
+            self._last_full = loop.time()
         async with get_client() as client:
             while self._asked:
                 asked, self._asked = self._asked, {}
-                states = await self._read(client, list(asked))
+                full = loop.time() - self._last_full >= self.full_read_s
+                if full:
+                    self._last_full = loop.time()
+                states = await self._read(client, list(asked), full)
                 for run_id, futures in asked.items():
                     for future in futures:
                         if not future.done():  # its reader was cancelled meanwhile
                             future.set_result(states.get(run_id))
                 await asyncio.sleep(self.poll_s)
 
-    async def _read(self, client: Any, run_ids: list[UUID]) -> dict[UUID, Any]:
+    async def _read(self, client: Any, run_ids: list[UUID], full: bool = False
+                    ) -> dict[UUID, Seen]:
+        """The runs as one read sees them: ``full``, with their labels."""
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
         from prefect.client.schemas.objects import StateType
         from prefect.states import State
 
-        states: dict[UUID, Any] = {}
+        seen: dict[UUID, Seen] = {}
+        size = FULL_PAGE if full else STATES_PAGE
         try:
-            for start in range(0, len(run_ids), STATES_PAGE):
-                page = [str(run_id) for run_id in run_ids[start:start + STATES_PAGE]]
+            for start in range(0, len(run_ids), size):
+                page = run_ids[start:start + size]
+                if full:
+                    for flow_run in await client.read_flow_runs(
+                            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=page)),
+                            limit=size):
+                        seen[flow_run.id] = Seen(flow_run.state, dict(flow_run.labels or {}))
+                    continue
                 response = await client._client.post(  # noqa: SLF001 - no public call reads it
                     "/ui/flow_runs/history",
-                    json={"flow_runs": {"id": {"any_": page}}, "limit": STATES_PAGE})
+                    json={"flow_runs": {"id": {"any_": [str(run_id) for run_id in page]}},
+                          "limit": STATES_PAGE})
                 response.raise_for_status()
                 for row in response.json():
                     kind = StateType(row["state_type"])
-                    states[UUID(row["id"])] = State(type=kind) if kind.value in GOING_ON \
-                        else (await client.read_flow_run(UUID(row["id"]))).state
+                    if kind.value in GOING_ON:
+                        seen[UUID(row["id"])] = Seen(State(type=kind))
+                    else:
+                        flow_run = await client.read_flow_run(UUID(row["id"]))
+                        seen[flow_run.id] = Seen(flow_run.state, dict(flow_run.labels or {}))
         except Exception as exc:  # noqa: BLE001 - the API may blink: ask again
             log.warning("cannot read the states of %d runs: %s", len(run_ids), exc)
-        return states
+        return seen
 
 
 class RunControl:
@@ -201,7 +242,8 @@ class RunControl:
 
     def __init__(self, run_id: str, scheduler: Scheduler | None = None, poll_s: float = POLL_S,
                  beat: Callable[[], None] | None = None, asker: GateAsker | None = None,
-                 waits_here: bool = False, states: FlowRunStates | None = None) -> None:
+                 waits_here: bool = False, states: FlowRunStates | None = None,
+                 owner: RunProcess | None = None) -> None:
         self.run_id = UUID(run_id)
         self._scheduler = scheduler
         self.poll_s = poll_s
@@ -211,6 +253,9 @@ class RunControl:
         self.waits_here = waits_here
         self.asker = asker
         self.beat = beat  # a sign of life every HEARTBEAT_S, for the bridge's crash rule
+        #: This process, as it named itself on the flow run of a deployment's run (which
+        #: a runner may start again elsewhere): the run stops here once another runs it.
+        self.owner = owner
         # Each gate's nonce is kept with the run's checkpoints, in Prefect's result storage
         # (under the data directory by default): outside the workspace, so no step can
         # write it, and not in the flow run, whose labels and states anything that reaches
@@ -237,16 +282,17 @@ class RunControl:
         has (docs/http-api.md). A server round trip before every step would cost each step
         a read behind the server's backlog of events (BENCHMARKS.md, cost per step)."""
 
-    async def _state(self, client: Any) -> Any:
-        """The run's state, or None when it cannot be read: from ``states`` (whose next
-        read is up to ``poll_s`` away), else read now."""
+    async def _seen(self, client: Any) -> Seen | None:
+        """The run's flow run, or None when it cannot be read: from ``states`` (whose
+        next read is up to ``poll_s`` away), else read now."""
         if self.states is not None:
             return await self.states.next(self.run_id)
         try:
-            return (await client.read_flow_run(self.run_id)).state
+            flow_run = await client.read_flow_run(self.run_id)
         except Exception as exc:  # noqa: BLE001 - the API may blink: ask again
             log.warning("cannot read the state of run %s: %s", self.run_id, exc)
             return None
+        return Seen(flow_run.state, dict(flow_run.labels or {}))
 
     async def _pause_polling(self) -> None:
         """Wait between two reads of the state (``states`` spaces its reads itself)."""
@@ -280,21 +326,44 @@ class RunControl:
                 if self.beat is not None and loop.time() - last_beat >= HEARTBEAT_S:
                     self.beat()
                     last_beat = loop.time()
-                state = await self._state(client)
-                if state is not None:
-                    self._react(state)
+                seen = await self._seen(client)
+                if seen is not None:
+                    self._react(seen.state, seen.labels)
                 await self._pause_polling()
 
-    def _react(self, state: Any) -> None:
+    def _react(self, state: Any, labels: dict[str, Any] | None = None) -> None:
         kind = state.type.value
         scheduler = self.scheduler
-        if kind == "PAUSED":
+        taken = self._taken_over(kind, labels)
+        if taken is not None:
+            log.warning("run %s: %s; this process stops", self.run_id, taken)
+            scheduler.supersede(taken)
+        elif kind == "PAUSED":
             scheduler.pause(state.message or "paused by a person")
             self._hear(state)
         elif kind == "RUNNING" and scheduler.pause_reason is not None and scheduler.gate is None:
             scheduler.unpause()  # a person's pause taken back (a gate waits for its answer)
         elif kind in ("CANCELLING", "CANCELLED"):
             scheduler.stop("cancelled by a person", cancelled=True)
+
+    def _taken_over(self, kind: str, labels: dict[str, Any] | None) -> str | None:
+        """Why another process runs the run now, or None: its flow run is in a state a
+        run this process runs is never in, or names another process (a runner's new
+        Running state, ``PROCESS_LABEL``). Only for a run with an ``owner``."""
+        if self.owner is None:
+            return None
+        if kind in TAKEN_OVER:
+            return f"its flow run is {kind.lower()}: it was taken for dead"
+        named = (labels or {}).get(PROCESS_LABEL)
+        if named is None:
+            return None
+        try:
+            process = RunProcess.model_validate_json(named)
+        except ValueError:
+            return None  # anyone who reaches Prefect's API can write a label
+        if process.state_id != self.owner.state_id:
+            return f"it was started again (process {process.pid} runs it now)"
+        return None
 
     def _hear(self, state: Any) -> None:
         """Say on the flow run that the pause ``state`` is taken in (once per state):
@@ -410,7 +479,8 @@ class RunControl:
         started = last_beat = loop.time()
         async with get_client() as client:
             while True:
-                state = await self._state(client)
+                seen = await self._seen(client)
+                state = seen.state if seen is not None else None
                 if state is not None and state.type.value != "PAUSED":
                     return bool(state.type.value == "RUNNING")
                 if self.beat is not None and loop.time() - last_beat >= HEARTBEAT_S:

@@ -117,7 +117,7 @@ class LoopRunner:
     async def _run(self, flow_run_id: UUID) -> None:
         """Claim the run (Pending) and run it here; nothing when another runner has."""
         from prefect.client.orchestration import get_client
-        from prefect.exceptions import Abort
+        from prefect.exceptions import Abort, Pause
         from prefect.flow_engine import run_flow_async
         from prefect.states import Pending
         from prefect.utilities.engine import propose_state
@@ -133,6 +133,10 @@ class LoopRunner:
                 flow_run = await client.read_flow_run(flow_run_id)
             await run_flow_async(self.flow, flow_run=flow_run, parameters=flow_run.parameters,
                                  return_type="state")
+        except Pause:
+            pass  # suspended (a pause, a gate): its resume is a scheduled run again
+        except Abort as exc:
+            log.warning("run %s: %s", flow_run_id, exc)  # it runs elsewhere now
         except Exception:
             log.exception("run %s ended with an error of the runner's own", flow_run_id)
         finally:

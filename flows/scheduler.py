@@ -69,6 +69,8 @@ class Scheduler:
         self.skipping: set[str] = set()
         self.stop_reason: str | None = None
         self.cancelled = False
+        #: Another process runs the run now (``supersede``): what is left is its to do.
+        self.superseded = False
         self.deadline_passed = False
         # Pausing: nothing new starts while _go is clear; once what runs has finished,
         # ``drained`` is set and run_all returns with ``suspended`` true.
@@ -146,6 +148,12 @@ class Scheduler:
         for task in list(self.running.values()):
             task.cancel()
 
+    def supersede(self, reason: str) -> None:
+        """Another process runs the run now: cancel what runs here (commands killed) and
+        record nothing more, neither the steps left (that process runs them) nor a skip."""
+        self.superseded = True
+        self.stop(reason, cancelled=True)
+
     def _deadline(self, seconds: float) -> None:
         if self.stop_reason is None:
             self.deadline_passed = True
@@ -159,6 +167,8 @@ class Scheduler:
             for need in step.needs:
                 await self.done[need].wait()
             reason = await self._run_when_allowed(step)
+            if self.superseded:
+                return
             if reason is not None:
                 record.reason, record.error_caused_skip = reason
                 record.status = StepStatus.FAILED if record.error else StepStatus.SKIPPED

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
 
-from prefect.exceptions import Pause
+from prefect.exceptions import Abort, Pause
 
 from planrun.adapters.usage import RunWrites
 from planrun.contract.status import RunStatus, StepStatus
@@ -181,6 +181,9 @@ class RunSession:
 
     async def _finish(self) -> None:
         run, scheduler = self.run, self.scheduler
+        if scheduler.superseded:  # the run's end, files and secrets are that process's
+            raise Abort(f"{scheduler.stop_reason}: this process stops and leaves the run "
+                        "to it")
         run.status = RunStatus.FAILED if self.unreadable is not None else run.final_status(
             cancelled=scheduler.cancelled, deadline_passed=scheduler.deadline_passed)
         run.reason = scheduler.stop_reason
@@ -294,6 +297,8 @@ class RunSession:
         """The step waits for a limit (flows/limits.py): it is pending with the note; when
         what it waits for changes, whoever follows the run hears it (once, not on every
         check: the note's count of steps ahead is kept fresh on the record)."""
+        if self.scheduler.superseded:
+            return
         same = record.status == StepStatus.PENDING and record.note is not None and \
             self._waits.get(record.id) == waiting.reason
         record.status, record.note = StepStatus.PENDING, waiting.note
@@ -305,6 +310,8 @@ class RunSession:
             self.events.waiting(record, waiting.why)
 
     def _notify(self, step: StepRecord | None) -> None:
+        if self.scheduler.superseded:  # another process tells of the run now
+            return
         for observer in list(self.observers):
             observer.changed(self.run, step)
         self.artifacts.changed()

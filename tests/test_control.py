@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from planrun.contract.control import PAUSE_HEARD_LABEL
-from tests.helpers import unique_digits, wait_for
+from tests.helpers import ended, unique_digits, wait_for
 from tests.stack import Stack, messages
 
 
@@ -81,6 +81,79 @@ def step_started(stack: Stack, run_id: str, step_id: str) -> bool:
 def lines(stack: Stack, name: str) -> list[str]:
     path = Path(stack.env["PLANRUN_WORKSPACE"]) / f"{name}.txt"
     return path.read_text().split() if path.exists() else []
+
+
+def commands_of(process: psutil.Process, name: str) -> list[psutil.Process]:
+    """The commands of ``held(name, …)`` running under ``process``."""
+    found = []
+    for child in process.children(recursive=True):
+        try:
+            if f"{name}.go" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            pass
+    return found
+
+
+def take_for_dead(run_id: str) -> None:
+    """Mark the run's flow run Crashed, as the bridge's crash rule does when it takes a
+    live run for dead (a loaded server delivers its events late); the bridge then
+    schedules it again, and a runner starts it in a new engine."""
+    import asyncio
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    async def crash() -> None:
+        async with get_client() as client:
+            await client.set_flow_run_state(UUID(run_id), Crashed(
+                message="no sign of life (the test takes it for dead)"), force=True)
+
+    asyncio.run(crash())
+
+
+def states_of(run_id: str) -> list[str]:
+    """The types of every state the run's flow run has been in, oldest first."""
+    import asyncio
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+
+    async def read() -> list[str]:
+        async with get_client() as client:
+            return [state.type.value for state in
+                    await client.read_flow_run_states(UUID(run_id))]
+
+    return asyncio.run(read())
+
+
+def a_run_taken_for_dead_while_alive_goes_on_once(stack: Stack, tmp_path: Path,
+                                                  name: str) -> None:
+    """A run marked crashed while its engine still runs it is started again; the first
+    engine, which sees that on its flow run, kills its command and stops without a word,
+    so no step runs on in two processes and the run ends once."""
+    run_id = submit(stack, tmp_path, held(name, 3, holding=[2]))
+    wait_for(lambda: lines(stack, name) == ["s1", "s2"], 120, "s2 to run")
+    first = wait_for(lambda: [c for runner in stack.runners() for c in commands_of(runner, name)],
+                     60, "s2's command to run")
+    take_for_dead(run_id)
+    # The first engine stops: its command is killed, though the test never releases it.
+    wait_for(lambda: all(map(ended, first)), 60, "the first engine's command to be killed")
+    wait_for(lambda: lines(stack, name) == ["s1", "s2", "s2"], 120,
+             "the run's new engine to run s2 again")
+    release(stack, name)
+    final = wait_status(stack, run_id, "completed", timeout=120)
+    assert lines(stack, name) == ["s1", "s2", "s2", "s3"]  # s1 kept; s3 run once
+    assert [final["steps"][s]["status"] for s in ("s1", "s2", "s3")] == ["completed"] * 3
+    states = wait_for(lambda: (found := states_of(run_id))[-1] == "COMPLETED" and found, 60,
+                      "the flow run to be completed")
+    assert states.count("COMPLETED") == 1, states
+
+
+def test_a_run_taken_for_dead_while_alive_goes_on_in_one_process_only(
+        stack: Stack, tmp_path: Path) -> None:
+    a_run_taken_for_dead_while_alive_goes_on_once(stack, tmp_path, "fenced")
 
 
 def test_a_paused_run_holds_no_process_and_resumes_without_running_a_step_twice(

@@ -23,6 +23,8 @@ from planrun.contract.control import PROCESS_LABEL
 from tests.helpers import ended, wait_for
 from tests.stack import Stack
 from tests.test_control import (
+    a_run_taken_for_dead_while_alive_goes_on_once,
+    commands_of,
     held,
     hold,
     lines,
@@ -55,18 +57,6 @@ def runner(stack: Stack) -> psutil.Process:
     runners = list(stack.runners())
     assert len(runners) == 1, runners
     return runners[0]
-
-
-def commands_of(process: psutil.Process, name: str) -> list[psutil.Process]:
-    """The commands of ``held(name, …)`` running under ``process``."""
-    found = []
-    for child in process.children(recursive=True):
-        try:
-            if f"{name}.go" in " ".join(child.cmdline()):
-                found.append(child)
-        except psutil.Error:
-            pass
-    return found
 
 
 def process_of(run_id: str) -> int:
@@ -182,6 +172,13 @@ def test_a_runner_killed_with_runs_in_it_costs_none_of_them(stack: Stack,
         final = wait_status(stack, run_id, "completed", timeout=120)
         assert lines(stack, name) == ["s1", "s2", "s2", "s3"]  # s1 kept: it had completed
         assert [final["steps"][s]["status"] for s in ("s1", "s2", "s3")] == ["completed"] * 3
+
+
+def test_a_run_taken_for_dead_while_alive_goes_on_in_one_engine_only(
+        stack: Stack, tmp_path: Path) -> None:
+    # The new engine runs in the same runner process as the first: the first one stops
+    # because its flow run says so, not because its process is gone.
+    a_run_taken_for_dead_while_alive_goes_on_once(stack, tmp_path, "fenced-in-process")
 
 
 def test_the_runner_refuses_an_argument_it_does_not_know() -> None:

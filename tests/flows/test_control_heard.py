@@ -94,7 +94,7 @@ def test_news_reads_nothing_before_a_step() -> None:
         async def no_reads(client: Any) -> Any:
             raise AssertionError("news read the flow run")
 
-        ctl._state = no_reads  # type: ignore[method-assign]
+        ctl._seen = no_reads  # type: ignore[method-assign]
         await ctl.news()
 
     asyncio.run(go())

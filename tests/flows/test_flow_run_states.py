@@ -11,7 +11,7 @@ from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.states import Cancelling, Paused, Running, State
 
-from planrun.flows.control import FlowRunStates
+from planrun.flows.control import FlowRunStates, Seen
 
 
 @flow(name="planrun-states-stand-in")
@@ -26,9 +26,10 @@ class Counted(FlowRunStates):
         super().__init__(poll_s=0.05)
         self.reads: list[int] = []
 
-    async def _read(self, client: Any, run_ids: list[UUID]) -> dict[UUID, Any]:
+    async def _read(self, client: Any, run_ids: list[UUID], full: bool = False
+                    ) -> dict[UUID, Seen]:
         self.reads.append(len(run_ids))
-        return await super()._read(client, run_ids)
+        return await super()._read(client, run_ids, full)
 
 
 async def runs_in(states: list[State[Any]]) -> list[UUID]:
@@ -53,9 +54,9 @@ def test_many_runs_states_are_read_in_one_request_and_a_pause_in_full() -> None:
 
     got, reads = asyncio.run(go())
     assert reads == [8]  # one read for all eight runs
-    assert [state.type.value for state in got] == \
+    assert [seen.state.type.value for seen in got] == \
         ["RUNNING", "PAUSED", "CANCELLING", *["RUNNING"] * 5]
-    paused = got[1]
+    paused = got[1].state
     assert paused.message == "held" and paused.state_details.pause_key == "approval-a-01"
 
 
@@ -70,5 +71,23 @@ def test_each_next_is_a_read_of_its_own_and_a_run_the_server_does_not_know_gets_
 
     unknown, seen, reads = asyncio.run(go())
     assert unknown is None
-    assert [state.type.value for state in seen] == ["RUNNING", "RUNNING"]
+    assert [got.state.type.value for got in seen] == ["RUNNING", "RUNNING"]
     assert reads == [1, 1, 1]  # a next() after a read is answered by the read after it
+
+
+def test_a_read_every_full_read_s_has_the_runs_labels() -> None:
+    async def go() -> list[Seen | None]:
+        (running,) = await runs_in([Running()])
+        async with get_client() as client:
+            await client.update_flow_run_labels(running, {"planrun.process": "named"})
+        states = FlowRunStates(poll_s=0.05, full_read_s=3600)
+        first = await states.next(running)  # a state type only
+        states.full_read_s = 0
+        second = await states.next(running)  # in full: labels and all
+        return [first, second]
+
+    first, second = asyncio.run(go())
+    assert first is not None and first.labels is None
+    assert second is not None and second.labels is not None
+    assert second.labels["planrun.process"] == "named"
+    assert second.state.type.value == "RUNNING"

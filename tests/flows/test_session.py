@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from prefect.exceptions import Pause
+from prefect.exceptions import Abort, Pause
 from pydantic import Field
 
 from planrun.adapters.base import Adapter, Params, StepContext
@@ -167,6 +167,28 @@ async def test_a_cancel_rolls_the_workspace_back() -> None:
     assert report["rolled_back"] == ["out.txt"]
     assert report["steps"]["a"]["status"] == "cancelled"
     assert report["steps"]["b"]["status"] == "skipped"
+
+
+@fast
+async def test_a_superseded_run_stops_without_a_word_and_leaves_its_files() -> None:
+    scenario = Scenario(CHAIN)
+    scenario.memory.workspace.changed.append("out.txt")
+    session = scenario.session()
+    running = asyncio.ensure_future(session.run_to_end())
+    await until(lambda: scenario.held.calls == ["a"])
+    told = len(scenario.memory.events.names())
+    session.scheduler.supersede("it was started again")
+    with pytest.raises(Abort, match="it was started again"):
+        await running
+    # The step in flight was cancelled; b neither ran nor was skipped; nothing was said
+    # (no step change, no end), kept (no checkpoint) or undone (the files are the other
+    # process's now).
+    assert scenario.held.calls == ["a"]
+    assert scenario.memory.events.names()[told:] == []
+    assert scenario.memory.checkpoints.kept() == []
+    assert scenario.memory.workspace.changed == ["out.txt"]
+    assert not scenario.memory.workspace.committed
+    assert session.run.steps["b"].status == StepStatus.PENDING
 
 
 @fast
