@@ -57,6 +57,9 @@ import httpx
 import psutil
 
 ENDS = {"completed", "completed_with_errors", "failed", "cancelled"}
+#: A round stops waiting once its runs have not moved (no step started or ended, no run
+#: ended) for this long; the runs it left are counted as ``stalled``.
+STALL_S = 300.0
 
 
 def chain(steps: int, seconds: float) -> str:
@@ -178,18 +181,28 @@ async def one_round(stack: Stack, n: int, steps: int, seconds: float) -> dict[st
         memory: list[tuple[int, float]] = []  # (runs in flight, PSS MB)
         report_errors = 0  # GET /v1/runs/{id} not answered 200
         deadline = time.monotonic() + 600 + n * steps * (seconds + 1)
-        while len(reports) < len(runs) and time.monotonic() < deadline:
-            in_flight = 0
+        # A round stops waiting once no step has started or ended for STALL_S: a run left
+        # Running that nothing will end (once kept a round waiting toward its deadline).
+        last_change, moved = time.monotonic(), None
+        while len(reports) < len(runs) and time.monotonic() < deadline \
+                and time.monotonic() - last_change < STALL_S:
+            in_flight, progress = 0, 0
             for run_id in [r for r in runs if r not in reports]:
                 answer = await http.get(f"/v1/runs/{run_id}")
                 if answer.status_code != 200:
                     report_errors += 1
                     continue
                 report = answer.json()
+                progress += sum(1 for step in report.get("steps", {}).values()
+                                if step.get("status") != "pending")
+                progress += sum(1 for step in report.get("steps", {}).values()
+                                if step.get("ended_at"))
                 if report.get("status") in ENDS:
                     reports[run_id] = report
                 elif report.get("status") == "running":
                     in_flight += 1
+            if (len(reports), progress) != moved:
+                moved, last_change = (len(reports), progress), time.monotonic()
             if in_flight:
                 memory.append((in_flight, await asyncio.to_thread(stack.pss_mb)))
             await asyncio.sleep(1.0)
@@ -228,6 +241,7 @@ async def one_round(stack: Stack, n: int, steps: int, seconds: float) -> dict[st
             "submit_codes": {str(c): codes.count(c) for c in sorted(set(codes))},
             "submit_answer_ms": _dist(answered),
             "not_completed": n - completed, "report_errors": report_errors,
+            "stalled": len(runs) - len(reports),
             "peak_in_flight": peak[0],
             "mb_per_run": (peak[1] - idle_mb) / peak[0] if peak[0] else float("nan"),
             "idle_mb": idle_mb,
@@ -395,14 +409,15 @@ def main() -> int:
     print(_common.table(
         ["backend", "N", "step s", "runs/min", "steps/s", "submit answered p50 / p99 ms",
          "submit→s1 p50 / p99 ms", "after need p50 / p99 ms", "errors (503, timeouts)",
-         "not completed", "MB / run in flight (runs)", "CPU s / run (server, runners, bridges)"],
+         "not completed (stalled)", "MB / run in flight (runs)",
+         "CPU s / run (server, runners, bridges)"],
         [[r["backend"], r["n"], r["step_s"], f"{r['runs_per_min']:.0f}",
           f"{r['steps_per_s']:.1f}",
           f"{r['submit_answer_ms']['p50']:.0f} / {r['submit_answer_ms']['p99']:.0f}",
           f"{r['first_step_ms']['p50']:.0f} / {r['first_step_ms']['p99']:.0f}",
           f"{r['after_need_ms']['p50']:.0f} / {r['after_need_ms']['p99']:.0f}",
           f"{r['submit_errors']} ({r['submit_503']}, {r['submit_timeouts']})",
-          r["not_completed"],
+          f"{r['not_completed']} ({r.get('stalled', 0)})",
           f"{r['mb_per_run']:.0f} ({r['peak_in_flight']})",
           f"{r['cpu_s_per_run']:.1f}" + ("" if "cpu_s_per_run_by_part" not in r else
                                          " ({server:.2f}, {runners:.2f}, {bridges:.2f})".format(
