@@ -53,13 +53,15 @@ class EventSource(Protocol):
 class FakeEventSource:
     """Events a test hands in, on the bridge's loop: :meth:`push` delivers one at once,
     :meth:`reconcile` delivers every event pushed so far again (:meth:`recall`, those of one
-    run); ``known_breakers`` are the breakers' state the bridge reads as it starts."""
+    run), those kept with :meth:`store` too; ``known_breakers`` are the breakers' state
+    the bridge reads as it starts."""
 
     def __init__(self, known_breakers: list[BreakerChange] | None = None) -> None:
         self.connected = asyncio.Event()
         self.pushed: list[Incoming] = []
         self.known_breakers = list(known_breakers or [])
         self.recalled: list[str] = []  # the runs asked for with :meth:`recall`
+        self.reconciled = 0  # how many times :meth:`reconcile` was called
         self._deliver: Deliver | None = None
         self._stop: asyncio.Event | None = None
 
@@ -82,8 +84,14 @@ class FakeEventSource:
         self.pushed.append(event)
         return self._deliver(event)
 
+    def store(self, event: Incoming) -> None:
+        """Keep ``event`` for the reads only: one Prefect stored but the stream dropped
+        (a subscriber that fell behind)."""
+        self.pushed.append(event)
+
     async def reconcile(self) -> int:
         assert self._deliver is not None
+        self.reconciled += 1
         return sum(self._deliver(event) for event in list(self.pushed))
 
     async def recall(self, run_id: str) -> int:
