@@ -237,3 +237,27 @@ def test_the_bridge_serves_while_prefects_client_is_imported(
     finally:
         release.set()
     wait_for(upstream.connected.is_set, 30, "the upstream to subscribe")
+
+
+def test_the_bridge_loads_the_tools_off_its_loop_before_a_plan_is_submitted(
+        bridge_factory: BridgeFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plan is checked against the registry of tools, whose imports take seconds under
+    load: the bridge loads it as it starts, in a thread, so the first submit does not wait
+    for it with the loop blocked, and the bridge answers meanwhile."""
+    from planrun.progress_bridge import app
+
+    release = threading.Event()
+    loading: list[int] = []
+
+    def slow_registry() -> None:
+        loading.append(threading.get_ident())
+        assert release.wait(30), "the test did not let the load end"
+
+    monkeypatch.setattr(app, "default_registry", slow_registry)
+    bridge = bridge_factory(tmp_path / "bridge")
+    try:
+        wait_for(lambda: loading, 10, "the tools to be loaded")
+        assert loading[0] != bridge._thread.ident, "the tools loaded on the bridge's loop"
+        assert httpx.get(f"{bridge.http}/healthz", timeout=5).status_code == 200
+    finally:
+        release.set()
