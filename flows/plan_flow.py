@@ -56,7 +56,7 @@ from planrun.validate import validate_data
 
 prefect_compat.install()
 
-FLOW_OPTIONS: dict[str, Any] = {"name": "planrun", "persist_result": False,
+FLOW_OPTIONS: dict[str, Any] = {"name": prefect_compat.FLOW_NAME, "persist_result": False,
                                 "validate_parameters": False, "log_prints": False}
 
 

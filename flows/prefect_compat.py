@@ -24,6 +24,15 @@ as the engine records its own states: a state-change event, which the server's t
 recorder keeps when it is the newest. The engine's own record is not touched, and its next
 state (``Completed``, ``Failed``) is newer and wins.
 
+A suspension from outside: for every run of a deployment, Prefect's flow engine starts a
+thread with an event loop, an API client and a subscription to the server's event stream
+(with a poll every 10 s besides), to notice a ``Suspended`` state set from outside the run.
+planrun's engine watches its flow run's state itself (flows/control.py: a pause, a
+suspension, a cancel) and suspends itself at the next step boundary, so the ``planrun``
+flow goes without that observer: at 50 runs in one runner it was a third of the runner's
+CPU, and each subscription made the server match every event against one more filter
+(BENCHMARKS.md, "Where the CPU went"). Other flows keep it.
+
 A suspended run is no error: Prefect's async flow engine logs the end of every flow run that
 did not complete at ERROR (``Finished in state Suspended(...)``), a run suspended to wait for
 a person too. ``SuspendedIsNoError`` logs that line at INFO and says what it means; the
@@ -35,12 +44,17 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections.abc import AsyncIterator, Iterable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Any
 from uuid import UUID
 
+import prefect.flow_engine as _flow_engine
 import prefect.task_engine as _engine
+from prefect._flow_run_suspension import (
+    FlowRunSuspensionRequest,
+    register_flow_run_suspension_request,
+)
 from prefect._internal.uuid7 import uuid7
 from prefect.client.schemas.objects import RunInput, TaskRunResult
 from prefect.context import TaskRunContext
@@ -49,8 +63,11 @@ from prefect.utilities.annotations import quote
 from prefect.utilities.callables import get_call_parameters
 from prefect.utilities.engine import emit_task_run_state_change_event
 
+#: The name of planrun's Prefect flow (flows/plan_flow.py).
+FLOW_NAME = "planrun"
 _OWN_PREFIXES = ("tag:planrun", "tag:plan:", "tag:tool:")
 _prefect_concurrency = _engine._aconcurrency
+_prefect_suspension = _flow_engine.BaseFlowRunEngine.setup_flow_run_suspension_request
 
 
 def own_tag(limit_name: str) -> bool:
@@ -151,10 +168,26 @@ class SuspendedIsNoError(logging.Filter):
         return True
 
 
+@contextmanager
+def _suspension_request(engine: Any) -> Iterator[FlowRunSuspensionRequest]:
+    """Prefect's ``setup_flow_run_suspension_request``, without its observer for planrun's
+    flow: the request is kept where the engine's own ``Pause`` path looks for it."""
+    if engine.flow.name != FLOW_NAME or engine.flow_run is None:
+        with _prefect_suspension(engine) as request:
+            yield request
+        return
+    request = engine._get_flow_run_suspension_request()
+    with register_flow_run_suspension_request(engine.flow_run.id, request):
+        request.raise_if_requested()
+        yield request
+
+
 def install() -> None:
     """Apply the departures above (idempotent)."""
     if os.environ.get("PLANRUN_PREFECT_TAG_LIMITS") != "1":
         _engine._aconcurrency = _concurrency  # type: ignore[assignment]
+    flows: Any = _flow_engine.BaseFlowRunEngine
+    flows.setup_flow_run_suspension_request = _suspension_request
     flow_runs = logging.getLogger("prefect.flow_runs")
     if not any(isinstance(f, SuspendedIsNoError) for f in flow_runs.filters):
         flow_runs.addFilter(SuspendedIsNoError())
