@@ -63,13 +63,17 @@ class LoopRunner:
 
     async def serve(self) -> None:
         """Register the deployment and run what is scheduled for it until a signal."""
-        from prefect.client.orchestration import get_client
+        from prefect.context import AsyncClientContext
 
         deployment_id = await self._register()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
-        async with get_client() as client:
+        # One API client for the runner and every run it starts (their tasks inherit the
+        # context, and Prefect's flow engine takes its client from there): a new client
+        # per run was a fifth of the runner's CPU at 50 runs at once (BENCHMARKS.md).
+        async with AsyncClientContext() as shared:
+            client = shared.client
             while not self._stop.is_set():
                 try:
                     await self._take(client, deployment_id)
