@@ -33,6 +33,11 @@ flow goes without that observer: at 50 runs in one runner it was a third of the 
 CPU, and each subscription made the server match every event against one more filter
 (BENCHMARKS.md, "Where the CPU went"). Other flows keep it.
 
+The server's default result storage: Prefect reads it from the server at every flow run's
+start (a new synchronous client and a blocking request on the event loop, for the run's
+result store) and again for every checkpoint store. It is the server's configuration:
+planrun reads it at most once a minute (``STORAGE_READ_S``); a failed read is not kept.
+
 A suspended run is no error: Prefect's async flow engine logs the end of every flow run that
 did not complete at ERROR (``Finished in state Suspended(...)``), a run suspended to wait for
 a person too. ``SuspendedIsNoError`` logs that line at INFO and says what it means; the
@@ -44,12 +49,15 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Any
 from uuid import UUID
 
+import httpx
 import prefect.flow_engine as _flow_engine
+import prefect.results as _results
 import prefect.task_engine as _engine
 from prefect._flow_run_suspension import (
     FlowRunSuspensionRequest,
@@ -58,6 +66,7 @@ from prefect._flow_run_suspension import (
 from prefect._internal.uuid7 import uuid7
 from prefect.client.schemas.objects import RunInput, TaskRunResult
 from prefect.context import TaskRunContext
+from prefect.exceptions import PrefectHTTPStatusError
 from prefect.states import Pending, Running, State
 from prefect.utilities.annotations import quote
 from prefect.utilities.callables import get_call_parameters
@@ -168,6 +177,54 @@ class SuspendedIsNoError(logging.Filter):
         return True
 
 
+#: How long the server's default result storage, once read, is taken as it was.
+STORAGE_READ_S = 60.0
+#: What a read of the server's default result storage may fail with (Prefect's own list).
+_STORAGE_READ_FAILS = (PrefectHTTPStatusError, httpx.HTTPError, RuntimeError, ValueError)
+
+
+class _ServerStorage:
+    """The server's default result-storage block, as last read and when."""
+
+    read_at: float | None = None
+    block_id: UUID | None = None
+
+    @classmethod
+    def fresh(cls) -> bool:
+        return cls.read_at is not None and time.monotonic() - cls.read_at < STORAGE_READ_S
+
+    @classmethod
+    def keep(cls, block_id: UUID | None) -> UUID | None:
+        cls.read_at, cls.block_id = time.monotonic(), block_id
+        return block_id
+
+
+def _read_storage_block_id() -> UUID | None:
+    """Prefect's ``_read_server_default_result_storage_block_id``, read once a minute."""
+    from prefect.client.orchestration import get_client
+
+    if _ServerStorage.fresh():
+        return _ServerStorage.block_id
+    try:
+        configuration = get_client(sync_client=True).read_server_default_result_storage()
+    except _STORAGE_READ_FAILS:
+        return None  # local storage for now, as Prefect falls back; read again next time
+    return _ServerStorage.keep(configuration.default_result_storage_block_id)
+
+
+async def _aread_storage_block_id() -> UUID | None:
+    """Prefect's ``_aread_server_default_result_storage_block_id``, read once a minute."""
+    from prefect.client.orchestration import get_client
+
+    if _ServerStorage.fresh():
+        return _ServerStorage.block_id
+    try:
+        configuration = await get_client().read_server_default_result_storage()
+    except _STORAGE_READ_FAILS:
+        return None
+    return _ServerStorage.keep(configuration.default_result_storage_block_id)
+
+
 @contextmanager
 def _suspension_request(engine: Any) -> Iterator[FlowRunSuspensionRequest]:
     """Prefect's ``setup_flow_run_suspension_request``, without its observer for planrun's
@@ -188,6 +245,9 @@ def install() -> None:
         _engine._aconcurrency = _concurrency  # type: ignore[assignment]
     flows: Any = _flow_engine.BaseFlowRunEngine
     flows.setup_flow_run_suspension_request = _suspension_request
+    results: Any = _results
+    results._read_server_default_result_storage_block_id = _read_storage_block_id
+    results._aread_server_default_result_storage_block_id = _aread_storage_block_id
     flow_runs = logging.getLogger("prefect.flow_runs")
     if not any(isinstance(f, SuspendedIsNoError) for f in flow_runs.filters):
         flow_runs.addFilter(SuspendedIsNoError())
