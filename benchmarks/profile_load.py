@@ -40,7 +40,7 @@ def busiest(path: Path, frames: str, top: int) -> tuple[int, list[tuple[str, int
     pattern, total, on = re.compile(frames), 0, Counter[str]()
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if not stack:
+        if not stack or not count.isdigit():  # a frame's text may hold a line break
             continue
         total += int(count)
         seen = {re.sub(r":\d+\)$", ")", frame) for frame in stack.split(";")
