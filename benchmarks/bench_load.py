@@ -73,7 +73,8 @@ def chain(steps: int, seconds: float) -> str:
 class Stack:
     """``planrun up`` in a new home; ``database``: its Prefect server's PostgreSQL."""
 
-    def __init__(self, database: str | None, workers: int, in_process: bool) -> None:
+    def __init__(self, database: str | None, workers: int, in_process: bool,
+                 redis: str | None = None) -> None:
         self.home = Path(tempfile.mkdtemp(prefix="bench-load-"))
         self.port = _common.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -87,7 +88,7 @@ class Stack:
         args = ["--port", str(self.port), "--workers", str(workers),
                 *(["--in-process"] if in_process else [])]
         if database:
-            args += ["--database", database]
+            args += ["--database", database, *(["--redis", redis] if redis else [])]
         self.out = self.home / "up.out"
         with self.out.open("ab") as sink:
             self.process = subprocess.Popen([sys.executable, "-m", "planrun.cli", "up", *args],
@@ -247,6 +248,8 @@ async def one_round(stack: Stack, n: int, steps: int, seconds: float) -> dict[st
             "idle_mb": idle_mb,
             "cpu_s_per_run": cpu / n, "cpu_s_per_run_by_part": parts,
             "not_completed_as": dict(statuses.most_common(3)),
+            "not_completed_ids": [run_id for run_id, r in reports.items()
+                                  if r.get("status") != "completed"][:20],
             "step_errors": dict(errors.most_common(3))}
 
 
@@ -352,7 +355,7 @@ def load_rounds(args: argparse.Namespace, label: str, base: str | None, in_proce
     results = []
     database = fresh_database(base) if base else None
     try:
-        stack = Stack(database, args.workers, in_process)
+        stack = Stack(database, args.workers, in_process, args.redis if base else None)
         api = stack.api()
         reference = serve_baseline(api) if baseline else None
         try:
@@ -390,6 +393,8 @@ def main() -> int:
     parser.add_argument("--postgres", help="also on PostgreSQL: a server URL (a database is "
                         "made and dropped on it)")
     parser.add_argument("--only-postgres", action="store_true")
+    parser.add_argument("--redis", help="with --postgres: the stack's Prefect server uses "
+                        "Redis messaging (planrun up --redis URL), e.g. redis://127.0.0.1:6379/0")
     parser.add_argument("--baseline", action="store_true",
                         help="after each round of the first mode, the same round of "
                         "handwritten_load.py's flow")
@@ -397,7 +402,7 @@ def main() -> int:
     args = parser.parse_args()
     backends: list[tuple[str, str | None]] = [] if args.only_postgres else [("sqlite", None)]
     if args.postgres:
-        backends.append(("postgresql", args.postgres))
+        backends.append(("postgresql + redis" if args.redis else "postgresql", args.postgres))
     print(f"machine {_common.machine()}", flush=True)
     results = []
     modes = args.modes.split(",")
