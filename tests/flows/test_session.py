@@ -154,13 +154,19 @@ async def test_a_pause_suspends_and_the_next_session_goes_on_without_rerunning_a
     assert ("run.resumed", ["a"]) in scenario.memory.events.events
 
 
-@fast
-async def test_a_cancel_rolls_the_workspace_back() -> None:
-    scenario = Scenario(CHAIN)
+async def chain_in_a(scenario: Scenario) -> tuple[RunSession, asyncio.Future[Any]]:
+    """The chain's session, started with a changed file, once its step a runs."""
     scenario.memory.workspace.changed.append("out.txt")
     session = scenario.session()
     running = asyncio.ensure_future(session.run_to_end())
     await until(lambda: scenario.held.calls == ["a"])
+    return session, running
+
+
+@fast
+async def test_a_cancel_rolls_the_workspace_back() -> None:
+    scenario = Scenario(CHAIN)
+    _, running = await chain_in_a(scenario)
     scenario.memory.control.request("cancel")
     report = await running
     assert report["status"] == "cancelled"
@@ -172,10 +178,7 @@ async def test_a_cancel_rolls_the_workspace_back() -> None:
 @fast
 async def test_a_superseded_run_stops_without_a_word_and_leaves_its_files() -> None:
     scenario = Scenario(CHAIN)
-    scenario.memory.workspace.changed.append("out.txt")
-    session = scenario.session()
-    running = asyncio.ensure_future(session.run_to_end())
-    await until(lambda: scenario.held.calls == ["a"])
+    session, running = await chain_in_a(scenario)
     told = len(scenario.memory.events.names())
     session.scheduler.supersede("it was started again")
     with pytest.raises(Abort, match="it was started again"):
