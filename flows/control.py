@@ -40,7 +40,6 @@ from planrun.contract.control import (  # the names the bridge shares (docs/appr
     APPROVE,
     CONTROL_LABEL,
     PAUSE_HEARD_LABEL,
-    PROCESS_LABEL,
     REJECT,
     RETRY_LABEL,
     answer_form,
@@ -154,6 +153,11 @@ class Seen(NamedTuple):
     state: Any
     labels: dict[str, Any] | None = None
 
+    @classmethod
+    def of(cls, flow_run: Any) -> Seen:
+        """A flow run read in full."""
+        return cls(flow_run.state, dict(flow_run.labels or {}))
+
 
 class FlowRunStates:
     """The states of many flow runs, read in one request every ``poll_s`` while any is
@@ -217,7 +221,7 @@ class FlowRunStates:
                     for flow_run in await client.read_flow_runs(
                             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=page)),
                             limit=size):
-                        seen[flow_run.id] = Seen(flow_run.state, dict(flow_run.labels or {}))
+                        seen[flow_run.id] = Seen.of(flow_run)
                     continue
                 response = await client._client.post(  # noqa: SLF001 - no public call reads it
                     "/ui/flow_runs/history",
@@ -230,7 +234,7 @@ class FlowRunStates:
                         seen[UUID(row["id"])] = Seen(State(type=kind))
                     else:
                         flow_run = await client.read_flow_run(UUID(row["id"]))
-                        seen[flow_run.id] = Seen(flow_run.state, dict(flow_run.labels or {}))
+                        seen[flow_run.id] = Seen.of(flow_run)
         except Exception as exc:  # noqa: BLE001 - the API may blink: ask again
             log.warning("cannot read the states of %d runs: %s", len(run_ids), exc)
         return seen
@@ -292,7 +296,7 @@ class RunControl:
         except Exception as exc:  # noqa: BLE001 - the API may blink: ask again
             log.warning("cannot read the state of run %s: %s", self.run_id, exc)
             return None
-        return Seen(flow_run.state, dict(flow_run.labels or {}))
+        return Seen.of(flow_run)
 
     async def _pause_polling(self) -> None:
         """Wait between two reads of the state (``states`` spaces its reads itself)."""
@@ -354,14 +358,8 @@ class RunControl:
             return None
         if kind in TAKEN_OVER:
             return f"its flow run is {kind.lower()}: it was taken for dead"
-        named = (labels or {}).get(PROCESS_LABEL)
-        if named is None:
-            return None
-        try:
-            process = RunProcess.model_validate_json(named)
-        except ValueError:
-            return None  # anyone who reaches Prefect's API can write a label
-        if process.state_id != self.owner.state_id:
+        process = RunProcess.of_labels(labels)
+        if process is not None and process.state_id != self.owner.state_id:
             return f"it was started again (process {process.pid} runs it now)"
         return None
 

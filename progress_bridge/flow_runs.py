@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 from uuid import UUID
 
-from planrun.contract.control import PAUSE_HEARD_LABEL, PROCESS_LABEL, RUN_TAG
+from planrun.contract.control import PAUSE_HEARD_LABEL, RUN_TAG
 from planrun.contract.events import RunProcess
 from planrun.errors import NotFound
 from planrun.secrets import reference_of
@@ -102,7 +102,7 @@ class PrefectFlowRuns:
                        secret_inputs=secret_inputs, state_id=str(state.id),
                        pause_heard=None if heard is None else str(heard),
                        since=state.timestamp.timestamp() if state.timestamp else None,
-                       process=_process((found.labels or {}).get(PROCESS_LABEL)))
+                       process=RunProcess.of_labels(found.labels))
 
     async def set_state(self, run_id: str, target: Target, message: str) -> str | None:
         from prefect import states
@@ -161,13 +161,3 @@ class FakeFlowRuns:
     async def label(self, run_id: str, labels: dict[str, Any]) -> None:
         self.calls.append(("label", run_id, labels))
 
-
-def _process(label: Any) -> RunProcess | None:
-    """The process a ``PROCESS_LABEL`` names; None for none, or one that does not parse
-    (anyone who reaches Prefect's API can write a label)."""
-    if not isinstance(label, str):
-        return None
-    try:
-        return RunProcess.model_validate_json(label)
-    except ValueError:
-        return None

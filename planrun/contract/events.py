@@ -9,10 +9,12 @@ sees late from a new one.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from planrun.contract.control import PROCESS_LABEL
 from planrun.contract.records import ErrorInfo, Progress, Resources
 from planrun.contract.status import RunStatus, StepStatus
 from planrun.contract.version import Versioned
@@ -72,6 +74,18 @@ class RunProcess(BaseModel):
     pid: int
     started: float
     state_id: str | None = None
+
+    @classmethod
+    def of_labels(cls, labels: Mapping[str, Any] | None) -> RunProcess | None:
+        """The process a flow run's labels name (``PROCESS_LABEL``); None for none, or one
+        that does not parse (anyone who reaches Prefect's API can write a label)."""
+        label = (labels or {}).get(PROCESS_LABEL)
+        if not isinstance(label, str):
+            return None
+        try:
+            return cls.model_validate_json(label)
+        except ValueError:
+            return None
 
 
 class RunStarted(Payload):
