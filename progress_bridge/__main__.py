@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import uvicorn
@@ -25,38 +24,17 @@ from planrun import bridge_token
 from planrun.errors import PlanrunError
 from planrun.progress_bridge.admission import Admission
 from planrun.progress_bridge.app import BridgeServer, create_app
+from planrun.progress_bridge.deployment import PlanDeployment
 from planrun.progress_bridge.hub import Hub
 from planrun.progress_bridge.ratelimit import DEFAULT_BURST, DEFAULT_PER_S
 from planrun.progress_bridge.store import MessageStore, StoreError
 from planrun.progress_bridge.upstream import PrefectUpstream, Upstream, UpstreamSettings
-from planrun.secrets import forget, stored_inputs
 
 if TYPE_CHECKING:
     from planrun.progress_bridge.replica import Replica
 
 DEFAULT_PORT = 8765
 WILDCARDS = ("0.0.0.0", "::", "")  # every address: its clients name it as they please
-
-
-async def submit_deployment(plan: dict[str, Any], inputs: dict[str, Any]) -> str:
-    """Start ``plan`` as a run of the plan-runner deployment; its flow run id. Secret
-    inputs go to the run as references to Secret blocks, never as parameters
-    (docs/secrets.md)."""
-    from prefect.deployments import run_deployment
-
-    from planrun.contract.control import DEPLOYMENT_PATH
-
-    name = str(plan.get("name", "plan"))
-    params, blocks = await stored_inputs(plan.get("inputs") or {}, inputs)
-    try:
-        started = run_deployment(DEPLOYMENT_PATH, parameters={"plan": plan, "inputs": params},
-                                 timeout=0, as_subflow=False, flow_run_name=name,
-                                 tags=["planrun", f"plan:{name}"])
-        flow_run = await started if inspect.isawaitable(started) else started
-    except BaseException:
-        await forget(blocks)  # no run will ever read them
-        raise
-    return str(flow_run.id)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,16 +75,22 @@ def main(argv: list[str] | None = None) -> None:
         store, follower = _store(args.store, args.data, upstream)
     except (PlanrunError, StoreError) as exc:
         parser.exit(2, f"planrun bridge: {exc}\n")
+    deployment = PlanDeployment()
     try:
         app = create_app(store, Hub(), token, allowed_hosts=hosts,
                          allowed_origins=args.allow_origin, rate_per_s=args.rate,
                          rate_burst=args.burst, upstream=follower,
-                         submit=submit_deployment, admission=admission)
+                         submit=deployment, admission=admission)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                 timeout_graceful_shutdown=5, ws_max_size=1 << 16)
-        asyncio.run(BridgeServer(config).serve())
+        asyncio.run(_serve(config, deployment))
     finally:
         store.close()
+
+
+async def _serve(config: uvicorn.Config, deployment: PlanDeployment) -> None:
+    async with deployment:  # its API client, for as long as the bridge serves
+        await BridgeServer(config).serve()
 
 
 def _store(url: str | None, data: Path, upstream: Upstream
