@@ -10,11 +10,15 @@ runner without ``--in-process``.
 
 The runner does what Prefect's does, through the same API calls:
 
-- **Taking runs.** It registers the deployment as ``serve()`` does, and every
-  ``PREFECT_RUNNER_POLL_FREQUENCY`` seconds asks for its scheduled runs; it claims one by
-  proposing Pending (another runner that claimed it first makes the server refuse) and
-  runs it with Prefect's flow engine, in this process. ``PREFECT_RUNNER_PROCESS_LIMIT``
-  caps the runs at once, as for Prefect's runner; a run over it stays Scheduled.
+- **Taking runs.** It registers the deployment as ``serve()`` does and asks for its
+  scheduled runs as soon as the server says one was scheduled (an event of a run of the
+  deployment entering a Scheduled state: a submit, a resume, a run scheduled again after
+  a crash), and every ``PREFECT_RUNNER_POLL_FREQUENCY`` seconds in case an event was lost.
+  Prefect's runner only polls: a submitted run waited up to a poll for its start. It
+  claims a run by proposing Pending (another runner that claimed it first makes the
+  server refuse) and runs it with Prefect's flow engine, in this process.
+  ``PREFECT_RUNNER_PROCESS_LIMIT`` caps the runs at once, as for Prefect's runner; a run
+  over it stays Scheduled until one here ends.
 - **What people ask.** Every run watches its flow run's state (``flows.control``); here
   they read it together, one request for all of them every half second
   (``FlowRunStates``). A cancel, a pause and a gate work as in a process of their own: a
@@ -45,6 +49,17 @@ from planrun.flows.plan_flow import RunHost, plan_flow
 
 log = logging.getLogger("planrun.loop_runner")
 
+#: The server's events of a flow run's state, and the label of a Scheduled state (whatever
+#: its name): such an event of the deployment's run wakes the runner.
+FLOW_RUN_EVENT = "prefect.flow-run."
+SCHEDULED_STATE: dict[str, str | list[str]] = {"prefect.state-type": "SCHEDULED"}
+#: At least this long between two reads of the scheduled runs: a burst of submits is read
+#: in a few requests, not one per event.
+TAKE_GAP_S = 0.1
+#: How long the runner waits before it subscribes again after the event stream failed
+#: (the poll goes on meanwhile).
+RESUBSCRIBE_S = 5.0
+
 
 class LoopRunner:
     """Takes the deployment's scheduled runs and runs them as tasks on this loop."""
@@ -60,6 +75,8 @@ class LoopRunner:
         #: The runs of this process, by flow run id.
         self.runs: dict[UUID, asyncio.Task[None]] = {}
         self._stop = asyncio.Event()
+        #: Set when there may be a run to take now (and when stopping).
+        self._wake = asyncio.Event()
 
     async def serve(self) -> None:
         """Register the deployment and run what is scheduled for it until a signal."""
@@ -68,24 +85,62 @@ class LoopRunner:
         deployment_id = await self._register()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._stop.set)
+            loop.add_signal_handler(signum, self.stop)
         # One API client for the runner and every run it starts (their tasks inherit the
         # context, and Prefect's flow engine takes its client from there): a new client
         # per run was a fifth of the runner's CPU at 50 runs at once (BENCHMARKS.md).
         async with AsyncClientContext() as shared:
             client = shared.client
+            watch = asyncio.create_task(self._watch(deployment_id))
             while not self._stop.is_set():
+                self._wake.clear()  # what is scheduled from here on is read next time
                 try:
                     await self._take(client, deployment_id)
                 except Exception as exc:  # noqa: BLE001 - the API may blink: ask again
                     log.warning("cannot read the scheduled runs: %s", exc)
+                await asyncio.sleep(TAKE_GAP_S)
                 try:
-                    await asyncio.wait_for(self._stop.wait(), self.poll_s)
+                    await asyncio.wait_for(self._wake.wait(), self.poll_s)
                 except TimeoutError:
                     pass
+            watch.cancel()
         if self.runs:
             log.warning("stopping with %d runs in flight: they go on after this process, "
                         "from their checkpoints (crash recovery)", len(self.runs))
+
+    def stop(self) -> None:
+        """Take no more runs: :meth:`serve` returns."""
+        self._stop.set()
+        self._wake.set()
+
+    async def _watch(self, deployment_id: UUID) -> None:
+        """Wake :meth:`serve` whenever the server gives a run of the deployment a Scheduled
+        state: a submit (``Scheduled``), a resume (``Resuming``), a retry
+        (``AwaitingRetry``), a run scheduled again after a crash."""
+        from prefect.events.clients import get_events_subscriber
+        from prefect.events.filters import (
+            EventAnyResourceFilter,
+            EventFilter,
+            EventNameFilter,
+            EventResourceFilter,
+        )
+        from prefect.events.schemas.events import ResourceSpecification
+
+        # The server applies all three to its live stream (docs/prefect-notes.md, "Events").
+        scheduled = EventFilter(
+            event=EventNameFilter(prefix=[FLOW_RUN_EVENT]),
+            resource=EventResourceFilter(labels=ResourceSpecification(SCHEDULED_STATE)),
+            any_resource=EventAnyResourceFilter(id=[f"prefect.deployment.{deployment_id}"]))
+        while True:
+            try:
+                async with get_events_subscriber(filter=scheduled) as events:
+                    self._wake.set()  # what was scheduled before this subscription
+                    async for _ in events:
+                        self._wake.set()
+            except Exception as exc:  # noqa: BLE001 - the poll takes the runs meanwhile
+                log.warning("cannot follow the server's events (%s); polling every %.0f s",
+                            exc, self.poll_s)
+            await asyncio.sleep(RESUBSCRIBE_S)
 
     async def _register(self) -> UUID:
         """The deployment, registered as ``serve()`` registers it (no work pool: runners
@@ -117,6 +172,8 @@ class LoopRunner:
 
     def _ended(self, run_id: UUID, _: asyncio.Task[None]) -> None:
         self.runs.pop(run_id, None)
+        if self.limit is not None:
+            self._wake.set()  # room for a run that waits for it
 
     async def _run(self, flow_run_id: UUID) -> None:
         """Claim the run (Pending) and run it here; nothing when another runner has."""

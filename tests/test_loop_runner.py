@@ -40,12 +40,17 @@ DEAD_AFTER_S = 600
 #: Runs held at once in the one runner, each in a shell.run step: as many as that tool's
 #: default concurrency limit lets run at once (planrun/policy_limits.py), up to 8.
 AT_ONCE = min(8, 2 * (os.cpu_count() or 1))
+#: The runner's poll for scheduled runs: longer than any wait here, so every run in this
+#: module (submitted, resumed, scheduled again after a crash) is taken because the server
+#: said it was scheduled (flows/loop_runner.py).
+POLL_S = 600
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     running = Stack(tmp_path_factory.mktemp("in-process"), args=("--in-process",),
-                    env={"PLANRUN_DEAD_AFTER_S": str(DEAD_AFTER_S)})
+                    env={"PLANRUN_DEAD_AFTER_S": str(DEAD_AFTER_S),
+                         "PREFECT_RUNNER_POLL_FREQUENCY": str(POLL_S)})
     try:
         yield running
     finally:
@@ -73,6 +78,14 @@ def process_of(run_id: str) -> int:
 def test_up_says_its_runner_runs_them_in_its_own_process(stack: Stack) -> None:
     assert "runner      serving planrun/plan-runner, its runs in the runner's own process" \
         in stack.output()
+
+
+def test_a_submitted_run_starts_without_waiting_for_the_runners_poll(stack: Stack,
+                                                                    tmp_path: Path) -> None:
+    assert runner(stack).environ()["PREFECT_RUNNER_POLL_FREQUENCY"] == str(POLL_S)
+    run_id = submit(stack, tmp_path, held("woken", 1, holding=[]))
+    wait_status(stack, run_id, "completed", timeout=POLL_S / 4)
+    assert lines(stack, "woken") == ["s1"]
 
 
 def test_many_runs_run_at_once_in_the_runners_process_and_complete(
