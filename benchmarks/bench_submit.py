@@ -1,10 +1,12 @@
 """Submit to first step: how long a run submitted to ``planrun up`` takes to start its
 first step, and the CPU the machine spends per run, with run processes spawned (Prefect's
-default: a new interpreter imports Prefect and planrun for each run) and forked from the
-runner's fork server (planrun's default, flows/serve.py). Both in one session, against
-one Prefect server, alternating, so the ratio is fair.
+default: a new interpreter imports Prefect and planrun for each run), forked from the
+runner's fork server (planrun's default, flows/serve.py), and with the runs in the
+runner's own process (``planrun up --in-process``, flows/loop_runner.py). All in one
+session, against one Prefect server, alternating, so the ratios are fair.
 
     .venv/bin/python benchmarks/bench_submit.py [--runs 8] [--rounds 2]
+        [--modes spawn,fork,in-process]
 
 Each run is a one-step plan (``core.echo``) submitted with ``POST /v1/runs`` after the last
 one ended; "to first step" is from the request to the step's ``started_at`` in the report.
@@ -32,7 +34,8 @@ def up(mode: str, home: Path, port: int) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PLANRUN_HOME": str(home), "PLANRUN_TOKEN": _common.TOKEN,
            "PLANRUN_SPAWN_RUNS": "1" if mode == "spawn" else "0"}
     out = (home / "up.out").open("ab")
-    process = subprocess.Popen([sys.executable, "-m", "planrun.cli", "up", "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "planrun.cli", "up", "--port", str(port),
+                                *(["--in-process"] if mode == "in-process" else [])],
                                env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while "planrun is up" not in (home / "up.out").read_text(errors="replace"):
@@ -83,11 +86,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--modes", default="spawn,fork,in-process")
     args = parser.parse_args()
     srv = _common.setup()
-    found: dict[str, tuple[list[float], list[float]]] = {"spawn": ([], []), "fork": ([], [])}
+    modes = args.modes.split(",")
+    found: dict[str, tuple[list[float], list[float]]] = {mode: ([], []) for mode in modes}
     for _ in range(args.rounds):
-        for mode in ("spawn", "fork"):
+        for mode in modes:
             waits, cpu = measure(mode, args.runs, srv)
             found[mode][0].extend(waits)
             found[mode][1].append(cpu)

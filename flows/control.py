@@ -338,7 +338,7 @@ class RunControl:
     def _react(self, state: Any, labels: dict[str, Any] | None = None) -> None:
         kind = state.type.value
         scheduler = self.scheduler
-        taken = self._taken_over(kind, labels)
+        taken = self._taken_over(state, labels)
         if taken is not None:
             log.warning("run %s: %s; this process stops", self.run_id, taken)
             scheduler.supersede(taken)
@@ -350,16 +350,21 @@ class RunControl:
         elif kind in ("CANCELLING", "CANCELLED"):
             scheduler.stop("cancelled by a person", cancelled=True)
 
-    def _taken_over(self, kind: str, labels: dict[str, Any] | None) -> str | None:
+    def _taken_over(self, state: Any, labels: dict[str, Any] | None) -> str | None:
         """Why another process runs the run now, or None: its flow run is in a state a
-        run this process runs is never in, or names another process (a runner's new
-        Running state, ``PROCESS_LABEL``). Only for a run with an ``owner``."""
+        run this process runs is never in, or has left this process's Running state and
+        names another process (a runner's new Running state, ``PROCESS_LABEL``). Only
+        for a run with an ``owner``. While the flow run is still in this process's
+        Running state, a label naming another is an earlier engine's, read before this
+        one's own label was written."""
         if self.owner is None:
             return None
+        kind = state.type.value
         if kind in TAKEN_OVER:
             return f"its flow run is {kind.lower()}: it was taken for dead"
         process = RunProcess.of_labels(labels)
-        if process is not None and process.state_id != self.owner.state_id:
+        if process is not None and self.owner.state_id not in (process.state_id,
+                                                                 str(state.id)):
             return f"it was started again (process {process.pid} runs it now)"
         return None
 

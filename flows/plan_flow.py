@@ -149,25 +149,34 @@ async def execute_plan(plan: Plan, inputs: dict[str, Any], run_id: str,
     host = host or RunHost()
     durable = _is_this_flow_run(run_id)  # checkpoints, control and events need one
     asker = None if _deployed() else host.asker  # a deployment's run suspends at gates
-    # A runner may start a deployment's run again elsewhere (crash recovery): it names
-    # its process on the flow run, and stops once another process is named there.
-    owner = await _say_which_process(run_id) if durable and _deployed() else None
-    parts = real_parts(graph, run_id, secrets, workspace, asker, host.states, owner) \
+    parts = real_parts(graph, run_id, secrets, workspace, asker, host.states) \
         if durable else _memory_parts(run_id, workspace)
+    # A runner may start a deployment's run again elsewhere (crash recovery): it names
+    # its process on the flow run, and stops once another process is named there. The
+    # first step does not wait for that write: on the SQLite server it met the lock of
+    # the run's own start often, and its client retries a 503 after 2 s (BENCHMARKS.md).
+    control = parts.control  # a RunControl when durable
+    naming = asyncio.ensure_future(_say_which_process(run_id, control)) \
+        if _deployed() and isinstance(control, RunControl) else None
     session = RunSession(graph, run_id, parts, inputs=inputs, secrets=secrets,
                          observers=host.observers,
                          can_ask=durable and (_deployed() or asker is not None),
                          started_at=_started_at(),
                          flow_run_url=None if run_id == "local" else flow_run_url(run_id))
-    with host.sessions.running(session), _sigterm_cancels(host):
-        return await session.run_to_end()
+    try:
+        with host.sessions.running(session), _sigterm_cancels(host):
+            return await session.run_to_end()
+    finally:
+        if naming is not None:
+            naming.cancel()  # a run that ended first needs no name
 
 
-async def _say_which_process(run_id: str) -> RunProcess | None:
+async def _say_which_process(run_id: str, control: RunControl) -> None:
     """Name this process on the flow run (``PROCESS_LABEL``): a bridge on this machine
     knows it even when the run's events reach Prefect late, and does not take the run for
-    dead while it runs; and this process knows when another has been named since. The
-    process named, or None when the label could not be written (that only costs this)."""
+    dead while it runs; and once named, ``control`` stops the run here when another
+    process is named since (its ``owner``). A label that cannot be written only costs
+    this."""
     from prefect.client.orchestration import get_client
 
     process = _this_process()
@@ -178,21 +187,18 @@ async def _say_which_process(run_id: str) -> RunProcess | None:
     except Exception as exc:  # noqa: BLE001 - the events say it too, later
         logging.getLogger("planrun.flow").warning(
             "cannot name this process on run %s: %s", run_id, exc)
-        return None
-    return process
+        return
+    control.owner = process
 
 
 def real_parts(graph: RunGraph, run_id: str, secrets: RunSecrets,
                workspace: Workspace | None = None, asker: GateAsker | None = None,
-               states: FlowRunStates | None = None, owner: RunProcess | None = None
-               ) -> RunParts:
+               states: FlowRunStates | None = None) -> RunParts:
     """The parts of a run inside its own Prefect flow run; with ``asker``, its gates wait
-    in this process and ``asker`` asks at them; with ``states``, its state is read there;
-    with ``owner``, the run stops once another process runs it (``RunControl``)."""
+    in this process and ``asker`` asks at them; with ``states``, its state is read there."""
     return RunParts(
         checkpoints=Checkpoints(run_id, secrets.redactor),
-        control=RunControl(run_id, asker=asker, waits_here=asker is not None, states=states,
-                           owner=owner),
+        control=RunControl(run_id, asker=asker, waits_here=asker is not None, states=states),
         workspace=workspace or _workspace(run_id), steps=TaskRuns(),
         events=lambda run, segment: RunEvents(graph.plan, run, segment, _this_process()),
         artifacts=RunArtifacts, limits=default_limiter())

@@ -61,6 +61,16 @@ def test_another_process_named_on_a_running_run_supersedes_it() -> None:
     assert scheduler.log == ["supersede: it was started again (process 200 runs it now)"]
 
 
+def test_an_earlier_engines_label_read_in_this_engines_running_state_is_stale() -> None:
+    # This engine writes its label after its first step has started: a read between its
+    # Running state and that write still names the engine that ran the run before.
+    mine = Running()
+    ctl, scheduler = control(owner=ME.model_copy(update={"state_id": str(mine.id)}))
+    earlier = RunProcess(place="host/ns", pid=50, started=0.5, state_id="an-older-running")
+    ctl._react(mine, named(earlier))
+    assert scheduler.log == []
+
+
 def test_the_same_process_a_bare_state_or_a_label_that_does_not_parse_changes_nothing(
         ) -> None:
     ctl, scheduler = control()
