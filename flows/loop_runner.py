@@ -13,7 +13,9 @@ The runner does what Prefect's does, through the same API calls:
 - **Taking runs.** It registers the deployment as ``serve()`` does and asks for its
   scheduled runs as soon as the server says one was scheduled (an event of a run of the
   deployment entering a Scheduled state: a submit, a resume, a run scheduled again after
-  a crash), and every ``PREFECT_RUNNER_POLL_FREQUENCY`` seconds in case an event was lost.
+  a crash; a resume's event can come before the run is listed, so a run announced and
+  not listed is looked for again, every 0.25 s for up to 10 s), and every
+  ``PREFECT_RUNNER_POLL_FREQUENCY`` seconds in case an event was lost.
   Prefect's runner only polls: a submitted run waited up to a poll for its start. It
   claims a run by proposing Pending (another runner that claimed it first makes the
   server refuse) and runs it with Prefect's flow engine, in this process.
@@ -35,6 +37,7 @@ The runner does what Prefect's does, through the same API calls:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -59,6 +62,10 @@ TAKE_GAP_S = 0.1
 #: How long the runner waits before it subscribes again after the event stream failed
 #: (the poll goes on meanwhile).
 RESUBSCRIBE_S = 5.0
+#: A run the server said was scheduled but did not list yet (its event can come before
+#: the state is readable: a resume's did) is looked for again this often, this long.
+LOOK_AGAIN_S = 0.25
+LOOK_FOR_S = 10.0
 
 
 class LoopRunner:
@@ -77,6 +84,11 @@ class LoopRunner:
         self._stop = asyncio.Event()
         #: Set when there may be a run to take now (and when stopping).
         self._wake = asyncio.Event()
+        #: Runs found scheduled again while their task here had not ended yet (a resume
+        #: right after a suspension): taken once it has.
+        self._held: set[UUID] = set()
+        #: Runs the server said were scheduled and were not listed yet: since when.
+        self._announced: dict[UUID, float] = {}
 
     async def serve(self) -> None:
         """Register the deployment and run what is scheduled for it until a signal."""
@@ -135,12 +147,27 @@ class LoopRunner:
             try:
                 async with get_events_subscriber(filter=scheduled) as events:
                     self._wake.set()  # what was scheduled before this subscription
-                    async for _ in events:
-                        self._wake.set()
+                    async for event in events:
+                        self._announce(event.resource.id)
             except Exception as exc:  # noqa: BLE001 - the poll takes the runs meanwhile
                 log.warning("cannot follow the server's events (%s); polling every %.0f s",
                             exc, self.poll_s)
             await asyncio.sleep(RESUBSCRIBE_S)
+
+    def _announce(self, resource: str) -> None:
+        """A run (``prefect.flow-run.<id>``) was scheduled: read the scheduled runs now."""
+        with contextlib.suppress(ValueError):
+            run_id = UUID(resource.removeprefix("prefect.flow-run."))
+            self._announced.setdefault(run_id, asyncio.get_running_loop().time())
+        self._wake.set()
+
+    def _look_again(self, listed: set[UUID]) -> None:
+        """Wake again soon while a run announced lately was not listed yet."""
+        now = asyncio.get_running_loop().time()
+        self._announced = {run_id: since for run_id, since in self._announced.items()
+                           if run_id not in listed and now - since < LOOK_FOR_S}
+        if self._announced:
+            asyncio.get_running_loop().call_later(LOOK_AGAIN_S, self._wake.set)
 
     async def _register(self) -> UUID:
         """The deployment, registered as ``serve()`` registers it (no work pool: runners
@@ -161,19 +188,23 @@ class LoopRunner:
         scheduled = await client.get_scheduled_flow_runs_for_deployments(
             deployment_ids=[deployment_id], scheduled_before=datetime.now(UTC))
         scheduled.sort(key=lambda run: run.next_scheduled_start_time or run.expected_start_time)
+        self._look_again({flow_run.id for flow_run in scheduled})
         for flow_run in scheduled:
             if self.limit is not None and len(self.runs) >= self.limit:
                 log.info("%d runs at once: the others wait for room", self.limit)
                 return
-            if flow_run.id not in self.runs:
+            if flow_run.id in self.runs:
+                self._held.add(flow_run.id)
+            else:
                 task = asyncio.create_task(self._run(flow_run.id))
                 self.runs[flow_run.id] = task
                 task.add_done_callback(partial(self._ended, flow_run.id))
 
     def _ended(self, run_id: UUID, _: asyncio.Task[None]) -> None:
         self.runs.pop(run_id, None)
-        if self.limit is not None:
-            self._wake.set()  # room for a run that waits for it
+        if self.limit is not None or run_id in self._held:
+            self._held.discard(run_id)
+            self._wake.set()  # room for a run that waits for it, or that run itself
 
     async def _run(self, flow_run_id: UUID) -> None:
         """Claim the run (Pending) and run it here; nothing when another runner has."""

@@ -64,15 +64,20 @@ def runner(stack: Stack) -> psutil.Process:
     return runners[0]
 
 
-def process_of(run_id: str) -> int:
-    """The pid the run's flow run names as its process (``PROCESS_LABEL``)."""
+def labels_of(run_id: str) -> dict[str, Any]:
+    """The labels of the run's flow run."""
     from prefect.client.orchestration import get_client
 
     async def read() -> Any:
         async with get_client() as client:
             return (await client.read_flow_run(UUID(run_id))).labels or {}
 
-    return int(json.loads(asyncio.run(read())[PROCESS_LABEL])["pid"])
+    return dict(asyncio.run(read()))
+
+
+def process_of(run_id: str) -> int:
+    """The pid the run's flow run names as its process (``PROCESS_LABEL``)."""
+    return int(json.loads(labels_of(run_id)[PROCESS_LABEL])["pid"])
 
 
 def test_up_says_its_runner_runs_them_in_its_own_process(stack: Stack) -> None:
@@ -102,7 +107,10 @@ def test_many_runs_run_at_once_in_the_runners_process_and_complete(
     assert stack.runners() == {the_runner: []}
     wait_for(lambda: all(commands_of(the_runner, name) for name in names), 60,
              "every run's command to run under the runner")
-    # Each run names the runner's process on its flow run, for the bridge's crash rule.
+    # Each run names the runner's process on its flow run, for the bridge's crash rule
+    # (written beside its first step, not before it).
+    wait_for(lambda: all(PROCESS_LABEL in labels_of(run_id) for run_id in runs.values()), 60,
+             "every run to name its process")
     assert {process_of(run_id) for run_id in runs.values()} == {the_runner.pid}
     for name in names:
         release(stack, name)
