@@ -47,6 +47,7 @@ from planrun.inputs import resolve_inputs
 from planrun.loader import Source
 from planrun.plan_schemas.model import Plan
 from planrun.policy import current_trust, load_policy
+from planrun.prefect_calls import soon_again
 from planrun.prefect_ui import flow_run_url
 from planrun.processes import started, this_place
 from planrun.report import RunObserver
@@ -182,8 +183,10 @@ async def _say_which_process(run_id: str, control: RunControl) -> None:
     process = _this_process()
     try:
         async with get_client() as client:
-            await client.update_flow_run_labels(
-                UUID(run_id), {PROCESS_LABEL: process.model_dump_json()})
+            # A read-then-write on the server: on SQLite it meets the lock of the run's
+            # own start often (planrun/prefect_calls.py).
+            await soon_again(lambda: client.update_flow_run_labels(
+                UUID(run_id), {PROCESS_LABEL: process.model_dump_json()}))
     except Exception as exc:  # noqa: BLE001 - the events say it too, later
         logging.getLogger("planrun.flow").warning(
             "cannot name this process on run %s: %s", run_id, exc)

@@ -23,6 +23,7 @@ from uuid import UUID
 import httpx
 
 from planrun.contract.control import DEPLOYMENT_PATH
+from planrun.prefect_calls import soon_again
 from planrun.secrets import forget, stored_inputs
 
 if TYPE_CHECKING:
@@ -97,7 +98,8 @@ class PlanDeployment:
         from prefect.states import Scheduled
 
         name = str(plan.get("name", "plan"))
-        flow_run = await client.create_flow_run_from_deployment(
+        # On SQLite a create meets the lock of a run's writes often (prefect_calls).
+        flow_run = await soon_again(lambda: client.create_flow_run_from_deployment(
             deployment_id, parameters={"plan": plan, "inputs": params}, state=Scheduled(),
-            name=name, tags=["planrun", f"plan:{name}"])
+            name=name, tags=["planrun", f"plan:{name}"]))
         return flow_run.id
