@@ -42,6 +42,12 @@ A suspended run is no error: Prefect's async flow engine logs the end of every f
 did not complete at ERROR (``Finished in state Suspended(...)``), a run suspended to wait for
 a person too. ``SuspendedIsNoError`` logs that line at INFO and says what it means; the
 run's own line before it says what it waits for (docs/prefect-ui.md).
+
+A busy server's 503: Prefect's client waits 2 s before it asks again (4, 8, 16 after),
+and on SQLite a run's create and its label update meet another write's lock often. The
+bridge and the engine make those two calls through ``planrun/prefect_calls.py``
+(``soon_again``): there the client leaves a 503 to planrun, which asks again after 50 ms.
+That departure lives there, not here, because the bridge imports no flow engine.
 """
 
 from __future__ import annotations
