@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socketserver
 import subprocess
 import sys
 import textwrap
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+S = TypeVar("S", bound=socketserver.BaseServer)
 
 ROOT = Path(__file__).resolve().parent.parent
 PLANRUN = [sys.executable, "-m", "planrun.cli"]
@@ -62,6 +67,19 @@ def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "c
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)
+
+
+@contextmanager
+def serving(server: S) -> Iterator[S]:
+    """``server`` (a real one, on 127.0.0.1) answering in a thread until the block ends."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 def ended(process: Any) -> bool:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -14,6 +13,7 @@ import httpx
 import pytest
 
 from planrun.prefect_calls import soon_again
+from tests.helpers import serving
 
 
 class Busy(ThreadingHTTPServer):
@@ -49,11 +49,8 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server() -> Iterator[Busy]:
-    busy = Busy()
-    thread = threading.Thread(target=busy.serve_forever, daemon=True)
-    thread.start()
-    yield busy
-    busy.shutdown()
+    with serving(Busy()) as busy:
+        yield busy
 
 
 def hello(server: Busy, budget_s: float = 10.0) -> tuple[int, int]:

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from planrun.flows.limit_store import FILE_NAME
-from tests.helpers import PLANRUN, cli, cli_json, wait_for
+from tests.helpers import PLANRUN, cli, cli_json, serving, wait_for
 
 
 class Counting(ThreadingHTTPServer):
@@ -82,12 +82,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def service() -> Iterator[Counting]:
-    server = Counting()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.gate.set()
-    server.shutdown()
+    with serving(Counting()) as server:
+        yield server
+        server.gate.set()
     server.server_close()
 
 

@@ -4,12 +4,13 @@ sent, and redirects ``/redirect?to=URL`` with a 302: the target of the network a
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tests.helpers import serving
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -55,12 +56,5 @@ class LocalServer(ThreadingHTTPServer):
 @contextmanager
 def local_server() -> Iterator[LocalServer]:
     """A LocalServer serving in a thread until the block ends."""
-    server = LocalServer()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(LocalServer()) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
