@@ -306,6 +306,8 @@ class PrefectEventSource:
                 await self.recall(run_id)
         finally:
             self._recheck = None
+            if self._gaps:  # found while this read went on: they get a read of their own
+                self._recheck = self.later.soon(self.settings.settle_s, self._gap_reconcile)
 
 
 def incoming(event: Event) -> Incoming | None:

@@ -80,3 +80,43 @@ def test_a_jump_in_a_runs_event_numbers_reads_the_missing_ones_back(
     assert asyncio.run(jump())
     assert "events 3..4 of run r1 are missing; reconciling" in caplog.text
 
+
+
+def test_a_gap_found_while_gaps_are_being_read_gets_a_read_of_its_own(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The read of one gap took seconds on a loaded server; a gap of another run found
+    meanwhile was left for a later gap that might never come (a run whose last events
+    were the missing ones)."""
+    recalled: list[str] = []
+
+    async def gaps() -> list[str]:
+        later = Later()
+        source = PrefectEventSource(UpstreamSettings(settle_s=0.0, lookback_s=1.0), later)
+        source._deliver = lambda event: True
+
+        async def reconcile() -> int:
+            if not recalled:  # during the first read: r2 jumps from 1 to 4
+                source._take(_step("r2", 1))
+                source._take(_step("r2", 4))
+            return 0
+
+        async def recall(run_id: str) -> int:
+            recalled.append(run_id)
+            return 0
+
+        source.reconcile = reconcile  # type: ignore[method-assign]
+        source.recall = recall  # type: ignore[method-assign]
+        with caplog.at_level(logging.WARNING, logger="planrun.bridge"):
+            source._take(_step("r1", 1))
+            source._take(_step("r1", 3))
+            first = source._recheck
+            assert first is not None
+            await first
+            second = source._recheck
+            assert second is not None and second is not first
+            await second
+        await later.close()
+        return recalled
+
+    assert asyncio.run(gaps()) == ["r1", "r2"]
+    assert "events 2..3 of run r2 are missing" in caplog.text
