@@ -13,8 +13,9 @@ The runner does what Prefect's does, through the same API calls:
 - **Taking runs.** It registers the deployment as ``serve()`` does and asks for its
   scheduled runs as soon as the server says one was scheduled (an event of a run of the
   deployment entering a Scheduled state: a submit, a resume, a run scheduled again after
-  a crash; a resume's event can come before the run is listed, so a run announced and
-  not listed is looked for again, every 0.25 s for up to 10 s), and every
+  a crash; a resume's event can come before the run is listed, or while its suspended
+  task here is still ending, so a run announced and not taken is looked for again, every
+  0.25 s for up to 10 s), and every
   ``PREFECT_RUNNER_POLL_FREQUENCY`` seconds in case an event was lost.
   Prefect's runner only polls: a submitted run waited up to a poll for its start. It
   claims a run by proposing Pending (another runner that claimed it first makes the
@@ -84,10 +85,7 @@ class LoopRunner:
         self._stop = asyncio.Event()
         #: Set when there may be a run to take now (and when stopping).
         self._wake = asyncio.Event()
-        #: Runs found scheduled again while their task here had not ended yet (a resume
-        #: right after a suspension): taken once it has.
-        self._held: set[UUID] = set()
-        #: Runs the server said were scheduled and were not listed yet: since when.
+        #: Runs the server said were scheduled and were not taken yet: since when.
         self._announced: dict[UUID, float] = {}
 
     async def serve(self) -> None:
@@ -161,11 +159,11 @@ class LoopRunner:
             self._announced.setdefault(run_id, asyncio.get_running_loop().time())
         self._wake.set()
 
-    def _look_again(self, listed: set[UUID]) -> None:
-        """Wake again soon while a run announced lately was not listed yet."""
+    def _look_again(self, taken: set[UUID]) -> None:
+        """Wake again soon while a run announced lately cannot be taken yet."""
         now = asyncio.get_running_loop().time()
         self._announced = {run_id: since for run_id, since in self._announced.items()
-                           if run_id not in listed and now - since < LOOK_FOR_S}
+                           if run_id not in taken and now - since < LOOK_FOR_S}
         if self._announced:
             asyncio.get_running_loop().call_later(LOOK_AGAIN_S, self._wake.set)
 
@@ -188,23 +186,21 @@ class LoopRunner:
         scheduled = await client.get_scheduled_flow_runs_for_deployments(
             deployment_ids=[deployment_id], scheduled_before=datetime.now(UTC))
         scheduled.sort(key=lambda run: run.next_scheduled_start_time or run.expected_start_time)
-        self._look_again({flow_run.id for flow_run in scheduled})
+        # A run still held here (a resume right after its suspension) is not taken yet.
+        self._look_again({run.id for run in scheduled if run.id not in self.runs})
         for flow_run in scheduled:
             if self.limit is not None and len(self.runs) >= self.limit:
                 log.info("%d runs at once: the others wait for room", self.limit)
                 return
-            if flow_run.id in self.runs:
-                self._held.add(flow_run.id)
-            else:
+            if flow_run.id not in self.runs:
                 task = asyncio.create_task(self._run(flow_run.id))
                 self.runs[flow_run.id] = task
                 task.add_done_callback(partial(self._ended, flow_run.id))
 
     def _ended(self, run_id: UUID, _: asyncio.Task[None]) -> None:
         self.runs.pop(run_id, None)
-        if self.limit is not None or run_id in self._held:
-            self._held.discard(run_id)
-            self._wake.set()  # room for a run that waits for it, or that run itself
+        if self.limit is not None:
+            self._wake.set()  # room for a run that waits for it
 
     async def _run(self, flow_run_id: UUID) -> None:
         """Claim the run (Pending) and run it here; nothing when another runner has."""
