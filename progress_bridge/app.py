@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
@@ -37,6 +38,7 @@ from planrun.progress_bridge.store import MessageStore
 ROUTERS: tuple[APIRouter, ...] = (ws.router, sse.router, ops.router, control.router,
                                   view.router)
 Upstream = Callable[[BridgeState], Awaitable[None]]
+log = logging.getLogger("planrun.bridge")
 
 
 def create_app(store: MessageStore, hub: Hub, token: str, *,
@@ -77,6 +79,7 @@ def create_app(store: MessageStore, hub: Hub, token: str, *,
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         task = asyncio.ensure_future(upstream(state)) if upstream else None
+        stalls = asyncio.ensure_future(watch_loop())
         # The tools a plan is checked against, loaded now and off the loop: the first plan
         # submitted otherwise waited for their imports, the loop blocked (≈ 3 s under load).
         asyncio.get_running_loop().run_in_executor(None, _load_tools)
@@ -87,10 +90,11 @@ def create_app(store: MessageStore, hub: Hub, token: str, *,
             yield
         finally:
             hub.close_all("the bridge is stopping")
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            for running in (task, stalls):
+                if running is not None:
+                    running.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await running
 
     app = FastAPI(title=apidocs.TITLE, version="1", lifespan=lifespan, docs_url=None,
                   redoc_url=None)
@@ -100,6 +104,22 @@ def create_app(store: MessageStore, hub: Hub, token: str, *,
     apidocs.install(app)
     _guard(app, settings)
     return app
+
+
+async def watch_loop(every_s: float = 0.5, warn_s: float = 2.0) -> None:
+    """Log a warning whenever the event loop stood still for ``warn_s`` or more: no
+    client was answered meanwhile. Either the machine gave the bridge no CPU, or something
+    ran on the loop that belongs in a thread; the log says when, the operator's other logs
+    say which."""
+    loop = asyncio.get_running_loop()
+    while True:
+        before = loop.time()
+        await asyncio.sleep(every_s)
+        late = loop.time() - before - every_s
+        if late >= warn_s:
+            log.warning("the bridge's event loop stood still for %.1f s: no client was "
+                        "answered meanwhile (a machine that gave the bridge no CPU, or "
+                        "work on the loop that belongs in a thread)", late)
 
 
 def _load_tools() -> None:

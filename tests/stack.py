@@ -102,7 +102,11 @@ class Stack:
     def report(self, run_id: str) -> dict[str, Any]:
         """The run's report from the bridge: what ``planrun status --json`` prints (that
         command has its own tests); a poll here costs no process start."""
-        answer = httpx.get(f"{self.url}/v1/runs/{run_id}", headers=self.auth, timeout=30)
+        try:
+            answer = httpx.get(f"{self.url}/v1/runs/{run_id}", headers=self.auth, timeout=30)
+        except httpx.TimeoutException:
+            raise AssertionError("the bridge did not answer in 30 s; the end of what planrun "
+                                 f"up printed:\n{self.output()[-6000:]}") from None
         assert answer.status_code == 200, answer.text
         report: dict[str, Any] = answer.json()
         return report

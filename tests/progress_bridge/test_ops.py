@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
+import time
 
 import httpx
+import pytest
 from websockets.asyncio.client import connect
 
 from planrun.contract.stream import Draft
+from planrun.progress_bridge.app import watch_loop
 from planrun.progress_bridge.commit import Committer
 from planrun.progress_bridge.runs import RunView
 from planrun.progress_bridge.state import BridgeState
@@ -80,3 +84,20 @@ def test_the_upstream_runs_with_the_bridge_state_for_the_apps_lifetime(
     asyncio.run(main())
     bridge.stop()
     assert stopped.is_set()
+
+
+def test_a_loop_that_stood_still_is_logged_with_how_long(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        watch = asyncio.ensure_future(watch_loop(every_s=0.05, warn_s=0.3))
+        await asyncio.sleep(0.2)  # the watch has run: these waits are not stalls
+        assert not caplog.records
+        time.sleep(0.5)  # noqa: ASYNC251 - the stall under test
+        await asyncio.sleep(0.1)
+        watch.cancel()
+
+    with caplog.at_level(logging.WARNING, logger="planrun.bridge"):
+        asyncio.run(main())
+    [record] = caplog.records
+    stood = float(record.getMessage().split("stood still for ")[1].split(" s")[0])
+    assert 0.4 <= stood < 2.0, record.getMessage()

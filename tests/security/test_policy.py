@@ -64,9 +64,8 @@ def fetch_plan(*urls: str) -> dict[str, Any]:
 
 def finished(stack: Stack, run_id: str) -> dict[str, Any]:
     def report() -> dict[str, Any] | None:
-        answer = httpx.get(f"{stack.url}/v1/runs/{run_id}", headers=stack.auth, timeout=10)
-        body: dict[str, Any] = answer.json() if answer.status_code == 200 else {}
-        return body if body.get("status") in ENDED else None
+        body = stack.report(run_id)
+        return body if body["status"] in ENDED else None
     return wait_for(report, 120, f"run {run_id} to end")  # type: ignore[no-any-return]
 
 
