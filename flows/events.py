@@ -8,7 +8,11 @@ Prefect's events: automations, the Prefect UI's event feed) sees the run as plan
 
 - ``planrun.run.started``: the plan's steps, their needs and first estimates;
 - ``planrun.step.<status>``: a step began an attempt (``running``), will try again
-  (``retrying``), or finished (``completed``, ``failed``, ``skipped``, ``cancelled``);
+  (``retrying``), or finished (``completed``, ``failed``, ``skipped``, ``cancelled``).
+  ``running`` goes out :data:`RUNNING_AFTER_S` after the attempt began, and not at all if
+  the attempt has ended by then: its end event carries ``started_at`` and the attempt,
+  and the bridge shows ``step.running`` before it (docs/stream.md). Each event costs the
+  Prefect server ≈ 2.6 ms of CPU, a tenth of a step's (BENCHMARKS.md);
 - ``planrun.step.waiting``: a pending step waits for a limit, for a new reason
   (docs/limits.md); its next status event is sent whatever it is;
 - ``planrun.run.paused`` / ``planrun.run.resumed``: the run was suspended, and goes on in
@@ -25,6 +29,7 @@ run), so a reader can tell an old event it sees late (after a reconnect) from a 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, Literal
 
@@ -62,6 +67,10 @@ from planrun.summary import summarize
 #: refuses events over 1.5 MB, and a live view needs a summary, not the payload.
 MAX_VALUE_BYTES = 32_000
 
+#: How long a step's ``running`` event waits: an attempt that ends sooner sends its end
+#: alone. Short beside what a person notices, long beside a step that returns at once.
+RUNNING_AFTER_S = 0.025
+
 
 def resource(run_id: str, plan: str) -> dict[str, str]:
     """The resource every event of a run is about."""
@@ -84,6 +93,7 @@ class RunEvents:
         self.last: dict[str, tuple[StepStatus, int]] = {}
         self.conditional = {s.id for s in plan.steps if s.when is not None}
         self.prompts = {s.id: s.approval.prompt for s in plan.steps if s.approval is not None}
+        self._running: dict[str, asyncio.TimerHandle] = {}  # running events not sent yet
 
     def started(self) -> None:
         run = self.run
@@ -126,6 +136,26 @@ class RunEvents:
         if step.status == StepStatus.PENDING or self.last.get(step.id) == key:
             return
         self.last[step.id] = key
+        held = self._running.pop(step.id, None)
+        if held is not None:
+            held.cancel()  # the attempt ended before its running event went out
+        if step.status == StepStatus.RUNNING:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop here: nothing to wait with
+                pass
+            else:
+                self._running[step.id] = loop.call_later(RUNNING_AFTER_S, self._send_running,
+                                                         step)
+                return
+        self._send(step)
+
+    def _send_running(self, step: StepRecord) -> None:
+        del self._running[step.id]
+        if step.status == StepStatus.RUNNING:  # else its change is on its way to changed()
+            self._send(step)
+
+    def _send(self, step: StepRecord) -> None:
         summary = _summary(step)
         if step.status == StepStatus.AWAITING_APPROVAL and step.id in self.prompts:
             summary = self.prompts[step.id]

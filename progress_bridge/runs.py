@@ -137,6 +137,12 @@ class RunView:
             return []
         self.step_n[step.id] = p.n
         self._stop_waiting(step)
+        drafts = []
+        if self._ran_unseen(step, p):  # the engine sends no running event for a quick attempt
+            step.status, step.attempts = StepStatus.RUNNING, p.attempt or step.attempts
+            step.started_at = epoch(p.started_at) or step.started_at
+            self.summaries[step.id] = None
+            drafts.append(self._step_draft(step, now))
         step.status = p.status
         step.attempts = p.attempt or step.attempts
         step.started_at = epoch(p.started_at) or step.started_at
@@ -150,7 +156,18 @@ class RunView:
             step.output = p.output
             step.resources = p.resources if p.resources is not None else step.resources
         self.summaries[step.id] = p.summary
-        return [self._step_draft(step, now, impact=p.impact)]
+        return [*drafts, self._step_draft(step, now, impact=p.impact)]
+
+    @staticmethod
+    def _ran_unseen(step: StepRecord, p: StepChanged) -> bool:
+        """Whether ``p`` ends an attempt this view has not seen begin (a step cancelled
+        while it waits to retry has: no running for it): the engine sends a step's running
+        event only once the attempt has gone on for a moment (flows/events.py), and the
+        stream shows ``step.running`` before the attempt's end all the same."""
+        ended_attempt = p.status in (StepStatus.COMPLETED, StepStatus.FAILED,
+                                     StepStatus.RETRYING, StepStatus.CANCELLED)
+        return (ended_attempt and bool(p.attempt) and p.started_at is not None
+                and p.attempt != step.attempts)
 
     def on_waiting(self, p: StepWaiting, now: float) -> list[Draft]:
         """Apply ``planrun.step.waiting``: a step not started yet (or between attempts)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 from planrun.adapters.registry import default_registry
 from planrun.contract.events import Impact
 from planrun.contract.status import StepStatus
-from planrun.flows.events import RunEvents
+from planrun.flows.events import RUNNING_AFTER_S, RunEvents
 from planrun.flows.graph import compile_plan
 from planrun.validate import validate_text
 
@@ -41,3 +44,35 @@ def test_a_critical_failure_skips_everything_not_started_and_fails_the_run() -> 
     failed.critical, failed.status = True, StepStatus.FAILED
     assert emitter.impact(failed) == Impact(skipped=("a", "d", "c", "handler"),
                                               run_fails=True)
+
+
+class Sent(RunEvents):
+    """The events the engine would emit, by name and step."""
+
+    def __init__(self) -> None:
+        emitter = events()
+        super().__init__(emitter.plan, emitter.run)
+        self.sent: list[tuple[str, str | None]] = []
+
+    def _emit(self, event: str, payload: Any) -> None:
+        self.sent.append((event, getattr(payload, "step_id", None)))
+
+
+def test_an_attempt_that_ends_at_once_sends_its_end_alone_and_a_longer_one_its_running_first(
+        ) -> None:
+    async def main() -> list[tuple[str, str | None]]:
+        emitter = Sent()
+        quick, slow = emitter.run.steps["a"], emitter.run.steps["other"]
+        for record in (quick, slow):
+            record.status, record.attempts, record.started_at = StepStatus.RUNNING, 1, 1.0
+            emitter.changed(record)
+        quick.status = StepStatus.COMPLETED
+        emitter.changed(quick)
+        await asyncio.sleep(RUNNING_AFTER_S * 4)
+        slow.status = StepStatus.COMPLETED
+        emitter.changed(slow)
+        return emitter.sent
+
+    assert asyncio.run(main()) == [("planrun.step.completed", "a"),
+                                   ("planrun.step.running", "other"),
+                                   ("planrun.step.completed", "other")]

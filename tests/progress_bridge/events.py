@@ -38,12 +38,12 @@ def started(run_id: str, steps: int = STEPS) -> RunEvent:
 
 def step_done(run_id: str, n: int, summary_bytes: int = 0) -> RunEvent:
     """The run's ``n``-th event: step ``s<n % STEPS>`` completed (one message each, as
-    ``n`` grows)."""
+    ``n`` grows). No ``started_at``: an end with one, of an attempt the bridge has not seen
+    begin, also makes the ``step.running`` the engine leaves out for a quick attempt."""
     summary = os.urandom(summary_bytes // 2).hex() if summary_bytes else f"event {n}"
     payload = StepChanged(run_id=run_id, n=n, step_id=f"s{n % STEPS}",
                           status=StepStatus.COMPLETED, attempt=1, summary=summary,
-                          started_at="2026-01-01T00:00:00Z", ended_at="2026-01-01T00:00:01Z",
-                          duration_s=1.0)
+                          ended_at="2026-01-01T00:00:01Z", duration_s=1.0)
     return RunEvent(f"{run_id}-{n}", step_event(StepStatus.COMPLETED), run_id, T0 + n,
                     payload)
 

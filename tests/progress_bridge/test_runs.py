@@ -52,13 +52,17 @@ def started_view() -> RunView:
 # One row per kind of event: the payload, and the messages it makes (type, step, status).
 CASES = [
     ("a step starts", step(2, "a", "running"), [("step.running", "a", "running")]),
+    # An attempt whose running event the engine left out (it ended at once) gets its
+    # step.running first.
     ("a step completes", step(2, "a", "completed", output={"slept_s": 1}),
-     [("step.completed", "a", "completed")]),
+     [("step.running", "a", "running"), ("step.completed", "a", "completed")]),
     ("a step will retry", step(2, "a", "retrying",
                                error={"category": "transient", "message": "503"}),
-     [("step.retrying", "a", "retrying")]),
+     [("step.running", "a", "running"), ("step.retrying", "a", "retrying")]),
     ("a cancelled step is a failed message", step(2, "b", "cancelled", reason="stopped"),
-     [("step.failed", "b", "cancelled")]),
+     [("step.running", "b", "running"), ("step.failed", "b", "cancelled")]),
+    ("a skipped step", step(2, "b", "skipped", attempt=0, started_at=None, reason="no"),
+     [("step.skipped", "b", "skipped")]),
     ("a step of no such plan makes none", step(2, "zzz", "running"), []),
     ("the run pauses", RunPaused(run_id="r", n=2, reason="asked", timeout_s=60),
      [("run.paused", None, "paused")]),
@@ -89,17 +93,37 @@ def test_an_event_older_than_what_a_step_shows_is_dropped() -> None:
     view = started_view()
     done = apply(view, event(step(3, "a", "completed", ended_at="2026-01-01T00:00:02.000Z",
                                   summary="slept")), NOW)
-    assert done.view is not None and [d.type for d in done.drafts] == ["step.completed"]
+    assert done.view is not None
+    assert [d.type for d in done.drafts] == ["step.running", "step.completed"]
     late = apply(done.view, event(step(2, "a", "running")), NOW)  # not a step back
     assert late.drafts == [] and late.view is not None
     assert late.view.record.steps["a"].status == StepStatus.COMPLETED
-    assert done.drafts[0].progress is not None and done.drafts[0].progress.done == 1
+    assert [d.progress.done for d in done.drafts if d.progress is not None] == [0, 1]
+
+
+def test_an_attempt_seen_running_ends_in_one_message_and_a_retry_wait_is_not_running() -> None:
+    view = started_view()
+    messages = []
+    for payload in (step(2, "a", "running"), step(3, "a", "completed"),
+                    step(4, "b", "retrying", error={"category": "transient", "message": "503"}),
+                    step(5, "b", "running", attempt=2),
+                    step(6, "b", "retrying", attempt=2,
+                         error={"category": "transient", "message": "503"}),
+                    step(7, "b", "cancelled", attempt=2, reason="stopped")):
+        applied = apply(view, event(payload), NOW)
+        assert applied.view is not None
+        view = applied.view
+        messages.append([(d.type, d.step_id, d.attempt) for d in applied.drafts])
+    assert messages == [[("step.running", "a", 1)], [("step.completed", "a", 1)],
+                        [("step.running", "b", 1), ("step.retrying", "b", 1)],
+                        [("step.running", "b", 2)], [("step.retrying", "b", 2)],
+                        [("step.failed", "b", 2)]]  # cancelled while it waited to retry
 
 
 def test_a_failure_carries_its_error_and_impact() -> None:
     failed = apply(started_view(), event(step(
         2, "a", "failed", error={"category": "resource", "message": "full", "hint": "wait"},
-        impact={"skipped": ["b"], "run_fails": True})), NOW).drafts[0]
+        impact={"skipped": ["b"], "run_fails": True})), NOW).drafts[-1]
     assert failed.error is not None
     assert (failed.error.category, failed.error.hint) == ("resource", "wait")
     assert failed.impact is not None and failed.impact.skipped == ("b",)
