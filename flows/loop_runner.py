@@ -50,19 +50,13 @@ from uuid import UUID
 
 from planrun.flows.control import FlowRunStates
 from planrun.flows.plan_flow import RunHost, plan_flow
+from planrun.flows.scheduled import follow_scheduled
 
 log = logging.getLogger("planrun.loop_runner")
 
-#: The server's events of a flow run's state, and the label of a Scheduled state (whatever
-#: its name): such an event of the deployment's run wakes the runner.
-FLOW_RUN_EVENT = "prefect.flow-run."
-SCHEDULED_STATE: dict[str, str | list[str]] = {"prefect.state-type": "SCHEDULED"}
 #: At least this long between two reads of the scheduled runs: a burst of submits is read
 #: in a few requests, not one per event.
 TAKE_GAP_S = 0.1
-#: How long the runner waits before it subscribes again after the event stream failed
-#: (the poll goes on meanwhile).
-RESUBSCRIBE_S = 5.0
 #: A run the server said was scheduled but did not list yet (its event can come before
 #: the state is readable: a resume's did) is looked for again this often, this long.
 LOOK_AGAIN_S = 0.25
@@ -101,7 +95,8 @@ class LoopRunner:
         # per run was a fifth of the runner's CPU at 50 runs at once (BENCHMARKS.md).
         async with AsyncClientContext() as shared:
             client = shared.client
-            watch = asyncio.create_task(self._watch(deployment_id))
+            watch = asyncio.create_task(follow_scheduled(deployment_id, self._announce,
+                                                         self._wake.set, self.poll_s))
             while not self._stop.is_set():
                 self._wake.clear()  # what is scheduled from here on is read next time
                 try:
@@ -122,35 +117,6 @@ class LoopRunner:
         """Take no more runs: :meth:`serve` returns."""
         self._stop.set()
         self._wake.set()
-
-    async def _watch(self, deployment_id: UUID) -> None:
-        """Wake :meth:`serve` whenever the server gives a run of the deployment a Scheduled
-        state: a submit (``Scheduled``), a resume (``Resuming``), a retry
-        (``AwaitingRetry``), a run scheduled again after a crash."""
-        from prefect.events.clients import get_events_subscriber
-        from prefect.events.filters import (
-            EventAnyResourceFilter,
-            EventFilter,
-            EventNameFilter,
-            EventResourceFilter,
-        )
-        from prefect.events.schemas.events import ResourceSpecification
-
-        # The server applies all three to its live stream (docs/prefect-notes.md, "Events").
-        scheduled = EventFilter(
-            event=EventNameFilter(prefix=[FLOW_RUN_EVENT]),
-            resource=EventResourceFilter(labels=ResourceSpecification(SCHEDULED_STATE)),
-            any_resource=EventAnyResourceFilter(id=[f"prefect.deployment.{deployment_id}"]))
-        while True:
-            try:
-                async with get_events_subscriber(filter=scheduled) as events:
-                    self._wake.set()  # what was scheduled before this subscription
-                    async for event in events:
-                        self._announce(event.resource.id)
-            except Exception as exc:  # noqa: BLE001 - the poll takes the runs meanwhile
-                log.warning("cannot follow the server's events (%s); polling every %.0f s",
-                            exc, self.poll_s)
-            await asyncio.sleep(RESUBSCRIBE_S)
 
     def _announce(self, resource: str) -> None:
         """A run (``prefect.flow-run.<id>``) was scheduled: read the scheduled runs now."""

@@ -48,6 +48,11 @@ and on SQLite a run's create and its label update meet another write's lock ofte
 bridge and the engine make those two calls through ``planrun/prefect_calls.py``
 (``soon_again``): there the client leaves a 503 to planrun, which asks again after 50 ms.
 That departure lives there, not here, because the bridge imports no flow engine.
+
+Taking a scheduled run: Prefect's runner only polls for its deployment's scheduled runs.
+Both of planrun's runners also ask when the server's event says one was scheduled
+(``flows/scheduled.py``); the process-per-run one (``flows/serve.py``) asks through the
+runner's private ``_get_and_submit_flow_runs``, the call its own poll loop makes.
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 ``python -m planrun.flows.serve`` registers the deployment (the same one ``prefect.yaml``
 declares for workers on other machines) and executes each of its runs in a process of its
-own, as Prefect's ``serve()`` does. Set ``PREFECT_RUNNER_POLL_FREQUENCY`` low (``planrun
-up`` sets 1 s): a submitted run waits for the runner's next poll.
+own, as Prefect's ``serve()`` does. Prefect's runner only polls for scheduled runs
+(``PREFECT_RUNNER_POLL_FREQUENCY``; ``planrun up`` sets 1 s); here it also asks as soon as
+the server says a run of the deployment was scheduled (``flows.scheduled``), through the
+runner's own poll-and-submit call, so a submitted run does not wait for the next poll.
 
 Run processes are forked, not spawned: Prefect's runner starts each run with
 ``multiprocessing``'s ``spawn``, a new interpreter that imports Prefect and planrun again
@@ -19,6 +21,8 @@ on one event loop: ``flows.loop_runner``.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -28,6 +32,9 @@ from typing import Any
 import prefect.flow_engine
 
 from planrun.flows.plan_flow import plan_flow
+from planrun.flows.scheduled import follow_scheduled
+
+log = logging.getLogger("planrun.runner")
 
 DEPLOYMENT = "plan-runner"
 #: What clients pass to ``run_deployment``: flow name / deployment name.
@@ -77,8 +84,60 @@ def main(argv: list[str] | None = None) -> None:
         return
     if os.environ.get("PLANRUN_SPAWN_RUNS") != "1":
         fork_runs()
-    plan_flow.serve(name=DEPLOYMENT, tags=["planrun"], print_starting_message=False,
-                    limit=run_limit(), description=DESCRIPTION)
+    asyncio.run(serve_processes(run_limit()))
+
+
+#: At least this long between two asks that an event caused: a burst of submits is read
+#: in a few requests, not one per event.
+TAKE_GAP_S = 0.1
+#: After an ask an event caused, one more this much later: a resume's event can come
+#: before the run is listed among the scheduled runs (flows/loop_runner.py).
+ASK_AGAIN_S = 1.0
+
+
+async def serve_processes(limit: int | None) -> None:
+    """What ``plan_flow.serve()`` does (Prefect's runner, a process per run), and an ask
+    for the scheduled runs whenever the server says one was scheduled."""
+    from prefect.runner import Runner
+    from prefect.settings import PREFECT_RUNNER_POLL_FREQUENCY
+
+    runner = Runner(name=DEPLOYMENT, limit=limit)
+    deployment_id = await runner.aadd_flow(plan_flow, name=DEPLOYMENT, tags=["planrun"],
+                                           description=DESCRIPTION)
+    wake = asyncio.Event()
+    follow = asyncio.create_task(follow_scheduled(
+        deployment_id, lambda _resource: wake.set(), wake.set,
+        PREFECT_RUNNER_POLL_FREQUENCY.value()))
+    take = asyncio.create_task(_take_when_told(runner, wake))
+    try:
+        await runner.start()
+    finally:
+        follow.cancel()
+        take.cancel()
+
+
+async def _take_when_told(runner: Any, wake: asyncio.Event) -> None:
+    """Have ``runner`` poll and submit now each time ``wake`` is set, and once more
+    :data:`ASK_AGAIN_S` later (its poll loop goes on as before; the runner and the server
+    keep a run from being started twice)."""
+    again: float | None = None
+    while True:
+        try:
+            await asyncio.wait_for(wake.wait(), again)
+            told = True
+        except TimeoutError:
+            told = False
+        await asyncio.sleep(TAKE_GAP_S)
+        wake.clear()
+        again = ASK_AGAIN_S if told else None
+        # Prefect's runner sets up its poller as it starts; its poll-and-submit call is
+        # private (prefect/runner/runner.py), and what its own poll loop calls.
+        if runner.stopping or not hasattr(runner, "_scheduled_run_poller"):
+            continue
+        try:
+            await runner._get_and_submit_flow_runs()
+        except Exception as exc:  # noqa: BLE001 - the API may blink: its poll asks again
+            log.warning("cannot read the scheduled runs: %s", exc)
 
 
 if __name__ == "__main__":
