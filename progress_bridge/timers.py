@@ -61,11 +61,15 @@ class Deadlines:
 
     def __init__(self, views: dict[str, RunView], control: ControlService, later: Later,
                  dead_after_s: float,
-                 recall: Callable[[str], Awaitable[int]] | None = None) -> None:
+                 recall: Callable[[str], Awaitable[int]] | None = None,
+                 quiet_s: float | None = None) -> None:
         self.views = views
         self.control = control
         self.later = later
         self.dead_after_s = dead_after_s
+        #: Silent this long, a run has its events read once (its last ones may be lost).
+        self.quiet_s = quiet_s
+        self._read_quiet: dict[str, float] = {}  # the silence (its start) read for each run
         #: Reads a run's events from Prefect's API, delivering those not seen yet.
         self.recall = recall
         self.alive: dict[str, float] = {}  # the last sign of life of each run (epoch s)
@@ -77,7 +81,7 @@ class Deadlines:
     def watch(self, run_id: str, view: RunView) -> None:
         """Time the view's pause and gate, if it has them."""
         if view.ended:
-            for known in (self.alive, self.processes, self.exited):
+            for known in (self.alive, self.processes, self.exited, self._read_quiet):
                 known.pop(run_id, None)
             return
         if view.pause_deadline is not None:
@@ -145,9 +149,30 @@ class Deadlines:
                 run_id, f"its process {exited.pid} has exited", exited.state_id))
             return
         if now - last < self.dead_after_s:
+            self._check_quiet(run_id, last, now)
             return
         self._asking.add(run_id)
         self.later.soon(0, lambda: self._silent(run_id, last, now))
+
+    def _check_quiet(self, run_id: str, last: float, now: float) -> None:
+        """A run silent for ``quiet_s`` (not yet for ``dead_after_s``) has its events read
+        once per silence: the stream may have lost its last events, and with them its end
+        (a bridge that took over a moment after they occurred, a subscriber that fell
+        behind), and no later event of the run would show the gap."""
+        if (self.quiet_s is None or self.recall is None or now - last < self.quiet_s
+                or self._read_quiet.get(run_id) == last):
+            return
+        self._read_quiet[run_id] = last
+        recall = self.recall
+        self.later.soon(0, lambda: self._read_events(recall, run_id))
+
+    @staticmethod
+    async def _read_events(recall: Callable[[str], Awaitable[int]], run_id: str) -> None:
+        try:
+            if await recall(run_id):
+                log.info("run %s: silent on the stream; its events read back", run_id)
+        except Exception as exc:  # noqa: BLE001 - the silence rule reads them again later
+            log.warning("run %s: its events could not be read: %s", run_id, exc)
 
     async def _silent(self, run_id: str, last: float, now: float) -> None:
         """The run has been silent from ``last`` to ``now``, as far as the stream says;

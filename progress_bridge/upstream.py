@@ -90,7 +90,8 @@ class Upstream:
         self.state = state
         self.committer = Committer(state)
         self.deadlines = Deadlines(state.views, state.control, self.later,
-                                   self.settings.dead_after_s, recall=self.source.recall)
+                                   self.settings.dead_after_s, recall=self.source.recall,
+                                   quiet_s=self.settings.quiet_s)
         self.history = HistoryReader(state.views, self.later, enabled=self.settings.history)
         state.recall.read = self.recall
         for run_id, text in state.store.run_states().items():

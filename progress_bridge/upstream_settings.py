@@ -20,6 +20,8 @@ class UpstreamSettings:
         (``PLANRUN_RECOVER_ATTEMPTS``); after that, a crash ends it failed.
     dead_after_s: a running run silent this long (no heartbeat, ``PLANRUN_DEAD_AFTER_S``)
         is marked crashed; generous, as a run marked crashed while alive would run twice.
+    quiet_s: a running run silent this long (three heartbeats missed) has its events read
+        from Prefect's API once, in case the stream lost its last ones (its end).
     ticks: send ``progress`` messages and check signs of life on a timer (tests of the
         transports turn it off to count exactly the messages their events make).
     """
@@ -33,4 +35,5 @@ class UpstreamSettings:
     history: bool = True
     recover_attempts: int = 2
     dead_after_s: float = 60.0
+    quiet_s: float = 15.0
     ticks: bool = True

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -196,3 +197,24 @@ def test_a_run_whose_flow_run_completed_before_its_own_end_came_waits_for_it(
             return state.views["r"].record.status
 
     assert asyncio.run(main()) == RunStatus.COMPLETED
+
+
+def test_a_run_whose_last_events_the_stream_lost_is_ended_by_them_read_back_once_quiet(
+        tmp_path: Path) -> None:
+    """Its end occurred just before a bridge took over (or the stream dropped it): no later
+    event shows a gap, its process runs on this machine or has not been seen to exit.
+    Quiet for ``quiet_s``, the run's events are read once, and its end with them."""
+    settings = replace(SETTINGS, quiet_s=0.5)
+    upstream = Upstream(FakeEventSource(), settings)
+
+    async def main() -> None:
+        async with fed_upstream(tmp_path, settings=settings, upstream=upstream) as (
+                state, source):
+            assert await source.push(started_in("r", this_process(state_id="s1")))
+            source.store(ended("r", 2))  # in Prefect, never on the stream
+            await until(lambda: state.views["r"].record.status == RunStatus.COMPLETED,
+                        "the run's end, read back")
+            await asyncio.sleep(1.0)  # two more quiet periods: the run has ended, no read
+            assert source.recalled == ["r"]
+
+    asyncio.run(main())
