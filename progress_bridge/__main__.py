@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -65,6 +66,9 @@ def main(argv: list[str] | None = None) -> None:
         admission = Admission.from_env()
     except (PlanrunError, ValueError) as exc:
         parser.exit(2, f"planrun bridge: {exc}\n")
+    if not _prefect_api_url():
+        parser.exit(2, "planrun bridge: no Prefect server to follow: set PREFECT_API_URL "
+                       "(`planrun up` starts the bridge with it; docs/production.md)\n")
     hosts = [*args.allow_host, *([args.host] if args.host not in WILDCARDS else [])]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call
@@ -77,20 +81,40 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"planrun bridge: {exc}\n")
     deployment = PlanDeployment()
     try:
+        restart = _Restart()
         app = create_app(store, Hub(), token, allowed_hosts=hosts,
                          allowed_origins=args.allow_origin, rate_per_s=args.rate,
                          rate_burst=args.burst, upstream=follower,
-                         submit=deployment, admission=admission)
+                         submit=deployment, admission=admission, upstream_failed=restart)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                 timeout_graceful_shutdown=5, ws_max_size=1 << 16)
-        asyncio.run(_serve(config, deployment))
+        asyncio.run(_serve(BridgeServer(config), deployment, restart))
     finally:
         store.close()
+    if restart.failed:
+        sys.exit(1)
 
 
-async def _serve(config: uvicorn.Config, deployment: PlanDeployment) -> None:
+class _Restart:
+    """The bridge stopped following Prefect (an error nothing foresaw): its server stops
+    as on SIGTERM (clients are told 1001 and resume elsewhere or after), and the bridge
+    exits 1, so that ``planrun up`` or the operator's supervisor starts it again; a new
+    start reads the runs in flight anew."""
+
+    def __init__(self) -> None:
+        self.failed = False
+        self.server: BridgeServer | None = None
+
+    def __call__(self, _error: BaseException) -> None:
+        self.failed = True
+        if self.server is not None:
+            self.server.should_exit = True
+
+
+async def _serve(server: BridgeServer, deployment: PlanDeployment, restart: _Restart) -> None:
+    restart.server = server
     async with deployment:  # its API client, for as long as the bridge serves
-        await BridgeServer(config).serve()
+        await server.serve()
 
 
 def _store(url: str | None, data: Path, upstream: Upstream
@@ -108,6 +132,16 @@ def _store(url: str | None, data: Path, upstream: Upstream
                            f"not {shown(url)}")
     dsn = libpq_url(url)
     return PgMessageStore(dsn), Replica(upstream, dsn)
+
+
+def _prefect_api_url() -> str | None:
+    """The Prefect API the bridge follows: without one, Prefect's client would start a
+    temporary server of its own, in vain (the runs are on another)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    from prefect.settings import PREFECT_API_URL  # a profile's, read only in this case
+
+    return PREFECT_API_URL.value()
 
 
 def _env_list(name: str) -> list[str]:

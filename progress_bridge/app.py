@@ -48,7 +48,8 @@ def create_app(store: MessageStore, hub: Hub, token: str, *,
                max_frame_bytes: int = 4096, close_timeout_s: float = 30.0,
                upstream: Upstream | None = None, submit: Submit | None = None,
                flow_runs: FlowRuns | None = None, admission: Admission | None = None,
-               freeze_gc: bool = True) -> FastAPI:
+               freeze_gc: bool = True,
+               upstream_failed: Callable[[BaseException], None] | None = None) -> FastAPI:
     """A bridge app serving ``store`` and ``hub``; the caller owns and closes the store.
 
     Every route but ``GET /healthz`` requires ``token`` (not empty); ``Host`` and
@@ -79,6 +80,8 @@ def create_app(store: MessageStore, hub: Hub, token: str, *,
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         task = asyncio.ensure_future(upstream(state)) if upstream else None
+        if task is not None:
+            task.add_done_callback(lambda done: _upstream_ended(done, upstream_failed))
         stalls = asyncio.ensure_future(watch_loop())
         # The tools a plan is checked against, loaded now and off the loop: the first plan
         # submitted otherwise waited for their imports, the loop blocked (≈ 3 s under load).
@@ -93,7 +96,8 @@ def create_app(store: MessageStore, hub: Hub, token: str, *,
             for running in (task, stalls):
                 if running is not None:
                     running.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
+                    # an upstream's error was told as it ended (_upstream_ended)
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
                         await running
 
     app = FastAPI(title=apidocs.TITLE, version="1", lifespan=lifespan, docs_url=None,
@@ -104,6 +108,20 @@ def create_app(store: MessageStore, hub: Hub, token: str, *,
     apidocs.install(app)
     _guard(app, settings)
     return app
+
+
+def _upstream_ended(task: asyncio.Task[None],
+                    failed: Callable[[BaseException], None] | None) -> None:
+    """The upstream follows Prefect for the bridge's lifetime: one that ended with an
+    error left the bridge serving what it knew then. Say so, and tell ``failed``."""
+    if task.cancelled() or task.exception() is None:
+        return
+    error = task.exception()
+    assert error is not None
+    log.error("the bridge stopped following Prefect: %s: %s", type(error).__name__, error,
+              exc_info=error)
+    if failed is not None:
+        failed(error)
 
 
 async def watch_loop(every_s: float = 0.5, warn_s: float = 2.0) -> None:

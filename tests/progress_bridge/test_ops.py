@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,6 +20,7 @@ from planrun.progress_bridge.app import watch_loop
 from planrun.progress_bridge.commit import Committer
 from planrun.progress_bridge.runs import RunView
 from planrun.progress_bridge.state import BridgeState
+from tests.stack import free_port
 
 from .clients import receive_until
 from .conftest import BridgeFactory, ServedBridge, wait_for
@@ -101,3 +106,40 @@ def test_a_loop_that_stood_still_is_logged_with_how_long(
     [record] = caplog.records
     stood = float(record.getMessage().split("stood still for ")[1].split(" s")[0])
     assert 0.4 <= stood < 2.0, record.getMessage()
+
+
+FAILING_UPSTREAM = """
+import sys
+from planrun.progress_bridge import __main__ as bridge
+from planrun.progress_bridge.upstream import PrefectUpstream
+
+async def fails(self, state):
+    raise RuntimeError("what nothing foresaw")
+
+PrefectUpstream.__call__ = fails
+bridge.main(sys.argv[1:])
+"""
+
+
+def test_a_bridge_whose_upstream_fails_says_why_and_exits_1_to_be_started_again(
+        tmp_path: Path) -> None:
+    port = free_port()
+    done = subprocess.run(
+        [sys.executable, "-c", FAILING_UPSTREAM, "--port", str(port), "--data", str(tmp_path)],
+        env={**os.environ, "PLANRUN_TOKEN": "t" * 32}, capture_output=True, text=True,
+        timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "the bridge stopped following Prefect: RuntimeError: what nothing foresaw" \
+        in done.stderr
+
+
+def test_a_bridge_with_no_prefect_server_to_follow_says_so_and_exits_2(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "planrun.progress_bridge", "--port", str(free_port()),
+         "--data", str(tmp_path / "data")],
+        env={**env, "PLANRUN_TOKEN": "t" * 32, "PREFECT_HOME": str(tmp_path / "prefect")},
+        capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (
+        2, "planrun bridge: no Prefect server to follow: set PREFECT_API_URL (`planrun up` "
+           "starts the bridge with it; docs/production.md)\n")
