@@ -137,6 +137,12 @@ class Stack:
                         found[runner] += server.children()
         return found
 
+    def runner(self) -> psutil.Process:
+        """The stack's one runner."""
+        found = list(self.runners())
+        assert len(found) == 1, found
+        return found[0]
+
     def kill(self) -> None:
         """SIGKILL planrun up, everything it started and the Prefect server it started
         (a stack without the session's server starts its own)."""

@@ -151,6 +151,16 @@ def a_run_taken_for_dead_while_alive_goes_on_once(stack: Stack, tmp_path: Path,
     assert states.count("COMPLETED") == 1, states
 
 
+def a_submitted_run_starts_without_waiting_for_the_poll(stack: Stack, tmp_path: Path,
+                                                        poll_s: float) -> None:
+    """For a stack whose runner polls every ``poll_s``, longer than the wait here: a run
+    starts because the server said it was scheduled (flows/scheduled.py)."""
+    assert stack.runner().environ()["PREFECT_RUNNER_POLL_FREQUENCY"] == str(poll_s)
+    run_id = submit(stack, tmp_path, held("woken", 1, holding=[]))
+    wait_status(stack, run_id, "completed", timeout=poll_s / 4)
+    assert lines(stack, "woken") == ["s1"]
+
+
 def test_a_run_taken_for_dead_while_alive_goes_on_in_one_process_only(
         stack: Stack, tmp_path: Path) -> None:
     a_run_taken_for_dead_while_alive_goes_on_once(stack, tmp_path, "fenced")

@@ -24,6 +24,7 @@ from tests.helpers import ended, wait_for
 from tests.stack import Stack
 from tests.test_control import (
     a_run_taken_for_dead_while_alive_goes_on_once,
+    a_submitted_run_starts_without_waiting_for_the_poll,
     commands_of,
     held,
     hold,
@@ -57,13 +58,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         running.stop()
 
 
-def runner(stack: Stack) -> psutil.Process:
-    """The stack's one runner."""
-    runners = list(stack.runners())
-    assert len(runners) == 1, runners
-    return runners[0]
-
-
 def labels_of(run_id: str) -> dict[str, Any]:
     """The labels of the run's flow run."""
     from prefect.client.orchestration import get_client
@@ -87,10 +81,7 @@ def test_up_says_its_runner_runs_them_in_its_own_process(stack: Stack) -> None:
 
 def test_a_submitted_run_starts_without_waiting_for_the_runners_poll(stack: Stack,
                                                                     tmp_path: Path) -> None:
-    assert runner(stack).environ()["PREFECT_RUNNER_POLL_FREQUENCY"] == str(POLL_S)
-    run_id = submit(stack, tmp_path, held("woken", 1, holding=[]))
-    wait_status(stack, run_id, "completed", timeout=POLL_S / 4)
-    assert lines(stack, "woken") == ["s1"]
+    a_submitted_run_starts_without_waiting_for_the_poll(stack, tmp_path, POLL_S)
 
 
 def test_many_runs_run_at_once_in_the_runners_process_and_complete(
@@ -101,7 +92,7 @@ def test_many_runs_run_at_once_in_the_runners_process_and_complete(
     # once would run into the bridge's rate limit).
     wait_for(lambda: all(lines(stack, name) == ["s1"] for name in names), 120,
              "every run's first step to run")
-    the_runner = runner(stack)
+    the_runner = stack.runner()
     # No process per run: every run's command is the runner's own descendant, and the
     # runner has no run processes (no fork server, no forks).
     assert stack.runners() == {the_runner: []}
@@ -117,7 +108,7 @@ def test_many_runs_run_at_once_in_the_runners_process_and_complete(
     for run_id in runs.values():
         wait_status(stack, run_id, "completed")
     assert all(lines(stack, name) == ["s1", "s2"] for name in names)
-    assert runner(stack).pid == the_runner.pid
+    assert stack.runner().pid == the_runner.pid
 
 
 def test_a_pause_resume_gate_and_cancel_of_runs_sharing_a_process(
@@ -141,7 +132,7 @@ steps:
     with: {argv: [sh, -c, "until [ -e share-cancel.go ]; do sleep 0.05; done"]}
 """)
     wait_for(lambda: step_started(stack, paused, "s1"), 60, "the paused run's s1 to start")
-    command = wait_for(lambda: commands_of(runner(stack), "share-cancel"), 60,
+    command = wait_for(lambda: commands_of(stack.runner(), "share-cancel"), 60,
                        "the long command to start")
 
     assert stack.cli("pause", paused).returncode == 0  # s1 finishes, nothing new starts
@@ -175,7 +166,7 @@ def test_a_runner_killed_with_runs_in_it_costs_none_of_them(stack: Stack,
     # Each one's s2 command has started (under load the program starts after its step).
     wait_for(lambda: all(lines(stack, name) == ["s1", "s2"] for name in names), 120,
              "both runs' s2 to run")
-    killed = runner(stack)
+    killed = stack.runner()
     commands = [c for name in names for c in commands_of(killed, name)]
     assert commands, "the runs' commands run under the runner"
     killed.send_signal(signal.SIGKILL)
@@ -186,7 +177,7 @@ def test_a_runner_killed_with_runs_in_it_costs_none_of_them(stack: Stack,
     # they are scheduled again: each one's s2, in flight at the kill, runs again.
     wait_for(lambda: all(lines(stack, name) == ["s1", "s2", "s2"] for name in names), 120,
              "both runs to be recovered and their s2 to run again")
-    assert runner(stack).pid != killed.pid
+    assert stack.runner().pid != killed.pid
     for name in names:
         release(stack, name)
     for name, run_id in runs.items():

@@ -7,12 +7,20 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tests.helpers import wait_for
 from tests.stack import Stack
-from tests.test_control import held, hold, lines, release, step_started, submit, wait_status
+from tests.test_control import (
+    a_submitted_run_starts_without_waiting_for_the_poll,
+    held,
+    hold,
+    lines,
+    release,
+    step_started,
+    submit,
+    wait_status,
+)
 
 #: The runner's poll for scheduled runs: longer than any wait here.
 POLL_S = 600
@@ -28,18 +36,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         running.stop()
 
 
-def the_runner(stack: Stack) -> psutil.Process:
-    runners = list(stack.runners())
-    assert len(runners) == 1, runners
-    return runners[0]
-
-
 def test_a_submitted_run_starts_without_waiting_for_the_runners_poll(stack: Stack,
                                                                     tmp_path: Path) -> None:
-    assert the_runner(stack).environ()["PREFECT_RUNNER_POLL_FREQUENCY"] == str(POLL_S)
-    run_id = submit(stack, tmp_path, held("woken", 1, holding=[]))
-    wait_status(stack, run_id, "completed", timeout=POLL_S / 4)
-    assert lines(stack, "woken") == ["s1"]
+    a_submitted_run_starts_without_waiting_for_the_poll(stack, tmp_path, POLL_S)
 
 
 def test_a_resumed_run_goes_on_without_waiting_for_the_runners_poll(stack: Stack,
