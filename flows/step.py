@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
 from prefect.exceptions import MissingContextError
+from prefect.results import ResultRecord
 from prefect.states import Cancelled, Completed, Failed, State
 from prefect.utilities.annotations import quote
 
@@ -256,10 +257,14 @@ class StepJob:
         finally:
             self.record.resources = combined(self.record.resources, meter.resources(ctx.usage))
 
+    def used(self) -> str | None:
+        """What the step used, in words ("used 42.0 MiB peak, ..."); None if unmeasured."""
+        return describe(self.record.resources) if self.record.resources is not None else None
+
     def log_used(self) -> None:
         """Say in the step's log what it used, once it has finished."""
-        if self.record.resources is not None:
-            _logger().info("%s", describe(self.record.resources))
+        if (used := self.used()) is not None:
+            _logger().info("%s", used)
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter[Any]:
@@ -272,19 +277,28 @@ def _logger() -> logging.Logger | logging.LoggerAdapter[Any]:
 
 @task(name="step", cache_policy=NO_CACHE, persist_result=False)
 async def run_step(job: StepJob) -> Any:
-    """The body of every step's task run: one attempt of ``job``."""
+    """The body of every step's task run: one attempt of ``job``.
+
+    What a finished step used is in its log (docs/resources.md): the message of its
+    ``Completed`` state, which Prefect logs ("Finished in state Completed('used …')")
+    and the UI shows; a line of its own for any other end. A log line costs the run's
+    loop ≈ 0.9 ms and the server one more request (BENCHMARKS.md).
+    """
     context = TaskRunContext.get()
     number = context.task_run.run_count if context and context.task_run else 1
     try:
         with one_policy():  # the operator's policy is looked for once an attempt
-            return await job.attempt(number)
+            output = await job.attempt(number)
     except asyncio.CancelledError:
         # Stopped on purpose (a critical failure elsewhere, the deadline, a person): end
         # the task run Cancelled rather than Crashed; the caller passes the cancel on.
+        job.log_used()
         return Cancelled(message="cancelled while running")
-    finally:
+    except BaseException:
         if job.next_delay is None:  # no retry follows: the step has finished
             job.log_used()
+        raise
+    return Completed(data=output, message=job.used())
 
 
 @task(name="not-run", cache_policy=NO_CACHE, persist_result=False)
@@ -305,8 +319,11 @@ class TaskRuns:
         job.record.task_run_id = new_task_run_id()
         output = await call_after(job.prefect_task(), upstream, job.record.task_run_id,
                                   quote(job))
-        if isinstance(output, State) and output.is_cancelled():
-            raise asyncio.CancelledError  # the step's task run ended Cancelled
+        if isinstance(output, State):  # what run_step returned, as returned
+            if output.is_cancelled():
+                raise asyncio.CancelledError  # the step's task run ended Cancelled
+            data = output.data  # Completed: Prefect put the output in a result record
+            return data.result if isinstance(data, ResultRecord) else data
         return output
 
     async def skip(self, step: Step, record: StepRecord, upstream: list[UUID]) -> None:

@@ -227,3 +227,53 @@ def test_a_steps_memory_limit_is_its_own_else_the_plans_under_the_ceiling(
                          f"  - {{id: a, tool: core.echo{own}, with: {{value: 1}}}}\n").plan
     graph = compile_plan(plan, default_registry(), Ceilings(memory_mb=ceiling))
     assert graph.steps["a"].memory_mb == expected
+
+
+def test_what_each_step_used_is_in_its_task_runs_log_in_prefect() -> None:
+    """docs/resources.md: a completed step says it as its Completed state's message
+    (Prefect logs "Finished in state Completed('used …')" and shows the message); a step
+    that failed says it in a line of its own."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+
+    from tests.helpers import run_yaml, wait_for
+
+    report = run_yaml("""
+        version: 1
+        name: used-in-the-log
+        steps:
+          - {id: ok, tool: shell.run, with: {argv: ["true"]}}
+          - {id: bad, tool: shell.run, critical: false, retry: {max_attempts: 1},
+             with: {argv: ["false"]}}
+    """)
+    run_id = UUID(report["run_id"])
+
+    async def read() -> tuple[dict[str, Any], list[tuple[str, str]]]:
+        async with get_client() as client:
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[run_id])))
+            found = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(
+                any_=[run_id])))
+        names = {run.id: run.name for run in runs}
+        return ({run.name: run.state for run in runs},
+                [(names.get(line.task_run_id, ""), line.message) for line in found])
+
+    def logged() -> tuple[dict[str, Any], list[tuple[str, str]]] | None:
+        states, lines = asyncio.run(read())  # the log worker sends them in batches
+        wanted = {"ok", "bad"} <= {name for name, message in lines if "used " in message}
+        return (states, lines) if wanted else None
+
+    states, lines = wait_for(logged, 30, "both steps' usage in their task runs' logs")
+    assert states["ok"].is_completed() and states["ok"].message.startswith("used ")
+    assert " peak, " in states["ok"].message and " s CPU, " in states["ok"].message
+    ok = [message for name, message in lines if name == "ok"]
+    assert any(m.startswith("Finished in state Completed('used ") for m in ok), ok
+    assert not any(m.startswith("used ") for m in ok), ok  # not twice
+    assert any(m.startswith("used ") for name, m in lines if name == "bad"), lines
