@@ -80,11 +80,13 @@ def test_prefect_shows_what_each_step_used_in_its_log_and_the_runs_table() -> No
     def used_line() -> list[str] | None:
         logs = ask(lambda c: c.read_logs(log_filter=LogFilter(
             flow_run_id=LogFilterFlowRunId(any_=run_id))))
-        found = [log.message for log in logs if log.message.startswith("used ")]
+        # docs/resources.md: a completed step's usage is its Completed state's message
+        found = [log.message for log in logs
+                 if log.message.startswith("Finished in state Completed('used ")]
         return found or None
 
     line = wait_for(used_line, what="the step's 'used ...' line in Prefect")[0]
-    assert " peak, " in line and " s CPU, " in line and line.endswith(" written")
+    assert " peak, " in line and " s CPU, " in line and line.endswith(" written')")
     artifacts = ask(lambda c: c.read_artifacts(artifact_filter=ArtifactFilter(
         flow_run_id=ArtifactFilterFlowRunId(any_=run_id))))
     table = next(a for a in artifacts if a.type == "table")

@@ -163,11 +163,14 @@ async def test_a_critical_failure_stops_the_run_and_a_non_critical_one_does_not(
 
 @synchronously
 async def test_the_deadline_stops_the_run_and_says_so() -> None:
+    # "a" starts at once and waits to be released, which never comes: the deadline ends
+    # it. (At 0.01 s a loaded CI machine reached the deadline before "a" had started.)
     fake = FakeRun(*CHAIN)
-    await fake.scheduler.run_all(deadline_s=0.01)
+    await fake.scheduler.run_all(deadline_s=1.0)
     assert fake.scheduler.deadline_passed
+    assert fake.started == ["a"]
     assert fake.status("a") == StepStatus.CANCELLED
-    assert fake.run.steps["b"].reason == "not started: the run deadline of 0.01s passed"
+    assert fake.run.steps["b"].reason == "not started: the run deadline of 1s passed"
 
 
 @synchronously
