@@ -96,7 +96,7 @@ class LoopRunner:
         async with AsyncClientContext() as shared:
             client = shared.client
             watch = asyncio.create_task(follow_scheduled(deployment_id, self._announce,
-                                                         self._wake.set, self.poll_s))
+                                                         self._wake.set))
             while not self._stop.is_set():
                 self._wake.clear()  # what is scheduled from here on is read next time
                 try:

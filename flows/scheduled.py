@@ -21,12 +21,12 @@ RESUBSCRIBE_S = 5.0
 
 
 async def follow_scheduled(deployment_id: UUID, announce: Callable[[str], None],
-                           subscribed: Callable[[], None], poll_s: float) -> None:
+                           subscribed: Callable[[], None]) -> None:
     """Call ``announce`` with the resource id (``prefect.flow-run.<id>``) of each run of
     the deployment the server gives a Scheduled state: a submit (``Scheduled``), a resume
     (``Resuming``), a retry (``AwaitingRetry``), a run scheduled again after a crash; and
     ``subscribed`` each time the subscription starts (what was scheduled before it is
-    to be read then). Until cancelled; ``poll_s`` is only for the log line of a failure."""
+    to be read then). Until cancelled."""
     from prefect.events.clients import get_events_subscriber
     from prefect.events.filters import (
         EventAnyResourceFilter,
@@ -48,6 +48,6 @@ async def follow_scheduled(deployment_id: UUID, announce: Callable[[str], None],
                 async for event in events:
                     announce(event.resource.id)
         except Exception as exc:  # noqa: BLE001 - the poll takes the runs meanwhile
-            log.warning("cannot follow the server's events (%s); polling every %.0f s",
-                        exc, poll_s)
+            log.warning("cannot follow the server's events (%s); the runner's poll takes "
+                        "the runs meanwhile", exc)
         await asyncio.sleep(RESUBSCRIBE_S)

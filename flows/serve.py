@@ -99,15 +99,13 @@ async def serve_processes(limit: int | None) -> None:
     """What ``plan_flow.serve()`` does (Prefect's runner, a process per run), and an ask
     for the scheduled runs whenever the server says one was scheduled."""
     from prefect.runner import Runner
-    from prefect.settings import PREFECT_RUNNER_POLL_FREQUENCY
 
     runner = Runner(name=DEPLOYMENT, limit=limit)
     deployment_id = await runner.aadd_flow(plan_flow, name=DEPLOYMENT, tags=["planrun"],
                                            description=DESCRIPTION)
     wake = asyncio.Event()
     follow = asyncio.create_task(follow_scheduled(
-        deployment_id, lambda _resource: wake.set(), wake.set,
-        PREFECT_RUNNER_POLL_FREQUENCY.value()))
+        deployment_id, lambda _resource: wake.set(), wake.set))
     take = asyncio.create_task(_take_when_told(runner, wake))
     try:
         await runner.start()

@@ -23,7 +23,6 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
 from prefect.exceptions import MissingContextError
-from prefect.results import ResultRecord
 from prefect.states import Cancelled, Completed, Failed, State
 from prefect.utilities.annotations import quote
 
@@ -322,8 +321,7 @@ class TaskRuns:
         if isinstance(output, State):  # what run_step returned, as returned
             if output.is_cancelled():
                 raise asyncio.CancelledError  # the step's task run ended Cancelled
-            data = output.data  # Completed: Prefect put the output in a result record
-            return data.result if isinstance(data, ResultRecord) else data
+            return await output.aresult()  # Completed: the output is its data
         return output
 
     async def skip(self, step: Step, record: StepRecord, upstream: list[UUID]) -> None:

@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
                          submit=deployment, admission=admission, upstream_failed=restart)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                 timeout_graceful_shutdown=5, ws_max_size=1 << 16)
-        asyncio.run(_serve(BridgeServer(config), deployment, restart))
+        restart.server = BridgeServer(config)
+        asyncio.run(_serve(restart.server, deployment))
     finally:
         store.close()
     if restart.failed:
@@ -111,8 +112,7 @@ class _Restart:
             self.server.should_exit = True
 
 
-async def _serve(server: BridgeServer, deployment: PlanDeployment, restart: _Restart) -> None:
-    restart.server = server
+async def _serve(server: BridgeServer, deployment: PlanDeployment) -> None:
     async with deployment:  # its API client, for as long as the bridge serves
         await server.serve()
 
