@@ -75,8 +75,8 @@ from prefect._flow_run_suspension import (
     register_flow_run_suspension_request,
 )
 from prefect._internal.uuid7 import uuid7
-from prefect.client.schemas.objects import RunInput, TaskRunResult
-from prefect.context import TaskRunContext
+from prefect.client.schemas.objects import RunInput, TaskRun, TaskRunResult
+from prefect.context import TagsContext, TaskRunContext
 from prefect.exceptions import PrefectHTTPStatusError
 from prefect.states import Pending, Running, State
 from prefect.utilities.annotations import quote
@@ -101,6 +101,16 @@ async def _concurrency(names: str | list[str], *args: Any, **kwargs: Any) -> Asy
     kept = [n for n in listed if not own_tag(n)]
     async with _prefect_concurrency(kept, *args, **kwargs):
         yield
+
+
+def asks_for_slots(task: Any) -> bool:
+    """Whether Prefect's engine asks the server for concurrency slots before it runs
+    ``task``: it has a tag, its own or from a ``tags`` context, that is not planrun's (or
+    ``PLANRUN_PREFECT_TAG_LIMITS=1`` sends planrun's too)."""
+    named = set(task.tags) | set(TagsContext.get().current_tags)
+    if _engine._aconcurrency is _concurrency:
+        named = {tag for tag in named if not own_tag(f"tag:{tag}")}
+    return bool(named)
 
 
 #: The options ``task_with`` may set: plain attributes that ``Task.__init__`` stores as given.
@@ -143,20 +153,34 @@ def call_after(task: Any, upstream: Iterable[UUID], task_run_id: UUID, *args: An
 
 
 class TaskRunShown:
-    """What the Prefect UI shows of the current task run while its step waits for a limit.
-    Made inside the task run (it reads the task run's context); a no-op outside one."""
+    """What the Prefect UI shows of a step's task run while the step waits for a limit.
+
+    Made inside the task run, it reads the task run from the context. A step's first
+    attempt starts before its task run does (flows/step.py): then the task run is
+    ``attach``-ed once Prefect's engine has started it, and a wait still going on is shown
+    from then on. A no-op for a task run never attached."""
 
     def __init__(self) -> None:
         context = TaskRunContext.get()
         self._task_run = context.task_run if context is not None else None
         self._shown: State[Any] | None = None
+        self._message: str | None = None  # what it waits for, not shown yet
+
+    def attach(self, task_run: TaskRun) -> None:
+        """The task run is known now: show the wait, if the step still waits."""
+        if self._task_run is None:
+            self._task_run = task_run
+            if self._message is not None:
+                self.waiting(self._message)
 
     def waiting(self, message: str) -> None:
         """The task run is ``Pending``, named ``Waiting``, with ``message``."""
+        self._message = message
         self._show(Pending(name="Waiting", message=message))
 
     def running(self) -> None:
         """The task run runs again, if it was shown waiting."""
+        self._message = None
         if self._shown is not None:
             self._show(Running())
             self._shown = None

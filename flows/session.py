@@ -9,6 +9,7 @@ sessions a process runs, owned by whoever must reach them all (a SIGTERM handler
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Coroutine, Iterable, Iterator
 from contextlib import contextmanager
@@ -33,6 +34,8 @@ from planrun.secrets import RunSecrets
 
 if TYPE_CHECKING:
     from planrun.adapters.workspace import Workspace
+
+log = logging.getLogger("planrun.session")
 
 
 class RunSession:
@@ -124,9 +127,20 @@ class RunSession:
         finally:
             watching.cancel()
             await asyncio.gather(watching, return_exceptions=True)
+            await self._settle()
             if not self.scheduler.suspended:
                 await self._finish()
         return self.scheduler.suspended
+
+    async def _settle(self) -> None:
+        """Wait for Prefect's engine to end the task runs of the steps whose output was
+        handed on before (flows/step.py, ``TaskRuns``): the run ends or pauses after them."""
+        tails = [job.tail for job in self.jobs.values() if job.tail is not None]
+        for job in self.jobs.values():
+            job.tail = None
+        for failed in await asyncio.gather(*tails, return_exceptions=True):
+            if isinstance(failed, BaseException):
+                log.warning("Prefect's engine failed to end a step's task run: %r", failed)
 
     async def _begin(self) -> list[str]:
         """Count this start and restore what finished before; the steps restored."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -21,8 +21,9 @@ from uuid import UUID
 from prefect import Task, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
-from prefect.context import TaskRunContext
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.exceptions import MissingContextError
+from prefect.logging.loggers import PrefectLogAdapter, get_logger
 from prefect.states import Cancelled, Completed, Failed, State
 from prefect.utilities.annotations import quote
 
@@ -37,7 +38,13 @@ from planrun.flows.graph import FallbackCall
 from planrun.flows.health import tool_unhealthy
 from planrun.flows.limits import Ask, LimitSettings, StepLimits, Waiting, default_limiter
 from planrun.flows.policy import RetryPolicy
-from planrun.flows.prefect_compat import TaskRunShown, call_after, new_task_run_id, task_with
+from planrun.flows.prefect_compat import (
+    TaskRunShown,
+    asks_for_slots,
+    call_after,
+    new_task_run_id,
+    task_with,
+)
 from planrun.flows.resources import Metering, default_metering
 from planrun.flows.run_slots import RunSlots
 from planrun.plan_schemas.model import Step
@@ -84,6 +91,18 @@ class StepJob:
     on_wait: Callable[[StepRecord, Waiting], None] | None = None
     last_error: StepError | None = None
     next_delay: float | None = field(default=None, repr=False)
+    #: The first attempt, started as the step was started, before its task run
+    #: (``TaskRuns.run``); the task run's body awaits it.
+    early: asyncio.Future[Any] | None = field(default=None, repr=False)
+    #: Prefect's engine ending the step's task run after the output was handed on.
+    tail: asyncio.Future[Any] | None = field(default=None, repr=False)
+    #: The step's task run, once Prefect's engine has started it.
+    task_run: TaskRun | None = field(default=None, repr=False)
+    _shown: TaskRunShown | None = field(default=None, repr=False)  # the current call's
+    #: Told once Prefect's engine has started the task run; awaited before it ends it
+    #: (``TaskRuns``: the engines of a run take turns on its event loop).
+    started: Callable[[], None] | None = field(default=None, repr=False)
+    ending: Callable[[], Awaitable[None]] | None = field(default=None, repr=False)
     _began: float = field(default=0.0, repr=False)  # when the current attempt began
 
     def prefect_task(self) -> Task[..., Any]:
@@ -107,6 +126,19 @@ class StepJob:
             retry_condition_fn=retry_condition,
         )
 
+    async def first_attempt(self) -> Any:
+        """Attempt 1 under the operator's policy, as ``run_step`` runs the others."""
+        with one_policy():
+            return await self.attempt(1)
+
+    def attach(self, task_run: TaskRun) -> None:
+        """Prefect's engine has started the step's task run (``run_step``)."""
+        self.task_run = task_run
+        if self._shown is not None:
+            self._shown.attach(task_run)
+        if self.started is not None:
+            self.started()
+
     async def attempt(self, number: int) -> Any:
         """Run attempt ``number`` (1-based); raise a StepError on failure.
 
@@ -119,7 +151,7 @@ class StepJob:
         record.attempts = number
         record.retry_delay_s = None
         self._began = time.time()
-        log = _logger()
+        log = self._logger()
         try:
             params, left = await self._render(self.step.with_, self.timeout_s, ("with",))
             record.input = self.redactor.mask(redact(params))
@@ -156,6 +188,9 @@ class StepJob:
         steps not started yet) once its wait is over. The limits are given back as soon
         as the call returns: a retry's delay holds nothing."""
         lent, shown, reason = False, TaskRunShown(), ""
+        if self.task_run is not None:
+            shown.attach(self.task_run)
+        self._shown = shown
 
         def waiting(why: Waiting) -> None:
             nonlocal lent, reason
@@ -260,6 +295,18 @@ class StepJob:
         """What the step used, in words ("used 42.0 MiB peak, ..."); None if unmeasured."""
         return describe(self.record.resources) if self.record.resources is not None else None
 
+    def _logger(self) -> logging.Logger | logging.LoggerAdapter[Any]:
+        """The step's task run logger: its lines reach the Prefect UI on the task run, also
+        those of a first attempt that began before Prefect's engine started the task run."""
+        flow = FlowRunContext.get()
+        run = flow.flow_run if flow is not None else None
+        if TaskRunContext.get() is not None or run is None or self.record.task_run_id is None:
+            return _logger()
+        return PrefectLogAdapter(get_logger("prefect.task_runs"), extra={
+            "task_run_id": str(self.record.task_run_id), "flow_run_id": str(run.id),
+            "task_run_name": self.step.id, "task_name": self.step.id,
+            "flow_run_name": run.name, "flow_name": flow.flow.name if flow and flow.flow else "?"})
+
     def log_used(self) -> None:
         """Say in the step's log what it used, once it has finished."""
         if (used := self.used()) is not None:
@@ -285,9 +332,16 @@ async def run_step(job: StepJob) -> Any:
     """
     context = TaskRunContext.get()
     number = context.task_run.run_count if context and context.task_run else 1
+    if context is not None and context.task_run is not None:
+        job.attach(context.task_run)
     try:
-        with one_policy():  # the operator's policy is looked for once an attempt
-            output = await job.attempt(number)
+        if number == 1 and job.early is not None:
+            output = await job.early  # began with the step (TaskRuns.run)
+            if job.ending is not None:
+                await job.ending()
+        else:
+            with one_policy():  # the operator's policy is looked for once an attempt
+                output = await job.attempt(number)
     except asyncio.CancelledError:
         # Stopped on purpose (a critical failure elsewhere, the deadline, a person): end
         # the task run Cancelled rather than Crashed; the caller passes the cancel on.
@@ -311,18 +365,84 @@ async def not_run_step(step_id: str, reason: str, failed: bool) -> State[Any]:
 
 class TaskRuns:
     """Runs each step as a Prefect task run (its attempts as Prefect retries) and records
-    each skip as one; each names the task runs of its needs as inputs (docs/prefect-ui.md)."""
+    each skip as one; each names the task runs of its needs as inputs (docs/prefect-ui.md).
+
+    A step's first attempt starts at once, beside Prefect's engine starting its task run,
+    whose body then awaits it; once it has succeeded, its output is handed on while the
+    engine ends the task run (``job.tail``, awaited before the run ends or pauses). Prefect's
+    bookkeeping of a task run (≈ 2 ms to start one, ≈ 3 ms to end one, on the run's event
+    loop) thus neither delays a tool call nor the steps that need its output
+    (docs/prefect-ui.md, BENCHMARKS.md). A failed first attempt, and every later one, runs
+    as before: Prefect's retries, the step's end when its task run has ended."""
+
+    def __init__(self) -> None:
+        self._turns = asyncio.Lock()
 
     async def run(self, job: StepJob, upstream: list[UUID]) -> Any:
         """The step's output; raises when it failed, ``CancelledError`` when cancelled."""
         job.record.task_run_id = new_task_run_id()
-        output = await call_after(job.prefect_task(), upstream, job.record.task_run_id,
-                                  quote(job))
+        task = job.prefect_task()
+        if asks_for_slots(task):  # an operator's Prefect tag limit: no call before its slot
+            job.early = None
+            return await self._ended(await call_after(task, upstream, job.record.task_run_id,
+                                                      quote(job)))
+        early = job.early = asyncio.ensure_future(job.first_attempt())
+        engine = asyncio.ensure_future(self._engine(job, task, upstream))
+        try:
+            await asyncio.wait((early, engine), return_when=asyncio.FIRST_COMPLETED)
+            if early.done() and not early.cancelled() and early.exception() is None:
+                job.tail = engine
+                return early.result()
+            output = await engine
+        except asyncio.CancelledError:
+            engine.cancel()
+            early.cancel()
+            await asyncio.gather(engine, early, return_exceptions=True)
+            raise
+        finally:
+            if not early.done():  # the engine ended without running the body
+                early.cancel()
+                await asyncio.gather(early, return_exceptions=True)
+        return await self._ended(output)
+
+    @staticmethod
+    async def _ended(output: Any) -> Any:
+        """The step's output from what its task run returned."""
         if isinstance(output, State):  # what run_step returned, as returned
             if output.is_cancelled():
                 raise asyncio.CancelledError  # the step's task run ended Cancelled
             return await output.aresult()  # Completed: the output is its data
         return output
+
+    async def _engine(self, job: StepJob, task: Task[..., Any], upstream: list[UUID]) -> Any:
+        """Prefect's engine running the step's task run. The run's engines take turns to
+        start and to end their task runs, one in each turn of the event loop: each is
+        ≈ 2–3 ms of the loop without a pause, and a wide plan's engines all at once
+        would keep every tool call, and every step that ends, waiting behind them."""
+        turns = self._turns
+        await turns.acquire()
+        held = True
+
+        def started() -> None:
+            nonlocal held
+            if held:
+                held = False
+                turns.release()
+
+        async def ending() -> None:
+            nonlocal held
+            await turns.acquire()
+            held = True
+
+        job.started, job.ending = started, ending
+        try:
+            # One turn of the loop first: the tool calls of the steps started in the same
+            # turn as this one begin before any of their engines does.
+            await asyncio.sleep(0)
+            assert job.record.task_run_id is not None
+            return await call_after(task, upstream, job.record.task_run_id, quote(job))
+        finally:
+            started()
 
     async def skip(self, step: Step, record: StepRecord, upstream: list[UUID]) -> None:
         """Record, as a task run, that ``step`` did not run and why."""

@@ -13,6 +13,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -228,8 +229,10 @@ def test_under_a_forced_load_threshold_steps_wait_and_optional_steps_are_skipped
     assert nice["reason"].startswith("skipped under load: memory in use ")
     x, y = report["steps"]["x"], report["steps"]["y"]
     assert x["status"] == y["status"] == "completed"
-    first, second = sorted((x, y), key=lambda s: s["started_at"])
-    assert second["started_at"] >= first["ended_at"]  # one at a time: nothing else ran
+    # One at a time: the second's call began once the first's 0.5-s call had returned
+    # (its limit is given back then, a moment before the first is recorded as ended).
+    first, second = sorted(datetime.fromisoformat(s["started_at"]) for s in (x, y))
+    assert (second - first).total_seconds() >= 0.5
     found = wait_for(lambda: [e for e in waiting_events(started) if e["why"] == "load"], 30,
                      "the waiting event on the server")
     assert found[0]["step_id"] in ("x", "y")
