@@ -433,6 +433,7 @@ class TaskRuns:
             nonlocal held
             await turns.acquire()
             held = True
+            await asyncio.sleep(0)  # a turn of its own, also when no engine waited
 
         job.started, job.ending = started, ending
         try:
