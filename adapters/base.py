@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -62,6 +63,8 @@ class StepContext:
         default_factory=lambda: logging.getLogger("planrun.step"))
     usage: StepUsage = field(default_factory=StepUsage)
     redactor: Redactor = field(default_factory=Redactor)
+    #: The step's Prefect task run, for what a tool attaches to it (an artifact).
+    task_run_id: UUID | None = None
 
     @property
     def reduce_usage(self) -> bool:

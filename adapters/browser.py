@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from pydantic import Field
 
@@ -226,18 +227,21 @@ def readable_text(html: str, inner_text: str) -> tuple[str, str]:
 
 # -- the Prefect artifact ----------------------------------------------------------------------
 
-#: Publishes a markdown artifact: ``(markdown, description)``.
-Publisher = Callable[[str, str], Awaitable[None]]
+#: Publishes a markdown artifact: ``(markdown, description, task_run_id)``.
+Publisher = Callable[[str, str, UUID | None], Awaitable[None]]
 
 
-async def prefect_markdown(markdown: str, description: str) -> None:
-    """A markdown artifact on the current Prefect task run; nothing outside a run."""
-    from prefect.artifacts import acreate_markdown_artifact
+async def prefect_markdown(markdown: str, description: str, task_run_id: UUID | None) -> None:
+    """A markdown artifact on the step's task run ``task_run_id`` (named, since a step's
+    first attempt may begin before Prefect has started its task run: docs/prefect-ui.md);
+    nothing outside a run."""
+    from prefect.artifacts import MarkdownArtifact
     from prefect.context import FlowRunContext, TaskRunContext
 
     if TaskRunContext.get() is None and FlowRunContext.get() is None:
         return
-    await acreate_markdown_artifact(markdown, description=description)
+    await MarkdownArtifact(markdown=markdown, description=description,
+                           task_run_id=task_run_id).acreate()
 
 
 def screenshot_markdown(output: dict[str, Any], where: Path,
@@ -365,7 +369,7 @@ class BrowserOpen(Adapter[BrowserParams]):
         markdown = ctx.redactor.text(screenshot_markdown(output, path, thumbnail))
         try:
             await self._publish(markdown, ctx.redactor.text(
-                f"{ctx.step_id}: screenshot of {output['final_url']}"))
+                f"{ctx.step_id}: screenshot of {output['final_url']}"), ctx.task_run_id)
         except Exception as exc:  # noqa: BLE001 - the artifact is a view; the step succeeded
             ctx.logger.warning("could not attach the screenshot artifact: %s", exc)
 

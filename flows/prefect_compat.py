@@ -17,6 +17,13 @@ its ``task_inputs``, which ``Task.__call__`` fills from futures and states passe
 awaits each step directly and knows its upstream steps by task run id, so ``call_after``
 calls Prefect's ``run_task`` with those ids as ``dependencies`` (docs/prefect-ui.md).
 
+A step's tool call before its task run: Prefect's engine calls a task's function only
+after it has started the task run (≈ 2 ms of the event loop, in one slice), and its caller
+hears the result only after the engine has ended it. planrun starts a step's first attempt
+beside the engine and hands a successful one's output on at once (flows/step.py,
+``TaskRuns``). Not for a step whose tags Prefect limits (``asks_for_slots``): its call
+waits for the engine's slot, as before.
+
 A step that waits for a shared limit: its task run is running (Prefect's task engine is in
 its function), yet it does not run. ``TaskRunShown`` records a ``Pending`` state named
 ``Waiting`` (its message says what for) while it waits and ``Running`` again when it starts,

@@ -271,7 +271,7 @@ class StepJob:
         return StepContext(run_id=self.run_id, step_id=self.step.id, workspace=self.workspace,
                            attempt=number, previous_error=self.last_error,
                            memory_mb=self.memory_mb, logger=log, usage=StepUsage(self.writes),
-                           redactor=self.redactor)
+                           redactor=self.redactor, task_run_id=self.record.task_run_id)
 
     async def _metered(self, adapter: Adapter, params: Any, number: int, log: Any,
                        timeout: float | None) -> Any:
@@ -363,6 +363,10 @@ async def not_run_step(step_id: str, reason: str, failed: bool) -> State[Any]:
     return Completed(name="Skipped", message=reason)
 
 
+#: How long a handed-on task run's end waits for its step's driver (``TaskRuns._engine``).
+CALLER_WAIT_S = 1.0
+
+
 class TaskRuns:
     """Runs each step as a Prefect task run (its attempts as Prefect retries) and records
     each skip as one; each names the task runs of its needs as inputs (docs/prefect-ui.md).
@@ -387,7 +391,8 @@ class TaskRuns:
             return await self._ended(await call_after(task, upstream, job.record.task_run_id,
                                                       quote(job)))
         early = job.early = asyncio.ensure_future(job.first_attempt())
-        engine = asyncio.ensure_future(self._engine(job, task, upstream))
+        engine = asyncio.ensure_future(self._engine(job, task, upstream,
+                                                    asyncio.current_task()))
         try:
             await asyncio.wait((early, engine), return_when=asyncio.FIRST_COMPLETED)
             if early.done() and not early.cancelled() and early.exception() is None:
@@ -414,11 +419,14 @@ class TaskRuns:
             return await output.aresult()  # Completed: the output is its data
         return output
 
-    async def _engine(self, job: StepJob, task: Task[..., Any], upstream: list[UUID]) -> Any:
+    async def _engine(self, job: StepJob, task: Task[..., Any], upstream: list[UUID],
+                      caller: asyncio.Task[Any] | None) -> Any:
         """Prefect's engine running the step's task run. The run's engines take turns to
         start and to end their task runs, one in each turn of the event loop: each is
         ≈ 2–3 ms of the loop without a pause, and a wide plan's engines all at once
-        would keep every tool call, and every step that ends, waiting behind them."""
+        would keep every tool call, and every step that ends, waiting behind them. A
+        task run handed on ends once ``caller`` (the step's driver) is done with the step,
+        so that the steps that needed it have started by then."""
         turns = self._turns
         await turns.acquire()
         held = True
@@ -431,6 +439,8 @@ class TaskRuns:
 
         async def ending() -> None:
             nonlocal held
+            if caller is not None:  # (bounded: a caller that outlives its step holds no end)
+                await asyncio.wait([caller], timeout=CALLER_WAIT_S)
             await turns.acquire()
             held = True
             await asyncio.sleep(0)  # a turn of its own, also when no engine waited

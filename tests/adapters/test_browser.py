@@ -161,7 +161,7 @@ class Published:
     def __init__(self) -> None:
         self.artifacts: list[tuple[str, str]] = []
 
-    async def __call__(self, markdown: str, description: str) -> None:
+    async def __call__(self, markdown: str, description: str, task_run_id: Any) -> None:
         self.artifacts.append((markdown, description))
 
 
