@@ -106,8 +106,20 @@ class Checkpoints:
     async def save(self, record: StepRecord) -> None:
         """Keep ``record`` if it is a finished state worth keeping."""
         if record.status.kept:  # a cancelled step ran only partly: it runs again
-            data = to_data(record) | {"retry": self.retry}
-            await self._write(key(self.run_id, record.id), self.redactor.mask(data))
+            await self._write(key(self.run_id, record.id), self._data(record))
+
+    def saved_at_once(self, record: StepRecord) -> bool:
+        """``save`` without a wait, when the storage is a local directory (Prefect's
+        default): nothing can then cut the write short, and it costs the step no turn of
+        the event loop. False, having kept nothing, when ``save`` must be awaited."""
+        if not record.status.kept:
+            return True
+        return self._written_here(key(self.run_id, record.id), self._data(record))
+
+    def _data(self, record: StepRecord) -> dict[str, Any]:
+        data = to_data(record) | {"retry": self.retry}
+        masked: dict[str, Any] = self.redactor.mask(data)
+        return masked
 
     async def load(self, records: dict[str, StepRecord]) -> list[str]:
         """Restore every step of ``records`` that has a checkpoint (after a retry: every
@@ -160,14 +172,21 @@ class Checkpoints:
         return self._storage
 
     async def _write(self, name: str, data: dict[str, Any]) -> None:
-        content = json.dumps(data, default=str).encode()
+        block = await self._storage_block()
+        if not self._written_here(name, data):
+            await _call(block, "write_path", name, json.dumps(data, default=str).encode())
+
+    def _written_here(self, name: str, data: dict[str, Any]) -> bool:
+        """Write ``data`` under ``name`` if the storage, already known, is a local
+        directory; whether it was."""
         from prefect.filesystems import LocalFileSystem
 
-        block = await self._storage_block()
-        if isinstance(block, LocalFileSystem):
-            _replace(Path(block.basepath or ".").expanduser() / name, content)
-        else:
-            await _call(block, "write_path", name, content)
+        block = self._storage
+        if not isinstance(block, LocalFileSystem):
+            return False
+        _replace(Path(block.basepath or ".").expanduser() / name,
+                 json.dumps(data, default=str).encode())
+        return True
 
     async def _read(self, name: str) -> dict[str, Any] | None:
         """The JSON object kept under ``name``; None if nothing was ever written there."""

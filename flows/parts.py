@@ -76,6 +76,10 @@ class CheckpointStore(Protocol):
 
     async def save(self, record: StepRecord) -> None: ...
 
+    def saved_at_once(self, record: StepRecord) -> bool:
+        """``save`` done without a wait, if the storage allows; False: await ``save``."""
+        ...
+
     async def load(self, records: dict[str, StepRecord]) -> list[str]:
         """Restore the steps that have a checkpoint; ``CheckpointUnreadable`` if one exists
         but cannot be read."""

@@ -273,7 +273,9 @@ class RunSession:
         finally:
             record.note = None  # it waits no longer (also when cancelled while it waited)
         record.ended_at = time.time()
-        await _uncancelled(self.parts.checkpoints.save(record))  # before it is announced
+        checkpoints = self.parts.checkpoints  # the checkpoint is kept before it is announced
+        if not checkpoints.saved_at_once(record):
+            await _uncancelled(checkpoints.save(record))
         self._notify(record)
 
     async def _skip(self, step: Step) -> None:

@@ -99,3 +99,27 @@ def test_a_local_checkpoint_is_replaced_whole_and_read_back(tmp_path: Path) -> N
     records = asyncio.run(go())
     assert records["a"].status == StepStatus.COMPLETED and records["a"].attempts == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == [key("r", "a")]
+
+
+def test_a_checkpoint_in_a_local_directory_is_kept_at_once(tmp_path: Path) -> None:
+    """Prefect's default storage, a local directory: a step's checkpoint is written
+    without a wait (no turn of the loop, nothing a cancel could cut short) and reads back;
+    another storage is left to ``save``, with nothing written."""
+    from prefect.filesystems import LocalFileSystem
+
+    store = Checkpoints("r")
+    done = StepRecord(id="a", tool="core.echo", status=StepStatus.COMPLETED, output=7)
+    assert not store.saved_at_once(done)  # the storage is not known yet
+    store._storage = LocalFileSystem(basepath=str(tmp_path))
+    assert store.saved_at_once(done)
+    assert json.loads((tmp_path / key("r", "a")).read_text())["output"] == 7
+    cancelled = StepRecord(id="b", tool="core.echo", status=StepStatus.CANCELLED)
+    assert store.saved_at_once(cancelled)  # nothing to keep: a cancelled step runs again
+    assert not (tmp_path / key("r", "b")).exists()
+    records = {sid: StepRecord(id=sid, tool="core.echo") for sid in ("a", "b")}
+    assert asyncio.run(store.load(records)) == ["a"]
+    assert records["a"].output == 7
+
+    other = Checkpoints("r")
+    other._storage = Storage({}, {})
+    assert not other.saved_at_once(done)
