@@ -272,7 +272,7 @@ class RunSession:
             record.status = StepStatus.FAILED
         finally:
             record.note = None  # it waits no longer (also when cancelled while it waited)
-        record.ended_at = time.time()
+        record.ended_at = job.ended_at or time.time()  # its last attempt's end
         checkpoints = self.parts.checkpoints  # the checkpoint is kept before it is announced
         if not checkpoints.saved_at_once(record):
             await _uncancelled(checkpoints.save(record))

@@ -104,6 +104,8 @@ class StepJob:
     started: Callable[[], None] | None = field(default=None, repr=False)
     ending: Callable[[], Awaitable[None]] | None = field(default=None, repr=False)
     _began: float = field(default=0.0, repr=False)  # when the current attempt began
+    #: When the last attempt ended (its fallback included), before Prefect's bookkeeping.
+    ended_at: float | None = field(default=None, repr=False)
 
     def prefect_task(self) -> Task[..., Any]:
         """The Prefect task of this step: named by its id, tagged, with its retries."""
@@ -143,7 +145,14 @@ class StepJob:
         """Run attempt ``number`` (1-based); raise a StepError on failure.
 
         The step is ``running`` from the moment its tool is called: while the shared
-        limits keep the call waiting it stays ``pending`` (``_call``)."""
+        limits keep the call waiting it stays ``pending`` (``_call``). When the attempt
+        ends is kept (``ended_at``): the step's end, if it is the last."""
+        try:
+            return await self._attempt(number)
+        finally:
+            self.ended_at = time.time()
+
+    async def _attempt(self, number: int) -> Any:
         record = self.record
         self.next_delay = None
         if self.last_error is not None and self.last_error.category == "permission":

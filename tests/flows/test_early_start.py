@@ -156,3 +156,18 @@ def test_no_tool_call_goes_before_an_operators_prefect_tag_limit(
         """)
     assert report["steps"]["only"]["output"] == {"value": 1}
     assert engines == {}  # no first attempt started beside the engine
+
+
+def test_a_step_ends_when_its_last_attempt_did_not_when_prefect_has_recorded_it(
+        engines: dict[str, dict[str, Any]]) -> None:
+    """A retried step's attempts run in Prefect's engine, which the fixture holds HELD_S
+    after it has ended the task run: the step's end is its last attempt's, before that."""
+    report = run_yaml("""
+        version: 1
+        name: retried-end
+        steps:
+          - {id: flaky, tool: core.fail, retry: {initial_delay: 10ms}, with: {category: transient, times: 1}}
+    """)
+    step = report["steps"]["flaky"]
+    assert step["status"] == "completed" and step["attempts"] == 2
+    assert _epoch(step["ended_at"]) < engines["flaky"]["engine_ended"] - HELD_S + 0.05
