@@ -90,8 +90,11 @@ class Stack:
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         # The CLI finds the token where this stack's planrun up keeps it: no flag.
-        return cli(*args, env={"PLANRUN_BRIDGE_URL": self.url,
+        done = cli(*args, env={"PLANRUN_BRIDGE_URL": self.url,
                                "PLANRUN_HOME": self.env["PLANRUN_HOME"]}, timeout=timeout)
+        if "no planrun stack answers" in done.stderr:  # say why, in the test's failure
+            done.stderr += f"\nthe end of what planrun up printed:\n{self.output()[-6000:]}"
+        return done
 
     def post(self, path: str, **kwargs: Any) -> httpx.Response:
         """A request to this stack's bridge, waited for as ``planrun``'s client waits
