@@ -83,7 +83,7 @@ from prefect._flow_run_suspension import (
 )
 from prefect._internal.uuid7 import uuid7
 from prefect.client.schemas.objects import RunInput, TaskRun, TaskRunResult
-from prefect.context import TagsContext, TaskRunContext
+from prefect.context import TagsContext
 from prefect.exceptions import PrefectHTTPStatusError
 from prefect.states import Pending, Running, State
 from prefect.utilities.annotations import quote
@@ -162,14 +162,12 @@ def call_after(task: Any, upstream: Iterable[UUID], task_run_id: UUID, *args: An
 class TaskRunShown:
     """What the Prefect UI shows of a step's task run while the step waits for a limit.
 
-    Made inside the task run, it reads the task run from the context. A step's first
-    attempt starts before its task run does (flows/step.py): then the task run is
-    ``attach``-ed once Prefect's engine has started it, and a wait still going on is shown
-    from then on. A no-op for a task run never attached."""
+    A step's first attempt starts before its task run does (flows/step.py): then the task
+    run is ``attach``-ed once Prefect's engine has started it, and a wait still going on is
+    shown from then on. A no-op for a task run never known."""
 
-    def __init__(self) -> None:
-        context = TaskRunContext.get()
-        self._task_run = context.task_run if context is not None else None
+    def __init__(self, task_run: TaskRun | None) -> None:
+        self._task_run = task_run
         self._shown: State[Any] | None = None
         self._message: str | None = None  # what it waits for, not shown yet
 

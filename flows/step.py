@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -99,10 +99,8 @@ class StepJob:
     #: The step's task run, once Prefect's engine has started it.
     task_run: TaskRun | None = field(default=None, repr=False)
     _shown: TaskRunShown | None = field(default=None, repr=False)  # the current call's
-    #: Told once Prefect's engine has started the task run; awaited before it ends it
-    #: (``TaskRuns``: the engines of a run take turns on its event loop).
-    started: Callable[[], None] | None = field(default=None, repr=False)
-    ending: Callable[[], Awaitable[None]] | None = field(default=None, repr=False)
+    #: Its engine's turns on the run's event loop (``TaskRuns``), if it takes them.
+    turn: Turn | None = field(default=None, repr=False)
     _began: float = field(default=0.0, repr=False)  # when the current attempt began
     #: When the last attempt ended (its fallback included), before Prefect's bookkeeping.
     ended_at: float | None = field(default=None, repr=False)
@@ -138,8 +136,8 @@ class StepJob:
         self.task_run = task_run
         if self._shown is not None:
             self._shown.attach(task_run)
-        if self.started is not None:
-            self.started()
+        if self.turn is not None:
+            self.turn.give()
 
     async def attempt(self, number: int) -> Any:
         """Run attempt ``number`` (1-based); raise a StepError on failure.
@@ -196,9 +194,7 @@ class StepJob:
         step is pending with a note and lends its run slot; it takes a slot back (before
         steps not started yet) once its wait is over. The limits are given back as soon
         as the call returns: a retry's delay holds nothing."""
-        lent, shown, reason = False, TaskRunShown(), ""
-        if self.task_run is not None:
-            shown.attach(self.task_run)
+        lent, shown, reason = False, TaskRunShown(self.task_run), ""
         self._shown = shown
 
         def waiting(why: Waiting) -> None:
@@ -346,8 +342,8 @@ async def run_step(job: StepJob) -> Any:
     try:
         if number == 1 and job.early is not None:
             output = await job.early  # began with the step (TaskRuns.run)
-            if job.ending is not None:
-                await job.ending()
+            if job.turn is not None:
+                await job.turn.take_to_end()
         else:
             with one_policy():  # the operator's policy is looked for once an attempt
                 output = await job.attempt(number)
@@ -372,8 +368,35 @@ async def not_run_step(step_id: str, reason: str, failed: bool) -> State[Any]:
     return Completed(name="Skipped", message=reason)
 
 
-#: How long a handed-on task run's end waits for its step's driver (``TaskRuns._engine``).
+#: How long a handed-on task run's end waits for its step's driver (``Turn``).
 CALLER_WAIT_S = 1.0
+
+
+class Turn:
+    """One engine's turns on its run's lock (``TaskRuns``): to start its task run, and to
+    end it. Each is taken for a turn of the event loop of its own, also when no other
+    engine waits: an engine's start or end is ≈ 2–3 ms of the loop without a pause, and a
+    wide plan's engines all at once would keep every tool call, and every step that
+    ends, waiting behind them. The end is taken once ``caller`` (the step's driver) is
+    done with the step, so that the steps that needed it have started by then."""
+
+    def __init__(self, turns: asyncio.Lock, caller: asyncio.Task[Any] | None) -> None:
+        self._turns, self._caller, self._held = turns, caller, False
+
+    async def take(self) -> None:
+        await self._turns.acquire()
+        self._held = True
+        await asyncio.sleep(0)
+
+    async def take_to_end(self) -> None:
+        if self._caller is not None:  # (bounded: a caller that outlives its step holds no end)
+            await asyncio.wait([self._caller], timeout=CALLER_WAIT_S)
+        await self.take()
+
+    def give(self) -> None:
+        if self._held:
+            self._held = False
+            self._turns.release()
 
 
 class TaskRuns:
@@ -430,39 +453,16 @@ class TaskRuns:
 
     async def _engine(self, job: StepJob, task: Task[..., Any], upstream: list[UUID],
                       caller: asyncio.Task[Any] | None) -> Any:
-        """Prefect's engine running the step's task run. The run's engines take turns to
-        start and to end their task runs, one in each turn of the event loop: each is
-        ≈ 2–3 ms of the loop without a pause, and a wide plan's engines all at once
-        would keep every tool call, and every step that ends, waiting behind them. A
-        task run handed on ends once ``caller`` (the step's driver) is done with the step,
-        so that the steps that needed it have started by then."""
-        turns = self._turns
-        await turns.acquire()
-        held = True
-
-        def started() -> None:
-            nonlocal held
-            if held:
-                held = False
-                turns.release()
-
-        async def ending() -> None:
-            nonlocal held
-            if caller is not None:  # (bounded: a caller that outlives its step holds no end)
-                await asyncio.wait([caller], timeout=CALLER_WAIT_S)
-            await turns.acquire()
-            held = True
-            await asyncio.sleep(0)  # a turn of its own, also when no engine waited
-
-        job.started, job.ending = started, ending
+        """Prefect's engine running the step's task run, taking its turns (``Turn``): the
+        tool calls of the steps started in the same turn of the loop as this one begin
+        before any of their engines does."""
+        turn = job.turn = Turn(self._turns, caller)
         try:
-            # One turn of the loop first: the tool calls of the steps started in the same
-            # turn as this one begin before any of their engines does.
-            await asyncio.sleep(0)
+            await turn.take()
             assert job.record.task_run_id is not None
             return await call_after(task, upstream, job.record.task_run_id, quote(job))
         finally:
-            started()
+            turn.give()
 
     async def skip(self, step: Step, record: StepRecord, upstream: list[UUID]) -> None:
         """Record, as a task run, that ``step`` did not run and why."""
