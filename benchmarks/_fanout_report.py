@@ -77,9 +77,10 @@ def print_report(args: argparse.Namespace, info: dict[str, Any], probe: dict[str
             f"{rss['idle']:.0f} / {rss['connected']:.0f} / {rss['peak']:.0f}",
             f"{r['cpu_s']['bridge']:.1f} of {r['window_s']:.1f}",
             f"{d['dropped']:.0f} / {d['slow']:.0f}"])
+    lo, hi = args.step_seconds
     print()
     print(f"Fan-out: {args.clients} WebSocket clients in {args.client_procs} processes, one run "
-          f"of {args.steps} core.sleep steps (0.05-0.3 s, max_parallel {args.max_parallel}); "
+          f"of {args.steps} core.sleep steps ({lo:g}-{hi:g} s, max_parallel {args.max_parallel}); "
           f"compression {'off' if args.no_compression else 'permessage-deflate'}")
     print(table(["run", "clients complete", "messages", "deliveries", "run s",
                  "last delivery after run end s", "deliveries/s", "busiest 1 s",
