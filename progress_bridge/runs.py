@@ -35,7 +35,7 @@ from planrun.contract.stream import Draft, MessageType
 from planrun.contract.times import epoch, iso
 from planrun.errors import step_error
 from planrun.progress_bridge.estimate import StepDurations, estimate
-from planrun.progress_bridge.saved_view import Gate, PauseDeadline, SavedStep, SavedView
+from planrun.progress_bridge.saved_view import Gate, PauseDeadline, SavedView, StepsSaved
 from planrun.report import RunRecord, StepRecord
 
 STEP_TYPES = {
@@ -53,6 +53,8 @@ STEP_TYPES = {
 BREAKER_TYPES: dict[BreakerState, MessageType] = {
     "open": MessageType.TOOL_CIRCUIT_OPENED, "half_open": MessageType.TOOL_CIRCUIT_HALF_OPEN,
     "closed": MessageType.TOOL_CIRCUIT_CLOSED}
+#: How a saved view without steps ends: ``to_json`` puts the steps' JSON there.
+EMPTY_STEPS = '"steps":[]}'
 #: The shortest time between two computed estimates of one run.
 ESTIMATE_EVERY_S = 0.25
 #: How Prefect's terminal flow-run states end a run whose engine could not say so itself.
@@ -87,6 +89,8 @@ class RunView:
     #: The process that said it runs the run (``run.started``, ``run.resumed``): kept, so
     #: that a restarted bridge can tell at once that it has exited (progress_bridge/timers.py).
     process: RunProcess | None = None
+    #: Each step's saved JSON, shared by the run's views (``to_json``).
+    saved_steps: StepsSaved = field(default_factory=StepsSaved, repr=False, compare=False)
 
     @property
     def ended(self) -> bool:
@@ -350,8 +354,10 @@ class RunView:
     # Saving and loading --------------------------------------------------------------
 
     def to_json(self) -> str:
+        """The view as :class:`SavedView` JSON: the run's part made now, each step's as it
+        was last made unless the step changed (:class:`StepsSaved`)."""
         r = self.record
-        return SavedView(
+        head = SavedView(
             run_id=r.run_id, plan=r.plan, status=r.status, reason=r.reason,
             started_at=r.started_at, ended_at=r.ended_at, prefect_url=r.flow_run_url,
             rolled_back=r.rolled_back, max_parallel=self.max_parallel,
@@ -359,10 +365,10 @@ class RunView:
             pause_deadline=self.pause_deadline, waiting_since=self.waiting_since,
             process=self.process, step_n=self.step_n, summaries=self.summaries,
             waiting=self.waiting, told=self.told,
-            steps=[SavedStep(id=s.id, tool=s.tool, name=s.name, needs=s.needs,
-                             critical=s.critical, estimate_s=s.estimate_s, note=s.note,
-                             **dict(s.to_checkpoint())) for s in r.steps.values()],
         ).model_dump_json(fallback=str)
+        assert head.endswith(EMPTY_STEPS), "SavedView's last field is its steps"
+        steps = ",".join(self.saved_steps.json(s) for s in r.steps.values())
+        return f"{head[:-len(EMPTY_STEPS)]}\"steps\":[{steps}]}}"
 
     @classmethod
     def from_json(cls, text: str) -> RunView:

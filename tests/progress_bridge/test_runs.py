@@ -3,6 +3,7 @@ messages out (no Prefect, no server, no clock); and the view saved and loaded.""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -21,6 +22,8 @@ from planrun.contract.status import RunStatus, StepStatus
 from planrun.errors import ContractError
 from planrun.progress_bridge.apply import FlowRunEnded, RunEvent, apply, end_by_flow_run
 from planrun.progress_bridge.runs import RunView
+from planrun.progress_bridge.saved_view import SavedView, StepsSaved
+from planrun.report import StepRecord
 
 NOW = 1_767_225_605.0  # 2026-01-01T00:00:05Z
 STARTED = RunStarted.read({
@@ -241,3 +244,49 @@ def test_a_retry_goes_on_with_an_ended_run_and_an_old_retry_event_changes_nothin
     late = apply(ended_again, event(RunResumed(run_id="r", n=2_000_001, restored=["a"],
                                                retry=1)), NOW)  # read again after a restart
     assert late.drafts == [] and late.view is not None and late.view.ended
+
+
+def saved_afresh(view: RunView) -> str:
+    """The view saved with no step's JSON kept from before: every step made now."""
+    return replace(view, saved_steps=StepsSaved()).to_json()
+
+
+def test_a_saved_view_reuses_only_what_did_not_change() -> None:
+    view: RunView | None = started_view()
+    seen = []
+    for payload in (step(2, "a", "running"), step(3, "a", "completed", output={"n": 1}),
+                    step(4, "b", "retrying", error={"category": "transient", "message": "503"}),
+                    RunPaused(run_id="r", n=5, reason="asked"),
+                    RunResumed(run_id="r", n=6, restored=["a"]),
+                    step(7, "b", "failed", error={"category": "logic", "message": "down"}),
+                    RunEnded(run_id="r", n=8, status=RunStatus.COMPLETED_WITH_ERRORS),
+                    RunResumed(run_id="r", n=2_000_001, restored=["a"], retry=1)):
+        assert view is not None
+        before = view.to_json()
+        view = apply(view, event(payload), NOW).view
+        assert view is not None
+        text = view.to_json()
+        assert text == saved_afresh(view)  # nothing stale: the same as made whole
+        # ... and exactly what the contract's model writes for what it reads back
+        assert SavedView.model_validate_json(text).model_dump_json(fallback=str) == text
+        seen.append(text != before)
+    assert all(seen)  # every event above changed what is saved
+
+
+def test_saving_a_view_again_makes_the_json_of_the_changed_steps_only(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    steps = [{"id": f"s{i}", "tool": "core.echo", "needs": []} for i in range(200)]
+    wide = RunStarted.read({**STARTED.model_dump(mode="json"), "steps": steps})
+    view = RunView.started("r", wide, NOW)[0]
+    view.to_json()
+    made: list[str] = []
+    checkpoint = StepRecord.to_checkpoint
+    monkeypatch.setattr(StepRecord, "to_checkpoint",
+                        lambda self: made.append(self.id) or checkpoint(self))
+    changed = apply(view, event(step(2, "s7", "completed", output={"n": 7})), NOW).view
+    assert changed is not None
+    assert '"output":{"n":7}' in changed.to_json()
+    assert made == ["s7"]
+    made.clear()
+    assert view.to_json() == saved_afresh(view)  # the view before the event, as it was
+    assert made == ["s7", *(f"s{i}" for i in range(200))]  # s7 again, then afresh
