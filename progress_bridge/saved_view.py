@@ -83,9 +83,9 @@ _SAVED = attrgetter("id", "tool", "name", "needs", "critical", "estimate_s", "no
 class StepsSaved:
     """Each step's saved JSON, made again only for a step that changed.
 
-    A view is saved with every event; made whole, the steps of a 200-step run were most of
-    the bridge's CPU under 1,000 clients (BENCHMARKS.md, "fan-out"), and a run's saving
-    grew with the square of its steps. A step's JSON is kept with the values it was made
+    A view is saved with every event; made whole, the steps of a 200-step run were over
+    half of handling an event under 1,000 clients (BENCHMARKS.md, "fan-out"), and a run's
+    saving grew with the square of its steps. A step's JSON is kept with the values it was made
     from, and reused while the step holds the very same values: the views of one run share
     this (a view changes a copy of itself per event, and a copied step keeps its values'
     objects), and the bridge replaces a step's values, never changes them in place.
