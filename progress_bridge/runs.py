@@ -355,7 +355,8 @@ class RunView:
 
     def to_json(self) -> str:
         """The view as :class:`SavedView` JSON: the run's part made now, each step's as it
-        was last made unless the step changed (:class:`StepsSaved`)."""
+        was last made unless the step changed (:class:`StepsSaved`; nothing is kept once
+        the run has ended)."""
         r = self.record
         head = SavedView(
             run_id=r.run_id, plan=r.plan, status=r.status, reason=r.reason,
@@ -368,6 +369,8 @@ class RunView:
         ).model_dump_json(fallback=str)
         assert head.endswith(EMPTY_STEPS), "SavedView's last field is its steps"
         steps = ",".join(self.saved_steps.json(s) for s in r.steps.values())
+        if self.ended:
+            self.saved_steps.clear()
         return f"{head[:-len(EMPTY_STEPS)]}\"steps\":[{steps}]}}"
 
     @classmethod

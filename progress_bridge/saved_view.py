@@ -94,6 +94,14 @@ class StepsSaved:
     def __init__(self) -> None:
         self._made: dict[str, tuple[tuple[Any, ...], str]] = {}
 
+    def __len__(self) -> int:
+        return len(self._made)
+
+    def clear(self) -> None:
+        """Keep nothing (a run that ended: the bridge keeps every run's view, and an
+        ended run's steps rarely change again)."""
+        self._made.clear()
+
     def json(self, step: StepRecord) -> str:
         values = _SAVED(step)
         made = self._made.get(step.id)

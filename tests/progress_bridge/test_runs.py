@@ -270,6 +270,7 @@ def test_a_saved_view_reuses_only_what_did_not_change() -> None:
         # ... and exactly what the contract's model writes for what it reads back
         assert SavedView.model_validate_json(text).model_dump_json(fallback=str) == text
         seen.append(text != before)
+        assert (len(view.saved_steps) == 0) == view.ended  # an ended run keeps no JSON
     assert all(seen)  # every event above changed what is saved
 
 
