@@ -55,8 +55,12 @@ BREAKER_TYPES: dict[BreakerState, MessageType] = {
     "closed": MessageType.TOOL_CIRCUIT_CLOSED}
 #: How a saved view without steps ends: ``to_json`` puts the steps' JSON there.
 EMPTY_STEPS = '"steps":[]}'
-#: The shortest time between two computed estimates of one run.
+#: The shortest time between two computed estimates of one run ...
 ESTIMATE_EVERY_S = 0.25
+#: ... and, per step of its plan, for a large plan: an estimate's cost grows with the
+#: steps (≈ 4 ms for 200, ≈ 30 ms for 1,000), and a run of 1,000 steps estimated every
+#: 0.25 s took a quarter of a core; so at most ≈ 3 % of one.
+ESTIMATE_EVERY_S_PER_STEP = 0.001
 #: How Prefect's terminal flow-run states end a run whose engine could not say so itself.
 FLOW_RUN_ENDS = {"CRASHED": RunStatus.FAILED, "FAILED": RunStatus.FAILED,
                  "CANCELLED": RunStatus.CANCELLED, "COMPLETED": RunStatus.COMPLETED}
@@ -314,8 +318,18 @@ class RunView:
             report["awaiting_approval"] = self.gate.model_dump()
         return report
 
+    @property
+    def estimate_every_s(self) -> float:
+        """The shortest time between two computed estimates of this run."""
+        return max(ESTIMATE_EVERY_S, len(self.record.steps) * ESTIMATE_EVERY_S_PER_STEP)
+
+    def estimate_due(self, now: float) -> bool:
+        """Whether an estimate at ``now`` would be computed afresh (for the ticker)."""
+        last = self._estimate
+        return last is None or not 0 <= now - last[0] < self.estimate_every_s
+
     def estimate(self, now: float) -> Estimate | None:
-        """The estimate at ``now``. It is computed at most every ``ESTIMATE_EVERY_S`` while
+        """The estimate at ``now``. It is computed at most every ``estimate_every_s`` while
         the run goes (≈ 4 ms for 200 steps, on the loop that also sends); in between, the
         last one is reused with the time since taken off. A wait for a person that begins
         or ends makes a fresh one."""
@@ -323,7 +337,7 @@ class RunView:
             return None
         since = self.waiting_since if self.record.status.waiting else None
         last = self._estimate
-        if (last is not None and not self.ended and 0 <= now - last[0] < ESTIMATE_EVERY_S
+        if (last is not None and not self.ended and not self.estimate_due(now)
                 and last[1].waiting_since == iso(since)):
             self.estimate_stale = True
             return last[1].later(now - last[0])

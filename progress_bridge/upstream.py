@@ -323,8 +323,9 @@ class Upstream:
 
     async def _tick(self) -> None:
         """A ``progress`` message for a run that has had none for ``tick_s`` while a step
-        runs, or whose last message reused an earlier estimate (estimates are computed at
-        most every ``ESTIMATE_EVERY_S``, so a burst of changes gets a fresh one after it)."""
+        runs, or whose last message reused an earlier estimate once a fresh one is due
+        (estimates are computed at most every ``ESTIMATE_EVERY_S``, longer for a large
+        plan: a burst of changes gets a fresh one after it)."""
         every = min(self.settings.tick_s, ESTIMATE_EVERY_S)
         while True:
             await asyncio.sleep(every)
@@ -334,7 +335,8 @@ class Upstream:
                     continue
                 self.deadlines.check_alive(run_id, view, wall)
                 last = self.committer.last_sent.get(run_id, now)
-                if view.estimate_stale or (view.running and now - last >= self.settings.tick_s):
+                if ((view.estimate_stale and view.estimate_due(wall))
+                        or (view.running and now - last >= self.settings.tick_s)):
                     applied = tick(view, wall)
                     assert applied.view is not None
                     self.committer.commit(run_id, applied.view, applied.drafts, save=False)

@@ -274,11 +274,16 @@ def test_a_saved_view_reuses_only_what_did_not_change() -> None:
     assert all(seen)  # every event above changed what is saved
 
 
+def wide_view(steps: int) -> RunView:
+    """A started run of ``steps`` independent steps."""
+    plan = [{"id": f"s{i}", "tool": "core.echo", "needs": []} for i in range(steps)]
+    return RunView.started("r", RunStarted.read({**STARTED.model_dump(mode="json"),
+                                                 "steps": plan}), NOW)[0]
+
+
 def test_saving_a_view_again_makes_the_json_of_the_changed_steps_only(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    steps = [{"id": f"s{i}", "tool": "core.echo", "needs": []} for i in range(200)]
-    wide = RunStarted.read({**STARTED.model_dump(mode="json"), "steps": steps})
-    view = RunView.started("r", wide, NOW)[0]
+    view = wide_view(200)
     view.to_json()
     made: list[str] = []
     checkpoint = StepRecord.to_checkpoint
@@ -291,3 +296,16 @@ def test_saving_a_view_again_makes_the_json_of_the_changed_steps_only(
     made.clear()
     assert view.to_json() == saved_afresh(view)  # the view before the event, as it was
     assert made == ["s7", *(f"s{i}" for i in range(200))]  # s7 again, then afresh
+
+
+@pytest.mark.parametrize(("steps", "every_s"), [(2, 0.25), (200, 0.25), (1000, 1.0)])
+def test_an_estimate_is_made_afresh_at_most_every_quarter_second_or_ms_per_step(
+        steps: int, every_s: float) -> None:
+    view, at = wide_view(steps), NOW + 10  # its start made the first estimate, at NOW
+    view.estimate(at)
+    assert not view.estimate_stale and not view.estimate_due(at + every_s - 0.01)
+    reused = view.estimate(at + every_s - 0.01)
+    assert view.estimate_stale and reused is not None  # the last one, the time taken off
+    assert view.estimate_due(at + every_s)
+    view.estimate(at + every_s)
+    assert not view.estimate_stale
