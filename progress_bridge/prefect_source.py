@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
@@ -105,6 +106,10 @@ class PrefectEventSource:
         self._last_n: dict[str, int] = {}
         self._recheck: asyncio.Task[Any] | None = None
         self._gaps: set[str] = set()  # runs whose event numbers jumped, to read again
+        #: A run's live events from its first jump until its missing events were read back:
+        #: applied after them, so that no step's change comes after the run's end or
+        #: behind a later change of the same step (:meth:`_gap_reconcile`).
+        self._held: dict[str, list[RunEvent | FlowRunEnded]] = {}
         #: Events read from Prefect's REST API (not its stream), by run id ("" for events
         #: about no run): what a start, a reconciliation or a recall cost.
         self.read: Counter[str] = Counter()
@@ -141,7 +146,7 @@ class PrefectEventSource:
                     self.connected.set()
                     delay = self.settings.retry_s
                     async for count, event in _numbered(events):
-                        self._take(event)
+                        self._take(event, live=True)
                         # Reading a buffered event does not wait: give the senders a turn
                         # now and then, and never stop reading for long (Prefect drops what
                         # overflows). After every event it was a lockstep with 1,000
@@ -268,7 +273,10 @@ class PrefectEventSource:
                         type(exc).__name__, exc)
             return found
 
-    def _take(self, event: Event) -> bool:
+    def _take(self, event: Event, *, live: bool = False) -> bool:
+        """Deliver ``event`` (from the stream when ``live``, else read from the API);
+        whether it was new. A live event of a run with missing events is held until they
+        have been read back."""
         try:
             found = incoming(event)
         except ContractError as exc:
@@ -278,6 +286,10 @@ class PrefectEventSource:
             return False
         if isinstance(found, RunEvent):
             self._check_gap(found)
+        if (live and isinstance(found, (RunEvent, FlowRunEnded))
+                and (found.run_id in self._gaps or found.run_id in self._held)):
+            self._held.setdefault(found.run_id, []).append(found)
+            return False
         return self._deliver(found)
 
     def _check_gap(self, event: RunEvent) -> None:
@@ -299,15 +311,27 @@ class PrefectEventSource:
         """Read the events since the cursor again, and the whole of each run with a gap:
         its missing events may be older than the window (a run in flight at the first
         start whose events Prefect had not stored yet)."""
+        runs, self._gaps = self._gaps, set()
         try:
-            runs, self._gaps = self._gaps, set()
             await self.reconcile()
             for run_id in runs:
                 await self.recall(run_id)
         finally:
             self._recheck = None
+            # What the stream brought meanwhile goes on now, in the run's order (what the
+            # reading delivered already is not applied twice), unless the run jumped again.
+            for run_id in runs - self._gaps:
+                for held in sorted(self._held.pop(run_id, []), key=_order):
+                    self._deliver(held)
             if self._gaps:  # found while this read went on: they get a read of their own
                 self._recheck = self.later.soon(self.settings.settle_s, self._gap_reconcile)
+
+
+def _order(event: RunEvent | FlowRunEnded) -> tuple[int, float]:
+    """Held events in their run's order: planrun's by number, Prefect's end of the flow
+    run after them all."""
+    return (event.payload.n, 0.0) if isinstance(event, RunEvent) else (sys.maxsize,
+                                                                        event.occurred)
 
 
 def incoming(event: Event) -> Incoming | None:

@@ -8,10 +8,11 @@ import logging
 from typing import Any
 
 import pytest
-from prefect.events import Event, Resource
+from prefect.events import Event, RelatedResource, Resource
 
 from planrun.contract.events import StepChanged, step_event
 from planrun.contract.status import StepStatus
+from planrun.progress_bridge.apply import FlowRunEnded, RunEvent
 from planrun.progress_bridge.prefect_source import PrefectEventSource, incoming
 from planrun.progress_bridge.timers import Later
 from planrun.progress_bridge.upstream_settings import UpstreamSettings
@@ -120,3 +121,57 @@ def test_a_gap_found_while_gaps_are_being_read_gets_a_read_of_its_own(
 
     assert asyncio.run(gaps()) == ["r1", "r2"]
     assert "events 2..3 of run r2 are missing" in caplog.text
+
+
+def test_a_runs_live_events_after_a_jump_wait_until_the_missing_ones_are_read_back() -> None:
+    """Prefect's stream dropped events 3 and 4 of r1 (a full subscriber queue: 1,000-step
+    runs under load) and went on with 5 and with Prefect's end of the flow run. Applied as
+    they came, the run ended before some of its steps did, and a watcher's stream, which
+    ends at the run's end, never showed them. They now wait for the read of 3 and 4, then
+    go on in the run's order; another run's events are not held up."""
+    order: list[tuple[str, int | str]] = []
+    five = _step("r1", 5)  # sent live late, and also read back from the API
+    seen: set[str] = set()
+
+    def deliver(event: Any) -> bool:  # as the upstream's store: each event once
+        if event.id in seen:
+            return False
+        seen.add(event.id)
+        order.append((event.run_id, event.payload.n if isinstance(event, RunEvent)
+                      else event.state))
+        return True
+
+    async def jump() -> None:
+        later = Later()
+        source = PrefectEventSource(UpstreamSettings(settle_s=0.0, lookback_s=1.0), later)
+        source._deliver = deliver
+
+        async def reconcile() -> int:  # what Prefect's API gives back: the missing ones
+            assert order == [("r1", 1), ("r1", 2), ("r2", 1)]  # nothing of r1 after the jump
+            source._take(_step("r1", 3))
+            source._take(_step("r1", 4))
+            source._take(five)
+            return 3
+
+        async def recall(run_id: str) -> int:
+            return 0
+
+        source.reconcile = reconcile  # type: ignore[method-assign]
+        source.recall = recall  # type: ignore[method-assign]
+        ended = Event(event="prefect.flow-run.Completed",
+                      resource=Resource({"prefect.resource.id": "prefect.flow-run.r1"}),
+                      related=[RelatedResource({"prefect.resource.id": "prefect.tag.planrun",
+                                                "prefect.resource.role": "tag"})],
+                      payload={"validated_state": {"type": "COMPLETED"}})
+        assert isinstance(incoming(ended), FlowRunEnded)
+        for event in (_step("r1", 1), _step("r1", 2), _step("r1", 6), ended, _step("r2", 1),
+                      five):
+            source._take(event, live=True)
+        recheck = source._recheck
+        assert recheck is not None
+        await recheck
+        await later.close()
+
+    asyncio.run(jump())
+    assert order == [("r1", 1), ("r1", 2), ("r2", 1), ("r1", 3), ("r1", 4), ("r1", 5),
+                     ("r1", 6), ("r1", "COMPLETED")]
