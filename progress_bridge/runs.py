@@ -95,6 +95,9 @@ class RunView:
     process: RunProcess | None = None
     #: Each step's saved JSON, shared by the run's views (``to_json``).
     saved_steps: StepsSaved = field(default_factory=StepsSaved, repr=False, compare=False)
+    #: The steps this view may change in place: those it copied since it was last copied
+    #: or saved (``_changing``). Every other step may be another view's too, or saved.
+    _fresh: set[str] = field(default_factory=set, repr=False, compare=False)
 
     @property
     def ended(self) -> bool:
@@ -111,13 +114,24 @@ class RunView:
                    for s in self.record.steps.values())
 
     def copy(self) -> RunView:
-        """A copy to change: its record and steps are its own; ``durations`` is shared."""
-        record = replace(self.record, steps={sid: copy.copy(s)
-                                             for sid, s in self.record.steps.items()},
+        """A copy to change: its record is its own, and each step once it changes it
+        (``_changing``: a run's event changes one step or two of hundreds); ``durations``
+        is shared."""
+        self._fresh.clear()  # its steps are the copy's too now
+        record = replace(self.record, steps=dict(self.record.steps),
                          rolled_back=list(self.record.rolled_back))
         return replace(self, record=record, step_n=dict(self.step_n),
                        summaries=dict(self.summaries), waiting=dict(self.waiting),
-                       told=dict(self.told))
+                       told=dict(self.told), _fresh=set())
+
+    def _changing(self, step: StepRecord) -> StepRecord:
+        """``step`` of this view, to change: a copy of it the first time since the view
+        was copied or saved (the step may be the view's it was copied from, or saved as
+        it is)."""
+        if step.id not in self._fresh:
+            step = self.record.steps[step.id] = copy.copy(step)
+            self._fresh.add(step.id)
+        return step
 
     @classmethod
     def started(cls, run_id: str, p: RunStarted, now: float) -> tuple[RunView, list[Draft]]:
@@ -143,6 +157,7 @@ class RunView:
         step = self.record.steps.get(p.step_id)
         if step is None or p.n <= self.step_n.get(step.id, 0):
             return []
+        step = self._changing(step)
         self.step_n[step.id] = p.n
         self._stop_waiting(step)
         drafts = []
@@ -188,6 +203,7 @@ class RunView:
         self.step_n[step.id] = p.n
         if step.note == p.note and self.waiting.get(step.id) == p.why:
             return []
+        step = self._changing(step)
         step.note, self.waiting[step.id] = p.note, p.why
         return [self._draft(MessageType.STEP_WAITING, now, step_id=step.id,
                             status=str(step.status), attempt=step.attempts or None,
@@ -208,7 +224,7 @@ class RunView:
         """Apply a ``planrun.run.<status>`` event."""
         if self.ended:
             return []
-        for step in self.record.steps.values():
+        for step in list(self.record.steps.values()):
             self._stop_waiting(step)
         record = self.record
         record.status, record.reason = p.status, p.reason
@@ -285,9 +301,10 @@ class RunView:
         why = f"the run's flow run ended {state_type.lower()}" + (f": {message}" if message
                                                                    else "")
         drafts = []
-        for step in self.record.steps.values():
+        for step in list(self.record.steps.values()):
             if step.status.finished:
                 continue
+            step = self._changing(step)
             self._stop_waiting(step)
             step.status = (StepStatus.CANCELLED if step.started_at is not None
                            else StepStatus.SKIPPED)
@@ -346,7 +363,8 @@ class RunView:
         return fresh
 
     def _stop_waiting(self, step: StepRecord) -> None:
-        step.note = None
+        if step.note is not None:
+            self._changing(step).note = None
         self.waiting.pop(step.id, None)
 
     def _step_draft(self, step: StepRecord, now: float, impact: Impact | None = None) -> Draft:
@@ -383,6 +401,7 @@ class RunView:
         ).model_dump_json(fallback=str)
         assert head.endswith(EMPTY_STEPS), "SavedView's last field is its steps"
         steps = ",".join(self.saved_steps.json(s) for s in r.steps.values())
+        self._fresh.clear()  # saved as they are: a later change copies them first
         if self.ended:
             self.saved_steps.clear()
         return f"{head[:-len(EMPTY_STEPS)]}\"steps\":[{steps}]}}"

@@ -7,8 +7,7 @@ and its pause deadline are models of their own, which the live view
 
 from __future__ import annotations
 
-from operator import attrgetter
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel
 
@@ -73,26 +72,19 @@ class SavedView(Versioned):
     steps: list[SavedStep] = []
 
 
-#: What a step's saved JSON is made of (:class:`SavedStep`: the plan's step and its checkpoint).
-_SAVED = attrgetter("id", "tool", "name", "needs", "critical", "estimate_s", "note", "status",
-                    "attempts", "started_at", "ended_at", "input", "output", "error",
-                    "reason", "fallback_used", "error_caused_skip", "task_run_id",
-                    "resources")
-
-
 class StepsSaved:
     """Each step's saved JSON, made again only for a step that changed.
 
     A view is saved with every event; made whole, the steps of a 200-step run were over
     half of handling an event under 1,000 clients (BENCHMARKS.md, "fan-out"), and a run's
-    saving grew with the square of its steps. A step's JSON is kept with the values it was made
-    from, and reused while the step holds the very same values: the views of one run share
-    this (a view changes a copy of itself per event, and a copied step keeps its values'
-    objects), and the bridge replaces a step's values, never changes them in place.
+    saving grew with the square of its steps. A step's JSON is kept with the step it was
+    made from and reused while a view holds that very step: the views of one run share
+    this, and a step once saved is never changed in place (a view copies a step before it
+    changes it for the first time since it was copied or saved: ``RunView._changing``).
     """
 
     def __init__(self) -> None:
-        self._made: dict[str, tuple[tuple[Any, ...], str]] = {}
+        self._made: dict[str, tuple[StepRecord, str]] = {}
 
     def __len__(self) -> int:
         return len(self._made)
@@ -103,12 +95,11 @@ class StepsSaved:
         self._made.clear()
 
     def json(self, step: StepRecord) -> str:
-        values = _SAVED(step)
         made = self._made.get(step.id)
-        if made is not None and all(a is b for a, b in zip(made[0], values, strict=True)):
+        if made is not None and made[0] is step:
             return made[1]
         text = SavedStep(id=step.id, tool=step.tool, name=step.name, needs=step.needs,
                          critical=step.critical, estimate_s=step.estimate_s, note=step.note,
                          **dict(step.to_checkpoint())).model_dump_json(fallback=str)
-        self._made[step.id] = (values, text)
+        self._made[step.id] = (step, text)
         return text

@@ -16,6 +16,7 @@ from planrun.contract.events import (
     RunResumed,
     RunStarted,
     StepChanged,
+    StepWaiting,
     step_event,
 )
 from planrun.contract.status import RunStatus, StepStatus
@@ -309,3 +310,30 @@ def test_an_estimate_is_made_afresh_at_most_every_quarter_second_or_ms_per_step(
     assert view.estimate_due(at + every_s)
     view.estimate(at + every_s)
     assert not view.estimate_stale
+
+
+def test_a_view_changed_again_after_it_was_saved_saves_the_change() -> None:
+    """A saved step's JSON is kept with the step: a view that changes a step after saving
+    it (as the tests' views do, without a copy) changes a copy of the step, not the step
+    whose JSON is kept."""
+    view = started_view()
+    first = view.to_json()
+    view.on_step(step(2, "a", "running"), NOW)
+    second = view.to_json()
+    view.on_step(step(3, "a", "completed", output={"n": 1}), NOW)
+    view.on_waiting(StepWaiting(run_id="r", n=4, step_id="b", why="slot", note="a slot"),
+                    NOW)
+    third = view.to_json()
+    assert len({first, second, third}) == 3
+    assert third == saved_afresh(view)
+    assert '"output":{"n":1}' in third and '"note":"a slot"' in third
+
+
+def test_a_copy_keeps_its_steps_when_the_view_it_was_copied_from_changes() -> None:
+    view = started_view()
+    view.on_step(step(2, "a", "running"), NOW)  # a step the view has made its own
+    copied = view.copy()
+    view.on_step(step(3, "a", "completed", output={"n": 1}), NOW)
+    assert copied.record.steps["a"].status == StepStatus.RUNNING
+    assert copied.record.steps["a"].output is None
+    assert view.record.steps["a"].status == StepStatus.COMPLETED
