@@ -80,6 +80,9 @@ PAGE = 50  # POST /events/filter answers at most 50 events a page
 VARIABLES_PAGE = 200  # POST /variables/filter answers at most 200 a page
 RUNS_AT_ONCE = 50  # runs whose events one POST /events/filter asks for
 TURN = 16  # events handled between two turns given to the senders
+#: Reads of a run's missing events after the first, while Prefect has not stored them
+#: (a busy server's persister): its live events wait meanwhile, ``settle_s`` a read.
+GAP_READS = 5
 
 
 class _State(BaseModel):
@@ -110,6 +113,8 @@ class PrefectEventSource:
         #: applied after them, so that no step's change comes after the run's end or
         #: behind a later change of the same step (:meth:`_gap_reconcile`).
         self._held: dict[str, list[RunEvent | FlowRunEnded]] = {}
+        self._missing: dict[str, set[int]] = {}  # each run's numbers not seen since a jump
+        self._reads: Counter[str] = Counter()  # reads of a run's jump that found it open
         #: Events read from Prefect's REST API (not its stream), by run id ("" for events
         #: about no run): what a start, a reconciliation or a recall cost.
         self.read: Counter[str] = Counter()
@@ -296,6 +301,8 @@ class PrefectEventSource:
         """A run's events carry n = 1, 2, 3...: a jump means Prefect dropped some while we
         were connected (a full subscriber queue), so read them back from its API."""
         n, run_id = event.payload.n, event.run_id
+        if missing := self._missing.get(run_id):
+            missing.discard(n)
         last = self._last_n.get(run_id)
         if last is None or n > last:
             self._last_n[run_id] = n
@@ -303,6 +310,7 @@ class PrefectEventSource:
         if same_process and last is not None and n > last + 1:
             log.warning("events %d..%d of run %s are missing; reconciling", last + 1, n - 1,
                         run_id)
+            self._missing.setdefault(run_id, set()).update(range(last + 1, n))
             self._gaps.add(run_id)
             if self._recheck is None:
                 self._recheck = self.later.soon(self.settings.settle_s, self._gap_reconcile)
@@ -319,12 +327,30 @@ class PrefectEventSource:
         finally:
             self._recheck = None
             # What the stream brought meanwhile goes on now, in the run's order (what the
-            # reading delivered already is not applied twice), unless the run jumped again.
+            # reading delivered already is not applied twice), unless the run jumped again
+            # or Prefect has not stored the missing events yet.
             for run_id in runs - self._gaps:
+                if self._missing.get(run_id) and self._reads[run_id] < GAP_READS:
+                    self._reads[run_id] += 1
+                    self._gaps.add(run_id)
+                    continue
+                if still := self._missing.pop(run_id, None):
+                    log.warning("events %s of run %s never came back from Prefect; going "
+                                "on without them", _numbers(still), run_id)
+                self._reads.pop(run_id, None)
                 for held in sorted(self._held.pop(run_id, []), key=_order):
                     self._deliver(held)
             if self._gaps:  # found while this read went on: they get a read of their own
                 self._recheck = self.later.soon(self.settings.settle_s, self._gap_reconcile)
+
+
+def _numbers(found: set[int]) -> str:
+    """Event numbers as a person reads them: ``3..7`` or ``3, 5 and 2 more``."""
+    ordered = sorted(found)
+    if ordered[-1] - ordered[0] + 1 == len(ordered):
+        return f"{ordered[0]}..{ordered[-1]}"
+    shown = ", ".join(str(n) for n in ordered[:2])
+    return f"{shown} and {len(ordered) - 2} more" if len(ordered) > 2 else shown
 
 
 def _order(event: RunEvent | FlowRunEnded) -> tuple[int, float]:

@@ -13,7 +13,7 @@ from prefect.events import Event, RelatedResource, Resource
 from planrun.contract.events import StepChanged, step_event
 from planrun.contract.status import StepStatus
 from planrun.progress_bridge.apply import FlowRunEnded, RunEvent
-from planrun.progress_bridge.prefect_source import PrefectEventSource, incoming
+from planrun.progress_bridge.prefect_source import GAP_READS, PrefectEventSource, incoming
 from planrun.progress_bridge.timers import Later
 from planrun.progress_bridge.upstream_settings import UpstreamSettings
 
@@ -68,18 +68,21 @@ def test_a_jump_in_a_runs_event_numbers_reads_the_missing_ones_back(
         later = Later()
         source = PrefectEventSource(UpstreamSettings(settle_s=0.0, lookback_s=1.0), later)
         source._deliver = lambda event: True
+        reads = 0
         with caplog.at_level(logging.WARNING, logger="planrun.bridge"):
             source._take(_step("r1", 1))
             source._take(_step("r1", 2))
             source._take(_step("r1", 5))
-        recheck = source._recheck
-        assert recheck is not None
-        await recheck  # reconciles against the test session's Prefect server
+            while (recheck := source._recheck) is not None:
+                await recheck  # reconciles against the test session's Prefect server
+                reads += 1
         await later.close()
-        return source._recheck is None
+        return reads
 
-    assert asyncio.run(jump())
+    # 3 and 4 were never sent: read again while Prefect may not have stored them yet
+    assert asyncio.run(jump()) == 1 + GAP_READS
     assert "events 3..4 of run r1 are missing; reconciling" in caplog.text
+    assert "events 3..4 of run r1 never came back from Prefect" in caplog.text
 
 
 
@@ -103,6 +106,8 @@ def test_a_gap_found_while_gaps_are_being_read_gets_a_read_of_its_own(
 
         async def recall(run_id: str) -> int:
             recalled.append(run_id)
+            for n in {"r1": [2], "r2": [2, 3]}[run_id]:  # what Prefect kept
+                source._take(_step(run_id, n))
             return 0
 
         source.reconcile = reconcile  # type: ignore[method-assign]
@@ -175,3 +180,36 @@ def test_a_runs_live_events_after_a_jump_wait_until_the_missing_ones_are_read_ba
     asyncio.run(jump())
     assert order == [("r1", 1), ("r1", 2), ("r2", 1), ("r1", 3), ("r1", 4), ("r1", 5),
                      ("r1", 6), ("r1", "COMPLETED")]
+
+
+def test_a_jump_is_read_again_until_prefect_has_stored_the_missing_events() -> None:
+    """A busy server's persister had not stored the missing events when they were first
+    read: the run's live events wait for a later read that finds them."""
+    order: list[int] = []
+    reads: list[int] = []
+
+    async def jump() -> None:
+        later = Later()
+        source = PrefectEventSource(UpstreamSettings(settle_s=0.0, lookback_s=1.0), later)
+        source._deliver = lambda event: order.append(event.payload.n) or True
+
+        async def reconcile() -> int:
+            reads.append(len(order))
+            if len(reads) == 3:  # stored by the third read
+                source._take(_step("r1", 2))
+            return 0
+
+        async def recall(run_id: str) -> int:
+            return 0
+
+        source.reconcile = reconcile  # type: ignore[method-assign]
+        source.recall = recall  # type: ignore[method-assign]
+        for n in (1, 3, 4):
+            source._take(_step("r1", n), live=True)
+        while (recheck := source._recheck) is not None:
+            await recheck
+        await later.close()
+
+    asyncio.run(jump())
+    assert reads == [1, 1, 1]  # nothing after the jump went on before 2 came
+    assert order == [1, 2, 3, 4]
