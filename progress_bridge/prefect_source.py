@@ -83,6 +83,11 @@ TURN = 16  # events handled between two turns given to the senders
 #: Reads of a run's missing events after the first, while Prefect has not stored them
 #: (a busy server's persister): its live events wait meanwhile, ``settle_s`` a read.
 GAP_READS = 5
+#: The widest jump whose missing numbers are waited for one by one. A run's events are
+#: numbered within its process's segment of a million, and the stream is Prefect's, which
+#: any process that reaches the server can write to: a jump wider than this is read back
+#: once, as any jump was before, rather than held in memory number by number.
+WAIT_FOR_AT_MOST = 10_000
 
 
 class _State(BaseModel):
@@ -310,7 +315,8 @@ class PrefectEventSource:
         if same_process and last is not None and n > last + 1:
             log.warning("events %d..%d of run %s are missing; reconciling", last + 1, n - 1,
                         run_id)
-            self._missing.setdefault(run_id, set()).update(range(last + 1, n))
+            if n - last - 1 <= WAIT_FOR_AT_MOST:
+                self._missing.setdefault(run_id, set()).update(range(last + 1, n))
             self._gaps.add(run_id)
             if self._recheck is None:
                 self._recheck = self.later.soon(self.settings.settle_s, self._gap_reconcile)

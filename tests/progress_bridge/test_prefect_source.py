@@ -13,7 +13,12 @@ from prefect.events import Event, RelatedResource, Resource
 from planrun.contract.events import StepChanged, step_event
 from planrun.contract.status import StepStatus
 from planrun.progress_bridge.apply import FlowRunEnded, RunEvent
-from planrun.progress_bridge.prefect_source import GAP_READS, PrefectEventSource, incoming
+from planrun.progress_bridge.prefect_source import (
+    GAP_READS,
+    WAIT_FOR_AT_MOST,
+    PrefectEventSource,
+    incoming,
+)
 from planrun.progress_bridge.timers import Later
 from planrun.progress_bridge.upstream_settings import UpstreamSettings
 
@@ -213,3 +218,36 @@ def test_a_jump_is_read_again_until_prefect_has_stored_the_missing_events() -> N
     asyncio.run(jump())
     assert reads == [1, 1, 1]  # nothing after the jump went on before 2 came
     assert order == [1, 2, 3, 4]
+
+
+def test_a_jump_too_wide_to_wait_for_is_read_back_once_and_holds_nothing_in_memory() -> None:
+    """Anything that reaches Prefect's server can write to its event stream: an event of
+    a run numbered 999,999 after its 1st is not a million numbers to wait for."""
+    order: list[int] = []
+    reads: list[int] = []
+
+    async def jump() -> int:
+        later = Later()
+        source = PrefectEventSource(UpstreamSettings(settle_s=0.0, lookback_s=1.0), later)
+        source._deliver = lambda event: order.append(event.payload.n) or True
+
+        async def reconcile() -> int:
+            reads.append(len(order))
+            return 0
+
+        async def recall(run_id: str) -> int:
+            return 0
+
+        source.reconcile = reconcile  # type: ignore[method-assign]
+        source.recall = recall  # type: ignore[method-assign]
+        source._take(_step("r1", 1), live=True)
+        source._take(_step("r1", WAIT_FOR_AT_MOST + 3), live=True)
+        tracked = sum(len(found) for found in source._missing.values())
+        while (recheck := source._recheck) is not None:
+            await recheck
+        await later.close()
+        return tracked
+
+    assert asyncio.run(jump()) == 0
+    assert reads == [1]  # one read, then the held event goes on
+    assert order == [1, WAIT_FOR_AT_MOST + 3]
