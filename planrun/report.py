@@ -53,13 +53,6 @@ class StepRecord:
     #: What the finished step used (docs/resources.md).
     resources: Resources | None = None
 
-    def __copy__(self) -> StepRecord:
-        """A shallow copy, as ``copy.copy`` makes, without its generic path (a third of
-        the time): the bridge copies every step of a run at every event."""
-        copied = object.__new__(type(self))
-        copied.__dict__.update(self.__dict__)
-        return copied
-
     @property
     def duration_s(self) -> float | None:
         return _duration(self.started_at, self.ended_at, time.time())
