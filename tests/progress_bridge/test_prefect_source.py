@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -133,6 +134,32 @@ def test_a_gap_found_while_gaps_are_being_read_gets_a_read_of_its_own(
     assert "events 2..3 of run r2 are missing" in caplog.text
 
 
+def stubbed(deliver: Callable[[Any], bool],
+            reads: Callable[[PrefectEventSource], int]) -> tuple[PrefectEventSource, Later]:
+    """A source (made in a running loop) whose reads of Prefect's API after a jump are
+    ``reads`` (given the source, to take what the API gives back), read again at once."""
+    later = Later()
+    source = PrefectEventSource(UpstreamSettings(settle_s=0.0, lookback_s=1.0), later)
+    source._deliver = deliver
+
+    async def reconcile() -> int:
+        return reads(source)
+
+    async def recall(run_id: str) -> int:
+        return 0
+
+    source.reconcile = reconcile  # type: ignore[method-assign]
+    source.recall = recall  # type: ignore[method-assign]
+    return source, later
+
+
+async def settled(source: PrefectEventSource, later: Later) -> None:
+    """Every read after a jump done, the source's timers closed."""
+    while (recheck := source._recheck) is not None:
+        await recheck
+    await later.close()
+
+
 def test_a_runs_live_events_after_a_jump_wait_until_the_missing_ones_are_read_back() -> None:
     """Prefect's stream dropped events 3 and 4 of r1 (a full subscriber queue: 1,000-step
     runs under load) and went on with 5 and with Prefect's end of the flow run. Applied as
@@ -151,36 +178,25 @@ def test_a_runs_live_events_after_a_jump_wait_until_the_missing_ones_are_read_ba
                       else event.state))
         return True
 
+    def missing_ones(source: PrefectEventSource) -> int:  # what Prefect's API gives back
+        assert order == [("r1", 1), ("r1", 2), ("r2", 1)]  # nothing of r1 after the jump
+        for event in (_step("r1", 3), _step("r1", 4), five):
+            source._take(event)
+        return 3
+
+    ended = Event(event="prefect.flow-run.Completed",
+                  resource=Resource({"prefect.resource.id": "prefect.flow-run.r1"}),
+                  related=[RelatedResource({"prefect.resource.id": "prefect.tag.planrun",
+                                            "prefect.resource.role": "tag"})],
+                  payload={"validated_state": {"type": "COMPLETED"}})
+    assert isinstance(incoming(ended), FlowRunEnded)
+
     async def jump() -> None:
-        later = Later()
-        source = PrefectEventSource(UpstreamSettings(settle_s=0.0, lookback_s=1.0), later)
-        source._deliver = deliver
-
-        async def reconcile() -> int:  # what Prefect's API gives back: the missing ones
-            assert order == [("r1", 1), ("r1", 2), ("r2", 1)]  # nothing of r1 after the jump
-            source._take(_step("r1", 3))
-            source._take(_step("r1", 4))
-            source._take(five)
-            return 3
-
-        async def recall(run_id: str) -> int:
-            return 0
-
-        source.reconcile = reconcile  # type: ignore[method-assign]
-        source.recall = recall  # type: ignore[method-assign]
-        ended = Event(event="prefect.flow-run.Completed",
-                      resource=Resource({"prefect.resource.id": "prefect.flow-run.r1"}),
-                      related=[RelatedResource({"prefect.resource.id": "prefect.tag.planrun",
-                                                "prefect.resource.role": "tag"})],
-                      payload={"validated_state": {"type": "COMPLETED"}})
-        assert isinstance(incoming(ended), FlowRunEnded)
+        source, later = stubbed(deliver, missing_ones)
         for event in (_step("r1", 1), _step("r1", 2), _step("r1", 6), ended, _step("r2", 1),
                       five):
             source._take(event, live=True)
-        recheck = source._recheck
-        assert recheck is not None
-        await recheck
-        await later.close()
+        await settled(source, later)
 
     asyncio.run(jump())
     assert order == [("r1", 1), ("r1", 2), ("r2", 1), ("r1", 3), ("r1", 4), ("r1", 5),
@@ -193,27 +209,18 @@ def test_a_jump_is_read_again_until_prefect_has_stored_the_missing_events() -> N
     order: list[int] = []
     reads: list[int] = []
 
+    def stored_by_the_third_read(source: PrefectEventSource) -> int:
+        reads.append(len(order))
+        if len(reads) == 3:
+            source._take(_step("r1", 2))
+        return 0
+
     async def jump() -> None:
-        later = Later()
-        source = PrefectEventSource(UpstreamSettings(settle_s=0.0, lookback_s=1.0), later)
-        source._deliver = lambda event: order.append(event.payload.n) or True
-
-        async def reconcile() -> int:
-            reads.append(len(order))
-            if len(reads) == 3:  # stored by the third read
-                source._take(_step("r1", 2))
-            return 0
-
-        async def recall(run_id: str) -> int:
-            return 0
-
-        source.reconcile = reconcile  # type: ignore[method-assign]
-        source.recall = recall  # type: ignore[method-assign]
+        source, later = stubbed(lambda event: order.append(event.payload.n) or True,
+                                stored_by_the_third_read)
         for n in (1, 3, 4):
             source._take(_step("r1", n), live=True)
-        while (recheck := source._recheck) is not None:
-            await recheck
-        await later.close()
+        await settled(source, later)
 
     asyncio.run(jump())
     assert reads == [1, 1, 1]  # nothing after the jump went on before 2 came
@@ -226,26 +233,17 @@ def test_a_jump_too_wide_to_wait_for_is_read_back_once_and_holds_nothing_in_memo
     order: list[int] = []
     reads: list[int] = []
 
+    def never_found(source: PrefectEventSource) -> int:
+        reads.append(len(order))
+        return 0
+
     async def jump() -> int:
-        later = Later()
-        source = PrefectEventSource(UpstreamSettings(settle_s=0.0, lookback_s=1.0), later)
-        source._deliver = lambda event: order.append(event.payload.n) or True
-
-        async def reconcile() -> int:
-            reads.append(len(order))
-            return 0
-
-        async def recall(run_id: str) -> int:
-            return 0
-
-        source.reconcile = reconcile  # type: ignore[method-assign]
-        source.recall = recall  # type: ignore[method-assign]
+        source, later = stubbed(lambda event: order.append(event.payload.n) or True,
+                                never_found)
         source._take(_step("r1", 1), live=True)
         source._take(_step("r1", WAIT_FOR_AT_MOST + 3), live=True)
         tracked = sum(len(found) for found in source._missing.values())
-        while (recheck := source._recheck) is not None:
-            await recheck
-        await later.close()
+        await settled(source, later)
         return tracked
 
     assert asyncio.run(jump()) == 0
